@@ -1,0 +1,246 @@
+//! Command-line definitions (clap) and dispatch for the `malai` binary.
+//!
+//! Errors are mapped once, in `main`: one line on stderr prefixed `malai: `, exit 255 for
+//! malai's own failures (the OpenSSH convention), nothing ever on stdout but payload or the
+//! value a command was asked to print.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MemberKind;
+use crate::config::paths::Dirs;
+use crate::id52::Id52;
+use crate::transport::iroh::RelayChoice;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "malai",
+    version,
+    about = "SSH between the machines of a cluster over the iroh peer-to-peer network",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Top,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Top {
+    /// SSH over the cluster: ProxyCommand, server, cluster management.
+    Ssh {
+        #[command(subcommand)]
+        command: SshCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SshCommand {
+    /// Create, join and edit clusters.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// Print this machine's id52 in a cluster.
+    Id52 {
+        /// The cluster alias (optional when this machine is in exactly one).
+        cluster: Option<String>,
+    },
+    /// Print an ssh_config block (Host *.<cluster> + ProxyCommand) for every cluster.
+    Config,
+    /// Serve every cluster where this machine is listed as a server.
+    ///
+    /// Runs in the foreground; SIGTERM or Ctrl-C drains running requests and exits 0.
+    /// Logs go to LOGDIR/ssh/server.log. MALAI_RELAY=disabled runs fully offline (peers
+    /// are reached only through `addrs` hints).
+    Server {
+        /// Fixed UDP address to listen on (e.g. 0.0.0.0:7744). With several clusters the
+        /// n-th gets port+n.
+        #[arg(long)]
+        bind: Option<SocketAddr>,
+    },
+    /// OpenSSH ProxyCommand: `ProxyCommand malai ssh proxy %h %p`.
+    ///
+    /// Connects stdin/stdout to the server's sshd over the cluster. Exits 255 with one line
+    /// on stderr when the host is unknown, unreachable or denies this machine.
+    Proxy {
+        /// foo.<cluster>, foo.<cluster-id52>, <foo-id52>.<cluster-id52>, or a bare foo.
+        host: String,
+        /// The port ssh was asked for (informational: the server's config picks the target).
+        port: Option<u16>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Kind {
+    Server,
+    Device,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Make this machine the manager of a new cluster; prints the manager id52.
+    Init {
+        /// The cluster's alias: a domain you own, or any short name.
+        alias: String,
+    },
+    /// Join a cluster as a member: makes this machine's key for it and prints its id52,
+    /// which the manager then adds with `cluster add`.
+    Join {
+        alias: String,
+        /// The manager's id52 (from `cluster init` on the manager).
+        manager: String,
+    },
+    /// Add a server or device to the cluster file (manager only).
+    Add {
+        kind: Kind,
+        /// Member name: lowercase letters, digits, '-' and '_'.
+        name: String,
+        id52: String,
+        /// Which managed cluster (needed when this machine manages several).
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    /// Let members, groups or id52s use a server: `allow foo alice admins`; `allow foo.ls bob`
+    /// for a single command; `allow foo.service.web alice` for an HTTP service.
+    Allow {
+        server: String,
+        #[arg(required = true)]
+        who: Vec<String>,
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    /// Place a cluster file from the manager on this member (checked against what was joined).
+    Import { alias: String, file: PathBuf },
+}
+
+fn parse_id52(s: &str, what: &str) -> anyhow::Result<Id52> {
+    s.parse::<Id52>()
+        .with_context(|| format!("{what} {s:?} is not an id52"))
+}
+
+/// Which log file a command writes to.
+pub fn log_name(cli: &Cli) -> &'static str {
+    match &cli.command {
+        Top::Ssh { command } => match command {
+            SshCommand::Server { .. } => "server",
+            SshCommand::Proxy { .. } => "proxy",
+            _ => "cli",
+        },
+    }
+}
+
+/// Run a parsed command.
+pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
+    let Top::Ssh { command } = cli.command;
+    match command {
+        SshCommand::Cluster { command } => cluster(command, &dirs),
+        SshCommand::Id52 { cluster } => {
+            let cd = match cluster {
+                Some(c) => crate::config::store::ClusterDir::open(&dirs, &c)?,
+                None => {
+                    let mut all = crate::config::store::list_clusters(&dirs)?;
+                    match all.len() {
+                        1 => all.remove(0),
+                        0 => anyhow::bail!("this machine is in no cluster yet"),
+                        _ => anyhow::bail!(
+                            "this machine is in several clusters ({}); name one",
+                            all.iter()
+                                .map(|c| c.alias.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    }
+                }
+            };
+            println!("{}", crate::keys::id52(&cd.dir)?);
+            Ok(())
+        }
+        SshCommand::Config => {
+            print!("{}", crate::cluster::ssh_config_blocks(&dirs)?);
+            Ok(())
+        }
+        SshCommand::Server { bind } => serve(dirs, bind).await,
+        SshCommand::Proxy { host, port } => crate::client::proxy::run(&dirs, &host, port)
+            .await
+            .map_err(|e| anyhow::anyhow!("{host}: {e}")),
+    }
+}
+
+fn cluster(cmd: ClusterCommand, dirs: &Dirs) -> anyhow::Result<()> {
+    use crate::cluster as c;
+    match cmd {
+        ClusterCommand::Init { alias } => {
+            let id = c::init(dirs, &alias)?;
+            println!("{id}");
+            eprintln!(
+                "malai: created cluster {alias}; edit {}",
+                dirs.cluster_dir(&alias)
+                    .join(crate::config::CLUSTER_FILE)
+                    .display()
+            );
+        }
+        ClusterCommand::Join { alias, manager } => {
+            let m = parse_id52(&manager, "manager")?;
+            println!("{}", c::join(dirs, &alias, &m)?);
+        }
+        ClusterCommand::Add {
+            kind,
+            name,
+            id52,
+            cluster,
+        } => {
+            let id = parse_id52(&id52, "member")?;
+            let kind = match kind {
+                Kind::Server => MemberKind::Server,
+                Kind::Device => MemberKind::Device,
+            };
+            c::add(dirs, cluster.as_deref(), kind, &name, &id)?;
+        }
+        ClusterCommand::Allow {
+            server,
+            who,
+            cluster,
+        } => {
+            c::allow(dirs, cluster.as_deref(), &server, &who)?;
+        }
+        ClusterCommand::Import { alias, file } => {
+            c::import(dirs, &alias, &file)?;
+        }
+    }
+    Ok(())
+}
+
+async fn serve(dirs: Dirs, bind: Option<SocketAddr>) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        tracing::info!("signal received; shutting down");
+        token.cancel();
+    });
+    let opts = crate::server::ServeOptions {
+        bind,
+        relay: RelayChoice::from_env(),
+    };
+    crate::server::run(dirs, opts, shutdown, |started| {
+        if started.is_empty() {
+            eprintln!(
+                "malai: this machine is not a server in any cluster yet; waiting for one to appear"
+            );
+        }
+        for (alias, id, addrs) in started {
+            eprintln!("malai: serving cluster {alias} as {id} on {addrs:?}");
+        }
+        eprintln!("malai: server ready");
+    })
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! `malai ssh cluster …`: creating a cluster, joining one, editing the manager's file.
+//!
+//! The manager's file is edited with `toml_edit` (comments and layout kept) and validated
+//! before it replaces the old one atomically. Config sync is a separate module; until a
+//! member gets pushes it reads the file placed with `cluster import`.
+
+use std::path::Path;
+
+use crate::config::MemberKind;
+use crate::config::paths::Dirs;
+use crate::config::store::{ClusterDir, StoreError, list_clusters};
+use crate::config::{ClusterConfig, edit};
+use crate::id52::Id52;
+use crate::keys::{self, KeyError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Key(#[from] KeyError),
+    #[error("{0}")]
+    Edit(#[from] edit::EditError),
+    #[error("cluster {0:?} already exists on this machine ({1})")]
+    Exists(String, String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("refusing {file}: {why}")]
+    Mismatch { file: String, why: String },
+}
+
+/// `cluster init <alias>`: a new manager key and a starter file. Returns the manager id52.
+pub fn init(dirs: &Dirs, alias: &str) -> Result<Id52, ClusterError> {
+    let cd = ClusterDir::new(dirs, alias)?;
+    if cd.dir.join(keys::ID_FILE).exists() || cd.has_file() {
+        return Err(ClusterError::Exists(
+            alias.to_string(),
+            cd.dir.display().to_string(),
+        ));
+    }
+    cd.create()?;
+    let (id, _) = keys::create(&cd.dir, true)?;
+    cd.set_manager_id(&id)?;
+    cd.save_text(&edit::new_cluster_file(alias, &id))?;
+    Ok(id)
+}
+
+/// `cluster join <alias> <manager-id52>`: this machine's key for the cluster. Joining again
+/// with the same manager prints the same id (idempotent); a different manager is refused.
+pub fn join(dirs: &Dirs, alias: &str, manager: &Id52) -> Result<Id52, ClusterError> {
+    let cd = ClusterDir::new(dirs, alias)?;
+    cd.create()?;
+    if let Some(existing) = cd.manager_id()? {
+        if &existing != manager {
+            return Err(ClusterError::Exists(
+                alias.to_string(),
+                format!("joined with manager {existing}"),
+            ));
+        }
+        return Ok(keys::id52(&cd.dir)?);
+    }
+    let (id, _) = keys::create(&cd.dir, true)?;
+    cd.set_manager_id(manager)?;
+    Ok(id)
+}
+
+/// The cluster this machine manages: the one named, or the only one.
+pub fn managed_cluster(dirs: &Dirs, name: Option<&str>) -> Result<ClusterDir, ClusterError> {
+    let mut managed = vec![];
+    for cd in list_clusters(dirs)? {
+        let me = keys::id52(&cd.dir).ok();
+        if me.is_some() && me == cd.manager_id()? {
+            managed.push(cd);
+        }
+    }
+    match name {
+        Some(n) => managed.into_iter().find(|c| c.alias == n).ok_or_else(|| {
+            ClusterError::Usage(format!("this machine is not the manager of a cluster {n:?}"))
+        }),
+        None => match managed.len() {
+            0 => Err(ClusterError::Usage(
+                "this machine manages no cluster (create one with `malai ssh cluster init <alias>`)"
+                    .into(),
+            )),
+            1 => Ok(managed.remove(0)),
+            _ => Err(ClusterError::Usage(format!(
+                "this machine manages several clusters ({}); say which with --cluster",
+                managed
+                    .iter()
+                    .map(|c| c.alias.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        },
+    }
+}
+
+/// `cluster add server|device <name> <id52>`.
+pub fn add(
+    dirs: &Dirs,
+    cluster: Option<&str>,
+    kind: MemberKind,
+    name: &str,
+    id: &Id52,
+) -> Result<ClusterDir, ClusterError> {
+    let cd = managed_cluster(dirs, cluster)?;
+    let text = cd.read_text()?;
+    cd.save_text(&edit::add_member(&text, kind, name, id)?)?;
+    Ok(cd)
+}
+
+/// `cluster allow <server> <who…>`.
+pub fn allow(
+    dirs: &Dirs,
+    cluster: Option<&str>,
+    server: &str,
+    who: &[String],
+) -> Result<ClusterDir, ClusterError> {
+    let cd = managed_cluster(dirs, cluster)?;
+    let text = cd.read_text()?;
+    cd.save_text(&edit::allow(&text, server, who)?)?;
+    Ok(cd)
+}
+
+/// `cluster import <alias> <file>`: place a file given by the manager, after checking that
+/// it is for the cluster this machine joined (Ganeti's `prepare-node-join` rule).
+pub fn import(dirs: &Dirs, alias: &str, file: &Path) -> Result<ClusterConfig, ClusterError> {
+    let cd = ClusterDir::open(dirs, alias)?;
+    let text = std::fs::read_to_string(file).map_err(|source| ClusterError::Io {
+        path: file.display().to_string(),
+        source,
+    })?;
+    let cfg = ClusterConfig::parse(&text).map_err(|e| ClusterError::Mismatch {
+        file: file.display().to_string(),
+        why: e.to_string(),
+    })?;
+    check_same_cluster(&cd, &cfg).map_err(|why| ClusterError::Mismatch {
+        file: file.display().to_string(),
+        why,
+    })?;
+    // A member never keeps the manager's key-storage settings.
+    let text = edit::strip_secrets(&text)?;
+    Ok(cd.save_text(&text)?)
+}
+
+/// A member accepts a file only for the cluster it joined: same manager id52, and the same
+/// alias when the file names one.
+pub fn check_same_cluster(cd: &ClusterDir, cfg: &ClusterConfig) -> Result<(), String> {
+    let joined = cd
+        .manager_id()
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("this machine has not joined {:?}", cd.alias))?;
+    if cfg.manager != joined {
+        return Err(format!(
+            "its manager is {}, but this machine joined {:?} with manager {}",
+            cfg.manager, cd.alias, joined
+        ));
+    }
+    if let Some(a) = &cfg.alias
+        && !a.eq_ignore_ascii_case(&cd.alias)
+    {
+        return Err(format!(
+            "it is for cluster {a:?}, but this folder is {:?}",
+            cd.alias
+        ));
+    }
+    Ok(())
+}
+
+/// `malai ssh config`: an ssh_config block per cluster.
+pub fn ssh_config_blocks(dirs: &Dirs) -> Result<String, ClusterError> {
+    let exe = std::env::current_exe()
+        .ok()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "malai".into());
+    let home = std::env::var("MALAI_HOME").ok().filter(|h| !h.is_empty());
+    let prefix = match &home {
+        // ProxyCommand is run through `exec`, so `VAR=x cmd` does not work: use env.
+        Some(h) => format!("env MALAI_HOME={h} "),
+        None => String::new(),
+    };
+    let mut out = String::new();
+    for cd in list_clusters(dirs)? {
+        let mut names = vec![format!("*.{}", cd.alias)];
+        if let Ok(cfg) = cd.load() {
+            names.push(format!("*.{}", cfg.manager));
+            if let Some(a) = cfg.alias
+                && a != cd.alias
+            {
+                names.push(format!("*.{a}"));
+            }
+        }
+        out.push_str(&format!(
+            "# malai ssh: cluster {}\nHost {}\n    ProxyCommand {prefix}{exe} ssh proxy %h %p\n\n",
+            cd.alias,
+            names.join(" ")
+        ));
+    }
+    Ok(out)
+}

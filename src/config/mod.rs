@@ -1,0 +1,141 @@
+//! The cluster file (DESIGN §4): parsing, validation and name resolution, plus where
+//! malai keeps its files on this machine (`paths`).
+//!
+//! `ClusterConfig::parse` turns the TOML text into a validated, resolved structure: every
+//! name in an `allow-from` is known, groups are expanded (cycle-checked), and errors name the
+//! table and key (`server.foo.allow-from: unknown name "alce"`). Nothing here does IO except
+//! `paths` and `store`; the ACL (`crate::acl`) works on the resolved structure.
+
+pub mod edit;
+pub mod names;
+pub mod parse;
+pub mod paths;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use crate::id52::Id52;
+
+pub use names::{ResolveError, Target};
+pub use parse::ConfigError;
+
+/// File name of a cluster's file inside `clusters/<alias>/`.
+pub const CLUSTER_FILE: &str = "cluster-manager.toml";
+
+/// Default tunnel target when a server entry has no `ssh` key.
+pub const DEFAULT_SSH_TARGET: &str = "127.0.0.1:22";
+
+/// A validated cluster file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// The manager's id52: the only peer whose config pushes members accept.
+    pub manager: Id52,
+    /// `cluster-manager.alias` (ext); `None` when the file has none.
+    pub alias: Option<String>,
+    /// Key-storage settings of the manager's own key; never pushed to members.
+    pub use_keyring: bool,
+    pub private_key_file: Option<String>,
+    pub private_key: Option<String>,
+    pub servers: BTreeMap<String, Server>,
+    pub devices: BTreeMap<String, Device>,
+    /// Groups with their members fully expanded to machine names (servers/devices; nested
+    /// groups flattened).
+    pub groups: BTreeMap<String, Group>,
+}
+
+/// Where a server's `tunnel` requests go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SshTarget {
+    /// TCP to this address (normally a local sshd).
+    Tcp(String),
+    /// The in-process russh server.
+    Embedded,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Server {
+    pub name: String,
+    pub id52: Id52,
+    /// Peers with full access (tunnel, any exec), as resolved id52s.
+    pub allow_from: Vec<Id52>,
+    pub ssh: SshTarget,
+    /// Direct-address hints for dialing this server.
+    pub addrs: Vec<SocketAddr>,
+    /// `[server.foo.<cmd>]`: peers that may run only `<cmd>` (argv[0] == cmd).
+    pub commands: BTreeMap<String, CommandAccess>,
+    /// `[server.foo.service.<name>]`: HTTP services on 127.0.0.1.
+    pub services: BTreeMap<String, Service>,
+    /// `ssh-via = "user@host[:port]"` (ext): reach this server through OpenSSH + stdinserver.
+    pub ssh_via: Option<String>,
+    pub ssh_identity_file: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandAccess {
+    pub command: String,
+    pub allow_from: Vec<Id52>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub http_port: u16,
+    pub allow_from: Vec<Id52>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Device {
+    pub name: String,
+    pub id52: Id52,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    pub name: String,
+    /// Machine names (servers and devices), nested groups flattened, sorted, deduplicated.
+    pub members: Vec<String>,
+}
+
+/// What kind of member a name is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberKind {
+    Server,
+    Device,
+}
+
+impl ClusterConfig {
+    /// The machine name (server or device alias) that has this id52, if any.
+    pub fn name_of(&self, id: &Id52) -> Option<(&str, MemberKind)> {
+        if let Some(s) = self.servers.values().find(|s| &s.id52 == id) {
+            return Some((&s.name, MemberKind::Server));
+        }
+        self.devices
+            .values()
+            .find(|d| &d.id52 == id)
+            .map(|d| (d.name.as_str(), MemberKind::Device))
+    }
+
+    /// The id52 of a machine name, if it is a server or device.
+    pub fn id52_of(&self, name: &str) -> Option<Id52> {
+        self.servers
+            .get(name)
+            .map(|s| s.id52)
+            .or_else(|| self.devices.get(name).map(|d| d.id52))
+    }
+
+    /// Every member (servers then devices) as (name, kind, id52).
+    pub fn members(&self) -> Vec<(String, MemberKind, Id52)> {
+        let mut v: Vec<_> = self
+            .servers
+            .values()
+            .map(|s| (s.name.clone(), MemberKind::Server, s.id52))
+            .collect();
+        v.extend(
+            self.devices
+                .values()
+                .map(|d| (d.name.clone(), MemberKind::Device, d.id52)),
+        );
+        v
+    }
+}

@@ -1,0 +1,26 @@
+//! malai ssh: SSH between the machines of a cluster over the iroh peer-to-peer network.
+//!
+//! Module map (find any behaviour by its name):
+//! - [`id52`]: the only place machine ids are parsed and printed.
+//! - [`keys`]: per-cluster secret keys in the OS keyring or a 0600 file.
+//! - [`config`]: the cluster file (parse, validate, names), on-disk layout, atomic writes.
+//! - [`acl`]: the one pure function that says who may do what.
+//! - [`protocol`]: the malai wire protocol over one byte stream (header, accept/deny, limits).
+//! - [`transport`]: iroh (the only module that touches iroh's API) and stdio streams.
+//! - [`server`]: `malai ssh server`: accept loop, the ACL choke point, request handlers.
+//! - [`client`]: `malai ssh proxy` and friends: dial a server, run a request.
+//! - [`cluster`]: `malai ssh cluster …`: init, join, add, allow, import.
+//! - [`logging`]: tracing to files under LOGDIR; stdout is never touched.
+//! - [`cli`]: clap definitions and dispatch for the `malai` binary.
+
+pub mod acl;
+pub mod cli;
+pub mod client;
+pub mod cluster;
+pub mod config;
+pub mod id52;
+pub mod keys;
+pub mod logging;
+pub mod protocol;
+pub mod server;
+pub mod transport;

@@ -1,0 +1,56 @@
+//! The `malai` binary: parse, start logging, run, map errors to exit codes. All behaviour
+//! lives in the library (`malai::cli`).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use malai::cli::{Cli, dispatch, log_name};
+use malai::config::paths::Dirs;
+
+/// OpenSSH's convention: 255 means ssh itself (here: malai) failed, not the remote command.
+const EXIT_MALAI: u8 = 255;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_MALAI } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let dirs = match Dirs::from_env() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("malai: {e}");
+            return ExitCode::from(EXIT_MALAI);
+        }
+    };
+    let _log = malai::logging::init(&dirs, log_name(&cli));
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("malai: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_MALAI);
+        }
+    };
+    let result = rt.block_on(dispatch(cli, dirs));
+    // Don't wait for stray blocking tasks (a stdin read) to finish.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "command failed");
+            eprintln!("malai: {}", one_line(&format!("{e:#}")));
+            ExitCode::from(EXIT_MALAI)
+        }
+    }
+}
+
+/// Errors go to stderr as one line.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

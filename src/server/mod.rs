@@ -1,0 +1,277 @@
+//! `malai ssh server`: one process serving every cluster in DATADIR where this machine is
+//! listed as a server.
+//!
+//! Shape: one iroh endpoint per served cluster (the endpoint's key *is* the cluster
+//! identity) → an accept loop → a task per connection → a task per bi-stream → [`request`],
+//! the one choke point where the ACL is asked before anything is dispatched. Every task is
+//! owned by one `TaskTracker` and stops on one root `CancellationToken`; SIGTERM cancels,
+//! then the tracker is drained (with a deadline) and the endpoints closed.
+//!
+//! The cluster file is re-read when its mtime changes (checked per request), so ACL edits
+//! take effect on the next request without a restart; a file that stops validating is
+//! logged and the last good one kept. Clusters that appear later (a `cluster import`, a
+//! push making this machine a server) are picked up by a rescan every few seconds.
+
+pub mod request;
+pub mod tunnel;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ClusterConfig;
+use crate::config::paths::Dirs;
+use crate::config::store::{ClusterDir, list_clusters};
+use crate::id52::Id52;
+use crate::keys;
+use crate::transport::iroh::{Node, PeerConnection, RelayChoice};
+
+/// How often clusters are rescanned for ones this machine newly serves.
+const RESCAN_EVERY: Duration = Duration::from_secs(2);
+/// How long shutdown waits for running requests before closing endpoints anyway.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("reading clusters: {0}")]
+    Store(#[from] crate::config::store::StoreError),
+    #[error("cluster {cluster}: {source}")]
+    Key {
+        cluster: String,
+        #[source]
+        source: keys::KeyError,
+    },
+    #[error("cluster {cluster}: {source}")]
+    Transport {
+        cluster: String,
+        #[source]
+        source: crate::transport::iroh::TransportError,
+    },
+}
+
+/// Options of `malai ssh server`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Fixed UDP address for the first served cluster; the n-th gets port + n.
+    pub bind: Option<SocketAddr>,
+    pub relay: RelayChoice,
+}
+
+/// A served cluster: its folder, this machine's id in it, and the current file.
+pub struct ClusterState {
+    pub dir: ClusterDir,
+    pub me: Id52,
+    loaded: Mutex<Loaded>,
+}
+
+struct Loaded {
+    stamp: Option<(SystemTime, u64)>,
+    config: Arc<ClusterConfig>,
+}
+
+impl ClusterState {
+    pub fn new(dir: ClusterDir, me: Id52, config: ClusterConfig) -> ClusterState {
+        let stamp = file_stamp(&dir);
+        ClusterState {
+            dir,
+            me,
+            loaded: Mutex::new(Loaded {
+                stamp,
+                config: Arc::new(config),
+            }),
+        }
+    }
+
+    /// The current cluster file, re-read if it changed on disk. An invalid new file is
+    /// logged and ignored: the last good ACL stays in force (never "allow all" by accident).
+    pub fn current(&self) -> Arc<ClusterConfig> {
+        let stamp = file_stamp(&self.dir);
+        let mut l = match self.loaded.lock() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        if stamp != l.stamp {
+            l.stamp = stamp;
+            match self.dir.load() {
+                Ok(cfg) => {
+                    tracing::info!(cluster = %self.dir.alias, "cluster file changed; reloaded");
+                    l.config = Arc::new(cfg);
+                }
+                Err(e) => {
+                    tracing::error!(cluster = %self.dir.alias, error = %e, "cluster file invalid; keeping the previous one")
+                }
+            }
+        }
+        l.config.clone()
+    }
+
+    /// This machine's server name in the current file, if it is (still) a server.
+    pub fn server_name(&self, cfg: &ClusterConfig) -> Option<String> {
+        cfg.servers
+            .values()
+            .find(|s| s.id52 == self.me)
+            .map(|s| s.name.clone())
+    }
+}
+
+fn file_stamp(dir: &ClusterDir) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(dir.file_path()).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// A cluster folder this machine should serve: it has a key, a valid file, and the file
+/// lists this machine as a server.
+fn servable(dir: &ClusterDir) -> Option<(Id52, ClusterConfig)> {
+    let me = keys::id52(&dir.dir).ok()?;
+    let cfg = dir.load().ok()?;
+    cfg.servers.values().any(|s| s.id52 == me).then_some((me, cfg))
+}
+
+/// Run the server until `shutdown` is cancelled. `ready` is called once the clusters found
+/// at start are bound (the CLI prints its "ready" line there).
+pub async fn run(
+    dirs: Dirs,
+    opts: ServeOptions,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(&[(String, Id52, Vec<SocketAddr>)]),
+) -> Result<(), ServerError> {
+    let tracker = TaskTracker::new();
+    let mut served: BTreeMap<String, Node> = BTreeMap::new();
+    let mut started = vec![];
+    start_new_clusters(&dirs, &opts, &shutdown, &tracker, &mut served, &mut started).await?;
+    ready(&started);
+
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(RESCAN_EVERY) => {
+                let mut newly = vec![];
+                if let Err(e) = start_new_clusters(&dirs, &opts, &shutdown, &tracker, &mut served, &mut newly).await {
+                    tracing::error!(error = %e, "starting a newly found cluster failed");
+                }
+            }
+        }
+    }
+
+    tracing::info!("shutting down: draining requests");
+    tracker.close();
+    if tokio::time::timeout(DRAIN_DEADLINE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain deadline passed; closing with requests still running");
+    }
+    for node in served.values() {
+        node.close().await;
+    }
+    Ok(())
+}
+
+async fn start_new_clusters(
+    dirs: &Dirs,
+    opts: &ServeOptions,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+    served: &mut BTreeMap<String, Node>,
+    started: &mut Vec<(String, Id52, Vec<SocketAddr>)>,
+) -> Result<(), ServerError> {
+    for dir in list_clusters(dirs)? {
+        if served.contains_key(&dir.alias) {
+            continue;
+        }
+        let Some((me, cfg)) = servable(&dir) else {
+            continue;
+        };
+        let key = keys::load(&dir.dir).map_err(|source| ServerError::Key {
+            cluster: dir.alias.clone(),
+            source,
+        })?;
+        let bind = opts.bind.map(|mut a| {
+            a.set_port(a.port().saturating_add(served.len() as u16));
+            a
+        });
+        let node = Node::bind(&key, &opts.relay, bind, true)
+            .await
+            .map_err(|source| ServerError::Transport {
+                cluster: dir.alias.clone(),
+                source,
+            })?;
+        drop(key);
+        let addrs = node.bound_sockets();
+        tracing::info!(cluster = %dir.alias, %me, ?addrs, "serving cluster");
+        started.push((dir.alias.clone(), me, addrs));
+        let state = Arc::new(ClusterState::new(dir.clone(), me, cfg));
+        tracker.spawn(accept_loop(
+            node.clone(),
+            state,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        served.insert(dir.alias.clone(), node);
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    node: Node,
+    state: Arc<ClusterState>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let conn = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            c = node.accept() => match c {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        tracker.spawn(serve_connection(
+            conn,
+            state.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
+}
+
+async fn serve_connection(
+    conn: PeerConnection,
+    state: Arc<ClusterState>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let peer = conn.remote();
+    tracing::debug!(%peer, cluster = %state.dir.alias, "connection");
+    loop {
+        let (mut send, mut recv) = tokio::select! {
+            // Stop taking new streams; running ones drain (the streams keep the connection).
+            _ = shutdown.cancelled() => return,
+            s = conn.accept() => match s {
+                Some(s) => s,
+                None => return,
+            },
+        };
+        let state = state.clone();
+        tracker.spawn(async move {
+            let ctx = request::Context {
+                state,
+                peer,
+                transport: "iroh",
+            };
+            let ok = request::handle(&ctx, &mut recv, &mut send).await;
+            if ok {
+                send.acknowledged().await;
+            } else {
+                // Abandon rather than finish, so the peer never mistakes a broken transfer
+                // for a complete one.
+                send.reset();
+                recv.stop();
+            }
+        });
+    }
+}

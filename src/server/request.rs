@@ -1,0 +1,118 @@
+//! One request on one stream: read the header, ask the ACL, answer, dispatch.
+//!
+//! This is the single choke point: no request kind reaches its handler without
+//! `acl::decide` having returned `Allow` for the verified peer. Generic over the stream so
+//! iroh bi-streams and stdinserver's fds share it.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::ClusterState;
+use crate::acl::{self, Decision, Grant};
+use crate::id52::Id52;
+use crate::protocol::{self, FrameError, HEADER_TIMEOUT, Request, Response};
+
+/// Who is asking, over what.
+pub struct Context {
+    pub state: Arc<ClusterState>,
+    /// The verified peer id (iroh: TLS-verified; stdinserver: fixed by the admin).
+    pub peer: Id52,
+    /// For logs: "iroh" or "stdinserver".
+    pub transport: &'static str,
+}
+
+/// Serve one request. Returns `true` when it ended cleanly (the caller then lets the
+/// stream finish normally), `false` when it broke (the caller resets the stream).
+pub async fn handle<R, W>(ctx: &Context, r: &mut R, w: &mut W) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let peer = ctx.peer;
+    let cluster = &ctx.state.dir.alias;
+    let header = match tokio::time::timeout(HEADER_TIMEOUT, protocol::read_header(r)).await {
+        Err(_) => {
+            tracing::info!(%peer, %cluster, "no complete header in time; dropping stream");
+            return false;
+        }
+        Ok(Err(FrameError::Truncated)) => return true,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, %cluster, error = %e, "bad header");
+            let _ = reply(
+                w,
+                &Response::Error {
+                    reason: e.to_string(),
+                },
+            )
+            .await;
+            return true;
+        }
+        Ok(Ok(h)) => h,
+    };
+    let cfg = ctx.state.current();
+    let kind = header.request.kind();
+    if let Some(c) = header.cluster
+        && c != cfg.manager
+    {
+        let reason = format!(
+            "this server is in cluster {} (manager {}), not the one asked for ({})",
+            cluster,
+            cfg.manager.short(),
+            c.short()
+        );
+        let _ = reply(w, &Response::Error { reason }).await;
+        return true;
+    }
+    let server = ctx.state.server_name(&cfg).unwrap_or_default();
+    let acl_req = match &header.request {
+        Request::Tunnel { .. } => acl::Request::Tunnel,
+        Request::Exec(e) => acl::Request::Exec {
+            command: e.command.as_deref(),
+        },
+        Request::Http { service } => acl::Request::Http { service },
+        Request::ConfigPush { .. } => acl::Request::ConfigPush,
+        Request::ConfigHash => acl::Request::ConfigHash,
+        Request::Ping => acl::Request::Ping,
+    };
+    let who = cfg
+        .name_of(&peer)
+        .map(|(n, _)| n.to_string())
+        .unwrap_or_else(|| "-".into());
+    let grant = match acl::decide(&cfg, &server, &peer, &acl_req) {
+        Decision::Deny(reason) => {
+            tracing::warn!(%peer, %who, %cluster, kind, transport = ctx.transport, %reason, "deny");
+            let _ = reply(
+                w,
+                &Response::Deny {
+                    reason: reason.to_string(),
+                },
+            )
+            .await;
+            return true;
+        }
+        Decision::Allow(g) => g,
+    };
+    tracing::info!(%peer, %who, %cluster, kind, transport = ctx.transport, ?grant, "allow");
+    let Some(server_entry) = cfg.servers.get(&server) else {
+        return true;
+    };
+    match (grant, header.request) {
+        (Grant::Tunnel, Request::Tunnel { .. }) => {
+            super::tunnel::serve(&server_entry.ssh, r, w).await
+        }
+        (Grant::Ping, Request::Ping) => reply(w, &Response::Accept).await.is_ok(),
+        (_, request) => {
+            let reason = format!("{} is not supported by this server yet", request.kind());
+            let _ = reply(w, &Response::Error { reason }).await;
+            true
+        }
+    }
+}
+
+/// Send a response frame.
+pub async fn reply<W: AsyncWrite + Unpin>(w: &mut W, resp: &Response) -> Result<(), FrameError> {
+    protocol::write_frame(w, resp).await?;
+    w.flush().await?;
+    Ok(())
+}

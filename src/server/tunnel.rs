@@ -1,0 +1,61 @@
+//! `tunnel`: raw bytes between the peer and the server's SSH endpoint.
+//!
+//! The sshd connection is made *before* `accept` is sent, so a dead sshd is reported to the
+//! user as a clear error instead of a stream that closes silently.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use super::request::reply;
+use crate::config::SshTarget;
+use crate::protocol::Response;
+use crate::transport::pump;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn serve<R, W>(target: &SshTarget, r: &mut R, w: &mut W) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let addr = match target {
+        SshTarget::Tcp(a) => a.clone(),
+        SshTarget::Embedded => {
+            let reason = "the embedded ssh server is not available in this build".to_string();
+            let _ = reply(w, &Response::Error { reason }).await;
+            return true;
+        }
+    };
+    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::error!(%addr, error = %e, "cannot reach ssh target");
+            let reason = format!("server cannot reach its ssh at {addr}: {e}");
+            let _ = reply(w, &Response::Error { reason }).await;
+            return true;
+        }
+        Err(_) => {
+            let reason = format!("server cannot reach its ssh at {addr}: timed out");
+            let _ = reply(w, &Response::Error { reason }).await;
+            return true;
+        }
+    };
+    // Interactive keystrokes must not wait for Nagle.
+    let _ = tcp.set_nodelay(true);
+    if reply(w, &Response::Accept).await.is_err() {
+        return false;
+    }
+    let (mut tr, mut tw) = tcp.into_split();
+    match pump::both_ways(r, &mut tw, &mut tr, w).await {
+        Ok(m) => {
+            tracing::info!(%addr, up = m.up, down = m.down, "tunnel closed");
+            true
+        }
+        Err(e) => {
+            tracing::info!(%addr, error = %e, "tunnel broke");
+            false
+        }
+    }
+}

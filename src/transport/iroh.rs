@@ -1,0 +1,303 @@
+//! The iroh transport: endpoints, dialing, accepting, bi-streams.
+//!
+//! This is the only file that names iroh types; everything else sees [`Node`],
+//! [`PeerConnection`], [`SendHalf`] and [`RecvHalf`]. ids cross this boundary as `Id52`
+//! (BASE32_DNSSEC); iroh's own `PublicKey` (whose `Display` is hex and `to_z32` is
+//! z-base-32) never leaks out.
+//!
+//! Relays: `MALAI_RELAY=disabled` (tests, offline) → no relay, no address lookup, no port
+//! mapper (it sends UPnP multicast even when bound to 127.0.0.1); peers are reached through
+//! `addrs` hints only. `MALAI_RELAY=<url>` → that relay. Unset → iroh's n0 preset (default
+//! relays + DNS address lookup).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use iroh::endpoint::{Connection, PortmapperConfig, RecvStream, SendStream, presets};
+use iroh::{Endpoint, EndpointAddr, PublicKey, RelayMode, RelayUrl};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::id52::Id52;
+use crate::keys::SecretKey;
+use crate::protocol::ALPN;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("bad relay setting {0:?}: {1}")]
+    Relay(String, String),
+    #[error("cannot bind the iroh endpoint: {0}")]
+    Bind(String),
+    #[error("cannot connect to {peer}: {msg}")]
+    Connect { peer: Id52, msg: String },
+    #[error("connection to {peer} lost: {msg}")]
+    Stream { peer: Id52, msg: String },
+    #[error("{peer} has no address: relays are disabled (MALAI_RELAY=disabled) and its entry has no `addrs` hint")]
+    NoAddress { peer: Id52 },
+}
+
+/// How to reach the network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayChoice {
+    /// iroh's default relays and address lookup (production).
+    Default,
+    /// No relay, no lookup, no port mapping: only `addrs` hints.
+    Disabled,
+    /// A self-hosted relay.
+    Custom(String),
+}
+
+impl RelayChoice {
+    /// From `MALAI_RELAY` (unset or `default` → Default; `disabled`/`off`/`none` → Disabled;
+    /// anything else is a relay URL).
+    pub fn from_env() -> RelayChoice {
+        match std::env::var("MALAI_RELAY").as_deref() {
+            Err(_) | Ok("") | Ok("default") => RelayChoice::Default,
+            Ok("disabled") | Ok("off") | Ok("none") => RelayChoice::Disabled,
+            Ok(url) => RelayChoice::Custom(url.to_string()),
+        }
+    }
+}
+
+/// Generate a new ed25519 secret.
+pub fn generate_secret() -> SecretKey {
+    SecretKey::from_bytes(iroh::SecretKey::generate().to_bytes())
+}
+
+/// The id52 of a secret key's public half.
+pub fn public_id52(key: &SecretKey) -> Id52 {
+    let sk = iroh::SecretKey::from_bytes(key.as_bytes());
+    Id52::from_bytes(*sk.public().as_bytes())
+}
+
+fn to_public(id: &Id52) -> Result<PublicKey, TransportError> {
+    PublicKey::from_bytes(id.as_bytes()).map_err(|e| TransportError::Connect {
+        peer: *id,
+        msg: format!("not a valid ed25519 key: {e}"),
+    })
+}
+
+fn to_id52(pk: &PublicKey) -> Id52 {
+    Id52::from_bytes(*pk.as_bytes())
+}
+
+/// A bound iroh endpoint with one identity (one cluster key).
+#[derive(Debug, Clone)]
+pub struct Node {
+    endpoint: Endpoint,
+    relay: RelayChoice,
+}
+
+impl Node {
+    /// Bind an endpoint. `accept` = this node answers incoming connections (a server);
+    /// `bind` = fixed UDP address (else an ephemeral port on all interfaces, or on 127.0.0.1
+    /// when relays are disabled so that tests never leave loopback).
+    pub async fn bind(
+        key: &SecretKey,
+        relay: &RelayChoice,
+        bind: Option<SocketAddr>,
+        accept: bool,
+    ) -> Result<Node, TransportError> {
+        let sk = iroh::SecretKey::from_bytes(key.as_bytes());
+        let mut b = match relay {
+            RelayChoice::Default => Endpoint::builder(presets::N0),
+            RelayChoice::Disabled => Endpoint::builder(presets::Minimal)
+                .relay_mode(RelayMode::Disabled)
+                .portmapper_config(PortmapperConfig::Disabled),
+            RelayChoice::Custom(url) => {
+                let url: RelayUrl = url
+                    .parse()
+                    .map_err(|e| TransportError::Relay(url.clone(), format!("{e}")))?;
+                Endpoint::builder(presets::N0).relay_mode(RelayMode::custom([url]))
+            }
+        };
+        b = b.secret_key(sk);
+        if accept {
+            b = b.alpns(vec![ALPN.to_vec()]);
+        }
+        let addr = match (bind, relay) {
+            (Some(a), _) => Some(a),
+            (None, RelayChoice::Disabled) => Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            (None, _) => None,
+        };
+        if let Some(a) = addr {
+            b = b
+                .clear_ip_transports()
+                .bind_addr(a)
+                .map_err(|e| TransportError::Bind(format!("{a}: {e}")))?;
+        }
+        let endpoint = b
+            .bind()
+            .await
+            .map_err(|e| TransportError::Bind(e.to_string()))?;
+        Ok(Node {
+            endpoint,
+            relay: relay.clone(),
+        })
+    }
+
+    pub fn id52(&self) -> Id52 {
+        to_id52(&self.endpoint.id())
+    }
+
+    /// The local UDP sockets (for `addrs` hints and log lines).
+    pub fn bound_sockets(&self) -> Vec<SocketAddr> {
+        self.endpoint.bound_sockets()
+    }
+
+    /// Dial `peer`, trying the `hints` first (and relays/lookup unless disabled).
+    pub async fn connect(
+        &self,
+        peer: &Id52,
+        hints: &[SocketAddr],
+    ) -> Result<PeerConnection, TransportError> {
+        if hints.is_empty() && self.relay == RelayChoice::Disabled {
+            return Err(TransportError::NoAddress { peer: *peer });
+        }
+        let mut addr = EndpointAddr::new(to_public(peer)?);
+        for h in hints {
+            addr = addr.with_ip_addr(*h);
+        }
+        let conn = self
+            .endpoint
+            .connect(addr, ALPN)
+            .await
+            .map_err(|e| TransportError::Connect {
+                peer: *peer,
+                msg: e.to_string(),
+            })?;
+        Ok(PeerConnection { conn })
+    }
+
+    /// The next incoming connection, or `None` once the endpoint is closed. A handshake
+    /// that fails is logged and skipped: one bad peer never stops the accept loop.
+    pub async fn accept(&self) -> Option<PeerConnection> {
+        loop {
+            let incoming = self.endpoint.accept().await?;
+            match incoming.await {
+                Ok(conn) => return Some(PeerConnection { conn }),
+                Err(e) => tracing::info!(error = %e, "incoming handshake failed"),
+            }
+        }
+    }
+
+    /// Close gracefully (iroh logs an error when an endpoint is dropped unclosed).
+    pub async fn close(&self) {
+        self.endpoint.close().await;
+    }
+}
+
+/// One QUIC connection to a verified peer.
+#[derive(Debug, Clone)]
+pub struct PeerConnection {
+    conn: Connection,
+}
+
+impl PeerConnection {
+    /// The remote's id52, verified by the TLS handshake.
+    pub fn remote(&self) -> Id52 {
+        to_id52(&self.conn.remote_id())
+    }
+
+    /// Open a bi-stream. Note: the peer sees it only once we write (the header does that).
+    pub async fn open(&self) -> Result<(SendHalf, RecvHalf), TransportError> {
+        let (s, r) = self.conn.open_bi().await.map_err(|e| TransportError::Stream {
+            peer: self.remote(),
+            msg: e.to_string(),
+        })?;
+        Ok((SendHalf(s), RecvHalf(r)))
+    }
+
+    /// The next stream the peer opened; `None` when the connection is gone.
+    pub async fn accept(&self) -> Option<(SendHalf, RecvHalf)> {
+        match self.conn.accept_bi().await {
+            Ok((s, r)) => Some((SendHalf(s), RecvHalf(r))),
+            Err(e) => {
+                tracing::debug!(error = %e, "connection ended");
+                None
+            }
+        }
+    }
+
+    pub fn close(&self, reason: &str) {
+        self.conn.close(0u32.into(), reason.as_bytes());
+    }
+
+    /// Resolves when the connection is closed (by either side or by a timeout).
+    pub async fn closed(&self) {
+        self.conn.closed().await;
+    }
+
+    /// Round-trip time estimate (for `cluster status`).
+    pub fn rtt(&self) -> std::time::Duration {
+        self.conn.rtt(iroh::endpoint::PathId::ZERO).unwrap_or_default()
+    }
+}
+
+/// The sending half of a bi-stream. `shutdown` sends FIN (the peer reads EOF).
+pub struct SendHalf(SendStream);
+/// The receiving half of a bi-stream.
+pub struct RecvHalf(RecvStream);
+
+impl SendHalf {
+    /// Wait until the peer has acknowledged everything we sent (after shutdown), or stopped
+    /// the stream. Closing a connection before this can drop the tail of the data.
+    pub async fn acknowledged(&mut self) {
+        let _ = self.0.stopped().await;
+    }
+
+    /// Abandon the stream: the peer's reads fail instead of seeing a clean EOF, so a peer
+    /// that dies mid-transfer is never mistaken for a complete one.
+    pub fn reset(&mut self) {
+        let _ = self.0.reset(0u32.into());
+    }
+}
+
+impl RecvHalf {
+    /// Tell the peer we will read no more (its writes fail promptly).
+    pub fn stop(&mut self) {
+        let _ = self.0.stop(0u32.into());
+    }
+}
+
+impl AsyncWrite for SendHalf {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        AsyncWrite::poll_write(Pin::new(&mut self.0), cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        AsyncWrite::poll_flush(Pin::new(&mut self.0), cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        AsyncWrite::poll_shutdown(Pin::new(&mut self.0), cx)
+    }
+}
+
+impl AsyncRead for RecvHalf {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        AsyncRead::poll_read(Pin::new(&mut self.0), cx, buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The id52 of a key is BASE32_DNSSEC of iroh's public key bytes, never z-base-32.
+    #[test]
+    fn id52_is_not_z32() {
+        let k = generate_secret();
+        let id = public_id52(&k);
+        let pk = iroh::SecretKey::from_bytes(k.as_bytes()).public();
+        assert_eq!(id.as_bytes(), pk.as_bytes());
+        assert_ne!(id.to_string(), pk.to_z32());
+        assert_eq!(to_public(&id).unwrap(), pk);
+    }
+}

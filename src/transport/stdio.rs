@@ -1,0 +1,179 @@
+//! This process's stdin and stdout as async byte streams, without tokio's blocking pool.
+//!
+//! `tokio::io::stdin()` does every read on a blocking-pool thread (a hop per read); for the
+//! ProxyCommand hot path we instead put fds 0/1 in non-blocking mode and poll them with
+//! epoll (`AsyncFd`). The original flags are restored on drop, because the file description
+//! may be shared (a terminal, or the pipe ssh handed us). Files and other fds that epoll
+//! refuses (a regular file, /dev/null) fall back to tokio's stdio.
+
+use std::os::fd::RawFd;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+struct Fd {
+    fd: RawFd,
+    saved_flags: libc::c_int,
+}
+
+impl std::os::fd::AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd
+    }
+}
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        // SAFETY: fcntl on an fd we were given; restoring what we found.
+        unsafe { libc::fcntl(self.fd, libc::F_SETFL, self.saved_flags) };
+    }
+}
+
+fn nonblocking(fd: RawFd, interest: Interest) -> Option<AsyncFd<Fd>> {
+    // SAFETY: plain fcntl calls on an inherited fd.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return None;
+    }
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return None;
+    }
+    // On failure (epoll refuses regular files) the Fd's drop restores the flags.
+    // SAFETY: fds 0 and 1 stay open for the life of the process (we never close them; the
+    // stdout "shutdown" swaps in /dev/null with dup2), which is what `register` requires.
+    unsafe {
+        AsyncFd::register_with_interest(
+            Fd {
+                fd,
+                saved_flags: flags,
+            },
+            interest,
+        )
+    }
+    .ok()
+}
+
+enum Inner<T> {
+    Polled(AsyncFd<Fd>),
+    Fallback(T),
+}
+
+/// Stdin as an `AsyncRead`.
+pub struct Stdin(Inner<tokio::io::Stdin>);
+/// Stdout as an `AsyncWrite` (unbuffered: every write reaches the fd).
+pub struct Stdout(Inner<tokio::io::Stdout>);
+
+pub fn stdin() -> Stdin {
+    Stdin(match nonblocking(0, Interest::READABLE) {
+        Some(fd) => Inner::Polled(fd),
+        None => Inner::Fallback(tokio::io::stdin()),
+    })
+}
+
+pub fn stdout() -> Stdout {
+    Stdout(match nonblocking(1, Interest::WRITABLE) {
+        Some(fd) => Inner::Polled(fd),
+        None => Inner::Fallback(tokio::io::stdout()),
+    })
+}
+
+impl AsyncRead for Stdin {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let afd = match &mut self.0 {
+            Inner::Fallback(s) => return Pin::new(s).poll_read(cx, buf),
+            Inner::Polled(afd) => afd,
+        };
+        loop {
+            let mut guard = ready!(afd.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            let res = guard.try_io(|inner| {
+                // SAFETY: reading into a buffer we own, of the length we pass.
+                let n = unsafe {
+                    libc::read(
+                        inner.get_ref().fd,
+                        unfilled.as_mut_ptr().cast(),
+                        unfilled.len(),
+                    )
+                };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match res {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Stdout {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let afd = match &mut self.0 {
+            Inner::Fallback(s) => return Pin::new(s).poll_write(cx, data),
+            Inner::Polled(afd) => afd,
+        };
+        loop {
+            let mut guard = ready!(afd.poll_write_ready(cx))?;
+            let res = guard.try_io(|inner| {
+                // SAFETY: writing from a slice we borrow, of its length.
+                let n =
+                    unsafe { libc::write(inner.get_ref().fd, data.as_ptr().cast(), data.len()) };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match res {
+                Ok(r) => return Poll::Ready(r),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.0 {
+            Inner::Fallback(s) => Pin::new(s).poll_flush(cx),
+            Inner::Polled(_) => Poll::Ready(Ok(())),
+        }
+    }
+
+    /// EOF to whoever reads our stdout: close fd 1 (ssh waits for it to end the session).
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.0 {
+            Inner::Fallback(s) => Pin::new(s).poll_shutdown(cx),
+            Inner::Polled(afd) => {
+                // Replace fd 1 with /dev/null rather than closing it, so that a later
+                // accidental write can't land in some other file that reuses fd 1.
+                let fd = afd.get_ref().fd;
+                // SAFETY: open/dup2/close on fds we own.
+                unsafe {
+                    let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+                    if null >= 0 {
+                        libc::dup2(null, fd);
+                        libc::close(null);
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+}
