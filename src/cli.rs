@@ -30,7 +30,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Top {
-    /// SSH over the cluster: ProxyCommand, server, cluster management.
+    /// SSH over the cluster. Also `malai ssh [ssh flags] <host> [command …]` runs a
+    /// command natively, like `ssh host command` (exit status passed through; 255 for
+    /// malai's own failures).
+    #[command(
+        after_help = "Native exec: malai ssh [-t|-T] [-n] [-p port] [-l user] [-o opt] [--parallel N] <host|group> [command …]\n\nHost names: foo.<cluster>, foo.<cluster-id52>, <foo-id52>.<cluster-id52>, a bare foo (when unambiguous), <group>.<cluster> or group:<name>."
+    )]
     Ssh {
         #[command(subcommand)]
         command: SshCommand,
@@ -120,6 +125,26 @@ pub enum ClusterCommand {
 fn parse_id52(s: &str, what: &str) -> anyhow::Result<Id52> {
     s.parse::<Id52>()
         .with_context(|| format!("{what} {s:?} is not an id52"))
+}
+
+/// If `args` (the whole argv) is the ssh-like shape `malai ssh [flags] <host> [command…]`
+/// rather than a subcommand, return the part after `ssh`. Subcommand names win over host
+/// names; `malai ssh -- <host>` reaches a host that is named like a subcommand.
+pub fn exec_shape(args: &[String]) -> Option<Vec<String>> {
+    use clap::CommandFactory;
+    if args.get(1).map(String::as_str) != Some("ssh") {
+        return None;
+    }
+    let first = args.get(2)?;
+    if matches!(first.as_str(), "-h" | "--help" | "-V" | "--version" | "help") {
+        return None;
+    }
+    let cmd = Cli::command();
+    let ssh = cmd.find_subcommand("ssh")?;
+    if ssh.get_subcommands().any(|c| c.get_name() == first) {
+        return None;
+    }
+    Some(args[2..].to_vec())
 }
 
 /// Which log file a command writes to.

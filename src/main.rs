@@ -11,6 +11,12 @@ use malai::config::paths::Dirs;
 const EXIT_MALAI: u8 = 255;
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if let Some(exec_args) = malai::cli::exec_shape(&args) {
+        return run_exec(exec_args);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -45,6 +51,50 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "command failed");
             eprintln!("malai: {}", one_line(&format!("{e:#}")));
+            ExitCode::from(EXIT_MALAI)
+        }
+    }
+}
+
+/// `malai ssh [flags] <host> [command …]`: exit with the remote command's status.
+fn run_exec(args: Vec<String>) -> ExitCode {
+    let dirs = match Dirs::from_env() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("malai: {e}");
+            return ExitCode::from(EXIT_MALAI);
+        }
+    };
+    let _log = malai::logging::init(&dirs, "exec");
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("malai: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_MALAI);
+        }
+    };
+    let host = malai::client::ssh_args::parse(&args)
+        .map(|a| a.host)
+        .unwrap_or_default();
+    let result = rt.block_on(malai::client::exec::run(&dirs, &args));
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(malai::client::ClientError::Killed(n)) => {
+            eprintln!("Killed by signal {n}.");
+            ExitCode::from(EXIT_MALAI)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "exec failed");
+            let msg = one_line(&e.to_string());
+            if host.is_empty() {
+                eprintln!("malai: {msg}");
+            } else {
+                eprintln!("malai: {host}: {msg}");
+            }
             ExitCode::from(EXIT_MALAI)
         }
     }

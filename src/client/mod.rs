@@ -3,7 +3,11 @@
 //!
 //! - [`proxy`]: `malai ssh proxy <host> [port]`, the OpenSSH ProxyCommand.
 
+pub mod exec;
+pub mod group;
 pub mod proxy;
+pub mod ssh_args;
+pub mod tty;
 
 use std::time::Duration;
 
@@ -40,6 +44,11 @@ pub enum ClientError {
     Protocol(#[from] FrameError),
     #[error("timed out {0}")]
     Timeout(&'static str),
+    /// A local signal ended the session (ssh's wording).
+    #[error("Killed by signal {0}.")]
+    Killed(i32),
+    #[error("{0}")]
+    Args(#[from] ssh_args::ArgsError),
     #[error("{0} is a {1}; use a server name")]
     NotAServer(String, &'static str),
 }

@@ -31,7 +31,9 @@ pub enum ResolveError {
     /// The name is not a host name at all (empty, or an empty label).
     #[error("unknown host {0:?}")]
     Unknown(String),
-    #[error("unknown host {0:?}: no clusters are set up on this machine (see `malai ssh cluster join`)")]
+    #[error(
+        "unknown host {0:?}: no clusters are set up on this machine (see `malai ssh cluster join`)"
+    )]
     NoClusters(String),
     #[error("unknown cluster {cluster:?} in {host:?} (local clusters: {})", .known.join(", "))]
     UnknownCluster {
@@ -73,9 +75,7 @@ pub enum ResolveError {
         host: String,
         candidates: Vec<String>,
     },
-    #[error(
-        "unknown host {host:?}: expected <server>.{cluster} or <service>.<server>.{cluster}"
-    )]
+    #[error("unknown host {host:?}: expected <server>.{cluster} or <service>.<server>.{cluster}")]
     TooManyLabels { host: String, cluster: String },
 }
 
@@ -423,7 +423,10 @@ mod tests {
         );
         // group: never picks a server of that name.
         let e = err("group:foo.acme");
-        assert_eq!(e, "unknown host \"group:foo.acme\": no group \"foo\" in cluster acme");
+        assert_eq!(
+            e,
+            "unknown host \"group:foo.acme\": no group \"foo\" in cluster acme"
+        );
     }
 
     #[test]
@@ -452,7 +455,10 @@ mod tests {
     fn devices_are_not_targets() {
         assert_eq!(err("alice.acme"), "alice is a device, not a server");
         assert_eq!(err("alice"), "alice is a device, not a server");
-        assert_eq!(err(&format!("{}.acme", id(4))), format!("{} is a device, not a server", id(4)));
+        assert_eq!(
+            err(&format!("{}.acme", id(4))),
+            format!("{} is a device, not a server", id(4))
+        );
         assert_eq!(err("django.alice.acme"), "alice is a device, not a server");
     }
 
@@ -502,7 +508,12 @@ mod tests {
         assert_eq!(err("."), "unknown host \".\"");
         assert_eq!(err("foo..acme"), "unknown host \"foo..acme\"");
         assert_eq!(err("group:"), "unknown host \"group:\"");
-        assert!(resolve(&[], "foo").unwrap_err().to_string().contains("no clusters"));
+        assert!(
+            resolve(&[], "foo")
+                .unwrap_err()
+                .to_string()
+                .contains("no clusters")
+        );
     }
 
     #[test]
@@ -515,8 +526,31 @@ mod tests {
             id(21)
         );
         cs.push(("com".into(), ClusterConfig::parse(&com).unwrap()));
-        assert_eq!(resolve(&cs, "foo.amitu.com").unwrap(), server("acme", "foo"));
+        assert_eq!(
+            resolve(&cs, "foo.amitu.com").unwrap(),
+            server("acme", "foo")
+        );
         assert_eq!(resolve(&cs, "amitu.com").unwrap(), server("com", "amitu"));
+    }
+
+    #[test]
+    fn never_panics() {
+        let cs = clusters();
+        let alphabet = b"ab.fo:gr-uACME.0123\xc3\xa9 ";
+        let mut st = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..2000 {
+            st ^= st << 13;
+            st ^= st >> 7;
+            st ^= st << 17;
+            let n = (st % 24) as usize;
+            let bytes: Vec<u8> = (0..n)
+                .map(|i| alphabet[((st >> (i % 60)) as usize) % alphabet.len()])
+                .collect();
+            let _ = resolve(&cs, &String::from_utf8_lossy(&bytes));
+        }
+        for h in ["group:.", "group:group:x", "...", "a.", "é.acme", ":"] {
+            let _ = resolve(&cs, h);
+        }
     }
 
     #[test]

@@ -137,10 +137,7 @@ impl ClusterConfig {
 }
 
 fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
-    let (line, column) = e
-        .span()
-        .map(|s| line_col(text, s.start))
-        .unwrap_or((1, 1));
+    let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
     let message = e
         .message()
         .lines()
@@ -217,12 +214,14 @@ impl Parser<'_> {
     }
 
     fn table<'a, 'i>(&self, key: &str, v: &'a Val<'i>) -> Result<&'a DeTable<'i>, ConfigError> {
-        v.get_ref().as_table().ok_or_else(|| ConfigError::WrongType {
-            key: key.to_string(),
-            expected: "a table",
-            found: v.get_ref().type_str(),
-            line: self.line(v.span()),
-        })
+        v.get_ref()
+            .as_table()
+            .ok_or_else(|| ConfigError::WrongType {
+                key: key.to_string(),
+                expected: "a table",
+                found: v.get_ref().type_str(),
+                line: self.line(v.span()),
+            })
     }
 
     fn string<'a>(&self, key: &str, v: &'a Val<'_>) -> Result<&'a str, ConfigError> {
@@ -407,13 +406,7 @@ impl Parser<'_> {
         let mut seen: BTreeMap<Id52, String> = BTreeMap::new();
         let members = servers
             .iter()
-            .map(|s| {
-                (
-                    s.server.id52,
-                    format!("server.{}", s.server.name),
-                    s.line,
-                )
-            })
+            .map(|s| (s.server.id52, format!("server.{}", s.server.name), s.line))
             .chain(
                 devices
                     .iter()
@@ -535,12 +528,15 @@ impl Parser<'_> {
                     }
                 }
                 "use-keyring" => {
-                    use_keyring = v.get_ref().as_bool().ok_or_else(|| ConfigError::WrongType {
-                        key: key.clone(),
-                        expected: "true or false",
-                        found: v.get_ref().type_str(),
-                        line: self.line(v.span()),
-                    })?;
+                    use_keyring = v
+                        .get_ref()
+                        .as_bool()
+                        .ok_or_else(|| ConfigError::WrongType {
+                            key: key.clone(),
+                            expected: "true or false",
+                            found: v.get_ref().type_str(),
+                            line: self.line(v.span()),
+                        })?;
                 }
                 "private-key-file" => private_key_file = self.opt_string(&key, v)?,
                 "private-key" => private_key = self.opt_string(&key, v)?,
@@ -602,7 +598,8 @@ impl Parser<'_> {
                         line: self.line(k.span()),
                     })?;
                     let ct = self.table(&key, v)?;
-                    let mut list = self.empty_list(format!("{key}.allow-from"), self.line(k.span()));
+                    let mut list =
+                        self.empty_list(format!("{key}.allow-from"), self.line(k.span()));
                     for (ck, cv) in ct.iter() {
                         match ck.get_ref().as_ref() {
                             "allow-from" => list = self.list(&format!("{key}.allow-from"), cv)?,
@@ -770,8 +767,7 @@ fn expand_group(
                     .iter()
                     .position(|s| s.to_ascii_lowercase() == sub_lower)
                 {
-                    let mut path: Vec<&str> =
-                        stack.iter().skip(pos).map(String::as_str).collect();
+                    let mut path: Vec<&str> = stack.iter().skip(pos).map(String::as_str).collect();
                     path.push(&entry.name);
                     let start = raw.get(&sub_lower).copied().unwrap_or(g);
                     return Err(ConfigError::GroupCycle {
@@ -1001,7 +997,10 @@ members = ["bar"]
         assert_eq!(c.devices["alice"].id52, id(4));
         assert_eq!(c.groups["admins"].members, vec!["alice", "bar"]);
         assert_eq!(c.groups["ops"].members, vec!["bar"]);
-        assert_eq!(c.name_of(&id(3)), Some(("bar", super::super::MemberKind::Server)));
+        assert_eq!(
+            c.name_of(&id(3)),
+            Some(("bar", super::super::MemberKind::Server))
+        );
     }
 
     #[test]
@@ -1024,15 +1023,15 @@ members = ["bar"]
 
     #[test]
     fn manager_not_implicitly_allowed() {
-        let c = ClusterConfig::parse(&minimal(&format!("[server.a]\nid52 = \"{}\"\n", id(2))))
-            .unwrap();
+        let c =
+            ClusterConfig::parse(&minimal(&format!("[server.a]\nid52 = \"{}\"\n", id(2)))).unwrap();
         assert!(!c.servers["a"].allow_from.contains(&id(1)));
     }
 
     #[test]
     fn manager_may_also_be_a_server() {
-        let c = ClusterConfig::parse(&minimal(&format!("[server.m]\nid52 = \"{}\"\n", id(1))))
-            .unwrap();
+        let c =
+            ClusterConfig::parse(&minimal(&format!("[server.m]\nid52 = \"{}\"\n", id(1)))).unwrap();
         assert_eq!(c.servers["m"].id52, c.manager);
     }
 
@@ -1101,13 +1100,19 @@ members = ["bar"]
         let e = err(&minimal(
             "[group.a]\nmembers = \"b\"\n[group.b]\nmembers = \"a\"\n",
         ));
-        assert!(e.starts_with("group.a.members: group cycle a -> b -> a"), "{e}");
+        assert!(
+            e.starts_with("group.a.members: group cycle a -> b -> a"),
+            "{e}"
+        );
         let e = err(&minimal("[group.a]\nmembers = \"a\"\n"));
         assert!(e.starts_with("group.a.members: group cycle a -> a"), "{e}");
         let e = err(&minimal(
             "[group.a]\nmembers = \"b\"\n[group.b]\nmembers = \"c\"\n[group.c]\nmembers = \"b\"\n",
         ));
-        assert!(e.starts_with("group.b.members: group cycle b -> c -> b"), "{e}");
+        assert!(
+            e.starts_with("group.b.members: group cycle b -> c -> b"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1132,14 +1137,23 @@ members = ["bar"]
             "[server.foo]\nid52 = \"{}\"\n[server.foo.ls]\nallow-from = [\"x\"]\n",
             id(2)
         )));
-        assert!(e.starts_with("server.foo.ls.allow-from: unknown name \"x\""), "{e}");
+        assert!(
+            e.starts_with("server.foo.ls.allow-from: unknown name \"x\""),
+            "{e}"
+        );
         let e = err(&minimal(&format!(
             "[server.foo]\nid52 = \"{}\"\n[server.foo.service.web]\nhttp = 80\nallow-from = \"y\"\n",
             id(2)
         )));
-        assert!(e.starts_with("server.foo.service.web.allow-from: unknown name \"y\""), "{e}");
+        assert!(
+            e.starts_with("server.foo.service.web.allow-from: unknown name \"y\""),
+            "{e}"
+        );
         let e = err(&minimal("[group.g]\nmembers = \"nobody\"\n"));
-        assert!(e.starts_with("group.g.members: unknown name \"nobody\""), "{e}");
+        assert!(
+            e.starts_with("group.g.members: unknown name \"nobody\""),
+            "{e}"
+        );
         // A group's members are names, never raw ids.
         let e = err(&minimal(&format!("[group.g]\nmembers = \"{}\"\n", id(7))));
         assert!(e.starts_with("group.g.members: unknown name"), "{e}");
@@ -1148,65 +1162,142 @@ members = ["bar"]
     #[test]
     fn bad_id52s() {
         let e = err(&minimal("[server.foo]\nid52 = \"abc\"\n"));
-        assert_eq!(e, "server.foo.id52: id52 must be 52 characters, got 3 (line 4)");
+        assert_eq!(
+            e,
+            "server.foo.id52: id52 must be 52 characters, got 3 (line 4)"
+        );
         let e = err("[cluster-manager]\nid52 = \"x\"\n");
-        assert!(e.starts_with("cluster-manager.id52: id52 must be 52 characters, got 1"), "{e}");
+        assert!(
+            e.starts_with("cluster-manager.id52: id52 must be 52 characters, got 1"),
+            "{e}"
+        );
         let e = err(&minimal("[device.bob]\nid52 = 5\n"));
-        assert!(e.starts_with("device.bob.id52: expected a string, found integer"), "{e}");
+        assert!(
+            e.starts_with("device.bob.id52: expected a string, found integer"),
+            "{e}"
+        );
     }
 
     #[test]
     fn missing_keys_and_tables() {
-        assert_eq!(err(""), "missing table [cluster-manager]: the file must name the cluster's manager");
-        assert!(err("[cluster-manager]\nalias = \"a\"\n").starts_with("cluster-manager: missing key id52"));
+        assert_eq!(
+            err(""),
+            "missing table [cluster-manager]: the file must name the cluster's manager"
+        );
+        assert!(
+            err("[cluster-manager]\nalias = \"a\"\n")
+                .starts_with("cluster-manager: missing key id52")
+        );
         let e = err(&minimal("[device.bob]\n"));
         assert_eq!(e, "device.bob: missing key id52 (line 3)");
-        assert!(err(&minimal("[server.foo]\nallow-from = \"\"\n")).starts_with("server.foo: missing key id52"));
-        let e = err(&minimal(&format!("[server.foo]\nid52 = \"{}\"\n[server.foo.service.web]\n", id(2))));
-        assert!(e.starts_with("server.foo.service.web: missing key http"), "{e}");
+        assert!(
+            err(&minimal("[server.foo]\nallow-from = \"\"\n"))
+                .starts_with("server.foo: missing key id52")
+        );
+        let e = err(&minimal(&format!(
+            "[server.foo]\nid52 = \"{}\"\n[server.foo.service.web]\n",
+            id(2)
+        )));
+        assert!(
+            e.starts_with("server.foo.service.web: missing key http"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unknown_keys_and_tables() {
-        let e = err(&minimal(&format!("[server.foo]\nid52 = \"{}\"\nshh = \"x\"\n", id(2))));
+        let e = err(&minimal(&format!(
+            "[server.foo]\nid52 = \"{}\"\nshh = \"x\"\n",
+            id(2)
+        )));
         assert_eq!(e, "server.foo: unknown key \"shh\" (line 5)");
         assert!(
-            err(&format!("colour = 1\n{}", minimal(""))).starts_with("top level: unknown key \"colour\"")
+            err(&format!("colour = 1\n{}", minimal("")))
+                .starts_with("top level: unknown key \"colour\"")
         );
         let e = err(&minimal("[servers.foo]\n"));
         assert!(e.starts_with("unknown table [servers]"), "{e}");
         assert!(err(&minimal("extra = 1\n")).starts_with("cluster-manager: unknown key \"extra\""));
-        assert!(err("[cluster-manager]\nid = 1\n").starts_with("cluster-manager: unknown key \"id\""));
-        assert!(err(&minimal("[device.d]\nid52 = \"\"\nallow-from = \"\"\n")).starts_with("device.d"));
-        let e = err(&minimal(&format!("[device.d]\nid52 = \"{}\"\nallow-from = \"\"\n", id(3))));
+        assert!(
+            err("[cluster-manager]\nid = 1\n").starts_with("cluster-manager: unknown key \"id\"")
+        );
+        assert!(
+            err(&minimal("[device.d]\nid52 = \"\"\nallow-from = \"\"\n")).starts_with("device.d")
+        );
+        let e = err(&minimal(&format!(
+            "[device.d]\nid52 = \"{}\"\nallow-from = \"\"\n",
+            id(3)
+        )));
         assert!(e.starts_with("device.d: unknown key \"allow-from\""), "{e}");
         let e = err(&minimal("[group.g]\nmember = \"\"\n"));
         assert!(e.starts_with("group.g: unknown key \"member\""), "{e}");
-        let e = err(&minimal(&format!("[server.foo]\nid52 = \"{}\"\n[server.foo.ls]\nallow = \"\"\n", id(2))));
+        let e = err(&minimal(&format!(
+            "[server.foo]\nid52 = \"{}\"\n[server.foo.ls]\nallow = \"\"\n",
+            id(2)
+        )));
         assert!(e.starts_with("server.foo.ls: unknown key \"allow\""), "{e}");
-        let e = err(&minimal(&format!("[server.foo]\nid52 = \"{}\"\n[server.foo.service.w]\nhttp = 1\nport = 2\n", id(2))));
-        assert!(e.starts_with("server.foo.service.w: unknown key \"port\""), "{e}");
+        let e = err(&minimal(&format!(
+            "[server.foo]\nid52 = \"{}\"\n[server.foo.service.w]\nhttp = 1\nport = 2\n",
+            id(2)
+        )));
+        assert!(
+            e.starts_with("server.foo.service.w: unknown key \"port\""),
+            "{e}"
+        );
     }
 
     #[test]
     fn wrong_types() {
-        assert!(err("cluster-manager = 3\n").starts_with("cluster-manager: expected a table, found integer"));
+        assert!(
+            err("cluster-manager = 3\n")
+                .starts_with("cluster-manager: expected a table, found integer")
+        );
         assert!(
             err(&format!("server = 1\n{}", minimal(""))).starts_with("server: expected a table")
         );
         assert!(err(&minimal("[server]\nfoo = 1\n")).starts_with("server.foo: expected a table"));
         let e = err(&minimal("use-keyring = \"yes\"\n"));
-        assert!(e.starts_with("cluster-manager.use-keyring: expected true or false"), "{e}");
-        let e = err(&minimal(&format!("[server.foo]\nid52 = \"{}\"\nallow-from = 3\n", id(2))));
-        assert!(e.starts_with("server.foo.allow-from: expected a comma-separated string"), "{e}");
-        let e = err(&minimal(&format!("[server.foo]\nid52 = \"{}\"\nallow-from = [\"a\", 3]\n", id(2))));
-        assert!(e.starts_with("server.foo.allow-from: expected a list of strings"), "{e}");
-        let e = err(&minimal(&format!("[server.foo]\nid52 = \"{}\"\nservice = \"x\"\n", id(2))));
+        assert!(
+            e.starts_with("cluster-manager.use-keyring: expected true or false"),
+            "{e}"
+        );
+        let e = err(&minimal(&format!(
+            "[server.foo]\nid52 = \"{}\"\nallow-from = 3\n",
+            id(2)
+        )));
+        assert!(
+            e.starts_with("server.foo.allow-from: expected a comma-separated string"),
+            "{e}"
+        );
+        let e = err(&minimal(&format!(
+            "[server.foo]\nid52 = \"{}\"\nallow-from = [\"a\", 3]\n",
+            id(2)
+        )));
+        assert!(
+            e.starts_with("server.foo.allow-from: expected a list of strings"),
+            "{e}"
+        );
+        let e = err(&minimal(&format!(
+            "[server.foo]\nid52 = \"{}\"\nservice = \"x\"\n",
+            id(2)
+        )));
         assert!(e.starts_with("server.foo.service: expected a table"), "{e}");
-        let e = err(&minimal(&format!("[server.foo]\nid52 = \"{}\"\n[server.foo.service]\nweb = 1\n", id(2))));
-        assert!(e.starts_with("server.foo.service.web: expected a table"), "{e}");
-        let e = err(&minimal(&format!("[server.foo]\nid52 = \"{}\"\n[server.foo.service.w]\nhttp = \"80\"\n", id(2))));
-        assert!(e.starts_with("server.foo.service.w.http: expected a port number"), "{e}");
+        let e = err(&minimal(&format!(
+            "[server.foo]\nid52 = \"{}\"\n[server.foo.service]\nweb = 1\n",
+            id(2)
+        )));
+        assert!(
+            e.starts_with("server.foo.service.web: expected a table"),
+            "{e}"
+        );
+        let e = err(&minimal(&format!(
+            "[server.foo]\nid52 = \"{}\"\n[server.foo.service.w]\nhttp = \"80\"\n",
+            id(2)
+        )));
+        assert!(
+            e.starts_with("server.foo.service.w.http: expected a port number"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1218,16 +1309,36 @@ members = ["bar"]
             ("ssh = \":22\"", "server.foo.ssh: expected host:port"),
             ("ssh = \"::1:22\"", "server.foo.ssh: expected host:port"),
             ("ssh = \"-oX:22\"", "server.foo.ssh: expected host:port"),
-            ("addrs = [\"nope\"]", "server.foo.addrs: \"nope\" is not an ip:port address"),
-            ("ssh-via = \"-oProxyCommand=x\"", "server.foo.ssh-via: expected [user@]host[:port]"),
-            ("[server.foo.service.w]\nhttp = 0", "server.foo.service.w.http: port must be between 1 and 65535"),
-            ("[server.foo.service.w]\nhttp = 65536", "server.foo.service.w.http: port must be"),
-            ("[server.foo.service.w]\nhttp = -1", "server.foo.service.w.http: port must be"),
+            (
+                "addrs = [\"nope\"]",
+                "server.foo.addrs: \"nope\" is not an ip:port address",
+            ),
+            (
+                "ssh-via = \"-oProxyCommand=x\"",
+                "server.foo.ssh-via: expected [user@]host[:port]",
+            ),
+            (
+                "[server.foo.service.w]\nhttp = 0",
+                "server.foo.service.w.http: port must be between 1 and 65535",
+            ),
+            (
+                "[server.foo.service.w]\nhttp = 65536",
+                "server.foo.service.w.http: port must be",
+            ),
+            (
+                "[server.foo.service.w]\nhttp = -1",
+                "server.foo.service.w.http: port must be",
+            ),
         ] {
             let e = err(&s(body));
             assert!(e.starts_with(want), "{body}: {e}");
         }
-        for ok in ["ssh = \"[::1]:2222\"", "ssh = \"localhost:22\"", "ssh = \"\"", "addrs = \"127.0.0.1:1, 127.0.0.1:2\""] {
+        for ok in [
+            "ssh = \"[::1]:2222\"",
+            "ssh = \"localhost:22\"",
+            "ssh = \"\"",
+            "addrs = \"127.0.0.1:1, 127.0.0.1:2\"",
+        ] {
             ClusterConfig::parse(&s(ok)).unwrap();
         }
         let e = err(&minimal("alias = \"a..b\"\n"));
@@ -1238,14 +1349,27 @@ members = ["bar"]
     fn bad_names() {
         let e = err(&minimal("[server.\"a.b\"]\n"));
         assert!(e.starts_with("server: invalid name \"a.b\""), "{e}");
-        let e = err(&minimal(&format!("[device.{}]\nid52 = \"{}\"\n", id(5), id(5))));
+        let e = err(&minimal(&format!(
+            "[device.{}]\nid52 = \"{}\"\n",
+            id(5),
+            id(5)
+        )));
         assert!(e.contains("cannot look like an id52"), "{e}");
         let e = err(&minimal("[group.\"\"]\n"));
         assert!(e.starts_with("group: invalid name \"\""), "{e}");
-        let e = err(&minimal(&format!("[server.foo]\nid52 = \"{}\"\n[server.foo.\"l s\"]\n", id(2))));
+        let e = err(&minimal(&format!(
+            "[server.foo]\nid52 = \"{}\"\n[server.foo.\"l s\"]\n",
+            id(2)
+        )));
         assert!(e.starts_with("server.foo: invalid name \"l s\""), "{e}");
-        let e = err(&minimal(&format!("[server.foo]\nid52 = \"{}\"\n[server.foo.service.\"a b\"]\nhttp = 1\n", id(2))));
-        assert!(e.starts_with("server.foo.service: invalid name \"a b\""), "{e}");
+        let e = err(&minimal(&format!(
+            "[server.foo]\nid52 = \"{}\"\n[server.foo.service.\"a b\"]\nhttp = 1\n",
+            id(2)
+        )));
+        assert!(
+            e.starts_with("server.foo.service: invalid name \"a b\""),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1266,15 +1390,30 @@ members = ["bar"]
             id(2),
             id(2)
         )));
-        assert_eq!(e, format!("duplicate id52 {} in server.foo and device.bar (line 5)", id(2)));
+        assert_eq!(
+            e,
+            format!(
+                "duplicate id52 {} in server.foo and device.bar (line 5)",
+                id(2)
+            )
+        );
         let e = err(&minimal(&format!(
             "[server.foo]\nid52 = \"{}\"\n[device.foo]\nid52 = \"{}\"\n",
             id(2),
             id(3)
         )));
-        assert!(e.starts_with("name \"foo\" is used twice: server.foo and device.foo"), "{e}");
-        let e = err(&minimal(&format!("[device.foo]\nid52 = \"{}\"\n[group.foo]\n", id(3))));
-        assert!(e.starts_with("name \"foo\" is used twice: device.foo and group.foo"), "{e}");
+        assert!(
+            e.starts_with("name \"foo\" is used twice: server.foo and device.foo"),
+            "{e}"
+        );
+        let e = err(&minimal(&format!(
+            "[device.foo]\nid52 = \"{}\"\n[group.foo]\n",
+            id(3)
+        )));
+        assert!(
+            e.starts_with("name \"foo\" is used twice: device.foo and group.foo"),
+            "{e}"
+        );
         // Host names ignore case, so names must too.
         let e = err(&minimal(&format!(
             "[device.Foo]\nid52 = \"{}\"\n[device.foo]\nid52 = \"{}\"\n",

@@ -24,3 +24,200 @@ pub struct PtyRequest {
     pub cols: u16,
     pub rows: u16,
 }
+
+// ---------------------------------------------------------------------------------------
+// Frames after `accept`.
+//
+// `TYPE (1 byte) | LEN (u32 big-endian) | LEN bytes`, both directions, until the server has
+// sent `Exit` (then it closes its side). Data frames carry at most `MAX_DATA` bytes; any
+// frame over `MAX_FRAME` is a protocol error (the stream is dropped, never buffered).
+// Flow control is QUIC's: nobody reads faster than the other end drains, so a slow reader
+// makes the child block on its pipe instead of the server buffering without bound.
+//
+// client → server: Stdin, StdinEof, Window, Signal
+// server → client: Stdout, Stderr, Exit (always last)
+// ---------------------------------------------------------------------------------------
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest data payload a sender puts in one frame.
+pub const MAX_DATA: usize = 64 * 1024;
+/// Largest frame a receiver accepts.
+pub const MAX_FRAME: u32 = 256 * 1024;
+
+const T_STDIN: u8 = 1;
+const T_STDIN_EOF: u8 = 2;
+const T_WINDOW: u8 = 3;
+const T_SIGNAL: u8 = 4;
+const T_STDOUT: u8 = 0x11;
+const T_STDERR: u8 = 0x12;
+const T_EXIT: u8 = 0x13;
+
+/// How the remote command ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    /// Exited with this code.
+    Code(i32),
+    /// Killed by this signal (name without "SIG", as ssh reports it: "KILL", "TERM").
+    Signal(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Stdin(Vec<u8>),
+    StdinEof,
+    Window { cols: u16, rows: u16 },
+    Signal(String),
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit(ExitStatus),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecFrameError {
+    #[error("exec frame of {0} bytes is over the {MAX_FRAME}-byte limit")]
+    TooLarge(u32),
+    #[error("unknown exec frame type {0:#x}")]
+    UnknownType(u8),
+    #[error("malformed exec frame: {0}")]
+    Malformed(&'static str),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Frame {
+    pub fn encode(&self) -> Vec<u8> {
+        let (t, body): (u8, std::borrow::Cow<[u8]>) = match self {
+            Frame::Stdin(d) => (T_STDIN, d.as_slice().into()),
+            Frame::StdinEof => (T_STDIN_EOF, (&[][..]).into()),
+            Frame::Window { cols, rows } => {
+                let mut b = cols.to_be_bytes().to_vec();
+                b.extend_from_slice(&rows.to_be_bytes());
+                (T_WINDOW, b.into())
+            }
+            Frame::Signal(s) => (T_SIGNAL, s.as_bytes().into()),
+            Frame::Stdout(d) => (T_STDOUT, d.as_slice().into()),
+            Frame::Stderr(d) => (T_STDERR, d.as_slice().into()),
+            Frame::Exit(st) => (
+                T_EXIT,
+                serde_json::to_vec(st).unwrap_or_default().into(),
+            ),
+        };
+        let mut out = Vec::with_capacity(5 + body.len());
+        out.push(t);
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    fn decode(t: u8, body: Vec<u8>) -> Result<Frame, ExecFrameError> {
+        Ok(match t {
+            T_STDIN => Frame::Stdin(body),
+            T_STDIN_EOF => Frame::StdinEof,
+            T_WINDOW => {
+                if body.len() != 4 {
+                    return Err(ExecFrameError::Malformed("window frame must be 4 bytes"));
+                }
+                Frame::Window {
+                    cols: u16::from_be_bytes([body[0], body[1]]),
+                    rows: u16::from_be_bytes([body[2], body[3]]),
+                }
+            }
+            T_SIGNAL => Frame::Signal(
+                String::from_utf8(body).map_err(|_| ExecFrameError::Malformed("signal name"))?,
+            ),
+            T_STDOUT => Frame::Stdout(body),
+            T_STDERR => Frame::Stderr(body),
+            T_EXIT => Frame::Exit(
+                serde_json::from_slice(&body)
+                    .map_err(|_| ExecFrameError::Malformed("exit status"))?,
+            ),
+            other => return Err(ExecFrameError::UnknownType(other)),
+        })
+    }
+}
+
+/// Write one frame.
+pub async fn write<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), ExecFrameError> {
+    w.write_all(&f.encode()).await?;
+    Ok(())
+}
+
+/// Read one frame; `Ok(None)` at a clean EOF between frames.
+pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, ExecFrameError> {
+    let mut head = [0u8; 5];
+    let mut got = 0;
+    while got < head.len() {
+        let n = r.read(&mut head[got..]).await?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(ExecFrameError::Malformed("truncated frame header"))
+            };
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+    if len > MAX_FRAME {
+        return Err(ExecFrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ExecFrameError::Malformed("truncated frame body")
+        } else {
+            ExecFrameError::Io(e)
+        }
+    })?;
+    Frame::decode(head[0], body).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip() {
+        let frames = vec![
+            Frame::Stdin(vec![1, 2, 3]),
+            Frame::StdinEof,
+            Frame::Window { cols: 80, rows: 24 },
+            Frame::Signal("INT".into()),
+            Frame::Stdout(vec![0; MAX_DATA]),
+            Frame::Stderr(b"err".to_vec()),
+            Frame::Exit(ExitStatus::Code(7)),
+            Frame::Exit(ExitStatus::Signal("KILL".into())),
+        ];
+        let mut buf = vec![];
+        for f in &frames {
+            write(&mut buf, f).await.unwrap();
+        }
+        let mut r = &buf[..];
+        for f in &frames {
+            assert_eq!(read(&mut r).await.unwrap().as_ref(), Some(f));
+        }
+        assert!(read(&mut r).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn bad_frames_are_errors() {
+        let cases: Vec<Vec<u8>> = vec![
+            vec![T_STDIN],
+            vec![T_STDIN, 0, 0, 0, 5, 1],
+            vec![0x77, 0, 0, 0, 0],
+            vec![T_WINDOW, 0, 0, 0, 1, 9],
+            vec![T_EXIT, 0, 0, 0, 2, b'{', b'}'],
+            vec![T_SIGNAL, 0, 0, 0, 1, 0xff],
+            {
+                let mut v = vec![T_STDOUT];
+                v.extend_from_slice(&(MAX_FRAME + 1).to_be_bytes());
+                v
+            },
+        ];
+        for c in cases {
+            let mut r = &c[..];
+            assert!(read(&mut r).await.is_err(), "{c:?}");
+        }
+    }
+}

@@ -12,6 +12,8 @@
 //! logged and the last good one kept. Clusters that appear later (a `cluster import`, a
 //! push making this machine a server) are picked up by a rescan every few seconds.
 
+pub mod exec;
+pub mod process;
 pub mod request;
 pub mod tunnel;
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::ClusterState;
+use super::process::Program;
 use crate::acl::{self, Decision, Grant};
 use crate::id52::Id52;
 use crate::protocol::{self, FrameError, HEADER_TIMEOUT, Request, Response};
@@ -94,12 +95,17 @@ where
         Decision::Allow(g) => g,
     };
     tracing::info!(%peer, %who, %cluster, kind, transport = ctx.transport, ?grant, "allow");
-    let Some(server_entry) = cfg.servers.get(&server) else {
-        return true;
-    };
     match (grant, header.request) {
-        (Grant::Tunnel, Request::Tunnel { .. }) => {
-            super::tunnel::serve(&server_entry.ssh, r, w).await
+        (Grant::Tunnel, Request::Tunnel { .. }) => match cfg.servers.get(&server) {
+            Some(entry) => super::tunnel::serve(&entry.ssh, r, w).await,
+            None => true,
+        },
+        (Grant::Shell, Request::Exec(e)) => {
+            let program = Program::Shell(e.command.clone());
+            super::exec::serve(program, e, peer.to_string(), r, w).await
+        }
+        (Grant::Argv(argv), Request::Exec(e)) => {
+            super::exec::serve(Program::Argv(argv), e, peer.to_string(), r, w).await
         }
         (Grant::Ping, Request::Ping) => reply(w, &Response::Accept).await.is_ok(),
         (_, request) => {

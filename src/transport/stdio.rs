@@ -32,12 +32,24 @@ impl Drop for Fd {
     }
 }
 
+/// Flags of fds 0–2 as we found them, read once before we change any: on a terminal all
+/// three share one file description, so reading fd 1's flags after setting fd 0
+/// non-blocking would "restore" the wrong value.
+fn original_flags(fd: RawFd) -> libc::c_int {
+    static ORIGINAL: std::sync::OnceLock<[libc::c_int; 3]> = std::sync::OnceLock::new();
+    let all = ORIGINAL.get_or_init(|| {
+        // SAFETY: F_GETFL on the standard fds.
+        [0, 1, 2].map(|fd| unsafe { libc::fcntl(fd, libc::F_GETFL) })
+    });
+    all.get(fd as usize).copied().unwrap_or(-1)
+}
+
 fn nonblocking(fd: RawFd, interest: Interest) -> Option<AsyncFd<Fd>> {
-    // SAFETY: plain fcntl calls on an inherited fd.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    let flags = original_flags(fd);
     if flags < 0 {
         return None;
     }
+    // SAFETY: F_SETFL on an inherited fd.
     if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
         return None;
     }
@@ -63,8 +75,23 @@ enum Inner<T> {
 
 /// Stdin as an `AsyncRead`.
 pub struct Stdin(Inner<tokio::io::Stdin>);
-/// Stdout as an `AsyncWrite` (unbuffered: every write reaches the fd).
-pub struct Stdout(Inner<tokio::io::Stdout>);
+/// Stdout (or stderr) as an `AsyncWrite` (unbuffered: every write reaches the fd).
+pub struct Stdout(Inner<Fallback>);
+
+/// tokio's own writers, for fds epoll refuses.
+enum Fallback {
+    Out(tokio::io::Stdout),
+    Err(tokio::io::Stderr),
+}
+
+impl Fallback {
+    fn pin(&mut self) -> Pin<&mut (dyn AsyncWrite + Unpin)> {
+        match self {
+            Fallback::Out(o) => Pin::new(o),
+            Fallback::Err(e) => Pin::new(e),
+        }
+    }
+}
 
 pub fn stdin() -> Stdin {
     Stdin(match nonblocking(0, Interest::READABLE) {
@@ -76,7 +103,15 @@ pub fn stdin() -> Stdin {
 pub fn stdout() -> Stdout {
     Stdout(match nonblocking(1, Interest::WRITABLE) {
         Some(fd) => Inner::Polled(fd),
-        None => Inner::Fallback(tokio::io::stdout()),
+        None => Inner::Fallback(Fallback::Out(tokio::io::stdout())),
+    })
+}
+
+/// Stderr, for the remote command's stderr in native exec (not for malai's own messages).
+pub fn stderr() -> Stdout {
+    Stdout(match nonblocking(2, Interest::WRITABLE) {
+        Some(fd) => Inner::Polled(fd),
+        None => Inner::Fallback(Fallback::Err(tokio::io::stderr())),
     })
 }
 
@@ -127,7 +162,7 @@ impl AsyncWrite for Stdout {
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let afd = match &mut self.0 {
-            Inner::Fallback(s) => return Pin::new(s).poll_write(cx, data),
+            Inner::Fallback(s) => return s.pin().poll_write(cx, data),
             Inner::Polled(afd) => afd,
         };
         loop {
@@ -151,7 +186,7 @@ impl AsyncWrite for Stdout {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match &mut self.0 {
-            Inner::Fallback(s) => Pin::new(s).poll_flush(cx),
+            Inner::Fallback(s) => s.pin().poll_flush(cx),
             Inner::Polled(_) => Poll::Ready(Ok(())),
         }
     }
@@ -159,7 +194,7 @@ impl AsyncWrite for Stdout {
     /// EOF to whoever reads our stdout: close fd 1 (ssh waits for it to end the session).
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match &mut self.0 {
-            Inner::Fallback(s) => Pin::new(s).poll_shutdown(cx),
+            Inner::Fallback(s) => s.pin().poll_shutdown(cx),
             Inner::Polled(afd) => {
                 // Replace fd 1 with /dev/null rather than closing it, so that a later
                 // accidental write can't land in some other file that reuses fd 1.

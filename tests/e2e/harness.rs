@@ -10,14 +10,15 @@
 //!   are killed and reaped on `Drop`;
 //! - readiness is polled (log lines, process state), never assumed after a sleep.
 //!
-//! `MALAI_E2E_KEEP=1` keeps a failed test's directory and prints its path.
+//! `MALAI_E2E_KEEP=1` keeps a failed test's directory (`always`: every test's) and prints
+//! its path.
 
 #![allow(dead_code)] // Helpers for later issues; not every test binary uses every one.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -60,8 +61,13 @@ pub fn free_udp_port() -> u16 {
 
 /// Panics unless `s` looks like an id52 (52 chars of BASE32_DNSSEC: `0-9a-v`).
 pub fn assert_id52(s: &str, what: &str) {
-    let ok = s.len() == 52 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'v').contains(&b));
-    assert!(ok, "{what}: expected an id52 (52 chars of 0-9a-v), got {s:?}");
+    let ok = s.len() == 52
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'v').contains(&b));
+    assert!(
+        ok,
+        "{what}: expected an id52 (52 chars of 0-9a-v), got {s:?}"
+    );
 }
 
 /// `stdout`, `stderr` and status of an `Output`, for assertion messages.
@@ -254,7 +260,7 @@ pub fn run_cmd_with(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) 
     // ProxyCommand ssh left behind) gets a grace period, then the group is killed; the group
     // id cannot have been reused while such a member is alive.
     let grace = Instant::now() + TERM_GRACE;
-    let mut collect = |rx: &mpsc::Receiver<Vec<u8>>, name: &str| -> Vec<u8> {
+    let collect = |rx: &mpsc::Receiver<Vec<u8>>, name: &str| -> Vec<u8> {
         let left = grace.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(v) => v,
@@ -395,7 +401,10 @@ impl Sshd {
                 break;
             }
         }
-        panic!("sshd did not start (config {}):\n{last_log}", config.display());
+        panic!(
+            "sshd did not start (config {}):\n{last_log}",
+            config.display()
+        );
     }
 
     pub fn port(&self) -> u16 {
@@ -456,8 +465,14 @@ impl Sshd {
         self.log().matches("Connection from").count()
     }
 
-    /// `ssh` straight to this sshd (no malai), as root with the client key.
+    /// `ssh` straight to this sshd (no malai), as root with the client key; append the
+    /// remote command.
     pub fn direct_ssh(&self) -> Command {
+        self.direct_ssh_with_key(&self.client_key)
+    }
+
+    /// Like `direct_ssh`, authenticating with `key` only.
+    pub fn direct_ssh_with_key(&self, key: &Path) -> Command {
         let mut c = Command::new("ssh");
         c.env_remove("RUST_LOG")
             .arg("-F")
@@ -465,14 +480,19 @@ impl Sshd {
             .arg("-p")
             .arg(self.port.to_string())
             .arg("-i")
-            .arg(&self.client_key)
+            .arg(key)
             .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
             .arg("-o")
             .arg(format!(
                 "UserKnownHostsFile={}",
                 self.dir.join("direct_known_hosts").display()
             ))
-            .args(["-o", "StrictHostKeyChecking=accept-new", "-o", "LogLevel=ERROR"])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=accept-new",
+                "-o",
+                "LogLevel=ERROR",
+            ])
             .arg("root@127.0.0.1");
         c
     }
@@ -622,7 +642,11 @@ fn collect_files(dir: &Path, out: &mut String) {
         if p.is_dir() {
             collect_files(&p, out);
         } else {
-            out.push_str(&format!("=== {} ===\n{}\n", p.display(), tail(&read_lossy(&p), 200)));
+            out.push_str(&format!(
+                "=== {} ===\n{}\n",
+                p.display(),
+                tail(&read_lossy(&p), 200)
+            ));
         }
     }
 }
@@ -664,21 +688,26 @@ impl ServerProcess {
         let pid = child.id();
         let stderr = child.stderr.take().expect("piped stderr");
         let (ready_tx, ready_rx) = mpsc::channel();
+        // Chunks, not lines: `server ready` is found even before its newline arrives.
         thread::spawn(move || {
-            let mut r = BufReader::new(stderr);
-            let mut line = Vec::new();
+            let mut r = stderr;
+            let mut buf = [0u8; 8192];
+            let mut seen: Vec<u8> = Vec::new();
             let mut ready_tx = Some(ready_tx);
             loop {
-                line.clear();
-                match r.read_until(b'\n', &mut line) {
+                match r.read(&mut buf) {
                     Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let _ = tee.write_all(&line);
+                    Ok(n) => {
+                        let _ = tee.write_all(&buf[..n]);
                         let _ = tee.flush();
-                        if String::from_utf8_lossy(&line).contains("server ready")
-                            && let Some(tx) = ready_tx.take()
-                        {
-                            let _ = tx.send(());
+                        if ready_tx.is_some() {
+                            seen.extend_from_slice(&buf[..n]);
+                            if String::from_utf8_lossy(&seen).contains("server ready")
+                                && let Some(tx) = ready_tx.take()
+                            {
+                                let _ = tx.send(());
+                                seen = Vec::new();
+                            }
                         }
                     }
                 }
@@ -695,14 +724,18 @@ impl ServerProcess {
         loop {
             match ready_rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(()) => return sp,
-                Err(mpsc::RecvTimeoutError::Disconnected) => {}
+                // stderr closed without `server ready`: the exit check below reports it.
+                Err(mpsc::RecvTimeoutError::Disconnected) => thread::sleep(POLL),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
             let exited = sp.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             if let Some(status) = exited {
                 // Let the tee thread drain what is left.
                 let _ = poll_until(Duration::from_secs(1), || {
-                    ready_rx.try_recv().err().filter(|e| *e == mpsc::TryRecvError::Disconnected)
+                    ready_rx
+                        .try_recv()
+                        .err()
+                        .filter(|e| *e == mpsc::TryRecvError::Disconnected)
                 });
                 sp.exit = Some(status);
                 panic!(
@@ -909,8 +942,10 @@ impl ClusterBuilder {
 
     /// `malai ssh cluster allow <target> <who…>` on the manager (target `foo` or `foo.ls`).
     pub fn allow(mut self, target: &str, who: &[&str]) -> Self {
-        self.allows
-            .push((target.to_string(), who.iter().map(|s| s.to_string()).collect()));
+        self.allows.push((
+            target.to_string(),
+            who.iter().map(|s| s.to_string()).collect(),
+        ));
         self
     }
 
@@ -1007,7 +1042,11 @@ impl ClusterBuilder {
 
 fn assert_single_id52(stdout: &str, what: &str) {
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 1, "{what}: expected exactly one line, got {stdout:?}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "{what}: expected exactly one line, got {stdout:?}"
+    );
     assert_id52(lines[0].trim(), what);
 }
 
@@ -1125,8 +1164,8 @@ impl TestCluster {
     /// Rewrites the manager's cluster file with `f(old text)`.
     pub fn edit_manager_file(&self, f: impl FnOnce(String) -> String) {
         let path = self.manager_file();
-        let old = fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let old =
+            fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
         fs::write(&path, f(old)).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     }
 
@@ -1171,7 +1210,7 @@ impl TestCluster {
              StrictHostKeyChecking accept-new\n  LogLevel ERROR\n",
             kh = self.dir().join(format!("known_hosts-{device}")).display()
         ));
-        fs::write(&path, s).expect("write ssh_config");
+        write_atomic(&path, s.as_bytes());
         path
     }
 
@@ -1218,7 +1257,11 @@ impl TestCluster {
     /// user/system git config.
     pub fn git<S: AsRef<OsStr>>(&self, device: &str, cwd: &Path, args: &[S]) -> Output {
         let cfg = self.ssh_config(device);
-        run_cmd(git_command(cwd).env("GIT_SSH_COMMAND", format!("ssh -F {}", cfg.display())).args(args))
+        run_cmd(
+            git_command(cwd)
+                .env("GIT_SSH_COMMAND", format!("ssh -F {}", cfg.display()))
+                .args(args),
+        )
     }
 
     /// `malai ssh proxy <host>` run directly as `device` (stdin /dev/null).
@@ -1251,13 +1294,15 @@ impl TestCluster {
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
-        if thread::panicking() {
+        let keep = std::env::var("MALAI_E2E_KEEP").unwrap_or_default();
+        let failed = thread::panicking();
+        if failed {
             eprintln!("{}", self.diagnostics());
-            if std::env::var_os("MALAI_E2E_KEEP").is_some()
-                && let Some(root) = self.root.take()
-            {
-                eprintln!("harness: kept test dir {}", root.keep().display());
-            }
+        }
+        if (keep == "always" || (failed && !keep.is_empty()))
+            && let Some(root) = self.root.take()
+        {
+            eprintln!("harness: kept test dir {}", root.keep().display());
         }
         // Processes before the directory they live in.
         self.servers.clear();
@@ -1282,6 +1327,14 @@ pub fn git_command(cwd: &Path) -> Command {
 // ---------------------------------------------------------------------------------------------
 // Files
 // ---------------------------------------------------------------------------------------------
+
+/// Writes `data` to `path` via a temp file + rename, so concurrent readers never see half.
+pub fn write_atomic(path: &Path, data: &[u8]) {
+    let tag = format!("{:?}", thread::current().id()).replace(['(', ')'], "");
+    let tmp = path.with_extension(format!("tmp.{tag}"));
+    fs::write(&tmp, data).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+    fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename to {}: {e}", path.display()));
+}
 
 /// Writes `len` bytes of a seeded xorshift64* stream to `path` (fast, reproducible).
 pub fn write_random_file(path: &Path, len: usize, seed: u64) {
@@ -1347,4 +1400,89 @@ pub fn tree_listing(root: &Path) -> Vec<String> {
     let mut out = Vec::new();
     walk(root, root, &mut out);
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Smoke tests of the harness itself (they need no working `malai`)
+// ---------------------------------------------------------------------------------------------
+
+mod smoke {
+    use super::*;
+
+    #[test]
+    fn harness_sshd_accepts_direct_login_and_forced_commands() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let sshd = Sshd::start(&root.path().join("sshd"));
+        assert_eq!(sshd.connection_count(), 0, "{}", sshd.log());
+
+        let out = run_cmd(sshd.direct_ssh().arg("echo hi; exit 3"));
+        assert_exit_code(&out, 3, "direct ssh");
+        assert_eq!(stdout_of(&out), "hi\n");
+        assert_eq!(sshd.connection_count(), 1, "{}", sshd.log());
+
+        // A second key with a forced command.
+        let key = sshd.new_client_key("forced");
+        let pubkey = fs::read_to_string(key.with_extension("pub")).unwrap();
+        sshd.add_authorized_key_line(&format!(
+            "command=\"echo forced:$SSH_ORIGINAL_COMMAND\",restrict {}",
+            pubkey.trim()
+        ));
+        let mut cmd = sshd.direct_ssh_with_key(&key);
+        cmd.arg("whatever");
+        let out = run_cmd(&mut cmd);
+        assert_success(&out, "ssh with forced-command key");
+        assert_eq!(stdout_of(&out), "forced:whatever\n");
+    }
+
+    #[test]
+    fn harness_run_cmd_kills_on_timeout() {
+        let started = Instant::now();
+        let r = std::panic::catch_unwind(|| {
+            run_cmd_with(
+                Command::new("sh").args(["-c", "echo before; sleep 60"]),
+                None,
+                Duration::from_millis(300),
+            )
+        });
+        let msg = *r.expect_err("must time out").downcast::<String>().unwrap();
+        assert!(msg.contains("timed out") && msg.contains("before"), "{msg}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn harness_run_cmd_feeds_stdin_and_separates_streams() {
+        let out = run_cmd_with(
+            Command::new("sh").args(["-c", "cat; echo err >&2; exit 4"]),
+            Some(b"in\n"),
+            CHILD_TIMEOUT,
+        );
+        assert_exit_code(&out, 4, "sh");
+        assert_eq!(stdout_of(&out), "in\n");
+        assert_eq!(stderr_of(&out), "err\n");
+    }
+
+    #[test]
+    fn harness_set_table_keys_replaces_or_inserts() {
+        let text = "[cluster-manager]\nid52 = \"m\"\n\n[server.foo]\nid52 = \"f\"\nssh = \"old\"\n\n[server.foo.ls]\nallow-from = \"bob\"\n";
+        let out = set_table_keys(
+            text,
+            "server.foo",
+            &[
+                ("ssh", toml_str("127.0.0.1:2222")),
+                ("addrs", "[\"127.0.0.1:1\"]".into()),
+            ],
+        );
+        assert_eq!(
+            out,
+            "[cluster-manager]\nid52 = \"m\"\n\n[server.foo]\nssh = \"127.0.0.1:2222\"\naddrs = [\"127.0.0.1:1\"]\nid52 = \"f\"\n\n[server.foo.ls]\nallow-from = \"bob\"\n"
+        );
+    }
+
+    #[test]
+    fn harness_malai_binary_starts() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let m = Machine::new(root.path(), "m");
+        let out = m.run(["ssh", "--help"]);
+        assert_success(&out, "malai ssh --help");
+    }
 }

@@ -1,0 +1,258 @@
+//! Native exec: `malai ssh [ssh flags] <host> [command …]` without OpenSSH.
+//!
+//! Behaves like ssh where users can tell: stdout and stderr stay apart and binary-safe,
+//! stdin streams with EOF (`-n`: none), the remote exit code is ours, 255 is malai's own
+//! failure, a remote death by signal is 255 with ssh's message, `-t`/`-T` as ssh decides,
+//! raw mode restored on every exit, SIGWINCH forwarded. A local SIGINT/SIGTERM/SIGHUP
+//! closes the connection at once, so the server hangs up the remote command.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::ssh_args::{SshArgs, TtyChoice};
+use super::tty::{RawMode, is_tty, window_size};
+use super::{ClientError, Resolved, Session, open};
+use crate::config::Server;
+use crate::protocol::Request;
+use crate::protocol::exec::{self as frames, ExecRequest, ExitStatus, Frame, MAX_DATA, PtyRequest};
+use crate::transport::stdio;
+
+/// What the remote side ended with, mapped to our exit code.
+pub fn exit_code(st: &ExitStatus) -> i32 {
+    match st {
+        ExitStatus::Code(c) => *c,
+        // ssh: a remote killed by a signal makes ssh exit 255.
+        ExitStatus::Signal(_) => 255,
+    }
+}
+
+/// Whether to ask for a pty, as ssh decides, plus ssh's warning when it can't.
+pub fn want_pty(args: &SshArgs) -> bool {
+    let stdin_tty = is_tty(0);
+    match args.tty {
+        TtyChoice::Never => false,
+        TtyChoice::Force => true,
+        TtyChoice::Want => {
+            if !stdin_tty && !args.quiet {
+                eprintln!(
+                    "Pseudo-terminal will not be allocated because stdin is not a terminal."
+                );
+            }
+            stdin_tty
+        }
+        TtyChoice::Auto => args.command.is_none() && stdin_tty,
+    }
+}
+
+/// The environment ssh would send by default (`SendEnv LANG LC_*` in Debian's ssh_config).
+fn local_env() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| crate::server::process::env_allowed(k))
+        .collect()
+}
+
+pub fn exec_request(args: &SshArgs, pty: bool) -> ExecRequest {
+    let (cols, rows) = window_size().unwrap_or((80, 24));
+    ExecRequest {
+        command: args.command.clone(),
+        env: local_env(),
+        pty: pty.then(|| PtyRequest {
+            term: std::env::var("TERM").unwrap_or_else(|_| "xterm".into()),
+            cols,
+            rows,
+        }),
+    }
+}
+
+/// Run on one server with this process's stdio. Returns the exit code to use.
+pub async fn run_one(
+    resolved: &Resolved,
+    server: &Server,
+    args: &SshArgs,
+) -> Result<i32, ClientError> {
+    let pty = want_pty(args);
+    let req = exec_request(args, pty);
+    let session = open(resolved, server, Request::Exec(req)).await?;
+    let _raw = if pty && is_tty(0) { RawMode::enter() } else { None };
+    let stdin: Option<Box<dyn AsyncRead + Unpin + Send>> = if args.no_stdin {
+        None
+    } else {
+        Some(Box::new(stdio::stdin()))
+    };
+    let mut out = stdio::stdout();
+    let mut err = stdio::stderr();
+    drive(session, stdin, &mut out, &mut err, pty).await
+}
+
+/// Move frames for one exec session until `Exit`. Shared by the direct path and groups.
+pub async fn drive<O, E>(
+    mut session: Session,
+    stdin: Option<Box<dyn AsyncRead + Unpin + Send>>,
+    out: &mut O,
+    err: &mut E,
+    pty: bool,
+) -> Result<i32, ClientError>
+where
+    O: AsyncWrite + Unpin,
+    E: AsyncWrite + Unpin,
+{
+    let mut term = signal(SignalKind::terminate()).map_err(io_err)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io_err)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(io_err)?;
+    let result = {
+        let (send, recv) = (&mut session.send, &mut session.recv);
+        let input = pump_input(stdin, send, pty);
+        let output = pump_output(recv, out, err);
+        tokio::pin!(input, output);
+        let mut input_done = false;
+        loop {
+            tokio::select! {
+                r = &mut output => break r,
+                r = &mut input, if !input_done => {
+                    input_done = true;
+                    if let Err(e) = r {
+                        break Err(ClientError::Refused(format!("connection lost: {e}")));
+                    }
+                }
+                _ = term.recv() => break Err(ClientError::Killed(15)),
+                _ = int.recv() => break Err(ClientError::Killed(2)),
+                _ = hup.recv() => break Err(ClientError::Killed(1)),
+            }
+        }
+    };
+    match result {
+        Ok(status) => {
+            session.finish().await;
+            Ok(exit_code(&status))
+        }
+        Err(e) => {
+            session.abort().await;
+            Err(e)
+        }
+    }
+}
+
+fn io_err(e: std::io::Error) -> ClientError {
+    ClientError::Refused(format!("local i/o: {e}"))
+}
+
+/// stdin (and window changes) → frames. Ends after sending `StdinEof`; window changes
+/// keep flowing after that while a pty is in use.
+async fn pump_input<W: AsyncWrite + Unpin>(
+    stdin: Option<Box<dyn AsyncRead + Unpin + Send>>,
+    w: &mut W,
+    pty: bool,
+) -> std::io::Result<()> {
+    let mut winch = if pty {
+        signal(SignalKind::window_change()).ok()
+    } else {
+        None
+    };
+    let mut stdin = stdin;
+    let mut buf = vec![0u8; MAX_DATA];
+    let mut eof_sent = false;
+    if stdin.is_none() {
+        send(w, &Frame::StdinEof).await?;
+        eof_sent = true;
+    }
+    loop {
+        tokio::select! {
+            n = async { match stdin.as_mut() { Some(s) => s.read(&mut buf).await, None => std::future::pending().await } }, if !eof_sent => {
+                match n? {
+                    0 => {
+                        send(w, &Frame::StdinEof).await?;
+                        eof_sent = true;
+                        stdin = None;
+                        if winch.is_none() {
+                            return Ok(());
+                        }
+                    }
+                    n => send(w, &Frame::Stdin(buf[..n].to_vec())).await?,
+                }
+            }
+            Some(()) = async { match winch.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
+                if let Some((cols, rows)) = window_size() {
+                    send(w, &Frame::Window { cols, rows }).await?;
+                }
+            }
+            else => return Ok(()),
+        }
+    }
+}
+
+async fn send<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io::Result<()> {
+    frames::write(w, f).await.map_err(|e| match e {
+        frames::ExecFrameError::Io(e) => e,
+        other => std::io::Error::other(other.to_string()),
+    })
+}
+
+/// Frames → our stdout/stderr, until `Exit`.
+async fn pump_output<R, O, E>(r: &mut R, out: &mut O, err: &mut E) -> Result<ExitStatus, ClientError>
+where
+    R: AsyncRead + Unpin,
+    O: AsyncWrite + Unpin,
+    E: AsyncWrite + Unpin,
+{
+    loop {
+        let frame = match frames::read(r).await {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                return Err(ClientError::Refused(
+                    "connection closed before the command's exit status arrived".into(),
+                ));
+            }
+            Err(e) => return Err(ClientError::Refused(format!("connection lost: {e}"))),
+        };
+        match frame {
+            Frame::Stdout(d) => {
+                // A closed stdout (`| head`) is not our failure: drop the rest like ssh.
+                let _ = out.write_all(&d).await;
+            }
+            Frame::Stderr(d) => {
+                let _ = err.write_all(&d).await;
+            }
+            Frame::Exit(st) => {
+                let _ = out.flush().await;
+                let _ = err.flush().await;
+                return Ok(st);
+            }
+            other => {
+                return Err(ClientError::Refused(format!(
+                    "server sent an unexpected frame: {other:?}"
+                )));
+            }
+        }
+    }
+}
+
+/// `malai ssh [flags] <host> [command …]`: one server or a group.
+pub async fn run(dirs: &crate::config::paths::Dirs, argv: &[String]) -> Result<i32, ClientError> {
+    let args = super::ssh_args::parse(argv)?;
+    for o in &args.options {
+        tracing::info!(option = %o, "ssh option accepted and ignored");
+    }
+    if !args.ignored.is_empty() {
+        tracing::info!(ignored = ?args.ignored, "ssh flags accepted and ignored");
+    }
+    if let Some(u) = &args.user {
+        tracing::info!(user = %u, "remote user name given; commands run as the server's user");
+    }
+    let resolved = super::resolve(dirs, &args.host)?;
+    match &resolved.target.kind {
+        crate::config::names::TargetKind::Group { group } => {
+            let group = group.clone();
+            super::group::run(&resolved, &group, &args).await
+        }
+        crate::config::names::TargetKind::Service { .. } => {
+            Err(ClientError::NotAServer(args.host.clone(), "service"))
+        }
+        crate::config::names::TargetKind::Server { .. } => {
+            let server = resolved
+                .server()
+                .cloned()
+                .ok_or_else(|| ClientError::Refused("server vanished".into()))?;
+            run_one(&resolved, &server, &args).await
+        }
+    }
+}

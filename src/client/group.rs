@@ -1,0 +1,158 @@
+//! Running one command on every server of a group (`admins.acme`, `group:admins`).
+//!
+//! Concurrent (bounded by `--parallel`, default 8), stdin not shared (each host gets EOF,
+//! like `ssh -n`), every output line prefixed `name: ` and written whole so lines from
+//! different hosts never interleave mid-line. A summary line per failed host goes to
+//! stderr; the exit code is 0 only if every host succeeded (255 if any failed to connect,
+//! else the highest remote exit code).
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::AsyncWrite;
+
+use super::exec::{drive, exec_request};
+use super::ssh_args::SshArgs;
+use super::{ClientError, Resolved, open};
+use crate::protocol::Request;
+
+pub const DEFAULT_PARALLEL: usize = 8;
+
+/// Runs `args.command` on every server member of `group`.
+pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32, ClientError> {
+    let members = resolved
+        .config
+        .groups
+        .get(group)
+        .map(|g| g.members.clone())
+        .unwrap_or_default();
+    let servers: Vec<_> = members
+        .iter()
+        .filter_map(|m| resolved.config.servers.get(m).cloned())
+        .collect();
+    if servers.is_empty() {
+        return Err(ClientError::Refused(format!(
+            "group {group} has no servers to run on"
+        )));
+    }
+    if args.command.is_none() {
+        return Err(ClientError::Refused(
+            "a group needs a command (no interactive session on many hosts)".into(),
+        ));
+    }
+    let sem = Arc::new(tokio::sync::Semaphore::new(
+        args.parallel.unwrap_or(DEFAULT_PARALLEL),
+    ));
+    let width = servers.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    let mut tasks = tokio::task::JoinSet::new();
+    for server in servers {
+        let sem = sem.clone();
+        let resolved = Resolved {
+            dir: resolved.dir.clone(),
+            config: resolved.config.clone(),
+            target: resolved.target.clone(),
+        };
+        let req = exec_request(args, false);
+        tasks.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            let prefix = format!("{:width$}: ", server.name);
+            let mut out = Prefixed::new(prefix.clone(), Sink::Stdout);
+            let mut err = Prefixed::new(prefix, Sink::Stderr);
+            let r = match open(&resolved, &server, Request::Exec(req)).await {
+                Ok(session) => drive(session, None, &mut out, &mut err, false).await,
+                Err(e) => Err(e),
+            };
+            out.flush_rest();
+            err.flush_rest();
+            (server.name, r)
+        });
+    }
+    let mut results = vec![];
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(r) = r {
+            results.push(r);
+        }
+    }
+    results.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut code = 0;
+    for (name, r) in results {
+        match r {
+            Ok(0) => {}
+            Ok(c) => {
+                eprintln!("malai: {name}: exit {c}");
+                if code != 255 {
+                    code = code.max(c);
+                }
+            }
+            Err(e) => {
+                eprintln!("malai: {name}: {e}");
+                code = 255;
+            }
+        }
+    }
+    Ok(code)
+}
+
+#[derive(Clone, Copy)]
+enum Sink {
+    Stdout,
+    Stderr,
+}
+
+/// Buffers partial lines and writes whole prefixed lines with one `write` each.
+struct Prefixed {
+    prefix: String,
+    sink: Sink,
+    partial: Vec<u8>,
+    lock: Arc<Mutex<()>>,
+}
+
+impl Prefixed {
+    fn new(prefix: String, sink: Sink) -> Self {
+        static LOCK: std::sync::OnceLock<Arc<Mutex<()>>> = std::sync::OnceLock::new();
+        Prefixed {
+            prefix,
+            sink,
+            partial: vec![],
+            lock: LOCK.get_or_init(|| Arc::new(Mutex::new(()))).clone(),
+        }
+    }
+
+    fn emit(&self, line: &[u8]) {
+        use std::io::Write;
+        let mut buf = self.prefix.as_bytes().to_vec();
+        buf.extend_from_slice(line);
+        let _g = self.lock.lock();
+        let _ = match self.sink {
+            Sink::Stdout => std::io::stdout().lock().write_all(&buf),
+            Sink::Stderr => std::io::stderr().lock().write_all(&buf),
+        };
+    }
+
+    fn flush_rest(&mut self) {
+        if !self.partial.is_empty() {
+            let mut line = std::mem::take(&mut self.partial);
+            line.push(b'\n');
+            self.emit(&line);
+        }
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.partial.extend_from_slice(data);
+        while let Some(pos) = this.partial.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = this.partial.drain(..=pos).collect();
+            this.emit(&line);
+        }
+        Poll::Ready(Ok(data.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

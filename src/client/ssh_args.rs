@@ -1,0 +1,235 @@
+//! The argument shapes `ssh` accepts, so `malai ssh` can stand in for it
+//! (`rsync -e "malai ssh"`, `GIT_SSH_COMMAND="malai ssh"`, muscle memory).
+//!
+//! Like OpenSSH's getopt loop: options may come before the host and again right after it;
+//! the first word after that starts the command, and every remaining word is joined with
+//! spaces into one command string (so `malai ssh foo ls -la` runs `ls -la`). Options malai
+//! has no use for are accepted and ignored (logged), because rsync and git pass them.
+
+/// `-t`/`-T` as ssh counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TtyChoice {
+    /// No flag: a pty only for an interactive session (no command, stdin a terminal).
+    #[default]
+    Auto,
+    /// `-t`: a pty if stdin is a terminal.
+    Want,
+    /// `-tt`: a pty even if stdin is not a terminal.
+    Force,
+    /// `-T`: never.
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SshArgs {
+    pub host: String,
+    /// `-l user` / `user@host`: logged only; commands run as the server process's user.
+    pub user: Option<String>,
+    /// `-p port`: informational.
+    pub port: Option<u16>,
+    pub command: Option<String>,
+    pub tty: TtyChoice,
+    /// `-n`: stdin from /dev/null.
+    pub no_stdin: bool,
+    /// `-q`: no diagnostics for the remote's signal death etc.
+    pub quiet: bool,
+    /// `-o Opt=val` as given (matched case-insensitively where malai uses one).
+    pub options: Vec<String>,
+    /// `--parallel N` (malai): concurrent hosts for a group.
+    pub parallel: Option<usize>,
+    /// Flags that were accepted but mean nothing here (for the log).
+    pub ignored: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgsError {
+    #[error("option -{0} needs an argument")]
+    MissingValue(char),
+    #[error("unknown option -{0}")]
+    Unknown(char),
+    #[error("bad port {0:?}")]
+    BadPort(String),
+    #[error("bad --parallel value {0:?}")]
+    BadParallel(String),
+    #[error("no host given; usage: malai ssh [options] <host> [command …]")]
+    NoHost,
+}
+
+/// ssh options that take a value.
+const WITH_VALUE: &str = "BbcDEeFIiJLlmOoPpQRSWw";
+/// ssh options without a value.
+const NO_VALUE: &str = "46AaCfGgKkMNnqsTtVvXxYy";
+
+pub fn parse(args: &[String]) -> Result<SshArgs, ArgsError> {
+    let mut out = SshArgs::default();
+    let mut i = 0;
+    let mut host: Option<String> = None;
+    let mut tees = 0;
+    while i < args.len() {
+        let a = &args[i];
+        if a == "--" {
+            i += 1;
+            if host.is_none() {
+                host = args.get(i).cloned();
+                i += 1;
+            }
+            break;
+        }
+        if let Some(v) = a.strip_prefix("--parallel") {
+            let val = if let Some(v) = v.strip_prefix('=') {
+                v.to_string()
+            } else if v.is_empty() {
+                i += 1;
+                args.get(i).cloned().ok_or(ArgsError::MissingValue('-'))?
+            } else {
+                return Err(ArgsError::BadParallel(a.clone()));
+            };
+            out.parallel = Some(
+                val.parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or(ArgsError::BadParallel(val))?,
+            );
+            i += 1;
+            continue;
+        }
+        if a.len() > 1 && a.starts_with('-') {
+            let flags: Vec<char> = a[1..].chars().collect();
+            let mut j = 0;
+            while j < flags.len() {
+                let c = flags[j];
+                if WITH_VALUE.contains(c) {
+                    let rest: String = flags[j + 1..].iter().collect();
+                    let val = if !rest.is_empty() {
+                        rest
+                    } else {
+                        i += 1;
+                        args.get(i).cloned().ok_or(ArgsError::MissingValue(c))?
+                    };
+                    match c {
+                        'p' => {
+                            out.port =
+                                Some(val.parse().map_err(|_| ArgsError::BadPort(val.clone()))?)
+                        }
+                        'l' => out.user = Some(val),
+                        'o' => out.options.push(val),
+                        _ => out.ignored.push(format!("-{c} {val}")),
+                    }
+                    break;
+                } else if NO_VALUE.contains(c) {
+                    match c {
+                        't' => tees += 1,
+                        'T' => out.tty = TtyChoice::Never,
+                        'n' => out.no_stdin = true,
+                        'q' => out.quiet = true,
+                        _ => out.ignored.push(format!("-{c}")),
+                    }
+                    j += 1;
+                } else {
+                    return Err(ArgsError::Unknown(c));
+                }
+            }
+            i += 1;
+            continue;
+        }
+        if host.is_none() {
+            host = Some(a.clone());
+            i += 1;
+            continue;
+        }
+        break;
+    }
+    let mut host = host.ok_or(ArgsError::NoHost)?;
+    if let Some((user, h)) = host.split_once('@') {
+        out.user.get_or_insert_with(|| user.to_string());
+        host = h.to_string();
+    }
+    if host.is_empty() {
+        return Err(ArgsError::NoHost);
+    }
+    out.host = host;
+    if out.tty != TtyChoice::Never {
+        out.tty = match tees {
+            0 => TtyChoice::Auto,
+            1 => TtyChoice::Want,
+            _ => TtyChoice::Force,
+        };
+    }
+    // RequestTTY in -o, as ssh_config spells it.
+    for o in &out.options {
+        if let Some((k, v)) = o.split_once(['=', ' '])
+            && k.eq_ignore_ascii_case("RequestTTY")
+        {
+            out.tty = match v.trim().to_ascii_lowercase().as_str() {
+                "no" => TtyChoice::Never,
+                "yes" => TtyChoice::Want,
+                "force" => TtyChoice::Force,
+                _ => out.tty,
+            };
+        }
+    }
+    let rest = &args[i.min(args.len())..];
+    if !rest.is_empty() {
+        out.command = Some(rest.join(" "));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &[&str]) -> SshArgs {
+        parse(&s.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn shapes_rsync_and_git_use() {
+        // rsync: ssh [-l user] host rsync --server ...
+        let a = p(&["-l", "bob", "foo.acme", "rsync", "--server", "-vlogDtpre.iLsfxCIvu", ".", "dir/"]);
+        assert_eq!(a.host, "foo.acme");
+        assert_eq!(a.user.as_deref(), Some("bob"));
+        assert_eq!(a.command.as_deref(), Some("rsync --server -vlogDtpre.iLsfxCIvu . dir/"));
+        // git: ssh -o SendEnv=GIT_PROTOCOL host 'git-upload-pack '\''repo.git'\'''
+        let a = p(&["-o", "SendEnv=GIT_PROTOCOL", "-p", "22", "foo.acme", "git-upload-pack 'repo.git'"]);
+        assert_eq!(a.command.as_deref(), Some("git-upload-pack 'repo.git'"));
+        assert_eq!(a.port, Some(22));
+        assert_eq!(a.options, vec!["SendEnv=GIT_PROTOCOL"]);
+    }
+
+    #[test]
+    fn flags() {
+        let a = p(&["-tt", "-x", "-a", "-4", "-e", "none", "root@foo", "--", "ls"]);
+        assert_eq!(a.tty, TtyChoice::Force);
+        assert_eq!(a.user.as_deref(), Some("root"));
+        assert_eq!(a.host, "foo");
+        // After the host, `--` is part of the command, as with ssh.
+        assert_eq!(a.command.as_deref(), Some("-- ls"));
+        let a = p(&["-T", "-t", "foo"]);
+        assert_eq!(a.tty, TtyChoice::Never);
+        let a = p(&["-p2222", "-oBatchMode=yes", "foo", "-n", "ls", "-la"]);
+        assert_eq!(a.port, Some(2222));
+        assert!(a.no_stdin);
+        assert_eq!(a.command.as_deref(), Some("ls -la"));
+        let a = p(&["--", "foo", "echo", "hi"]);
+        assert_eq!(a.host, "foo");
+        assert_eq!(a.command.as_deref(), Some("echo hi"));
+        let a = p(&["--parallel", "3", "admins.acme", "uptime"]);
+        assert_eq!(a.parallel, Some(3));
+        let a = p(&["--parallel=2", "-o", "RequestTTY=force", "foo"]);
+        assert_eq!(a.parallel, Some(2));
+        assert_eq!(a.tty, TtyChoice::Force);
+        assert_eq!(a.command, None);
+    }
+
+    #[test]
+    fn errors() {
+        let e = |s: &[&str]| parse(&s.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(e(&[]), Err(ArgsError::NoHost));
+        assert_eq!(e(&["-p"]), Err(ArgsError::MissingValue('p')));
+        assert_eq!(e(&["-p", "x", "foo"]), Err(ArgsError::BadPort("x".into())));
+        assert_eq!(e(&["-Z", "foo"]), Err(ArgsError::Unknown('Z')));
+        assert_eq!(e(&["--parallel", "0", "g"]), Err(ArgsError::BadParallel("0".into())));
+        assert_eq!(e(&["user@"]), Err(ArgsError::NoHost));
+    }
+}

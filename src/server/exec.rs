@@ -1,0 +1,172 @@
+//! `exec`: run a command for the peer and relay its stdio as frames (`protocol::exec`).
+//!
+//! The program was decided by the ACL: full access → `$SHELL -c`, command-scoped →
+//! `execvp` of the exact argv. The spawn happens *before* `accept`, so "no such program"
+//! reaches the user as a clear error. If the client goes away (stream error or EOF without
+//! us having sent `Exit`), the child's whole session is hung up and killed.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::process::{ChildControl, ChildInput, ChildOutput, Program, SpawnSpec, spawn};
+use super::request::reply;
+use crate::protocol::Response;
+use crate::protocol::exec::{self as frames, ExecRequest, Frame, MAX_DATA};
+
+pub async fn serve<R, W>(program: Program, req: ExecRequest, peer: String, r: &mut R, w: &mut W) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let spec = SpawnSpec {
+        program,
+        env: req.env,
+        pty: req.pty,
+        peer,
+    };
+    let mut child = match spawn(&spec) {
+        Ok(c) => c,
+        Err(e) => {
+            let what = match &spec.program {
+                Program::Argv(a) => a.first().cloned().unwrap_or_default(),
+                Program::Shell(_) => "the login shell".into(),
+            };
+            let reason = format!("cannot run {what}: {e}");
+            tracing::info!(%reason, "exec spawn failed");
+            let _ = reply(w, &Response::Error { reason }).await;
+            return true;
+        }
+    };
+    tracing::info!(pid = child.pid(), "exec started");
+    if reply(w, &Response::Accept).await.is_err() {
+        child.hang_up().await;
+        return false;
+    }
+    let stdin = std::mem::replace(&mut child.stdin, ChildInput::None);
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+
+    // Input runs until the client sends EOF or goes away; output until the child's streams
+    // close. The child ending does not wait for input; the client going away ends it all.
+    let out_result = {
+        let output = relay_output(stdout, stderr, &mut *w);
+        let input = relay_input(r, stdin, child.control());
+        tokio::pin!(output, input);
+        let mut input_done = false;
+        loop {
+            tokio::select! {
+                res = &mut output => break res,
+                gone = &mut input, if !input_done => {
+                    input_done = true;
+                    if gone {
+                        break Err(std::io::Error::other("client went away"));
+                    }
+                }
+            }
+        }
+    };
+    if let Err(e) = out_result {
+        tracing::info!(pid = child.pid(), error = %e, "exec relay ended; hanging up");
+        child.hang_up().await;
+        return false;
+    }
+    let status = child.wait().await;
+    tracing::info!(pid = child.pid(), ?status, "exec finished");
+    if frames::write(w, &Frame::Exit(status)).await.is_err() {
+        return false;
+    }
+    let _ = w.flush().await;
+    let _ = w.shutdown().await;
+    true
+}
+
+/// Child output → frames, until both streams end.
+async fn relay_output<W: AsyncWrite + Unpin>(
+    mut stdout: Option<ChildOutput>,
+    mut stderr: Option<ChildOutput>,
+    w: &mut W,
+) -> std::io::Result<()> {
+    let mut b1 = vec![0u8; MAX_DATA];
+    let mut b2 = vec![0u8; MAX_DATA];
+    while stdout.is_some() || stderr.is_some() {
+        tokio::select! {
+            n = read_opt(&mut stdout, &mut b1), if stdout.is_some() => {
+                match n? {
+                    0 => stdout = None,
+                    n => frames::write(w, &Frame::Stdout(b1[..n].to_vec())).await.map_err(to_io)?,
+                }
+            }
+            n = read_opt(&mut stderr, &mut b2), if stderr.is_some() => {
+                match n? {
+                    0 => stderr = None,
+                    n => frames::write(w, &Frame::Stderr(b2[..n].to_vec())).await.map_err(to_io)?,
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn read_opt(s: &mut Option<ChildOutput>, buf: &mut [u8]) -> std::io::Result<usize> {
+    match s {
+        Some(s) => s.read(buf).await,
+        None => Ok(0),
+    }
+}
+
+fn to_io(e: frames::ExecFrameError) -> std::io::Error {
+    match e {
+        frames::ExecFrameError::Io(e) => e,
+        other => std::io::Error::other(other.to_string()),
+    }
+}
+
+/// Frames from the client → child stdin / window / signals. Returns `true` if the client
+/// went away (a stream error, or its stream ended without `StdinEof`), `false` when input
+/// is simply over (the client keeps waiting for our output and `Exit`).
+async fn relay_input<R: AsyncRead + Unpin>(
+    r: &mut R,
+    mut stdin: ChildInput,
+    child: ChildControl,
+) -> bool {
+    let mut eof_sent = false;
+    loop {
+        let frame = match frames::read(r).await {
+            Ok(Some(f)) => f,
+            // The client closes its side only when it is done (after Exit) or gone.
+            Ok(None) => return !eof_sent,
+            Err(e) => {
+                tracing::info!(error = %e, "exec input ended");
+                return true;
+            }
+        };
+        match frame {
+            Frame::Stdin(data) => {
+                let res = match &mut stdin {
+                    ChildInput::Pipe(p) => p.write_all(&data).await,
+                    ChildInput::Pty(p) => p.write_all(&data).await,
+                    ChildInput::None => Ok(()),
+                };
+                if res.is_err() {
+                    // The child closed its stdin; drop further input like sshd does.
+                    stdin = ChildInput::None;
+                }
+            }
+            Frame::StdinEof => {
+                eof_sent = true;
+                match &mut stdin {
+                    // EOF on a pty is the terminal's EOF character.
+                    ChildInput::Pty(p) => {
+                        let _ = p.write_all(&[4]).await;
+                    }
+                    _ => stdin = ChildInput::None,
+                }
+            }
+            Frame::Window { cols, rows } => child.resize(cols, rows),
+            Frame::Signal(name) => child.signal(&name),
+            Frame::Stdout(_) | Frame::Stderr(_) | Frame::Exit(_) => {
+                tracing::info!("client sent a server-only exec frame");
+                return true;
+            }
+        }
+    }
+}
