@@ -49,6 +49,13 @@ pub enum SshCommand {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// A whole throwaway cluster on this machine: manager, server, device, a native command
+    /// and (when sshd runs here) OpenSSH through the ProxyCommand. Cleans up after itself.
+    Demo {
+        /// Keep the temporary folder for a look afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Print this machine's id52 in a cluster.
     Id52 {
         /// The cluster alias (optional when this machine is in exactly one).
@@ -136,7 +143,10 @@ pub fn exec_shape(args: &[String]) -> Option<Vec<String>> {
         return None;
     }
     let first = args.get(2)?;
-    if matches!(first.as_str(), "-h" | "--help" | "-V" | "--version" | "help") {
+    if matches!(
+        first.as_str(),
+        "-h" | "--help" | "-V" | "--version" | "help"
+    ) {
         return None;
     }
     let cmd = Cli::command();
@@ -184,6 +194,9 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
             println!("{}", crate::keys::id52(&cd.dir)?);
             Ok(())
         }
+        SshCommand::Demo { keep } => tokio::task::spawn_blocking(move || crate::demo::run(keep))
+            .await
+            .map_err(|e| anyhow::anyhow!("demo: {e}"))?,
         SshCommand::Config => {
             print!("{}", crate::cluster::ssh_config_blocks(&dirs)?);
             Ok(())

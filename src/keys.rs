@@ -120,8 +120,12 @@ pub fn create(dir: &Path, use_keyring: bool) -> Result<(Id52, Stored), KeyError>
         Stored::Keyring
     } else {
         let path = dir.join(SECRET_FILE);
-        write_atomic(&path, format!("{}\n", hex::encode(key.as_bytes())).as_bytes(), 0o600)
-            .map_err(io(&path))?;
+        write_atomic(
+            &path,
+            format!("{}\n", hex::encode(key.as_bytes())).as_bytes(),
+            0o600,
+        )
+        .map_err(io(&path))?;
         Stored::File(path)
     };
     write_atomic(&id_path, format!("{id}\n").as_bytes(), 0o644).map_err(io(&id_path))?;
@@ -250,7 +254,10 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         // A second create refuses to overwrite.
-        assert!(matches!(create(dir.path(), false), Err(KeyError::Exists(_))));
+        assert!(matches!(
+            create(dir.path(), false),
+            Err(KeyError::Exists(_))
+        ));
         // Group-readable → refused with a fix.
         let p = dir.path().join(SECRET_FILE);
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();

@@ -10,6 +10,7 @@
 //! - [`server`]: `malai ssh server`: accept loop, the ACL choke point, request handlers.
 //! - [`client`]: `malai ssh proxy` and friends: dial a server, run a request.
 //! - [`cluster`]: `malai ssh cluster …`: init, join, add, allow, import.
+//! - [`demo`]: `malai ssh demo`, a throwaway cluster on one machine.
 //! - [`logging`]: tracing to files under LOGDIR; stdout is never touched.
 //! - [`cli`]: clap definitions and dispatch for the `malai` binary.
 
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod demo;
 pub mod id52;
 pub mod keys;
 pub mod logging;

@@ -15,7 +15,8 @@ pub struct LogGuard {
     _worker: Option<tracing_appender::non_blocking::WorkerGuard>,
 }
 
-const DEFAULT_FILTER: &str = "info,iroh=warn,noq=warn,noq_proto=error,iroh_relay=warn,portmapper=warn,netwatch=warn";
+const DEFAULT_FILTER: &str =
+    "info,iroh=warn,noq=warn,noq_proto=error,iroh_relay=warn,portmapper=warn,netwatch=warn";
 
 /// Start logging to `LOGDIR/ssh/<name>.log`. If the folder can't be made, logging is off
 /// (a broken log folder must not stop ssh from working).

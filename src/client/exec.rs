@@ -34,9 +34,7 @@ pub fn want_pty(args: &SshArgs) -> bool {
         TtyChoice::Force => true,
         TtyChoice::Want => {
             if !stdin_tty && !args.quiet {
-                eprintln!(
-                    "Pseudo-terminal will not be allocated because stdin is not a terminal."
-                );
+                eprintln!("Pseudo-terminal will not be allocated because stdin is not a terminal.");
             }
             stdin_tty
         }
@@ -73,7 +71,11 @@ pub async fn run_one(
     let pty = want_pty(args);
     let req = exec_request(args, pty);
     let session = open(resolved, server, Request::Exec(req)).await?;
-    let _raw = if pty && is_tty(0) { RawMode::enter() } else { None };
+    let _raw = if pty && is_tty(0) {
+        RawMode::enter()
+    } else {
+        None
+    };
     let stdin: Option<Box<dyn AsyncRead + Unpin + Send>> = if args.no_stdin {
         None
     } else {
@@ -81,7 +83,13 @@ pub async fn run_one(
     };
     let mut out = stdio::stdout();
     let mut err = stdio::stderr();
-    drive(session, stdin, &mut out, &mut err, pty).await
+    let r = drive(session, stdin, &mut out, &mut err, pty).await;
+    drop(_raw);
+    if pty && !args.quiet && r.is_ok() {
+        // ssh's closing line for interactive sessions.
+        eprintln!("Connection to {} closed.\r", args.host);
+    }
+    r
 }
 
 /// Move frames for one exec session until `Exit`. Shared by the direct path and groups.
@@ -188,7 +196,11 @@ async fn send<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io::Result<()
 }
 
 /// Frames → our stdout/stderr, until `Exit`.
-async fn pump_output<R, O, E>(r: &mut R, out: &mut O, err: &mut E) -> Result<ExitStatus, ClientError>
+async fn pump_output<R, O, E>(
+    r: &mut R,
+    out: &mut O,
+    err: &mut E,
+) -> Result<ExitStatus, ClientError>
 where
     R: AsyncRead + Unpin,
     O: AsyncWrite + Unpin,

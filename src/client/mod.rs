@@ -17,7 +17,9 @@ use crate::config::{ClusterConfig, ResolveError, Server, names};
 use crate::id52::Id52;
 use crate::keys::{self, KeyError};
 use crate::protocol::{self, FrameError, Header, Request, Response};
-use crate::transport::iroh::{Node, PeerConnection, RecvHalf, RelayChoice, SendHalf, TransportError};
+use crate::transport::iroh::{
+    Node, PeerConnection, RecvHalf, RelayChoice, SendHalf, TransportError,
+};
 
 /// Dialing plus handshake; generous because relay/hole-punching can take a while.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);

@@ -186,12 +186,31 @@ mod tests {
     #[test]
     fn shapes_rsync_and_git_use() {
         // rsync: ssh [-l user] host rsync --server ...
-        let a = p(&["-l", "bob", "foo.acme", "rsync", "--server", "-vlogDtpre.iLsfxCIvu", ".", "dir/"]);
+        let a = p(&[
+            "-l",
+            "bob",
+            "foo.acme",
+            "rsync",
+            "--server",
+            "-vlogDtpre.iLsfxCIvu",
+            ".",
+            "dir/",
+        ]);
         assert_eq!(a.host, "foo.acme");
         assert_eq!(a.user.as_deref(), Some("bob"));
-        assert_eq!(a.command.as_deref(), Some("rsync --server -vlogDtpre.iLsfxCIvu . dir/"));
+        assert_eq!(
+            a.command.as_deref(),
+            Some("rsync --server -vlogDtpre.iLsfxCIvu . dir/")
+        );
         // git: ssh -o SendEnv=GIT_PROTOCOL host 'git-upload-pack '\''repo.git'\'''
-        let a = p(&["-o", "SendEnv=GIT_PROTOCOL", "-p", "22", "foo.acme", "git-upload-pack 'repo.git'"]);
+        let a = p(&[
+            "-o",
+            "SendEnv=GIT_PROTOCOL",
+            "-p",
+            "22",
+            "foo.acme",
+            "git-upload-pack 'repo.git'",
+        ]);
         assert_eq!(a.command.as_deref(), Some("git-upload-pack 'repo.git'"));
         assert_eq!(a.port, Some(22));
         assert_eq!(a.options, vec!["SendEnv=GIT_PROTOCOL"]);
@@ -199,12 +218,14 @@ mod tests {
 
     #[test]
     fn flags() {
-        let a = p(&["-tt", "-x", "-a", "-4", "-e", "none", "root@foo", "--", "ls"]);
+        let a = p(&[
+            "-tt", "-x", "-a", "-4", "-e", "none", "root@foo", "--", "ls",
+        ]);
         assert_eq!(a.tty, TtyChoice::Force);
         assert_eq!(a.user.as_deref(), Some("root"));
         assert_eq!(a.host, "foo");
-        // After the host, `--` is part of the command, as with ssh.
-        assert_eq!(a.command.as_deref(), Some("-- ls"));
+        // After the host, getopt still consumes `--`, as with ssh.
+        assert_eq!(a.command.as_deref(), Some("ls"));
         let a = p(&["-T", "-t", "foo"]);
         assert_eq!(a.tty, TtyChoice::Never);
         let a = p(&["-p2222", "-oBatchMode=yes", "foo", "-n", "ls", "-la"]);
@@ -229,7 +250,10 @@ mod tests {
         assert_eq!(e(&["-p"]), Err(ArgsError::MissingValue('p')));
         assert_eq!(e(&["-p", "x", "foo"]), Err(ArgsError::BadPort("x".into())));
         assert_eq!(e(&["-Z", "foo"]), Err(ArgsError::Unknown('Z')));
-        assert_eq!(e(&["--parallel", "0", "g"]), Err(ArgsError::BadParallel("0".into())));
+        assert_eq!(
+            e(&["--parallel", "0", "g"]),
+            Err(ArgsError::BadParallel("0".into()))
+        );
         assert_eq!(e(&["user@"]), Err(ArgsError::NoHost));
     }
 }

@@ -22,7 +22,9 @@ pub const MANAGER_ID_FILE: &str = "manager-id52";
 pub enum StoreError {
     #[error("cluster {0:?} is not set up on this machine (no folder {1})")]
     UnknownCluster(String, PathBuf),
-    #[error("cluster {alias:?} has no cluster file yet ({path}); import one with `malai ssh cluster import {alias} <file>`")]
+    #[error(
+        "cluster {alias:?} has no cluster file yet ({path}); import one with `malai ssh cluster import {alias} <file>`"
+    )]
     NoFile { alias: String, path: PathBuf },
     #[error("{path}: {source}")]
     Io {

@@ -98,10 +98,7 @@ impl Frame {
             Frame::Signal(s) => (T_SIGNAL, s.as_bytes().into()),
             Frame::Stdout(d) => (T_STDOUT, d.as_slice().into()),
             Frame::Stderr(d) => (T_STDERR, d.as_slice().into()),
-            Frame::Exit(st) => (
-                T_EXIT,
-                serde_json::to_vec(st).unwrap_or_default().into(),
-            ),
+            Frame::Exit(st) => (T_EXIT, serde_json::to_vec(st).unwrap_or_default().into()),
         };
         let mut out = Vec::with_capacity(5 + body.len());
         out.push(t);

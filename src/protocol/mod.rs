@@ -77,9 +77,13 @@ pub enum Request {
     },
     Exec(exec::ExecRequest),
     /// Raw bytes to a named HTTP service of the server.
-    Http { service: String },
+    Http {
+        service: String,
+    },
     /// The manager sends its file (secrets removed) in the next frame.
-    ConfigPush { hash: String },
+    ConfigPush {
+        hash: String,
+    },
     /// Ask for the hash of the cluster file the peer has.
     ConfigHash,
     Ping,
@@ -104,9 +108,13 @@ impl Request {
 pub enum Response {
     Accept,
     /// The ACL said no. `reason` is one line meant for the user.
-    Deny { reason: String },
+    Deny {
+        reason: String,
+    },
     /// The request could not be served (bad frame, unknown kind, target down).
-    Error { reason: String },
+    Error {
+        reason: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -270,7 +278,10 @@ mod tests {
         .await
         .unwrap();
         for n in 0..good.len() {
-            assert!(matches!(parse(&good[..n]).await, Err(FrameError::Truncated)));
+            assert!(matches!(
+                parse(&good[..n]).await,
+                Err(FrameError::Truncated)
+            ));
         }
         assert!(matches!(
             parse(b"SSH-2.0-OpenSSH_9.2\r\n").await,
@@ -298,7 +309,10 @@ mod tests {
             b"{\"kind\":\"exec\",\"pty\":{\"cols\":-1}}",
         ] {
             assert!(
-                matches!(parse(&frame(VERSION, body)).await, Err(FrameError::Malformed(_))),
+                matches!(
+                    parse(&frame(VERSION, body)).await,
+                    Err(FrameError::Malformed(_))
+                ),
                 "{:?}",
                 String::from_utf8_lossy(body)
             );

@@ -12,7 +12,13 @@ use super::request::reply;
 use crate::protocol::Response;
 use crate::protocol::exec::{self as frames, ExecRequest, Frame, MAX_DATA};
 
-pub async fn serve<R, W>(program: Program, req: ExecRequest, peer: String, r: &mut R, w: &mut W) -> bool
+pub async fn serve<R, W>(
+    program: Program,
+    req: ExecRequest,
+    peer: String,
+    r: &mut R,
+    w: &mut W,
+) -> bool
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

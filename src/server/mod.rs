@@ -130,7 +130,10 @@ fn file_stamp(dir: &ClusterDir) -> Option<(SystemTime, u64)> {
 fn servable(dir: &ClusterDir) -> Option<(Id52, ClusterConfig)> {
     let me = keys::id52(&dir.dir).ok()?;
     let cfg = dir.load().ok()?;
-    cfg.servers.values().any(|s| s.id52 == me).then_some((me, cfg))
+    cfg.servers
+        .values()
+        .any(|s| s.id52 == me)
+        .then_some((me, cfg))
 }
 
 /// Run the server until `shutdown` is cancelled. `ready` is called once the clusters found

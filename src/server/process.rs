@@ -150,7 +150,11 @@ pub fn spawn(spec: &SpawnSpec) -> std::io::Result<Running> {
         }
     }
     let home = std::path::Path::new(&who.home);
-    cmd.current_dir(if home.is_dir() { home } else { std::path::Path::new("/") });
+    cmd.current_dir(if home.is_dir() {
+        home
+    } else {
+        std::path::Path::new("/")
+    });
     cmd.kill_on_drop(false);
 
     match &spec.pty {
@@ -167,7 +171,11 @@ pub fn spawn(spec: &SpawnSpec) -> std::io::Result<Running> {
             }
             let mut child = cmd.spawn()?;
             let pid = child.id().map(|p| p as i32).unwrap_or(0);
-            let stdin = child.stdin.take().map(ChildInput::Pipe).unwrap_or(ChildInput::None);
+            let stdin = child
+                .stdin
+                .take()
+                .map(ChildInput::Pipe)
+                .unwrap_or(ChildInput::None);
             let stdout = child.stdout.take().map(ChildOutput::Pipe);
             let stderr = child.stderr.take().map(ChildOutput::Err);
             Ok(Running {
@@ -285,7 +293,6 @@ impl ChildControl {
 }
 
 impl Running {
-
     /// The client is gone: SIGHUP the session, then SIGKILL whatever is left.
     pub async fn hang_up(&mut self) {
         let pg = nix::unistd::Pid::from_raw(self.pid);
@@ -360,7 +367,11 @@ impl AsyncRead for PtyMaster {
             let res = guard.try_io(|inner| {
                 // SAFETY: read into our buffer.
                 let n = unsafe {
-                    libc::read(inner.get_ref().as_raw_fd(), unfilled.as_mut_ptr().cast(), unfilled.len())
+                    libc::read(
+                        inner.get_ref().as_raw_fd(),
+                        unfilled.as_mut_ptr().cast(),
+                        unfilled.len(),
+                    )
                 };
                 if n < 0 {
                     Err(std::io::Error::last_os_error())
@@ -393,7 +404,13 @@ impl AsyncWrite for PtyMaster {
             let mut guard = ready!(this.fd.poll_write_ready(cx))?;
             let res = guard.try_io(|inner| {
                 // SAFETY: write from a borrowed slice.
-                let n = unsafe { libc::write(inner.get_ref().as_raw_fd(), data.as_ptr().cast(), data.len()) };
+                let n = unsafe {
+                    libc::write(
+                        inner.get_ref().as_raw_fd(),
+                        data.as_ptr().cast(),
+                        data.len(),
+                    )
+                };
                 if n < 0 {
                     Err(std::io::Error::last_os_error())
                 } else {

@@ -32,7 +32,9 @@ pub enum TransportError {
     Connect { peer: Id52, msg: String },
     #[error("connection to {peer} lost: {msg}")]
     Stream { peer: Id52, msg: String },
-    #[error("{peer} has no address: relays are disabled (MALAI_RELAY=disabled) and its entry has no `addrs` hint")]
+    #[error(
+        "{peer} has no address: relays are disabled (MALAI_RELAY=disabled) and its entry has no `addrs` hint"
+    )]
     NoAddress { peer: Id52 },
 }
 
@@ -158,14 +160,14 @@ impl Node {
         for h in hints {
             addr = addr.with_ip_addr(*h);
         }
-        let conn = self
-            .endpoint
-            .connect(addr, ALPN)
-            .await
-            .map_err(|e| TransportError::Connect {
-                peer: *peer,
-                msg: e.to_string(),
-            })?;
+        let conn =
+            self.endpoint
+                .connect(addr, ALPN)
+                .await
+                .map_err(|e| TransportError::Connect {
+                    peer: *peer,
+                    msg: e.to_string(),
+                })?;
         Ok(PeerConnection { conn })
     }
 
@@ -201,10 +203,14 @@ impl PeerConnection {
 
     /// Open a bi-stream. Note: the peer sees it only once we write (the header does that).
     pub async fn open(&self) -> Result<(SendHalf, RecvHalf), TransportError> {
-        let (s, r) = self.conn.open_bi().await.map_err(|e| TransportError::Stream {
-            peer: self.remote(),
-            msg: e.to_string(),
-        })?;
+        let (s, r) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| TransportError::Stream {
+                peer: self.remote(),
+                msg: e.to_string(),
+            })?;
         Ok((SendHalf(s), RecvHalf(r)))
     }
 
@@ -230,7 +236,9 @@ impl PeerConnection {
 
     /// Round-trip time estimate (for `cluster status`).
     pub fn rtt(&self) -> std::time::Duration {
-        self.conn.rtt(iroh::endpoint::PathId::ZERO).unwrap_or_default()
+        self.conn
+            .rtt(iroh::endpoint::PathId::ZERO)
+            .unwrap_or_default()
     }
 }
 
