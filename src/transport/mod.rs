@@ -3,8 +3,10 @@
 //! - [`iroh`]: QUIC over iroh; the *only* module that uses iroh's API (it changes between
 //!   releases). Identity = the remote's verified id52.
 //! - [`stdio`]: this process's stdin/stdout as a fast non-blocking stream (ProxyCommand).
+//! - [`fdpass`]: SCM_RIGHTS over unix sockets (stdinserver, agent).
 //! - [`pump`]: moving raw bytes both ways with half-close, shared by every raw-bytes path.
 
+pub mod fdpass;
 pub mod iroh;
 pub mod pump;
 pub mod stdio;

@@ -1311,6 +1311,7 @@ impl Drop for TestCluster {
 
 /// `git` in `cwd` with no user/system config and a fixed identity.
 pub fn git_command(cwd: &Path) -> Command {
+    require_program("git", "git");
     let mut c = Command::new("git");
     c.current_dir(cwd)
         .env_remove("RUST_LOG")

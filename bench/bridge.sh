@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Benchmark: malai ssh against direct OpenSSH, in one run, on loopback.
+#
+#   bash bench/bridge.sh            # builds the release binary if needed
+#   SIZE_MIB=256 RUNS=10 bash bench/bridge.sh
+#
+# Prints one table: `ssh true` latency (median of RUNS), scp of SIZE_MIB, and native exec
+# (`malai ssh foo true`, SIZE_MIB through stdin and stdout) — each direct to sshd vs through
+# malai, with the ratio, and the CPU seconds all processes spent (client + malai both ends +
+# sshd), since on 2 cores the tunnel is CPU-bound. Needs root (starts its own sshd on a
+# high loopback port) and the packages .ci/run installs. Nothing leaves 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+SIZE_MIB=${SIZE_MIB:-1024}
+RUNS=${RUNS:-20}
+MALAI=${MALAI_BIN:-}
+if [ -z "$MALAI" ]; then
+    cargo build --release --quiet
+    MALAI="${CARGO_TARGET_DIR:-target}/release/malai"
+fi
+MALAI=$(readlink -f "$MALAI")
+
+W=$(mktemp -d /tmp/malai-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$W"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM if sys.argv[1]=="udp" else socket.SOCK_STREAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' "$1"; }
+
+# --- sshd --------------------------------------------------------------------------------
+SSHD_PORT=$(free_port tcp)
+mkdir -p /run/sshd "$W/sshd"
+ssh-keygen -q -t ed25519 -N '' -f "$W/sshd/host_key"
+ssh-keygen -q -t ed25519 -N '' -f "$W/client_key"
+cp "$W/client_key.pub" "$W/sshd/authorized_keys"
+cat > "$W/sshd/config" <<CFG
+Port $SSHD_PORT
+ListenAddress 127.0.0.1
+HostKey $W/sshd/host_key
+PidFile $W/sshd/pid
+AuthorizedKeysFile $W/sshd/authorized_keys
+UsePAM no
+StrictModes no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+PermitRootLogin prohibit-password
+Subsystem sftp internal-sftp
+CFG
+/usr/sbin/sshd -D -e -f "$W/sshd/config" 2>"$W/sshd/log" &
+SSHD_PID=$!
+PIDS+=("$SSHD_PID")
+
+# --- cluster: manager, server foo, device alice --------------------------------------------
+export MALAI_RELAY=disabled MALAI_USE_KEYRING=false
+m() { local h=$1; shift; MALAI_HOME="$W/$h" "$MALAI" "$@"; }
+MGR=$(m mgr ssh cluster init bench 2>/dev/null)
+FOO=$(m foo ssh cluster join bench "$MGR")
+ALICE=$(m alice ssh cluster join bench "$MGR")
+m mgr ssh cluster add server foo "$FOO"
+m mgr ssh cluster add device alice "$ALICE"
+m mgr ssh cluster allow foo alice
+UDP=$(free_port udp)
+F="$W/mgr/ssh/clusters/bench/cluster-manager.toml"
+sed -i "s|^\[server.foo\]$|[server.foo]\nssh = \"127.0.0.1:$SSHD_PORT\"\naddrs = [\"127.0.0.1:$UDP\"]|" "$F"
+m foo ssh cluster import bench "$F"
+m alice ssh cluster import bench "$F"
+MALAI_HOME="$W/foo" "$MALAI" ssh server --bind "127.0.0.1:$UDP" 2>"$W/server.err" &
+SERVER_PID=$!
+PIDS+=("$SERVER_PID")
+for _ in $(seq 100); do grep -q "server ready" "$W/server.err" 2>/dev/null && break; sleep 0.1; done
+
+COMMON=(-o BatchMode=yes -o IdentitiesOnly=yes -i "$W/client_key" -o UserKnownHostsFile="$W/known_hosts" -o StrictHostKeyChecking=accept-new -o LogLevel=ERROR)
+DIRECT=(ssh "${COMMON[@]}" -p "$SSHD_PORT" root@127.0.0.1)
+PROXY=(ssh "${COMMON[@]}" -o "ProxyCommand=env MALAI_HOME=$W/alice MALAI_RELAY=disabled MALAI_USE_KEYRING=false $MALAI ssh proxy %h %p" root@foo.bench)
+NATIVE=(env MALAI_HOME="$W/alice" "$MALAI" ssh foo.bench)
+SCP_DIRECT=(scp -q "${COMMON[@]}" -P "$SSHD_PORT")
+SCP_PROXY=(scp -q "${COMMON[@]}" -o "ProxyCommand=env MALAI_HOME=$W/alice MALAI_RELAY=disabled MALAI_USE_KEYRING=false $MALAI ssh proxy %h %p")
+
+"${DIRECT[@]}" true
+"${PROXY[@]}" true
+
+# CPU seconds (user+sys) of this shell's children + sshd + the malai server so far.
+cpu_now() { python3 - "$SSHD_PID" "$SERVER_PID" <<'PY'
+import os, sys
+t = os.times()
+tot = t.children_user + t.children_system
+hz = os.sysconf("SC_CLK_TCK")
+for pid in sys.argv[1:]:
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        tot += sum(int(x) for x in f[11:15]) / hz
+    except OSError:
+        pass
+print(f"{tot:.3f}")
+PY
+}
+
+median_ms() { # runs "$@" RUNS times, prints the median wall time in ms
+    python3 - "$RUNS" "$@" <<'PY'
+import subprocess, sys, time, statistics
+n = int(sys.argv[1]); cmd = sys.argv[2:]
+ts = []
+for _ in range(n):
+    t = time.perf_counter()
+    subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
+    ts.append((time.perf_counter() - t) * 1000)
+print(f"{statistics.median(ts):.1f}")
+PY
+}
+
+# Wall seconds and CPU seconds of one command (CPU includes sshd and the malai server).
+timed() {
+    local c0 c1 t0 t1
+    c0=$(cpu_now); t0=$(date +%s.%N)
+    "$@"
+    t1=$(date +%s.%N); c1=$(cpu_now)
+    awk -v a="$t0" -v b="$t1" -v c="$c0" -v d="$c1" 'BEGIN { printf "%.3f %.3f\n", b - a, d - c }'
+}
+
+head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom > "$W/blob"
+rows=()
+row() { rows+=("$(printf '%-38s %12s %12s %8s' "$1" "$2" "$3" "$4")"); }
+ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{b/a:.2f}x')" "$1" "$2"; }
+mbps() { python3 -c "import sys; print(f'{float(sys.argv[1])/float(sys.argv[2]):.0f} MiB/s')" "$SIZE_MIB" "$1"; }
+
+# 1. latency
+d=$(median_ms "${DIRECT[@]}" true)
+p=$(median_ms "${PROXY[@]}" true)
+n=$(median_ms "${NATIVE[@]}" true)
+row "ssh true, median of $RUNS (ms)" "$d" "$p" "$(ratio "$d" "$p")"
+row "malai ssh foo true vs ssh true (ms)" "$d" "$n" "$(ratio "$d" "$n")"
+
+# 2. scp upload
+read -r dw dc < <(timed "${SCP_DIRECT[@]}" "$W/blob" root@127.0.0.1:"$W/up_direct")
+read -r pw pc < <(timed "${SCP_PROXY[@]}" "$W/blob" root@foo.bench:"$W/up_proxy")
+cmp -s "$W/blob" "$W/up_proxy" || { echo "scp through malai corrupted the file" >&2; exit 1; }
+row "scp ${SIZE_MIB} MiB upload (throughput)" "$(mbps "$dw")" "$(mbps "$pw")" "$(ratio "$pw" "$dw")"
+row "  CPU seconds, all processes" "$(printf %.2f "$dc")" "$(printf %.2f "$pc")" "$(ratio "$dc" "$pc")"
+rm -f "$W/up_direct" "$W/up_proxy"
+
+# 3. native exec streams vs ssh cat
+read -r dw dc < <(timed sh -c '"$@" "cat > /dev/null" < "'"$W/blob"'"' _ "${DIRECT[@]}")
+read -r nw nc < <(timed sh -c '"$@" "cat > /dev/null" < "'"$W/blob"'"' _ "${NATIVE[@]}")
+row "${SIZE_MIB} MiB via stdin: ssh cat vs native" "$(mbps "$dw")" "$(mbps "$nw")" "$(ratio "$nw" "$dw")"
+read -r dw dc < <(timed sh -c '"$@" "cat '"$W/blob"'" > /dev/null' _ "${DIRECT[@]}")
+read -r nw nc < <(timed sh -c '"$@" "cat '"$W/blob"'" > /dev/null' _ "${NATIVE[@]}")
+row "${SIZE_MIB} MiB via stdout: ssh cat vs native" "$(mbps "$dw")" "$(mbps "$nw")" "$(ratio "$nw" "$dw")"
+
+echo
+echo "malai ssh bench — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -r), $("$MALAI" --version)"
+printf '%-38s %12s %12s %8s\n' "measure" "direct ssh" "malai" "ratio"
+printf '%s\n' "${rows[@]}"
+echo "(ratio: malai/direct for times, malai throughput/direct throughput for MiB/s rows)"
