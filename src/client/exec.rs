@@ -11,7 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use super::ssh_args::{SshArgs, TtyChoice};
 use super::tty::{RawMode, is_tty, window_size};
-use super::{ClientError, Resolved, Session, open};
+use super::{ClientError, Resolved, Session, open_with};
 use crate::config::Server;
 use crate::protocol::Request;
 use crate::protocol::exec::{self as frames, ExecRequest, ExitStatus, Frame, MAX_DATA, PtyRequest};
@@ -70,7 +70,8 @@ pub async fn run_one(
 ) -> Result<i32, ClientError> {
     let pty = want_pty(args);
     let req = exec_request(args, pty);
-    let session = open(resolved, server, Request::Exec(req)).await?;
+    // `-o` options reach the ssh child when the server is reached `ssh-via`.
+    let session = open_with(resolved, server, Request::Exec(req), &args.options).await?;
     let _raw = if pty && is_tty(0) {
         RawMode::enter()
     } else {
@@ -175,7 +176,7 @@ async fn pump_input<W: AsyncWrite + Unpin>(
                             return Ok(());
                         }
                     }
-                    n => send(w, &Frame::Stdin(buf[..n].to_vec())).await?,
+                    n => frames::write_data(w, frames::DataKind::Stdin, &buf[..n]).await.map_err(|e| std::io::Error::other(e.to_string()))?,
                 }
             }
             Some(()) = async { match winch.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {

@@ -2,14 +2,20 @@
 //! that cluster, and open one request.
 //!
 //! - [`proxy`]: `malai ssh proxy <host> [port]`, the OpenSSH ProxyCommand.
+//! - [`ssh_via`]: servers reached through OpenSSH + `malai ssh stdinserver` (`ssh-via`).
 
 pub mod exec;
 pub mod group;
 pub mod proxy;
 pub mod ssh_args;
+pub mod ssh_via;
 pub mod tty;
 
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::config::paths::Dirs;
 use crate::config::store::{ClusterDir, StoreError, list_clusters};
@@ -53,6 +59,10 @@ pub enum ClientError {
     Args(#[from] ssh_args::ArgsError),
     #[error("{0} is a {1}; use a server name")]
     NotAServer(String, &'static str),
+    #[error("{0}")]
+    SshVia(#[from] ssh_via::SshViaError),
+    #[error("server closed the stream without answering")]
+    NoAnswer,
 }
 
 /// Every cluster on this machine that has a usable file, as `(folder alias, config)`.
@@ -108,26 +118,112 @@ pub fn resolve(dirs: &Dirs, host: &str) -> Result<Resolved, ClientError> {
 }
 
 /// An accepted request: the stream is ready for payload.
+///
+/// The byte stream is either an iroh bi-stream or the stdio of a child `ssh` whose remote
+/// end is `malai ssh stdinserver` (`ssh-via`); callers only see `AsyncRead`/`AsyncWrite`.
 pub struct Session {
-    node: Node,
-    conn: PeerConnection,
-    pub send: SendHalf,
-    pub recv: RecvHalf,
+    closer: Closer,
+    pub send: SessionWrite,
+    pub recv: SessionRead,
+}
+
+/// What has to be torn down when a session ends, per transport.
+enum Closer {
+    Iroh { node: Node, conn: PeerConnection },
+    Ssh(ssh_via::SshChild),
+}
+
+/// The writing half of a session's stream.
+pub enum SessionWrite {
+    Iroh(SendHalf),
+    /// The ssh child's stdin; `None` once shut down (closing the pipe is the only way to
+    /// send EOF through it: tokio's `ChildStdin::shutdown` does not close the fd).
+    Pipe(Option<tokio::process::ChildStdin>),
+}
+
+/// The reading half of a session's stream.
+pub enum SessionRead {
+    Iroh(RecvHalf),
+    Pipe(tokio::process::ChildStdout),
+}
+
+impl AsyncWrite for SessionWrite {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            SessionWrite::Iroh(s) => Pin::new(s).poll_write(cx, buf),
+            SessionWrite::Pipe(Some(p)) => Pin::new(p).poll_write(cx, buf),
+            SessionWrite::Pipe(None) => Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            SessionWrite::Iroh(s) => Pin::new(s).poll_flush(cx),
+            SessionWrite::Pipe(Some(p)) => Pin::new(p).poll_flush(cx),
+            SessionWrite::Pipe(None) => Poll::Ready(Ok(())),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            SessionWrite::Iroh(s) => Pin::new(s).poll_shutdown(cx),
+            SessionWrite::Pipe(p) => {
+                if let Some(pipe) = p.as_mut() {
+                    std::task::ready!(Pin::new(pipe).poll_flush(cx))?;
+                }
+                *p = None;
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+}
+
+impl AsyncRead for SessionRead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            SessionRead::Iroh(r) => Pin::new(r).poll_read(cx, buf),
+            SessionRead::Pipe(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
 }
 
 impl Session {
     /// Close politely: wait (briefly) until the server has our last bytes, then close.
     pub async fn finish(mut self) {
-        let _ = tokio::time::timeout(LINGER, self.send.acknowledged()).await;
-        self.conn.close("done");
-        self.node.close().await;
+        match self.closer {
+            Closer::Iroh { node, conn } => {
+                if let SessionWrite::Iroh(s) = &mut self.send {
+                    let _ = tokio::time::timeout(LINGER, s.acknowledged()).await;
+                }
+                conn.close("done");
+                node.close().await;
+            }
+            Closer::Ssh(child) => {
+                drop(self.send);
+                drop(self.recv);
+                child.finish(LINGER).await;
+            }
+        }
     }
 
     /// Close at once (after an error).
     pub async fn abort(mut self) {
-        self.send.reset();
-        self.conn.close("aborted");
-        self.node.close().await;
+        match self.closer {
+            Closer::Iroh { node, conn } => {
+                if let SessionWrite::Iroh(s) = &mut self.send {
+                    s.reset();
+                }
+                conn.close("aborted");
+                node.close().await;
+            }
+            Closer::Ssh(child) => child.kill().await,
+        }
     }
 }
 
@@ -137,16 +233,51 @@ pub async fn open(
     server: &Server,
     request: Request,
 ) -> Result<Session, ClientError> {
+    open_with(resolved, server, request, &[]).await
+}
+
+/// [`open`], with `-o` options for the `ssh` child when the server is reached `ssh-via`.
+pub async fn open_with(
+    resolved: &Resolved,
+    server: &Server,
+    request: Request,
+    ssh_options: &[String],
+) -> Result<Session, ClientError> {
+    let header = Header {
+        cluster: Some(resolved.config.manager),
+        request,
+    };
+    if let Some(via) = &server.ssh_via {
+        let (child, stdin, stdout) =
+            ssh_via::spawn(via, server.ssh_identity_file.as_deref(), ssh_options)?;
+        let mut send = SessionWrite::Pipe(Some(stdin));
+        let mut recv = SessionRead::Pipe(stdout);
+        return match exchange(&mut send, &mut recv, header).await {
+            Ok(()) => Ok(Session {
+                closer: Closer::Ssh(child),
+                send,
+                recv,
+            }),
+            // ssh died (host key, auth, no forced command, …): its own stderr said why;
+            // say that it was ssh and how it ended.
+            Err(ClientError::NoAnswer) | Err(ClientError::Protocol(FrameError::Io(_))) => {
+                Err(child.exited_error().await.into())
+            }
+            Err(e) => {
+                child.kill().await;
+                Err(e)
+            }
+        };
+    }
     let key = keys::load(&resolved.dir.dir)?;
     let relay = RelayChoice::from_env();
     let node = Node::bind(&key, &relay, None, false).await?;
     drop(key);
-    match handshake(&node, resolved, server, request).await {
+    match handshake(&node, server, header).await {
         Ok((conn, send, recv)) => Ok(Session {
-            node,
-            conn,
-            send,
-            recv,
+            closer: Closer::Iroh { node, conn },
+            send: SessionWrite::Iroh(send),
+            recv: SessionRead::Iroh(recv),
         }),
         Err(e) => {
             node.close().await;
@@ -157,29 +288,33 @@ pub async fn open(
 
 async fn handshake(
     node: &Node,
-    resolved: &Resolved,
     server: &Server,
-    request: Request,
+    header: Header,
 ) -> Result<(PeerConnection, SendHalf, RecvHalf), ClientError> {
     let conn = tokio::time::timeout(CONNECT_TIMEOUT, node.connect(&server.id52, &server.addrs))
         .await
         .map_err(|_| ClientError::Timeout("connecting"))??;
     let (mut send, mut recv) = conn.open().await?;
-    let header = Header {
-        cluster: Some(resolved.config.manager),
-        request,
-    };
-    protocol::write_frame(&mut send, &header).await?;
-    let resp = tokio::time::timeout(CONNECT_TIMEOUT, protocol::read_response(&mut recv))
+    exchange(&mut send, &mut recv, header).await?;
+    Ok((conn, send, recv))
+}
+
+/// Send the header and wait for the server's answer; `Ok` only on `accept`.
+async fn exchange<W, R>(send: &mut W, recv: &mut R, header: Header) -> Result<(), ClientError>
+where
+    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+{
+    protocol::write_frame(send, &header).await?;
+    send.flush().await.map_err(FrameError::from)?;
+    let resp = tokio::time::timeout(CONNECT_TIMEOUT, protocol::read_response(recv))
         .await
         .map_err(|_| ClientError::Timeout("waiting for the server's answer"))?;
     match resp {
-        Ok(Response::Accept) => Ok((conn, send, recv)),
+        Ok(Response::Accept) => Ok(()),
         Ok(Response::Deny { reason }) => Err(ClientError::Denied(reason)),
         Ok(Response::Error { reason }) => Err(ClientError::Refused(reason)),
-        Err(FrameError::Truncated) => Err(ClientError::Refused(
-            "server closed the stream without answering".into(),
-        )),
+        Err(FrameError::Truncated) => Err(ClientError::NoAnswer),
         Err(e) => Err(e.into()),
     }
 }
