@@ -56,6 +56,15 @@ pub enum SshCommand {
         #[arg(long)]
         keep: bool,
     },
+    /// Show the server's audit log (one line per request decision) as a table.
+    Audit {
+        /// Only entries newer than this (e.g. 30m, 2h, 1day).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only denied requests.
+        #[arg(long)]
+        deny: bool,
+    },
     /// Print this machine's id52 in a cluster.
     Id52 {
         /// The cluster alias (optional when this machine is in exactly one).
@@ -197,6 +206,17 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
         SshCommand::Demo { keep } => tokio::task::spawn_blocking(move || crate::demo::run(keep))
             .await
             .map_err(|e| anyhow::anyhow!("demo: {e}"))?,
+        SshCommand::Audit { since, deny } => {
+            let since = since
+                .map(|s| {
+                    humantime::parse_duration(&s)
+                        .with_context(|| format!("--since {s:?}: use a duration like 30m or 2h"))
+                })
+                .transpose()?;
+            let entries = crate::audit::read_all(&dirs.ssh_logs());
+            print!("{}", crate::audit::table(&entries, since, deny));
+            Ok(())
+        }
         SshCommand::Config => {
             print!("{}", crate::cluster::ssh_config_blocks(&dirs)?);
             Ok(())

@@ -5,6 +5,7 @@
 //! - [`keys`]: per-cluster secret keys in the OS keyring or a 0600 file.
 //! - [`config`]: the cluster file (parse, validate, names), on-disk layout, atomic writes.
 //! - [`acl`]: the one pure function that says who may do what.
+//! - [`audit`]: one JSON line per request decision (`LOGDIR/ssh/audit.log`).
 //! - [`protocol`]: the malai wire protocol over one byte stream (header, accept/deny, limits).
 //! - [`transport`]: iroh (the only module that touches iroh's API) and stdio streams.
 //! - [`server`]: `malai ssh server`: accept loop, the ACL choke point, request handlers.
@@ -15,6 +16,7 @@
 //! - [`cli`]: clap definitions and dispatch for the `malai` binary.
 
 pub mod acl;
+pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod cluster;

@@ -195,11 +195,16 @@ impl AsyncRead for SessionRead {
 
 impl Session {
     /// Close politely: wait (briefly) until the server has our last bytes, then close.
-    pub async fn finish(mut self) {
+    pub async fn finish(self) {
+        self.linger(LINGER).await
+    }
+
+    /// [`Session::finish`] with a chosen wait for the last bytes to be acknowledged.
+    pub async fn linger(mut self, wait: Duration) {
         match self.closer {
             Closer::Iroh { node, conn } => {
                 if let SessionWrite::Iroh(s) = &mut self.send {
-                    let _ = tokio::time::timeout(LINGER, s.acknowledged()).await;
+                    let _ = tokio::time::timeout(wait, s.acknowledged()).await;
                 }
                 conn.close("done");
                 node.close().await;
@@ -207,7 +212,7 @@ impl Session {
             Closer::Ssh(child) => {
                 drop(self.send);
                 drop(self.recv);
-                child.finish(LINGER).await;
+                child.finish(wait).await;
             }
         }
     }

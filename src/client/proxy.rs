@@ -5,6 +5,9 @@
 //! and large buffers; EOF from ssh is passed on as a QUIC FIN and the server's FIN ends our
 //! stdout, so scp/rsync/git see proper half-closes.
 
+use tokio::io::AsyncWriteExt;
+use tokio::signal::unix::{SignalKind, signal};
+
 use super::{ClientError, open, resolve};
 use crate::config::names::TargetKind;
 use crate::config::paths::Dirs;
@@ -26,13 +29,24 @@ pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), Clien
     let mut session = open(&resolved, &server, Request::Tunnel { port }).await?;
     let mut stdin = stdio::stdin();
     let mut stdout = stdio::stdout();
-    let result = pump::both_ways(
-        &mut stdin,
-        &mut session.send,
-        &mut session.recv,
-        &mut stdout,
-    )
-    .await;
+    // OpenSSH sends its ProxyCommand SIGHUP as soon as the session is over, often before
+    // we have seen EOF on stdin: treat that as the end of the upload, not as a failure, so
+    // the server gets a clean FIN instead of waiting for an idle timeout.
+    let mut hup = signal(SignalKind::hangup()).map_err(local)?;
+    let mut term = signal(SignalKind::terminate()).map_err(local)?;
+    let result = tokio::select! {
+        r = pump::both_ways(&mut stdin, &mut session.send, &mut session.recv, &mut stdout) => r,
+        _ = hup.recv() => {
+            tracing::info!(%host, "SIGHUP from ssh: ending the tunnel");
+            let _ = session.send.shutdown().await;
+            session.linger(std::time::Duration::from_millis(500)).await;
+            return Ok(());
+        }
+        _ = term.recv() => {
+            session.abort().await;
+            return Err(ClientError::Killed(15));
+        }
+    };
     match result {
         Ok(m) => {
             tracing::info!(%host, up = m.up, down = m.down, "proxy done");
@@ -44,4 +58,8 @@ pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), Clien
             Err(ClientError::Refused(format!("connection lost: {e}")))
         }
     }
+}
+
+fn local(e: std::io::Error) -> ClientError {
+    ClientError::Refused(format!("local i/o: {e}"))
 }

@@ -140,6 +140,34 @@ pub async fn write<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), Ex
     Ok(())
 }
 
+/// Which output stream a data frame carries (the hot path: no copy of the payload).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataKind {
+    Stdin,
+    Stdout,
+    Stderr,
+}
+
+/// Write a data frame straight from `data` (at most `MAX_DATA` bytes), without building a
+/// `Frame`: header and payload go out as two writes into the stream's buffer.
+pub async fn write_data<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    kind: DataKind,
+    data: &[u8],
+) -> Result<(), ExecFrameError> {
+    let t = match kind {
+        DataKind::Stdin => T_STDIN,
+        DataKind::Stdout => T_STDOUT,
+        DataKind::Stderr => T_STDERR,
+    };
+    let mut head = [0u8; 5];
+    head[0] = t;
+    head[1..].copy_from_slice(&(data.len() as u32).to_be_bytes());
+    w.write_all(&head).await?;
+    w.write_all(data).await?;
+    Ok(())
+}
+
 /// Read one frame; `Ok(None)` at a clean EOF between frames.
 pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, ExecFrameError> {
     let mut head = [0u8; 5];

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::process::{ChildControl, ChildInput, ChildOutput, Program, SpawnSpec, spawn};
 use super::request::reply;
 use crate::protocol::Response;
-use crate::protocol::exec::{self as frames, ExecRequest, Frame, MAX_DATA};
+use crate::protocol::exec::{self as frames, DataKind, ExecRequest, Frame, MAX_DATA};
 
 pub async fn serve<R, W>(
     program: Program,
@@ -98,13 +98,13 @@ async fn relay_output<W: AsyncWrite + Unpin>(
             n = read_opt(&mut stdout, &mut b1), if stdout.is_some() => {
                 match n? {
                     0 => stdout = None,
-                    n => frames::write(w, &Frame::Stdout(b1[..n].to_vec())).await.map_err(to_io)?,
+                    n => frames::write_data(w, DataKind::Stdout, &b1[..n]).await.map_err(to_io)?,
                 }
             }
             n = read_opt(&mut stderr, &mut b2), if stderr.is_some() => {
                 match n? {
                     0 => stderr = None,
-                    n => frames::write(w, &Frame::Stderr(b2[..n].to_vec())).await.map_err(to_io)?,
+                    n => frames::write_data(w, DataKind::Stderr, &b2[..n]).await.map_err(to_io)?,
                 }
             }
         }

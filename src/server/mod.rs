@@ -144,6 +144,7 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: impl FnOnce(&[(String, Id52, Vec<SocketAddr>)]),
 ) -> Result<(), ServerError> {
+    crate::audit::init(&dirs.ssh_logs());
     let tracker = TaskTracker::new();
     let mut served: BTreeMap<String, Node> = BTreeMap::new();
     let mut started = vec![];

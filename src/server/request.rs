@@ -4,13 +4,17 @@
 //! `acl::decide` having returned `Allow` for the verified peer. Generic over the stream so
 //! iroh bi-streams and stdinserver's fds share it.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::ClusterState;
 use super::process::Program;
 use crate::acl::{self, Decision, Grant};
+use crate::audit;
+use crate::config::ClusterConfig;
 use crate::id52::Id52;
 use crate::protocol::{self, FrameError, HEADER_TIMEOUT, Request, Response};
 
@@ -80,9 +84,28 @@ where
         .name_of(&peer)
         .map(|(n, _)| n.to_string())
         .unwrap_or_else(|| "-".into());
+    let detail = match &header.request {
+        Request::Exec(e) => e.command.clone().unwrap_or_else(|| "(login shell)".into()),
+        Request::Http { service } => service.clone(),
+        _ => String::new(),
+    };
+    let mut entry = audit::Entry {
+        time: audit::now_rfc3339(),
+        peer: peer.to_string(),
+        alias: who.clone(),
+        cluster: cluster.clone(),
+        transport: ctx.transport.into(),
+        kind: kind.into(),
+        detail,
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
     let grant = match acl::decide(&cfg, &server, &peer, &acl_req) {
         Decision::Deny(reason) => {
             tracing::warn!(%peer, %who, %cluster, kind, transport = ctx.transport, %reason, "deny");
+            entry.decision = "deny".into();
+            entry.reason = reason.to_string();
+            audit::write(&entry);
             let _ = reply(
                 w,
                 &Response::Deny {
@@ -95,8 +118,35 @@ where
         Decision::Allow(g) => g,
     };
     tracing::info!(%peer, %who, %cluster, kind, transport = ctx.transport, ?grant, "allow");
-    match (grant, header.request) {
-        (Grant::Tunnel, Request::Tunnel { .. }) => match cfg.servers.get(&server) {
+    let mut r = Counting::new(r);
+    let mut w = Counting::new(w);
+    let ok = dispatch(ctx, &cfg, &server, grant, header.request, &mut r, &mut w).await;
+    entry.decision = "allow".into();
+    entry.bytes_in = r.count;
+    entry.bytes_out = w.count;
+    entry.duration_ms = started.elapsed().as_millis() as u64;
+    entry.outcome = if ok { "ok" } else { "broken" }.into();
+    audit::write(&entry);
+    ok
+}
+
+/// Run an allowed request. Only `handle` calls this, after the ACL said yes.
+async fn dispatch<R, W>(
+    ctx: &Context,
+    cfg: &ClusterConfig,
+    server: &str,
+    grant: Grant,
+    request: Request,
+    r: &mut R,
+    w: &mut W,
+) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let peer = ctx.peer;
+    match (grant, request) {
+        (Grant::Tunnel, Request::Tunnel { .. }) => match cfg.servers.get(server) {
             Some(entry) => super::tunnel::serve(&entry.ssh, r, w).await,
             None => true,
         },
@@ -113,6 +163,53 @@ where
             let _ = reply(w, &Response::Error { reason }).await;
             true
         }
+    }
+}
+
+/// Counts bytes through a stream half, for the audit log.
+pub struct Counting<'a, T: ?Sized> {
+    inner: &'a mut T,
+    pub count: u64,
+}
+
+impl<'a, T: ?Sized> Counting<'a, T> {
+    pub fn new(inner: &'a mut T) -> Self {
+        Counting { inner, count: 0 }
+    }
+}
+
+impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Counting<'_, T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *this.inner).poll_read(cx, buf);
+        this.count += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counting<'_, T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut *this.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = &r {
+            this.count += *n as u64;
+        }
+        r
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

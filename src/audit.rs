@@ -1,0 +1,214 @@
+//! The audit log: one JSON line per request decision in `LOGDIR/ssh/audit.log`.
+//!
+//! Written at the ACL choke point (`server::request`), so nothing is served without a line
+//! here. Each line has the time, peer id52 and alias, cluster, transport, request kind, the
+//! command or service, allow/deny with the reason, bytes each way and duration. Never a
+//! secret, never payload. The file is rotated at `MAX_BYTES` (`audit.log.1` … `.KEEP`).
+//! `malai ssh audit` reads it back as a table.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+pub const FILE: &str = "audit.log";
+/// Rotate when the file passes this size.
+pub const MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// Rotated files kept.
+pub const KEEP: usize = 4;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// RFC 3339, UTC, milliseconds.
+    pub time: String,
+    pub peer: String,
+    /// The peer's member name in the cluster file, or "-".
+    pub alias: String,
+    pub cluster: String,
+    /// "iroh" or "stdinserver".
+    pub transport: String,
+    pub kind: String,
+    /// The command (exec) or service (http); empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    /// "allow" or "deny".
+    pub decision: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default)]
+    pub bytes_in: u64,
+    #[serde(default)]
+    pub bytes_out: u64,
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// For allowed requests: "ok" or "broken" (the stream ended abnormally).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub outcome: String,
+}
+
+struct Log {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+static LOG: OnceLock<Mutex<Log>> = OnceLock::new();
+
+/// Start writing to `dir/audit.log` (the server calls this once).
+pub fn init(dir: &Path) {
+    let _ = std::fs::create_dir_all(dir);
+    let _ = LOG.set(Mutex::new(Log {
+        path: dir.join(FILE),
+        file: None,
+    }));
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// Append one entry. Failures are logged, never fatal: an unwritable log must not stop
+/// the server, but it is loud in the tracing log.
+pub fn write(entry: &Entry) {
+    let Some(log) = LOG.get() else { return };
+    let mut log = match log.lock() {
+        Ok(l) => l,
+        Err(p) => p.into_inner(),
+    };
+    let Ok(mut line) = serde_json::to_vec(entry) else {
+        return;
+    };
+    line.push(b'\n');
+    if let Err(e) = log.append(&line) {
+        tracing::error!(error = %e, "cannot write the audit log");
+    }
+}
+
+impl Log {
+    fn append(&mut self, line: &[u8]) -> std::io::Result<()> {
+        let too_big = std::fs::metadata(&self.path)
+            .map(|m| m.len() + line.len() as u64 > MAX_BYTES)
+            .unwrap_or(false);
+        if too_big {
+            self.file = None;
+            rotate(&self.path);
+        }
+        if self.file.is_none() {
+            use std::os::unix::fs::OpenOptionsExt;
+            self.file = Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .mode(0o600)
+                    .open(&self.path)?,
+            );
+        }
+        match self.file.as_mut() {
+            Some(f) => f.write_all(line),
+            None => Ok(()),
+        }
+    }
+}
+
+fn rotated(path: &Path, n: usize) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{n}"));
+    PathBuf::from(s)
+}
+
+fn rotate(path: &Path) {
+    for n in (1..KEEP).rev() {
+        let _ = std::fs::rename(rotated(path, n), rotated(path, n + 1));
+    }
+    let _ = std::fs::rename(path, rotated(path, 1));
+}
+
+/// Every entry in the log folder, oldest first. Lines that don't parse are skipped.
+pub fn read_all(dir: &Path) -> Vec<Entry> {
+    let path = dir.join(FILE);
+    let mut files: Vec<PathBuf> = (1..=KEEP).rev().map(|n| rotated(&path, n)).collect();
+    files.push(path);
+    let mut out = vec![];
+    for f in files {
+        if let Ok(text) = std::fs::read_to_string(&f) {
+            out.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+        }
+    }
+    out
+}
+
+/// `malai ssh audit`: a table of entries, newest last.
+pub fn table(entries: &[Entry], since: Option<Duration>, deny_only: bool) -> String {
+    let cutoff = since.map(|d| SystemTime::now() - d);
+    let mut out = format!(
+        "{:<24} {:<6} {:<12} {:<9} {:<10} {:<11} {:>10} {:>10} {:>8}  {}\n",
+        "TIME", "RESULT", "PEER", "ALIAS", "CLUSTER", "KIND", "IN", "OUT", "MS", "DETAIL / REASON"
+    );
+    for e in entries {
+        if deny_only && e.decision != "deny" {
+            continue;
+        }
+        if let Some(c) = cutoff
+            && humantime::parse_rfc3339(&e.time)
+                .map(|t| t < c)
+                .unwrap_or(false)
+        {
+            continue;
+        }
+        let detail = match (e.detail.is_empty(), e.reason.is_empty()) {
+            (false, false) => format!("{} — {}", e.detail, e.reason),
+            (false, true) => e.detail.clone(),
+            (true, _) => e.reason.clone(),
+        };
+        out.push_str(&format!(
+            "{:<24} {:<6} {:<12} {:<9} {:<10} {:<11} {:>10} {:>10} {:>8}  {}\n",
+            e.time,
+            if e.outcome == "broken" {
+                "broken"
+            } else {
+                &e.decision
+            },
+            e.peer.chars().take(12).collect::<String>(),
+            e.alias,
+            e.cluster,
+            e.kind,
+            e.bytes_in,
+            e.bytes_out,
+            e.duration_ms,
+            detail
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_and_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log {
+            path: dir.path().join(FILE),
+            file: None,
+        };
+        let e = Entry {
+            time: now_rfc3339(),
+            decision: "deny".into(),
+            reason: "permission denied".into(),
+            ..Default::default()
+        };
+        let mut line = serde_json::to_vec(&e).unwrap();
+        line.push(b'\n');
+        log.append(&line).unwrap();
+        rotate(&log.path);
+        log.file = None;
+        log.append(&line).unwrap();
+        let all = read_all(dir.path());
+        assert_eq!(all.len(), 2);
+        let t = table(&all, Some(Duration::from_secs(60)), true);
+        assert_eq!(t.lines().count(), 3);
+        assert!(table(&all, None, false).contains("permission denied"));
+    }
+}
