@@ -225,6 +225,46 @@ mod tests {
         assert!(read(&mut r).await.unwrap().is_none());
     }
 
+    fn frame_strategy() -> impl proptest::strategy::Strategy<Value = Frame> {
+        use proptest::prelude::*;
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..2048).prop_map(Frame::Stdin),
+            Just(Frame::StdinEof),
+            (any::<u16>(), any::<u16>()).prop_map(|(cols, rows)| Frame::Window { cols, rows }),
+            "[A-Z0-9]{0,8}".prop_map(Frame::Signal),
+            prop::collection::vec(any::<u8>(), 0..2048).prop_map(Frame::Stdout),
+            prop::collection::vec(any::<u8>(), 0..2048).prop_map(Frame::Stderr),
+            any::<i32>().prop_map(|c| Frame::Exit(ExitStatus::Code(c))),
+            "[A-Z]{1,6}".prop_map(|s| Frame::Exit(ExitStatus::Signal(s))),
+        ]
+    }
+
+    proptest::proptest! {
+        /// encode → decode is the identity for every frame, also when frames are concatenated.
+        #[test]
+        fn encode_decode_round_trip(frames in proptest::collection::vec(frame_strategy(), 0..8)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let mut buf = vec![];
+            for f in &frames {
+                buf.extend_from_slice(&f.encode());
+            }
+            let mut r = &buf[..];
+            for f in &frames {
+                let got = rt.block_on(read(&mut r)).unwrap();
+                proptest::prop_assert_eq!(got.as_ref(), Some(f));
+            }
+            proptest::prop_assert!(rt.block_on(read(&mut r)).unwrap().is_none());
+        }
+
+        /// Arbitrary bytes never panic the decoder.
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let mut r = &bytes[..];
+            while let Ok(Some(_)) = rt.block_on(read(&mut r)) {}
+        }
+    }
+
     #[tokio::test]
     async fn bad_frames_are_errors() {
         let cases: Vec<Vec<u8>> = vec![
