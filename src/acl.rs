@@ -5,13 +5,14 @@
 //! Denial is the default: a request is allowed only by a rule below that names the peer.
 //! No IO happens here; the caller supplies the verified peer id52 and the config in force.
 //!
-//! - `tunnel`: full-access peers (`server.<me>.allow-from`).
+//! - `tunnel`: full-access peers (`server.<me>.allow-from`); command-scoped peers too when
+//!   the target is the embedded SSH server, which re-asks `exec` for each command.
 //! - `exec`: full-access peers get a shell; command-scoped peers (`server.<me>.<cmd>`) get
 //!   exactly `argv` with `argv[0] == cmd`, never a shell, so `ls; id` cannot run `id`.
 //! - `http`: the service's `allow-from` or full access; unknown services are refused.
 //! - `config-push`: the cluster manager only. `config-hash`, `ping`: any member or the manager.
 
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, SshTarget};
 use crate::id52::Id52;
 
 /// What a peer asks for, as read from the request header.
@@ -109,8 +110,13 @@ pub fn decide(config: &ClusterConfig, server: &str, peer: &Id52, req: &Request) 
         return Deny(DenyReason::NotAServer(server.to_string()));
     };
     let full = me.allow_from.contains(peer);
+    let scoped = me.commands.values().any(|c| c.allow_from.contains(peer));
     match req {
         Request::Tunnel if full => Allow(Grant::Tunnel),
+        // The embedded SSH server asks `decide` again for every command it runs, so a
+        // command-scoped peer may reach it and still get only its commands. Never sshd:
+        // there malai could not scope what runs.
+        Request::Tunnel if scoped && me.ssh == SshTarget::Embedded => Allow(Grant::Tunnel),
         Request::Exec { .. } if full => Allow(Grant::Shell),
         Request::Exec { command } => {
             let scoped: Vec<&str> = me
@@ -274,6 +280,35 @@ members = "carol"
             decide(&c, "bar", &id(ALICE), &Request::Tunnel),
             denied(ALICE)
         );
+    }
+
+    /// Command-scoped peers may open a tunnel to the embedded SSH server (which scopes each
+    /// command), never to sshd; the embedded server still refuses them a shell.
+    #[test]
+    fn tunnel_for_scoped_peers_only_when_embedded() {
+        let mut c = config();
+        assert_eq!(decide(&c, "foo", &id(BOB), &Request::Tunnel), denied(BOB));
+        if let Some(foo) = c.servers.get_mut("foo") {
+            foo.ssh = SshTarget::Embedded;
+        }
+        assert_eq!(
+            decide(&c, "foo", &id(BOB), &Request::Tunnel),
+            Allow(Grant::Tunnel)
+        );
+        assert_eq!(
+            decide(&c, "foo", &id(BOB), &Request::Exec { command: None }),
+            Deny(DenyReason::NeedsCommand)
+        );
+        assert_eq!(
+            decide(&c, "foo", &id(BOB), &exec("id")),
+            Deny(DenyReason::CommandNotAllowed("id".into()))
+        );
+        // Deny twins: unlisted peers, and peers scoped only on another server.
+        assert_eq!(
+            decide(&c, "foo", &id(STRANGER), &Request::Tunnel),
+            denied(STRANGER)
+        );
+        assert_eq!(decide(&c, "foo", &id(DAVE), &Request::Tunnel), denied(DAVE));
     }
 
     #[test]

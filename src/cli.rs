@@ -93,6 +93,19 @@ pub enum SshCommand {
         /// The port ssh was asked for (informational: the server's config picks the target).
         port: Option<u16>,
     },
+    /// sshd forced command: serve the malai protocol on stdin/stdout as <identity>.
+    ///
+    /// In authorized_keys: `command="malai ssh stdinserver alice",restrict ssh-ed25519 …`
+    /// (see contrib/authorized_keys). Hands stdin/stdout to the running `malai ssh server`
+    /// (same user), which answers requests as if <identity> had connected over the
+    /// cluster; exits with the status the server reports. SSH_ORIGINAL_COMMAND is ignored.
+    Stdinserver {
+        /// A member alias or an id52 from the cluster file (unknown ones are denied).
+        identity: String,
+    },
+    /// Print known_hosts lines for the servers using the embedded SSH server (their host
+    /// key is their id52), under every name form: `malai ssh known-hosts >> ~/.ssh/known_hosts`.
+    KnownHosts,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -172,6 +185,7 @@ pub fn log_name(cli: &Cli) -> &'static str {
         Top::Ssh { command } => match command {
             SshCommand::Server { .. } => "server",
             SshCommand::Proxy { .. } => "proxy",
+            SshCommand::Stdinserver { .. } => "stdinserver",
             _ => "cli",
         },
     }
@@ -225,6 +239,20 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
         SshCommand::Proxy { host, port } => crate::client::proxy::run(&dirs, &host, port)
             .await
             .map_err(|e| anyhow::anyhow!("{host}: {e}")),
+        SshCommand::Stdinserver { identity } => {
+            let code = crate::server::stdinserver::run_forced_command(&dirs, &identity).await?;
+            if code != 0 {
+                // The server's status is the forced command's (ssh passes it on).
+                std::process::exit(i32::from(code));
+            }
+            Ok(())
+        }
+        SshCommand::KnownHosts => {
+            for line in crate::client::known_hosts::lines(&dirs)? {
+                println!("{line}");
+            }
+            Ok(())
+        }
     }
 }
 

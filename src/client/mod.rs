@@ -6,6 +6,7 @@
 
 pub mod exec;
 pub mod group;
+pub mod known_hosts;
 pub mod proxy;
 pub mod ssh_args;
 pub mod ssh_via;

@@ -12,9 +12,11 @@
 //! logged and the last good one kept. Clusters that appear later (a `cluster import`, a
 //! push making this machine a server) are picked up by a rescan every few seconds.
 
+pub mod embedded;
 pub mod exec;
 pub mod process;
 pub mod request;
+pub mod stdinserver;
 pub mod tunnel;
 
 use std::collections::BTreeMap;
@@ -53,6 +55,8 @@ pub enum ServerError {
         #[source]
         source: crate::transport::iroh::TransportError,
     },
+    #[error("{0}")]
+    StdinServer(#[from] stdinserver::StdinServerError),
 }
 
 /// Options of `malai ssh server`.
@@ -148,7 +152,17 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let mut served: BTreeMap<String, Node> = BTreeMap::new();
     let mut started = vec![];
-    start_new_clusters(&dirs, &opts, &shutdown, &tracker, &mut served, &mut started).await?;
+    // The socket `malai ssh stdinserver` (sshd's forced command) hands its stdio to. It is
+    // checked before anything is served: a non-private runtime dir refuses the start.
+    let registry = Arc::new(stdinserver::Registry::default());
+    let listener = stdinserver::listen(&dirs)?;
+    tracker.spawn(stdinserver::serve(
+        listener,
+        registry.clone(),
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+    start_new_clusters(&dirs, &opts, &shutdown, &tracker, &registry, &mut served, &mut started).await?;
     ready(&started);
 
     loop {
@@ -156,7 +170,7 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(RESCAN_EVERY) => {
                 let mut newly = vec![];
-                if let Err(e) = start_new_clusters(&dirs, &opts, &shutdown, &tracker, &mut served, &mut newly).await {
+                if let Err(e) = start_new_clusters(&dirs, &opts, &shutdown, &tracker, &registry, &mut served, &mut newly).await {
                     tracing::error!(error = %e, "starting a newly found cluster failed");
                 }
             }
@@ -182,6 +196,7 @@ async fn start_new_clusters(
     opts: &ServeOptions,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
+    registry: &stdinserver::Registry,
     served: &mut BTreeMap<String, Node>,
     started: &mut Vec<(String, Id52, Vec<SocketAddr>)>,
 ) -> Result<(), ServerError> {
@@ -211,6 +226,7 @@ async fn start_new_clusters(
         tracing::info!(cluster = %dir.alias, %me, ?addrs, "serving cluster");
         started.push((dir.alias.clone(), me, addrs));
         let state = Arc::new(ClusterState::new(dir.clone(), me, cfg));
+        registry.add(state.clone());
         tracker.spawn(accept_loop(
             node.clone(),
             state,

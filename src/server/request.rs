@@ -147,7 +147,7 @@ where
     let peer = ctx.peer;
     match (grant, request) {
         (Grant::Tunnel, Request::Tunnel { .. }) => match cfg.servers.get(server) {
-            Some(entry) => super::tunnel::serve(&entry.ssh, r, w).await,
+            Some(entry) => super::tunnel::serve(ctx, server, &entry.ssh, r, w).await,
             None => true,
         },
         (Grant::Shell, Request::Exec(e)) => {

@@ -1,35 +1,53 @@
 //! `tunnel`: raw bytes between the peer and the server's SSH endpoint.
 //!
 //! The sshd connection is made *before* `accept` is sent, so a dead sshd is reported to the
-//! user as a clear error instead of a stream that closes silently.
+//! user as a clear error instead of a stream that closes silently. When the target is
+//! `"embedded"`, or the configured sshd actively refuses the connection (nothing listens
+//! there: a machine without sshd), the stream is served by the in-process SSH server
+//! (`server::embedded`) instead.
 
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::request::reply;
+use super::embedded::{self, EmbeddedContext};
+use super::request::{Context, reply};
 use crate::config::SshTarget;
 use crate::protocol::Response;
 use crate::transport::pump;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn serve<R, W>(target: &SshTarget, r: &mut R, w: &mut W) -> bool
+/// Serve an allowed `tunnel` for `ctx.peer` on this machine, known as `server` in the
+/// cluster file.
+pub async fn serve<R, W>(
+    ctx: &Context,
+    server: &str,
+    target: &SshTarget,
+    r: &mut R,
+    w: &mut W,
+) -> bool
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let embedded_ctx = || EmbeddedContext {
+        state: ctx.state.clone(),
+        peer: ctx.peer,
+        server: server.to_string(),
+        transport: ctx.transport,
+    };
     let addr = match target {
         SshTarget::Tcp(a) => a.clone(),
-        SshTarget::Embedded => {
-            let reason = "the embedded ssh server is not available in this build".to_string();
-            let _ = reply(w, &Response::Error { reason }).await;
-            return true;
-        }
+        SshTarget::Embedded => return embedded::serve(embedded_ctx(), r, w).await,
     };
     let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
         Ok(Ok(s)) => s,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            tracing::warn!(%addr, "ssh target refused the connection; serving the embedded ssh server instead");
+            return embedded::serve(embedded_ctx(), r, w).await;
+        }
         Ok(Err(e)) => {
             tracing::error!(%addr, error = %e, "cannot reach ssh target");
             let reason = format!("server cannot reach its ssh at {addr}: {e}");

@@ -4,9 +4,11 @@
 //!   releases). Identity = the remote's verified id52.
 //! - [`stdio`]: this process's stdin/stdout as a fast non-blocking stream (ProxyCommand).
 //! - [`fdpass`]: SCM_RIGHTS over unix sockets (stdinserver, agent).
+//! - [`fdstream`]: received fds (stdinserver's stdin/stdout) as async streams.
 //! - [`pump`]: moving raw bytes both ways with half-close, shared by every raw-bytes path.
 
 pub mod fdpass;
+pub mod fdstream;
 pub mod iroh;
 pub mod pump;
 pub mod stdio;

@@ -1,0 +1,726 @@
+//! The embedded SSH server: a `tunnel` served in-process by russh, for machines with no
+//! sshd (or whose sshd refuses connections).
+//!
+//! Why it is safe to accept every SSH authentication: a stream only gets here after the
+//! peer's id52 passed the ACL (`request::handle`), over a transport that verified it (iroh's
+//! TLS, or the admin's `authorized_keys` line for stdinserver). So `none` and `publickey`
+//! are accepted as they come; the SSH user name is only logged, and everything runs as the
+//! server process's user, like native exec. What a session may *do* is decided again, per
+//! channel request, by the same `acl::decide`: a command-scoped peer gets exactly its
+//! command (`execvp`, no shell), never a shell, a pty login or the sftp subsystem.
+//!
+//! Host key: the server's ed25519 key for this cluster, so its public half is the server's
+//! id52 and every member can print correct `known_hosts` lines ([`known_hosts_line`])
+//! without any secret.
+//!
+//! Processes and ptys come from `server::process` (the native exec machinery). This file
+//! only relays between russh's channel events and a [`Running`] child:
+//!
+//! - Requests (`pty-req`, `env`, `exec`, `shell`, `subsystem`, `window-change`, `signal`)
+//!   are answered inside the russh handler callback, because russh keeps one "wants reply"
+//!   flag per channel that the next request overwrites: an answer sent later from a task
+//!   could land on the wrong request.
+//! - Client data goes through a bounded queue per channel to a relay task that writes the
+//!   child's stdin. russh opens the SSH window as data *arrives*, not as it is consumed, so
+//!   this queue (not the window) is where input back-pressure happens.
+//! - Child output is sent with russh's `Handle`, which stops taking data while the client's
+//!   window is full: output back-pressure is the client's window, as with sshd.
+//! - EOF, exit status (or exit signal), then close — sshd's order.
+//! - A closed channel or a dropped connection hangs up the child's whole session.
+//!
+//! SFTP: the system's `sftp-server` (OpenSSH's, found at the usual paths or
+//! `MALAI_SFTP_SERVER`), run through the same process machinery. It is the implementation
+//! OpenSSH's own clients are tested against (every extension `sftp`/`scp` use), and it
+//! keeps file-system code out of this process.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::keys::ssh_key::private::Ed25519Keypair;
+use russh::keys::ssh_key::public::Ed25519PublicKey;
+use russh::keys::{PrivateKey, PublicKey};
+use russh::server::{Auth, Handle, Msg, Session};
+use russh::{Channel, ChannelId, MethodKind, MethodSet, Pty, Sig, SshId};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::ClusterState;
+use super::process::{self, ChildControl, ChildInput, ChildOutput, Program, Running, SpawnSpec};
+use super::request::reply;
+use crate::acl::{self, Decision, Grant};
+use crate::id52::Id52;
+use crate::keys::{self, SecretKey};
+use crate::protocol::Response;
+use crate::protocol::exec::{ExitStatus, PtyRequest};
+use crate::transport::pump;
+
+/// Input messages queued per channel: 512 × ≤32 KiB packets ≈ 16 MiB at most in memory.
+const INPUT_QUEUE: usize = 512;
+/// Child output read size; russh splits it into packets.
+const OUTPUT_BUF: usize = 64 * 1024;
+/// After the byte stream ends, how long the SSH session may take to wind down.
+const WIND_DOWN: Duration = Duration::from_secs(5);
+/// Where OpenSSH's `sftp-server` lives on the common systems (Debian/Ubuntu, Fedora/RHEL,
+/// Arch, macOS/BSD).
+const SFTP_SERVER_PATHS: &[&str] = &[
+    "/usr/lib/openssh/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/lib/ssh/sftp-server",
+    "/usr/libexec/sftp-server",
+    "/usr/lib/sftp-server",
+];
+/// Exit statuses for requests refused before anything ran (the shell's conventions).
+const EXIT_NOT_ALLOWED: u32 = 126;
+const EXIT_CANNOT_RUN: u32 = 127;
+
+/// Who the SSH session is for: the verified peer, and where its permissions come from.
+pub struct EmbeddedContext {
+    pub state: Arc<ClusterState>,
+    pub peer: Id52,
+    /// This machine's server name in the cluster file (the ACL's `server`).
+    pub server: String,
+    /// "iroh" or "stdinserver", for logs.
+    pub transport: &'static str,
+}
+
+/// The SSH host key for a cluster key: the same ed25519 key, so it matches the id52.
+pub fn host_key(secret: &SecretKey) -> PrivateKey {
+    PrivateKey::from(Ed25519Keypair::from_seed(secret.as_bytes()))
+}
+
+/// `ssh-ed25519 AAAA…` for a server's id52 (its host key's public half).
+pub fn known_hosts_key(id: &Id52) -> String {
+    PublicKey::from(Ed25519PublicKey(*id.as_bytes()))
+        .to_openssh()
+        .unwrap_or_default()
+}
+
+/// A `known_hosts` line: `name1,name2 ssh-ed25519 AAAA…`.
+pub fn known_hosts_line(names: &[String], id: &Id52) -> String {
+    format!("{} {}", names.join(","), known_hosts_key(id))
+}
+
+fn config(key: PrivateKey) -> russh::server::Config {
+    russh::server::Config {
+        server_id: SshId::Standard(format!("SSH-2.0-malai_{}", env!("CARGO_PKG_VERSION")).into()),
+        // Only what we accept is advertised: the ACL already authenticated the peer.
+        methods: MethodSet::from(&[MethodKind::None, MethodKind::PublicKey][..]),
+        // OpenSSH probes with `none` first; it is accepted, so no delay is ever due.
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![key],
+        nodelay: true,
+        // The transport has its own liveness (QUIC idle timeout / the ssh-via child); an
+        // idle interactive shell must not be cut after russh's default 10 minutes.
+        inactivity_timeout: None,
+        keepalive_interval: None,
+        ..Default::default()
+    }
+}
+
+/// Serve SSH on a stream whose `tunnel` request the ACL allowed. Sends `accept` (or an
+/// `error` when the host key can't be read). Returns `true` when the stream ended cleanly.
+pub async fn serve<R, W>(ctx: EmbeddedContext, r: &mut R, w: &mut W) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let key = match keys::load(&ctx.state.dir.dir) {
+        Ok(k) => host_key(&k),
+        Err(e) => {
+            tracing::error!(error = %e, "embedded ssh: cannot load the host key");
+            let reason = format!("the server cannot load its host key: {e}");
+            let _ = reply(w, &Response::Error { reason }).await;
+            return true;
+        }
+    };
+    if reply(w, &Response::Accept).await.is_err() {
+        return false;
+    }
+    let peer = ctx.peer;
+    // russh wants an owned `'static` stream; ours is borrowed, so an in-memory pipe sits
+    // between them (one memcpy, cheap next to the crypto).
+    let (ours, theirs) = tokio::io::duplex(pump::PUMP_BUF);
+    let handler = SshHandler::new(Arc::new(ctx));
+    let ssh = tokio::spawn(async move {
+        match russh::server::run_stream(Arc::new(config(key)), theirs, handler).await {
+            Ok(session) => session.await,
+            Err(e) => Err(e),
+        }
+    });
+    let (mut or, mut ow) = tokio::io::split(ours);
+    let pumped = pump::both_ways(r, &mut ow, &mut or, w).await;
+    // Our end gone = EOF for russh, so the session ends even if the pump failed.
+    drop((or, ow));
+    let ended = tokio::time::timeout(WIND_DOWN, ssh).await;
+    match (&pumped, ended) {
+        (Ok(m), Ok(Ok(Ok(())))) => {
+            tracing::info!(%peer, up = m.up, down = m.down, "embedded ssh session closed")
+        }
+        (Err(e), Ok(Ok(Ok(())))) => tracing::info!(%peer, error = %e, "embedded ssh stream broke"),
+        (_, Ok(Ok(Err(e)))) => tracing::info!(%peer, error = %e, "embedded ssh session ended"),
+        (_, Ok(Err(e))) => tracing::error!(%peer, error = %e, "embedded ssh task failed"),
+        (_, Err(_)) => tracing::warn!(%peer, "embedded ssh session did not wind down in time"),
+    }
+    pumped.is_ok()
+}
+
+/// Client → child input for one channel.
+enum Input {
+    Data(Vec<u8>),
+    Eof,
+}
+
+/// One session channel's state, kept by the handler.
+struct ChannelState {
+    pty: Option<PtyRequest>,
+    env: Vec<(String, String)>,
+    /// Client data for the child; `None` after the client's EOF.
+    input: Option<mpsc::Sender<Input>>,
+    /// Handed to the relay task when something starts.
+    input_rx: Option<mpsc::Receiver<Input>>,
+    /// Set once a child runs: window changes and signals.
+    control: Option<ChildControl>,
+    /// Cancelled when the channel closes or the connection drops: the child is hung up.
+    stop: CancellationToken,
+}
+
+impl ChannelState {
+    fn new() -> ChannelState {
+        let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+        ChannelState {
+            pty: None,
+            env: vec![],
+            input: Some(tx),
+            input_rx: Some(rx),
+            control: None,
+            stop: CancellationToken::new(),
+        }
+    }
+
+    fn started(&self) -> bool {
+        self.input_rx.is_none()
+    }
+}
+
+/// What a channel asked to run.
+enum Want {
+    Exec(String),
+    Shell,
+    Sftp,
+}
+
+struct SshHandler {
+    ctx: Arc<EmbeddedContext>,
+    user: String,
+    channels: HashMap<ChannelId, ChannelState>,
+}
+
+impl SshHandler {
+    fn new(ctx: Arc<EmbeddedContext>) -> SshHandler {
+        SshHandler {
+            ctx,
+            user: String::new(),
+            channels: HashMap::new(),
+        }
+    }
+
+    fn note_user(&mut self, user: &str, method: &str) {
+        self.user = user.chars().take(64).collect();
+        tracing::info!(peer = %self.ctx.peer, user = %self.user, method, "embedded ssh: authenticated by the cluster ACL");
+    }
+
+    /// Ask the ACL what `want` may run as, right now (the cluster file may have changed
+    /// since the tunnel was allowed).
+    fn decide(&self, want: &Want) -> Result<Program, String> {
+        let cfg = self.ctx.state.current();
+        let command = match want {
+            Want::Exec(c) => Some(c.as_str()),
+            Want::Shell | Want::Sftp => None,
+        };
+        let req = acl::Request::Exec { command };
+        match (
+            acl::decide(&cfg, &self.ctx.server, &self.ctx.peer, &req),
+            want,
+        ) {
+            (Decision::Allow(Grant::Shell), Want::Sftp) => sftp_server()
+                .map(|p| Program::Argv(vec![p]))
+                .ok_or_else(|| {
+                    "no sftp-server on this machine (install openssh-sftp-server)".into()
+                }),
+            (Decision::Allow(Grant::Shell), Want::Exec(c)) => Ok(Program::Shell(Some(c.clone()))),
+            (Decision::Allow(Grant::Shell), Want::Shell) => Ok(Program::Shell(None)),
+            (Decision::Allow(Grant::Argv(argv)), Want::Exec(_)) => Ok(Program::Argv(argv)),
+            (Decision::Deny(reason), _) => Err(reason.to_string()),
+            (Decision::Allow(_), _) => Err("permission denied".into()),
+        }
+    }
+
+    /// Run `want` on `channel`, answering the request. A refusal still answers `success`
+    /// and then reports on stderr with an exit status, so ssh/git/rsync show the reason
+    /// instead of a bare "exec request failed".
+    fn start(
+        &mut self,
+        channel: ChannelId,
+        want: Want,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let Some(st) = self.channels.get(&channel) else {
+            return session.channel_failure(channel);
+        };
+        if st.started() {
+            return session.channel_failure(channel);
+        }
+        let what = match &want {
+            Want::Exec(c) => c.clone(),
+            Want::Shell => "(login shell)".into(),
+            Want::Sftp => "(sftp subsystem)".into(),
+        };
+        let peer = self.ctx.peer;
+        let (program, refusal) = match self.decide(&want) {
+            Ok(p) => (Some(p), None),
+            Err(reason) => {
+                tracing::warn!(%peer, user = %self.user, command = %what, %reason, "embedded ssh: refused");
+                (None, Some((format!("malai: {reason}"), EXIT_NOT_ALLOWED)))
+            }
+        };
+        let Some(st) = self.channels.get_mut(&channel) else {
+            return session.channel_failure(channel);
+        };
+        let pty = match want {
+            Want::Sftp => None,
+            _ => st.pty.clone(),
+        };
+        let newline = if pty.is_some() { "\r\n" } else { "\n" };
+        let handle = session.handle();
+        let input_rx = st.input_rx.take();
+        let stop = st.stop.clone();
+        let child = match program {
+            None => None,
+            Some(program) => {
+                let spec = SpawnSpec {
+                    program,
+                    env: st.env.clone(),
+                    pty,
+                    peer: peer.to_string(),
+                };
+                match process::spawn(&spec) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        let msg = format!("malai: cannot run {what}: {e}");
+                        tracing::info!(%peer, error = %e, command = %what, "embedded ssh: spawn failed");
+                        return {
+                            session.channel_success(channel)?;
+                            tokio::spawn(refuse(handle, channel, msg + newline, EXIT_CANNOT_RUN));
+                            Ok(())
+                        };
+                    }
+                }
+            }
+        };
+        session.channel_success(channel)?;
+        match (child, refusal, input_rx) {
+            (Some(child), _, Some(rx)) => {
+                tracing::info!(%peer, user = %self.user, command = %what, pid = child.pid(), transport = self.ctx.transport, "embedded ssh: started");
+                st.control = Some(child.control());
+                tokio::spawn(relay(handle, channel, child, rx, stop));
+            }
+            (_, Some((msg, code)), _) => {
+                tokio::spawn(refuse(handle, channel, msg + newline, code));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SshHandler {
+    /// The connection is gone: hang up every child it started.
+    fn drop(&mut self) {
+        for st in self.channels.values() {
+            st.stop.cancel();
+        }
+    }
+}
+
+/// The path of the system's sftp-server, if any.
+fn sftp_server() -> Option<String> {
+    if let Some(p) = std::env::var_os("MALAI_SFTP_SERVER").filter(|p| !p.is_empty()) {
+        return Some(p.to_string_lossy().into_owned());
+    }
+    SFTP_SERVER_PATHS
+        .iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .map(|p| p.to_string())
+}
+
+fn sig_name(sig: &Sig) -> &str {
+    match sig {
+        Sig::ABRT => "ABRT",
+        Sig::ALRM => "ALRM",
+        Sig::FPE => "FPE",
+        Sig::HUP => "HUP",
+        Sig::ILL => "ILL",
+        Sig::INT => "INT",
+        Sig::KILL => "KILL",
+        Sig::PIPE => "PIPE",
+        Sig::QUIT => "QUIT",
+        Sig::SEGV => "SEGV",
+        Sig::TERM => "TERM",
+        Sig::USR1 => "USR1",
+        Sig::Custom(s) => s,
+    }
+}
+
+fn clamp16(v: u32, default: u16) -> u16 {
+    match u16::try_from(v) {
+        Ok(0) => default,
+        Ok(v) => v,
+        Err(_) => u16::MAX,
+    }
+}
+
+impl russh::server::Handler for SshHandler {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        self.note_user(user, "none");
+        Ok(Auth::Accept)
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        _key: russh::server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        self.note_user(user, "publickey");
+        Ok(Auth::Accept)
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Every event also comes through the handler callbacks below; the channel's own
+        // message queue is dropped so russh never waits on it.
+        let id = channel.id();
+        drop(channel);
+        self.channels.insert(id, ChannelState::new());
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(st) = self.channels.remove(&channel) {
+            st.stop.cancel();
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(tx) = self
+            .channels
+            .get_mut(&channel)
+            .and_then(|st| st.input.take())
+        {
+            let _ = tx.send(Input::Eof).await;
+        }
+        Ok(())
+    }
+
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let tx = self.channels.get(&channel).and_then(|st| st.input.clone());
+        if let Some(tx) = tx {
+            // Waits only when the queue is full (the child is not reading).
+            let _ = tx.send(Input::Data(data.to_vec())).await;
+        }
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match self.channels.get_mut(&channel) {
+            Some(st) if !st.started() => {
+                st.pty = Some(PtyRequest {
+                    term: term.chars().take(64).collect(),
+                    cols: clamp16(col_width, 80),
+                    rows: clamp16(row_height, 24),
+                });
+                session.channel_success(channel)
+            }
+            _ => session.channel_failure(channel),
+        }
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        variable_name: &str,
+        variable_value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match self.channels.get_mut(&channel) {
+            Some(st)
+                if !st.started() && process::env_allowed(variable_name) && st.env.len() < 64 =>
+            {
+                st.env
+                    .push((variable_name.to_string(), variable_value.to_string()));
+                session.channel_success(channel)
+            }
+            _ => session.channel_failure(channel),
+        }
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match std::str::from_utf8(data) {
+            Ok(cmd) => self.start(channel, Want::Exec(cmd.to_string()), session),
+            Err(_) => session.channel_failure(channel),
+        }
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.start(channel, Want::Shell, session)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if name == "sftp" {
+            self.start(channel, Want::Sftp, session)
+        } else {
+            tracing::info!(peer = %self.ctx.peer, subsystem = %name.chars().take(64).collect::<String>(), "embedded ssh: unknown subsystem");
+            session.channel_failure(channel)
+        }
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        col_width: u32,
+        row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(st) = self.channels.get_mut(&channel) {
+            let (cols, rows) = (clamp16(col_width, 80), clamp16(row_height, 24));
+            match (&st.control, &mut st.pty) {
+                (Some(c), _) => c.resize(cols, rows),
+                (None, Some(p)) => {
+                    p.cols = cols;
+                    p.rows = rows;
+                }
+                (None, None) => {}
+            }
+        }
+        session.channel_success(channel)
+    }
+
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        signal: Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(c) = self
+            .channels
+            .get(&channel)
+            .and_then(|st| st.control.as_ref())
+        {
+            c.signal(sig_name(&signal));
+        }
+        Ok(())
+    }
+}
+
+/// Report a refusal the way a failed command would: stderr line, exit status, EOF, close.
+async fn refuse(handle: Handle, channel: ChannelId, msg: String, code: u32) {
+    let _ = handle.extended_data(channel, 1, msg.into_bytes()).await;
+    let _ = handle.exit_status_request(channel, code).await;
+    let _ = handle.eof(channel).await;
+    let _ = handle.close(channel).await;
+}
+
+/// Move bytes between a channel and its child until the child's output ends, then send
+/// EOF, the exit status and close. `stop` (channel closed, connection gone) hangs it up.
+async fn relay(
+    handle: Handle,
+    channel: ChannelId,
+    mut child: Running,
+    mut input: mpsc::Receiver<Input>,
+    stop: CancellationToken,
+) {
+    let stdin = std::mem::replace(&mut child.stdin, ChildInput::None);
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let finished = {
+        let output = relay_output(&handle, channel, stdout, stderr);
+        let feed = relay_input(&mut input, stdin);
+        tokio::pin!(output, feed);
+        let mut feed_done = false;
+        loop {
+            tokio::select! {
+                ok = &mut output => break ok,
+                _ = &mut feed, if !feed_done => feed_done = true,
+                _ = stop.cancelled() => break false,
+            }
+        }
+    };
+    if !finished {
+        tracing::info!(pid = child.pid(), "embedded ssh: channel gone; hanging up");
+        child.hang_up().await;
+        return;
+    }
+    let status = tokio::select! {
+        st = child.wait() => st,
+        _ = stop.cancelled() => {
+            child.hang_up().await;
+            return;
+        }
+    };
+    tracing::info!(pid = child.pid(), ?status, "embedded ssh: finished");
+    let _ = handle.eof(channel).await;
+    match status {
+        ExitStatus::Code(c) => {
+            let _ = handle.exit_status_request(channel, c as u32).await;
+        }
+        ExitStatus::Signal(name) => {
+            let _ = handle
+                .exit_signal_request(
+                    channel,
+                    Sig::Custom(name),
+                    false,
+                    String::new(),
+                    String::new(),
+                )
+                .await;
+        }
+    }
+    let _ = handle.close(channel).await;
+}
+
+/// Child stdout → channel data, stderr → extended data 1. `false` if the channel is gone.
+async fn relay_output(
+    handle: &Handle,
+    channel: ChannelId,
+    mut stdout: Option<ChildOutput>,
+    mut stderr: Option<ChildOutput>,
+) -> bool {
+    let mut b1 = vec![0u8; OUTPUT_BUF];
+    let mut b2 = vec![0u8; OUTPUT_BUF];
+    while stdout.is_some() || stderr.is_some() {
+        tokio::select! {
+            n = read_opt(&mut stdout, &mut b1), if stdout.is_some() => match n {
+                Ok(0) | Err(_) => stdout = None,
+                Ok(n) => if handle.data(channel, b1[..n].to_vec()).await.is_err() {
+                    return false;
+                },
+            },
+            n = read_opt(&mut stderr, &mut b2), if stderr.is_some() => match n {
+                Ok(0) | Err(_) => stderr = None,
+                Ok(n) => if handle.extended_data(channel, 1, b2[..n].to_vec()).await.is_err() {
+                    return false;
+                },
+            },
+        }
+    }
+    true
+}
+
+async fn read_opt(s: &mut Option<ChildOutput>, buf: &mut [u8]) -> std::io::Result<usize> {
+    match s {
+        Some(s) => s.read(buf).await,
+        None => Ok(0),
+    }
+}
+
+/// Channel data → child stdin until the client's EOF (or the channel goes away).
+async fn relay_input(input: &mut mpsc::Receiver<Input>, mut stdin: ChildInput) {
+    while let Some(msg) = input.recv().await {
+        match msg {
+            Input::Data(d) => {
+                let res = match &mut stdin {
+                    ChildInput::Pipe(p) => p.write_all(&d).await,
+                    ChildInput::Pty(p) => p.write_all(&d).await,
+                    ChildInput::None => Ok(()),
+                };
+                if res.is_err() {
+                    // The child closed its stdin: drop further input, like sshd.
+                    stdin = ChildInput::None;
+                }
+            }
+            Input::Eof => {
+                match &mut stdin {
+                    // On a pty, EOF is the terminal's EOF character.
+                    ChildInput::Pty(p) => {
+                        let _ = p.write_all(&[4]).await;
+                    }
+                    // Closing the pipe is the child's EOF.
+                    _ => drop(stdin),
+                }
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host key's public half is the id52's key, so `known-hosts` needs no secret.
+    #[test]
+    fn host_key_matches_id52() {
+        let secret = SecretKey::generate();
+        let id = secret.id52();
+        let pk = host_key(&secret).public_key().to_openssh().unwrap();
+        assert_eq!(pk, known_hosts_key(&id));
+        assert!(pk.starts_with("ssh-ed25519 AAAA"));
+        let line = known_hosts_line(&["foo.acme".into(), "foo.x".into()], &id);
+        assert!(line.starts_with("foo.acme,foo.x ssh-ed25519 "));
+    }
+
+    #[test]
+    fn window_sizes_are_clamped() {
+        assert_eq!(clamp16(0, 80), 80);
+        assert_eq!(clamp16(100, 80), 100);
+        assert_eq!(clamp16(1 << 20, 80), u16::MAX);
+    }
+}

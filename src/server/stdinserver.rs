@@ -1,0 +1,496 @@
+//! `malai ssh stdinserver <identity>`: the malai protocol over OpenSSH, zrepl style.
+//!
+//! An admin binds an SSH key to `command="malai ssh stdinserver alice",restrict` in
+//! `authorized_keys` (see `contrib/authorized_keys`). sshd runs that forced command with
+//! the SSH channel as its stdin/stdout; the command connects to the running
+//! `malai ssh server`'s unix socket (`<runtime dir>/server.sock`), passes those two fds
+//! (SCM_RIGHTS), and waits. The server serves one malai request on them exactly as if
+//! `alice` had connected over iroh — same `request::handle`, same ACL — then reports an
+//! exit status, which the forced command exits with.
+//!
+//! Trust: whoever can connect to the socket can claim any identity, so the socket is only
+//! as safe as its folder. Like zrepl, the server refuses to start unless the runtime dir is
+//! a real directory owned by it with no group/other permissions, and it only talks to
+//! peers with its own uid (SO_PEERCRED). The identity is an alias of a member or an id52;
+//! one unknown to the cluster is denied. `SSH_ORIGINAL_COMMAND` is ignored: the protocol
+//! header says what to do.
+//!
+//! Stdout of the forced command is the protocol stream: nothing else is ever written to
+//! it. Wire on the unix socket: forced command → server, one message with the fds and JSON
+//! [`Hello`]; server → forced command, JSON [`Outcome`] when the request is over.
+
+use std::io::Cursor;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::ClusterState;
+use super::request::{self, reply};
+use crate::config::paths::Dirs;
+use crate::id52::Id52;
+use crate::protocol::{self, FrameError, HEADER_TIMEOUT, Header, MAGIC, Response, VERSION};
+use crate::transport::fdpass::{self, FdPassError};
+use crate::transport::fdstream::{FdReader, FdWriter};
+
+/// The server's socket, in the runtime dir.
+pub const SOCKET_NAME: &str = "server.sock";
+/// Longest identity accepted (aliases and id52s are far shorter).
+const MAX_IDENTITY: usize = 256;
+/// How long the server waits for the forced command's hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest outcome message the forced command reads.
+const MAX_OUTCOME: u64 = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StdinServerError {
+    #[error(
+        "runtime dir {path} is not private (mode {mode:o}, owner uid {uid}): it must be a directory owned by this user with mode 0700, because its socket is trusted blindly; fix with `chmod 700 {path}`"
+    )]
+    NotPrivate { path: String, mode: u32, uid: u32 },
+    #[error("runtime dir {path}: {source}")]
+    RuntimeDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another malai ssh server is already listening on {0}")]
+    AlreadyRunning(String),
+    #[error("cannot listen on {path}: {source}")]
+    Bind {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("identity {0:?} is empty or too long")]
+    BadIdentity(String),
+    #[error("no malai ssh server is running here (cannot connect to {path}: {source})")]
+    NoServer {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    FdPass(#[from] FdPassError),
+    #[error("the server ended the session without a status")]
+    Lost,
+}
+
+/// Forced command → server, sent with the stdin and stdout fds.
+#[derive(Debug, Serialize, Deserialize)]
+struct Hello {
+    identity: String,
+}
+
+/// Server → forced command when the request is over.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Outcome {
+    /// The forced command's exit status.
+    status: u8,
+    /// One line for the forced command's stderr (which reaches the ssh user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+impl Outcome {
+    fn fail(message: impl Into<String>) -> Outcome {
+        Outcome {
+            status: 255,
+            message: Some(message.into()),
+        }
+    }
+}
+
+/// The clusters the server serves, shared with the stdinserver listener (which has to pick
+/// one per request). Grows as the server starts clusters.
+#[derive(Default)]
+pub struct Registry(Mutex<Vec<Arc<ClusterState>>>);
+
+impl Registry {
+    pub fn add(&self, state: Arc<ClusterState>) {
+        match self.0.lock() {
+            Ok(mut v) => v.push(state),
+            Err(p) => p.into_inner().push(state),
+        }
+    }
+
+    fn snapshot(&self) -> Vec<Arc<ClusterState>> {
+        match self.0.lock() {
+            Ok(v) => v.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
+/// Make sure `run` exists and is private: created 0700 if missing; refused if it is a
+/// symlink, not a directory, not ours, or open to group/other.
+pub fn check_runtime_dir(run: &Path) -> Result<(), StdinServerError> {
+    let display = run.display().to_string();
+    let io = |source| StdinServerError::RuntimeDir {
+        path: display.clone(),
+        source,
+    };
+    if std::fs::symlink_metadata(run).is_err() {
+        if let Some(parent) = run.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(run) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+    let m = std::fs::symlink_metadata(run).map_err(io)?;
+    let me = nix::unistd::geteuid().as_raw();
+    let mode = m.permissions().mode() & 0o7777;
+    if !m.is_dir() || m.uid() != me || mode & 0o077 != 0 {
+        return Err(StdinServerError::NotPrivate {
+            path: display,
+            mode,
+            uid: m.uid(),
+        });
+    }
+    Ok(())
+}
+
+/// The listening socket; the file is removed when this is dropped.
+pub struct Listener {
+    path: PathBuf,
+    listener: UnixListener,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Check the runtime dir and listen on its socket. A socket file left by a dead server is
+/// replaced; a live one is an error (two servers would fight over requests).
+pub fn listen(dirs: &Dirs) -> Result<Listener, StdinServerError> {
+    check_runtime_dir(&dirs.run)?;
+    let path = dirs.run.join(SOCKET_NAME);
+    let shown = path.display().to_string();
+    if std::fs::symlink_metadata(&path).is_ok() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(StdinServerError::AlreadyRunning(shown));
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    let listener = UnixListener::bind(&path).map_err(|source| StdinServerError::Bind {
+        path: shown.clone(),
+        source,
+    })?;
+    // The dir is what protects it; 0600 on the socket as well costs nothing.
+    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    Ok(Listener { path, listener })
+}
+
+/// Accept forced commands until `shutdown`; each is served on its own task.
+pub async fn serve(
+    listener: Listener,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    tracing::info!(socket = %listener.path.display(), "stdinserver socket ready");
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.listener.accept() => match a {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "stdinserver accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let registry = registry.clone();
+        tracker.spawn(async move { serve_forced_command(stream, &registry).await });
+    }
+}
+
+async fn serve_forced_command(mut stream: UnixStream, registry: &Registry) {
+    let me = nix::unistd::geteuid().as_raw();
+    match stream.peer_cred() {
+        Ok(c) if c.uid() == me => {}
+        other => {
+            tracing::warn!(cred = ?other.map(|c| c.uid()), "stdinserver: peer is not this user; dropped");
+            return;
+        }
+    }
+    let (payload, mut fds) =
+        match tokio::time::timeout(HELLO_TIMEOUT, fdpass::recv_fds(&stream)).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "stdinserver: bad hello");
+                return;
+            }
+            Err(_) => {
+                tracing::info!("stdinserver: no hello in time");
+                return;
+            }
+        };
+    let outcome = match (serde_json::from_slice::<Hello>(&payload), fds.len()) {
+        (Ok(hello), 2) => {
+            let stdout = fds.pop();
+            let stdin = fds.pop();
+            match (stdin, stdout) {
+                (Some(i), Some(o)) => serve_fds(registry, &hello.identity, i, o).await,
+                _ => Outcome::fail("malai: internal error: descriptors missing"),
+            }
+        }
+        (Ok(_), n) => Outcome::fail(format!("malai: expected 2 descriptors, got {n}")),
+        (Err(e), _) => Outcome::fail(format!("malai: bad hello: {e}")),
+    };
+    let mut line = serde_json::to_vec(&outcome).unwrap_or_default();
+    line.push(b'\n');
+    let _ = stream.write_all(&line).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Serve one malai request on the forced command's stdin/stdout as `identity`.
+async fn serve_fds(
+    registry: &Registry,
+    identity: &str,
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+) -> Outcome {
+    let (mut r, mut w) = match (FdReader::new(stdin), FdWriter::new(stdout)) {
+        (Ok(r), Ok(w)) => (r, w),
+        (Err(e), _) | (_, Err(e)) => return Outcome::fail(format!("malai: stdio: {e}")),
+    };
+    let outcome = serve_stream(registry, identity, &mut r, &mut w).await;
+    let _ = w.shutdown().await;
+    outcome
+}
+
+/// Read the header (to pick the cluster and resolve the identity in it), then hand the
+/// whole stream — header replayed — to `request::handle`, the one ACL choke point.
+async fn serve_stream<R, W>(registry: &Registry, identity: &str, r: &mut R, w: &mut W) -> Outcome
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let body = match tokio::time::timeout(HEADER_TIMEOUT, protocol::read_frame_body(r)).await {
+        Err(_) => return Outcome::fail("malai: no malai request arrived in time"),
+        Ok(Err(FrameError::Truncated)) => {
+            return Outcome::fail(
+                "malai: this ssh key only carries the malai protocol (use `malai ssh` with ssh-via; see contrib/authorized_keys)",
+            );
+        }
+        Ok(Err(e)) => {
+            let reason = e.to_string();
+            let _ = reply(
+                w,
+                &Response::Error {
+                    reason: reason.clone(),
+                },
+            )
+            .await;
+            return Outcome::fail(format!("malai: {reason}"));
+        }
+        Ok(Ok(b)) => b,
+    };
+    let header: Header = match protocol::decode_header(&body) {
+        Ok(h) => h,
+        Err(e) => {
+            let reason = e.to_string();
+            let _ = reply(
+                w,
+                &Response::Error {
+                    reason: reason.clone(),
+                },
+            )
+            .await;
+            return Outcome::fail(format!("malai: {reason}"));
+        }
+    };
+    let (state, peer) = match pick(registry, identity, &header) {
+        Ok(x) => x,
+        Err((resp, msg)) => {
+            tracing::warn!(%identity, %msg, "stdinserver: refused");
+            let _ = reply(w, &resp).await;
+            return Outcome::fail(format!("malai: {msg}"));
+        }
+    };
+    tracing::info!(%identity, %peer, cluster = %state.dir.alias, kind = header.request.kind(), "stdinserver request");
+    let mut raw = Vec::with_capacity(9 + body.len());
+    raw.extend_from_slice(&MAGIC);
+    raw.push(VERSION);
+    raw.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    raw.extend_from_slice(&body);
+    let mut replayed = Cursor::new(raw).chain(r);
+    let ctx = request::Context {
+        state,
+        peer,
+        transport: "stdinserver",
+    };
+    if request::handle(&ctx, &mut replayed, w).await {
+        Outcome::default()
+    } else {
+        Outcome {
+            status: 255,
+            message: None,
+        }
+    }
+}
+
+/// The served cluster a request means and the identity's id52 in it. Errors carry the
+/// response frame for the client and a line for stderr.
+fn pick(
+    registry: &Registry,
+    identity: &str,
+    header: &Header,
+) -> Result<(Arc<ClusterState>, Id52), (Response, String)> {
+    let err = |m: String| (Response::Error { reason: m.clone() }, m);
+    let clusters = registry.snapshot();
+    let state = match header.cluster {
+        Some(m) => clusters
+            .iter()
+            .find(|s| s.current().manager == m)
+            .cloned()
+            .ok_or_else(|| err(format!("this server does not serve cluster {}", m.short())))?,
+        None => match clusters.as_slice() {
+            [one] => one.clone(),
+            [] => return Err(err("this machine serves no cluster yet".into())),
+            _ => {
+                return Err(err(
+                    "this server serves several clusters; the request must name one".into(),
+                ));
+            }
+        },
+    };
+    let cfg = state.current();
+    let peer = match identity.parse::<Id52>() {
+        Ok(id) => id,
+        Err(_) => cfg.id52_of(identity).ok_or_else(|| {
+            let m = format!(
+                "identity {identity:?} is not a member of cluster {}",
+                state.dir.alias
+            );
+            (Response::Deny { reason: m.clone() }, m)
+        })?,
+    };
+    Ok((state, peer))
+}
+
+// ---------------------------------------------------------------------------------------
+// The forced command's side.
+
+/// Run as the forced command: hand our stdin/stdout to the server and wait for its status.
+pub async fn run_forced_command(dirs: &Dirs, identity: &str) -> Result<u8, StdinServerError> {
+    if identity.is_empty() || identity.len() > MAX_IDENTITY {
+        return Err(StdinServerError::BadIdentity(
+            identity.chars().take(64).collect(),
+        ));
+    }
+    if let Ok(cmd) = std::env::var("SSH_ORIGINAL_COMMAND") {
+        tracing::debug!(original = %cmd.chars().take(200).collect::<String>(), "SSH_ORIGINAL_COMMAND ignored");
+    }
+    let mut candidates = vec![dirs.run.join(SOCKET_NAME)];
+    // A server started from a login session has XDG_RUNTIME_DIR; sshd without PAM does
+    // not give it to the forced command, which then looks in the data dir's fallback.
+    let fallback = dirs.data.join("run").join(SOCKET_NAME);
+    if !candidates.contains(&fallback) {
+        candidates.push(fallback);
+    }
+    let mut last = None;
+    let mut sock = None;
+    for p in &candidates {
+        match UnixStream::connect(p).await {
+            Ok(s) => {
+                sock = Some(s);
+                break;
+            }
+            Err(e) => last = Some((p.display().to_string(), e)),
+        }
+    }
+    let Some(mut sock) = sock else {
+        let (path, source) =
+            last.unwrap_or_else(|| (String::new(), std::io::ErrorKind::NotFound.into()));
+        return Err(StdinServerError::NoServer { path, source });
+    };
+    let hello = serde_json::to_vec(&Hello {
+        identity: identity.to_string(),
+    })
+    .unwrap_or_default();
+    fdpass::send_fds(&sock, &hello, &[0, 1]).await?;
+    // From now on only the server holds the channel's fds: its EOF must not wait for us.
+    detach_stdio();
+    let mut buf = Vec::new();
+    let _ = (&mut sock).take(MAX_OUTCOME).read_to_end(&mut buf).await;
+    let outcome: Outcome = serde_json::from_slice(&buf).map_err(|_| StdinServerError::Lost)?;
+    if let Some(m) = outcome.message {
+        eprintln!("{}", m.replace('\n', " "));
+    }
+    Ok(outcome.status)
+}
+
+/// Point fds 0 and 1 at /dev/null.
+fn detach_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        // SAFETY: dup2 onto the standard descriptors; /dev/null stays open until then.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 0);
+            libc::dup2(null.as_raw_fd(), 1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_dir_must_be_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Missing: created 0700.
+        let run = tmp.path().join("a").join("run");
+        check_runtime_dir(&run).unwrap();
+        let mode = std::fs::metadata(&run).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        // Deny twins: group/world bits, a file, a symlink to a private dir.
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = check_runtime_dir(&run).unwrap_err();
+        assert!(e.to_string().contains("not private"), "{e}");
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o710)).unwrap();
+        assert!(check_runtime_dir(&run).is_err());
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+        check_runtime_dir(&run).unwrap();
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(check_runtime_dir(&file).is_err());
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&run, &link).unwrap();
+        assert!(check_runtime_dir(&link).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_second_listener_is_refused_and_a_stale_socket_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = Dirs::under(tmp.path());
+        let first = listen(&dirs).unwrap();
+        assert!(matches!(
+            listen(&dirs),
+            Err(StdinServerError::AlreadyRunning(_))
+        ));
+        drop(first);
+        // A stale file (no listener behind it) is replaced.
+        std::fs::write(dirs.run.join(SOCKET_NAME), b"").unwrap();
+        let _again = listen(&dirs).unwrap();
+    }
+}
