@@ -106,6 +106,52 @@ pub enum SshCommand {
     /// Print known_hosts lines for the servers using the embedded SSH server (their host
     /// key is their id52), under every name form: `malai ssh known-hosts >> ~/.ssh/known_hosts`.
     KnownHosts,
+    /// The agent: holds the cluster keys, keeps iroh connections open for reuse, and runs
+    /// the HTTP proxy to cluster services.
+    ///
+    /// `eval "$(malai ssh agent -e)"` starts it in the background unless it runs, and sets
+    /// MALAI_SSH_AGENT, MALAI_LOCKDOWN_MODE=true and HTTP_PROXY/http_proxy. Without -e it
+    /// runs in the foreground until SIGTERM or Ctrl-C. One agent serves every cluster.
+    Agent {
+        #[command(subcommand)]
+        command: Option<AgentCommand>,
+        /// Start the agent in the background if needed and print `export` lines for eval.
+        #[arg(short = 'e', long = "environment")]
+        environment: bool,
+        /// With -e: export MALAI_LOCKDOWN_MODE=true, so the CLI never reads a secret key
+        /// (`--lockdown=false` to leave it out).
+        #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true,
+              default_value_t = true, default_missing_value = "true")]
+        lockdown: bool,
+        /// Run the HTTP proxy (and with -e export HTTP_PROXY/http_proxy); `--http=false`
+        /// turns it off.
+        #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true,
+              default_value_t = true, default_missing_value = "true")]
+        http: bool,
+        /// Started by `agent -e`, which holds the startup lock.
+        #[arg(long, hide = true)]
+        under_lock: bool,
+    },
+    /// Run the system curl through the agent's HTTP proxy (starting the agent if needed):
+    /// `malai ssh curl http://web.foo.acme/`. curl's exit status is passed through.
+    #[command(disable_help_flag = true)]
+    Curl {
+        /// Arguments for curl, as given.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Show the running agent: pid, socket, HTTP proxy, clusters, connections and counters.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the running agent (it drains requests and removes its socket).
+    Stop,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -241,6 +287,11 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{host}: {e}")),
         SshCommand::Stdinserver { identity } => {
             let code = crate::server::stdinserver::run_forced_command(&dirs, &identity).await?;
+            SshCommand::Agent {
+                command: None,
+                environment: false,
+                ..
+            } => "agent",
             if code != 0 {
                 // The server's status is the forced command's (ssh passes it on).
                 std::process::exit(i32::from(code));
@@ -308,6 +359,14 @@ async fn serve(dirs: Dirs, bind: Option<SocketAddr>) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => {},
             _ = tokio::signal::ctrl_c() => {},
+        SshCommand::Agent {
+            command,
+            environment,
+            lockdown,
+            http,
+            under_lock,
+        } => agent(dirs, command, environment, lockdown, http, under_lock).await,
+        SshCommand::Curl { args } => curl(dirs, args).await,
         }
         tracing::info!("signal received; shutting down");
         token.cancel();
@@ -329,4 +388,125 @@ async fn serve(dirs: Dirs, bind: Option<SocketAddr>) -> anyhow::Result<()> {
     })
     .await?;
     Ok(())
+}
+
+/// `malai ssh agent …`.
+async fn agent(
+    dirs: Dirs,
+    command: Option<AgentCommand>,
+    environment: bool,
+    lockdown: bool,
+    http: bool,
+    under_lock: bool,
+) -> anyhow::Result<()> {
+    use crate::agent::{client::AgentClient, launch};
+    let socket =
+        || crate::agent::socket_from_env().unwrap_or_else(|| crate::agent::socket_path(&dirs));
+    match command {
+        Some(AgentCommand::Status { json }) => {
+            let status = AgentClient::connect(&socket()).await?.status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", render_agent_status(&status));
+            }
+            Ok(())
+        }
+        Some(AgentCommand::Stop) => {
+            let path = socket();
+            AgentClient::connect(&path).await?.stop().await?;
+            // Return once the socket is gone, so a following `agent -e` starts afresh.
+            for _ in 0..250 {
+                if !path.exists() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Ok(())
+        }
+        None if environment => {
+            let running = launch::ensure_running(&dirs, http).await?;
+            let http_addr = if http { running.hello.http } else { None };
+            if http && http_addr.is_none() {
+                eprintln!(
+                    "malai: the running agent has no HTTP proxy (started with --http=false); `malai ssh agent stop` and start it again to get one"
+                );
+            }
+            print!(
+                "{}",
+                launch::export_lines(&running.socket, lockdown, http_addr)
+            );
+            Ok(())
+        }
+        None => {
+            let shutdown = CancellationToken::new();
+            let token = shutdown.clone();
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = hup.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = token.cancelled() => return,
+                }
+                tracing::info!("signal received; agent shutting down");
+                token.cancel();
+            });
+            let opts = crate::agent::daemon::AgentOptions { http, under_lock };
+            let result = crate::agent::daemon::run(dirs, opts, shutdown.clone(), |ready| {
+                eprintln!("malai: agent ready on {}", ready.socket.display());
+                if let Some(a) = ready.http {
+                    eprintln!("malai: HTTP proxy on http://{a}");
+                }
+            })
+            .await;
+            shutdown.cancel();
+            Ok(result?)
+        }
+    }
+}
+
+/// Human-readable `agent status`.
+pub fn render_agent_status(s: &crate::agent::protocol::AgentStatus) -> String {
+    let mut out = format!(
+        "agent pid {} (control protocol {}) on {}\n",
+        s.pid, s.version, s.socket
+    );
+    match s.http {
+        Some(a) => out.push_str(&format!("http proxy: http://{a}\n")),
+        None => out.push_str("http proxy: off\n"),
+    }
+    out.push_str(&format!("clusters: {}\n", s.clusters.join(", ")));
+    out.push_str(&format!("dials: {}\n", s.dials));
+    out.push_str(&format!("requests: {}\n", s.requests));
+    for c in &s.connections {
+        out.push_str(&format!(
+            "connection {}/{}: active {}, requests {}, idle {} s\n",
+            c.cluster, c.server, c.active, c.requests, c.idle_secs
+        ));
+    }
+    out
+}
+
+/// `malai ssh curl …`: curl with the agent's proxy in its environment. curl replaces this
+/// process, so its exit status (and signals) are the caller's to see, untouched.
+async fn curl(dirs: Dirs, args: Vec<String>) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let running = crate::agent::launch::ensure_running(&dirs, true).await?;
+    let Some(addr) = running.hello.http else {
+        anyhow::bail!(
+            "the running agent has no HTTP proxy (started with --http=false); `malai ssh agent stop` and retry"
+        );
+    };
+    let url = format!("http://{addr}");
+    let err = std::process::Command::new("curl")
+        .args(&args)
+        .env("http_proxy", &url)
+        .env("HTTP_PROXY", &url)
+        .env("https_proxy", &url)
+        .env("HTTPS_PROXY", &url)
+        .exec();
+    Err(anyhow::anyhow!("cannot run curl: {err}"))
 }

@@ -13,9 +13,11 @@
 //! - [`cluster`]: `malai ssh cluster …`: init, join, add, allow, import.
 //! - [`demo`]: `malai ssh demo`, a throwaway cluster on one machine.
 //! - [`logging`]: tracing to files under LOGDIR; stdout is never touched.
+//! - [`agent`]: `malai ssh agent`: pooled connections, keys in one process, the HTTP proxy.
 //! - [`cli`]: clap definitions and dispatch for the `malai` binary.
 
 pub mod acl;
+pub mod agent;
 pub mod audit;
 pub mod cli;
 pub mod client;

@@ -120,7 +120,7 @@ where
                 r = &mut input, if !input_done => {
                     input_done = true;
                     if let Err(e) = r {
-                        break Err(ClientError::Refused(format!("connection lost: {e}")));
+                        tracing::debug!(error = %e, "stdin direction ended early");
                     }
                 }
                 _ = term.recv() => break Err(ClientError::Killed(15)),
@@ -196,8 +196,8 @@ async fn send<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io::Result<()
     })
 }
 
-/// Frames → our stdout/stderr, until `Exit`.
-async fn pump_output<R, O, E>(
+/// Frames → our stdout/stderr, until `Exit`. Also the agent's, with passed descriptors.
+pub(crate) async fn pump_output<R, O, E>(
     r: &mut R,
     out: &mut O,
     err: &mut E,
@@ -268,4 +268,33 @@ pub async fn run(dirs: &crate::config::paths::Dirs, argv: &[String]) -> Result<i
             run_one(&resolved, &server, &args).await
         }
     }
+}
+            // ssh-via servers need no malai key: always direct.
+            if server.ssh_via.is_none()
+                && let crate::agent::client::Route::Agent(agent) =
+                    crate::agent::client::route().await?
+            {
+                return run_via_agent(agent, &args).await;
+            }
+
+/// [`run_one`] through the agent (`MALAI_SSH_AGENT`): it gets our stdio and uses its
+/// pooled connection; we keep the terminal (raw mode, window size) and the exit status.
+async fn run_via_agent(
+    agent: crate::agent::client::AgentClient,
+    args: &SshArgs,
+) -> Result<i32, ClientError> {
+    let pty = want_pty(args);
+    let req = exec_request(args, pty);
+    let r = crate::agent::client::exec(agent, &args.host, req, !args.no_stdin, || {
+        if pty && is_tty(0) {
+            RawMode::enter()
+        } else {
+            None
+        }
+    })
+    .await;
+    if pty && !args.quiet && r.is_ok() {
+        eprintln!("Connection to {} closed.\r", args.host);
+    }
+    r
 }

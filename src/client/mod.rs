@@ -64,6 +64,12 @@ pub enum ClientError {
     SshVia(#[from] ssh_via::SshViaError),
     #[error("server closed the stream without answering")]
     NoAnswer,
+    /// `MALAI_LOCKDOWN_MODE=true` and no usable agent: the CLI may not read a secret key.
+    #[error("{0}")]
+    Lockdown(String),
+    /// The agent (`MALAI_SSH_AGENT`) failed while serving the request.
+    #[error("{0}")]
+    Agent(String),
 }
 
 /// Every cluster on this machine that has a usable file, as `(folder alias, config)`.
@@ -275,6 +281,10 @@ pub async fn open_with(
             }
         };
     }
+    // Lockdown: secrets stay in the agent; this is the CLI's only key read.
+    if crate::agent::lockdown_mode() {
+        return Err(ClientError::Lockdown(crate::agent::lockdown_help(None)));
+    }
     let key = keys::load(&resolved.dir.dir)?;
     let relay = RelayChoice::from_env();
     let node = Node::bind(&key, &relay, None, false).await?;
@@ -303,6 +313,22 @@ async fn handshake(
     let (mut send, mut recv) = conn.open().await?;
     exchange(&mut send, &mut recv, header).await?;
     Ok((conn, send, recv))
+}
+
+/// Open a new stream on an existing connection (the agent's pooled one) and send
+/// `request`; `Ok` only after `accept`.
+pub async fn request_on(
+    conn: &PeerConnection,
+    cluster: Id52,
+    request: Request,
+) -> Result<(SendHalf, RecvHalf), ClientError> {
+    let (mut send, mut recv) = conn.open().await?;
+    let header = Header {
+        cluster: Some(cluster),
+        request,
+    };
+    exchange(&mut send, &mut recv, header).await?;
+    Ok((send, recv))
 }
 
 /// Send the header and wait for the server's answer; `Ok` only on `accept`.

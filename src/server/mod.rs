@@ -22,6 +22,7 @@ pub mod tunnel;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+pub mod http;
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;

@@ -158,6 +158,13 @@ where
             super::exec::serve(Program::Argv(argv), e, peer.to_string(), r, w).await
         }
         (Grant::Ping, Request::Ping) => reply(w, &Response::Accept).await.is_ok(),
+        (Grant::Http { port }, Request::Http { service }) => {
+            super::http::serve(&service, port, r, w).await
+        }
+        (Grant::ConfigPush, Request::ConfigPush { hash }) => {
+            super::config_sync::serve_push(ctx, hash, r, w).await
+        }
+        (Grant::ConfigHash, Request::ConfigHash) => super::config_sync::serve_hash(ctx, r, w).await,
         (_, request) => {
             let reason = format!("{} is not supported by this server yet", request.kind());
             let _ = reply(w, &Response::Error { reason }).await;

@@ -266,6 +266,12 @@ impl RecvHalf {
     pub fn stop(&mut self) {
         let _ = self.0.stop(0u32.into());
     }
+    /// Whether the connection is gone (closed by either side, or timed out): a pool must
+    /// dial a new one instead of opening streams on it.
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+
 }
 
 impl AsyncWrite for SendHalf {

@@ -1,0 +1,201 @@
+//! The agent process (`malai ssh agent`, foreground): its socket, its tasks, its shutdown.
+//!
+//! Start: private runtime dir → startup lock (unless the spawning `agent -e` holds it) →
+//! refuse if a live agent answers, else remove the stale socket → bind the socket (0600)
+//! → bind the HTTP proxy on 127.0.0.1 → bind endpoints for the clusters found → ready.
+//! Every task is owned by one `TaskTracker` and stops on one `CancellationToken`
+//! (SIGTERM/SIGINT/SIGHUP or a `stop` request); shutdown drains with a deadline, closes the
+//! connections and endpoints, and removes the socket file — only if it is still ours.
+//! An agent whose socket file was removed or replaced can no longer be reached, so it
+//! exits too.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::launch::{Probe, StartupLock, probe};
+use super::pool::{Pool, idle_from_env};
+use super::serve::{self, AgentContext};
+use super::{AgentError, lock_path, prepare_run_dir, socket_path};
+use crate::config::paths::Dirs;
+use crate::transport::iroh::RelayChoice;
+
+/// How long shutdown waits for running requests.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// How often clusters are rescanned (new clusters, changed keys) and the socket checked.
+const RESCAN_EVERY: Duration = Duration::from_secs(2);
+
+/// Options of `malai ssh agent`.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Run the HTTP proxy.
+    pub http: bool,
+    /// Spawned by `agent -e`, which holds the startup lock and has probed already.
+    pub under_lock: bool,
+}
+
+/// What the agent reports once it is reachable.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    pub socket: PathBuf,
+    pub http: Option<SocketAddr>,
+    pub clusters: Vec<String>,
+}
+
+/// The socket file, removed on drop if it is still the one we bound (a newer agent may
+/// have replaced it).
+struct SocketFile {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl SocketFile {
+    fn identity(path: &Path) -> Option<(u64, u64)> {
+        std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    }
+
+    fn still_ours(&self) -> bool {
+        SocketFile::identity(&self.path) == Some(self.id)
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if self.still_ours() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Run the agent until `shutdown` is cancelled.
+pub async fn run(
+    dirs: Dirs,
+    opts: AgentOptions,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(&Ready),
+) -> Result<(), AgentError> {
+    prepare_run_dir(&dirs.run)?;
+    let path = socket_path(&dirs);
+    let lock = if opts.under_lock {
+        None
+    } else {
+        Some(StartupLock::acquire(&lock_path(&dirs)).await?)
+    };
+    match probe(&path).await {
+        Probe::Alive(h) | Probe::OtherVersion(h) => {
+            return Err(AgentError::AlreadyRunning { path, pid: h.pid });
+        }
+        Probe::Stale => {
+            tracing::info!(socket = %path.display(), "removing stale agent socket");
+            let _ = std::fs::remove_file(&path);
+        }
+        Probe::Missing => {}
+    }
+    let listener = UnixListener::bind(&path).map_err(|source| AgentError::Bind {
+        path: path.clone(),
+        source,
+    })?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        AgentError::Bind {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    let socket = SocketFile {
+        id: SocketFile::identity(&path).unwrap_or_default(),
+        path: path.clone(),
+    };
+    let http = if opts.http {
+        Some(
+            TcpListener::bind(("127.0.0.1", 0))
+                .await
+                .map_err(AgentError::Http)?,
+        )
+    } else {
+        None
+    };
+    let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+    let ctx = Arc::new(AgentContext {
+        pool: Pool::new(dirs.clone(), RelayChoice::from_env(), idle_from_env()),
+        dirs,
+        socket: path.clone(),
+        http: http_addr,
+        shutdown: shutdown.clone(),
+    });
+    ctx.pool.rescan().await;
+    drop(lock);
+    tracing::info!(socket = %path.display(), http = ?http_addr, clusters = ?ctx.pool.clusters(), "agent ready");
+    ready(&Ready {
+        socket: path.clone(),
+        http: http_addr,
+        clusters: ctx.pool.clusters(),
+    });
+
+    let tracker = TaskTracker::new();
+    tracker.spawn(accept_loop(listener, ctx.clone(), tracker.clone()));
+    if let Some(l) = http {
+        tracker.spawn(super::http::serve(l, ctx.clone(), tracker.clone()));
+    }
+    tracker.spawn(maintenance(ctx.clone(), socket));
+
+    shutdown.cancelled().await;
+    tracing::info!("agent shutting down");
+    tracker.close();
+    if tokio::time::timeout(DRAIN_DEADLINE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain deadline passed; closing with requests still running");
+    }
+    ctx.pool.close().await;
+    Ok(())
+}
+
+async fn accept_loop(listener: UnixListener, ctx: Arc<AgentContext>, tracker: TaskTracker) {
+    loop {
+        let sock = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept on the agent socket failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        tracker.spawn(serve::connection(ctx.clone(), sock));
+    }
+}
+
+/// Rescan clusters, close idle connections, and exit if our socket is gone. Owns the
+/// socket file so it is removed when this task ends (at shutdown).
+async fn maintenance(ctx: Arc<AgentContext>, socket: SocketFile) {
+    let mut rescan = tokio::time::interval(RESCAN_EVERY);
+    let mut reap = tokio::time::interval(ctx.pool.reap_every());
+    rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            _ = rescan.tick() => {
+                if !socket.still_ours() {
+                    tracing::warn!(socket = %socket.path.display(), "agent socket removed or replaced; exiting");
+                    ctx.shutdown.cancel();
+                    break;
+                }
+                ctx.pool.rescan().await;
+            }
+            _ = reap.tick() => ctx.pool.reap(),
+        }
+    }
+    drop(socket);
+}
