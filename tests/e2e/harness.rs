@@ -162,7 +162,7 @@ fn shell_quote(a: &OsStr) -> String {
 }
 
 /// Path to a program, panicking with a clear message if it is missing.
-fn require_program(name: &str, package: &str) {
+pub fn require_program(name: &str, package: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
         .unwrap_or(false);

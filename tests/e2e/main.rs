@@ -5,3 +5,7 @@
 mod harness;
 // The OpenSSH bridge: ssh/scp/rsync/git through `malai ssh proxy`, denials, SIGTERM, reload.
 mod bridge;
+// The malai protocol over OpenSSH: stdinserver as sshd's forced command, ssh-via clients.
+mod shim;
+// The embedded SSH server: ssh, scp, sftp, rsync, git with no sshd; known-hosts; scoping.
+mod embedded;

@@ -1,0 +1,252 @@
+//! The malai protocol over plain OpenSSH: `malai ssh stdinserver <identity>` as a real
+//! sshd's forced command, and clients reaching the server through `ssh-via`.
+//!
+//! Cluster `acme`: manager `mgr`; server `foo` (a real sshd in front of it, which is both
+//! the tunnel target and the OpenSSH transport for `ssh-via`); devices `alice` (full access
+//! on foo) and `eve` (a member with no access). The server entry carries
+//! `ssh-via = "root@127.0.0.1:<sshd port>"` and `ssh-identity-file = <key>`, and that key is
+//! bound in sshd's `authorized_keys` to `command="… malai ssh stdinserver alice",restrict`.
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use crate::harness::*;
+
+struct Shim {
+    c: TestCluster,
+    /// The key bound to the forced command.
+    key: PathBuf,
+    /// `MALAI_SSH_COMMAND`: ssh with test options (no user config, own known_hosts).
+    ssh_command: String,
+}
+
+/// The `authorized_keys` line binding `key` to `stdinserver <identity>` on foo.
+fn forced_line(c: &TestCluster, key: &std::path::Path, identity: &str) -> String {
+    let pubkey = fs::read_to_string(key.with_extension("pub")).expect("pubkey");
+    format!(
+        "command=\"{} ssh stdinserver {identity}\",restrict {}",
+        c.machine("foo").env_command_prefix(),
+        pubkey.trim()
+    )
+}
+
+fn shim() -> Shim {
+    let c = TestCluster::builder("acme")
+        .manager("mgr")
+        .server("foo")
+        .device("alice")
+        .device("eve")
+        .allow("foo", &["alice"])
+        .build();
+    let sshd = c.sshd("foo");
+    let key = sshd.new_client_key("via_key");
+    sshd.add_authorized_key_line(&forced_line(&c, &key, "alice"));
+    let via = format!("root@127.0.0.1:{}", sshd.port());
+    c.edit_manager_file(|t| {
+        set_table_keys(
+            &t,
+            "server.foo",
+            &[
+                ("ssh-via", toml_str(&via)),
+                ("ssh-identity-file", toml_str(&key.display().to_string())),
+            ],
+        )
+    });
+    c.distribute();
+    let ssh_command = format!(
+        "ssh -F /dev/null -o BatchMode=yes -o UserKnownHostsFile={} -o StrictHostKeyChecking=accept-new -o LogLevel=ERROR",
+        c.dir().join("via_known_hosts").display()
+    );
+    Shim {
+        c,
+        key,
+        ssh_command,
+    }
+}
+
+impl Shim {
+    /// `malai <args>` as `device`, reaching servers through ssh-via.
+    fn malai(&self, device: &str, args: &[&str]) -> Output {
+        let mut cmd = self.c.machine(device).cmd(args);
+        cmd.env("MALAI_SSH_COMMAND", &self.ssh_command);
+        run_cmd(&mut cmd)
+    }
+
+    fn malai_with_stdin(&self, device: &str, args: &[&str], stdin: &[u8]) -> Output {
+        let mut cmd = self.c.machine(device).cmd(args);
+        cmd.env("MALAI_SSH_COMMAND", &self.ssh_command);
+        run_cmd_with(&mut cmd, Some(stdin), CHILD_TIMEOUT)
+    }
+
+    /// How many forced-command sessions sshd has accepted with the bound key.
+    fn forced_sessions(&self) -> usize {
+        self.c
+            .sshd("foo")
+            .log()
+            .matches("Accepted publickey")
+            .count()
+    }
+}
+
+#[test]
+fn native_exec_over_ssh_via() {
+    let s = shim();
+    let before = s.forced_sessions();
+    let out = s.malai("alice", &["ssh", "foo.acme", "echo ok"]);
+    assert_success(&out, "alice: malai ssh foo.acme 'echo ok' (ssh-via)");
+    assert_eq!(stdout_of(&out), "ok\n", "{}", fmt_output(&out));
+    assert!(
+        s.forced_sessions() > before,
+        "the request did not go through sshd:\n{}",
+        s.c.sshd("foo").log()
+    );
+
+    // Exit status, separate stderr and stdin (with EOF) pass through the forced command.
+    let out = s.malai("alice", &["ssh", "foo.acme", "echo err >&2; exit 7"]);
+    assert_exit_code(&out, 7, "exit 7 over ssh-via");
+    assert_eq!(stderr_of(&out), "err\n", "{}", fmt_output(&out));
+    let out = s.malai_with_stdin("alice", &["ssh", "foo.acme", "wc -c"], &[b'x'; 100_000]);
+    assert_success(&out, "stdin over ssh-via");
+    assert_eq!(stdout_of(&out).trim(), "100000", "{}", fmt_output(&out));
+
+    let server_log = s.c.machine("foo").logs();
+    assert!(
+        server_log.contains("stdinserver"),
+        "the server log does not mention the stdinserver transport:\n{}",
+        tail(&server_log, 50)
+    );
+}
+
+#[test]
+fn rsync_and_proxy_over_ssh_via() {
+    let s = shim();
+    let src = s.c.scratch("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("a.txt"), "a\n").unwrap();
+    write_random_file(&src.join("d/blob.bin"), 2 << 20, 7);
+    let dst = s.c.dir().join("dst");
+    let malai = s.c.machine("alice");
+    let mut rsync = Command::new("rsync");
+    rsync
+        .env_remove("RUST_LOG")
+        .envs(malai.env())
+        .env("MALAI_SSH_COMMAND", &s.ssh_command)
+        .arg("-a")
+        .arg("-e")
+        .arg(format!("{MALAI} ssh"))
+        .arg(format!("{}/", src.display()))
+        .arg(format!("foo.acme:{}/", dst.display()));
+    require_program("rsync", "rsync");
+    let out = run_cmd(&mut rsync);
+    assert_success(&out, "rsync -e 'malai ssh' over ssh-via");
+    assert_eq!(tree_listing(&dst), tree_listing(&src));
+
+    // `malai ssh proxy` over ssh-via: OpenSSH through a tunnel that itself rides OpenSSH.
+    let mut ssh = s.c.ssh_cmd("alice");
+    ssh.env("MALAI_SSH_COMMAND", &s.ssh_command)
+        .arg("foo.acme")
+        .arg("echo tunnelled");
+    let out = run_cmd(&mut ssh);
+    assert_success(&out, "ssh with ProxyCommand malai ssh proxy (ssh-via)");
+    assert_eq!(stdout_of(&out), "tunnelled\n", "{}", fmt_output(&out));
+}
+
+#[test]
+fn identity_unknown_to_the_cluster_is_denied() {
+    let s = shim();
+    // The same key, now bound to an identity the cluster file does not know.
+    let sshd = s.c.sshd("foo");
+    sshd.set_authorized_keys(&forced_line(&s.c, &s.key, "mallory"));
+    let out = s.malai("alice", &["ssh", "foo.acme", "echo ok"]);
+    assert_exit_code(&out, 255, "identity mallory");
+    assert!(
+        !stdout_of(&out).contains("ok"),
+        "a denied request ran:\n{}",
+        fmt_output(&out)
+    );
+    assert!(
+        stderr_of(&out).contains("not a member"),
+        "expected `not a member` on stderr:\n{}",
+        fmt_output(&out)
+    );
+
+    // A member with no access on foo: the ACL denies, as over iroh.
+    sshd.set_authorized_keys(&forced_line(&s.c, &s.key, "eve"));
+    let out = s.malai("alice", &["ssh", "foo.acme", "echo ok"]);
+    assert_exit_code(&out, 255, "identity eve");
+    assert!(
+        stderr_of(&out).to_lowercase().contains("permission denied"),
+        "{}",
+        fmt_output(&out)
+    );
+
+    // An id52 that is in the cluster file works like its alias (control).
+    let alice = s.c.id52("alice").to_string();
+    sshd.set_authorized_keys(&forced_line(&s.c, &s.key, &alice));
+    let out = s.malai("alice", &["ssh", "foo.acme", "echo ok"]);
+    assert_success(&out, "identity = alice's id52");
+    assert_eq!(stdout_of(&out), "ok\n");
+}
+
+#[test]
+fn plain_ssh_with_the_key_gets_only_the_protocol() {
+    let s = shim();
+    let sshd = s.c.sshd("foo");
+
+    // A shell: nothing on stdout, an explanation on stderr, exit 255.
+    let out = run_cmd(&mut sshd.direct_ssh_with_key(&s.key));
+    assert_exit_code(&out, 255, "plain ssh (shell) with the forced-command key");
+    assert!(out.stdout.is_empty(), "{}", fmt_output(&out));
+    assert!(
+        stderr_of(&out).contains("only carries the malai protocol"),
+        "{}",
+        fmt_output(&out)
+    );
+
+    // A command is ignored (SSH_ORIGINAL_COMMAND); typed input gets the protocol's error
+    // frame and nothing else.
+    let mut cmd = sshd.direct_ssh_with_key(&s.key);
+    cmd.arg("echo hacked; id");
+    let out = run_cmd_with(&mut cmd, Some(b"id\nls /\necho hacked\n"), CHILD_TIMEOUT);
+    assert_exit_code(&out, 255, "plain ssh (command + input)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.stdout.starts_with(b"mssh") && stdout.contains("not a malai protocol stream"),
+        "expected only a protocol error frame on stdout:\n{}",
+        fmt_output(&out)
+    );
+    assert!(
+        !stdout.contains("hacked") && !stdout.contains("uid="),
+        "{}",
+        fmt_output(&out)
+    );
+}
+
+#[test]
+fn server_refuses_a_non_private_runtime_dir() {
+    let c = TestCluster::builder("acme")
+        .server_with("foo", SshTarget::Embedded)
+        .start_servers(false)
+        .build();
+    let foo = c.machine("foo");
+    let run = foo.home().join("run");
+    fs::create_dir_all(&run).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&run, fs::Permissions::from_mode(0o755)).unwrap();
+    let bind = format!("127.0.0.1:{}", free_udp_port());
+    let out = foo.run(["ssh", "server", "--bind", bind.as_str()]);
+    assert_exit_code(&out, 255, "malai ssh server with a 0755 runtime dir");
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("not private") && err.contains(&run.display().to_string()),
+        "expected a message naming the runtime dir:\n{}",
+        fmt_output(&out)
+    );
+    assert!(!err.contains("server ready"), "{}", fmt_output(&out));
+
+    // Deny twin: 0700 starts.
+    fs::set_permissions(&run, fs::Permissions::from_mode(0o700)).unwrap();
+    let mut p = foo.spawn_server(bind.parse().unwrap());
+    assert!(p.is_running());
+}
