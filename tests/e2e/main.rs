@@ -9,3 +9,7 @@ mod bridge;
 mod shim;
 // The embedded SSH server: ssh, scp, sftp, rsync, git with no sshd; known-hosts; scoping.
 mod embedded;
+// `malai ssh agent`: -e lifecycle, connection reuse, lockdown, fallback, idle/broken, new clusters.
+mod agent;
+// The agent's HTTP proxy: services with ACL, 403/404/502, CONNECT, 64 MiB, malai ssh curl.
+mod http;
