@@ -114,7 +114,12 @@ impl AgentClient {
         }
     }
 
-    /// Send an `open` with this process's descriptors and wait until the server accepted.
+    /// The agent's socket.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Send an `open` with this process's stdio and wait until the server accepted.
     async fn open(
         &mut self,
         host: &str,
@@ -129,12 +134,24 @@ impl AgentClient {
         if request.output_fds() > 1 {
             fds.push(2);
         }
+        self.open_fds(host, request, stdin, &fds).await
+    }
+
+    /// Send an `open` with these descriptors (stdin first when `stdin`) and wait until the
+    /// server accepted.
+    async fn open_fds(
+        &mut self,
+        host: &str,
+        request: OpenRequest,
+        stdin: bool,
+        fds: &[RawFd],
+    ) -> Result<(), ClientError> {
         let msg = ToAgent::Open {
             host: host.to_string(),
             request,
             stdin,
         };
-        protocol::write_with_fds(&self.sock, &msg, &fds)
+        protocol::write_with_fds(&self.sock, &msg, fds)
             .await
             .map_err(|e| agent_lost(&self.path, e))?;
         match protocol::read::<_, FromAgent>(&mut self.sock).await {
@@ -269,6 +286,48 @@ pub async fn exec<G>(
             FromAgent::Broken { message } => Err(ClientError::Refused(message)),
             other => Err(ClientError::Agent(format!("agent sent {other:?}"))),
         };
+    }
+}
+
+/// Exec through the agent at `path` with no stdin and the command's output copied into
+/// `out`/`err` (a group's prefixed writers): the agent writes into pipes we read.
+pub async fn exec_into<O, E>(
+    path: &Path,
+    host: &str,
+    request: crate::protocol::exec::ExecRequest,
+    out: &mut O,
+    err: &mut E,
+) -> Result<i32, ClientError>
+where
+    O: tokio::io::AsyncWrite + Unpin,
+    E: tokio::io::AsyncWrite + Unpin,
+{
+    use std::os::fd::AsRawFd;
+    let mut agent = AgentClient::connect(path)
+        .await
+        .map_err(|e| ClientError::Agent(e.to_string()))?;
+    let (out_tx, mut out_rx) = tokio::net::unix::pipe::pipe().map_err(local)?;
+    let (err_tx, mut err_rx) = tokio::net::unix::pipe::pipe().map_err(local)?;
+    let fds = [out_tx.as_raw_fd(), err_tx.as_raw_fd()];
+    let opened = agent
+        .open_fds(host, OpenRequest::Exec(request), false, &fds)
+        .await;
+    // Only the agent's copies may keep the pipes open now: EOF comes when it closes them.
+    drop(out_tx);
+    drop(err_tx);
+    opened?;
+    let (o, e, end) = tokio::join!(
+        tokio::io::copy(&mut out_rx, out),
+        tokio::io::copy(&mut err_rx, err),
+        agent.next()
+    );
+    if let Err(e) = o.and(e) {
+        tracing::debug!(error = %e, "copying a group member's output");
+    }
+    match end? {
+        FromAgent::Exit { status } => Ok(exit_code(&status)),
+        FromAgent::Broken { message } => Err(ClientError::Refused(message)),
+        other => Err(ClientError::Agent(format!("agent sent {other:?}"))),
     }
 }
 

@@ -41,6 +41,12 @@ pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32
             "a group needs a command (no interactive session on many hosts)".into(),
         ));
     }
+    // Through the agent when one is set (each member its own request on its pooled
+    // connection); required under lockdown.
+    let agent: Option<Arc<std::path::Path>> = match crate::agent::client::route().await? {
+        crate::agent::client::Route::Agent(a) => Some(Arc::from(a.path())),
+        crate::agent::client::Route::Direct => None,
+    };
     let sem = Arc::new(tokio::sync::Semaphore::new(
         args.parallel.unwrap_or(DEFAULT_PARALLEL),
     ));
@@ -54,14 +60,21 @@ pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32
             target: resolved.target.clone(),
         };
         let req = exec_request(args, false);
+        let agent = agent.clone().filter(|_| server.ssh_via.is_none());
         tasks.spawn(async move {
             let _permit = sem.acquire_owned().await;
             let prefix = format!("{:width$}: ", server.name);
             let mut out = Prefixed::new(prefix.clone(), Sink::Stdout);
             let mut err = Prefixed::new(prefix, Sink::Stderr);
-            let r = match open(&resolved, &server, Request::Exec(req)).await {
-                Ok(session) => drive(session, None, &mut out, &mut err, false).await,
-                Err(e) => Err(e),
+            let r = if let Some(path) = agent {
+                // `<server-id52>.<cluster-id52>` names exactly this member for the agent.
+                let host = format!("{}.{}", server.id52, resolved.config.manager);
+                crate::agent::client::exec_into(&path, &host, req, &mut out, &mut err).await
+            } else {
+                match open(&resolved, &server, Request::Exec(req)).await {
+                    Ok(session) => drive(session, None, &mut out, &mut err, false).await,
+                    Err(e) => Err(e),
+                }
             };
             out.flush_rest();
             err.flush_rest();

@@ -510,3 +510,30 @@ fn one_agent_serves_a_cluster_joined_after_it_started() {
         status["raw"]
     );
 }
+
+#[test]
+fn a_group_command_goes_through_the_agent_under_lockdown() {
+    let c = TestCluster::builder("acme")
+        .manager("mgr")
+        .server_with("foo", SshTarget::Embedded)
+        .server_with("bar", SshTarget::Embedded)
+        .device("alice")
+        .allow("foo", &["alice"])
+        .allow("bar", &["alice"])
+        .build();
+    c.edit_manager_file(|t| t + "\n[group.web]\nmembers = \"foo, bar\"\n");
+    c.distribute();
+    let agent = Agent::start(c.machine("alice"), &[]);
+    let out = exec(&agent, &["web.acme", "echo hi; echo oops >&2"]);
+    assert_success(&out, "group exec through the agent");
+    let text = stdout_of(&out);
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.sort();
+    assert_eq!(lines, ["bar: hi", "foo: hi"], "{}", fmt_output(&out));
+    let mut err: Vec<String> = stderr_of(&out).lines().map(str::to_string).collect();
+    err.sort();
+    assert_eq!(err, ["bar: oops", "foo: oops"], "{}", fmt_output(&out));
+    let out = exec(&agent, &["web.acme", "exit 4"]);
+    assert_exit_code(&out, 4, "group exit status through the agent");
+    assert_eq!(agent.dials(), 2, "one connection per member, reused");
+}
