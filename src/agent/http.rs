@@ -14,6 +14,11 @@
 //!   `HTTP_PROXY` breaks nothing. A name inside a local cluster's namespace that does not
 //!   resolve (`nosuch.foo.acme`, `foo.acme`) is a `404`, never sent to the internet.
 //!
+//! The proxy listens on 127.0.0.1, which every local user can reach, so each client
+//! connection's owner is looked up (`/proc/net/tcp`, like identd) and anyone but the
+//! agent's own user gets `403`: the socket's 0700 directory protects the agent's keys, and
+//! this protects the same keys behind the proxy.
+//!
 //! Hop-by-hop headers are dropped both ways (RFC 9110 §7.6.1). Each request gets its own
 //! upstream connection (stream); keep-alive is between the HTTP client and the agent.
 
@@ -67,12 +72,32 @@ async fn client_connection(
     ctx: Arc<AgentContext>,
     tracker: TaskTracker,
 ) {
+    // 127.0.0.1 is every local user's: only the agent's own user may spend its keys.
+    let me = nix::unistd::geteuid().as_raw();
+    let owner = tcp
+        .local_addr()
+        .ok()
+        .and_then(|l| loopback_peer_uid(l, peer));
+    let foreign = match owner {
+        Some(uid) if uid == me => None,
+        Some(uid) => Some(format!("this proxy belongs to uid {me}; you are uid {uid}")),
+        None => Some("cannot tell which user is connecting; refused".to_string()),
+    };
+    if let Some(reason) = &foreign {
+        tracing::warn!(%peer, %reason, "HTTP proxy client refused");
+    }
     let svc_ctx = ctx.clone();
     let svc_tracker = tracker.clone();
     let service = hyper::service::service_fn(move |req| {
         let ctx = svc_ctx.clone();
         let tracker = svc_tracker.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, tracker, req).await) }
+        let foreign = foreign.clone();
+        async move {
+            Ok::<_, Infallible>(match foreign {
+                Some(reason) => text(StatusCode::FORBIDDEN, &reason),
+                None => handle(ctx, tracker, req).await,
+            })
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(tcp), service)
@@ -89,6 +114,44 @@ async fn client_connection(
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
         }
     }
+}
+
+/// The uid owning the client end of a loopback TCP connection, from `/proc/net/tcp{,6}`
+/// (the client's socket has `local = peer`, `remote = local`), the way identd answers.
+fn loopback_peer_uid(local: std::net::SocketAddr, peer: std::net::SocketAddr) -> Option<u32> {
+    let want = (proc_addr(peer)?, proc_addr(local)?);
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if let (Some(l), Some(r), Some(uid)) = (f.get(1), f.get(2), f.get(7))
+                && l.eq_ignore_ascii_case(&want.0)
+                && r.eq_ignore_ascii_case(&want.1)
+            {
+                return uid.parse().ok();
+            }
+        }
+    }
+    None
+}
+
+/// An address as `/proc/net/tcp*` prints it: the address bytes as native-endian 32-bit
+/// words in hex, then the port in hex. Only the family of the table it is looked up in
+/// matches, so IPv4 and IPv6 never mix.
+fn proc_addr(a: std::net::SocketAddr) -> Option<String> {
+    let words: Vec<u32> = match a.ip() {
+        std::net::IpAddr::V4(ip) => vec![u32::from_ne_bytes(ip.octets())],
+        std::net::IpAddr::V6(ip) => ip
+            .octets()
+            .chunks_exact(4)
+            .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    };
+    let mut s: String = words.iter().map(|w| format!("{w:08X}")).collect();
+    s.push_str(&format!(":{:04X}", a.port()));
+    Some(s)
 }
 
 /// A short response with a one-line text body.
@@ -223,7 +286,7 @@ async fn handle(
             };
             tracing::info!(%host, %service, connect, "HTTP over the cluster");
             if connect {
-                tunnel(tracker, req, stream)
+                tunnel(&ctx, tracker, req, stream)
             } else {
                 forward(tracker, req, stream).await
             }
@@ -251,7 +314,7 @@ async fn handle(
             };
             let _ = tcp.set_nodelay(true);
             if connect {
-                tunnel(tracker, req, tcp)
+                tunnel(&ctx, tracker, req, tcp)
             } else {
                 forward(tracker, req, tcp).await
             }
@@ -289,11 +352,18 @@ async fn open_service(
     }
 }
 
-/// `CONNECT`: answer 200, then pump the upgraded client connection and `upstream`.
-fn tunnel<S>(tracker: TaskTracker, req: Request<Incoming>, mut upstream: S) -> Response<Body>
+/// `CONNECT`: answer 200, then pump the upgraded client connection and `upstream` (until
+/// both ends close, or the agent stops).
+fn tunnel<S>(
+    ctx: &AgentContext,
+    tracker: TaskTracker,
+    req: Request<Incoming>,
+    mut upstream: S,
+) -> Response<Body>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let shutdown = ctx.shutdown.clone();
     tracker.spawn(async move {
         let upgraded = match hyper::upgrade::on(req).await {
             Ok(u) => u,
@@ -305,9 +375,12 @@ where
         let client = TokioIo::new(upgraded);
         let (mut cr, mut cw) = tokio::io::split(client);
         let (mut ur, mut uw) = tokio::io::split(&mut upstream);
-        match pump::both_ways(&mut cr, &mut uw, &mut ur, &mut cw).await {
-            Ok(m) => tracing::debug!(up = m.up, down = m.down, "CONNECT tunnel done"),
-            Err(e) => tracing::debug!(error = %e, "CONNECT tunnel broke"),
+        tokio::select! {
+            r = pump::both_ways(&mut cr, &mut uw, &mut ur, &mut cw) => match r {
+                Ok(m) => tracing::debug!(up = m.up, down = m.down, "CONNECT tunnel done"),
+                Err(e) => tracing::debug!(error = %e, "CONNECT tunnel broke"),
+            },
+            _ = shutdown.cancelled() => tracing::debug!("CONNECT tunnel cut: agent stopping"),
         }
     });
     empty(StatusCode::OK)
@@ -445,6 +518,31 @@ mod tests {
         ] {
             assert_eq!(kind(h), "direct", "{h}");
         }
+    }
+
+    #[tokio::test]
+    async fn loopback_peers_are_known_by_uid() {
+        let l = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let local = l.local_addr().unwrap();
+        let _client = TcpStream::connect(local).await.unwrap();
+        let (_server, peer) = l.accept().await.unwrap();
+        assert_eq!(
+            loopback_peer_uid(local, peer),
+            Some(nix::unistd::geteuid().as_raw())
+        );
+        // A connection that does not exist has no owner.
+        let nobody: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(loopback_peer_uid(local, nobody), None);
+    }
+
+    #[test]
+    fn proc_addr_matches_the_kernel_format() {
+        let a: std::net::SocketAddr = "127.0.0.1:18080".parse().unwrap();
+        if cfg!(target_endian = "little") {
+            assert_eq!(proc_addr(a).unwrap(), "0100007F:46A0");
+        }
+        let v6: std::net::SocketAddr = "[::1]:80".parse().unwrap();
+        assert_eq!(proc_addr(v6).unwrap().len(), 32 + 5);
     }
 
     #[test]

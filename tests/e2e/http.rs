@@ -196,6 +196,28 @@ fn services_through_http_proxy_and_malai_ssh_curl() {
     assert_exit_code(&out, 22, "malai ssh curl -f on a 404");
     assert!(out.stdout.is_empty());
 
+    // Another local user may not spend alice's keys through her proxy.
+    let mut cmd = Command::new("runuser");
+    cmd.args([
+        "-u",
+        "nobody",
+        "--",
+        "curl",
+        "-sS",
+        "-w",
+        "\n%{http_code}",
+        "--proxy",
+    ])
+    .arg(&proxy)
+    .arg("http://web.foo.acme/index.html")
+    .env_remove("no_proxy")
+    .env_remove("NO_PROXY");
+    let out = run_cmd(&mut cmd);
+    let text = stdout_of(&out);
+    assert!(text.ends_with("\n403"), "{}", fmt_output(&out));
+    assert!(text.contains("belongs to uid"), "{text}");
+    assert!(!text.contains("hello from web"));
+
     let status = agent.status();
     assert_eq!(
         status["dials"], "1",
