@@ -61,6 +61,38 @@ impl RelayChoice {
     }
 }
 
+/// How long a connection may be silent before it is declared dead. Keep-alives go every
+/// `KEEP_ALIVE`, so this is "several keep-alives lost in a row". Short on purpose: when a
+/// server or client is killed outright nothing says goodbye, and the other side must give
+/// up within seconds (an ssh client hanging for 30 s is a bug to users). `MALAI_IDLE_TIMEOUT`
+/// (seconds) raises it for flaky links.
+pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(1);
+/// Streams one connection may have open at once (each is one request): a peer can't pin
+/// unbounded server tasks through one connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
+fn idle_timeout() -> std::time::Duration {
+    std::env::var("MALAI_IDLE_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|s| (1..=3600).contains(s))
+        .map(std::time::Duration::from_secs)
+        .unwrap_or(DEFAULT_IDLE_TIMEOUT)
+}
+
+fn transport_config() -> iroh::endpoint::QuicTransportConfig {
+    let idle = idle_timeout();
+    let mut b = iroh::endpoint::QuicTransportConfig::builder()
+        .keep_alive_interval(KEEP_ALIVE)
+        .default_path_keep_alive_interval(KEEP_ALIVE)
+        .max_concurrent_bidi_streams(MAX_STREAMS_PER_CONNECTION.into());
+    if let Ok(t) = iroh::endpoint::IdleTimeout::try_from(idle) {
+        b = b.max_idle_timeout(Some(t));
+    }
+    b.build()
+}
+
 /// Generate a new ed25519 secret.
 pub fn generate_secret() -> SecretKey {
     SecretKey::from_bytes(iroh::SecretKey::generate().to_bytes())
@@ -113,7 +145,7 @@ impl Node {
                 Endpoint::builder(presets::N0).relay_mode(RelayMode::custom([url]))
             }
         };
-        b = b.secret_key(sk);
+        b = b.secret_key(sk).transport_config(transport_config());
         if accept {
             b = b.alpns(vec![ALPN.to_vec()]);
         }
@@ -234,6 +266,12 @@ impl PeerConnection {
         self.conn.closed().await;
     }
 
+    /// Whether the connection is gone (closed by either side, or timed out): a pool must
+    /// dial a new one instead of opening streams on it.
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+
     /// Round-trip time estimate (for `cluster status`).
     pub fn rtt(&self) -> std::time::Duration {
         self.conn
@@ -266,12 +304,6 @@ impl RecvHalf {
     pub fn stop(&mut self) {
         let _ = self.0.stop(0u32.into());
     }
-    /// Whether the connection is gone (closed by either side, or timed out): a pool must
-    /// dial a new one instead of opening streams on it.
-    pub fn is_closed(&self) -> bool {
-        self.conn.close_reason().is_some()
-    }
-
 }
 
 impl AsyncWrite for SendHalf {
