@@ -169,10 +169,14 @@ pub enum ClusterCommand {
     },
     /// Join a cluster as a member: makes this machine's key for it and prints its id52,
     /// which the manager then adds with `cluster add`.
+    ///
+    /// Without the manager id52, <alias> must be a domain with a TXT record
+    /// "malai-cluster=<manager id52>" (see `cluster dns-record`); MALAI_DNS_SERVER=ip:port
+    /// asks that DNS server instead of the system's.
     Join {
         alias: String,
         /// The manager's id52 (from `cluster init` on the manager).
-        manager: String,
+        manager: Option<String>,
     },
     /// Add a server or device to the cluster file (manager only).
     Add {
@@ -195,6 +199,54 @@ pub enum ClusterCommand {
     },
     /// Place a cluster file from the manager on this member (checked against what was joined).
     Import { alias: String, file: PathBuf },
+    /// Remove a server or device (and every mention of it) from the cluster file; once
+    /// synced, its id52 is denied everywhere.
+    Remove {
+        name: String,
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    /// Every member: online, in sync with the manager's file, last seen, latency.
+    Status {
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the DNS TXT record that lets members join with `cluster join <domain>`.
+    DnsRecord {
+        /// The managed cluster (optional when this machine manages one).
+        alias: Option<String>,
+    },
+    /// Run only the manager's side: sync the file to members and answer their pulls.
+    /// (`malai ssh server` does this too, besides serving the clusters this machine is a
+    /// server in.)
+    Serve {
+        /// Fixed UDP address (put it in `[cluster-manager] addrs` so members can pull).
+        #[arg(long)]
+        bind: Option<SocketAddr>,
+    },
+    /// Push a cluster file to servers now, as this machine (members accept pushes only from
+    /// their manager). Prints one line per server.
+    Push {
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Server names or id52s (default: every server).
+        #[arg(long = "to")]
+        to: Vec<String>,
+        /// Send this file instead of the cluster file (key settings stripped if it parses).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Print the file as members would get it and send nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Fetch the current file from the manager now (devices, or a member that missed pushes).
+    Pull {
+        #[arg(long)]
+        cluster: Option<String>,
+    },
 }
 
 fn parse_id52(s: &str, what: &str) -> anyhow::Result<Id52> {
@@ -230,8 +282,16 @@ pub fn log_name(cli: &Cli) -> &'static str {
     match &cli.command {
         Top::Ssh { command } => match command {
             SshCommand::Server { .. } => "server",
+            SshCommand::Cluster {
+                command: ClusterCommand::Serve { .. },
+            } => "server",
             SshCommand::Proxy { .. } => "proxy",
             SshCommand::Stdinserver { .. } => "stdinserver",
+            SshCommand::Agent {
+                command: None,
+                environment: false,
+                ..
+            } => "agent",
             _ => "cli",
         },
     }
@@ -241,7 +301,7 @@ pub fn log_name(cli: &Cli) -> &'static str {
 pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
     let Top::Ssh { command } = cli.command;
     match command {
-        SshCommand::Cluster { command } => cluster(command, &dirs),
+        SshCommand::Cluster { command } => cluster(command, dirs).await,
         SshCommand::Id52 { cluster } => {
             let cd = match cluster {
                 Some(c) => crate::config::store::ClusterDir::open(&dirs, &c)?,
@@ -281,17 +341,12 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
             print!("{}", crate::cluster::ssh_config_blocks(&dirs)?);
             Ok(())
         }
-        SshCommand::Server { bind } => serve(dirs, bind).await,
+        SshCommand::Server { bind } => serve(dirs, bind, false).await,
         SshCommand::Proxy { host, port } => crate::client::proxy::run(&dirs, &host, port)
             .await
             .map_err(|e| anyhow::anyhow!("{host}: {e}")),
         SshCommand::Stdinserver { identity } => {
             let code = crate::server::stdinserver::run_forced_command(&dirs, &identity).await?;
-            SshCommand::Agent {
-                command: None,
-                environment: false,
-                ..
-            } => "agent",
             if code != 0 {
                 // The server's status is the forced command's (ssh passes it on).
                 std::process::exit(i32::from(code));
@@ -304,11 +359,20 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        SshCommand::Agent {
+            command,
+            environment,
+            lockdown,
+            http,
+            under_lock,
+        } => agent(dirs, command, environment, lockdown, http, under_lock).await,
+        SshCommand::Curl { args } => curl(dirs, args).await,
     }
 }
 
-fn cluster(cmd: ClusterCommand, dirs: &Dirs) -> anyhow::Result<()> {
+async fn cluster(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
     use crate::cluster as c;
+    let dirs = &dirs;
     match cmd {
         ClusterCommand::Init { alias } => {
             let id = c::init(dirs, &alias)?;
@@ -321,7 +385,14 @@ fn cluster(cmd: ClusterCommand, dirs: &Dirs) -> anyhow::Result<()> {
             );
         }
         ClusterCommand::Join { alias, manager } => {
-            let m = parse_id52(&manager, "manager")?;
+            let m = match manager {
+                Some(m) => parse_id52(&m, "manager")?,
+                None => {
+                    let m = c::dns::manager_of(&alias).await?;
+                    eprintln!("malai: {alias}: manager {m} (from DNS)");
+                    m
+                }
+            };
             println!("{}", c::join(dirs, &alias, &m)?);
         }
         ClusterCommand::Add {
@@ -347,11 +418,70 @@ fn cluster(cmd: ClusterCommand, dirs: &Dirs) -> anyhow::Result<()> {
         ClusterCommand::Import { alias, file } => {
             c::import(dirs, &alias, &file)?;
         }
+        ClusterCommand::Remove { name, cluster } => {
+            c::remove(dirs, cluster.as_deref(), &name)?;
+        }
+        ClusterCommand::Status { cluster, json } => {
+            let s = c::status::status(dirs, cluster.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", c::status::render(&s, c::sync::unix_now()));
+            }
+        }
+        ClusterCommand::DnsRecord { alias } => {
+            println!("{}", c::dns_record(dirs, alias.as_deref())?);
+        }
+        ClusterCommand::Serve { bind } => serve(dirs.clone(), bind, true).await?,
+        ClusterCommand::Push {
+            cluster,
+            to,
+            file,
+            dry_run,
+        } => {
+            if dry_run {
+                let cd = c::pick_cluster(dirs, cluster.as_deref())?;
+                print!("{}", c::pushed_text(&cd, file.as_deref())?);
+                return Ok(());
+            }
+            let reports = c::push_now(dirs, cluster.as_deref(), &to, file.as_deref()).await?;
+            let mut failed = 0;
+            for r in &reports {
+                use crate::protocol::config::{PushAck, short_hash};
+                let line = match &r.result {
+                    Ok(PushAck::Applied { hash }) => format!("applied {}", short_hash(hash)),
+                    Ok(PushAck::Unchanged { hash }) => format!("unchanged {}", short_hash(hash)),
+                    Ok(PushAck::Refused { reason, .. }) => {
+                        failed += 1;
+                        format!("refused: {reason}")
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        format!("failed: {e}")
+                    }
+                };
+                println!("{}: {line}", r.member);
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} pushes did not apply", reports.len());
+            }
+        }
+        ClusterCommand::Pull { cluster } => {
+            let applied = c::pull(dirs, cluster.as_deref()).await?;
+            let what = match &applied {
+                c::member::Applied::Replaced(_) => "updated",
+                c::member::Applied::Unchanged(_) => "already current",
+            };
+            eprintln!(
+                "malai: cluster file {what} ({})",
+                crate::protocol::config::short_hash(applied.hash())
+            );
+        }
     }
     Ok(())
 }
 
-async fn serve(dirs: Dirs, bind: Option<SocketAddr>) -> anyhow::Result<()> {
+async fn serve(dirs: Dirs, bind: Option<SocketAddr>, managed_only: bool) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -359,14 +489,6 @@ async fn serve(dirs: Dirs, bind: Option<SocketAddr>) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => {},
             _ = tokio::signal::ctrl_c() => {},
-        SshCommand::Agent {
-            command,
-            environment,
-            lockdown,
-            http,
-            under_lock,
-        } => agent(dirs, command, environment, lockdown, http, under_lock).await,
-        SshCommand::Curl { args } => curl(dirs, args).await,
         }
         tracing::info!("signal received; shutting down");
         token.cancel();
@@ -374,6 +496,7 @@ async fn serve(dirs: Dirs, bind: Option<SocketAddr>) -> anyhow::Result<()> {
     let opts = crate::server::ServeOptions {
         bind,
         relay: RelayChoice::from_env(),
+        managed_only,
     };
     crate::server::run(dirs, opts, shutdown, |started| {
         if started.is_empty() {

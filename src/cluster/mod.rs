@@ -1,8 +1,19 @@
 //! `malai ssh cluster …`: creating a cluster, joining one, editing the manager's file.
 //!
 //! The manager's file is edited with `toml_edit` (comments and layout kept) and validated
-//! before it replaces the old one atomically. Config sync is a separate module; until a
-//! member gets pushes it reads the file placed with `cluster import`.
+//! before it replaces the old one atomically. Members get it by config sync:
+//!
+//! - [`sync`]: the manager's loop that pushes the file (secrets stripped) to every server;
+//! - [`member`]: a member accepting a pushed or pulled file (checks, atomic write);
+//! - [`status`]: `cluster status`, every member online / in sync / last seen;
+//! - [`dns`]: `cluster join <domain>` finds the manager from a `malai-cluster=` TXT record.
+//!
+//! `cluster import` places a file by hand (same checks as a push).
+
+pub mod dns;
+pub mod member;
+pub mod status;
+pub mod sync;
 
 use std::path::Path;
 
@@ -15,11 +26,11 @@ use crate::keys::{self, KeyError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{0}")]
+    #[error(transparent)]
     Key(#[from] KeyError),
-    #[error("{0}")]
+    #[error(transparent)]
     Edit(#[from] edit::EditError),
     #[error("cluster {0:?} already exists on this machine ({1})")]
     Exists(String, String),
@@ -33,6 +44,13 @@ pub enum ClusterError {
     },
     #[error("refusing {file}: {why}")]
     Mismatch { file: String, why: String },
+    #[error(transparent)]
+    Dns(#[from] dns::DnsError),
+    /// Boxed: a pull error is large and rare, and every cluster command returns this type.
+    #[error(transparent)]
+    Pull(Box<member::PullError>),
+    #[error(transparent)]
+    Transport(#[from] crate::transport::iroh::TransportError),
 }
 
 /// `cluster init <alias>`: a new manager key and a starter file. Returns the manager id52.
@@ -203,4 +221,169 @@ pub fn ssh_config_blocks(dirs: &Dirs) -> Result<String, ClusterError> {
         ));
     }
     Ok(out)
+}
+
+/// The cluster a member-side command means: the one named, or the only one on this machine.
+pub fn pick_cluster(dirs: &Dirs, name: Option<&str>) -> Result<ClusterDir, ClusterError> {
+    if let Some(n) = name {
+        return Ok(ClusterDir::open(dirs, n)?);
+    }
+    let mut all = list_clusters(dirs)?;
+    match all.len() {
+        1 => Ok(all.remove(0)),
+        0 => Err(ClusterError::Usage(
+            "this machine is in no cluster yet".into(),
+        )),
+        _ => Err(ClusterError::Usage(format!(
+            "this machine is in several clusters ({}); say which with --cluster",
+            all.iter()
+                .map(|c| c.alias.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// `cluster remove <name>`: the member and every mention of it go; the sync loop then
+/// pushes the new file, after which the removed id52 is denied everywhere.
+pub fn remove(dirs: &Dirs, cluster: Option<&str>, name: &str) -> Result<ClusterDir, ClusterError> {
+    let cd = managed_cluster(dirs, cluster)?;
+    let text = cd.read_text()?;
+    cd.save_text(&edit::remove_member(&text, name)?)?;
+    Ok(cd)
+}
+
+/// `cluster dns-record [alias]`: the TXT record that lets members join by domain.
+pub fn dns_record(dirs: &Dirs, cluster: Option<&str>) -> Result<String, ClusterError> {
+    let cd = managed_cluster(dirs, cluster)?;
+    let manager = keys::id52(&cd.dir)?;
+    let alias = cd
+        .load()
+        .ok()
+        .and_then(|c| c.alias)
+        .unwrap_or_else(|| cd.alias.clone());
+    Ok(dns::record_for(&alias, &manager))
+}
+
+/// The file `cluster push` sends: `file` if given (key settings stripped when it parses; it
+/// is sent as is otherwise, so a member's refusal can be tested), else this machine's
+/// cluster file as members get it.
+pub fn pushed_text(cd: &ClusterDir, file: Option<&Path>) -> Result<String, ClusterError> {
+    match file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f).map_err(|source| ClusterError::Io {
+                path: f.display().to_string(),
+                source,
+            })?;
+            Ok(edit::strip_secrets(&text).unwrap_or(text))
+        }
+        None => Ok(sync::Source::from_manager_text(&cd.read_text()?)?
+            .text
+            .as_ref()
+            .clone()),
+    }
+}
+
+/// One line of `cluster push` output.
+pub struct PushReport {
+    pub member: String,
+    pub result: Result<crate::protocol::config::PushAck, sync::SyncError>,
+}
+
+/// `cluster push`: send a file to servers now, as this machine's key for the cluster
+/// (members accept it only if that is the manager's). `to`: server names or id52s; empty
+/// means every server but this machine.
+pub async fn push_now(
+    dirs: &Dirs,
+    cluster: Option<&str>,
+    to: &[String],
+    file: Option<&Path>,
+) -> Result<Vec<PushReport>, ClusterError> {
+    let cd = pick_cluster(dirs, cluster)?;
+    let cfg = cd.load()?;
+    let me = keys::id52(&cd.dir)?;
+    let text = pushed_text(&cd, file)?;
+    let hash = crate::protocol::config::hash_text(&text);
+    let mut targets: Vec<(String, Id52, Vec<std::net::SocketAddr>)> = vec![];
+    if to.is_empty() {
+        for s in cfg.servers.values().filter(|s| s.id52 != me) {
+            targets.push((s.name.clone(), s.id52, s.addrs.clone()));
+        }
+    } else {
+        for t in to {
+            let server = cfg
+                .servers
+                .values()
+                .find(|s| s.name.eq_ignore_ascii_case(t) || s.id52.to_string() == *t);
+            match (server, t.parse::<Id52>()) {
+                (Some(s), _) => targets.push((s.name.clone(), s.id52, s.addrs.clone())),
+                (None, Ok(id)) => targets.push((t.clone(), id, vec![])),
+                (None, Err(_)) => {
+                    return Err(ClusterError::Usage(format!(
+                        "no server {t:?} in cluster {}",
+                        cd.alias
+                    )));
+                }
+            }
+        }
+    }
+    let key = keys::load(&cd.dir)?;
+    let node = crate::transport::iroh::Node::bind(
+        &key,
+        &crate::transport::iroh::RelayChoice::from_env(),
+        None,
+        false,
+    )
+    .await?;
+    drop(key);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (name, id, hints)) in targets.into_iter().enumerate() {
+        let node = node.clone();
+        let text = text.clone();
+        let hash = hash.clone();
+        let manager = cfg.manager;
+        tasks.spawn(async move {
+            let r = sync::push(
+                &node,
+                &manager,
+                &id,
+                &hints,
+                &text,
+                &hash,
+                sync::REQUEST_TIMEOUT,
+            )
+            .await
+            .map(|(ack, _)| ack);
+            (i, name, r)
+        });
+    }
+    let mut out = vec![];
+    while let Some(j) = tasks.join_next().await {
+        if let Ok(r) = j {
+            out.push(r);
+        }
+    }
+    node.close().await;
+    out.sort_by_key(|(i, _, _)| *i);
+    Ok(out
+        .into_iter()
+        .map(|(_, member, result)| PushReport { member, result })
+        .collect())
+}
+
+/// `cluster pull`: fetch the current file from the manager now (how a device catches up).
+pub async fn pull(dirs: &Dirs, cluster: Option<&str>) -> Result<member::Applied, ClusterError> {
+    let cd = pick_cluster(dirs, cluster)?;
+    let key = keys::load(&cd.dir)?;
+    let node = crate::transport::iroh::Node::bind(
+        &key,
+        &crate::transport::iroh::RelayChoice::from_env(),
+        None,
+        false,
+    )
+    .await?;
+    drop(key);
+    let r = member::pull(&cd, &node).await;
+    node.close().await;
+    r.map_err(|e| ClusterError::Pull(Box::new(e)))
 }

@@ -37,6 +37,9 @@ pub struct ClusterConfig {
     pub use_keyring: bool,
     pub private_key_file: Option<String>,
     pub private_key: Option<String>,
+    /// `cluster-manager.addrs` (ext): direct-address hints for the manager, so members can
+    /// pull the file from it when relays and discovery are off.
+    pub manager_addrs: Vec<SocketAddr>,
     pub servers: BTreeMap<String, Server>,
     pub devices: BTreeMap<String, Device>,
     /// Groups with their members fully expanded to machine names (servers/devices; nested

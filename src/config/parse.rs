@@ -362,7 +362,7 @@ impl Parser<'_> {
         let Some(manager) = manager else {
             return Err(ConfigError::MissingManager);
         };
-        let (manager, alias, use_keyring, private_key_file, private_key) = manager;
+        let (manager, alias, use_keyring, private_key_file, private_key, manager_addrs) = manager;
 
         // One namespace for servers, devices and groups, compared without regard to case
         // because host names are.
@@ -497,6 +497,7 @@ impl Parser<'_> {
             use_keyring,
             private_key_file,
             private_key,
+            manager_addrs,
             servers: out_servers,
             devices: devices
                 .into_iter()
@@ -510,13 +511,24 @@ impl Parser<'_> {
     fn manager(
         &self,
         t: &DeTable<'_>,
-    ) -> Result<(Id52, Option<String>, bool, Option<String>, Option<String>), ConfigError> {
+    ) -> Result<
+        (
+            Id52,
+            Option<String>,
+            bool,
+            Option<String>,
+            Option<String>,
+            Vec<SocketAddr>,
+        ),
+        ConfigError,
+    > {
         const T: &str = "cluster-manager";
         let mut id = None;
         let mut alias = None;
         let mut use_keyring = true;
         let mut private_key_file = None;
         let mut private_key = None;
+        let mut addrs = Vec::new();
         for (k, v) in t.iter() {
             let key = format!("{T}.{}", k.get_ref());
             match k.get_ref().as_ref() {
@@ -540,6 +552,7 @@ impl Parser<'_> {
                 }
                 "private-key-file" => private_key_file = self.opt_string(&key, v)?,
                 "private-key" => private_key = self.opt_string(&key, v)?,
+                "addrs" => addrs = self.addrs(&key, v)?,
                 _ => return Err(self.unknown_key(T, k)),
             }
         }
@@ -548,7 +561,19 @@ impl Parser<'_> {
             key: "id52".to_string(),
             line: None,
         })?;
-        Ok((id, alias, use_keyring, private_key_file, private_key))
+        Ok((id, alias, use_keyring, private_key_file, private_key, addrs))
+    }
+
+    /// `addrs = ["ip:port", …]`: direct-address hints for dialing a machine.
+    fn addrs(&self, key: &str, v: &Val<'_>) -> Result<Vec<SocketAddr>, ConfigError> {
+        let mut addrs = Vec::new();
+        for a in self.list(key, v)?.entries {
+            let addr = a
+                .parse::<SocketAddr>()
+                .map_err(|_| self.bad(key, v, format!("{a:?} is not an ip:port address")))?;
+            addrs.push(addr);
+        }
+        Ok(addrs)
     }
 
     fn server(&self, name_key: &Key<'_>, v: &Val<'_>) -> Result<RawServer, ConfigError> {
@@ -950,6 +975,23 @@ members = ["bar"]
             Ok(c) => panic!("expected an error, parsed {c:?}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn manager_addrs() {
+        let c = ClusterConfig::parse(&minimal("addrs = [\"127.0.0.1:7744\"]\n")).unwrap();
+        assert_eq!(c.manager_addrs, vec!["127.0.0.1:7744".parse().unwrap()]);
+        assert!(
+            ClusterConfig::parse(&minimal(""))
+                .unwrap()
+                .manager_addrs
+                .is_empty()
+        );
+        let e = err(&minimal("addrs = [\"nope\"]\n"));
+        assert!(
+            e.starts_with("cluster-manager.addrs: \"nope\" is not an ip:port"),
+            "{e}"
+        );
     }
 
     #[test]

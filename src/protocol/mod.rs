@@ -11,7 +11,10 @@
 //!      its direction by closing its write half (QUIC FIN / EOF); the other direction goes on
 //!      until its own EOF (half-close, which scp/rsync/git need).
 //!    - `exec`: multiplexed frames (`protocol::exec`).
-//!    - `ping`, `config-hash`, `config-push`: one more frame each way at most (JSON bodies).
+//!    - `ping`: nothing more.
+//!    - `config-push`, `config-hash`: exactly one more frame each way, client first
+//!      (`protocol::config`: the file to apply and its ack; a hash query and its answer).
+//!      Those frames have their own, larger cap (a cluster file can exceed 64 KiB).
 //!
 //! # Frame
 //!
@@ -21,6 +24,7 @@
 //! without reading the body. An unknown version is answered with an `error` frame in *our*
 //! version, then the stream is closed. Unknown request kinds likewise.
 
+pub mod config;
 pub mod exec;
 
 use serde::{Deserialize, Serialize};

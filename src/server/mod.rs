@@ -1,5 +1,5 @@
 //! `malai ssh server`: one process serving every cluster in DATADIR where this machine is
-//! listed as a server.
+//! listed as a server, manages the cluster, or has joined and waits for its first file.
 //!
 //! Shape: one iroh endpoint per served cluster (the endpoint's key *is* the cluster
 //! identity) → an accept loop → a task per connection → a task per bi-stream → [`request`],
@@ -11,9 +11,18 @@
 //! take effect on the next request without a restart; a file that stops validating is
 //! logged and the last good one kept. Clusters that appear later (a `cluster import`, a
 //! push making this machine a server) are picked up by a rescan every few seconds.
+//!
+//! Config sync (DESIGN §5): on a cluster this machine manages, the endpoint also runs the
+//! manager's sync loop (`cluster::sync::Syncer`) and answers members' pulls; on a cluster it
+//! is a member of, the server pulls the current file from the manager once at start, and
+//! takes pushes through `config_sync` at any time. A member that joined but has no file yet
+//! is served with an empty file naming only the joined manager, so the first push (the only
+//! request such a file allows) can reach it.
 
+pub mod config_sync;
 pub mod embedded;
 pub mod exec;
+pub mod http;
 pub mod process;
 pub mod request;
 pub mod stdinserver;
@@ -22,7 +31,6 @@ pub mod tunnel;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-pub mod http;
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
@@ -66,6 +74,8 @@ pub struct ServeOptions {
     /// Fixed UDP address for the first served cluster; the n-th gets port + n.
     pub bind: Option<SocketAddr>,
     pub relay: RelayChoice,
+    /// Serve only the clusters this machine manages (`malai ssh cluster serve`).
+    pub managed_only: bool,
 }
 
 /// A served cluster: its folder, this machine's id in it, and the current file.
@@ -73,6 +83,9 @@ pub struct ClusterState {
     pub dir: ClusterDir,
     pub me: Id52,
     loaded: Mutex<Loaded>,
+    /// The manager's sync loop, when this machine manages the cluster: the `config-hash`
+    /// handler serves pulls from it and tells it which members are alive.
+    pub sync: std::sync::OnceLock<Arc<crate::cluster::sync::Syncer>>,
 }
 
 struct Loaded {
@@ -90,6 +103,7 @@ impl ClusterState {
                 stamp,
                 config: Arc::new(config),
             }),
+            sync: std::sync::OnceLock::new(),
         }
     }
 
@@ -130,15 +144,24 @@ fn file_stamp(dir: &ClusterDir) -> Option<(SystemTime, u64)> {
     Some((m.modified().ok()?, m.len()))
 }
 
-/// A cluster folder this machine should serve: it has a key, a valid file, and the file
-/// lists this machine as a server.
-fn servable(dir: &ClusterDir) -> Option<(Id52, ClusterConfig)> {
+/// A cluster folder this machine should serve: it has a key and either a valid file that
+/// lists this machine as a server or names it as the manager, or no file yet but a joined
+/// manager (then an empty file naming that manager stands in until the first push).
+fn servable(dir: &ClusterDir, managed_only: bool) -> Option<(Id52, ClusterConfig)> {
     let me = keys::id52(&dir.dir).ok()?;
+    if !dir.has_file() {
+        let joined = dir.manager_id().ok()??;
+        if managed_only || joined == me {
+            return None;
+        }
+        let empty =
+            ClusterConfig::parse(&format!("[cluster-manager]\nid52 = \"{joined}\"\n")).ok()?;
+        return Some((me, empty));
+    }
     let cfg = dir.load().ok()?;
-    cfg.servers
-        .values()
-        .any(|s| s.id52 == me)
-        .then_some((me, cfg))
+    let manages = cfg.manager == me;
+    let listed = cfg.servers.values().any(|s| s.id52 == me);
+    (manages || (listed && !managed_only)).then_some((me, cfg))
 }
 
 /// Run the server until `shutdown` is cancelled. `ready` is called once the clusters found
@@ -155,14 +178,17 @@ pub async fn run(
     let mut started = vec![];
     // The socket `malai ssh stdinserver` (sshd's forced command) hands its stdio to. It is
     // checked before anything is served: a non-private runtime dir refuses the start.
+    // `cluster serve` (managed_only) runs beside a full server and leaves it to that one.
     let registry = Arc::new(stdinserver::Registry::default());
-    let listener = stdinserver::listen(&dirs)?;
-    tracker.spawn(stdinserver::serve(
-        listener,
-        registry.clone(),
-        shutdown.clone(),
-        tracker.clone(),
-    ));
+    if !opts.managed_only {
+        let listener = stdinserver::listen(&dirs)?;
+        tracker.spawn(stdinserver::serve(
+            listener,
+            registry.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
     start_new_clusters(&dirs, &opts, &shutdown, &tracker, &registry, &mut served, &mut started).await?;
     ready(&started);
 
@@ -205,7 +231,7 @@ async fn start_new_clusters(
         if served.contains_key(&dir.alias) {
             continue;
         }
-        let Some((me, cfg)) = servable(&dir) else {
+        let Some((me, cfg)) = servable(&dir, opts.managed_only) else {
             continue;
         };
         let key = keys::load(&dir.dir).map_err(|source| ServerError::Key {
@@ -226,8 +252,16 @@ async fn start_new_clusters(
         let addrs = node.bound_sockets();
         tracing::info!(cluster = %dir.alias, %me, ?addrs, "serving cluster");
         started.push((dir.alias.clone(), me, addrs));
+        let manages = cfg.manager == me;
         let state = Arc::new(ClusterState::new(dir.clone(), me, cfg));
         registry.add(state.clone());
+        if manages {
+            let syncer = crate::cluster::sync::Syncer::new(dir.clone(), node.clone(), me);
+            let _ = state.sync.set(syncer.clone());
+            tracker.spawn(syncer.run(shutdown.clone()));
+        } else {
+            tracker.spawn(pull_on_start(dir.clone(), node.clone(), shutdown.clone()));
+        }
         tracker.spawn(accept_loop(
             node.clone(),
             state,
@@ -237,6 +271,18 @@ async fn start_new_clusters(
         served.insert(dir.alias.clone(), node);
     }
     Ok(())
+}
+
+/// A member catches up with the manager once at start (it may have missed pushes while it
+/// was down). Failing is normal (manager offline, no address hint): pushes still come.
+async fn pull_on_start(dir: ClusterDir, node: Node, shutdown: CancellationToken) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        r = crate::cluster::member::pull(&dir, &node) => match r {
+            Ok(a) => tracing::info!(cluster = %dir.alias, ?a, "pulled the cluster file from the manager"),
+            Err(e) => tracing::info!(cluster = %dir.alias, error = %e, "no pull from the manager at start; waiting for pushes"),
+        },
+    }
 }
 
 async fn accept_loop(

@@ -13,3 +13,5 @@ mod embedded;
 mod agent;
 // The agent's HTTP proxy: services with ACL, 403/404/502, CONNECT, 64 MiB, malai ssh curl.
 mod http;
+// Config sync, `cluster status/remove`, join by domain (dnsmasq), two clusters on one machine.
+mod sync;
