@@ -423,4 +423,61 @@ mod tests {
             ));
         }
     }
+
+    proptest::proptest! {
+        /// Whatever bytes arrive, in whatever chunks, the agent's reader returns frames or
+        /// errors, never panics, and never buffers past one frame's cap.
+        #[test]
+        fn reader_survives_garbage(chunks in proptest::collection::vec(
+            proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), 0..6)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let (mut a, b) = UnixStream::pair().unwrap();
+                for c in &chunks {
+                    a.write_all(c).await.unwrap();
+                }
+                drop(a);
+                let mut reader = FrameReader::new();
+                for _ in 0..16 {
+                    if reader.next::<ToAgent>(&b).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+
+        /// Valid frames split at arbitrary points come back whole and in order.
+        #[test]
+        fn frames_survive_any_split(cols in 0u16.., rows in 0u16.., host in "[a-z.]{0,40}", split in 0usize..200) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let msgs = vec![
+                    ToAgent::Window { cols, rows },
+                    ToAgent::Open { host: host.clone(), request: OpenRequest::Tunnel { port: None }, stdin: false },
+                    ToAgent::Finish,
+                ];
+                let mut bytes = vec![];
+                for m in &msgs {
+                    bytes.extend(encode(m).unwrap());
+                }
+                let (mut a, b) = UnixStream::pair().unwrap();
+                let cut = split.min(bytes.len());
+                let writer = async move {
+                    a.write_all(&bytes[..cut]).await.unwrap();
+                    tokio::task::yield_now().await;
+                    a.write_all(&bytes[cut..]).await.unwrap();
+                };
+                let reader = async {
+                    let mut r = FrameReader::new();
+                    let mut got = vec![];
+                    for _ in 0..msgs.len() {
+                        got.push(r.next::<ToAgent>(&b).await.unwrap().0);
+                    }
+                    got
+                };
+                let ((), got) = tokio::join!(writer, reader);
+                assert_eq!(got, msgs);
+            });
+        }
+    }
 }
