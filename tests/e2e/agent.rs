@@ -537,3 +537,83 @@ fn a_group_command_goes_through_the_agent_under_lockdown() {
     assert_exit_code(&out, 4, "group exit status through the agent");
     assert_eq!(agent.dials(), 2, "one connection per member, reused");
 }
+
+#[test]
+fn pty_through_the_agent_follows_the_window_and_restores_the_terminal() {
+    let c = acme();
+    let agent = Agent::start(c.machine("alice"), &[]);
+    let mut env = String::from("env -u RUST_LOG");
+    for (k, v) in c
+        .machine("alice")
+        .env()
+        .into_iter()
+        .chain(agent.exports.clone())
+    {
+        env.push_str(&format!(" {k}={v}"));
+    }
+    let ssh = format!("{env} {MALAI} ssh");
+    let d = c.scratch("marks");
+    let d = d.display();
+    let inner = format!(
+        "stty cols 100 rows 30; a=$(stty -g); \
+         (while [ ! -e {d}/waiting ]; do sleep 0.05; done; stty cols 120 rows 40 </dev/tty) & \
+         {ssh} -t foo.acme 'tty; touch {d}/waiting; i=0; \
+           while [ \"$(stty size)\" = \"30 100\" ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; \
+           echo size: $(stty size)'; s=$?; \
+         [ \"$(stty -g)\" = \"$a\" ] && echo RESTORED $s"
+    );
+    let out =
+        run_cmd(
+            Command::new("script")
+                .env_remove("RUST_LOG")
+                .args(["-qec", &inner, "/dev/null"]),
+        );
+    let text = stdout_of(&out).replace('\r', "");
+    assert!(
+        text.contains("/dev/pts/"),
+        "no remote tty\n{}",
+        fmt_output(&out)
+    );
+    assert!(
+        text.contains("size: 40 120"),
+        "the remote pty did not follow the window change\n{}",
+        fmt_output(&out)
+    );
+    assert!(
+        text.lines().any(|l| l.trim().ends_with("RESTORED 0")),
+        "terminal mode not restored, or non-zero exit\n{}",
+        fmt_output(&out)
+    );
+    assert_eq!(agent.dials(), 1);
+}
+
+#[test]
+fn a_killed_client_ends_the_remote_command() {
+    let c = acme();
+    let agent = Agent::start(c.machine("alice"), &[]);
+    let pid_file = c.scratch("pids").join("remote");
+    let remote = format!("echo $$ >'{}'; exec sleep 300", pid_file.display());
+    let mut cmd = agent.cmd(["ssh", "foo.acme", &remote]);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut client = cmd.spawn().expect("spawn malai ssh");
+    let pid: i32 = poll_until(Duration::from_secs(20), || {
+        read_lossy(&pid_file).trim().parse().ok()
+    })
+    .expect("remote pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(client.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = client.wait().unwrap();
+    assert_eq!(status.code(), Some(255), "client exit after SIGTERM");
+    let gone = poll_until(Duration::from_secs(20), || {
+        (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    });
+    assert!(gone.is_some(), "remote sleep {pid} survived its client");
+    // The pooled connection survives an abandoned request.
+    assert_success(&exec(&agent, &["foo.acme", "true"]), "exec after the kill");
+    assert_eq!(agent.dials(), 1);
+}
