@@ -293,6 +293,14 @@ async fn handle(
         }
         Route::Direct => {
             let port = port.unwrap_or(if connect { 443 } else { 80 });
+            if ctx.http.is_some_and(|me| is_self(&host, port, me)) {
+                // Asked for ourselves (the proxy used as a web server): forwarding would
+                // loop back into this proxy forever.
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "this is malai's HTTP proxy: set it as HTTP_PROXY, don't ask it for pages",
+                );
+            }
             // `host` keeps an IPv6 literal's brackets, which `host:port` parsing needs.
             let addr = format!("{host}:{port}");
             let tcp = match tokio::time::timeout(DIRECT_CONNECT_TIMEOUT, TcpStream::connect(&addr))
@@ -320,6 +328,18 @@ async fn handle(
             }
         }
     }
+}
+
+/// Whether `host:port` is this proxy's own listening address.
+fn is_self(host: &str, port: u16, me: std::net::SocketAddr) -> bool {
+    if port != me.port() {
+        return false;
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
 }
 
 /// Open the `http` request to the service's server; an error is the response to send.
@@ -543,6 +563,16 @@ mod tests {
         }
         let v6: std::net::SocketAddr = "[::1]:80".parse().unwrap();
         assert_eq!(proc_addr(v6).unwrap().len(), 32 + 5);
+    }
+
+    #[test]
+    fn requests_for_the_proxy_itself_are_caught() {
+        let me: std::net::SocketAddr = "127.0.0.1:3128".parse().unwrap();
+        for h in ["127.0.0.1", "localhost", "LOCALHOST", "[::1]", "0.0.0.0", "127.0.0.2"] {
+            assert!(is_self(h, 3128, me), "{h}");
+        }
+        assert!(!is_self("127.0.0.1", 80, me));
+        assert!(!is_self("example.com", 3128, me));
     }
 
     #[test]

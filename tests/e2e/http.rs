@@ -196,6 +196,10 @@ fn services_through_http_proxy_and_malai_ssh_curl() {
     assert_exit_code(&out, 22, "malai ssh curl -f on a 404");
     assert!(out.stdout.is_empty());
 
+    // The proxy asked for its own address (as a web server) answers, never loops.
+    let out = curl(None, &["-w", "\n%{http_code}", &format!("{proxy}/")]);
+    assert!(stdout_of(&out).ends_with("\n400"), "{}", fmt_output(&out));
+
     // Another local user may not spend alice's keys through her proxy.
     let mut cmd = Command::new("runuser");
     cmd.args([
