@@ -30,6 +30,9 @@ use crate::transport::iroh::RelayChoice;
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 /// How often clusters are rescanned (new clusters, changed keys) and the socket checked.
 const RESCAN_EVERY: Duration = Duration::from_secs(2);
+/// Control connections served at once; more wait in the kernel's backlog. Each holds up to
+/// three descriptors and a stream, so a runaway script can't exhaust the agent's fds.
+const MAX_CONTROL_CONNECTIONS: usize = 256;
 
 /// Options of `malai ssh agent`.
 #[derive(Debug, Clone)]
@@ -160,7 +163,15 @@ pub async fn run(
 }
 
 async fn accept_loop(listener: UnixListener, ctx: Arc<AgentContext>, tracker: TaskTracker) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
         let sock = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
             r = listener.accept() => match r {
@@ -172,7 +183,11 @@ async fn accept_loop(listener: UnixListener, ctx: Arc<AgentContext>, tracker: Ta
                 }
             },
         };
-        tracker.spawn(serve::connection(ctx.clone(), sock));
+        let ctx = ctx.clone();
+        tracker.spawn(async move {
+            serve::connection(ctx, sock).await;
+            drop(permit);
+        });
     }
 }
 

@@ -46,10 +46,20 @@ type Body = BoxBody<Bytes, hyper::Error>;
 const DIRECT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long open client connections get to finish when the agent stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// HTTP client connections served at once; more wait in the kernel's backlog.
+const MAX_CLIENTS: usize = 512;
 
 /// Accept HTTP clients until shutdown.
 pub async fn serve(listener: TcpListener, ctx: Arc<AgentContext>, tracker: TaskTracker) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
+        let permit = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
         let (tcp, peer) = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
             r = listener.accept() => match r {
@@ -62,7 +72,11 @@ pub async fn serve(listener: TcpListener, ctx: Arc<AgentContext>, tracker: TaskT
             },
         };
         let _ = tcp.set_nodelay(true);
-        tracker.spawn(client_connection(tcp, peer, ctx.clone(), tracker.clone()));
+        let conn = client_connection(tcp, peer, ctx.clone(), tracker.clone());
+        tracker.spawn(async move {
+            conn.await;
+            drop(permit);
+        });
     }
 }
 
@@ -568,7 +582,14 @@ mod tests {
     #[test]
     fn requests_for_the_proxy_itself_are_caught() {
         let me: std::net::SocketAddr = "127.0.0.1:3128".parse().unwrap();
-        for h in ["127.0.0.1", "localhost", "LOCALHOST", "[::1]", "0.0.0.0", "127.0.0.2"] {
+        for h in [
+            "127.0.0.1",
+            "localhost",
+            "LOCALHOST",
+            "[::1]",
+            "0.0.0.0",
+            "127.0.0.2",
+        ] {
             assert!(is_self(h, 3128, me), "{h}");
         }
         assert!(!is_self("127.0.0.1", 80, me));
