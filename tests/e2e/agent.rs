@@ -617,3 +617,88 @@ fn a_killed_client_ends_the_remote_command() {
     assert_success(&exec(&agent, &["foo.acme", "true"]), "exec after the kill");
     assert_eq!(agent.dials(), 1);
 }
+
+#[test]
+fn rsync_and_git_with_malai_ssh_go_through_the_agent() {
+    let c = acme();
+    let agent = Agent::start(c.machine("alice"), &[]);
+    let mut ssh = String::from("env -u RUST_LOG");
+    for (k, v) in c
+        .machine("alice")
+        .env()
+        .into_iter()
+        .chain(agent.exports.clone())
+    {
+        ssh.push_str(&format!(" {k}={v}"));
+    }
+    ssh.push_str(&format!(" {MALAI} ssh"));
+
+    // rsync -e: both directions, a tree with a binary file.
+    let src = c.scratch("tree-src");
+    fs::create_dir_all(src.join("a/b")).unwrap();
+    fs::write(src.join("top.txt"), "top\n").unwrap();
+    write_random_file(&src.join("a/b/blob.bin"), 3 << 20, 11);
+    let remote = c.dir().join("tree-remote");
+    let back = c.dir().join("tree-back");
+    for (from, to) in [
+        (
+            format!("{}/", src.display()),
+            format!("foo.acme:{}/", remote.display()),
+        ),
+        (
+            format!("foo.acme:{}/", remote.display()),
+            format!("{}/", back.display()),
+        ),
+    ] {
+        let out = run_cmd(
+            Command::new("rsync")
+                .env_remove("RUST_LOG")
+                .args(["-a", "-e", &ssh, &from, &to]),
+        );
+        assert_success(&out, &format!("rsync -e 'malai ssh' {from} {to}"));
+    }
+    assert_eq!(tree_listing(&back), tree_listing(&src));
+
+    // GIT_SSH_COMMAND: clone an empty bare repo, commit, push, clone again.
+    let bare = c.dir().join("srv/repo.git");
+    fs::create_dir_all(&bare).unwrap();
+    assert_success(
+        &run_cmd(
+            git_command(c.dir())
+                .args(["init", "--bare", "-q", "-b", "main"])
+                .arg(&bare),
+        ),
+        "git init --bare",
+    );
+    let url = format!("foo.acme:{}", bare.display());
+    let git = |cwd: &Path, args: &[&str]| {
+        run_cmd(
+            git_command(cwd)
+                .env("GIT_SSH_COMMAND", &ssh)
+                .args(["-c", "user.name=t", "-c", "user.email=t@e"])
+                .args(args),
+        )
+    };
+    assert_success(&git(c.dir(), &["clone", "-q", &url, "work"]), "git clone");
+    let work = c.dir().join("work");
+    fs::write(work.join("f.txt"), "through the agent\n").unwrap();
+    assert_success(&git(&work, &["add", "f.txt"]), "git add");
+    assert_success(&git(&work, &["commit", "-q", "-m", "m"]), "git commit");
+    assert_success(
+        &git(&work, &["push", "-q", "origin", "HEAD:main"]),
+        "git push",
+    );
+    assert_success(
+        &git(c.dir(), &["clone", "-q", &url, "again"]),
+        "git clone again",
+    );
+    assert_eq!(
+        fs::read_to_string(c.dir().join("again/f.txt")).unwrap(),
+        "through the agent\n"
+    );
+    assert_eq!(
+        agent.dials(),
+        1,
+        "rsync and git reused the agent's connection"
+    );
+}
