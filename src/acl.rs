@@ -504,3 +504,6 @@ members = "carol"
         );
     }
 }
+
+#[cfg(test)]
+mod proptests;
