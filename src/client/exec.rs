@@ -7,7 +7,7 @@
 //! closes the connection at once, so the server hangs up the remote command.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::ssh_args::{SshArgs, TtyChoice};
 use super::tty::{RawMode, is_tty, window_size};
@@ -70,8 +70,14 @@ pub async fn run_one(
 ) -> Result<i32, ClientError> {
     let pty = want_pty(args);
     let req = exec_request(args, pty);
+    // Before anything starts remotely: a signal from here on ends the session cleanly
+    // (and, once raw mode is on, with the terminal restored) instead of killing us.
+    let mut interrupts = Interrupts::install()?;
     // `-o` options reach the ssh child when the server is reached `ssh-via`.
-    let session = open_with(resolved, server, Request::Exec(req), &args.options).await?;
+    let session = tokio::select! {
+        s = open_with(resolved, server, Request::Exec(req), &args.options) => s?,
+        n = interrupts.recv() => return Err(ClientError::Killed(n)),
+    };
     let _raw = if pty && is_tty(0) {
         RawMode::enter()
     } else {
@@ -84,13 +90,42 @@ pub async fn run_one(
     };
     let mut out = stdio::stdout();
     let mut err = stdio::stderr();
-    let r = drive(session, stdin, &mut out, &mut err, pty).await;
+    let r = drive(session, stdin, &mut out, &mut err, pty, &mut interrupts).await;
     drop(_raw);
     if pty && !args.quiet && r.is_ok() {
         // ssh's closing line for interactive sessions.
         eprintln!("Connection to {} closed.\r", args.host);
     }
     r
+}
+
+/// SIGTERM, SIGINT and SIGHUP, caught from the moment [`Interrupts::install`] runs. Install
+/// before opening the session: a signal that arrives while connecting, or between raw mode
+/// and the relay loop, then ends the session like ssh ("Killed by signal N.", exit 255, the
+/// terminal restored) instead of killing the process with its default action.
+pub struct Interrupts {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Interrupts {
+    pub fn install() -> Result<Self, ClientError> {
+        Ok(Interrupts {
+            term: signal(SignalKind::terminate()).map_err(io_err)?,
+            int: signal(SignalKind::interrupt()).map_err(io_err)?,
+            hup: signal(SignalKind::hangup()).map_err(io_err)?,
+        })
+    }
+
+    /// The next of these signals, as its number.
+    pub async fn recv(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.term.recv() => 15,
+            _ = self.int.recv() => 2,
+            _ = self.hup.recv() => 1,
+        }
+    }
 }
 
 /// Move frames for one exec session until `Exit`. Shared by the direct path and groups.
@@ -100,14 +135,12 @@ pub async fn drive<O, E>(
     out: &mut O,
     err: &mut E,
     pty: bool,
+    interrupts: &mut Interrupts,
 ) -> Result<i32, ClientError>
 where
     O: AsyncWrite + Unpin,
     E: AsyncWrite + Unpin,
 {
-    let mut term = signal(SignalKind::terminate()).map_err(io_err)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(io_err)?;
-    let mut hup = signal(SignalKind::hangup()).map_err(io_err)?;
     let result = {
         let (send, recv) = (&mut session.send, &mut session.recv);
         let input = pump_input(stdin, send, pty);
@@ -119,13 +152,14 @@ where
                 r = &mut output => break r,
                 r = &mut input, if !input_done => {
                     input_done = true;
+                    // The server stops reading stdin once the command has exited, which
+                    // can race our last stdin frame: the exit status (or, if the
+                    // connection really died, an error) still comes from `output`.
                     if let Err(e) = r {
                         tracing::debug!(error = %e, "stdin direction ended early");
                     }
                 }
-                _ = term.recv() => break Err(ClientError::Killed(15)),
-                _ = int.recv() => break Err(ClientError::Killed(2)),
-                _ = hup.recv() => break Err(ClientError::Killed(1)),
+                n = interrupts.recv() => break Err(ClientError::Killed(n)),
             }
         }
     };
@@ -239,9 +273,26 @@ where
     }
 }
 
+/// `-G`: what ssh would print (`key value` lines), without resolving or connecting.
+fn print_config(args: &SshArgs) {
+    let user = args
+        .user
+        .clone()
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "root".into());
+    println!("host {}", args.host);
+    println!("hostname {}", args.host);
+    println!("user {user}");
+    println!("port {}", args.port.unwrap_or(22));
+}
+
 /// `malai ssh [flags] <host> [command …]`: one server or a group.
 pub async fn run(dirs: &crate::config::paths::Dirs, argv: &[String]) -> Result<i32, ClientError> {
     let args = super::ssh_args::parse(argv)?;
+    if args.print_config {
+        print_config(&args);
+        return Ok(0);
+    }
     for o in &args.options {
         tracing::info!(option = %o, "ssh option accepted and ignored");
     }
@@ -265,10 +316,6 @@ pub async fn run(dirs: &crate::config::paths::Dirs, argv: &[String]) -> Result<i
                 .server()
                 .cloned()
                 .ok_or_else(|| ClientError::Refused("server vanished".into()))?;
-            run_one(&resolved, &server, &args).await
-        }
-    }
-}
             // ssh-via servers need no malai key: always direct.
             if server.ssh_via.is_none()
                 && let crate::agent::client::Route::Agent(agent) =
@@ -276,6 +323,10 @@ pub async fn run(dirs: &crate::config::paths::Dirs, argv: &[String]) -> Result<i
             {
                 return run_via_agent(agent, &args).await;
             }
+            run_one(&resolved, &server, &args).await
+        }
+    }
+}
 
 /// [`run_one`] through the agent (`MALAI_SSH_AGENT`): it gets our stdio and uses its
 /// pooled connection; we keep the terminal (raw mode, window size) and the exit status.

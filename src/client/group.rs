@@ -4,7 +4,8 @@
 //! like `ssh -n`), every output line prefixed `name: ` and written whole so lines from
 //! different hosts never interleave mid-line. A summary line per failed host goes to
 //! stderr; the exit code is 0 only if every host succeeded (255 if any failed to connect,
-//! else the highest remote exit code).
+//! else the highest remote exit code). SIGINT/SIGTERM/SIGHUP end the running hosts like
+//! ssh and start no more.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::AsyncWrite;
 
-use super::exec::{drive, exec_request};
+use super::exec::{Interrupts, drive, exec_request};
 use super::ssh_args::SshArgs;
 use super::{ClientError, Resolved, open};
 use crate::protocol::Request;
@@ -47,6 +48,8 @@ pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32
         crate::agent::client::Route::Agent(a) => Some(Arc::from(a.path())),
         crate::agent::client::Route::Direct => None,
     };
+    // A signal stops the hosts still waiting for a slot; the running ones end on it too.
+    let mut interrupts = Interrupts::install()?;
     let sem = Arc::new(tokio::sync::Semaphore::new(
         args.parallel.unwrap_or(DEFAULT_PARALLEL),
     ));
@@ -62,7 +65,10 @@ pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32
         let req = exec_request(args, false);
         let agent = agent.clone().filter(|_| server.ssh_via.is_none());
         tasks.spawn(async move {
-            let _permit = sem.acquire_owned().await;
+            let Ok(permit) = sem.acquire_owned().await else {
+                let e = ClientError::Refused("not started: interrupted".into());
+                return (server.name, Err(e));
+            };
             let prefix = format!("{:width$}: ", server.name);
             let mut out = Prefixed::new(prefix.clone(), Sink::Stdout);
             let mut err = Prefixed::new(prefix, Sink::Stderr);
@@ -71,20 +77,27 @@ pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32
                 let host = format!("{}.{}", server.id52, resolved.config.manager);
                 crate::agent::client::exec_into(&path, &host, req, &mut out, &mut err).await
             } else {
-                match open(&resolved, &server, Request::Exec(req)).await {
-                    Ok(session) => drive(session, None, &mut out, &mut err, false).await,
-                    Err(e) => Err(e),
-                }
+                run_member(&resolved, &server, req, &mut out, &mut err).await
             };
+            if matches!(r, Err(ClientError::Killed(_))) {
+                // Before our slot is free: hosts still waiting for one must not start.
+                permit.semaphore().close();
+            }
+            drop(permit);
             out.flush_rest();
             err.flush_rest();
             (server.name, r)
         });
     }
     let mut results = vec![];
-    while let Some(r) = tasks.join_next().await {
-        if let Ok(r) = r {
-            results.push(r);
+    loop {
+        tokio::select! {
+            r = tasks.join_next() => match r {
+                Some(Ok(r)) => results.push(r),
+                Some(Err(_)) => {}
+                None => break,
+            },
+            _ = interrupts.recv(), if !sem.is_closed() => sem.close(),
         }
     }
     results.sort_by(|a, b| a.0.cmp(&b.0));
@@ -105,6 +118,22 @@ pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32
         }
     }
     Ok(code)
+}
+
+/// One member, directly: a signal while connecting or running ends it like ssh.
+async fn run_member(
+    resolved: &Resolved,
+    server: &crate::config::Server,
+    req: crate::protocol::exec::ExecRequest,
+    out: &mut Prefixed,
+    err: &mut Prefixed,
+) -> Result<i32, ClientError> {
+    let mut interrupts = Interrupts::install()?;
+    let session = tokio::select! {
+        s = open(resolved, server, Request::Exec(req)) => s?,
+        n = interrupts.recv() => return Err(ClientError::Killed(n)),
+    };
+    drive(session, None, out, err, false, &mut interrupts).await
 }
 
 #[derive(Clone, Copy)]

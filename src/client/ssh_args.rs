@@ -37,6 +37,10 @@ pub struct SshArgs {
     pub options: Vec<String>,
     /// `--parallel N` (malai): concurrent hosts for a group.
     pub parallel: Option<usize>,
+    /// `-G`: print the configuration for the host and exit without connecting. git runs
+    /// `<GIT_SSH_COMMAND> -G … host` to learn whether it is OpenSSH; connecting there would
+    /// start a login shell on the server.
+    pub print_config: bool,
     /// Flags that were accepted but mean nothing here (for the log).
     pub ignored: Vec<String>,
 }
@@ -122,6 +126,7 @@ pub fn parse(args: &[String]) -> Result<SshArgs, ArgsError> {
                         'T' => out.tty = TtyChoice::Never,
                         'n' => out.no_stdin = true,
                         'q' => out.quiet = true,
+                        'G' => out.print_config = true,
                         _ => out.ignored.push(format!("-{c}")),
                     }
                     j += 1;
@@ -235,6 +240,11 @@ mod tests {
         let a = p(&["--", "foo", "echo", "hi"]);
         assert_eq!(a.host, "foo");
         assert_eq!(a.command.as_deref(), Some("echo hi"));
+        // git's probe for an OpenSSH-like command.
+        let a = p(&["-G", "-o", "SendEnv=GIT_PROTOCOL", "foo.acme"]);
+        assert!(a.print_config);
+        assert_eq!(a.host, "foo.acme");
+        assert_eq!(a.command, None);
         let a = p(&["--parallel", "3", "admins.acme", "uptime"]);
         assert_eq!(a.parallel, Some(3));
         let a = p(&["--parallel=2", "-o", "RequestTTY=force", "foo"]);

@@ -3,7 +3,9 @@
 //! The program was decided by the ACL: full access → `$SHELL -c`, command-scoped →
 //! `execvp` of the exact argv. The spawn happens *before* `accept`, so "no such program"
 //! reaches the user as a clear error. If the client goes away (stream error or EOF without
-//! us having sent `Exit`), the child's whole session is hung up and killed.
+//! us having sent `Exit`, or the connection found closed by a liveness probe while the
+//! command is quiet), the child's whole session is hung up and killed, whether its output
+//! is still open or it is only being waited for.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -51,13 +53,16 @@ where
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
 
-    // Input runs until the client sends EOF or goes away; output until the child's streams
-    // close. The child ending does not wait for input; the client going away ends it all.
-    let out_result = {
+    // The client is watched for the command's whole life, so its going away always hangs
+    // the command up: input runs until the client sends EOF and then keeps reading (window
+    // changes, signals, the stream's end); output runs until the child's streams close;
+    // after that the child's exit is awaited while input and the liveness probe go on.
+    let input = relay_input(r, stdin, child.control());
+    tokio::pin!(input);
+    let mut input_done = false;
+    let output_result = {
         let output = relay_output(stdout, stderr, &mut *w);
-        let input = relay_input(r, stdin, child.control());
-        tokio::pin!(output, input);
-        let mut input_done = false;
+        tokio::pin!(output);
         loop {
             tokio::select! {
                 res = &mut output => break res,
@@ -70,12 +75,39 @@ where
             }
         }
     };
-    if let Err(e) = out_result {
-        tracing::info!(pid = child.pid(), error = %e, "exec relay ended; hanging up");
-        child.hang_up().await;
-        return false;
-    }
-    let status = child.wait().await;
+    let waited = match output_result {
+        Err(e) => Err(e),
+        Ok(()) => {
+            // The child closed its output (or handed it on) but may still be running.
+            let mut probe = liveness_probe();
+            let wait = child.wait();
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    st = &mut wait => break Ok(st),
+                    gone = &mut input, if !input_done => {
+                        input_done = true;
+                        if gone {
+                            break Err(std::io::Error::other("client went away"));
+                        }
+                    }
+                    _ = probe.tick() => {
+                        if let Err(e) = w.write(&[]).await {
+                            break Err(e);
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let status = match waited {
+        Ok(status) => status,
+        Err(e) => {
+            tracing::info!(pid = child.pid(), error = %e, "exec relay ended; hanging up");
+            child.hang_up().await;
+            return false;
+        }
+    };
     tracing::info!(pid = child.pid(), ?status, "exec finished");
     if frames::write(w, &Frame::Exit(status)).await.is_err() {
         return false;
@@ -85,7 +117,22 @@ where
     true
 }
 
-/// Child output → frames, until both streams end.
+/// How often a quiet command checks that its client is still there.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Ticks for [`PROBE_EVERY`]: an empty write to the client's stream at each one. Input
+/// notices a departed client only while it is reading; when the child neither reads its
+/// stdin (input is blocked writing to it) nor writes output, nothing else would. On an
+/// iroh stream an empty write fails once the connection is closed or lost (the client
+/// aborted, or its keep-alives stopped); on a pipe or socket it is a no-op.
+fn liveness_probe() -> tokio::time::Interval {
+    let mut probe = tokio::time::interval(PROBE_EVERY);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    probe.reset();
+    probe
+}
+
+/// Child output → frames, until both streams end (or the client is found gone).
 async fn relay_output<W: AsyncWrite + Unpin>(
     mut stdout: Option<ChildOutput>,
     mut stderr: Option<ChildOutput>,
@@ -93,8 +140,10 @@ async fn relay_output<W: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     let mut b1 = vec![0u8; MAX_DATA];
     let mut b2 = vec![0u8; MAX_DATA];
+    let mut probe = liveness_probe();
     while stdout.is_some() || stderr.is_some() {
         tokio::select! {
+            _ = probe.tick() => w.write(&[]).await.map(drop)?,
             n = read_opt(&mut stdout, &mut b1), if stdout.is_some() => {
                 match n? {
                     0 => stdout = None,

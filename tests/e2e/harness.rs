@@ -905,6 +905,7 @@ pub struct ClusterBuilder {
     devices: Vec<String>,
     allows: Vec<(String, Vec<String>)>,
     start_servers: bool,
+    groups: Vec<(String, Vec<String>)>,
 }
 
 impl ClusterBuilder {
@@ -916,6 +917,7 @@ impl ClusterBuilder {
             devices: Vec::new(),
             allows: Vec::new(),
             start_servers: true,
+            groups: Vec::new(),
         }
     }
 
@@ -945,6 +947,16 @@ impl ClusterBuilder {
         self.allows.push((
             target.to_string(),
             who.iter().map(|s| s.to_string()).collect(),
+        ));
+        self
+    }
+
+    /// A `[group.<name>]` table with these members, written into the manager's file by hand
+    /// (there is no CLI for groups).
+    pub fn group(mut self, name: &str, members: &[&str]) -> Self {
+        self.groups.push((
+            name.to_string(),
+            members.iter().map(|s| s.to_string()).collect(),
         ));
         self
     }
@@ -1028,6 +1040,13 @@ impl ClusterBuilder {
                     bind,
                 },
             );
+        }
+        for (name, members) in &self.groups {
+            let table = format!(
+                "\n[group.{name}]\nmembers = {}\n",
+                toml_str(&members.join(", "))
+            );
+            c.edit_manager_file(|t| t + &table);
         }
         c.distribute();
         if self.start_servers {

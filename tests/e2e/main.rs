@@ -5,6 +5,8 @@
 mod harness;
 // The OpenSSH bridge: ssh/scp/rsync/git through `malai ssh proxy`, denials, SIGTERM, reload.
 mod bridge;
+// Native exec (`malai ssh host cmd`): exit codes, streams, rsync/git -e, pty, ACL scopes, groups.
+mod exec;
 // The malai protocol over OpenSSH: stdinserver as sshd's forced command, ssh-via clients.
 mod shim;
 // The embedded SSH server: ssh, scp, sftp, rsync, git with no sshd; known-hosts; scoping.
