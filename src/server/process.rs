@@ -166,6 +166,11 @@ pub fn spawn(spec: &SpawnSpec) -> std::io::Result<Running> {
             unsafe {
                 cmd.pre_exec(|| {
                     nix::unistd::setsid().map_err(std::io::Error::from)?;
+                    // The server relays this child's stdio; if the server dies (even by
+                    // SIGKILL), the session is over: hang it up rather than orphan it.
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                     Ok(())
                 });
             }
@@ -204,6 +209,11 @@ pub fn spawn(spec: &SpawnSpec) -> std::io::Result<Running> {
             unsafe {
                 cmd.pre_exec(|| {
                     nix::unistd::setsid().map_err(std::io::Error::from)?;
+                    // The server relays this child's stdio; if the server dies (even by
+                    // SIGKILL), the session is over: hang it up rather than orphan it.
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                     if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
