@@ -18,10 +18,13 @@ fn id(n: u8) -> Id52 {
 const STRANGER: u8 = 200;
 const MANAGER: u8 = 100;
 
+/// One server: full-access peers, (command, peers), (service, port, peers).
+type ServerShape = (Vec<u8>, Vec<(String, Vec<u8>)>, Vec<(String, u16, Vec<u8>)>);
+
 #[derive(Debug, Clone)]
 struct Shape {
     /// Per server: full-access peers, (command, peers), (service, port, peers).
-    servers: Vec<(Vec<u8>, Vec<(String, Vec<u8>)>, Vec<(String, u16, Vec<u8>)>)>,
+    servers: Vec<ServerShape>,
     devices: u8,
 }
 
