@@ -17,3 +17,6 @@ mod agent;
 mod http;
 // Config sync, `cluster status/remove`, join by domain (dnsmasq), two clusters on one machine.
 mod sync;
+// Faults: killed servers, restarts, stopped sshd, slowloris and silent streams, stream cap,
+// unwritable cluster folder during a push.
+mod faults;
