@@ -33,6 +33,8 @@ const MALAI: &str = env!("CARGO_BIN_EXE_malai");
 const CLUSTER: &str = "bench";
 /// Give up on a run after this long.
 const DEADLINE: Duration = Duration::from_secs(300);
+/// Clock ticks per second of /proc CPU times (USER_HZ, 100 on Linux).
+const USER_HZ: f64 = 100.0;
 /// How long the manager's idle CPU is sampled.
 const IDLE_SAMPLE: Duration = Duration::from_secs(10);
 
@@ -50,14 +52,18 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    println!("| members | first sync | change reaches all | manager idle CPU | manager RSS |");
-    println!("|---:|---:|---:|---:|---:|");
+    println!(
+        "| members | first sync | change reaches all | manager CPU for the change | members' CPU for the change (all N) | manager idle CPU | manager RSS |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     for n in ns {
         let r = rt.block_on(bench(n));
         println!(
-            "| {n} | {:.2} s | {:.2} s | {:.2} % | {:.0} MiB |",
+            "| {n} | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2} % | {:.0} MiB |",
             r.first.as_secs_f64(),
             r.change.as_secs_f64(),
+            r.change_cpu_manager,
+            r.change_cpu_members,
             r.idle_cpu_percent,
             r.rss_kib as f64 / 1024.0
         );
@@ -67,6 +73,10 @@ fn main() {
 struct Result {
     first: Duration,
     change: Duration,
+    /// CPU seconds the manager process spent while the change spread.
+    change_cpu_manager: f64,
+    /// CPU seconds this process (all N members) spent meanwhile.
+    change_cpu_members: f64,
     idle_cpu_percent: f64,
     rss_kib: u64,
 }
@@ -136,9 +146,10 @@ async fn bench(n: usize) -> Result {
         .join(CLUSTER)
         .join("cluster-manager.toml");
     let text = std::fs::read_to_string(&file).expect("manager file");
+    // (The header comment mentions [cluster-manager] too: match the table line itself.)
     let text = text.replacen(
-        "[cluster-manager]\n",
-        &format!("[cluster-manager]\naddrs = [\"{mgr_bind}\"]\n"),
+        "\n[cluster-manager]\n",
+        &format!("\n[cluster-manager]\naddrs = [\"{mgr_bind}\"]\n"),
         1,
     );
     write(&file, &format!("{text}{entries}"));
@@ -161,9 +172,12 @@ async fn bench(n: usize) -> Result {
         write(&file, &text);
         pushed_hash(&mgr_home)
     };
+    let (mgr_before, members_before) = (cpu_ticks(mgr.id()), cpu_ticks(std::process::id()));
     let changed = Instant::now();
     wait_all(&members, &want, changed).await;
     let change = changed.elapsed();
+    let change_cpu_manager = (cpu_ticks(mgr.id()) - mgr_before) as f64 / USER_HZ;
+    let change_cpu_members = (cpu_ticks(std::process::id()) - members_before) as f64 / USER_HZ;
 
     // Idle: let acknowledgements settle, then sample the manager.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -171,8 +185,7 @@ async fn bench(n: usize) -> Result {
     let before = cpu_ticks(pid);
     tokio::time::sleep(IDLE_SAMPLE).await;
     let after = cpu_ticks(pid);
-    let hz = 100.0; // USER_HZ on Linux
-    let idle_cpu_percent = (after - before) as f64 / hz / IDLE_SAMPLE.as_secs_f64() * 100.0;
+    let idle_cpu_percent = (after - before) as f64 / USER_HZ / IDLE_SAMPLE.as_secs_f64() * 100.0;
     let rss_kib = rss_kib(pid);
 
     let _ = nix::sys::signal::kill(
@@ -184,9 +197,14 @@ async fn bench(n: usize) -> Result {
     for t in tasks {
         let _ = t.await;
     }
+    if std::env::var_os("MALAI_BENCH_KEEP").is_some() {
+        eprintln!("kept {}", root.keep().display());
+    }
     Result {
         first,
         change,
+        change_cpu_manager,
+        change_cpu_members,
         idle_cpu_percent,
         rss_kib,
     }

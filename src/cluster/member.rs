@@ -16,18 +16,31 @@
 //! Then it is written atomically (temp file, fsync, rename), so a crash mid-write leaves the
 //! old file, and a running server picks it up on its next request (mtime check).
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use super::sync::{self, SyncError};
-use crate::config::store::{ClusterDir, StoreError};
+use crate::config::store::{ClusterDir, StoreError, write_atomic};
 use crate::config::{ClusterConfig, ConfigError};
 use crate::id52::Id52;
 use crate::protocol::config::{HashQuery, MAX_CONFIG_LEN, hash_text, short_hash};
 use crate::transport::iroh::Node;
 
-/// Serialises applies within one process: two pushes racing must not interleave their
-/// check-then-write (the temp file name is per process, not per call).
-static APPLY_LOCK: Mutex<()> = Mutex::new(());
+/// One lock per cluster folder: two pushes racing for the same file must not interleave
+/// their check-then-write (the temp file name is per process, not per call), while
+/// different clusters (or, in the sync benchmark, different members in one process) never
+/// wait for each other's fsync.
+static APPLY_LOCKS: Mutex<Option<HashMap<PathBuf, Arc<Mutex<()>>>>> = Mutex::new(None);
+
+fn folder_lock(cd: &ClusterDir) -> Arc<Mutex<()>> {
+    let mut locks = APPLY_LOCKS.lock().unwrap_or_else(|p| p.into_inner());
+    locks
+        .get_or_insert_with(HashMap::new)
+        .entry(cd.dir.clone())
+        .or_default()
+        .clone()
+}
 
 /// What an accepted file did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,11 +125,15 @@ pub fn apply(
     if cfg.private_key.is_some() || cfg.private_key_file.is_some() {
         return Err(ApplyError::CarriesSecrets);
     }
-    let _guard = APPLY_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let lock = folder_lock(cd);
+    let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
     if current_hash(cd).as_deref() == Some(hash.as_str()) {
         return Ok(Applied::Unchanged(hash));
     }
-    cd.save_text(text)?;
+    // Validated above; written atomically (temp file, fsync, rename, fsync of the folder).
+    let path = cd.file_path();
+    write_atomic(&path, text.as_bytes(), 0o644)
+        .map_err(|source| StoreError::Io { path, source })?;
     tracing::info!(cluster = %cd.alias, hash = short_hash(&hash), "cluster file updated from the manager");
     Ok(Applied::Replaced(hash))
 }

@@ -132,7 +132,13 @@ impl ClusterConfig {
     /// Parses and validates a cluster file; see the module docs for what is refused.
     pub fn parse(text: &str) -> Result<ClusterConfig, ConfigError> {
         let doc = DeTable::parse(text).map_err(|e| syntax_error(text, &e))?;
-        Parser { text }.document(doc.get_ref())
+        let newlines = text
+            .bytes()
+            .enumerate()
+            .filter(|(_, b)| *b == b'\n')
+            .map(|(i, _)| i)
+            .collect();
+        Parser { text, newlines }.document(doc.get_ref())
     }
 }
 
@@ -206,11 +212,14 @@ struct NameEntry {
 
 struct Parser<'t> {
     text: &'t str,
+    /// Byte offsets of every '\n': line numbers are asked for every entry, and counting
+    /// from the start each time made a file with thousands of members quadratic to parse.
+    newlines: Vec<usize>,
 }
 
 impl Parser<'_> {
     fn line(&self, span: Range<usize>) -> Option<usize> {
-        Some(line_col(self.text, span.start).0)
+        Some(self.newlines.partition_point(|&nl| nl < span.start) + 1)
     }
 
     fn table<'a, 'i>(&self, key: &str, v: &'a Val<'i>) -> Result<&'a DeTable<'i>, ConfigError> {

@@ -189,7 +189,16 @@ pub async fn run(
             tracker.clone(),
         ));
     }
-    start_new_clusters(&dirs, &opts, &shutdown, &tracker, &registry, &mut served, &mut started).await?;
+    start_new_clusters(
+        &dirs,
+        &opts,
+        &shutdown,
+        &tracker,
+        &registry,
+        &mut served,
+        &mut started,
+    )
+    .await?;
     ready(&started);
 
     loop {
@@ -292,19 +301,25 @@ async fn accept_loop(
     tracker: TaskTracker,
 ) {
     loop {
-        let conn = tokio::select! {
+        let incoming = tokio::select! {
             _ = shutdown.cancelled() => return,
-            c = node.accept() => match c {
+            c = node.accept_incoming() => match c {
                 Some(c) => c,
                 None => return,
             },
         };
-        tracker.spawn(serve_connection(
-            conn,
-            state.clone(),
-            shutdown.clone(),
-            tracker.clone(),
-        ));
+        // The handshake runs in the connection's own task: never one after another here.
+        let (state, shutdown, tracker2) = (state.clone(), shutdown.clone(), tracker.clone());
+        tracker.spawn(async move {
+            let conn = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                c = incoming.handshake() => match c {
+                    Some(c) => c,
+                    None => return,
+                },
+            };
+            serve_connection(conn, state, shutdown, tracker2).await
+        });
     }
 }
 

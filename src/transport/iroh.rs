@@ -205,19 +205,45 @@ impl Node {
 
     /// The next incoming connection, or `None` once the endpoint is closed. A handshake
     /// that fails is logged and skipped: one bad peer never stops the accept loop.
+    ///
+    /// Handshakes here run one after another: a server must use [`Node::accept_incoming`]
+    /// and finish each handshake in its own task instead.
     pub async fn accept(&self) -> Option<PeerConnection> {
         loop {
-            let incoming = self.endpoint.accept().await?;
-            match incoming.await {
-                Ok(conn) => return Some(PeerConnection { conn }),
-                Err(e) => tracing::info!(error = %e, "incoming handshake failed"),
+            if let Some(c) = self.accept_incoming().await?.handshake().await {
+                return Some(c);
             }
         }
+    }
+
+    /// The next connection attempt, before its handshake (`None` once the endpoint is
+    /// closed). Finish it with [`Incoming::handshake`] in a task of its own: awaiting
+    /// handshakes in the accept loop serializes them, so a burst of clients (or one that
+    /// stalls mid-handshake) keeps every other client waiting until its QUIC idle timeout
+    /// fails the handshake — measured: 45 of 100 concurrent scp clients timed out that way.
+    pub async fn accept_incoming(&self) -> Option<Incoming> {
+        self.endpoint.accept().await.map(Incoming)
     }
 
     /// Close gracefully (iroh logs an error when an endpoint is dropped unclosed).
     pub async fn close(&self) {
         self.endpoint.close().await;
+    }
+}
+
+/// A connection attempt whose handshake has not completed.
+pub struct Incoming(iroh::endpoint::Incoming);
+
+impl Incoming {
+    /// Complete the handshake; `None` (logged) when it fails or times out.
+    pub async fn handshake(self) -> Option<PeerConnection> {
+        match self.0.await {
+            Ok(conn) => Some(PeerConnection { conn }),
+            Err(e) => {
+                tracing::info!(error = %e, "incoming handshake failed");
+                None
+            }
+        }
     }
 }
 

@@ -11,12 +11,14 @@ mod exec;
 mod shim;
 // The embedded SSH server: ssh, scp, sftp, rsync, git with no sshd; known-hosts; scoping.
 mod embedded;
+// Config sync, `cluster status/remove`, join by domain (dnsmasq), two clusters on one machine.
+mod sync;
 // `malai ssh agent`: -e lifecycle, connection reuse, lockdown, fallback, idle/broken, new clusters.
 mod agent;
 // The agent's HTTP proxy: services with ACL, 403/404/502, CONNECT, 64 MiB, malai ssh curl.
 mod http;
-// Config sync, `cluster status/remove`, join by domain (dnsmasq), two clusters on one machine.
-mod sync;
 // Faults: killed servers, restarts, stopped sshd, slowloris and silent streams, stream cap,
 // unwritable cluster folder during a push.
 mod faults;
+// Load: 100 concurrent scp/rsync through one server; 1,000 concurrent exec from 50 peers.
+mod load;
