@@ -138,7 +138,7 @@ impl ClusterConfig {
             .filter(|(_, b)| *b == b'\n')
             .map(|(i, _)| i)
             .collect();
-        Parser { text, newlines }.document(doc.get_ref())
+        Parser { newlines }.document(doc.get_ref())
     }
 }
 
@@ -210,14 +210,13 @@ struct NameEntry {
     name: String,
 }
 
-struct Parser<'t> {
-    text: &'t str,
+struct Parser {
     /// Byte offsets of every '\n': line numbers are asked for every entry, and counting
     /// from the start each time made a file with thousands of members quadratic to parse.
     newlines: Vec<usize>,
 }
 
-impl Parser<'_> {
+impl Parser {
     fn line(&self, span: Range<usize>) -> Option<usize> {
         Some(self.newlines.partition_point(|&nl| nl < span.start) + 1)
     }
