@@ -22,3 +22,5 @@ mod http;
 mod faults;
 // Load: 100 concurrent scp/rsync through one server; 1,000 concurrent exec from 50 peers.
 mod load;
+// Secrets audit: no key material in any log, audit log or pushed file after a full scenario.
+mod secrets;
