@@ -1,0 +1,205 @@
+//! Scale benchmark (issue 7): one `malai ssh server` with N connected idle peers.
+//!
+//! The server is the real binary (own process and MALAI_HOME, so /proc gives its RSS and
+//! CPU). The peers are iroh endpoints in this process (`malai::transport::iroh::Node`), each
+//! with its own fresh key, each holding one connection to the server with nothing to say —
+//! the transport's 1 s keep-alives keep it open. Connections are added in steps (N is
+//! cumulative), 256 handshakes in flight at a time. Loopback, relays off.
+//!
+//! Measured per N: time to connect the step's new peers, server RSS minus its RSS with no
+//! peers, divided by N (RSS per connection), server CPU while idle (% of one core over 10 s),
+//! and this process's CPU in the same window (the peers' keep-alives).
+//!
+//! Run: `cargo bench --bench scale -- 1000 5000 10000` (needs `ulimit -n` ≥ N + 100: it is
+//! raised to the hard limit here).
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use malai::id52::Id52;
+use malai::keys::SecretKey;
+use malai::transport::iroh::{Node, PeerConnection, RelayChoice};
+
+const MALAI: &str = env!("CARGO_BIN_EXE_malai");
+const USER_HZ: f64 = 100.0;
+const IDLE_SAMPLE: Duration = Duration::from_secs(10);
+const IN_FLIGHT: usize = 256;
+
+fn malai(home: &Path, args: &[&str]) -> String {
+    let out = Command::new(MALAI)
+        .args(args)
+        .env("MALAI_HOME", home)
+        .env("MALAI_RELAY", "disabled")
+        .env("MALAI_USE_KEYRING", "false")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run malai");
+    assert!(out.status.success(), "malai {args:?}: {:?}", out);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn proc_rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn proc_cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields after the name: state is [0]; utime [11], stime [12].
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn raise_nofile() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+fn main() {
+    raise_nofile();
+    let mut ns: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    if ns.is_empty() {
+        ns = vec![1000, 5000, 10000];
+    }
+    ns.sort();
+    let root = tempfile::tempdir().expect("tempdir");
+    let (mgr, foo) = (root.path().join("mgr"), root.path().join("foo"));
+    let mgr_id = malai(&mgr, &["ssh", "cluster", "init", "acme"]);
+    let foo_id = malai(&foo, &["ssh", "cluster", "join", "acme", &mgr_id]);
+    malai(&mgr, &["ssh", "cluster", "add", "server", "foo", &foo_id]);
+    let file = mgr.join("ssh/clusters/acme/cluster-manager.toml");
+    malai(
+        &foo,
+        &["ssh", "cluster", "import", "acme", file.to_str().unwrap()],
+    );
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bind: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut server = Command::new(MALAI)
+        .args(["ssh", "server", "--bind", &bind.to_string()])
+        .env("MALAI_HOME", &foo)
+        .env("MALAI_RELAY", "disabled")
+        .env("MALAI_USE_KEYRING", "false")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start server");
+    let pid = server.id();
+    let mut err = BufReader::new(server.stderr.take().unwrap());
+    let mut line = String::new();
+    while err.read_line(&mut line).unwrap_or(0) > 0 && !line.contains("server ready") {}
+    assert!(
+        line.contains("server ready"),
+        "server did not start: {line}"
+    );
+    std::thread::spawn(move || {
+        // The server's stderr after `ready` (a crash would be reported here).
+        let mut l = String::new();
+        while err.read_line(&mut l).unwrap_or(0) > 0 {
+            eprint!("server: {l}");
+            l.clear();
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let base_rss = proc_rss_kib(pid);
+    let server_id: Id52 = foo_id.parse().unwrap();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    println!("server RSS with no peers: {base_rss} KiB");
+    println!(
+        "| peers | connect this step | server RSS | RSS per connection | server idle CPU | peers' process CPU |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let mut peers: Vec<(Node, PeerConnection)> = vec![];
+    for n in ns {
+        let add = n.saturating_sub(peers.len());
+        let started = Instant::now();
+        let sem = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+        let new: Vec<(Node, PeerConnection)> = rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..add {
+                let sem = sem.clone();
+                set.spawn(async move {
+                    let _p = sem.acquire_owned().await.unwrap();
+                    let key = SecretKey::generate();
+                    let node = Node::bind(&key, &RelayChoice::Disabled, None, false).await?;
+                    match node.connect(&server_id, &[bind]).await {
+                        Ok(c) => Ok((node, c)),
+                        Err(e) => {
+                            node.close().await;
+                            Err(e)
+                        }
+                    }
+                });
+            }
+            let mut ok = vec![];
+            let mut failed = 0;
+            while let Some(r) = set.join_next().await {
+                match r {
+                    Ok(Ok(p)) => ok.push(p),
+                    _ => failed += 1,
+                }
+            }
+            if failed > 0 {
+                eprintln!("{failed} of {add} connections failed");
+            }
+            ok
+        });
+        let took = started.elapsed();
+        peers.extend(new);
+        std::thread::sleep(Duration::from_secs(5));
+        if let Ok(Some(st)) = server.try_wait() {
+            panic!("the server exited with {peers_len} peers: {st}", peers_len = peers.len());
+        }
+        let alive = peers.iter().filter(|(_, c)| !c.is_closed()).count();
+        let rss = proc_rss_kib(pid);
+        let (s0, c0) = (proc_cpu_ticks(pid), proc_cpu_ticks(std::process::id()));
+        std::thread::sleep(IDLE_SAMPLE);
+        let (s1, c1) = (proc_cpu_ticks(pid), proc_cpu_ticks(std::process::id()));
+        let pct = |a: u64, b: u64| (b - a) as f64 / USER_HZ / IDLE_SAMPLE.as_secs_f64() * 100.0;
+        println!(
+            "| {alive} | {:.1} s ({add} new) | {:.0} MiB | {:.0} KiB | {:.0} % | {:.0} % |",
+            took.as_secs_f64(),
+            rss as f64 / 1024.0,
+            (rss.saturating_sub(base_rss)) as f64 / alive.max(1) as f64,
+            pct(s0, s1),
+            pct(c0, c1),
+        );
+    }
+    rt.block_on(async {
+        for (n, _) in &peers {
+            n.close().await;
+        }
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+}
