@@ -42,16 +42,26 @@ fn malai(home: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-fn proc_rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+/// Reads a /proc file through a handle opened up front: with 10,000 endpoints this process
+/// has no file descriptors left to open one later.
+fn reread(f: &mut std::fs::File) -> String {
+    use std::io::{Read, Seek};
+    let mut s = String::new();
+    let _ = f.seek(std::io::SeekFrom::Start(0));
+    let _ = f.read_to_string(&mut s);
+    s
+}
+
+fn proc_rss_kib(f: &mut std::fs::File) -> u64 {
+    let s = reread(f);
     s.lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
 
-fn proc_cpu_ticks(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+fn proc_cpu_ticks(f: &mut std::fs::File) -> u64 {
+    let s = reread(f);
     let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
     // Fields after the name: state is [0]; utime [11], stime [12].
@@ -127,7 +137,11 @@ fn main() {
         }
     });
     std::thread::sleep(Duration::from_secs(2));
-    let base_rss = proc_rss_kib(pid);
+    let open = |p: String| std::fs::File::open(&p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let mut status = open(format!("/proc/{pid}/status"));
+    let mut stat = open(format!("/proc/{pid}/stat"));
+    let mut my_stat = open("/proc/self/stat".to_string());
+    let base_rss = proc_rss_kib(&mut status);
     let server_id: Id52 = foo_id.parse().unwrap();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -178,13 +192,16 @@ fn main() {
         peers.extend(new);
         std::thread::sleep(Duration::from_secs(5));
         if let Ok(Some(st)) = server.try_wait() {
-            panic!("the server exited with {peers_len} peers: {st}", peers_len = peers.len());
+            panic!(
+                "the server exited with {peers_len} peers: {st}",
+                peers_len = peers.len()
+            );
         }
         let alive = peers.iter().filter(|(_, c)| !c.is_closed()).count();
-        let rss = proc_rss_kib(pid);
-        let (s0, c0) = (proc_cpu_ticks(pid), proc_cpu_ticks(std::process::id()));
+        let rss = proc_rss_kib(&mut status);
+        let (s0, c0) = (proc_cpu_ticks(&mut stat), proc_cpu_ticks(&mut my_stat));
         std::thread::sleep(IDLE_SAMPLE);
-        let (s1, c1) = (proc_cpu_ticks(pid), proc_cpu_ticks(std::process::id()));
+        let (s1, c1) = (proc_cpu_ticks(&mut stat), proc_cpu_ticks(&mut my_stat));
         let pct = |a: u64, b: u64| (b - a) as f64 / USER_HZ / IDLE_SAMPLE.as_secs_f64() * 100.0;
         println!(
             "| {alive} | {:.1} s ({add} new) | {:.0} MiB | {:.0} KiB | {:.0} % | {:.0} % |",
