@@ -75,7 +75,7 @@ struct Result {
     change: Duration,
     /// CPU seconds the manager process spent while the change spread.
     change_cpu_manager: f64,
-    /// CPU seconds this process (all N members) spent meanwhile.
+    /// CPU seconds the members (this process's runtime workers) spent meanwhile.
     change_cpu_members: f64,
     idle_cpu_percent: f64,
     rss_kib: u64,
@@ -172,12 +172,12 @@ async fn bench(n: usize) -> Result {
         write(&file, &text);
         pushed_hash(&mgr_home)
     };
-    let (mgr_before, members_before) = (cpu_ticks(mgr.id()), cpu_ticks(std::process::id()));
+    let (mgr_before, members_before) = (cpu_ticks(mgr.id()), member_ticks());
     let changed = Instant::now();
     wait_all(&members, &want, changed).await;
     let change = changed.elapsed();
     let change_cpu_manager = (cpu_ticks(mgr.id()) - mgr_before) as f64 / USER_HZ;
-    let change_cpu_members = (cpu_ticks(std::process::id()) - members_before) as f64 / USER_HZ;
+    let change_cpu_members = (member_ticks() - members_before) as f64 / USER_HZ;
 
     // Idle: let acknowledgements settle, then sample the manager.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -216,14 +216,18 @@ fn write(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).expect("rename");
 }
 
-/// Hash of the file as members get it (`cluster push --dry-run` prints those bytes).
-fn pushed_hash(mgr_home: &Path) -> String {
+/// Hash and length of the file as members get it (`cluster push --dry-run` prints those
+/// bytes).
+fn pushed_hash(mgr_home: &Path) -> (String, u64) {
     let out = malai(mgr_home)
         .args(["ssh", "cluster", "push", "--dry-run"])
         .output()
         .expect("push --dry-run");
     assert!(out.status.success(), "push --dry-run: {out:?}");
-    hex::encode(sha2::Sha256::digest(&out.stdout))
+    (
+        hex::encode(sha2::Sha256::digest(&out.stdout)),
+        out.stdout.len() as u64,
+    )
 }
 
 fn spawn_manager(home: &Path, bind: SocketAddr) -> Child {
@@ -246,13 +250,17 @@ fn spawn_manager(home: &Path, bind: SocketAddr) -> Child {
     child
 }
 
-/// Wait until every member file hashes to `want`.
-async fn wait_all(members: &[PathBuf], want: &str, since: Instant) {
+/// Wait until every member file hashes to `want`. A file is read only once its size is
+/// right: reading a thousand 100 KiB files every round would cost more than the sync.
+async fn wait_all(members: &[PathBuf], (want, len): &(String, u64), since: Instant) {
     let mut pending: Vec<&PathBuf> = members.iter().collect();
     while !pending.is_empty() {
         pending.retain(|p| {
+            if std::fs::metadata(p).map(|m| m.len()).ok() != Some(*len) {
+                return true;
+            }
             std::fs::read(p)
-                .map(|b| hex::encode(sha2::Sha256::digest(&b)) != want)
+                .map(|b| hex::encode(sha2::Sha256::digest(&b)) != *want)
                 .unwrap_or(true)
         });
         if since.elapsed() > DEADLINE {
@@ -264,7 +272,18 @@ async fn wait_all(members: &[PathBuf], want: &str, since: Instant) {
 
 /// utime + stime of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_ticks(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU of this process's runtime workers (the members), without the main thread that
+/// runs the measuring loop.
+fn member_ticks() -> u64 {
+    let pid = std::process::id();
+    cpu_ticks(pid).saturating_sub(stat_ticks(&format!("/proc/{pid}/task/{pid}/stat")))
+}
+
+fn stat_ticks(path: &str) -> u64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
