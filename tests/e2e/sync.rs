@@ -187,6 +187,56 @@ fn allow_change_reaches_members_and_remove_denies_again() {
     wait_synced(&c, &["foo", "bar"]);
     let foo_file = String::from_utf8_lossy(&member_file(&c, "foo")).into_owned();
     assert!(!foo_file.contains(c.id52("alice")), "{foo_file}");
+
+    // A removed server is still told: its copy drops it, so it grants nothing any more.
+    c.manager().run_ok(["ssh", "cluster", "remove", "bar"]);
+    wait_synced(&c, &["foo", "bar"]);
+    let bar_file = String::from_utf8_lossy(&member_file(&c, "bar")).into_owned();
+    assert!(!bar_file.contains("[server.bar]"), "{bar_file}");
+}
+
+#[test]
+fn a_device_pulls_the_file_from_the_manager() {
+    let c = TestCluster::builder("acme")
+        .server_with("foo", SshTarget::Unset)
+        .device("alice")
+        .build();
+    let (_mgr, _) = start_manager(&c);
+    wait_synced(&c, &["foo"]);
+    // Devices get no pushes (they run no server): alice still has the imported file.
+    let (_, want) = pushed(&c);
+    assert_ne!(sha256_hex(&member_file(&c, "alice")), want);
+    // With relays off a pull needs the manager's `addrs` hint, which alice's copy predates;
+    // importing the current file once gives it (with relays, the manager's id52 suffices).
+    c.import_on("alice");
+    c.manager()
+        .run_ok(["ssh", "cluster", "allow", "foo", "alice"]);
+    wait_synced(&c, &["foo"]);
+    let out = c.machine("alice").run(["ssh", "cluster", "pull"]);
+    assert_success(&out, "alice: cluster pull");
+    assert!(
+        stderr_of(&out).contains("cluster file updated"),
+        "{}",
+        fmt_output(&out)
+    );
+    assert_eq!(stdout_of(&out), "");
+    wait_synced(&c, &["alice"]);
+    let out = c.machine("alice").run(["ssh", "cluster", "pull"]);
+    assert_success(&out, "alice: second pull");
+    assert!(
+        stderr_of(&out).contains("already current"),
+        "{}",
+        fmt_output(&out)
+    );
+    // The manager saw it (recorded by its sync loop a moment later).
+    poll_until(Duration::from_secs(5), || {
+        member_status(&status_json(&c), "alice")["last_seen"]
+            .is_u64()
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("no last seen for alice:\n{}", c.diagnostics()));
+    let out = c.machine("alice").run(["ssh", "foo.acme", "echo", "in"]);
+    assert_success(&out, "alice after pulling her grant");
 }
 
 #[test]
