@@ -10,7 +10,8 @@
 //! - [`transport`]: iroh (the only module that touches iroh's API) and stdio streams.
 //! - [`server`]: `malai ssh server`: accept loop, the ACL choke point, request handlers.
 //! - [`client`]: `malai ssh proxy` and friends: dial a server, run a request.
-//! - [`cluster`]: `malai ssh cluster …`: init, join, add, allow, import.
+//! - [`cluster`]: `malai ssh cluster …`: init, join (also by DNS TXT), add, allow, remove,
+//!   import; config sync to members (push, pull, status).
 //! - [`demo`]: `malai ssh demo`, a throwaway cluster on one machine.
 //! - [`logging`]: tracing to files under LOGDIR; stdout is never touched.
 //! - [`agent`]: `malai ssh agent`: pooled connections, keys in one process, the HTTP proxy.
