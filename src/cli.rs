@@ -82,6 +82,10 @@ pub enum SshCommand {
         /// n-th gets port+n.
         #[arg(long)]
         bind: Option<SocketAddr>,
+        /// Most requests one peer may have in flight at once (over all its connections);
+        /// more are refused with a clear error.
+        #[arg(long, default_value_t = crate::server::DEFAULT_MAX_REQUESTS_PER_PEER)]
+        max_requests_per_peer: usize,
     },
     /// OpenSSH ProxyCommand: `ProxyCommand malai ssh proxy %h %p`.
     ///
@@ -341,7 +345,13 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
             print!("{}", crate::cluster::ssh_config_blocks(&dirs)?);
             Ok(())
         }
-        SshCommand::Server { bind } => serve(dirs, bind, false).await,
+        SshCommand::Server {
+            bind,
+            max_requests_per_peer,
+        } => {
+            crate::server::set_max_requests_per_peer(max_requests_per_peer);
+            serve(dirs, bind, false).await
+        }
         SshCommand::Proxy { host, port } => crate::client::proxy::run(&dirs, &host, port)
             .await
             .map_err(|e| anyhow::anyhow!("{host}: {e}")),

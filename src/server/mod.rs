@@ -86,6 +86,41 @@ pub struct ClusterState {
     /// The manager's sync loop, when this machine manages the cluster: the `config-hash`
     /// handler serves pulls from it and tells it which members are alive.
     pub sync: std::sync::OnceLock<Arc<crate::cluster::sync::Syncer>>,
+    /// Requests in flight per peer, for the per-peer cap ([`ClusterState::admit`]).
+    active: Mutex<std::collections::HashMap<Id52, usize>>,
+}
+
+/// Default cap on one peer's concurrent requests (across all its connections and
+/// transports). QUIC already caps streams per connection; this stops a peer from opening
+/// many connections to pin server tasks. `malai ssh server --max-requests-per-peer`.
+pub const DEFAULT_MAX_REQUESTS_PER_PEER: usize = 256;
+static MAX_REQUESTS_PER_PEER: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_REQUESTS_PER_PEER);
+
+/// Set the per-peer cap for this process (the server's CLI flag).
+pub fn set_max_requests_per_peer(n: usize) {
+    MAX_REQUESTS_PER_PEER.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// One admitted request; frees its slot when dropped.
+pub struct PeerPermit {
+    state: Arc<ClusterState>,
+    peer: Id52,
+}
+
+impl Drop for PeerPermit {
+    fn drop(&mut self) {
+        let mut a = match self.state.active.lock() {
+            Ok(a) => a,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(n) = a.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                a.remove(&self.peer);
+            }
+        }
+    }
 }
 
 struct Loaded {
@@ -104,7 +139,27 @@ impl ClusterState {
                 config: Arc::new(config),
             }),
             sync: std::sync::OnceLock::new(),
+            active: Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// Take a slot for one request of `peer`, or `None` when it already has the maximum in
+    /// flight (then the request is refused with a clear error, not queued).
+    pub fn admit(self: &Arc<Self>, peer: Id52) -> Option<PeerPermit> {
+        let max = MAX_REQUESTS_PER_PEER.load(std::sync::atomic::Ordering::Relaxed);
+        let mut a = match self.active.lock() {
+            Ok(a) => a,
+            Err(p) => p.into_inner(),
+        };
+        let n = a.entry(peer).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerPermit {
+            state: self.clone(),
+            peer,
+        })
     }
 
     /// The current cluster file, re-read if it changed on disk. An invalid new file is

@@ -36,6 +36,18 @@ where
 {
     let peer = ctx.peer;
     let cluster = &ctx.state.dir.alias;
+    let Some(_permit) = ctx.state.admit(peer) else {
+        tracing::warn!(%peer, %cluster, "too many concurrent requests from this peer; refused");
+        let reason = "too many concurrent requests from this machine; try again when some finish";
+        let _ = reply(
+            w,
+            &Response::Error {
+                reason: reason.into(),
+            },
+        )
+        .await;
+        return true;
+    };
     let header = match tokio::time::timeout(HEADER_TIMEOUT, protocol::read_header(r)).await {
         Err(_) => {
             tracing::info!(%peer, %cluster, "no complete header in time; dropping stream");

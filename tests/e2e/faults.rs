@@ -653,3 +653,104 @@ fn unwritable_cluster_folder_during_a_push_keeps_the_old_file_and_logs_the_error
     let out = c.machine("bob").run(["ssh", &c.host("foo"), "true"]);
     assert_exit_code(&out, 255, "bob after the new file");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Per-peer cap on requests in flight (across connections)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn one_peer_over_its_request_cap_is_refused_while_others_are_served() {
+    use malai::protocol::Response;
+    use raw::*;
+
+    const MAX: usize = 4;
+    let c = TestCluster::builder("acme")
+        .manager("mgr")
+        .server_with("foo", SshTarget::Unset)
+        .device("alice")
+        .device("bob")
+        .allow("foo", &["alice", "bob"])
+        .start_servers(false)
+        .build();
+    let bind = c.server_bind("foo");
+    let _server = c.machine("foo").spawn_server_with_args(&[
+        "--bind".to_string(),
+        bind.to_string(),
+        "--max-requests-per-peer".to_string(),
+        MAX.to_string(),
+    ]);
+    let alice_dir = c
+        .machine("alice")
+        .cluster_file("acme")
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let server: malai::id52::Id52 = c.id52("foo").parse().unwrap();
+    let cluster: malai::id52::Id52 = c.id52("mgr").parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // Alice holds MAX requests in flight: `sleep 60` execs, each answered `accept` (so the
+    // server has certainly admitted it).
+    let a = rt.block_on(RawPeer::dial(&alice_dir, &server, bind));
+    let held: Vec<_> = rt.block_on(async {
+        let mut v = vec![];
+        for _ in 0..MAX {
+            let mut frame = vec![];
+            let h = malai::protocol::Header {
+                cluster: Some(cluster),
+                request: malai::protocol::Request::Exec(malai::protocol::exec::ExecRequest {
+                    command: Some("sleep 60".into()),
+                    env: vec![],
+                    pty: None,
+                }),
+            };
+            malai::protocol::write_frame(&mut frame, &h)
+                .await
+                .expect("encode");
+            let (s, mut r) = a.open_with(&frame).await;
+            let resp = tokio::time::timeout(
+                Duration::from_secs(10),
+                malai::protocol::read_response(&mut r),
+            )
+            .await
+            .expect("answer in time")
+            .expect("answer");
+            assert_eq!(resp, Response::Accept, "held exec not accepted");
+            v.push((s, r));
+        }
+        v
+    });
+    // One more from alice is refused with a clear error (not queued) …
+    let refused = poll_until(Duration::from_secs(10), || {
+        match rt.block_on(ping(&a, cluster)) {
+            Response::Error { reason } if reason.contains("too many concurrent requests") => {
+                Some(reason)
+            }
+            other => {
+                eprintln!("faults: over the cap, got {other:?}");
+                None
+            }
+        }
+    });
+    assert!(
+        refused.is_some(),
+        "alice's request over the cap was not refused"
+    );
+    // … while bob (the deny twin's counterpart: another peer) is served.
+    let out = c
+        .machine("bob")
+        .run(["ssh", &c.host("foo"), "echo", "served"]);
+    assert_success(&out, "bob while alice is at her cap");
+    assert_eq!(stdout_of(&out), "served\n");
+
+    // Alice's held requests end; her next request is served again.
+    drop(held);
+    let ok = poll_until(Duration::from_secs(15), || {
+        (rt.block_on(ping(&a, cluster)) == Response::Accept).then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "alice was not admitted again after her requests ended"
+    );
+    rt.block_on(a.node.close());
+}
