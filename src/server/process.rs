@@ -371,34 +371,10 @@ impl AsyncRead for PtyMaster {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        loop {
-            let mut guard = ready!(this.fd.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            let res = guard.try_io(|inner| {
-                // SAFETY: read into our buffer.
-                let n = unsafe {
-                    libc::read(
-                        inner.get_ref().as_raw_fd(),
-                        unfilled.as_mut_ptr().cast(),
-                        unfilled.len(),
-                    )
-                };
-                if n < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            });
-            match res {
-                Ok(Ok(n)) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                // Linux reports the slave side's close as EIO: that is the end of output.
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Poll::Ready(Ok(())),
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_) => continue,
-            }
+        match ready!(crate::transport::rawfd::poll_read(&this.fd, cx, buf)) {
+            // Linux reports the slave side's close as EIO: that is the end of output.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => Poll::Ready(Ok(())),
+            r => Poll::Ready(r),
         }
     }
 }
@@ -410,28 +386,7 @@ impl AsyncWrite for PtyMaster {
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        loop {
-            let mut guard = ready!(this.fd.poll_write_ready(cx))?;
-            let res = guard.try_io(|inner| {
-                // SAFETY: write from a borrowed slice.
-                let n = unsafe {
-                    libc::write(
-                        inner.get_ref().as_raw_fd(),
-                        data.as_ptr().cast(),
-                        data.len(),
-                    )
-                };
-                if n < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            });
-            match res {
-                Ok(r) => return Poll::Ready(r),
-                Err(_) => continue,
-            }
-        }
+        crate::transport::rawfd::poll_write(&this.fd, cx, data)
     }
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))

@@ -75,36 +75,10 @@ impl AsyncRead for FdReader {
     ) -> Poll<std::io::Result<()>> {
         match &mut self.get_mut().0 {
             Inner::File(f) => Pin::new(f).poll_read(cx, buf),
-            Inner::Poll(a) => loop {
-                let mut guard = ready!(a.poll_read_ready(cx))?;
-                let unfilled = buf.initialize_unfilled();
-                let res = guard.try_io(|inner| {
-                    // SAFETY: read into the unfilled part of our buffer.
-                    let n = unsafe {
-                        libc::read(
-                            inner.get_ref().as_raw_fd(),
-                            unfilled.as_mut_ptr().cast(),
-                            unfilled.len(),
-                        )
-                    };
-                    if n < 0 {
-                        Err(std::io::Error::last_os_error())
-                    } else {
-                        Ok(n as usize)
-                    }
-                });
-                match res {
-                    Ok(Ok(n)) => {
-                        buf.advance(n);
-                        return Poll::Ready(Ok(()));
-                    }
-                    // A socket reset by a vanished sshd is the end of input.
-                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                        return Poll::Ready(Ok(()));
-                    }
-                    Ok(Err(e)) => return Poll::Ready(Err(e)),
-                    Err(_would_block) => continue,
-                }
+            Inner::Poll(a) => match ready!(super::rawfd::poll_read(a, cx, buf)) {
+                // A socket reset by a vanished sshd is the end of input.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Poll::Ready(Ok(())),
+                r => Poll::Ready(r),
             },
         }
     }
@@ -119,29 +93,7 @@ impl AsyncWrite for FdWriter {
         match &mut self.get_mut().0 {
             None => Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
             Some(Inner::File(f)) => Pin::new(f).poll_write(cx, data),
-            Some(Inner::Poll(a)) => loop {
-                let mut guard = ready!(a.poll_write_ready(cx))?;
-                let res = guard.try_io(|inner| {
-                    // SAFETY: write from a borrowed slice. MSG_NOSIGNAL is not available
-                    // for pipes; SIGPIPE is ignored by the Rust runtime, so EPIPE it is.
-                    let n = unsafe {
-                        libc::write(
-                            inner.get_ref().as_raw_fd(),
-                            data.as_ptr().cast(),
-                            data.len(),
-                        )
-                    };
-                    if n < 0 {
-                        Err(std::io::Error::last_os_error())
-                    } else {
-                        Ok(n as usize)
-                    }
-                });
-                match res {
-                    Ok(r) => return Poll::Ready(r),
-                    Err(_would_block) => continue,
-                }
-            },
+            Some(Inner::Poll(a)) => super::rawfd::poll_write(a, cx, data),
         }
     }
 

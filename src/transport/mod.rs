@@ -11,4 +11,5 @@ pub mod fdpass;
 pub mod fdstream;
 pub mod iroh;
 pub mod pump;
+pub mod rawfd;
 pub mod stdio;

@@ -8,7 +8,7 @@
 
 use std::os::fd::RawFd;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -125,33 +125,7 @@ impl AsyncRead for Stdin {
             Inner::Fallback(s) => return Pin::new(s).poll_read(cx, buf),
             Inner::Polled(afd) => afd,
         };
-        loop {
-            let mut guard = ready!(afd.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            let res = guard.try_io(|inner| {
-                // SAFETY: reading into a buffer we own, of the length we pass.
-                let n = unsafe {
-                    libc::read(
-                        inner.get_ref().fd,
-                        unfilled.as_mut_ptr().cast(),
-                        unfilled.len(),
-                    )
-                };
-                if n < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            });
-            match res {
-                Ok(Ok(n)) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
-            }
-        }
+        super::rawfd::poll_read(afd, cx, buf)
     }
 }
 
@@ -165,23 +139,7 @@ impl AsyncWrite for Stdout {
             Inner::Fallback(s) => return s.pin().poll_write(cx, data),
             Inner::Polled(afd) => afd,
         };
-        loop {
-            let mut guard = ready!(afd.poll_write_ready(cx))?;
-            let res = guard.try_io(|inner| {
-                // SAFETY: writing from a slice we borrow, of its length.
-                let n =
-                    unsafe { libc::write(inner.get_ref().fd, data.as_ptr().cast(), data.len()) };
-                if n < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            });
-            match res {
-                Ok(r) => return Poll::Ready(r),
-                Err(_would_block) => continue,
-            }
-        }
+        super::rawfd::poll_write(afd, cx, data)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
