@@ -14,7 +14,6 @@ use tokio::net::TcpStream;
 
 use super::request::reply;
 use crate::protocol::Response;
-use crate::transport::pump;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -39,24 +38,5 @@ where
             return true;
         }
     };
-    let _ = tcp.set_nodelay(true);
-    if reply(w, &Response::Accept).await.is_err() {
-        return false;
-    }
-    let (mut tr, mut tw) = tcp.into_split();
-    match pump::both_ways(r, &mut tw, &mut tr, w).await {
-        Ok(m) => {
-            tracing::info!(
-                service = name,
-                up = m.up,
-                down = m.down,
-                "http stream closed"
-            );
-            true
-        }
-        Err(e) => {
-            tracing::info!(service = name, error = %e, "http stream broke");
-            false
-        }
-    }
+    super::tunnel::relay_tcp(tcp, &format!("service {name} at {addr}"), r, w).await
 }

@@ -60,6 +60,17 @@ where
             return true;
         }
     };
+    relay_tcp(tcp, &format!("ssh at {addr}"), r, w).await
+}
+
+/// Answer `accept` and move raw bytes between the peer and a local TCP connection already
+/// made (tunnel and http both connect first, so a dead target is an `error`, not a
+/// silently closed stream). `what` names the target in logs.
+pub(super) async fn relay_tcp<R, W>(tcp: TcpStream, what: &str, r: &mut R, w: &mut W) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     // Interactive keystrokes must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
     if reply(w, &Response::Accept).await.is_err() {
@@ -68,11 +79,11 @@ where
     let (mut tr, mut tw) = tcp.into_split();
     match pump::both_ways(r, &mut tw, &mut tr, w).await {
         Ok(m) => {
-            tracing::info!(%addr, up = m.up, down = m.down, "tunnel closed");
+            tracing::info!(to = what, up = m.up, down = m.down, "stream closed");
             true
         }
         Err(e) => {
-            tracing::info!(%addr, error = %e, "tunnel broke");
+            tracing::info!(to = what, error = %e, "stream broke");
             false
         }
     }
