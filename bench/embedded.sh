@@ -16,47 +16,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 SIZE_MIB=${SIZE_MIB:-1024}
 RUNS=${RUNS:-20}
-MALAI=${MALAI_BIN:-}
-if [ -z "$MALAI" ]; then
-    cargo build --release --quiet
-    MALAI="${CARGO_TARGET_DIR:-target}/release/malai"
-fi
-MALAI=$(readlink -f "$MALAI")
-
-W=$(mktemp -d /tmp/malai-bench-emb.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$W"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM if sys.argv[1]=="udp" else socket.SOCK_STREAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' "$1"; }
-
-# --- sshd --------------------------------------------------------------------------------
-SSHD_PORT=$(free_port tcp)
-mkdir -p /run/sshd "$W/sshd"
-ssh-keygen -q -t ed25519 -N '' -f "$W/sshd/host_key"
-ssh-keygen -q -t ed25519 -N '' -f "$W/client_key"
-cp "$W/client_key.pub" "$W/sshd/authorized_keys"
-cat > "$W/sshd/config" <<CFG
-Port $SSHD_PORT
-ListenAddress 127.0.0.1
-HostKey $W/sshd/host_key
-PidFile $W/sshd/pid
-AuthorizedKeysFile $W/sshd/authorized_keys
-UsePAM no
-StrictModes no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PubkeyAuthentication yes
-PermitRootLogin prohibit-password
-Subsystem sftp internal-sftp
-CFG
-/usr/sbin/sshd -D -e -f "$W/sshd/config" 2>"$W/sshd/log" &
-SSHD_PID=$!
-PIDS+=("$SSHD_PID")
+. bench/lib.sh
+bench_init emb
+start_sshd
 
 # --- cluster: manager, servers foo (sshd) and emb (embedded), device alice ----------------
 export MALAI_RELAY=disabled MALAI_USE_KEYRING=false
