@@ -61,12 +61,16 @@ impl RelayChoice {
     }
 }
 
-/// How long a connection may be silent before it is declared dead. Keep-alives go every
-/// `KEEP_ALIVE`, so this is "several keep-alives lost in a row". Short on purpose: when a
+/// How long a connection may be silent before it is declared dead. Short on purpose: when a
 /// server or client is killed outright nothing says goodbye, and the other side must give
-/// up within seconds (an ssh client hanging for 30 s is a bug to users). `MALAI_IDLE_TIMEOUT`
-/// (seconds) raises it for flaky links.
-pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+/// up within seconds (issue 7 asks for 5 s; an ssh client hanging for 30 s is a bug to users).
+///
+/// Measured (noq 1.4): the idle timer restarts when the first keep-alive after the last
+/// received packet is *sent*, so a dead peer is noticed `idle` to `idle + KEEP_ALIVE` after
+/// it died: 3.0–4.0 s with these values (4 s gave 4.0–5.0 s, too close to the promise).
+/// The price: a network outage longer than ~3 s drops the session, which OpenSSH over TCP
+/// would ride out. `MALAI_IDLE_TIMEOUT` (seconds) raises it for flaky links.
+pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Streams one connection may have open at once (each is one request): a peer can't pin
 /// unbounded server tasks through one connection.

@@ -25,11 +25,12 @@ use nix::unistd::Pid;
 use crate::agent::Agent;
 use crate::harness::*;
 
-/// How long a client may take to give up once its server is SIGKILLed. The issue asks for
-/// 5 s; the transport's idle timeout is 4 s (`DEFAULT_IDLE_TIMEOUT`), so the bound leaves 4 s
-/// for process exit and scheduling on a loaded 2-core CI machine. The measured time is
-/// printed by every test that checks it.
-const GIVE_UP: Duration = Duration::from_secs(8);
+/// How long a client may take to give up once its server is SIGKILLed: the issue's 5 s. The
+/// transport notices a dead peer 3–4 s after it died (`DEFAULT_IDLE_TIMEOUT` plus at most one
+/// keep-alive interval), which leaves a second for the client to print its line and exit.
+/// These tests hold `heavy_lock` so the load tests can't starve them of CPU meanwhile. The
+/// measured time is printed by every test that checks it.
+const GIVE_UP: Duration = Duration::from_secs(5);
 
 fn acme_with(target: SshTarget) -> TestCluster {
     TestCluster::builder("acme")
@@ -183,6 +184,7 @@ fn size_of(p: &Path) -> u64 {
 
 #[test]
 fn killed_server_ends_scp_and_exec_within_the_deadline_then_restart_serves_again() {
+    let _heavy = heavy_lock();
     let mut c = acme_with(SshTarget::Sshd);
     let scratch = c.scratch("data");
     let big = scratch.join("big");
@@ -266,6 +268,7 @@ fn killed_server_ends_scp_and_exec_within_the_deadline_then_restart_serves_again
 
 #[test]
 fn agent_survives_a_killed_server_and_reconnects_by_itself() {
+    let _heavy = heavy_lock();
     let mut c = acme_with(SshTarget::Unset);
     let agent = Agent::start(c.machine("alice"), &[]);
     let host = c.host("foo");

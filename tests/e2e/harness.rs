@@ -43,6 +43,16 @@ pub const SSHD: &str = "/usr/sbin/sshd";
 
 const POLL: Duration = Duration::from_millis(20);
 
+/// Serializes the load tests (hundreds of transfers, 1,000 execs) with the tests that
+/// measure how fast a client notices a killed server. Running both at once on 2 cores stalls
+/// the QUIC timers behind CPU starvation and measures the machine, not malai; every other
+/// test still runs in parallel. Hold the guard for the whole test.
+pub fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A failed (panicked) holder poisons it; the next test must still run.
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Ports, ids, small utilities
 // ---------------------------------------------------------------------------------------------

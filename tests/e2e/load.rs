@@ -22,6 +22,7 @@ const TRANSFER_BYTES: usize = 256 << 10;
 /// which would measure sshd's admission policy rather than malai.
 #[test]
 fn hundred_concurrent_scp_and_rsync_transfers_all_arrive_intact() {
+    let _heavy = heavy_lock();
     let c = TestCluster::builder("acme")
         .server_with("foo", SshTarget::Embedded)
         .device("alice")
@@ -92,6 +93,7 @@ const PER_PEER: usize = 20;
 /// concurrent `malai ssh foo true` CLI processes, one per peer.
 #[test]
 fn thousand_concurrent_exec_true_from_fifty_peers() {
+    let _heavy = heavy_lock();
     use malai::protocol::Request;
     use malai::protocol::exec::{self as frames, ExecRequest, ExitStatus, Frame};
     use malai::transport::iroh::{Node, RelayChoice};
