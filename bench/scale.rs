@@ -12,6 +12,15 @@
 //!
 //! Run: `cargo bench --bench scale -- 1000 5000 10000` (needs `ulimit -n` ≥ N + 100: it is
 //! raised to the hard limit here).
+//!
+//! `MALAI_SCALE_WRAP` runs the server under a command (split on whitespace, the server's
+//! command line appended). `env MALLOC_ARENA_MAX=1` or `env LD_PRELOAD=…` keep the pid (env
+//! execs), so the RSS columns stay the server's. Under `heaptrack -o /tmp/h` the pid is
+//! heaptrack's script and RSS means nothing; to see what N idle connections hold, `kill -9`
+//! the `malai ssh server` child while the table's idle sample runs (after its header plus the
+//! connect time and 5 s), then `heaptrack_print -f /tmp/h.zst --print-leaks 1`: "leaked" is
+//! then what was live at that moment. Build with `CARGO_PROFILE_RELEASE_DEBUG=line-tables-only
+//! CARGO_PROFILE_RELEASE_STRIP=false` for symbols.
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
@@ -109,7 +118,19 @@ fn main() {
         .unwrap()
         .port();
     let bind: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut server = Command::new(MALAI)
+    // MALAI_SCALE_WRAP: run the server under a profiler or with another allocator (see top).
+    let wrap: Vec<String> = std::env::var("MALAI_SCALE_WRAP")
+        .map(|w| w.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    let mut server = match wrap.split_first() {
+        Some((prog, args)) => {
+            let mut c = Command::new(prog);
+            c.args(args).arg(MALAI);
+            c
+        }
+        None => Command::new(MALAI),
+    };
+    let mut server = server
         .args(["ssh", "server", "--bind", &bind.to_string()])
         .env("MALAI_HOME", &foo)
         .env("MALAI_RELAY", "disabled")
