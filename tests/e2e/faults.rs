@@ -178,6 +178,24 @@ fn assert_one_clear_line(out: &Output, what: &str) {
 }
 
 /// Size of a file that may not exist yet.
+/// SIGKILLs foo's server while `bg` runs, then holds `bg` to the promise: it gives up
+/// within `GIVE_UP` (never hangs) with one clear line on stderr. Prints the measured time.
+fn kill_server_and_await_give_up(c: &mut TestCluster, bg: Bg, what: &str) -> Output {
+    let killed = kill_server(c);
+    let out = bg
+        .wait(GIVE_UP + Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{what} hung after the server died: {e}"));
+    let took = killed.elapsed();
+    eprintln!("faults: {what} gave up {took:?} after the server's SIGKILL");
+    assert!(
+        took <= GIVE_UP,
+        "{what} took {took:?} to give up\n{}",
+        fmt_output(&out)
+    );
+    assert_one_clear_line(&out, what);
+    out
+}
+
 fn size_of(p: &Path) -> u64 {
     fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
@@ -205,23 +223,12 @@ fn killed_server_ends_scp_and_exec_within_the_deadline_then_restart_serves_again
     });
     assert!(moving.is_some() && bg.running(), "scp never got going");
     assert!(size_of(&dest) < 256 << 20, "scp finished before the kill");
-    let killed = kill_server(&mut c);
-    let out = bg
-        .wait(GIVE_UP + Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("scp hung after the server died: {e}"));
-    let took = killed.elapsed();
-    eprintln!("faults: scp gave up {took:?} after the server's SIGKILL");
+    let out = kill_server_and_await_give_up(&mut c, bg, "scp through malai ssh proxy");
     assert!(
         !out.status.success(),
         "scp succeeded?\n{}",
         fmt_output(&out)
     );
-    assert!(
-        took <= GIVE_UP,
-        "scp took {took:?} to give up\n{}",
-        fmt_output(&out)
-    );
-    assert_one_clear_line(&out, "scp through malai ssh proxy");
 
     // 2. SIGKILL during native exec fed a big stdin.
     restart_server(&mut c);
@@ -235,15 +242,8 @@ fn killed_server_ends_scp_and_exec_within_the_deadline_then_restart_serves_again
     );
     thread::sleep(Duration::from_millis(200)); // bytes are flowing
     assert!(bg.running(), "exec ended before the kill");
-    let killed = kill_server(&mut c);
-    let out = bg
-        .wait(GIVE_UP + Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("exec hung after the server died: {e}"));
-    let took = killed.elapsed();
-    eprintln!("faults: native exec (stdin streaming) gave up {took:?} after the SIGKILL");
+    let out = kill_server_and_await_give_up(&mut c, bg, "native exec (stdin streaming)");
     assert_exit_code(&out, 255, "exec whose server was killed");
-    assert!(took <= GIVE_UP, "exec took {took:?} to give up");
-    assert_one_clear_line(&out, "native exec");
 
     // 3. Restarted: the next request succeeds, scp included.
     restart_server(&mut c);
@@ -286,15 +286,8 @@ fn agent_survives_a_killed_server_and_reconnects_by_itself() {
         "remote sleep never started"
     );
     assert!(bg.running());
-    let killed = kill_server(&mut c);
-    let out = bg
-        .wait(GIVE_UP + Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("exec through the agent hung: {e}"));
-    let took = killed.elapsed();
-    eprintln!("faults: exec through the agent gave up {took:?} after the SIGKILL");
+    let out = kill_server_and_await_give_up(&mut c, bg, "exec through the agent");
     assert_exit_code(&out, 255, "exec through the agent, server killed");
-    assert!(took <= GIVE_UP, "took {took:?}");
-    assert_one_clear_line(&out, "exec through the agent");
 
     // While the server is down: a clear failure, not a hang.
     let out = run_cmd(&mut agent.cmd(["ssh", &host, "true"]));
