@@ -1,0 +1,336 @@
+//! Real networks on the simulated namespace network (`netsim`):
+//! - issue 14, an offline LAN: two namespaces on one link, `MALAI_RELAY=disabled`, found by
+//!   the cluster file's `addrs` alone: native exec, the OpenSSH ProxyCommand to a real sshd and
+//!   config sync;
+//! - issue 11, every machine behind its own NAT (no port forwards), the tests' own iroh relay
+//!   (HTTPS with a test CA, QUIC address discovery), no `addrs` anywhere, the relay named by the
+//!   cluster file (`relays`, `relay-ca`): ssh through the ProxyCommand, exec, scp of 64 MiB,
+//!   `git clone`, the same with UDP between the NATs dropped (relay only), and config sync.
+//!
+//! These tests are heavy (a relay, three malai machines, sshd, 64 MiB through two NATs): they
+//! run one at a time and never beside the load and fault tests (`heavy_net_lock`). Where
+//! namespaces cannot be made (not root) they print why and pass.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use sha2::Digest;
+
+use crate::harness::*;
+use crate::netsim::{self, LanNet, NatNet};
+
+/// How long a config change may take to reach a member.
+const CONVERGE: Duration = Duration::from_secs(30);
+/// Size of the checksummed scp transfers.
+const BIG: usize = 64 << 20;
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The file exactly as the manager pushes it (`cluster push --dry-run`), hashed.
+fn pushed_hash(c: &TestCluster) -> String {
+    let out = c.manager().run(["ssh", "cluster", "push", "--dry-run"]);
+    assert_success(&out, "cluster push --dry-run");
+    sha256_hex(&out.stdout)
+}
+
+fn member_hash(c: &TestCluster, name: &str) -> String {
+    sha256_hex(&fs::read(c.machine(name).cluster_file(&c.alias)).unwrap_or_default())
+}
+
+/// Waits until `member`'s cluster file is byte for byte what the manager pushes; returns how
+/// long that took.
+fn wait_synced(c: &TestCluster, member: &str, extra: &dyn Fn() -> String) -> Duration {
+    let started = Instant::now();
+    let want = pushed_hash(c);
+    poll_until(CONVERGE, || (member_hash(c, member) == want).then_some(())).unwrap_or_else(|| {
+        panic!(
+            "{member} did not get the manager's file within {CONVERGE:?}\n{}\n{}",
+            c.diagnostics(),
+            extra()
+        )
+    });
+    started.elapsed()
+}
+
+fn assert_echo_ok(out: &Output, what: &str, c: &TestCluster, extra: &dyn Fn() -> String) {
+    if !out.status.success() || stdout_of(out) != "ok\n" {
+        panic!(
+            "{what}: expected `ok`\n{}\n{}\n{}",
+            fmt_output(out),
+            c.diagnostics(),
+            extra()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 14: an offline LAN, `addrs` only
+// ---------------------------------------------------------------------------------------------
+
+/// foo (with a real sshd) in one namespace at 198.19.0.1, the manager and alice in another at
+/// 198.19.0.2, one veth link between them and nothing else: relays disabled, every machine
+/// found through the cluster file's `addrs`. The manager's allow reaches foo by sync; then
+/// alice gets in with native exec and with the ProxyCommand.
+#[test]
+fn lan_without_relay_exec_proxycommand_and_sync_by_addrs_alone() {
+    if !netsim::available("nat::lan_without_relay_exec_proxycommand_and_sync_by_addrs_alone") {
+        return;
+    }
+    let _lock = netsim::heavy_net_lock();
+    let lan = LanNet::new();
+    let foo_bind: SocketAddr = (LanNet::A_IP, 7744).into();
+    let mgr_bind: SocketAddr = (LanNet::B_IP, 7745).into();
+    let c = TestCluster::builder("acme")
+        .server("foo")
+        .device("alice")
+        .netns("foo", lan.a().name())
+        .netns("mgr", lan.b().name())
+        .netns("alice", lan.b().name())
+        .env("MALAI_RELAY", "disabled")
+        .server_bind("foo", Some(foo_bind))
+        .manager_key("addrs", &format!("[{}]", toml_str(&mgr_bind.to_string())))
+        .build();
+    let _mgr = c.manager().spawn_server(mgr_bind);
+    let none = || String::new();
+    let t = wait_synced(&c, "foo", &none);
+    eprintln!("LAN: first push reached foo after {t:?}");
+
+    // Not allowed yet.
+    let out = c.machine("alice").run(["ssh", "foo.acme", "echo", "ok"]);
+    assert_exit_code(&out, 255, "alice before allow");
+
+    // The manager allows alice; the change reaches foo over the LAN by `addrs`.
+    c.manager()
+        .run_ok(["ssh", "cluster", "allow", "foo", "alice"]);
+    let t = wait_synced(&c, "foo", &none);
+    eprintln!("LAN: allow reached foo after {t:?}");
+
+    let out = c.machine("alice").run(["ssh", "foo.acme", "echo", "ok"]);
+    assert_echo_ok(&out, "alice: malai ssh foo.acme echo ok (LAN)", &c, &none);
+
+    let before = c.sshd("foo").connection_count();
+    let out = c.ssh("alice", "foo.acme", "echo ok");
+    assert_echo_ok(&out, "alice: ssh via ProxyCommand (LAN)", &c, &none);
+    assert!(
+        c.sshd("foo").connection_count() > before,
+        "the session did not reach foo's sshd:\n{}",
+        c.sshd("foo").log()
+    );
+    // Really over the link: foo's sshd is only on foo's own loopback, in another namespace.
+    assert_ne!(c.machine("alice").netns(), c.machine("foo").netns());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 11: behind NATs, the cluster's own relay, no `addrs`
+// ---------------------------------------------------------------------------------------------
+
+/// The NAT'd network with the relay running, and a cluster `acme` on it: manager `mgr`, server
+/// `foo` (sshd per `foo_target`), device `alice`, each behind its own NAT; the cluster file
+/// names the relay and its CA; no `addrs`; `MALAI_RELAY` unset so the file applies.
+fn nat_cluster(
+    relay_dir: &tempfile::TempDir,
+    foo_target: SshTarget,
+    allow_alice: bool,
+) -> (NatNet, TestCluster) {
+    let mut net = NatNet::new(&["mgr", "foo", "alice"]);
+    let relay = net.start_relay(relay_dir.path());
+    let relays = format!("[{}]", toml_str(&relay.url()));
+    let ca = format!("\"\"\"\n{}\"\"\"", relay.ca_pem());
+    let mut b = TestCluster::builder("acme")
+        .server_with("foo", foo_target)
+        .device("alice")
+        .netns("mgr", net.ns("mgr"))
+        .netns("foo", net.ns("foo"))
+        .netns("alice", net.ns("alice"))
+        .env_remove("MALAI_RELAY")
+        .server_bind("foo", None)
+        .manager_key("relays", &relays)
+        .manager_key("relay-ca", &ca);
+    if allow_alice {
+        b = b.allow("foo", &["alice"]);
+    }
+    let c = b.build();
+    (net, c)
+}
+
+/// 64 MiB up to foo by scp through the ProxyCommand, checksummed; returns how long it took
+/// and the traffic alice's router saw meanwhile.
+fn scp_up(c: &TestCluster, net: &NatNet, name: &str) -> (Duration, netsim::Traffic) {
+    let local = c.scratch("local");
+    let remote = c.scratch("remote");
+    let src = local.join(format!("{name}.bin"));
+    write_random_file(&src, BIG, 0x6e61_7473_696d ^ name.len() as u64);
+    let want = sha256_file(&src);
+    let dst = remote.join(format!("{name}.bin"));
+    let before = net.traffic("alice");
+    let t0 = Instant::now();
+    let out = c.scp(
+        "alice",
+        &[
+            src.display().to_string(),
+            format!("foo.acme:{}", dst.display()),
+        ],
+    );
+    let took = t0.elapsed();
+    let traffic = net.traffic("alice") - before;
+    if !out.status.success() {
+        panic!(
+            "scp {name}\n{}\n{}\nrelay:\n{}",
+            fmt_output(&out),
+            c.diagnostics(),
+            tail(&net.relay().log(), 50)
+        );
+    }
+    assert_eq!(sha256_file(&dst), want, "scp {name} corrupted the file");
+    (took, traffic)
+}
+
+/// Both ends behind NAT, found by id52 through the cluster's own relay (no `addrs`): ssh via
+/// the ProxyCommand to foo's real sshd, native exec, scp of 64 MiB and `git clone`; then the
+/// same exec and scp with UDP between the NATs dropped, so only the relay carries them.
+/// Prints which path the transfers took (router counters) and how long they took.
+#[test]
+fn nat_relay_ssh_exec_scp_git_then_relay_only() {
+    if !netsim::available("nat::nat_relay_ssh_exec_scp_git_then_relay_only") {
+        return;
+    }
+    let _lock = netsim::heavy_net_lock();
+    let started = Instant::now();
+    let relay_dir = tempfile::tempdir().expect("tempdir");
+    let (net, c) = nat_cluster(&relay_dir, SshTarget::Sshd, true);
+    let relay_log = || format!("relay log:\n{}", tail(&net.relay().log(), 50));
+
+    // Native exec.
+    let t0 = Instant::now();
+    let out = c.machine("alice").run(["ssh", "foo.acme", "echo", "ok"]);
+    assert_echo_ok(&out, "alice: malai ssh foo.acme echo ok", &c, &relay_log);
+    eprintln!("NAT: first exec through the relay took {:?}", t0.elapsed());
+
+    // OpenSSH through the ProxyCommand to foo's sshd.
+    let before = c.sshd("foo").connection_count();
+    let out = c.ssh("alice", "foo.acme", "echo ok");
+    assert_echo_ok(&out, "alice: ssh foo.acme via ProxyCommand", &c, &relay_log);
+    assert!(c.sshd("foo").connection_count() > before);
+
+    // 64 MiB, hole punching allowed.
+    let (took, traffic) = scp_up(&c, &net, "direct");
+    eprintln!(
+        "NAT: scp 64 MiB (UDP between NATs allowed) took {took:?}; alice's router: {traffic}"
+    );
+
+    // git clone of a repository on foo.
+    let bare = c.dir().join("srv/repo.git");
+    fs::create_dir_all(&bare).unwrap();
+    assert_success(
+        &run_cmd(
+            git_command(c.dir())
+                .args(["init", "--bare", "-q", "-b", "main"])
+                .arg(&bare),
+        ),
+        "git init --bare",
+    );
+    let seed = c.scratch("seed");
+    assert_success(
+        &run_cmd(git_command(&seed).args(["init", "-q", "-b", "main"])),
+        "git init",
+    );
+    fs::write(seed.join("README"), "across two NATs\n").unwrap();
+    assert_success(
+        &run_cmd(git_command(&seed).args(["add", "README"])),
+        "git add",
+    );
+    assert_success(
+        &run_cmd(git_command(&seed).args(["commit", "-q", "-m", "seed"])),
+        "git commit",
+    );
+    assert_success(
+        &run_cmd(
+            git_command(&seed)
+                .args(["push", "-q"])
+                .arg(&bare)
+                .arg("main"),
+        ),
+        "git push (local)",
+    );
+    let work = c.scratch("work");
+    let url = format!("foo.acme:{}", bare.display());
+    let out = c.git("alice", &work, &["clone", "-q", &url, "clone"]);
+    if !out.status.success() {
+        panic!(
+            "git clone\n{}\n{}\n{}",
+            fmt_output(&out),
+            c.diagnostics(),
+            relay_log()
+        );
+    }
+    assert_eq!(
+        fs::read_to_string(work.join("clone/README")).unwrap(),
+        "across two NATs\n"
+    );
+
+    // Relay only: no UDP between the NATs (UDP to the relay's QUIC address discovery stays).
+    net.block_udp_between_nats();
+    let t0 = Instant::now();
+    let out = c.machine("alice").run(["ssh", "foo.acme", "echo", "ok"]);
+    assert_echo_ok(
+        &out,
+        "alice: exec with UDP between NATs dropped",
+        &c,
+        &relay_log,
+    );
+    eprintln!("NAT: exec, relay only, took {:?}", t0.elapsed());
+    let (took, traffic) = scp_up(&c, &net, "relayed");
+    eprintln!("NAT: scp 64 MiB (relay only) took {took:?}; alice's router: {traffic}");
+    assert_eq!(
+        traffic.direct, 0,
+        "UDP crossed between the NATs while blocked"
+    );
+    assert!(
+        traffic.relay >= BIG as u64,
+        "the relay did not carry the 64 MiB: {traffic}"
+    );
+    eprintln!("NAT: test took {:?} in all", started.elapsed());
+}
+
+/// Config sync across the NATs through the relay, no `addrs`: the manager's first push and a
+/// later `allow` reach foo; alice (a device) pulls the current file; the allow is in force
+/// on foo (alice's exec gets in).
+#[test]
+fn nat_relay_config_sync_from_manager_to_members() {
+    if !netsim::available("nat::nat_relay_config_sync_from_manager_to_members") {
+        return;
+    }
+    let _lock = netsim::heavy_net_lock();
+    let relay_dir = tempfile::tempdir().expect("tempdir");
+    let (net, c) = nat_cluster(&relay_dir, SshTarget::Unset, false);
+    let relay_log = || format!("relay log:\n{}", tail(&net.relay().log(), 50));
+    let _mgr = c.manager().spawn_server_with_args(&[]);
+
+    let t = wait_synced(&c, "foo", &relay_log);
+    eprintln!("NAT: first push reached foo after {t:?}");
+    let out = c.machine("alice").run(["ssh", "foo.acme", "echo", "ok"]);
+    assert_exit_code(&out, 255, "alice before allow");
+
+    c.manager()
+        .run_ok(["ssh", "cluster", "allow", "foo", "alice"]);
+    let t = wait_synced(&c, "foo", &relay_log);
+    eprintln!("NAT: allow reached foo after {t:?}");
+
+    let out = c.machine("alice").run(["ssh", "cluster", "pull"]);
+    if !out.status.success() {
+        panic!(
+            "alice: cluster pull\n{}\n{}\n{}",
+            fmt_output(&out),
+            c.diagnostics(),
+            relay_log()
+        );
+    }
+    assert_eq!(member_hash(&c, "alice"), pushed_hash(&c), "alice's pull");
+
+    let out = c.machine("alice").run(["ssh", "foo.acme", "echo", "ok"]);
+    assert_echo_ok(&out, "alice after the allow", &c, &relay_log);
+}
