@@ -67,6 +67,16 @@ fn assert_echo_ok(out: &Output, what: &str, c: &TestCluster, extra: &dyn Fn() ->
     }
 }
 
+/// Exit 255 with a "denied" line: foo was reached and refused (not a network failure).
+fn assert_denied(out: &Output, what: &str) {
+    assert_exit_code(out, 255, what);
+    assert!(
+        stderr_of(out).to_lowercase().contains("denied"),
+        "{what}: expected a denial\n{}",
+        fmt_output(out)
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Issue 14: an offline LAN, `addrs` only
 // ---------------------------------------------------------------------------------------------
@@ -91,6 +101,8 @@ fn lan_without_relay_exec_proxycommand_and_sync_by_addrs_alone() {
         .netns("mgr", lan.b().name())
         .netns("alice", lan.b().name())
         .env("MALAI_RELAY", "disabled")
+        // Bind like production (all interfaces), not the loopback tests' 127.0.0.1.
+        .env_remove("MALAI_BIND")
         .server_bind("foo", Some(foo_bind))
         .manager_key("addrs", &format!("[{}]", toml_str(&mgr_bind.to_string())))
         .build();
@@ -101,7 +113,7 @@ fn lan_without_relay_exec_proxycommand_and_sync_by_addrs_alone() {
 
     // Not allowed yet.
     let out = c.machine("alice").run(["ssh", "foo.acme", "echo", "ok"]);
-    assert_exit_code(&out, 255, "alice before allow");
+    assert_denied(&out, "alice before allow");
 
     // The manager allows alice; the change reaches foo over the LAN by `addrs`.
     c.manager()
@@ -130,7 +142,8 @@ fn lan_without_relay_exec_proxycommand_and_sync_by_addrs_alone() {
 
 /// The NAT'd network with the relay running, and a cluster `acme` on it: manager `mgr`, server
 /// `foo` (sshd per `foo_target`), device `alice`, each behind its own NAT; the cluster file
-/// names the relay and its CA; no `addrs`; `MALAI_RELAY` unset so the file applies.
+/// names the relay and its CA; no `addrs`; `MALAI_RELAY` unset so the file applies and
+/// `MALAI_BIND` unset so endpoints bind all interfaces as in production.
 fn nat_cluster(
     relay_dir: &tempfile::TempDir,
     foo_target: SshTarget,
@@ -147,6 +160,7 @@ fn nat_cluster(
         .netns("foo", net.ns("foo"))
         .netns("alice", net.ns("alice"))
         .env_remove("MALAI_RELAY")
+        .env_remove("MALAI_BIND")
         .server_bind("foo", None)
         .manager_key("relays", &relays)
         .manager_key("relay-ca", &ca);
@@ -293,6 +307,20 @@ fn nat_relay_ssh_exec_scp_git_then_relay_only() {
         traffic.relay >= BIG as u64,
         "the relay did not carry the 64 MiB: {traffic}"
     );
+    // The relay answered QUIC address discovery (how endpoints behind NAT learn their public
+    // address, which hole punching needs): a check of the test network itself.
+    let qad = net
+        .relay()
+        .log()
+        .lines()
+        .filter(|l| l.contains("qad-conn") && l.contains("established"))
+        .count();
+    assert!(
+        qad > 0,
+        "no QUIC address discovery at the relay:\n{}",
+        relay_log()
+    );
+    eprintln!("NAT: {qad} QUIC address discovery connections at the relay");
     eprintln!("NAT: test took {:?} in all", started.elapsed());
 }
 
@@ -313,7 +341,7 @@ fn nat_relay_config_sync_from_manager_to_members() {
     let t = wait_synced(&c, "foo", &relay_log);
     eprintln!("NAT: first push reached foo after {t:?}");
     let out = c.machine("alice").run(["ssh", "foo.acme", "echo", "ok"]);
-    assert_exit_code(&out, 255, "alice before allow");
+    assert_denied(&out, "alice before allow");
 
     c.manager()
         .run_ok(["ssh", "cluster", "allow", "foo", "alice"]);

@@ -624,7 +624,7 @@ impl Relay {
             "--test-threads=1",
         ])
         .env(RELAY_ENV, dir)
-        .env("RUST_LOG", "iroh_relay=info")
+        .env("RUST_LOG", "iroh_relay=info,iroh_relay::quic=debug")
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("dup log"))
         .stderr(log);
@@ -730,6 +730,7 @@ async fn serve_relay(dir: &Path) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
+        .with_ansi(false)
         .try_init();
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("relay.crt"))
         .expect("open relay.crt")
