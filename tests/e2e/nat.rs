@@ -602,3 +602,71 @@ fn nat_outage_20s_during_scp_64mib_completes() {
         "scp through the outage corrupted the file"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 11: one endpoint per identity
+// ---------------------------------------------------------------------------------------------
+
+/// foo runs `malai ssh server` and, with the same cluster key, an agent and client commands
+/// to bar (direct CLI and through the agent) at the same time; alice keeps reaching foo all
+/// along. UDP between the NATs is dropped, so everything goes through the relay, which
+/// delivers an id's traffic to the newest connection holding that id (iroh #4464): a second
+/// endpoint with foo's key would make foo's server unreachable.
+#[test]
+fn nat_server_and_its_own_client_commands_share_one_identity() {
+    if !netsim::available("nat::nat_server_and_its_own_client_commands_share_one_identity") {
+        return;
+    }
+    let _lock = netsim::heavy_net_lock();
+    let relay_dir = tempfile::tempdir().expect("tempdir");
+    let mut net = NatNet::new(&["mgr", "foo", "bar", "alice"]);
+    let relay = net.start_relay(relay_dir.path());
+    let relays = format!("[{}]", toml_str(&relay.url()));
+    let ca = format!("\"\"\"\n{}\"\"\"", relay.ca_pem());
+    let c = TestCluster::builder("acme")
+        .server_with("foo", SshTarget::Unset)
+        .server_with("bar", SshTarget::Unset)
+        .device("alice")
+        .allow("foo", &["alice"])
+        .allow("bar", &["foo"])
+        .netns("mgr", net.ns("mgr"))
+        .netns("foo", net.ns("foo"))
+        .netns("bar", net.ns("bar"))
+        .netns("alice", net.ns("alice"))
+        .env_remove("MALAI_RELAY")
+        .env_remove("MALAI_BIND")
+        .server_bind("foo", None)
+        .server_bind("bar", None)
+        .manager_key("relays", &relays)
+        .manager_key("relay-ca", &ca)
+        .build();
+    let relay_log = || format!("relay log:\n{}", tail(&net.relay().log(), 50));
+    net.block_udp_between_nats();
+
+    let alice_reaches_foo = |what: &str| {
+        let out = c.machine("alice").run(["ssh", "foo.acme", "echo", "ok"]);
+        assert_echo_ok(&out, what, &c, &relay_log);
+    };
+    alice_reaches_foo("alice -> foo before foo dials out");
+
+    let agent = crate::agent::Agent::start(c.machine("foo"), &[]);
+    std::thread::scope(|s| {
+        // A CLI command with foo's key, running while foo's server runs.
+        let long = s.spawn(|| {
+            c.machine("foo")
+                .run(["ssh", "bar.acme", "sleep 8; echo ok"])
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        alice_reaches_foo("alice -> foo while foo's CLI runs a command on bar");
+        let out = run_cmd(&mut agent.cmd(["ssh", "bar.acme", "echo", "ok"]));
+        assert_echo_ok(&out, "foo -> bar through foo's agent", &c, &relay_log);
+        alice_reaches_foo("alice -> foo after foo's agent dialed bar");
+        let out = c.machine("foo").run(["ssh", "bar.acme", "echo", "ok"]);
+        assert_echo_ok(&out, "foo -> bar, a second CLI command", &c, &relay_log);
+        alice_reaches_foo("alice -> foo after a second CLI command");
+        let out = long.join().expect("foo's long command");
+        assert_echo_ok(&out, "foo -> bar: the long command", &c, &relay_log);
+    });
+    alice_reaches_foo("alice -> foo at the end");
+    drop(agent);
+}
