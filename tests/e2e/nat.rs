@@ -670,3 +670,105 @@ fn nat_server_and_its_own_client_commands_share_one_identity() {
     alice_reaches_foo("alice -> foo at the end");
     drop(agent);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 11: dead servers are still noticed
+// ---------------------------------------------------------------------------------------------
+
+/// A restarted server must be noticed within this long after it is back (issue 11).
+const RESTART_NOTICE: Duration = Duration::from_secs(2);
+/// The default outage limit (`MALAI_IDLE_TIMEOUT` unset): a vanished server is given up on
+/// within this long.
+const OUTAGE_LIMIT: Duration = Duration::from_secs(60);
+/// Room for a loaded 2-core machine on top of a promised deadline.
+const ROOM: Duration = Duration::from_secs(3);
+
+/// SIGKILLs foo's malai server and waits until it is reaped.
+fn kill_foo(c: &mut TestCluster) -> Instant {
+    let p = c.server_process("foo");
+    let pid = nix::unistd::Pid::from_raw(p.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL foo's server");
+    let at = Instant::now();
+    assert!(
+        poll_until(Duration::from_secs(10), || (!p.is_running()).then_some(())).is_some(),
+        "foo's server survived SIGKILL"
+    );
+    at
+}
+
+/// Exit 255 with exactly one `malai: ` line on stderr.
+fn assert_one_line_255(out: &Output, what: &str) {
+    assert_exit_code(out, 255, what);
+    let err = stderr_of(out);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("malai: ")).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{what}: want one malai line\n{}",
+        fmt_output(out)
+    );
+}
+
+/// Behind NATs, through the relay: alice's exec on foo ends with exit 255 and one line
+/// within 2 s of foo's server being back after a SIGKILL; and, with foo's server killed and
+/// not restarted, within the outage limit (60 s by default).
+#[test]
+fn nat_killed_server_noticed_after_restart_and_when_gone() {
+    if !netsim::available("nat::nat_killed_server_noticed_after_restart_and_when_gone") {
+        return;
+    }
+    let _lock = netsim::heavy_net_lock();
+    let relay_dir = tempfile::tempdir().expect("tempdir");
+    let (net, mut c) = nat_cluster(&relay_dir, SshTarget::Unset, true);
+    let alice = c.machine("alice").clone();
+    let long_exec = |secs: u64| {
+        let alice = alice.clone();
+        std::thread::spawn(move || {
+            let script = format!("sleep {secs}; echo ok");
+            let out = run_cmd_with(
+                &mut alice.cmd(["ssh", "foo.acme", script.as_str()]),
+                None,
+                Duration::from_secs(secs + 30),
+            );
+            (out, Instant::now())
+        })
+    };
+
+    // 1. Killed and restarted.
+    let exec = long_exec(60);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!exec.is_finished(), "exec ended before the kill");
+    kill_foo(&mut c);
+    c.start_server("foo");
+    let back = Instant::now();
+    let (out, ended) = exec.join().expect("exec thread");
+    let took = ended.saturating_duration_since(back);
+    eprintln!("NAT: exec gave up {took:?} after foo's server was back (restart)");
+    assert_one_line_255(&out, "exec whose server restarted");
+    assert!(
+        took <= RESTART_NOTICE + ROOM,
+        "exec noticed the restart only {took:?} after foo was back\n{}",
+        fmt_output(&out)
+    );
+
+    // The restarted server serves again.
+    let out = c.machine("alice").run(["ssh", "foo.acme", "echo", "ok"]);
+    assert_echo_ok(&out, "alice after foo's restart", &c, &|| {
+        tail(&net.relay().log(), 50)
+    });
+
+    // 2. Killed and not restarted.
+    let exec = long_exec(120);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!exec.is_finished(), "exec ended before the kill");
+    let killed = kill_foo(&mut c);
+    let (out, ended) = exec.join().expect("exec thread");
+    let took = ended.saturating_duration_since(killed);
+    eprintln!("NAT: exec gave up {took:?} after foo's server was killed for good");
+    assert_one_line_255(&out, "exec whose server is gone");
+    assert!(
+        took <= OUTAGE_LIMIT + ROOM,
+        "exec took {took:?} to give up on a dead server\n{}",
+        fmt_output(&out)
+    );
+}
