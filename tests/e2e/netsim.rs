@@ -137,7 +137,11 @@ pub fn available(test: &str) -> bool {
     match unavailable_reason() {
         None => true,
         Some(why) => {
-            eprintln!(
+            // Straight to stderr, not `eprintln!`: libtest would capture that and show it
+            // only for failed tests.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIPPED {test}: network namespace tests cannot run here: {why}. \
                  Run as root after `bash .ci/run` (installs iproute2 and nftables)."
             );
@@ -794,7 +798,7 @@ mod smoke {
 
     #[test]
     fn netsim_nat_lets_replies_in_and_nothing_else() {
-        if !available("netsim_nat_lets_replies_in_and_nothing_else") {
+        if !available("netsim::smoke::netsim_nat_lets_replies_in_and_nothing_else") {
             return;
         }
         let net = NatNet::new(&["a", "b"]);
@@ -815,7 +819,7 @@ mod smoke {
 
     #[test]
     fn netsim_lan_links_two_namespaces() {
-        if !available("netsim_lan_links_two_namespaces") {
+        if !available("netsim::smoke::netsim_lan_links_two_namespaces") {
             return;
         }
         let lan = LanNet::new();
@@ -825,7 +829,7 @@ mod smoke {
 
     #[test]
     fn netsim_namespaces_are_deleted_on_drop() {
-        if !available("netsim_namespaces_are_deleted_on_drop") {
+        if !available("netsim::smoke::netsim_namespaces_are_deleted_on_drop") {
             return;
         }
         let names: Vec<String> = {
@@ -845,7 +849,7 @@ mod smoke {
 
     #[test]
     fn netsim_relay_serves_https_with_the_test_ca() {
-        if !available("netsim_relay_serves_https_with_the_test_ca") {
+        if !available("netsim::smoke::netsim_relay_serves_https_with_the_test_ca") {
             return;
         }
         let dir = tempfile::tempdir().expect("tempdir");
