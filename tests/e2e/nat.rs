@@ -772,3 +772,45 @@ fn nat_killed_server_noticed_after_restart_and_when_gone() {
         fmt_output(&out)
     );
 }
+
+/// `MALAI_RELAY=<url>` and `MALAI_RELAY_CA=<pem file>` name the relay when the cluster file
+/// does not; without the CA the relay's certificate is not trusted and nothing connects.
+#[test]
+fn nat_relay_from_the_environment_with_its_ca_file() {
+    if !netsim::available("nat::nat_relay_from_the_environment_with_its_ca_file") {
+        return;
+    }
+    let _lock = netsim::heavy_net_lock();
+    let relay_dir = tempfile::tempdir().expect("tempdir");
+    let mut net = NatNet::new(&["mgr", "foo", "alice"]);
+    let relay = net.start_relay(relay_dir.path());
+    let url = relay.url();
+    let ca = relay.ca_path().display().to_string();
+    let mut c = TestCluster::builder("acme")
+        .server_with("foo", SshTarget::Unset)
+        .device("alice")
+        .allow("foo", &["alice"])
+        .netns("mgr", net.ns("mgr"))
+        .netns("foo", net.ns("foo"))
+        .netns("alice", net.ns("alice"))
+        .env("MALAI_RELAY", &url)
+        .env("MALAI_RELAY_CA", &ca)
+        .env_remove("MALAI_BIND")
+        .server_bind("foo", None)
+        .build();
+    let relay_log = || format!("relay log:\n{}", tail(&net.relay().log(), 50));
+    let out = c.machine("alice").run(["ssh", "foo.acme", "echo", "ok"]);
+    assert_echo_ok(&out, "alice -> foo, relay from MALAI_RELAY", &c, &relay_log);
+
+    // The same relay, its CA not given: refused (untrusted certificate), a clear failure.
+    c.machine_mut("alice").unset_env("MALAI_RELAY_CA");
+    let t0 = Instant::now();
+    let out = c.machine("alice").run(["ssh", "foo.acme", "echo", "ok"]);
+    eprintln!(
+        "NAT: without the relay's CA, exec failed after {:?}: {}",
+        t0.elapsed(),
+        stderr_of(&out).trim()
+    );
+    assert_exit_code(&out, 255, "alice -> foo without the relay's CA");
+    assert_eq!(stdout_of(&out), "", "{}", fmt_output(&out));
+}
