@@ -367,8 +367,15 @@ fn nat_relay_config_sync_from_manager_to_members() {
 // Issue 11: sessions ride out an outage
 // ---------------------------------------------------------------------------------------------
 
-/// How long foo is cut off (issue 11: "drop all of foo's traffic for 20 s").
-const OUTAGE: Duration = Duration::from_secs(20);
+/// How long foo is cut off: issue 11's 20 s, or `MALAI_E2E_OUTAGE_SECS` (to try longer
+/// outages by hand).
+fn outage() -> Duration {
+    let secs = std::env::var("MALAI_E2E_OUTAGE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    Duration::from_secs(secs)
+}
 
 /// An interactive `ssh` (through the ProxyCommand) running `sh` on foo: lines written to
 /// stdin run there, stdout is collected by a thread.
@@ -488,16 +495,16 @@ fn nat_outage_20s_interactive_session_and_exec_continue() {
     std::thread::scope(|s| {
         let exec = s.spawn(|| {
             let t0 = Instant::now();
-            let script = format!("sleep {}; echo ok", OUTAGE.as_secs() + 8);
+            let script = format!("sleep {}; echo ok", outage().as_secs() + 8);
             let out = c.machine("alice").run(["ssh", "foo.acme", script.as_str()]);
             (out, t0.elapsed())
         });
         // Let the exec's connection come up before the cut.
         std::thread::sleep(Duration::from_secs(3));
         net.cut("foo");
-        std::thread::sleep(OUTAGE);
+        std::thread::sleep(outage());
         net.restore("foo");
-        eprintln!("NAT outage: foo was cut off for {OUTAGE:?}, restored");
+        eprintln!("NAT outage: foo was cut off for {:?}, restored", outage());
 
         session.send("echo after");
         assert!(
@@ -559,7 +566,7 @@ fn nat_outage_20s_during_scp_64mib_completes() {
         );
         net.cut("foo");
         let at_cut = size(&dst);
-        std::thread::sleep(OUTAGE);
+        std::thread::sleep(outage());
         let during = size(&dst);
         net.restore("foo");
         eprintln!(
