@@ -230,6 +230,31 @@ fn nat_relay_ssh_exec_scp_git_then_relay_only() {
     assert_echo_ok(&out, "alice: ssh foo.acme via ProxyCommand", &c, &relay_log);
     assert!(c.sshd("foo").connection_count() > before);
 
+    // How soon after a fresh client starts does UDP flow between the two NATs (iroh's hole
+    // punching, then the direct path)? Informational; the counters are polled every 10 ms.
+    std::thread::scope(|s| {
+        let before = net.traffic("alice").direct;
+        let t0 = Instant::now();
+        let exec = s.spawn(|| {
+            c.machine("alice")
+                .run(["ssh", "foo.acme", "sleep 2; echo ok"])
+        });
+        let first = poll_until(Duration::from_secs(10), || {
+            (net.traffic("alice").direct > before).then(|| t0.elapsed())
+        });
+        let out = exec.join().expect("exec thread");
+        assert_echo_ok(
+            &out,
+            "alice: exec while watching for hole punching",
+            &c,
+            &relay_log,
+        );
+        match first {
+            Some(t) => eprintln!("NAT: first UDP between the NATs {t:?} after the client started"),
+            None => eprintln!("NAT: no UDP between the NATs within 10 s (no hole punching)"),
+        }
+    });
+
     // 64 MiB, hole punching allowed.
     let (took, traffic) = scp_up(&c, &net, "direct");
     eprintln!(
