@@ -338,16 +338,22 @@ impl Sshd {
     /// Starts sshd with everything under `dir` (created). Panics with a clear message if sshd
     /// is missing, we are not root, the config is invalid or it does not come up.
     pub fn start(dir: &Path) -> Sshd {
-        Sshd::start_with(dir, None)
+        Sshd::start_with(dir, None, "127.0.0.1")
     }
 
     /// Like `start`, but sshd runs inside network namespace `netns` (`ip netns exec`) and
     /// listens on that namespace's 127.0.0.1 (its `lo` must be up, as `netsim` leaves it).
     pub fn start_in_netns(dir: &Path, netns: &str) -> Sshd {
-        Sshd::start_with(dir, Some(netns))
+        Sshd::start_with(dir, Some(netns), "127.0.0.1")
     }
 
-    fn start_with(dir: &Path, netns: Option<&str>) -> Sshd {
+    /// Like `start_in_netns`, listening on every address of the namespace (`0.0.0.0`), for
+    /// plain OpenSSH from another namespace (benchmarks' baseline). Never outside a namespace.
+    pub fn start_in_netns_on_all_addresses(dir: &Path, netns: &str) -> Sshd {
+        Sshd::start_with(dir, Some(netns), "0.0.0.0")
+    }
+
+    fn start_with(dir: &Path, netns: Option<&str>, listen: &str) -> Sshd {
         require_sshd();
         fs::create_dir_all(dir).expect("create sshd dir");
         fs::create_dir_all("/run/sshd").expect("mkdir -p /run/sshd (privilege separation dir)");
@@ -367,7 +373,7 @@ impl Sshd {
                 &config,
                 format!(
                     "Port {port}\n\
-                     ListenAddress 127.0.0.1\n\
+                     ListenAddress {listen}\n\
                      HostKey {host_key}\n\
                      PidFile {pid}\n\
                      AuthorizedKeysFile {ak}\n\

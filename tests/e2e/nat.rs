@@ -846,3 +846,160 @@ fn nat_relay_from_the_environment_with_its_ca_file() {
     assert_exit_code(&out, 255, "alice -> foo without the relay's CA");
     assert_eq!(stdout_of(&out), "", "{}", fmt_output(&out));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark (not a test): bench/netsim.sh
+// ---------------------------------------------------------------------------------------------
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Numbers for docs/benchmarks.md on the namespace network, all in one run: scp of
+/// `MALAI_BENCH_MIB` (256) MiB alice -> foo through malai with a direct (hole-punched) path,
+/// relay only, and plain OpenSSH between the same namespaces routed without NAT; cold
+/// `malai ssh foo.acme true` through the relay and with hole punching; how soon UDP flows
+/// between the NATs. Asserts only that every transfer arrived intact.
+#[test]
+#[ignore = "benchmark, not a test: `bash bench/netsim.sh` runs it (release build)"]
+fn bench_namespace_network() {
+    if !netsim::available("nat::bench_namespace_network") {
+        return;
+    }
+    let _lock = netsim::heavy_net_lock();
+    let mib: usize = std::env::var("MALAI_BENCH_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256);
+    let relay_dir = tempfile::tempdir().expect("tempdir");
+    let (net, c) = nat_cluster(&relay_dir, SshTarget::Sshd, true);
+    let relay_log = || format!("relay log:\n{}", tail(&net.relay().log(), 50));
+    let exec_true = || {
+        let t0 = Instant::now();
+        let out = c.machine("alice").run(["ssh", "foo.acme", "true"]);
+        assert_success(&out, "malai ssh foo.acme true");
+        t0.elapsed()
+    };
+    exec_true(); // warm the page cache and the relay's key cache
+
+    // Cold connects (a new process each time).
+    let direct_connect = median((0..10).map(|_| exec_true()).collect());
+    net.block_udp_between_nats();
+    let relay_connect = median((0..10).map(|_| exec_true()).collect());
+    net.allow_udp_between_nats();
+
+    // Hole punching: first UDP between the NATs after a client starts.
+    let mut punch = Vec::new();
+    for _ in 0..5 {
+        std::thread::scope(|s| {
+            let before = net.traffic("alice").direct;
+            let t0 = Instant::now();
+            let exec = s.spawn(|| c.machine("alice").run(["ssh", "foo.acme", "sleep 1"]));
+            if let Some(t) = poll_until(Duration::from_secs(10), || {
+                (net.traffic("alice").direct > before).then(|| t0.elapsed())
+            }) {
+                punch.push(t);
+            }
+            assert_success(&exec.join().expect("exec"), "exec sleep 1");
+        });
+    }
+
+    let local = c.scratch("local");
+    let remote = c.scratch("remote");
+    let src = local.join("bench.bin");
+    write_random_file(&src, mib << 20, 0x0062_656e_6368);
+    let want = sha256_file(&src);
+    let scp_timeout = Duration::from_secs(600);
+    let check = |dst: &std::path::Path, what: &str| {
+        assert_eq!(sha256_file(dst), want, "{what}: corrupted");
+        let _ = fs::remove_file(dst);
+    };
+    let malai_scp = |name: &str| -> (Duration, netsim::Traffic) {
+        let dst = remote.join(name);
+        let before = net.traffic("alice");
+        let t0 = Instant::now();
+        let out = run_cmd_with(
+            std::process::Command::new("scp")
+                .env_remove("RUST_LOG")
+                .arg("-F")
+                .arg(c.ssh_config("alice"))
+                .arg(&src)
+                .arg(format!("foo.acme:{}", dst.display())),
+            None,
+            scp_timeout,
+        );
+        let took = t0.elapsed();
+        if !out.status.success() {
+            panic!("scp {name}\n{}\n{}", fmt_output(&out), relay_log());
+        }
+        check(&dst, name);
+        (took, net.traffic("alice") - before)
+    };
+    let (direct, direct_traffic) = malai_scp("direct.bin");
+    net.block_udp_between_nats();
+    let (relayed, relayed_traffic) = malai_scp("relayed.bin");
+    net.allow_udp_between_nats();
+
+    // Plain OpenSSH between the same two namespaces, routed without NAT.
+    net.route_without_nat();
+    let sshd = Sshd::start_in_netns_on_all_addresses(&c.dir().join("sshd-plain"), net.ns("foo"));
+    let dst = remote.join("openssh.bin");
+    let t0 = Instant::now();
+    let out = run_cmd_with(
+        net.command("alice", "scp")
+            .env_remove("RUST_LOG")
+            .args(["-F", "/dev/null", "-P", &sshd.port().to_string(), "-i"])
+            .arg(sshd.client_key())
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
+            .arg(format!(
+                "-oUserKnownHostsFile={}",
+                c.dir().join("known_hosts-plain").display()
+            ))
+            .args([
+                "-o",
+                "StrictHostKeyChecking=accept-new",
+                "-o",
+                "LogLevel=ERROR",
+            ])
+            .arg(&src)
+            .arg(format!("root@{}:{}", net.lan_ip("foo"), dst.display())),
+        None,
+        scp_timeout,
+    );
+    let openssh = t0.elapsed();
+    assert_success(&out, "plain scp between the namespaces");
+    check(&dst, "openssh");
+
+    let mbps = |d: Duration| (mib as f64) / d.as_secs_f64();
+    eprintln!("BENCH namespace network, scp {mib} MiB alice -> foo:");
+    eprintln!(
+        "BENCH   malai, direct path:  {:>7.2} s  {:>6.1} MiB/s  {:.2}x OpenSSH  ({direct_traffic})",
+        direct.as_secs_f64(),
+        mbps(direct),
+        openssh.as_secs_f64() / direct.as_secs_f64()
+    );
+    eprintln!(
+        "BENCH   malai, relay only:   {:>7.2} s  {:>6.1} MiB/s  {:.2}x OpenSSH  ({relayed_traffic})",
+        relayed.as_secs_f64(),
+        mbps(relayed),
+        openssh.as_secs_f64() / relayed.as_secs_f64()
+    );
+    eprintln!(
+        "BENCH   plain OpenSSH, routed: {:>5.2} s  {:>6.1} MiB/s",
+        openssh.as_secs_f64(),
+        mbps(openssh)
+    );
+    eprintln!(
+        "BENCH cold `malai ssh foo.acme true` (median of 10): hole punching allowed {direct_connect:?}, relay only {relay_connect:?}"
+    );
+    eprintln!(
+        "BENCH first UDP between the NATs after a client starts ({} of 5 runs): median {:?}",
+        punch.len(),
+        if punch.is_empty() {
+            Duration::ZERO
+        } else {
+            median(punch.clone())
+        }
+    );
+}

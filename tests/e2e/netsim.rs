@@ -533,6 +533,36 @@ impl NatNet {
         }
     }
 
+    /// Turns every NAT router into a plain router: no masquerade, nothing dropped, and the
+    /// internet namespace routes each home network to its router, so machines reach each
+    /// other's own addresses (`lan_ip`) directly. For baselines (plain OpenSSH between the
+    /// same namespaces); the `direct`/`relay` counters keep counting.
+    pub fn route_without_nat(&self) {
+        self.internet.sh("echo 1 > /proc/sys/net/ipv4/ip_forward");
+        for (_, site) in &self.sites {
+            site.router.nft(
+                "flush table ip nat
+                 flush chain ip filter input",
+            );
+            // The forward chain minus its first rule (the drop of new connections from wan).
+            site.router.nft(&format!(
+                "flush chain ip filter forward
+                 table ip filter {{
+                     chain forward {{
+                         meta l4proto udp ip saddr != {RELAY_IP} ip daddr != {RELAY_IP} counter name \"direct\"
+                         ip daddr {RELAY_IP} tcp dport {RELAY_HTTPS_PORT} counter name \"relay\"
+                         ip saddr {RELAY_IP} tcp sport {RELAY_HTTPS_PORT} counter name \"relay\"
+                     }}
+                 }}"
+            ));
+            site.router
+                .ip(&["route", "add", "default", "via", &RELAY_IP.to_string()]);
+            let home = format!("198.19.{}.0/24", site.index);
+            let via = format!("198.18.0.{}", 10 + site.index);
+            self.internet.ip(&["route", "add", &home, "via", &via]);
+        }
+    }
+
     /// Starts the tests' relay in the internet namespace (files under `dir`), once.
     pub fn start_relay(&mut self, dir: &Path) -> &Relay {
         assert!(self.relay.is_none(), "relay already started");
