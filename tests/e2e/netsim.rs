@@ -24,7 +24,8 @@
 //! `Machine::in_netns` and `Sshd::start_in_netns` (harness.rs) use this.
 //!
 //! Where namespaces cannot be made (not root, no `ip`/`nft`), [`available`] prints one line
-//! saying why and the tests return early; CI runs as root and must run them.
+//! saying why and the tests return early; CI runs as root and must run them (`.ci/run` sets
+//! `MALAI_E2E_REQUIRE_NETNS=1`, which turns a skip into a failure).
 //!
 //! The relay ([`Relay`]) is `iroh_relay::server::Server` (the `iroh-relay` crate, same release
 //! as iroh) with HTTPS and QUIC address discovery, run as its own process in the internet
@@ -131,11 +132,21 @@ fn unavailable_reason() -> Option<String> {
         .clone()
 }
 
+/// Set by `.ci/run` (which installs `ip` and `nft` and runs as root): there the network
+/// tests must run, so "cannot make namespaces" fails them instead of skipping.
+const REQUIRE_ENV: &str = "MALAI_E2E_REQUIRE_NETNS";
+
 /// True if network namespaces can be made here; otherwise prints one line naming the test
 /// and the reason (the test then returns early). As root with `ip` and `nft` (CI), true.
+/// With `MALAI_E2E_REQUIRE_NETNS=1` (CI) it panics instead of skipping.
 pub fn available(test: &str) -> bool {
     match unavailable_reason() {
         None => true,
+        Some(why) if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") => {
+            panic!(
+                "{test}: network namespace tests cannot run here ({why}), and {REQUIRE_ENV}=1 requires them"
+            )
+        }
         Some(why) => {
             // Straight to stderr, not `eprintln!`: libtest would capture that and show it
             // only for failed tests.
