@@ -344,3 +344,41 @@ pub async fn for_command(
         dir.alias
     )))
 }
+
+/// One running key holder and what it reports (`malai ssh status`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HolderStatus {
+    /// `server`, `cluster-serve` or `agent`.
+    pub role: String,
+    pub status: crate::agent::protocol::AgentStatus,
+}
+
+/// Ask every key holder that runs for these dirs (the server's control sockets, the
+/// agent's socket) for its connections. Holders that do not answer are left out.
+pub async fn live_holders(dirs: &crate::config::paths::Dirs) -> Vec<HolderStatus> {
+    let agent = crate::agent::socket_from_env().unwrap_or_else(|| crate::agent::socket_path(dirs));
+    let candidates = [
+        ("server", dirs.run.join(crate::server::CONTROL_SOCKET)),
+        (
+            "cluster-serve",
+            dirs.run.join(crate::server::CONTROL_SOCKET_MANAGED),
+        ),
+        ("agent", agent),
+    ];
+    let mut out = vec![];
+    for (role, path) in candidates {
+        if !path.exists() {
+            continue;
+        }
+        let Ok(client) = crate::agent::client::AgentClient::connect(&path).await else {
+            continue;
+        };
+        if let Ok(status) = client.status().await {
+            out.push(HolderStatus {
+                role: role.to_string(),
+                status,
+            });
+        }
+    }
+    out
+}
