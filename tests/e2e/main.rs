@@ -26,7 +26,10 @@ mod load;
 // Simulated networks: namespaces, NAT routers (nftables), the tests' own iroh relay.
 mod netsim;
 // Real networks: an offline LAN by `addrs` (issue 14); NAT'd machines found by id52 through
-// the cluster's own relay, relay-only with UDP blocked, config sync across NATs (issue 11).
+// the cluster's own relay, relay-only with UDP blocked, config sync across NATs, outages,
+// restarts, one identity per machine (issue 11).
 mod nat;
+// One endpoint per id52 per machine: the server holds the key; CLI and agent go through it.
+mod holder;
 // Secrets audit: no key material in any log, audit log or pushed file after a full scenario.
 mod secrets;
