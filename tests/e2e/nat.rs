@@ -77,6 +77,31 @@ fn assert_denied(out: &Output, what: &str) {
     );
 }
 
+/// The `path` values of foo's connections (`malai ssh status --json` on foo) while an exec
+/// from alice runs, plus the human-readable table for the log.
+fn foo_paths_during_exec(c: &TestCluster) -> (Vec<String>, String) {
+    std::thread::scope(|s| {
+        let exec = s.spawn(|| {
+            c.machine("alice")
+                .run(["ssh", "foo.acme", "sleep 3; echo ok"])
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        let json = c.machine("foo").run_ok(["ssh", "status", "--json"]);
+        let table = c.machine("foo").run_ok(["ssh", "status"]);
+        let out = exec.join().expect("exec thread");
+        assert_success(&out, "exec during `malai ssh status`");
+        let v: serde_json::Value = serde_json::from_str(&json)
+            .unwrap_or_else(|e| panic!("malai ssh status --json: {e}\n{json}"));
+        let mut paths = Vec::new();
+        for h in v.as_array().into_iter().flatten() {
+            for conn in h["status"]["connections"].as_array().into_iter().flatten() {
+                paths.push(conn["path"].as_str().unwrap_or("").to_string());
+            }
+        }
+        (paths, table)
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Issue 14: an offline LAN, `addrs` only
 // ---------------------------------------------------------------------------------------------
@@ -255,6 +280,14 @@ fn nat_relay_ssh_exec_scp_git_then_relay_only() {
         }
     });
 
+    // What foo's `malai ssh status` says about alice's connection.
+    let (paths, table) = foo_paths_during_exec(&c);
+    eprintln!("NAT: foo's `malai ssh status` during an exec from alice:\n{table}");
+    assert!(
+        paths.iter().any(|p| p == "direct"),
+        "no direct path in foo's status after hole punching: {paths:?}\n{table}"
+    );
+
     // 64 MiB, hole punching allowed.
     let (took, traffic) = scp_up(&c, &net, "direct");
     eprintln!(
@@ -322,6 +355,12 @@ fn nat_relay_ssh_exec_scp_git_then_relay_only() {
         &relay_log,
     );
     eprintln!("NAT: exec, relay only, took {:?}", t0.elapsed());
+    let (paths, table) = foo_paths_during_exec(&c);
+    eprintln!("NAT: foo's `malai ssh status`, relay only:\n{table}");
+    assert!(
+        !paths.is_empty() && paths.iter().all(|p| p != "direct"),
+        "foo's status shows a direct path while UDP between the NATs is dropped: {paths:?}\n{table}"
+    );
     let (took, traffic) = scp_up(&c, &net, "relayed");
     eprintln!("NAT: scp 64 MiB (relay only) took {took:?}; alice's router: {traffic}");
     assert_eq!(
