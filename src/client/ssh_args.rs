@@ -3,8 +3,11 @@
 //!
 //! Like OpenSSH's getopt loop: options may come before the host and again right after it;
 //! the first word after that starts the command, and every remaining word is joined with
-//! spaces into one command string (so `malai ssh foo ls -la` runs `ls -la`). Options malai
-//! has no use for are accepted and ignored (logged), because rsync and git pass them.
+//! spaces into one command string (so `malai ssh foo ls -la` runs `ls -la`). Options that
+//! change nothing here (ciphers, identity files, verbosity, …) are accepted and ignored
+//! (logged), because rsync and git pass them. Options that ask for something malai does not
+//! do (yet) are errors naming the option ([`UNSUPPORTED`], [`UNSUPPORTED_OPTIONS`]): running
+//! the command without the asked-for forward, jump host or X11 would be silently wrong.
 
 /// `-t`/`-T` as ssh counts them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -57,6 +60,46 @@ pub enum ArgsError {
     BadParallel(String),
     #[error("no host given; usage: malai ssh [options] <host> [command …]")]
     NoHost,
+    /// A flag or `-o` option ssh has and malai does not implement (yet).
+    #[error("{0} is not supported by malai ssh")]
+    Unsupported(String),
+}
+
+/// ssh flags malai does not implement: each one asks for behaviour (a forward, a jump host,
+/// X11, a control master, a subsystem, printing instead of connecting) that ignoring it
+/// would silently lose. Checked before any connection is made.
+pub const UNSUPPORTED: &str = "ADfgJLMNOQRsVWwXY";
+
+/// `-o` options (lower-case) that, set to anything but their off value, ask for something
+/// malai does not do (yet). The second element is the value that is harmless ("" = none).
+pub const UNSUPPORTED_OPTIONS: &[(&str, &[&str])] = &[
+    ("localforward", &[]),
+    ("remoteforward", &[]),
+    ("dynamicforward", &[]),
+    ("forwardagent", &["no"]),
+    ("forwardx11", &["no"]),
+    ("forwardx11trusted", &["no"]),
+    ("proxyjump", &["none"]),
+    ("sessiontype", &["default"]),
+    ("forkafterauthentication", &["no"]),
+    ("exitonforwardfailure", &["no"]),
+    ("gatewayports", &["no"]),
+    ("tunnel", &["no"]),
+    ("remotecommand", &["none"]),
+    ("controlmaster", &["no"]),
+    ("streamlocalbindunlink", &["no"]),
+];
+
+/// The error for an `-o` option malai does not implement with the given value, if any.
+fn unsupported_option(o: &str) -> Option<ArgsError> {
+    let (k, v) = o.split_once(['=', ' ']).unwrap_or((o, ""));
+    let k = k.trim().to_ascii_lowercase();
+    let v = v.trim().trim_start_matches('=').trim().to_ascii_lowercase();
+    let (_, harmless) = UNSUPPORTED_OPTIONS.iter().find(|(name, _)| *name == k)?;
+    if harmless.contains(&v.as_str()) {
+        return None;
+    }
+    Some(ArgsError::Unsupported(format!("-o {}", o.trim())))
 }
 
 /// ssh options that take a value.
@@ -102,6 +145,9 @@ pub fn parse(args: &[String]) -> Result<SshArgs, ArgsError> {
             let mut j = 0;
             while j < flags.len() {
                 let c = flags[j];
+                if UNSUPPORTED.contains(c) {
+                    return Err(ArgsError::Unsupported(format!("-{c}")));
+                }
                 if WITH_VALUE.contains(c) {
                     let rest: String = flags[j + 1..].iter().collect();
                     let val = if !rest.is_empty() {
@@ -116,7 +162,12 @@ pub fn parse(args: &[String]) -> Result<SshArgs, ArgsError> {
                                 Some(val.parse().map_err(|_| ArgsError::BadPort(val.clone()))?)
                         }
                         'l' => out.user = Some(val),
-                        'o' => out.options.push(val),
+                        'o' => {
+                            if let Some(e) = unsupported_option(&val) {
+                                return Err(e);
+                            }
+                            out.options.push(val)
+                        }
                         _ => out.ignored.push(format!("-{c} {val}")),
                     }
                     break;
@@ -265,5 +316,68 @@ mod tests {
             Err(ArgsError::BadParallel("0".into()))
         );
         assert_eq!(e(&["user@"]), Err(ArgsError::NoHost));
+    }
+
+    /// Every flag that asks for something malai does not do is an error naming it, in any
+    /// position getopt would read it (alone, bundled, with its value attached or not).
+    #[test]
+    fn unsupported_flags_are_errors() {
+        let e = |s: &[&str]| parse(&s.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        for c in UNSUPPORTED.chars() {
+            let flag = format!("-{c}");
+            let want = Err(ArgsError::Unsupported(flag.clone()));
+            if WITH_VALUE.contains(c) {
+                assert_eq!(e(&[&flag, "8080:localhost:80", "foo"]), want, "{flag}");
+                assert_eq!(e(&[&format!("{flag}8080"), "foo"]), want, "{flag}");
+            } else {
+                assert_eq!(e(&[&flag, "foo"]), want, "{flag}");
+                assert_eq!(e(&["-q", "foo", &flag, "ls"]), want, "{flag}");
+            }
+        }
+        // Bundled after a harmless flag.
+        assert_eq!(e(&["-qN", "foo"]), Err(ArgsError::Unsupported("-N".into())));
+        assert_eq!(
+            e(&["-TL8080:localhost:80", "foo"]),
+            Err(ArgsError::Unsupported("-L".into()))
+        );
+        let msg = e(&["-L", "1:h:2", "foo"]).unwrap_err().to_string();
+        assert_eq!(msg, "-L is not supported by malai ssh");
+        // The same asks spelled as -o.
+        for o in [
+            "LocalForward=8080 localhost:80",
+            "RemoteForward 9000 localhost:22",
+            "DynamicForward=1080",
+            "ForwardAgent=yes",
+            "forwardx11=yes",
+            "ProxyJump=bastion",
+            "SessionType=none",
+            "ForkAfterAuthentication=yes",
+            "ExitOnForwardFailure=yes",
+        ] {
+            assert_eq!(
+                e(&["-o", o, "foo"]),
+                Err(ArgsError::Unsupported(format!("-o {o}"))),
+                "{o}"
+            );
+        }
+        // Their off values, and options that change nothing here, are fine.
+        for o in [
+            "ForwardAgent=no",
+            "ForwardX11 no",
+            "ProxyJump=none",
+            "SessionType=default",
+            "BatchMode=yes",
+            "StrictHostKeyChecking=no",
+        ] {
+            assert!(e(&["-o", o, "foo"]).is_ok(), "{o}");
+        }
+        // Harmless flags rsync/git/users pass stay accepted.
+        assert!(e(&["-4", "-6", "-a", "-C", "-k", "-K", "-v", "-x", "-y", "foo"]).is_ok());
+        assert!(
+            e(&[
+                "-i", "id", "-c", "aes", "-m", "hmac", "-F", "cfg", "-E", "log", "foo"
+            ])
+            .is_ok()
+        );
     }
 }
