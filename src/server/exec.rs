@@ -30,6 +30,7 @@ where
         env: req.env,
         pty: req.pty,
         peer,
+        agent_socket: None,
     };
     let mut child = match spawn(&spec) {
         Ok(c) => c,

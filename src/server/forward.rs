@@ -1,0 +1,305 @@
+//! Forwarding on the server side: the pieces every forward needs, whichever protocol asked
+//! for it (the embedded SSH server's `direct-tcpip`, `tcpip-forward`, streamlocal and agent
+//! channels; native `malai ssh -L/-D/-W/-R` streams).
+//!
+//! - [`check`]: the one way a forward is decided — `acl::decide` with
+//!   `Request::Forward`, plus an audit line for the decision (allow or deny), so a forward
+//!   is never served without the choke point and the log seeing it.
+//! - [`connect_tcp`] / [`connect_unix`]: the server end of a local forward, with a timeout.
+//! - [`listen_tcp`] / [`listen_unix`]: the server end of a remote forward. TCP listeners
+//!   bind loopback only, as sshd does with its default `GatewayPorts no`: a peer's remote
+//!   forward must not open a port to the server's whole network.
+//! - [`AgentSocket`]: a private directory with a listening socket for `ssh -A`; removed
+//!   when dropped.
+//! - [`splice`]: bytes both ways until both sides are done, half-closes passed on.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+use super::ClusterState;
+use crate::acl::{self, Decision, ForwardKind};
+use crate::audit;
+use crate::id52::Id52;
+
+/// How long the server tries to reach a forward's target before reporting failure.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Remote forwards (TCP and unix listeners) one SSH session may hold at once.
+pub const MAX_LISTENERS: usize = 64;
+/// Longest host name accepted as a forward target (DNS's limit).
+pub const MAX_HOST_LEN: usize = 255;
+/// Longest unix socket path (Linux's `sun_path` is 108 bytes with the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Who asks, for the decision and the audit line.
+pub struct Asker<'a> {
+    pub state: &'a ClusterState,
+    /// This machine's server name in the cluster file.
+    pub server: &'a str,
+    pub peer: &'a Id52,
+    /// "iroh" or "stdinserver".
+    pub transport: &'a str,
+}
+
+/// Ask the ACL whether `asker` may forward `kind` to/from `detail` (host:port or a path,
+/// for the log) right now, and write the decision to the audit log. `Err` is the reason,
+/// one line, for the peer.
+pub fn check(asker: &Asker<'_>, kind: ForwardKind, detail: &str) -> Result<(), String> {
+    let cfg = asker.state.current();
+    let decision = acl::decide(
+        &cfg,
+        asker.server,
+        asker.peer,
+        &acl::Request::Forward { kind },
+    );
+    let alias = cfg
+        .name_of(asker.peer)
+        .map(|(n, _)| n.to_string())
+        .unwrap_or_else(|| "-".into());
+    let mut entry = audit::Entry {
+        time: audit::now_rfc3339(),
+        peer: asker.peer.to_string(),
+        alias,
+        cluster: asker.state.dir.alias.clone(),
+        transport: asker.transport.into(),
+        kind: format!("forward-{kind}"),
+        detail: detail.chars().take(300).collect(),
+        ..Default::default()
+    };
+    let out = match decision {
+        Decision::Allow(_) => {
+            entry.decision = "allow".into();
+            tracing::info!(peer = %asker.peer, %kind, detail = %entry.detail, "forward allowed");
+            Ok(())
+        }
+        Decision::Deny(reason) => {
+            entry.decision = "deny".into();
+            entry.reason = reason.to_string();
+            tracing::warn!(peer = %asker.peer, %kind, detail = %entry.detail, %reason, "forward denied");
+            Err(reason.to_string())
+        }
+    };
+    audit::write(&entry);
+    out
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("bad forward target {0:?}")]
+    BadTarget(String),
+    #[error("cannot reach {0}: timed out")]
+    Timeout(String),
+    #[error("cannot reach {0}: {1}")]
+    Connect(String, std::io::Error),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(String, std::io::Error),
+}
+
+/// Connect to `host:port` from the server, as sshd does for `direct-tcpip`.
+pub async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, ForwardError> {
+    if host.is_empty() || host.len() > MAX_HOST_LEN || host.contains('\0') {
+        return Err(ForwardError::BadTarget(host.chars().take(64).collect()));
+    }
+    let what = format!("{host}:{port}");
+    // Bracketed IPv6 (`[::1]`) as ssh users write it.
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((bare, port))).await {
+        Err(_) => Err(ForwardError::Timeout(what)),
+        Ok(Err(e)) => Err(ForwardError::Connect(what, e)),
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+    }
+}
+
+/// Connect to a unix socket on the server (`direct-streamlocal@openssh.com`).
+pub async fn connect_unix(path: &str) -> Result<UnixStream, ForwardError> {
+    check_path(path)?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path)).await {
+        Err(_) => Err(ForwardError::Timeout(path.into())),
+        Ok(Err(e)) => Err(ForwardError::Connect(path.into(), e)),
+        Ok(Ok(s)) => Ok(s),
+    }
+}
+
+fn check_path(path: &str) -> Result<(), ForwardError> {
+    if path.is_empty() || path.len() > MAX_SOCKET_PATH || path.contains('\0') {
+        return Err(ForwardError::BadTarget(path.chars().take(64).collect()));
+    }
+    Ok(())
+}
+
+/// Where a remote forward listens: loopback, whatever the client asked (sshd's default
+/// `GatewayPorts no`), except that an explicit IPv6 loopback stays IPv6.
+pub fn listen_addr(address: &str, port: u16) -> SocketAddr {
+    let ip = match address.trim_matches(['[', ']']).parse::<IpAddr>() {
+        Ok(ip) if ip.is_loopback() => ip,
+        _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
+    };
+    SocketAddr::new(ip, port)
+}
+
+/// Bind a remote forward's TCP listener; returns it with the port it got (for port 0).
+/// Synchronous bind so the SSH reply can carry the result.
+pub fn listen_tcp(address: &str, port: u16) -> Result<(TcpListener, u16), ForwardError> {
+    let addr = listen_addr(address, port);
+    let bind = || -> std::io::Result<TcpListener> {
+        let l = std::net::TcpListener::bind(addr)?;
+        l.set_nonblocking(true)?;
+        TcpListener::from_std(l)
+    };
+    let l = bind().map_err(|e| ForwardError::Listen(addr.to_string(), e))?;
+    let got = l
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| ForwardError::Listen(addr.to_string(), e))?;
+    Ok((l, got))
+}
+
+/// Bind a remote forward's unix listener at `path`. An existing file is an error, as with
+/// sshd's default `StreamLocalBindUnlink no`.
+pub fn listen_unix(path: &str) -> Result<UnixListener, ForwardError> {
+    check_path(path)?;
+    let bind = || -> std::io::Result<UnixListener> {
+        let l = std::os::unix::net::UnixListener::bind(path)?;
+        l.set_nonblocking(true)?;
+        UnixListener::from_std(l)
+    };
+    bind().map_err(|e| ForwardError::Listen(path.into(), e))
+}
+
+/// A listening socket for a forwarded agent: `<tmp>/malai-agent-XXXX/agent.sock`, the
+/// directory 0700 so only the server's user can reach the client's keys (as sshd does).
+/// The directory goes away when this is dropped.
+pub struct AgentSocket {
+    dir: PathBuf,
+    pub listener: UnixListener,
+}
+
+impl AgentSocket {
+    pub fn new() -> std::io::Result<AgentSocket> {
+        // mkdtemp makes the directory 0700 with an unguessable name.
+        let dir = nix::unistd::mkdtemp(&std::env::temp_dir().join("malai-agent-XXXXXX"))
+            .map_err(std::io::Error::from)?;
+        let path = dir.join("agent.sock");
+        let bind = || -> std::io::Result<UnixListener> {
+            let l = std::os::unix::net::UnixListener::bind(&path)?;
+            l.set_nonblocking(true)?;
+            UnixListener::from_std(l)
+        };
+        match bind() {
+            Ok(listener) => Ok(AgentSocket { dir, listener }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+}
+
+impl Drop for AgentSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Remove a unix socket file a remote forward created (on cancel or session end).
+pub fn remove_socket(path: &Path) {
+    let _ = std::fs::remove_file(path);
+}
+
+/// Copy both ways until both directions have ended; each side's EOF is passed on as a
+/// half-close. Returns (a→b, b→a) bytes, or the first error.
+pub async fn splice<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional(a, b).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_forwards_listen_on_loopback_only() {
+        for a in [
+            "",
+            "*",
+            "0.0.0.0",
+            "localhost",
+            "192.0.2.1",
+            "::",
+            "example.com",
+        ] {
+            assert_eq!(listen_addr(a, 80), "127.0.0.1:80".parse().unwrap(), "{a:?}");
+        }
+        assert_eq!(listen_addr("::1", 80), "[::1]:80".parse().unwrap());
+        assert_eq!(listen_addr("[::1]", 80), "[::1]:80".parse().unwrap());
+        assert_eq!(
+            listen_addr("127.0.0.2", 80),
+            "127.0.0.2:80".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn bad_targets_are_refused_before_any_io() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            assert!(matches!(
+                connect_tcp("", 80).await,
+                Err(ForwardError::BadTarget(_))
+            ));
+            assert!(matches!(
+                connect_tcp(&"a".repeat(300), 80).await,
+                Err(ForwardError::BadTarget(_))
+            ));
+            assert!(matches!(
+                connect_unix("a\0b").await,
+                Err(ForwardError::BadTarget(_))
+            ));
+            assert!(matches!(
+                connect_unix(&"/x".repeat(100)).await,
+                Err(ForwardError::BadTarget(_))
+            ));
+        });
+        assert!(matches!(listen_unix(""), Err(ForwardError::BadTarget(_))));
+    }
+
+    #[test]
+    fn agent_socket_is_private_and_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let path = rt.block_on(async {
+            let a = AgentSocket::new().unwrap();
+            let p = a.path();
+            let mode = std::fs::metadata(p.parent().unwrap())
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o700);
+            assert!(p.exists());
+            p
+        });
+        assert!(!path.exists());
+        assert!(!path.parent().unwrap().exists());
+    }
+}
