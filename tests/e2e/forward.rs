@@ -559,3 +559,23 @@ fn sshd_tunnel_local_and_dynamic_forwards_with_curl() {
     let url = format!("http://localhost:{}/blob.bin", http.port);
     assert_eq!(fetch_sum(&c, &url, Some(dport), "sshd-D"), sum);
 }
+
+/// `env` requests as OpenSSH sends them (`SendEnv`, only LANG/LC_* pass, like sshd's default
+/// AcceptEnv) and `exit-signal` for a remote killed by a signal (ssh exits 255).
+#[test]
+fn embedded_env_and_exit_signal_as_openssh_sends_them() {
+    let c = acme(SshTarget::Embedded);
+    let out = run_cmd(
+        c.ssh_cmd("alice")
+            .env("LC_MALAI_TEST", "hello")
+            .env("MALAI_NOT_SENT", "secret")
+            .args([
+                "-o",
+                "SendEnv=LC_MALAI_TEST MALAI_NOT_SENT",
+                &c.host("foo"),
+                "echo \"$LC_MALAI_TEST/$MALAI_NOT_SENT\"; kill -TERM $$",
+            ]),
+    );
+    assert_exit_code(&out, 255, "remote killed by SIGTERM");
+    assert_eq!(stdout_of(&out), "hello/\n", "{}", fmt_output(&out));
+}
