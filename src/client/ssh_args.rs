@@ -46,6 +46,28 @@ pub struct SshArgs {
     pub print_config: bool,
     /// Flags that were accepted but mean nothing here (for the log).
     pub ignored: Vec<String>,
+    /// `-L spec` / `-o LocalForward=…`, as given (parsed by `client::forward`).
+    pub local_forwards: Vec<String>,
+    /// `-D spec` / `-o DynamicForward=…`.
+    pub dynamic_forwards: Vec<String>,
+    /// `-W host:port`: stdio forward, no session.
+    pub stdio_forward: Option<String>,
+    /// `-N` / `-o SessionType=none`: no remote command, forwards only.
+    pub no_command: bool,
+    /// `-g`: local forwards listen on all interfaces unless a bind address is given.
+    pub gateway_ports: bool,
+    /// `-o ExitOnForwardFailure=yes`: a forward that cannot be set up is fatal.
+    pub exit_on_forward_failure: bool,
+}
+
+impl SshArgs {
+    /// Any forward or `-N`: the run goes through `client::forward`.
+    pub fn forwards(&self) -> bool {
+        !self.local_forwards.is_empty()
+            || !self.dynamic_forwards.is_empty()
+            || self.stdio_forward.is_some()
+            || self.no_command
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,27 +90,44 @@ pub enum ArgsError {
 /// ssh flags malai does not implement: each one asks for behaviour (a forward, a jump host,
 /// X11, a control master, a subsystem, printing instead of connecting) that ignoring it
 /// would silently lose. Checked before any connection is made.
-pub const UNSUPPORTED: &str = "ADfgJLMNOQRsVWwXY";
+pub const UNSUPPORTED: &str = "AfJMOQRsVwXY";
 
 /// `-o` options (lower-case) that, set to anything but their off value, ask for something
 /// malai does not do (yet). The second element is the value that is harmless ("" = none).
 pub const UNSUPPORTED_OPTIONS: &[(&str, &[&str])] = &[
-    ("localforward", &[]),
     ("remoteforward", &[]),
-    ("dynamicforward", &[]),
     ("forwardagent", &["no"]),
     ("forwardx11", &["no"]),
     ("forwardx11trusted", &["no"]),
     ("proxyjump", &["none"]),
-    ("sessiontype", &["default"]),
+    ("sessiontype", &["default", "none"]),
     ("forkafterauthentication", &["no"]),
-    ("exitonforwardfailure", &["no"]),
-    ("gatewayports", &["no"]),
     ("tunnel", &["no"]),
     ("remotecommand", &["none"]),
     ("controlmaster", &["no"]),
     ("streamlocalbindunlink", &["no"]),
 ];
+
+/// `-o` options that set up forwards (ssh_config spelling: `LocalForward 8080 host:80`).
+fn forward_option(out: &mut SshArgs, o: &str) {
+    let (k, v) = o.split_once(['=', ' ']).unwrap_or((o, ""));
+    let v = v.trim().trim_start_matches('=').trim();
+    match k.trim().to_ascii_lowercase().as_str() {
+        // `LocalForward [bind:]port host:hostport` → the -L spelling.
+        "localforward" => {
+            let spec = match v.split_once(char::is_whitespace) {
+                Some((a, b)) => format!("{}:{}", a.trim(), b.trim()),
+                None => v.to_string(),
+            };
+            out.local_forwards.push(spec);
+        }
+        "dynamicforward" => out.dynamic_forwards.push(v.to_string()),
+        "exitonforwardfailure" => out.exit_on_forward_failure = v.eq_ignore_ascii_case("yes"),
+        "sessiontype" if v.eq_ignore_ascii_case("none") => out.no_command = true,
+        "gatewayports" => out.gateway_ports = v.eq_ignore_ascii_case("yes"),
+        _ => {}
+    }
+}
 
 /// The error for an `-o` option malai does not implement with the given value, if any.
 fn unsupported_option(o: &str) -> Option<ArgsError> {
@@ -166,8 +205,12 @@ pub fn parse(args: &[String]) -> Result<SshArgs, ArgsError> {
                             if let Some(e) = unsupported_option(&val) {
                                 return Err(e);
                             }
+                            forward_option(&mut out, &val);
                             out.options.push(val)
                         }
+                        'L' => out.local_forwards.push(val),
+                        'D' => out.dynamic_forwards.push(val),
+                        'W' => out.stdio_forward = Some(val),
                         _ => out.ignored.push(format!("-{c} {val}")),
                     }
                     break;
@@ -178,6 +221,8 @@ pub fn parse(args: &[String]) -> Result<SshArgs, ArgsError> {
                         'n' => out.no_stdin = true,
                         'q' => out.quiet = true,
                         'G' => out.print_config = true,
+                        'N' => out.no_command = true,
+                        'g' => out.gateway_ports = true,
                         _ => out.ignored.push(format!("-{c}")),
                     }
                     j += 1;
@@ -318,6 +363,39 @@ mod tests {
         assert_eq!(e(&["user@"]), Err(ArgsError::NoHost));
     }
 
+    #[test]
+    fn forward_flags() {
+        let a = p(&[
+            "-N",
+            "-g",
+            "-L",
+            "8080:localhost:80",
+            "-L9090:db:5432",
+            "-D",
+            "1080",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "LocalForward 127.0.0.1:7000 web:80",
+            "-o",
+            "DynamicForward=1081",
+            "foo",
+        ]);
+        assert!(a.no_command && a.gateway_ports && a.exit_on_forward_failure);
+        assert_eq!(
+            a.local_forwards,
+            vec!["8080:localhost:80", "9090:db:5432", "127.0.0.1:7000:web:80"]
+        );
+        assert_eq!(a.dynamic_forwards, vec!["1080", "1081"]);
+        assert!(a.forwards());
+        let a = p(&["-W", "db:5432", "foo"]);
+        assert_eq!(a.stdio_forward.as_deref(), Some("db:5432"));
+        assert!(a.forwards());
+        let a = p(&["-o", "SessionType=none", "foo"]);
+        assert!(a.no_command);
+        assert!(!p(&["foo", "ls"]).forwards());
+    }
+
     /// Every flag that asks for something malai does not do is an error naming it, in any
     /// position getopt would read it (alone, bundled, with its value attached or not).
     #[test]
@@ -335,24 +413,21 @@ mod tests {
             }
         }
         // Bundled after a harmless flag.
-        assert_eq!(e(&["-qN", "foo"]), Err(ArgsError::Unsupported("-N".into())));
+        assert_eq!(e(&["-qA", "foo"]), Err(ArgsError::Unsupported("-A".into())));
         assert_eq!(
-            e(&["-TL8080:localhost:80", "foo"]),
-            Err(ArgsError::Unsupported("-L".into()))
+            e(&["-TR8080:localhost:80", "foo"]),
+            Err(ArgsError::Unsupported("-R".into()))
         );
-        let msg = e(&["-L", "1:h:2", "foo"]).unwrap_err().to_string();
-        assert_eq!(msg, "-L is not supported by malai ssh");
+        let msg = e(&["-R", "1:h:2", "foo"]).unwrap_err().to_string();
+        assert_eq!(msg, "-R is not supported by malai ssh");
         // The same asks spelled as -o.
         for o in [
-            "LocalForward=8080 localhost:80",
             "RemoteForward 9000 localhost:22",
-            "DynamicForward=1080",
             "ForwardAgent=yes",
             "forwardx11=yes",
             "ProxyJump=bastion",
-            "SessionType=none",
+            "SessionType=subsystem",
             "ForkAfterAuthentication=yes",
-            "ExitOnForwardFailure=yes",
         ] {
             assert_eq!(
                 e(&["-o", o, "foo"]),

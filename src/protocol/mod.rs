@@ -7,7 +7,7 @@
 //! 2. **The server answers** with one response frame: `accept`, `deny(reason)` or
 //!    `error(reason)`, before any payload. After `deny`/`error` it closes the stream.
 //! 3. After `accept`:
-//!    - `tunnel` and `http`: raw bytes both ways, no framing. Each side signals the end of
+//!    - `tunnel`, `http` and `forward`: raw bytes both ways, no framing. Each side signals the end of
 //!      its direction by closing its write half (QUIC FIN / EOF); the other direction goes on
 //!      until its own EOF (half-close, which scp/rsync/git need).
 //!    - `exec`: multiplexed frames (`protocol::exec`).
@@ -26,6 +26,7 @@
 
 pub mod config;
 pub mod exec;
+pub mod forward;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -56,6 +57,7 @@ pub const KINDS: &[&str] = &[
     "config-push",
     "config-hash",
     "ping",
+    "forward",
 ];
 
 /// The first frame of every stream.
@@ -91,6 +93,10 @@ pub enum Request {
     /// Ask for the hash of the cluster file the peer has.
     ConfigHash,
     Ping,
+    /// One forwarded connection (`protocol::forward`): raw bytes to `to` on the server.
+    Forward {
+        to: forward::ForwardTarget,
+    },
 }
 
 impl Request {
@@ -102,6 +108,7 @@ impl Request {
             Request::ConfigPush { .. } => "config-push",
             Request::ConfigHash => "config-hash",
             Request::Ping => "ping",
+            Request::Forward { .. } => "forward",
         }
     }
 }
@@ -247,6 +254,12 @@ mod tests {
             Request::ConfigPush { hash: "ab".into() },
             Request::ConfigHash,
             Request::Ping,
+            Request::Forward {
+                to: forward::ForwardTarget::Tcp {
+                    host: "localhost".into(),
+                    port: 80,
+                },
+            },
             Request::Exec(exec::ExecRequest {
                 command: Some("ls -la".into()),
                 env: vec![("LANG".into(), "C".into())],

@@ -11,6 +11,8 @@
 //!   forward must not open a port to the server's whole network.
 //! - [`AgentSocket`]: a private directory with a listening socket for `ssh -A`; removed
 //!   when dropped.
+//! - [`serve`]: a native `forward` stream (`protocol::forward`), after `server::request`
+//!   asked the ACL and wrote the audit line.
 //! - [`splice`]: bytes both ways until both sides are done, half-closes passed on.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -21,9 +23,73 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use super::ClusterState;
+use super::request::reply;
 use crate::acl::{self, Decision, ForwardKind};
 use crate::audit;
 use crate::id52::Id52;
+use crate::protocol::Response;
+use crate::protocol::forward::ForwardTarget;
+use crate::transport::pump;
+
+/// The ACL's kind for a native `forward` target.
+pub fn kind_of(to: &ForwardTarget) -> ForwardKind {
+    match to {
+        ForwardTarget::Tcp { .. } => ForwardKind::Local,
+        ForwardTarget::Unix { .. } => ForwardKind::LocalUnix,
+    }
+}
+
+/// Serve an allowed `forward` stream: connect first, answer `accept` or `error`, then move
+/// bytes both ways. Returns `true` when the stream ended cleanly.
+pub async fn serve<R, W>(to: &ForwardTarget, r: &mut R, w: &mut W) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if let Err(reason) = to.check() {
+        return reply(w, &Response::Error { reason }).await.is_ok();
+    }
+    let conn = match to {
+        ForwardTarget::Tcp { host, port } => connect_tcp(host, *port).await.map(Conn::Tcp),
+        ForwardTarget::Unix { path } => connect_unix(path).await.map(Conn::Unix),
+    };
+    let conn = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(target = %to.describe(), error = %e, "forward target unreachable");
+            let reason = e.to_string();
+            return reply(w, &Response::Error { reason }).await.is_ok();
+        }
+    };
+    if reply(w, &Response::Accept).await.is_err() {
+        return false;
+    }
+    let moved = match conn {
+        Conn::Tcp(s) => {
+            let (mut sr, mut sw) = s.into_split();
+            pump::both_ways(r, &mut sw, &mut sr, w).await
+        }
+        Conn::Unix(s) => {
+            let (mut sr, mut sw) = s.into_split();
+            pump::both_ways(r, &mut sw, &mut sr, w).await
+        }
+    };
+    match moved {
+        Ok(m) => {
+            tracing::debug!(target = %to.describe(), up = m.up, down = m.down, "forward closed");
+            true
+        }
+        Err(e) => {
+            tracing::info!(target = %to.describe(), error = %e, "forward broke");
+            false
+        }
+    }
+}
+
+enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
 
 /// How long the server tries to reach a forward's target before reporting failure.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -91,6 +91,9 @@ where
         Request::ConfigPush { .. } => acl::Request::ConfigPush,
         Request::ConfigHash => acl::Request::ConfigHash,
         Request::Ping => acl::Request::Ping,
+        Request::Forward { to } => acl::Request::Forward {
+            kind: super::forward::kind_of(to),
+        },
     };
     let who = cfg
         .name_of(&peer)
@@ -99,6 +102,7 @@ where
     let detail = match &header.request {
         Request::Exec(e) => e.command.clone().unwrap_or_else(|| "(login shell)".into()),
         Request::Http { service } => service.clone(),
+        Request::Forward { to } => to.describe().chars().take(300).collect(),
         _ => String::new(),
     };
     let mut entry = audit::Entry {
@@ -177,6 +181,7 @@ where
             super::config_sync::serve_push(ctx, hash, r, w).await
         }
         (Grant::ConfigHash, Request::ConfigHash) => super::config_sync::serve_hash(ctx, r, w).await,
+        (Grant::Forward, Request::Forward { to }) => super::forward::serve(&to, r, w).await,
         (_, request) => {
             let reason = format!("{} is not supported by this server yet", request.kind());
             let _ = reply(w, &Response::Error { reason }).await;

@@ -579,3 +579,200 @@ fn embedded_env_and_exit_signal_as_openssh_sends_them() {
     assert_exit_code(&out, 255, "remote killed by SIGTERM");
     assert_eq!(stdout_of(&out), "hello/\n", "{}", fmt_output(&out));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Native `malai ssh` forwards (no OpenSSH anywhere)
+// ---------------------------------------------------------------------------------------------
+
+/// `malai ssh <args…> foo.acme` as `device`, in the background.
+fn malai_forward(c: &TestCluster, device: &str, args: &[&str], tag: &str) -> Bg {
+    let mut cmd = c.machine(device).cmd(["ssh"]);
+    cmd.args(args).arg(c.host("foo"));
+    Bg::spawn(cmd, c.dir().join(format!("malai-{tag}.err")))
+}
+
+#[test]
+fn native_local_dynamic_and_stdio_forwards() {
+    require_sshd();
+    let c = acme(SshTarget::Unset);
+    let (web, sum) = web_root(&c);
+    let http = HttpServer::start(&web);
+
+    // -N -L
+    let lport = free_tcp_port();
+    let spec = format!("{lport}:127.0.0.1:{}", http.port);
+    let mut bg = malai_forward(&c, "alice", &["-N", "-L", &spec], "L");
+    wait_port(lport, &mut bg);
+    let url = format!("http://127.0.0.1:{lport}/blob.bin");
+    assert_eq!(fetch_sum(&c, &url, None, "native-L"), sum, "malai ssh -L");
+    // A target that is down: that connection fails, the forward stays up.
+    let dead = free_tcp_port();
+    drop(bg);
+    let lport2 = free_tcp_port();
+    let spec_dead = format!("{lport2}:127.0.0.1:{dead}");
+    let mut bg = malai_forward(&c, "alice", &["-N", "-L", &spec, "-L", &spec_dead], "L2");
+    wait_port(lport, &mut bg);
+    wait_port(lport2, &mut bg);
+    let out = curl(None, &["-f", &format!("http://127.0.0.1:{lport2}/")]);
+    assert!(!out.status.success(), "{}", fmt_output(&out));
+    assert_eq!(fetch_sum(&c, &url, None, "native-L2"), sum);
+    assert!(bg.child.try_wait().unwrap().is_none(), "malai ssh -N died");
+    let said = poll_until(UP_WITHIN, || {
+        let e = bg.stderr();
+        e.contains("open failed").then_some(e)
+    });
+    assert!(said.is_some(), "no open-failed line:\n{}", bg.stderr());
+    drop(bg);
+
+    // -D: SOCKS5 with the name resolved on the server, and SOCKS4a.
+    let dport = free_tcp_port();
+    let mut bg = malai_forward(&c, "alice", &["-N", "-D", &dport.to_string()], "D");
+    wait_port(dport, &mut bg);
+    let url = format!("http://localhost:{}/blob.bin", http.port);
+    assert_eq!(
+        fetch_sum(&c, &url, Some(dport), "native-D"),
+        sum,
+        "malai ssh -D"
+    );
+    let out_file = c.dir().join("got-socks4a.bin");
+    let out = curl(
+        None,
+        &[
+            "-fo",
+            &out_file.display().to_string(),
+            "--socks4a",
+            &format!("127.0.0.1:{dport}"),
+            &url,
+        ],
+    );
+    assert_success(&out, "curl --socks4a");
+    assert_eq!(sha256_file(&out_file), sum, "SOCKS4a body");
+    drop(bg);
+
+    // -L with a remote command: the forward works while the command runs.
+    let lport = free_tcp_port();
+    let spec = format!("{lport}:127.0.0.1:{}", http.port);
+    let mut cmd = c.machine("alice").cmd(["ssh", "-L", &spec]);
+    cmd.arg(c.host("foo")).arg("echo started; sleep 60");
+    let mut bg = Bg::spawn(cmd, c.dir().join("malai-L-cmd.err"));
+    wait_port(lport, &mut bg);
+    let url = format!("http://127.0.0.1:{lport}/blob.bin");
+    assert_eq!(fetch_sum(&c, &url, None, "native-L-cmd"), sum);
+    drop(bg);
+
+    // -W as OpenSSH's ProxyCommand to a real sshd on the far side.
+    let target = Sshd::start(&c.scratch("target-sshd"));
+    let proxy = format!(
+        "ProxyCommand={} ssh -W %h:%p {}",
+        c.machine("alice").env_command_prefix(),
+        c.host("foo")
+    );
+    let out = run_cmd(target.direct_ssh().args(["-o", &proxy, "echo via-malai-W"]));
+    assert_success(&out, "ssh through malai ssh -W");
+    assert_eq!(stdout_of(&out), "via-malai-W\n");
+}
+
+#[test]
+fn native_forwards_denied_for_command_scoped_peers_and_when_off() {
+    let c = acme(SshTarget::Unset);
+    let (web, _) = web_root(&c);
+    let http = HttpServer::start(&web);
+
+    // bob (ls only): -W is refused with malai's reason, exit 255, one line.
+    let out = c.machine("bob").run([
+        "ssh",
+        "-W",
+        &format!("127.0.0.1:{}", http.port),
+        &c.host("foo"),
+    ]);
+    assert_exit_code(&out, 255, "bob's malai ssh -W");
+    let err = stderr_of(&out);
+    assert!(err.contains("needs full access"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // bob's -L: the listener is local, each connection is refused by the server.
+    let lport = free_tcp_port();
+    let spec = format!("{lport}:127.0.0.1:{}", http.port);
+    let mut bg = malai_forward(&c, "bob", &["-N", "-L", &spec], "bob-L");
+    wait_port(lport, &mut bg);
+    let out = curl(None, &["-f", &format!("http://127.0.0.1:{lport}/blob.bin")]);
+    assert!(!out.status.success(), "{}", fmt_output(&out));
+    let said = poll_until(UP_WITHIN, || {
+        let e = bg.stderr();
+        e.contains("needs full access").then_some(e)
+    });
+    assert!(said.is_some(), "{}", bg.stderr());
+    drop(bg);
+
+    // bob's -D: the SOCKS reply says "not allowed".
+    let dport = free_tcp_port();
+    let mut bg = malai_forward(&c, "bob", &["-N", "-D", &dport.to_string()], "bob-D");
+    wait_port(dport, &mut bg);
+    let out = curl(
+        None,
+        &[
+            "-f",
+            "--socks5-hostname",
+            &format!("127.0.0.1:{dport}"),
+            &format!("http://localhost:{}/", http.port),
+        ],
+    );
+    assert!(!out.status.success(), "{}", fmt_output(&out));
+    drop(bg);
+
+    let audit = audit_of(&c);
+    assert!(
+        audit
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"forward\"") && l.contains("\"deny\""))
+            .count()
+            >= 3,
+        "{audit}"
+    );
+    assert!(
+        !audit
+            .lines()
+            .any(|l| l.contains("\"kind\":\"forward\"") && l.contains("\"allow\"")),
+        "{audit}"
+    );
+
+    // forwarding = false: alice is refused too, naming the setting.
+    c.edit_manager_file(|t| set_table_keys(&t, "server.foo", &[("forwarding", "false".into())]));
+    c.distribute();
+    let out = c.machine("alice").run([
+        "ssh",
+        "-W",
+        &format!("127.0.0.1:{}", http.port),
+        &c.host("foo"),
+    ]);
+    assert_exit_code(&out, 255, "alice's -W with forwarding = false");
+    assert!(
+        stderr_of(&out).contains("forwarding = false"),
+        "{}",
+        fmt_output(&out)
+    );
+    // Exec still works.
+    let out = c
+        .machine("alice")
+        .run(["ssh", &c.host("foo"), "echo exec-ok"]);
+    assert_success(&out, "exec with forwarding = false");
+
+    // ExitOnForwardFailure: a port already taken is fatal, exit 255.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = c.machine("alice").run([
+        "ssh",
+        "-N",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-L",
+        &format!("{port}:127.0.0.1:1"),
+        &c.host("foo"),
+    ]);
+    assert_exit_code(&out, 255, "ExitOnForwardFailure with the port taken");
+    assert!(
+        stderr_of(&out).contains("could not request local forwarding"),
+        "{}",
+        fmt_output(&out)
+    );
+}

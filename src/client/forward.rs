@@ -1,0 +1,593 @@
+//! Native forwarding: `malai ssh -L`, `-D`, `-W`, `-N` (and `-g`,
+//! `-o ExitOnForwardFailure=yes`), without OpenSSH.
+//!
+//! One iroh connection to the server carries everything: each forwarded connection is one
+//! `forward` stream (`protocol::forward`) opened when a local client connects, and the
+//! remote command (unless `-N`) is one `exec` stream beside them. The server decides each
+//! stream with `acl::decide` and connects before answering, so a refusal or an unreachable
+//! target is reported per connection the way ssh reports a failed channel, and for `-D` as
+//! the SOCKS failure reply.
+//!
+//! Spec syntax is OpenSSH's: `-L [bind:]port:host:hostport`, `-L [bind:]port:/remote.sock`,
+//! `-L /local.sock:host:hostport`, `-L /local.sock:/remote.sock` (IPv6 in brackets),
+//! `-D [bind:]port`, `-W host:port`. Local listeners bind loopback unless `-g` or an
+//! explicit bind address says otherwise, as with ssh.
+//!
+//! The run ends when the remote command ends (open forwards are cut, unlike ssh which waits
+//! for them), or for `-N` on a signal or when the connection to the server is lost.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::exec::{Interrupts, exec_request, run_session, want_pty};
+use super::socks;
+use super::ssh_args::SshArgs;
+use super::{
+    CONNECT_TIMEOUT, ClientError, Closer, Resolved, Session, SessionRead, SessionWrite, request_on,
+};
+use crate::config::Server;
+use crate::id52::Id52;
+use crate::keys;
+use crate::protocol::Request;
+use crate::protocol::forward::ForwardTarget;
+use crate::transport::iroh::{Node, PeerConnection};
+use crate::transport::{pump, stdio};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("bad forwarding specification {0:?}")]
+    Bad(String),
+    #[error("bad port {1:?} in forwarding specification {0:?}")]
+    Port(String, String),
+}
+
+/// Where a local forward listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// `None`: ssh's default (loopback, or all interfaces with `-g`).
+    Tcp {
+        bind: Option<String>,
+        port: u16,
+    },
+    Unix(PathBuf),
+}
+
+/// One `-L`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalForward {
+    pub listen: Listen,
+    pub to: ForwardTarget,
+}
+
+/// Split on `:` outside `[…]`, dropping the brackets (`[::1]:80` → `::1`, `80`).
+fn split_spec(spec: &str) -> Result<Vec<String>, SpecError> {
+    let mut parts = vec![];
+    let mut cur = String::new();
+    let mut in_brackets = false;
+    for c in spec.chars() {
+        match c {
+            '[' if !in_brackets && cur.is_empty() => in_brackets = true,
+            ']' if in_brackets => in_brackets = false,
+            ':' if !in_brackets => parts.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    if in_brackets {
+        return Err(SpecError::Bad(spec.into()));
+    }
+    parts.push(cur);
+    Ok(parts)
+}
+
+fn port(spec: &str, p: &str) -> Result<u16, SpecError> {
+    p.parse::<u16>()
+        .map_err(|_| SpecError::Port(spec.into(), p.into()))
+}
+
+fn is_path(s: &str) -> bool {
+    s.contains('/')
+}
+
+fn target(spec: &str, host: &str, hostport: &str) -> Result<ForwardTarget, SpecError> {
+    if host.is_empty() {
+        return Err(SpecError::Bad(spec.into()));
+    }
+    let to = ForwardTarget::Tcp {
+        host: host.into(),
+        port: port(spec, hostport)?,
+    };
+    to.check().map_err(|_| SpecError::Bad(spec.into()))?;
+    Ok(to)
+}
+
+fn unix_target(spec: &str, path: &str) -> Result<ForwardTarget, SpecError> {
+    let to = ForwardTarget::Unix { path: path.into() };
+    to.check().map_err(|_| SpecError::Bad(spec.into()))?;
+    Ok(to)
+}
+
+/// Parse one `-L` spec (OpenSSH's forms, see the module header).
+pub fn parse_local(spec: &str) -> Result<LocalForward, SpecError> {
+    let p = split_spec(spec)?;
+    let bad = || SpecError::Bad(spec.into());
+    let tcp = |bind: Option<&str>, p: &str| -> Result<Listen, SpecError> {
+        Ok(Listen::Tcp {
+            bind: bind.map(str::to_string),
+            port: port(spec, p)?,
+        })
+    };
+    let (listen, to) = match p.as_slice() {
+        [bind, lport, host, hport] => (tcp(Some(bind), lport)?, target(spec, host, hport)?),
+        [a, b, c] if is_path(a) => (Listen::Unix(a.into()), target(spec, b, c)?),
+        [a, b, c] if is_path(c) => (tcp(Some(a), b)?, unix_target(spec, c)?),
+        [a, b, c] => (tcp(None, a)?, target(spec, b, c)?),
+        [a, b] if is_path(a) && is_path(b) => (Listen::Unix(a.into()), unix_target(spec, b)?),
+        [a, b] if is_path(b) => (tcp(None, a)?, unix_target(spec, b)?),
+        _ => return Err(bad()),
+    };
+    Ok(LocalForward { listen, to })
+}
+
+/// Parse one `-D [bind:]port`.
+pub fn parse_dynamic(spec: &str) -> Result<Listen, SpecError> {
+    match split_spec(spec)?.as_slice() {
+        [p] => Ok(Listen::Tcp {
+            bind: None,
+            port: port(spec, p)?,
+        }),
+        [bind, p] => Ok(Listen::Tcp {
+            bind: Some(bind.clone()),
+            port: port(spec, p)?,
+        }),
+        _ => Err(SpecError::Bad(spec.into())),
+    }
+}
+
+/// Parse `-W host:port`.
+pub fn parse_stdio(spec: &str) -> Result<ForwardTarget, SpecError> {
+    match split_spec(spec)?.as_slice() {
+        [host, p] => target(spec, host, p),
+        _ => Err(SpecError::Bad(spec.into())),
+    }
+}
+
+/// The address a TCP listen spec binds, as ssh decides: no bind address → loopback (all
+/// interfaces with `-g`); `*` or empty → all; `localhost` → loopback; else as given.
+pub fn bind_addr(bind: Option<&str>, port: u16, gateway: bool) -> String {
+    match bind {
+        None if gateway => format!("0.0.0.0:{port}"),
+        None | Some("localhost") => format!("127.0.0.1:{port}"),
+        Some("") | Some("*") => format!("0.0.0.0:{port}"),
+        Some(b) if b.contains(':') => format!("[{b}]:{port}"),
+        Some(b) => format!("{b}:{port}"),
+    }
+}
+
+enum Bound {
+    Tcp(TcpListener, String),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Bound {
+    fn label(&self) -> String {
+        match self {
+            Bound::Tcp(_, a) => a.clone(),
+            Bound::Unix(_, p) => p.display().to_string(),
+        }
+    }
+}
+
+async fn bind(listen: &Listen, gateway: bool) -> Result<Bound, String> {
+    match listen {
+        Listen::Tcp { bind, port } => {
+            let addr = bind_addr(bind.as_deref(), *port, gateway);
+            TcpListener::bind(&addr)
+                .await
+                .map(|l| Bound::Tcp(l, addr.clone()))
+                .map_err(|e| format!("bind {addr}: {e}"))
+        }
+        Listen::Unix(path) => UnixListener::bind(path)
+            .map(|l| Bound::Unix(l, path.clone()))
+            .map_err(|e| format!("bind {}: {e}", path.display())),
+    }
+}
+
+/// What a listener's connections become.
+#[derive(Clone)]
+enum Kind {
+    /// `-L`: always this target.
+    Fixed(ForwardTarget),
+    /// `-D`: the target each SOCKS client asks for.
+    Socks,
+}
+
+/// Dial `server` once; the connection every stream of this run goes over.
+async fn dial(resolved: &Resolved, server: &Server) -> Result<(Node, PeerConnection), ClientError> {
+    if crate::agent::lockdown_mode() {
+        return Err(ClientError::Lockdown(crate::agent::lockdown_help(None)));
+    }
+    let key = keys::load(&resolved.dir.dir)?;
+    let net = crate::endpoint::net_config(Some(&resolved.config))?;
+    let node = Node::bind(&key, &net, None, false).await?;
+    drop(key);
+    match tokio::time::timeout(CONNECT_TIMEOUT, node.connect(&server.id52, &server.addrs)).await {
+        Ok(Ok(conn)) => Ok((node, conn)),
+        Ok(Err(e)) => {
+            node.close().await;
+            Err(e.into())
+        }
+        Err(_) => {
+            node.close().await;
+            Err(ClientError::Timeout("connecting"))
+        }
+    }
+}
+
+/// `malai ssh` with forwards: see the module header.
+pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result<i32, ClientError> {
+    if server.ssh_via.is_some() {
+        return Err(ClientError::Refused(
+            "forwarding (-L, -D, -W, -N) is not supported for ssh-via servers yet; \
+             use OpenSSH through `malai ssh proxy`"
+                .into(),
+        ));
+    }
+    let locals = args
+        .local_forwards
+        .iter()
+        .map(|s| parse_local(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClientError::Refused(e.to_string()))?;
+    let dynamics = args
+        .dynamic_forwards
+        .iter()
+        .map(|s| parse_dynamic(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClientError::Refused(e.to_string()))?;
+    let stdio_to = args
+        .stdio_forward
+        .as_deref()
+        .map(parse_stdio)
+        .transpose()
+        .map_err(|e| ClientError::Refused(e.to_string()))?;
+    if stdio_to.is_some() && args.command.is_some() {
+        return Err(ClientError::Refused("-W takes no remote command".into()));
+    }
+    let mut interrupts = Interrupts::install()?;
+    let (node, conn) = tokio::select! {
+        c = dial(resolved, server) => c?,
+        n = interrupts.recv() => return Err(ClientError::Killed(n)),
+    };
+    let cluster = resolved.config.manager;
+
+    if let Some(to) = stdio_to {
+        let r = stdio_forward(&conn, cluster, to, &mut interrupts).await;
+        conn.close("done");
+        node.close().await;
+        return r;
+    }
+
+    // Bind every listener before anything runs, so failures are reported up front.
+    let mut bound = vec![];
+    let specs = locals
+        .into_iter()
+        .map(|l| (l.listen, Kind::Fixed(l.to)))
+        .chain(dynamics.into_iter().map(|l| (l, Kind::Socks)));
+    for (listen, kind) in specs {
+        match bind(&listen, args.gateway_ports).await {
+            Ok(b) => bound.push((b, kind)),
+            Err(e) if args.exit_on_forward_failure => {
+                conn.close("forward failed");
+                node.close().await;
+                return Err(ClientError::Refused(format!(
+                    "{e}; could not request local forwarding"
+                )));
+            }
+            Err(e) => eprintln!("malai: {e}; could not request local forwarding"),
+        }
+    }
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    for (b, kind) in bound {
+        tracing::info!(listen = %b.label(), "local forward listening");
+        tasks.spawn(serve_listener(
+            b,
+            kind,
+            conn.clone(),
+            cluster,
+            stop.clone(),
+            tasks.clone(),
+        ));
+    }
+
+    let result = if args.no_command {
+        tokio::select! {
+            n = interrupts.recv() => Err(ClientError::Killed(n)),
+            _ = conn.closed() => Err(ClientError::Refused("the connection to the server was lost".into())),
+        }
+    } else {
+        let pty = want_pty(args);
+        let req = exec_request(args, pty);
+        let opened = tokio::select! {
+            s = request_on(&conn, cluster, Request::Exec(req)) => s,
+            n = interrupts.recv() => Err(ClientError::Killed(n)),
+        };
+        match opened {
+            Ok((send, recv)) => {
+                let session = Session {
+                    closer: Closer::Iroh {
+                        node: node.clone(),
+                        conn: conn.clone(),
+                    },
+                    send: SessionWrite::Iroh(send),
+                    recv: SessionRead::Iroh(recv),
+                };
+                run_session(session, args, pty, &mut interrupts).await
+            }
+            Err(e) => Err(e),
+        }
+    };
+    stop.cancel();
+    tasks.close();
+    conn.close("done");
+    node.close().await;
+    result
+}
+
+/// `-W`: our stdin/stdout are the forwarded connection.
+async fn stdio_forward(
+    conn: &PeerConnection,
+    cluster: Id52,
+    to: ForwardTarget,
+    interrupts: &mut Interrupts,
+) -> Result<i32, ClientError> {
+    let (mut send, mut recv) = tokio::select! {
+        s = request_on(conn, cluster, Request::Forward { to }) => s?,
+        n = interrupts.recv() => return Err(ClientError::Killed(n)),
+    };
+    let mut stdin = stdio::stdin();
+    let mut stdout = stdio::stdout();
+    tokio::select! {
+        r = pump::both_ways(&mut stdin, &mut send, &mut recv, &mut stdout) => match r {
+            Ok(_) => {
+                let _ = tokio::time::timeout(super::LINGER, send.acknowledged()).await;
+                Ok(0)
+            }
+            Err(e) => Err(ClientError::Refused(format!("stdio forward broke: {e}"))),
+        },
+        n = interrupts.recv() => Err(ClientError::Killed(n)),
+    }
+}
+
+/// Accept local connections until `stop`; each becomes one `forward` stream.
+async fn serve_listener(
+    bound: Bound,
+    kind: Kind,
+    conn: PeerConnection,
+    cluster: Id52,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let label = bound.label();
+    loop {
+        let accepted: std::io::Result<Local> = tokio::select! {
+            _ = stop.cancelled() => break,
+            a = async {
+                match &bound {
+                    Bound::Tcp(l, _) => l.accept().await.map(|(s, a)| {
+                        let _ = s.set_nodelay(true);
+                        Local::Tcp(s, Some(a))
+                    }),
+                    Bound::Unix(l, _) => l.accept().await.map(|(s, _)| Local::Unix(s)),
+                }
+            } => a,
+        };
+        let local = match accepted {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::info!(listen = %label, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (conn, kind, stop) = (conn.clone(), kind.clone(), stop.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = one_connection(local, kind, &conn, cluster) => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+    if let Bound::Unix(_, path) = &bound {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+enum Local {
+    Tcp(tokio::net::TcpStream, Option<SocketAddr>),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn one_connection(local: Local, kind: Kind, conn: &PeerConnection, cluster: Id52) {
+    match local {
+        Local::Tcp(mut s, from) => {
+            tracing::debug!(?from, "forwarded connection");
+            forward_stream(&mut s, kind, conn, cluster).await
+        }
+        Local::Unix(mut s) => forward_stream(&mut s, kind, conn, cluster).await,
+    }
+}
+
+async fn forward_stream<S>(local: &mut S, kind: Kind, conn: &PeerConnection, cluster: Id52)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (to, socks_version) = match kind {
+        Kind::Fixed(to) => (to, None),
+        Kind::Socks => match socks::accept(local).await {
+            Ok(c) => (
+                ForwardTarget::Tcp {
+                    host: c.host,
+                    port: c.port,
+                },
+                Some(c.version),
+            ),
+            Err(e) => {
+                tracing::info!(error = %e, "SOCKS request refused");
+                return;
+            }
+        },
+    };
+    let what = to.describe();
+    let (mut send, mut recv) = match request_on(conn, cluster, Request::Forward { to }).await {
+        Ok(s) => s,
+        Err(e) => {
+            // ssh's wording for a refused channel, so users recognise it.
+            eprintln!("malai: channel to {what}: open failed: {e}");
+            if let Some(v) = socks_version {
+                let why = match e {
+                    ClientError::Denied(_) => socks::Failure::NotAllowed,
+                    ClientError::Refused(_) => socks::Failure::Unreachable,
+                    _ => socks::Failure::General,
+                };
+                let _ = socks::reply_failed(local, v, why).await;
+            }
+            return;
+        }
+    };
+    if let Some(v) = socks_version
+        && socks::reply_ok(local, v).await.is_err()
+    {
+        send.reset();
+        return;
+    }
+    let (mut lr, mut lw) = tokio::io::split(local);
+    match pump::both_ways(&mut lr, &mut send, &mut recv, &mut lw).await {
+        Ok(m) => tracing::debug!(target = %what, up = m.up, down = m.down, "forward closed"),
+        Err(e) => {
+            tracing::info!(target = %what, error = %e, "forward broke");
+            send.reset();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(host: &str, port: u16) -> ForwardTarget {
+        ForwardTarget::Tcp {
+            host: host.into(),
+            port,
+        }
+    }
+
+    fn unix(p: &str) -> ForwardTarget {
+        ForwardTarget::Unix { path: p.into() }
+    }
+
+    #[test]
+    fn local_specs_in_every_openssh_form() {
+        let l = |s: &str| parse_local(s).unwrap();
+        assert_eq!(
+            l("8080:localhost:80"),
+            LocalForward {
+                listen: Listen::Tcp {
+                    bind: None,
+                    port: 8080
+                },
+                to: tcp("localhost", 80)
+            }
+        );
+        assert_eq!(
+            l("0.0.0.0:8080:db:5432").listen,
+            Listen::Tcp {
+                bind: Some("0.0.0.0".into()),
+                port: 8080
+            }
+        );
+        assert_eq!(l("[::1]:8080:[fe80::1]:22").to, tcp("fe80::1", 22));
+        assert_eq!(
+            l("[::1]:8080:[fe80::1]:22").listen,
+            Listen::Tcp {
+                bind: Some("::1".into()),
+                port: 8080
+            }
+        );
+        assert_eq!(l("8080:/run/x.sock").to, unix("/run/x.sock"));
+        assert_eq!(
+            l("localhost:8080:/run/x.sock").listen,
+            Listen::Tcp {
+                bind: Some("localhost".into()),
+                port: 8080
+            }
+        );
+        let f = l("/tmp/l.sock:web:80");
+        assert_eq!(f.listen, Listen::Unix("/tmp/l.sock".into()));
+        assert_eq!(f.to, tcp("web", 80));
+        let f = l("/tmp/l.sock:/run/r.sock");
+        assert_eq!(f.listen, Listen::Unix("/tmp/l.sock".into()));
+        assert_eq!(f.to, unix("/run/r.sock"));
+    }
+
+    #[test]
+    fn bad_specs_are_errors() {
+        for s in [
+            "",
+            "8080",
+            "8080:host",
+            "x:host:80",
+            "8080:host:x",
+            "8080:host:70000",
+            "8080::80",
+            "a:b:c:d:e",
+            "[::1:8080:h:80",
+        ] {
+            assert!(parse_local(s).is_err(), "{s:?}");
+        }
+        assert_eq!(
+            parse_local("8080:h:x").unwrap_err().to_string(),
+            "bad port \"x\" in forwarding specification \"8080:h:x\""
+        );
+        assert!(parse_dynamic("x").is_err());
+        assert!(parse_dynamic("a:b:c").is_err());
+        assert!(parse_stdio("host").is_err());
+        assert!(parse_stdio(":22").is_err());
+    }
+
+    #[test]
+    fn dynamic_and_stdio_specs() {
+        assert_eq!(
+            parse_dynamic("1080").unwrap(),
+            Listen::Tcp {
+                bind: None,
+                port: 1080
+            }
+        );
+        assert_eq!(
+            parse_dynamic("*:1080").unwrap(),
+            Listen::Tcp {
+                bind: Some("*".into()),
+                port: 1080
+            }
+        );
+        assert_eq!(parse_stdio("db:5432").unwrap(), tcp("db", 5432));
+        assert_eq!(parse_stdio("[::1]:22").unwrap(), tcp("::1", 22));
+    }
+
+    #[test]
+    fn bind_addresses_as_ssh_chooses_them() {
+        assert_eq!(bind_addr(None, 80, false), "127.0.0.1:80");
+        assert_eq!(bind_addr(None, 80, true), "0.0.0.0:80");
+        assert_eq!(bind_addr(Some("localhost"), 80, true), "127.0.0.1:80");
+        assert_eq!(bind_addr(Some("*"), 80, false), "0.0.0.0:80");
+        assert_eq!(bind_addr(Some(""), 80, false), "0.0.0.0:80");
+        assert_eq!(bind_addr(Some("::1"), 80, false), "[::1]:80");
+        assert_eq!(bind_addr(Some("10.0.0.1"), 80, false), "10.0.0.1:80");
+    }
+}
