@@ -1,4 +1,4 @@
-//! Native forwarding: `malai ssh -L`, `-D`, `-W`, `-N` (and `-g`,
+//! Native forwarding: `malai ssh -L`, `-D`, `-W`, `-R`, `-A`, `-N` (and `-g`,
 //! `-o ExitOnForwardFailure=yes`), without OpenSSH.
 //!
 //! One iroh connection to the server carries everything: each forwarded connection is one
@@ -8,7 +8,12 @@
 //! target is reported per connection the way ssh reports a failed channel, and for `-D` as
 //! the SOCKS failure reply.
 //!
-//! Spec syntax is OpenSSH's: `-L [bind:]port:host:hostport`, `-L [bind:]port:/remote.sock`,
+//! `-R` and `-A` are `remote-forward` streams: the server listens (for `-A`, on a private
+//! agent socket whose path the remote command gets as `SSH_AUTH_SOCK`) and announces each
+//! connection; we claim it with a `remote-connection` stream and connect it to the local
+//! target (for `-A`, our `SSH_AUTH_SOCK`).
+//!
+//! Spec syntax is OpenSSH's (`-R` mirrors `-L`: the listen side is on the server): `-L [bind:]port:host:hostport`, `-L [bind:]port:/remote.sock`,
 //! `-L /local.sock:host:hostport`, `-L /local.sock:/remote.sock` (IPv6 in brackets),
 //! `-D [bind:]port`, `-W host:port`. Local listeners bind loopback unless `-g` or an
 //! explicit bind address says otherwise, as with ssh.
@@ -34,7 +39,7 @@ use crate::config::Server;
 use crate::id52::Id52;
 use crate::keys;
 use crate::protocol::Request;
-use crate::protocol::forward::ForwardTarget;
+use crate::protocol::forward::{ForwardTarget, RemoteEvent, RemoteListen};
 use crate::transport::iroh::{Node, PeerConnection};
 use crate::transport::{pump, stdio};
 
@@ -258,6 +263,12 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
     if stdio_to.is_some() && args.command.is_some() {
         return Err(ClientError::Refused("-W takes no remote command".into()));
     }
+    let remotes = args
+        .remote_forwards
+        .iter()
+        .map(|s| parse_local(s).map(|f| (s.clone(), f)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClientError::Refused(e.to_string()))?;
     let mut interrupts = Interrupts::install()?;
     let (node, conn) = tokio::select! {
         c = dial(resolved, server) => c?,
@@ -293,6 +304,52 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
     }
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
+    // Remote forwards: each is set up (or refused) before anything runs.
+    for (spec, f) in remotes {
+        let listen = match &f.listen {
+            Listen::Tcp { bind, port } => RemoteListen::Tcp {
+                address: bind.clone().unwrap_or_else(|| "localhost".into()),
+                port: *port,
+            },
+            Listen::Unix(p) => RemoteListen::Unix {
+                path: p.display().to_string(),
+            },
+        };
+        match start_remote(&conn, cluster, listen, f.to.clone(), &stop, &tasks).await {
+            Ok((Some(port), _)) if matches!(f.listen, Listen::Tcp { port: 0, .. }) => {
+                // ssh's line, so scripts that parse it keep working.
+                eprintln!(
+                    "Allocated port {port} for remote forward to {}",
+                    f.to.describe()
+                );
+            }
+            Ok(_) => {}
+            Err(e) if args.exit_on_forward_failure => {
+                stop.cancel();
+                conn.close("forward failed");
+                node.close().await;
+                return Err(ClientError::Refused(format!(
+                    "remote port forwarding failed for {spec}: {e}"
+                )));
+            }
+            Err(e) => eprintln!("Warning: remote port forwarding failed for {spec}: {e}"),
+        }
+    }
+    // -A: only when we have an agent, like ssh.
+    let mut agent_env = None;
+    if args.forward_agent
+        && let Some(sock) = std::env::var_os("SSH_AUTH_SOCK").filter(|s| !s.is_empty())
+    {
+        let to = ForwardTarget::Unix {
+            path: sock.to_string_lossy().into_owned(),
+        };
+        match start_remote(&conn, cluster, RemoteListen::Agent {}, to, &stop, &tasks).await {
+            Ok((_, Some(path))) => agent_env = Some(path),
+            Ok(_) => {}
+            Err(e) if !args.quiet => eprintln!("malai: agent forwarding refused: {e}"),
+            Err(_) => {}
+        }
+    }
     for (b, kind) in bound {
         tracing::info!(listen = %b.label(), "local forward listening");
         tasks.spawn(serve_listener(
@@ -312,7 +369,10 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
         }
     } else {
         let pty = want_pty(args);
-        let req = exec_request(args, pty);
+        let mut req = exec_request(args, pty);
+        if let Some(path) = agent_env {
+            req.env.push(("SSH_AUTH_SOCK".into(), path));
+        }
         let opened = tokio::select! {
             s = request_on(&conn, cluster, Request::Exec(req)) => s,
             n = interrupts.recv() => Err(ClientError::Killed(n)),
@@ -337,6 +397,98 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
     conn.close("done");
     node.close().await;
     result
+}
+
+/// Open a `remote-forward` stream and wait for the server's `listening`; then serve its
+/// announcements in a task until `stop`. Returns the port / path the server listens on.
+async fn start_remote(
+    conn: &PeerConnection,
+    cluster: Id52,
+    listen: RemoteListen,
+    local: ForwardTarget,
+    stop: &CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<(Option<u16>, Option<String>), ClientError> {
+    let (send, mut recv) = request_on(conn, cluster, Request::RemoteForward { listen }).await?;
+    let first = tokio::time::timeout(CONNECT_TIMEOUT, crate::protocol::read_json(&mut recv))
+        .await
+        .map_err(|_| ClientError::Timeout("waiting for the remote listener"))??;
+    let RemoteEvent::Listening { port, path } = first else {
+        return Err(ClientError::Refused(
+            "server sent a connection before listening".into(),
+        ));
+    };
+    let (conn, stop2, tasks2) = (conn.clone(), stop.clone(), tasks.clone());
+    tasks.spawn(async move {
+        // Holding `send` keeps the server's listener open; dropping it closes it.
+        let _send = send;
+        loop {
+            let ev = tokio::select! {
+                _ = stop2.cancelled() => break,
+                ev = crate::protocol::read_json::<_, RemoteEvent>(&mut recv) => ev,
+            };
+            match ev {
+                Ok(RemoteEvent::Connection { id }) => {
+                    let (conn, local, stop3) = (conn.clone(), local.clone(), stop2.clone());
+                    tasks2.spawn(async move {
+                        tokio::select! {
+                            _ = claim(&conn, cluster, id, &local) => {}
+                            _ = stop3.cancelled() => {}
+                        }
+                    });
+                }
+                Ok(RemoteEvent::Listening { .. }) => {}
+                Err(e) => {
+                    tracing::info!(error = %e, "remote forward ended");
+                    break;
+                }
+            }
+        }
+    });
+    Ok((port, path))
+}
+
+/// Claim a connection the server announced and connect it to `local`.
+async fn claim(conn: &PeerConnection, cluster: Id52, id: u64, local: &ForwardTarget) {
+    let (mut send, mut recv) =
+        match request_on(conn, cluster, Request::RemoteConnection { id }).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(error = %e, id, "cannot claim a remote-forward connection");
+                return;
+            }
+        };
+    let what = local.describe();
+    let moved = match local {
+        ForwardTarget::Tcp { host, port } => {
+            match crate::server::forward::connect_tcp(host, *port).await {
+                Ok(s) => {
+                    let (mut r, mut w) = s.into_split();
+                    pump::both_ways(&mut r, &mut send, &mut recv, &mut w).await
+                }
+                Err(e) => {
+                    eprintln!("malai: connect to {what} failed: {e}");
+                    send.reset();
+                    return;
+                }
+            }
+        }
+        ForwardTarget::Unix { path } => match crate::server::forward::connect_unix(path).await {
+            Ok(s) => {
+                let (mut r, mut w) = s.into_split();
+                pump::both_ways(&mut r, &mut send, &mut recv, &mut w).await
+            }
+            Err(e) => {
+                eprintln!("malai: connect to {what} failed: {e}");
+                send.reset();
+                return;
+            }
+        },
+    };
+    if let Err(e) = moved {
+        tracing::info!(target = %what, error = %e, "remote forward connection broke");
+        send.reset();
+    }
 }
 
 /// `-W`: our stdin/stdout are the forwarded connection.

@@ -48,6 +48,10 @@ pub struct SshArgs {
     pub ignored: Vec<String>,
     /// `-L spec` / `-o LocalForward=…`, as given (parsed by `client::forward`).
     pub local_forwards: Vec<String>,
+    /// `-R spec` / `-o RemoteForward=…`.
+    pub remote_forwards: Vec<String>,
+    /// `-A` / `-o ForwardAgent=yes` (`-a` / `ForwardAgent=no` turn it off).
+    pub forward_agent: bool,
     /// `-D spec` / `-o DynamicForward=…`.
     pub dynamic_forwards: Vec<String>,
     /// `-W host:port`: stdio forward, no session.
@@ -67,6 +71,8 @@ impl SshArgs {
             || !self.dynamic_forwards.is_empty()
             || self.stdio_forward.is_some()
             || self.no_command
+            || !self.remote_forwards.is_empty()
+            || self.forward_agent
     }
 }
 
@@ -90,13 +96,12 @@ pub enum ArgsError {
 /// ssh flags malai does not implement: each one asks for behaviour (a forward, a jump host,
 /// X11, a control master, a subsystem, printing instead of connecting) that ignoring it
 /// would silently lose. Checked before any connection is made.
-pub const UNSUPPORTED: &str = "AfJMOQRsVwXY";
+pub const UNSUPPORTED: &str = "fJMOQsVwXY";
 
 /// `-o` options (lower-case) that, set to anything but their off value, ask for something
 /// malai does not do (yet). The second element is the value that is harmless ("" = none).
 pub const UNSUPPORTED_OPTIONS: &[(&str, &[&str])] = &[
-    ("remoteforward", &[]),
-    ("forwardagent", &["no"]),
+    ("forwardagent", &["no", "yes"]),
     ("forwardx11", &["no"]),
     ("forwardx11trusted", &["no"]),
     ("proxyjump", &["none"]),
@@ -121,6 +126,14 @@ fn forward_option(out: &mut SshArgs, o: &str) {
             };
             out.local_forwards.push(spec);
         }
+        "remoteforward" => {
+            let spec = match v.split_once(char::is_whitespace) {
+                Some((a, b)) => format!("{}:{}", a.trim(), b.trim()),
+                None => v.to_string(),
+            };
+            out.remote_forwards.push(spec);
+        }
+        "forwardagent" => out.forward_agent = v.eq_ignore_ascii_case("yes"),
         "dynamicforward" => out.dynamic_forwards.push(v.to_string()),
         "exitonforwardfailure" => out.exit_on_forward_failure = v.eq_ignore_ascii_case("yes"),
         "sessiontype" if v.eq_ignore_ascii_case("none") => out.no_command = true,
@@ -209,6 +222,7 @@ pub fn parse(args: &[String]) -> Result<SshArgs, ArgsError> {
                             out.options.push(val)
                         }
                         'L' => out.local_forwards.push(val),
+                        'R' => out.remote_forwards.push(val),
                         'D' => out.dynamic_forwards.push(val),
                         'W' => out.stdio_forward = Some(val),
                         _ => out.ignored.push(format!("-{c} {val}")),
@@ -222,6 +236,8 @@ pub fn parse(args: &[String]) -> Result<SshArgs, ArgsError> {
                         'q' => out.quiet = true,
                         'G' => out.print_config = true,
                         'N' => out.no_command = true,
+                        'A' => out.forward_agent = true,
+                        'a' => out.forward_agent = false,
                         'g' => out.gateway_ports = true,
                         _ => out.ignored.push(format!("-{c}")),
                     }
@@ -394,6 +410,21 @@ mod tests {
         let a = p(&["-o", "SessionType=none", "foo"]);
         assert!(a.no_command);
         assert!(!p(&["foo", "ls"]).forwards());
+        let a = p(&[
+            "-A",
+            "-R",
+            "9000:localhost:22",
+            "-o",
+            "RemoteForward 0 /tmp/x.sock",
+            "foo",
+        ]);
+        assert!(a.forward_agent && a.forwards());
+        assert_eq!(
+            a.remote_forwards,
+            vec!["9000:localhost:22", "0:/tmp/x.sock"]
+        );
+        assert!(!p(&["-A", "-a", "foo"]).forward_agent);
+        assert!(p(&["-o", "ForwardAgent=yes", "foo"]).forward_agent);
     }
 
     /// Every flag that asks for something malai does not do is an error naming it, in any
@@ -413,17 +444,16 @@ mod tests {
             }
         }
         // Bundled after a harmless flag.
-        assert_eq!(e(&["-qA", "foo"]), Err(ArgsError::Unsupported("-A".into())));
+        assert_eq!(e(&["-qX", "foo"]), Err(ArgsError::Unsupported("-X".into())));
         assert_eq!(
-            e(&["-TR8080:localhost:80", "foo"]),
-            Err(ArgsError::Unsupported("-R".into()))
+            e(&["-TJjump", "foo"]),
+            Err(ArgsError::Unsupported("-J".into()))
         );
-        let msg = e(&["-R", "1:h:2", "foo"]).unwrap_err().to_string();
-        assert_eq!(msg, "-R is not supported by malai ssh");
+        let msg = e(&["-f", "foo"]).unwrap_err().to_string();
+        assert_eq!(msg, "-f is not supported by malai ssh");
         // The same asks spelled as -o.
         for o in [
-            "RemoteForward 9000 localhost:22",
-            "ForwardAgent=yes",
+            "ForwardAgent=/some/socket",
             "forwardx11=yes",
             "ProxyJump=bastion",
             "SessionType=subsystem",

@@ -91,3 +91,41 @@ mod tests {
         );
     }
 }
+
+/// What a `remote-forward` request asks the server to listen on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RemoteListen {
+    /// `-R [address:]port:…`: a TCP port on the server (loopback only, like sshd's
+    /// `GatewayPorts no`); port 0 lets the server pick.
+    Tcp { address: String, port: u16 },
+    /// `-R /remote.sock:…`: a unix socket on the server (an existing file is an error).
+    Unix { path: String },
+    /// `-A`: a private agent socket; its path goes to the remote command as
+    /// `SSH_AUTH_SOCK` (the exec request's env).
+    Agent {},
+}
+
+/// Frames the server sends on a `remote-forward` stream after `accept` (same framing and
+/// 64 KiB cap as headers). The client sends nothing; its EOF (or the stream's end) closes
+/// the listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum RemoteEvent {
+    /// Once, first: where the server listens (`port` for TCP, `path` for unix and agent).
+    Listening {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
+    },
+    /// A connection arrived; the client claims it with a `remote-connection` stream
+    /// naming `id` within [`PENDING_TTL`](crate::protocol::forward::PENDING_TTL).
+    Connection { id: u64 },
+}
+
+/// How long an accepted remote-forward connection waits for the client's
+/// `remote-connection` stream before it is dropped.
+pub const PENDING_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+/// Accepted connections waiting to be claimed, server-wide; more are closed at once.
+pub const MAX_PENDING: usize = 1024;

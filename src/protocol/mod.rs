@@ -58,6 +58,8 @@ pub const KINDS: &[&str] = &[
     "config-hash",
     "ping",
     "forward",
+    "remote-forward",
+    "remote-connection",
 ];
 
 /// The first frame of every stream.
@@ -97,6 +99,14 @@ pub enum Request {
     Forward {
         to: forward::ForwardTarget,
     },
+    /// The server listens (`-R`, `-A`) and announces each connection (`protocol::forward`).
+    RemoteForward {
+        listen: forward::RemoteListen,
+    },
+    /// Claim one connection a `remote-forward` announced; then raw bytes both ways.
+    RemoteConnection {
+        id: u64,
+    },
 }
 
 impl Request {
@@ -109,6 +119,8 @@ impl Request {
             Request::ConfigHash => "config-hash",
             Request::Ping => "ping",
             Request::Forward { .. } => "forward",
+            Request::RemoteForward { .. } => "remote-forward",
+            Request::RemoteConnection { .. } => "remote-connection",
         }
     }
 }

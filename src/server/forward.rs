@@ -15,9 +15,12 @@
 //!   asked the ACL and wrote the audit line.
 //! - [`splice`]: bytes both ways until both sides are done, half-closes passed on.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -28,7 +31,9 @@ use crate::acl::{self, Decision, ForwardKind};
 use crate::audit;
 use crate::id52::Id52;
 use crate::protocol::Response;
-use crate::protocol::forward::ForwardTarget;
+use crate::protocol::forward::{
+    ForwardTarget, MAX_PENDING, PENDING_TTL, RemoteEvent, RemoteListen,
+};
 use crate::transport::pump;
 
 /// The ACL's kind for a native `forward` target.
@@ -295,6 +300,237 @@ where
     tokio::io::copy_bidirectional(a, b).await
 }
 
+// ---------------------------------------------------------------------------------------------
+// Native remote forwards (`remote-forward`, `remote-connection`) and agent sockets
+// ---------------------------------------------------------------------------------------------
+
+/// The ACL's kind for a `remote-forward` listener.
+pub fn remote_kind_of(listen: &RemoteListen) -> ForwardKind {
+    match listen {
+        RemoteListen::Tcp { .. } => ForwardKind::Remote,
+        RemoteListen::Unix { .. } => ForwardKind::RemoteUnix,
+        RemoteListen::Agent {} => ForwardKind::Agent,
+    }
+}
+
+/// `detail` for the audit line of a `remote-forward`.
+pub fn describe_listen(listen: &RemoteListen) -> String {
+    match listen {
+        RemoteListen::Tcp { address, port } => format!("{address}:{port}"),
+        RemoteListen::Unix { path } => path.chars().take(300).collect(),
+        RemoteListen::Agent {} => "agent".into(),
+    }
+}
+
+/// Accepted connections waiting for their peer's `remote-connection` stream.
+struct Pending {
+    peer: Id52,
+    conn: Conn,
+    at: Instant,
+}
+
+static PENDING: Mutex<Option<HashMap<u64, Pending>>> = Mutex::new(None);
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+/// Agent sockets held open by `remote-forward {agent}` streams: path → peer.
+static AGENTS: Mutex<Option<HashMap<String, Id52>>> = Mutex::new(None);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Park an accepted connection for `peer`; `None` when too many are waiting.
+fn park(peer: Id52, conn: Conn) -> Option<u64> {
+    let mut g = lock(&PENDING);
+    let map = g.get_or_insert_with(HashMap::new);
+    map.retain(|_, p| p.at.elapsed() < PENDING_TTL);
+    if map.len() >= MAX_PENDING {
+        return None;
+    }
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    map.insert(
+        id,
+        Pending {
+            peer,
+            conn,
+            at: Instant::now(),
+        },
+    );
+    Some(id)
+}
+
+/// Take a parked connection: only the peer it was announced to may claim it.
+fn claim(peer: &Id52, id: u64) -> Option<Conn> {
+    let mut g = lock(&PENDING);
+    let map = g.as_mut()?;
+    match map.get(&id) {
+        Some(p) if p.peer == *peer && p.at.elapsed() < PENDING_TTL => {
+            map.remove(&id).map(|p| p.conn)
+        }
+        _ => None,
+    }
+}
+
+/// The `SSH_AUTH_SOCK` an exec request may have set: only a path `peer` holds open
+/// through its own `remote-forward {agent}` stream (anything else is dropped, like every
+/// other environment variable outside LANG/LC_*).
+pub fn agent_socket_for(peer: &str, env: &[(String, String)]) -> Option<String> {
+    let (_, path) = env.iter().find(|(k, _)| k == "SSH_AUTH_SOCK")?;
+    let g = lock(&AGENTS);
+    match g.as_ref()?.get(path) {
+        Some(owner) if owner.to_string() == peer => Some(path.clone()),
+        _ => None,
+    }
+}
+
+/// Removes an agent socket's registration when its stream ends.
+struct AgentRegistration(String);
+
+impl Drop for AgentRegistration {
+    fn drop(&mut self) {
+        if let Some(m) = lock(&AGENTS).as_mut() {
+            m.remove(&self.0);
+        }
+    }
+}
+
+enum RemoteListener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+    Agent {
+        sock: AgentSocket,
+        _reg: AgentRegistration,
+    },
+}
+
+impl RemoteListener {
+    async fn accept(&self) -> std::io::Result<Conn> {
+        match self {
+            RemoteListener::Tcp(l) => l.accept().await.map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s)
+            }),
+            RemoteListener::Unix(l, _) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
+            RemoteListener::Agent { sock, .. } => {
+                sock.listener.accept().await.map(|(s, _)| Conn::Unix(s))
+            }
+        }
+    }
+}
+
+impl Drop for RemoteListener {
+    fn drop(&mut self) {
+        if let RemoteListener::Unix(_, path) = self {
+            remove_socket(path);
+        }
+    }
+}
+
+/// Serve an allowed `remote-forward` stream: listen, announce, park each connection for
+/// the peer's `remote-connection` stream; stop when the client ends the stream.
+pub async fn serve_remote<R, W>(peer: Id52, listen: &RemoteListen, r: &mut R, w: &mut W) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let bound = match listen {
+        RemoteListen::Tcp { address, port } => {
+            listen_tcp(address, *port).map(|(l, p)| (RemoteListener::Tcp(l), Some(p), None))
+        }
+        RemoteListen::Unix { path } => listen_unix(path).map(|l| {
+            (
+                RemoteListener::Unix(l, PathBuf::from(path)),
+                None,
+                Some(path.clone()),
+            )
+        }),
+        RemoteListen::Agent {} => AgentSocket::new()
+            .map_err(|e| ForwardError::Listen("an agent socket".into(), e))
+            .map(|a| {
+                let path = a.path().display().to_string();
+                lock(&AGENTS)
+                    .get_or_insert_with(HashMap::new)
+                    .insert(path.clone(), peer);
+                let reg = AgentRegistration(path.clone());
+                (
+                    RemoteListener::Agent { sock: a, _reg: reg },
+                    None,
+                    Some(path),
+                )
+            }),
+    };
+    let (listener, port, path) = match bound {
+        Ok(b) => b,
+        Err(e) => {
+            let reason = e.to_string();
+            return reply(w, &Response::Error { reason }).await.is_ok();
+        }
+    };
+    if reply(w, &Response::Accept).await.is_err() {
+        return false;
+    }
+    if crate::protocol::write_frame(w, &RemoteEvent::Listening { port, path })
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    tracing::info!(%peer, listen = %describe_listen(listen), ?port, "remote forward listening");
+    let mut probe = [0u8; 1];
+    loop {
+        tokio::select! {
+            // The client sends nothing: EOF or an error means it is done.
+            _ = r.read(&mut probe) => break,
+            c = listener.accept() => match c {
+                Ok(conn) => {
+                    let Some(id) = park(peer, conn) else {
+                        tracing::warn!(%peer, "too many unclaimed remote-forward connections; closing one");
+                        continue;
+                    };
+                    if crate::protocol::write_frame(w, &RemoteEvent::Connection { id }).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "remote forward accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    tracing::info!(%peer, listen = %describe_listen(listen), "remote forward closed");
+    true
+}
+
+/// Serve an allowed `remote-connection` stream: splice the parked connection `id`.
+pub async fn serve_claim<R, W>(peer: Id52, id: u64, r: &mut R, w: &mut W) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Some(conn) = claim(&peer, id) else {
+        let reason = format!("no pending remote-forward connection {id}");
+        return reply(w, &Response::Error { reason }).await.is_ok();
+    };
+    if reply(w, &Response::Accept).await.is_err() {
+        return false;
+    }
+    let moved = match conn {
+        Conn::Tcp(s) => {
+            let (mut sr, mut sw) = s.into_split();
+            pump::both_ways(r, &mut sw, &mut sr, w).await
+        }
+        Conn::Unix(s) => {
+            let (mut sr, mut sw) = s.into_split();
+            pump::both_ways(r, &mut sw, &mut sr, w).await
+        }
+    };
+    moved.is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,5 +603,40 @@ mod tests {
         });
         assert!(!path.exists());
         assert!(!path.parent().unwrap().exists());
+    }
+
+    /// A parked remote-forward connection goes only to the peer it was announced to, once.
+    #[test]
+    fn parked_connections_are_claimed_by_their_peer_only() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (a, _b) = UnixStream::pair().unwrap();
+            let alice = Id52::from_bytes([4; 32]);
+            let eve = Id52::from_bytes([5; 32]);
+            let id = park(alice, Conn::Unix(a)).unwrap();
+            assert!(claim(&eve, id).is_none(), "another peer claimed it");
+            assert!(claim(&alice, id + 1_000_000).is_none());
+            assert!(claim(&alice, id).is_some());
+            assert!(claim(&alice, id).is_none(), "claimed twice");
+        });
+    }
+
+    #[test]
+    fn agent_socket_env_is_honoured_only_for_its_owner() {
+        let alice = Id52::from_bytes([6; 32]);
+        let path = "/tmp/malai-agent-test/agent.sock".to_string();
+        lock(&AGENTS)
+            .get_or_insert_with(HashMap::new)
+            .insert(path.clone(), alice);
+        let _reg = AgentRegistration(path.clone());
+        let env = vec![("SSH_AUTH_SOCK".to_string(), path.clone())];
+        assert_eq!(agent_socket_for(&alice.to_string(), &env), Some(path));
+        let eve = Id52::from_bytes([7; 32]);
+        assert_eq!(agent_socket_for(&eve.to_string(), &env), None);
+        let other = vec![("SSH_AUTH_SOCK".to_string(), "/tmp/x".to_string())];
+        assert_eq!(agent_socket_for(&alice.to_string(), &other), None);
     }
 }

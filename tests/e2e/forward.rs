@@ -776,3 +776,127 @@ fn native_forwards_denied_for_command_scoped_peers_and_when_off() {
         fmt_output(&out)
     );
 }
+
+#[test]
+fn native_remote_forwards_and_agent_forwarding() {
+    let c = acme(SshTarget::Unset);
+    let (web, sum) = web_root(&c);
+    let http = HttpServer::start(&web);
+
+    // -R: the server listens, connections come back to our HTTP server.
+    let rport = free_tcp_port();
+    let spec = format!("{rport}:127.0.0.1:{}", http.port);
+    let mut bg = malai_forward(&c, "alice", &["-N", "-R", &spec], "R");
+    wait_port(rport, &mut bg);
+    let url = format!("http://127.0.0.1:{rport}/blob.bin");
+    assert_eq!(fetch_sum(&c, &url, None, "native-R"), sum, "malai ssh -R");
+    assert_eq!(
+        fetch_sum(&c, &url, None, "native-R2"),
+        sum,
+        "second connection"
+    );
+    drop(bg);
+    let gone = poll_until(UP_WITHIN, || {
+        TcpStream::connect(("127.0.0.1", rport)).err().map(|_| ())
+    });
+    assert!(gone.is_some(), "-R listener outlived its client");
+
+    // -R port 0: ssh's "Allocated port" line, and the port works.
+    let mut bg = malai_forward(
+        &c,
+        "alice",
+        &["-N", "-R", &format!("0:127.0.0.1:{}", http.port)],
+        "R0",
+    );
+    let port = poll_until(UP_WITHIN, || {
+        let e = bg.stderr();
+        e.split_whitespace()
+            .skip_while(|w| *w != "port")
+            .nth(1)
+            .and_then(|p| p.parse::<u16>().ok())
+    })
+    .unwrap_or_else(|| panic!("no Allocated port line:\n{}", bg.stderr()));
+    wait_port(port, &mut bg);
+    let url = format!("http://127.0.0.1:{port}/blob.bin");
+    assert_eq!(fetch_sum(&c, &url, None, "native-R0"), sum);
+    drop(bg);
+
+    // -R unix socket on the server back to a unix socket here.
+    let d = SockDir::new("native-unix");
+    let far = d.0.join("far.sock");
+    unix_echo(&far);
+    let back = d.0.join("back.sock");
+    let spec = format!("{}:{}", back.display(), far.display());
+    let mut bg = malai_forward(&c, "alice", &["-N", "-R", &spec], "Runix");
+    wait_path(&back, &mut bg);
+    assert_eq!(unix_roundtrip(&back, "native"), "echo:native");
+    drop(bg);
+    // -L unix to unix.
+    let near = d.0.join("near.sock");
+    let spec = format!("{}:{}", near.display(), far.display());
+    let mut bg = malai_forward(&c, "alice", &["-N", "-L", &spec], "Lunix");
+    wait_path(&near, &mut bg);
+    assert_eq!(unix_roundtrip(&near, "native-L"), "echo:native-L");
+    drop(bg);
+
+    // -A: ssh-add -l on the remote lists our key.
+    let ad = SockDir::new("native-agent");
+    let (sock, _agent) = ssh_agent_with_key(&c, &ad);
+    let out = run_cmd(
+        c.machine("alice")
+            .cmd(["ssh", "-A", &c.host("foo"), "ssh-add -l"])
+            .env("SSH_AUTH_SOCK", &sock),
+    );
+    assert_success(&out, "malai ssh -A … ssh-add -l");
+    assert!(
+        stdout_of(&out).contains("forwarded-key"),
+        "{}",
+        fmt_output(&out)
+    );
+    // Without -A: no agent there.
+    let out = run_cmd(
+        c.machine("alice")
+            .cmd(["ssh", &c.host("foo"), "echo sock=$SSH_AUTH_SOCK"])
+            .env("SSH_AUTH_SOCK", &sock),
+    );
+    assert_eq!(stdout_of(&out), "sock=\n", "{}", fmt_output(&out));
+
+    // Deny twins: bob's -R with ExitOnForwardFailure exits 255; bob's -A gets no agent
+    // (his `ls` still runs) and the refusal is audited.
+    let out = c.machine("bob").run([
+        "ssh",
+        "-N",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-R",
+        &format!("{}:127.0.0.1:{}", free_tcp_port(), http.port),
+        &c.host("foo"),
+    ]);
+    assert_exit_code(&out, 255, "bob's -R");
+    assert!(
+        stderr_of(&out).contains("needs full access"),
+        "{}",
+        fmt_output(&out)
+    );
+    let out = run_cmd(
+        c.machine("bob")
+            .cmd(["ssh", "-A", &c.host("foo"), "ls", "/"])
+            .env("SSH_AUTH_SOCK", &sock),
+    );
+    assert_success(&out, "bob's ls with -A");
+    assert!(
+        stderr_of(&out).contains("agent forwarding refused"),
+        "{}",
+        fmt_output(&out)
+    );
+    let audit = audit_of(&c);
+    for detail in ["\"detail\":\"agent\"", "\"detail\":\"localhost:"] {
+        assert!(
+            audit.lines().any(|l| l.contains("\"alias\":\"bob\"")
+                && l.contains("remote-forward")
+                && l.contains(detail)
+                && l.contains("\"deny\"")),
+            "no denied bob remote-forward ({detail}):\n{audit}"
+        );
+    }
+}
