@@ -275,8 +275,17 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
         n = interrupts.recv() => return Err(ClientError::Killed(n)),
     };
     let cluster = resolved.config.manager;
+    // Notices a restarted server (the connection's idle limit is long), like `open`'s.
+    let watchdog = super::liveness::watch(
+        node.clone(),
+        conn.clone(),
+        server.id52,
+        server.addrs.clone(),
+        cluster,
+    );
 
     if let Some(to) = stdio_to {
+        let _watchdog = watchdog;
         let r = stdio_forward(&conn, cluster, to, &mut interrupts).await;
         conn.close("done");
         node.close().await;
@@ -363,6 +372,7 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
     }
 
     let result = if args.no_command {
+        let _watchdog = watchdog;
         tokio::select! {
             n = interrupts.recv() => Err(ClientError::Killed(n)),
             _ = conn.closed() => Err(ClientError::Refused("the connection to the server was lost".into())),
@@ -383,6 +393,7 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
                     closer: Closer::Iroh {
                         node: node.clone(),
                         conn: conn.clone(),
+                        _watchdog: watchdog,
                     },
                     send: SessionWrite::Iroh(send),
                     recv: SessionRead::Iroh(recv),

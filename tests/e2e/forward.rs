@@ -70,6 +70,16 @@ impl Bg {
         read_lossy(&self.err)
     }
 
+    /// SIGTERM to the process group, as a user's Ctrl-C or `kill` would (a SIGKILLed
+    /// client's connection is only noticed after the transport's idle limit), then wait.
+    fn stop(&mut self) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.wait_exit(Duration::from_secs(10));
+    }
+
     /// Waits for the process to exit; its status code (None: still running at the deadline).
     fn wait_exit(&mut self, within: Duration) -> Option<i32> {
         poll_until(within, || {
@@ -281,7 +291,7 @@ fn embedded_local_dynamic_remote_forwards_with_curl() {
     wait_port(rport, &mut bg);
     let url = format!("http://127.0.0.1:{rport}/blob.bin");
     assert_eq!(fetch_sum(&c, &url, None, "R"), sum, "ssh -R body");
-    drop(bg);
+    bg.stop();
     // The listener goes with the session.
     let gone = poll_until(UP_WITHIN, || {
         TcpStream::connect(("127.0.0.1", rport)).err().map(|_| ())
@@ -318,7 +328,7 @@ fn embedded_unix_socket_forwards_both_ways() {
     let mut bg = ssh_forward(&c, "alice", &["-R", &spec], "Runix");
     wait_path(&back, &mut bg);
     assert_eq!(unix_roundtrip(&back, "again"), "echo:again");
-    drop(bg);
+    bg.stop();
     let gone = poll_until(UP_WITHIN, || (!back.exists()).then_some(()));
     assert!(gone.is_some(), "-R socket file outlived its session");
 }
@@ -795,7 +805,7 @@ fn native_remote_forwards_and_agent_forwarding() {
         sum,
         "second connection"
     );
-    drop(bg);
+    bg.stop();
     let gone = poll_until(UP_WITHIN, || {
         TcpStream::connect(("127.0.0.1", rport)).err().map(|_| ())
     });
