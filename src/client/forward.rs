@@ -18,6 +18,11 @@
 //! `-D [bind:]port`, `-W host:port`. Local listeners bind loopback unless `-g` or an
 //! explicit bind address says otherwise, as with ssh.
 //!
+//! `-f` re-runs this same command line as a child in its own process group, stdin from
+//! /dev/null, and waits until the child says its forwards (and remote command) are up
+//! through an inherited pipe (`MALAI_SSH_FORK_FD`); then the parent exits 0. A child that
+//! fails first closes the pipe without a word and the parent exits with its status.
+//!
 //! The run ends when the remote command ends (open forwards are cut, unlike ssh which waits
 //! for them), or for `-N` on a signal or when the connection to the server is lost.
 
@@ -269,6 +274,16 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
         .map(|s| parse_local(s).map(|f| (s.clone(), f)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ClientError::Refused(e.to_string()))?;
+    if args.background && args.command.is_none() && !args.no_command {
+        return Err(ClientError::Refused(
+            "cannot fork into background without a command to execute (use -N)".into(),
+        ));
+    }
+    let ready = match background::child_fd() {
+        Some(fd) => Some(fd),
+        None if args.background => return background::fork_and_wait().await,
+        None => None,
+    };
     let mut interrupts = Interrupts::install()?;
     let (node, conn) = tokio::select! {
         c = dial(resolved, server) => c?,
@@ -359,6 +374,7 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
             Err(_) => {}
         }
     }
+    let mut ready = ready;
     for (b, kind) in bound {
         tracing::info!(listen = %b.label(), "local forward listening");
         tasks.spawn(serve_listener(
@@ -373,6 +389,7 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
 
     let result = if args.no_command {
         let _watchdog = watchdog;
+        background::signal_ready(ready.take());
         tokio::select! {
             n = interrupts.recv() => Err(ClientError::Killed(n)),
             _ = conn.closed() => Err(ClientError::Refused("the connection to the server was lost".into())),
@@ -387,6 +404,9 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
             s = request_on(&conn, cluster, Request::Exec(req)) => s,
             n = interrupts.recv() => Err(ClientError::Killed(n)),
         };
+        if opened.is_ok() {
+            background::signal_ready(ready.take());
+        }
         match opened {
             Ok((send, recv)) => {
                 let session = Session {
@@ -499,6 +519,75 @@ async fn claim(conn: &PeerConnection, cluster: Id52, id: u64, local: &ForwardTar
     if let Err(e) = moved {
         tracing::info!(target = %what, error = %e, "remote forward connection broke");
         send.reset();
+    }
+}
+
+/// `-f`: the parent's wait and the child's "ready".
+mod background {
+    use std::io::{Read, Write};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use super::ClientError;
+
+    /// The environment variable naming the child's end of the ready pipe.
+    pub const FORK_FD: &str = "MALAI_SSH_FORK_FD";
+
+    /// In the `-f` child: the ready pipe's write end (taken once; the variable is removed
+    /// so nothing this process starts inherits the meaning).
+    pub fn child_fd() -> Option<OwnedFd> {
+        let v = std::env::var(FORK_FD).ok()?;
+        // SAFETY: single-threaded at this point of the CLI (no other thread reads the
+        // environment while the variable is removed).
+        unsafe { std::env::remove_var(FORK_FD) };
+        let fd: i32 = v.parse().ok().filter(|fd| *fd > 2)?;
+        // The fd must be an open pipe we inherited; fstat tells.
+        nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }).ok()?;
+        // SAFETY: the parent passed us this descriptor for our exclusive use.
+        Some(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Tell the waiting parent we are up (then it exits 0).
+    pub fn signal_ready(fd: Option<OwnedFd>) {
+        if let Some(fd) = fd {
+            let mut f = std::fs::File::from(fd);
+            let _ = f.write_all(b"1");
+        }
+    }
+
+    /// Start this command line again as a background child and wait for its "ready".
+    pub async fn fork_and_wait() -> Result<i32, ClientError> {
+        let io =
+            |e: std::io::Error| ClientError::Refused(format!("cannot go to the background: {e}"));
+        let (r, w) = nix::unistd::pipe().map_err(|e| io(e.into()))?;
+        // The read end stays here only.
+        nix::fcntl::fcntl(
+            &r,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(|e| io(e.into()))?;
+        let exe = std::env::current_exe().map_err(io)?;
+        let mut cmd = std::process::Command::new(exe);
+        use std::os::unix::process::CommandExt;
+        cmd.args(std::env::args_os().skip(1))
+            .env(FORK_FD, w.as_raw_fd().to_string())
+            .stdin(std::process::Stdio::null())
+            .process_group(0);
+        let mut child = cmd.spawn().map_err(io)?;
+        drop(w);
+        let mut got = [0u8; 1];
+        let n = tokio::task::spawn_blocking(move || std::fs::File::from(r).read(&mut got))
+            .await
+            .map_err(|e| io(std::io::Error::other(e)))?
+            .unwrap_or(0);
+        if n == 1 {
+            return Ok(0);
+        }
+        // The child failed before it was up; its stderr (ours) said why.
+        let st = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .map_err(|e| io(std::io::Error::other(e)))?
+            .map_err(io)?;
+        Ok(st.code().unwrap_or(255))
     }
 }
 

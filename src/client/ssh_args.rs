@@ -62,6 +62,9 @@ pub struct SshArgs {
     pub gateway_ports: bool,
     /// `-o ExitOnForwardFailure=yes`: a forward that cannot be set up is fatal.
     pub exit_on_forward_failure: bool,
+    /// `-f` / `-o ForkAfterAuthentication=yes`: go to the background once the forwards
+    /// (and the remote command) are up.
+    pub background: bool,
 }
 
 impl SshArgs {
@@ -73,6 +76,7 @@ impl SshArgs {
             || self.no_command
             || !self.remote_forwards.is_empty()
             || self.forward_agent
+            || self.background
     }
 }
 
@@ -96,7 +100,7 @@ pub enum ArgsError {
 /// ssh flags malai does not implement: each one asks for behaviour (a forward, a jump host,
 /// X11, a control master, a subsystem, printing instead of connecting) that ignoring it
 /// would silently lose. Checked before any connection is made.
-pub const UNSUPPORTED: &str = "fJMOQsVwXY";
+pub const UNSUPPORTED: &str = "JMOQsVwXY";
 
 /// `-o` options (lower-case) that, set to anything but their off value, ask for something
 /// malai does not do (yet). The second element is the value that is harmless ("" = none).
@@ -106,7 +110,7 @@ pub const UNSUPPORTED_OPTIONS: &[(&str, &[&str])] = &[
     ("forwardx11trusted", &["no"]),
     ("proxyjump", &["none"]),
     ("sessiontype", &["default", "none"]),
-    ("forkafterauthentication", &["no"]),
+    ("forkafterauthentication", &["no", "yes"]),
     ("tunnel", &["no"]),
     ("remotecommand", &["none"]),
     ("controlmaster", &["no"]),
@@ -134,6 +138,7 @@ fn forward_option(out: &mut SshArgs, o: &str) {
             out.remote_forwards.push(spec);
         }
         "forwardagent" => out.forward_agent = v.eq_ignore_ascii_case("yes"),
+        "forkafterauthentication" => out.background = v.eq_ignore_ascii_case("yes"),
         "dynamicforward" => out.dynamic_forwards.push(v.to_string()),
         "exitonforwardfailure" => out.exit_on_forward_failure = v.eq_ignore_ascii_case("yes"),
         "sessiontype" if v.eq_ignore_ascii_case("none") => out.no_command = true,
@@ -237,6 +242,7 @@ pub fn parse(args: &[String]) -> Result<SshArgs, ArgsError> {
                         'G' => out.print_config = true,
                         'N' => out.no_command = true,
                         'A' => out.forward_agent = true,
+                        'f' => out.background = true,
                         'a' => out.forward_agent = false,
                         'g' => out.gateway_ports = true,
                         _ => out.ignored.push(format!("-{c}")),
@@ -425,6 +431,8 @@ mod tests {
         );
         assert!(!p(&["-A", "-a", "foo"]).forward_agent);
         assert!(p(&["-o", "ForwardAgent=yes", "foo"]).forward_agent);
+        assert!(p(&["-f", "-N", "foo"]).background);
+        assert!(p(&["-o", "ForkAfterAuthentication=yes", "foo", "x"]).background);
     }
 
     /// Every flag that asks for something malai does not do is an error naming it, in any
@@ -449,15 +457,14 @@ mod tests {
             e(&["-TJjump", "foo"]),
             Err(ArgsError::Unsupported("-J".into()))
         );
-        let msg = e(&["-f", "foo"]).unwrap_err().to_string();
-        assert_eq!(msg, "-f is not supported by malai ssh");
+        let msg = e(&["-s", "foo", "sftp"]).unwrap_err().to_string();
+        assert_eq!(msg, "-s is not supported by malai ssh");
         // The same asks spelled as -o.
         for o in [
             "ForwardAgent=/some/socket",
             "forwardx11=yes",
             "ProxyJump=bastion",
             "SessionType=subsystem",
-            "ForkAfterAuthentication=yes",
         ] {
             assert_eq!(
                 e(&["-o", o, "foo"]),

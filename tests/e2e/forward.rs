@@ -910,3 +910,51 @@ fn native_remote_forwards_and_agent_forwarding() {
         );
     }
 }
+
+/// `-f`: the command returns once the forward is up; the background child serves it while
+/// the remote command runs and exits with it.
+#[test]
+fn native_f_backgrounds_after_the_forward_is_up() {
+    let c = acme(SshTarget::Unset);
+    let (web, sum) = web_root(&c);
+    let http = HttpServer::start(&web);
+    let lport = free_tcp_port();
+    let spec = format!("{lport}:127.0.0.1:{}", http.port);
+    let err = c.dir().join("malai-f.err");
+    // stdout/stderr to files: the background child keeps them open, as ssh -f does.
+    let started = std::time::Instant::now();
+    let st = c
+        .machine("alice")
+        .cmd(["ssh", "-f", "-L", &spec, &c.host("foo"), "sleep 8"])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(c.dir().join("malai-f.out")).unwrap())
+        .stderr(fs::File::create(&err).unwrap())
+        .status()
+        .unwrap();
+    assert!(st.success(), "malai ssh -f: {st}\n{}", read_lossy(&err));
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "-f waited for the remote command"
+    );
+    // Up already when -f returned: no polling needed.
+    let url = format!("http://127.0.0.1:{lport}/blob.bin");
+    assert_eq!(
+        fetch_sum(&c, &url, None, "native-f"),
+        sum,
+        "{}",
+        read_lossy(&err)
+    );
+    // The child goes with its remote command.
+    let gone = poll_until(UP_WITHIN, || {
+        TcpStream::connect(("127.0.0.1", lport)).err().map(|_| ())
+    });
+    assert!(gone.is_some(), "the -f child outlived its command");
+    // Without a command or -N, -f is an error like ssh's.
+    let out = c.machine("alice").run(["ssh", "-f", &c.host("foo")]);
+    assert_exit_code(&out, 255, "-f without a command");
+    assert!(
+        stderr_of(&out).contains("background"),
+        "{}",
+        fmt_output(&out)
+    );
+}
