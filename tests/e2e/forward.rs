@@ -958,3 +958,114 @@ fn native_f_backgrounds_after_the_forward_is_up() {
         fmt_output(&out)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Load: 100 concurrent connections through one -L forward
+// ---------------------------------------------------------------------------------------------
+
+/// A TCP echo server (each connection: echo until EOF, then close); returns its port.
+fn tcp_echo() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let mut w = s;
+                let _ = std::io::copy(&mut r, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    port
+}
+
+/// `n` concurrent connections to `port`, each sending its own seeded `len` bytes and
+/// checking the echo's sha256; returns how many came back wrong or not at all.
+fn concurrent_echo(port: u16, n: usize, len: usize) -> usize {
+    use sha2::{Digest, Sha256};
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (i as u64 + 1);
+                let body: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                let want = Sha256::digest(&body);
+                let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let mut w = s.try_clone().unwrap();
+                let writer = std::thread::spawn(move || {
+                    w.write_all(&body)?;
+                    w.shutdown(std::net::Shutdown::Write)
+                });
+                let mut got = Vec::with_capacity(len);
+                s.read_to_end(&mut got).map_err(|e| e.to_string())?;
+                writer.join().unwrap().map_err(|e| e.to_string())?;
+                if got.len() != len || Sha256::digest(&got) != want {
+                    return Err(format!(
+                        "connection {i}: {} bytes, checksum mismatch",
+                        got.len()
+                    ));
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let mut bad = 0;
+    for h in handles {
+        if let Err(e) = h.join().unwrap() {
+            eprintln!("{e}");
+            bad += 1;
+        }
+    }
+    bad
+}
+
+#[test]
+fn hundred_concurrent_connections_through_one_forward_lose_nothing() {
+    let _heavy = heavy_lock();
+    let c = acme(SshTarget::Embedded);
+    let echo = tcp_echo();
+    const N: usize = 100;
+    const LEN: usize = 256 * 1024;
+
+    // Native malai ssh -L.
+    let lport = free_tcp_port();
+    let mut bg = malai_forward(
+        &c,
+        "alice",
+        &["-N", "-L", &format!("{lport}:127.0.0.1:{echo}")],
+        "load-native",
+    );
+    wait_port(lport, &mut bg);
+    assert_eq!(
+        concurrent_echo(lport, N, LEN),
+        0,
+        "native -L lost connections:\n{}",
+        bg.stderr()
+    );
+    drop(bg);
+
+    // OpenSSH -L to the embedded server.
+    let lport = free_tcp_port();
+    let mut bg = ssh_forward(
+        &c,
+        "alice",
+        &["-L", &format!("{lport}:127.0.0.1:{echo}")],
+        "load-ssh",
+    );
+    wait_port(lport, &mut bg);
+    assert_eq!(
+        concurrent_echo(lport, N, LEN),
+        0,
+        "ssh -L (embedded) lost connections:\n{}",
+        bg.stderr()
+    );
+}
