@@ -28,6 +28,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
@@ -38,14 +39,15 @@ use super::exec::{Interrupts, exec_request, run_session, want_pty};
 use super::socks;
 use super::ssh_args::SshArgs;
 use super::{
-    CONNECT_TIMEOUT, ClientError, Closer, Resolved, Session, SessionRead, SessionWrite, request_on,
+    CONNECT_TIMEOUT, ClientError, Closer, LINGER, Resolved, Session, SessionRead, SessionWrite,
+    request_on,
 };
 use crate::config::Server;
+use crate::endpoint::{CommandAccess, OwnEndpoint};
 use crate::id52::Id52;
-use crate::keys;
 use crate::protocol::Request;
 use crate::protocol::forward::{ForwardTarget, RemoteEvent, RemoteListen};
-use crate::transport::iroh::{Node, PeerConnection};
+use crate::transport::iroh::PeerConnection;
 use crate::transport::{pump, stdio};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -216,25 +218,107 @@ enum Kind {
     Socks,
 }
 
-/// Dial `server` once; the connection every stream of this run goes over.
-async fn dial(resolved: &Resolved, server: &Server) -> Result<(Node, PeerConnection), ClientError> {
-    if crate::agent::lockdown_mode() {
-        return Err(ClientError::Lockdown(crate::agent::lockdown_help(None)));
+/// How this run reaches the server: its own endpoint and one connection, or through the
+/// process that holds the cluster key (server or agent), one control-socket stream per
+/// request. Cheap to clone.
+#[derive(Clone)]
+enum Link {
+    Own {
+        own: Arc<OwnEndpoint>,
+        conn: PeerConnection,
+        cluster: Id52,
+    },
+    Via {
+        socket: Arc<PathBuf>,
+        alias: Arc<str>,
+        server: Id52,
+        hints: Arc<[SocketAddr]>,
+    },
+}
+
+impl Link {
+    /// Reach `server` the way every CLI command does (`endpoint::for_command`).
+    async fn connect(resolved: &Resolved, server: &Server) -> Result<Link, ClientError> {
+        let access = crate::endpoint::for_command(
+            &resolved.dir,
+            Some(&resolved.config),
+            crate::agent::lockdown_mode(),
+        )
+        .await?;
+        match access {
+            CommandAccess::Via(socket) => Ok(Link::Via {
+                socket: Arc::new(socket),
+                alias: resolved.dir.alias.as_str().into(),
+                server: server.id52,
+                hints: server.addrs.clone().into(),
+            }),
+            CommandAccess::Own(own) => {
+                let dialed = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    own.node.connect(&server.id52, &server.addrs),
+                )
+                .await;
+                match dialed {
+                    Ok(Ok(conn)) => Ok(Link::Own {
+                        own,
+                        conn,
+                        cluster: resolved.config.manager,
+                    }),
+                    Ok(Err(e)) => {
+                        own.done(LINGER).await;
+                        Err(e.into())
+                    }
+                    Err(_) => {
+                        own.done(LINGER).await;
+                        Err(ClientError::Timeout("connecting"))
+                    }
+                }
+            }
+        }
     }
-    let key = keys::load(&resolved.dir.dir)?;
-    let net = crate::endpoint::net_config(Some(&resolved.config))?;
-    let node = Node::bind(&key, &net, None, false).await?;
-    drop(key);
-    match tokio::time::timeout(CONNECT_TIMEOUT, node.connect(&server.id52, &server.addrs)).await {
-        Ok(Ok(conn)) => Ok((node, conn)),
-        Ok(Err(e)) => {
-            node.close().await;
-            Err(e.into())
+
+    /// Open one request stream; `Ok` only after the server's `accept`.
+    async fn open(&self, request: Request) -> Result<(SessionWrite, SessionRead), ClientError> {
+        match self {
+            Link::Own { conn, cluster, .. } => {
+                let (s, r) = request_on(conn, *cluster, request).await?;
+                Ok((SessionWrite::Iroh(s), SessionRead::Iroh(r)))
+            }
+            Link::Via {
+                socket,
+                alias,
+                server,
+                hints,
+            } => {
+                let sock =
+                    crate::endpoint::open_via(socket, alias, *server, hints, request).await?;
+                let (r, w) = sock.into_split();
+                Ok((SessionWrite::Via(w), SessionRead::Via(r)))
+            }
         }
-        Err(_) => {
-            node.close().await;
-            Err(ClientError::Timeout("connecting"))
+    }
+
+    /// Resolves when the connection to the server is gone (never, through a holder: it
+    /// redials on its own).
+    async fn lost(&self) {
+        match self {
+            Link::Own { conn, .. } => conn.closed().await,
+            Link::Via { .. } => std::future::pending().await,
         }
+    }
+
+    async fn close(self) {
+        if let Link::Own { own, conn, .. } = self {
+            conn.close("done");
+            own.done(LINGER).await;
+        }
+    }
+}
+
+/// Abort a stream's sending side (QUIC reset; through a holder, dropping does it).
+fn reset(w: &mut SessionWrite) {
+    if let SessionWrite::Iroh(s) = w {
+        s.reset();
     }
 }
 
@@ -285,25 +369,26 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
         None => None,
     };
     let mut interrupts = Interrupts::install()?;
-    let (node, conn) = tokio::select! {
-        c = dial(resolved, server) => c?,
+    let link = tokio::select! {
+        c = Link::connect(resolved, server) => c?,
         n = interrupts.recv() => return Err(ClientError::Killed(n)),
     };
-    let cluster = resolved.config.manager;
     // Notices a restarted server (the connection's idle limit is long), like `open`'s.
-    let watchdog = super::liveness::watch(
-        node.clone(),
-        conn.clone(),
-        server.id52,
-        server.addrs.clone(),
-        cluster,
-    );
+    let watchdog = match &link {
+        Link::Own { own, conn, .. } => Some(super::liveness::watch(
+            own.node.clone(),
+            conn.clone(),
+            server.id52,
+            server.addrs.clone(),
+            resolved.config.manager,
+        )),
+        Link::Via { .. } => None,
+    };
 
     if let Some(to) = stdio_to {
         let _watchdog = watchdog;
-        let r = stdio_forward(&conn, cluster, to, &mut interrupts).await;
-        conn.close("done");
-        node.close().await;
+        let r = stdio_forward(&link, to, &mut interrupts).await;
+        link.close().await;
         return r;
     }
 
@@ -317,8 +402,7 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
         match bind(&listen, args.gateway_ports).await {
             Ok(b) => bound.push((b, kind)),
             Err(e) if args.exit_on_forward_failure => {
-                conn.close("forward failed");
-                node.close().await;
+                link.close().await;
                 return Err(ClientError::Refused(format!(
                     "{e}; could not request local forwarding"
                 )));
@@ -339,7 +423,7 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
                 path: p.display().to_string(),
             },
         };
-        match start_remote(&conn, cluster, listen, f.to.clone(), &stop, &tasks).await {
+        match start_remote(&link, listen, f.to.clone(), &stop, &tasks).await {
             Ok((Some(port), _)) if matches!(f.listen, Listen::Tcp { port: 0, .. }) => {
                 // ssh's line, so scripts that parse it keep working.
                 eprintln!(
@@ -350,8 +434,7 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
             Ok(_) => {}
             Err(e) if args.exit_on_forward_failure => {
                 stop.cancel();
-                conn.close("forward failed");
-                node.close().await;
+                link.close().await;
                 return Err(ClientError::Refused(format!(
                     "remote port forwarding failed for {spec}: {e}"
                 )));
@@ -367,7 +450,7 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
         let to = ForwardTarget::Unix {
             path: sock.to_string_lossy().into_owned(),
         };
-        match start_remote(&conn, cluster, RemoteListen::Agent {}, to, &stop, &tasks).await {
+        match start_remote(&link, RemoteListen::Agent {}, to, &stop, &tasks).await {
             Ok((_, Some(path))) => agent_env = Some(path),
             Ok(_) => {}
             Err(e) if !args.quiet => eprintln!("malai: agent forwarding refused: {e}"),
@@ -380,8 +463,7 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
         tasks.spawn(serve_listener(
             b,
             kind,
-            conn.clone(),
-            cluster,
+            link.clone(),
             stop.clone(),
             tasks.clone(),
         ));
@@ -392,7 +474,7 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
         background::signal_ready(ready.take());
         tokio::select! {
             n = interrupts.recv() => Err(ClientError::Killed(n)),
-            _ = conn.closed() => Err(ClientError::Refused("the connection to the server was lost".into())),
+            _ = link.lost() => Err(ClientError::Refused("the connection to the server was lost".into())),
         }
     } else {
         let pty = want_pty(args);
@@ -401,7 +483,7 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
             req.env.push(("SSH_AUTH_SOCK".into(), path));
         }
         let opened = tokio::select! {
-            s = request_on(&conn, cluster, Request::Exec(req)) => s,
+            s = link.open(Request::Exec(req)) => s,
             n = interrupts.recv() => Err(ClientError::Killed(n)),
         };
         if opened.is_ok() {
@@ -409,15 +491,15 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
         }
         match opened {
             Ok((send, recv)) => {
-                let session = Session {
-                    closer: Closer::Iroh {
-                        node: node.clone(),
+                let closer = match (&link, watchdog) {
+                    (Link::Own { own, conn, .. }, Some(w)) => Closer::Iroh {
+                        own: own.clone(),
                         conn: conn.clone(),
-                        _watchdog: watchdog,
+                        _watchdog: w,
                     },
-                    send: SessionWrite::Iroh(send),
-                    recv: SessionRead::Iroh(recv),
+                    _ => Closer::Via,
                 };
+                let session = Session { closer, send, recv };
                 run_session(session, args, pty, &mut interrupts).await
             }
             Err(e) => Err(e),
@@ -425,22 +507,20 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
     };
     stop.cancel();
     tasks.close();
-    conn.close("done");
-    node.close().await;
+    link.close().await;
     result
 }
 
 /// Open a `remote-forward` stream and wait for the server's `listening`; then serve its
 /// announcements in a task until `stop`. Returns the port / path the server listens on.
 async fn start_remote(
-    conn: &PeerConnection,
-    cluster: Id52,
+    link: &Link,
     listen: RemoteListen,
     local: ForwardTarget,
     stop: &CancellationToken,
     tasks: &TaskTracker,
 ) -> Result<(Option<u16>, Option<String>), ClientError> {
-    let (send, mut recv) = request_on(conn, cluster, Request::RemoteForward { listen }).await?;
+    let (send, mut recv) = link.open(Request::RemoteForward { listen }).await?;
     let first = tokio::time::timeout(CONNECT_TIMEOUT, crate::protocol::read_json(&mut recv))
         .await
         .map_err(|_| ClientError::Timeout("waiting for the remote listener"))??;
@@ -449,7 +529,7 @@ async fn start_remote(
             "server sent a connection before listening".into(),
         ));
     };
-    let (conn, stop2, tasks2) = (conn.clone(), stop.clone(), tasks.clone());
+    let (link, stop2, tasks2) = (link.clone(), stop.clone(), tasks.clone());
     tasks.spawn(async move {
         // Holding `send` keeps the server's listener open; dropping it closes it.
         let _send = send;
@@ -460,10 +540,10 @@ async fn start_remote(
             };
             match ev {
                 Ok(RemoteEvent::Connection { id }) => {
-                    let (conn, local, stop3) = (conn.clone(), local.clone(), stop2.clone());
+                    let (link, local, stop3) = (link.clone(), local.clone(), stop2.clone());
                     tasks2.spawn(async move {
                         tokio::select! {
-                            _ = claim(&conn, cluster, id, &local) => {}
+                            _ = claim(&link, id, &local) => {}
                             _ = stop3.cancelled() => {}
                         }
                     });
@@ -480,15 +560,14 @@ async fn start_remote(
 }
 
 /// Claim a connection the server announced and connect it to `local`.
-async fn claim(conn: &PeerConnection, cluster: Id52, id: u64, local: &ForwardTarget) {
-    let (mut send, mut recv) =
-        match request_on(conn, cluster, Request::RemoteConnection { id }).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::info!(error = %e, id, "cannot claim a remote-forward connection");
-                return;
-            }
-        };
+async fn claim(link: &Link, id: u64, local: &ForwardTarget) {
+    let (mut send, mut recv) = match link.open(Request::RemoteConnection { id }).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(error = %e, id, "cannot claim a remote-forward connection");
+            return;
+        }
+    };
     let what = local.describe();
     let moved = match local {
         ForwardTarget::Tcp { host, port } => {
@@ -499,7 +578,7 @@ async fn claim(conn: &PeerConnection, cluster: Id52, id: u64, local: &ForwardTar
                 }
                 Err(e) => {
                     eprintln!("malai: connect to {what} failed: {e}");
-                    send.reset();
+                    reset(&mut send);
                     return;
                 }
             }
@@ -511,14 +590,14 @@ async fn claim(conn: &PeerConnection, cluster: Id52, id: u64, local: &ForwardTar
             }
             Err(e) => {
                 eprintln!("malai: connect to {what} failed: {e}");
-                send.reset();
+                reset(&mut send);
                 return;
             }
         },
     };
     if let Err(e) = moved {
         tracing::info!(target = %what, error = %e, "remote forward connection broke");
-        send.reset();
+        reset(&mut send);
     }
 }
 
@@ -593,13 +672,12 @@ mod background {
 
 /// `-W`: our stdin/stdout are the forwarded connection.
 async fn stdio_forward(
-    conn: &PeerConnection,
-    cluster: Id52,
+    link: &Link,
     to: ForwardTarget,
     interrupts: &mut Interrupts,
 ) -> Result<i32, ClientError> {
     let (mut send, mut recv) = tokio::select! {
-        s = request_on(conn, cluster, Request::Forward { to }) => s?,
+        s = link.open(Request::Forward { to }) => s?,
         n = interrupts.recv() => return Err(ClientError::Killed(n)),
     };
     let mut stdin = stdio::stdin();
@@ -607,7 +685,9 @@ async fn stdio_forward(
     tokio::select! {
         r = pump::both_ways(&mut stdin, &mut send, &mut recv, &mut stdout) => match r {
             Ok(_) => {
-                let _ = tokio::time::timeout(super::LINGER, send.acknowledged()).await;
+                if let SessionWrite::Iroh(s) = &mut send {
+                    let _ = tokio::time::timeout(LINGER, s.acknowledged()).await;
+                }
                 Ok(0)
             }
             Err(e) => Err(ClientError::Refused(format!("stdio forward broke: {e}"))),
@@ -620,8 +700,7 @@ async fn stdio_forward(
 async fn serve_listener(
     bound: Bound,
     kind: Kind,
-    conn: PeerConnection,
-    cluster: Id52,
+    link: Link,
     stop: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -647,10 +726,10 @@ async fn serve_listener(
                 continue;
             }
         };
-        let (conn, kind, stop) = (conn.clone(), kind.clone(), stop.clone());
+        let (link, kind, stop) = (link.clone(), kind.clone(), stop.clone());
         tasks.spawn(async move {
             tokio::select! {
-                _ = one_connection(local, kind, &conn, cluster) => {}
+                _ = one_connection(local, kind, &link) => {}
                 _ = stop.cancelled() => {}
             }
         });
@@ -665,17 +744,17 @@ enum Local {
     Unix(tokio::net::UnixStream),
 }
 
-async fn one_connection(local: Local, kind: Kind, conn: &PeerConnection, cluster: Id52) {
+async fn one_connection(local: Local, kind: Kind, link: &Link) {
     match local {
         Local::Tcp(mut s, from) => {
             tracing::debug!(?from, "forwarded connection");
-            forward_stream(&mut s, kind, conn, cluster).await
+            forward_stream(&mut s, kind, link).await
         }
-        Local::Unix(mut s) => forward_stream(&mut s, kind, conn, cluster).await,
+        Local::Unix(mut s) => forward_stream(&mut s, kind, link).await,
     }
 }
 
-async fn forward_stream<S>(local: &mut S, kind: Kind, conn: &PeerConnection, cluster: Id52)
+async fn forward_stream<S>(local: &mut S, kind: Kind, link: &Link)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -696,7 +775,7 @@ where
         },
     };
     let what = to.describe();
-    let (mut send, mut recv) = match request_on(conn, cluster, Request::Forward { to }).await {
+    let (mut send, mut recv) = match link.open(Request::Forward { to }).await {
         Ok(s) => s,
         Err(e) => {
             // ssh's wording for a refused channel, so users recognise it.
@@ -715,7 +794,7 @@ where
     if let Some(v) = socks_version
         && socks::reply_ok(local, v).await.is_err()
     {
-        send.reset();
+        reset(&mut send);
         return;
     }
     let (mut lr, mut lw) = tokio::io::split(local);
@@ -723,7 +802,7 @@ where
         Ok(m) => tracing::debug!(target = %what, up = m.up, down = m.down, "forward closed"),
         Err(e) => {
             tracing::info!(target = %what, error = %e, "forward broke");
-            send.reset();
+            reset(&mut send);
         }
     }
 }
