@@ -434,6 +434,8 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
             Ok(_) => {}
             Err(e) if args.exit_on_forward_failure => {
                 stop.cancel();
+                tasks.close();
+                let _ = tokio::time::timeout(LINGER, tasks.wait()).await;
                 link.close().await;
                 return Err(ClientError::Refused(format!(
                     "remote port forwarding failed for {spec}: {e}"
@@ -507,6 +509,9 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
     };
     stop.cancel();
     tasks.close();
+    // Every task ends on `stop`; they hold the link, and the last holder closes the
+    // endpoint (flushing the connection's close to the server).
+    let _ = tokio::time::timeout(LINGER, tasks.wait()).await;
     link.close().await;
     result
 }
