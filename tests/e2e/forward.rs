@@ -1069,3 +1069,29 @@ fn hundred_concurrent_connections_through_one_forward_lose_nothing() {
         bg.stderr()
     );
 }
+
+/// With alice's agent holding her key, native forwards go through it (one pooled
+/// connection): -L and -R still work, and the agent reports a single dial.
+#[test]
+fn native_forwards_through_the_key_holder() {
+    let c = acme(SshTarget::Unset);
+    let (web, sum) = web_root(&c);
+    let http = HttpServer::start(&web);
+    let agent = crate::agent::Agent::start(c.machine("alice"), &["--http=false"]);
+    let lport = free_tcp_port();
+    let rport = free_tcp_port();
+    let mut cmd = agent.cmd(["ssh", "-N", "-L"]);
+    cmd.arg(format!("{lport}:127.0.0.1:{}", http.port))
+        .arg("-R")
+        .arg(format!("{rport}:127.0.0.1:{}", http.port))
+        .arg(c.host("foo"));
+    let mut bg = Bg::spawn(cmd, c.dir().join("malai-via.err"));
+    wait_port(lport, &mut bg);
+    wait_port(rport, &mut bg);
+    for (port, tag) in [(lport, "via-L"), (rport, "via-R")] {
+        let url = format!("http://127.0.0.1:{port}/blob.bin");
+        assert_eq!(fetch_sum(&c, &url, None, tag), sum, "{tag}");
+    }
+    bg.stop();
+    assert_eq!(agent.dials(), 1, "{}", agent.status()["raw"]);
+}
