@@ -58,7 +58,7 @@ ssh "${SSH_OPTS[@]}" -N -L "$P_SSH:127.0.0.1:$HTTP_PORT" -p "$SSHD_PORT" root@12
 PIDS+=("$!"); SSH_PID=$!
 # Native malai ssh -L.
 P_MALAI=$(free_port tcp)
-m alice ssh -N -L "$P_MALAI:127.0.0.1:$HTTP_PORT" foo.bench 2>"$W/malai-L.err" &
+MALAI_HOME="$W/alice" "$MALAI" ssh -N -L "$P_MALAI:127.0.0.1:$HTTP_PORT" foo.bench 2>"$W/malai-L.err" &
 PIDS+=("$!"); MALAI_L_PID=$!
 # ssh -L through the ProxyCommand (ssh to the same sshd, carried by malai).
 P_PROXY=$(free_port tcp)
@@ -67,18 +67,14 @@ ssh "${SSH_OPTS[@]}" -o UserKnownHostsFile="$W/known_hosts_proxy" -o "ProxyComma
     -N -L "$P_PROXY:127.0.0.1:$HTTP_PORT" root@foo.bench &
 PIDS+=("$!"); SSH_PROXY_PID=$!
 wait_port "$P_SSH"; wait_port "$P_MALAI"; wait_port "$P_PROXY"
-# The agent's HTTP proxy.
-eval "$(MALAI_HOME="$W/alice" "$MALAI" ssh agent -e)"
-AGENT_PID=$(MALAI_HOME="$W/alice" "$MALAI" ssh agent status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
-PROXY=$http_proxy
-unset http_proxy HTTP_PROXY
+AGENT_PID=""
 
 cpu_now() { python3 - "$SSHD_PID" "$SERVER_PID" "$HTTPD_PID" "$AGENT_PID" "$SSH_PID" "$MALAI_L_PID" "$SSH_PROXY_PID" <<'PY'
 import os, sys
 t = os.times()
 tot = t.children_user + t.children_system
 hz = os.sysconf("SC_CLK_TCK")
-for pid in sys.argv[1:]:
+for pid in [p for p in sys.argv[1:] if p.isdigit()]:
     try:
         f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
         tot += sum(int(x) for x in f[11:15]) / hz
@@ -91,7 +87,7 @@ for pid in sys.argv[1:]:
                         tot += sum(int(x) for x in s[11:15]) / hz
                 except OSError:
                     pass
-    except OSError:
+    except (OSError, IndexError):
         pass
 print(f"{tot:.3f}")
 PY
@@ -100,7 +96,7 @@ PY
 timed_best() {
     local best="" bestc="" c0 c1 t0 t1 w
     "$@" -s -o "$W/got"
-    cmp -s "$W/www/blob" "$W/got" || { echo "download corrupted: $*" >&2; exit 1; }
+    cmp -s "$W/www/blob" "$W/got" || { echo "download corrupted: $*" >&2; head -c 300 "$W/got" >&2; ls -la "$W" >&2; cat "$W"/alice/logs/ssh/agent*.log* 2>/dev/null | tail -20 >&2; exit 1; }
     rm -f "$W/got"
     for _ in 1 2 3; do
         c0=$(cpu_now); t0=$(date +%s.%N)
@@ -120,8 +116,24 @@ ratio() { python3 -c "import sys; print(f'{float(sys.argv[1])/float(sys.argv[2])
 read -r bw bc < <(timed_best curl "http://127.0.0.1:$P_SSH/blob")
 read -r nw nc < <(timed_best curl "http://127.0.0.1:$P_MALAI/blob")
 read -r tw tc < <(timed_best curl "http://127.0.0.1:$P_PROXY/blob")
-read -r aw ac < <(timed_best curl --proxy "$PROXY" "http://web.foo.bench/blob")
 read -r dw dc < <(timed_best curl "http://127.0.0.1:$HTTP_PORT/blob")
+
+# The agent can only hold alice's key once no command does (one endpoint per id52): stop
+# the standalone malai -L and the ProxyCommand ssh, then start it.
+kill "$MALAI_L_PID" "$SSH_PROXY_PID"; wait "$MALAI_L_PID" "$SSH_PROXY_PID" 2>/dev/null || true
+# ssh's ProxyCommand child (`malai ssh proxy`) exits on the EOF that follows.
+for _ in $(seq 100); do pgrep -f "$MALAI ssh proxy" >/dev/null || break; sleep 0.1; done
+eval "$(MALAI_HOME="$W/alice" "$MALAI" ssh agent -e)"
+AGENT_PID=$(MALAI_HOME="$W/alice" "$MALAI" ssh agent status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
+PROXY=$http_proxy
+unset http_proxy HTTP_PROXY
+read -r aw ac < <(timed_best curl --proxy "$PROXY" "http://web.foo.bench/blob")
+# malai ssh -L again, now through the agent's pooled connection.
+P_VIA=$(free_port tcp)
+MALAI_HOME="$W/alice" "$MALAI" ssh -N -L "$P_VIA:127.0.0.1:$HTTP_PORT" foo.bench 2>"$W/malai-L-via.err" &
+PIDS+=("$!"); MALAI_L_PID=$!
+wait_port "$P_VIA"
+read -r vw vc < <(timed_best curl "http://127.0.0.1:$P_VIA/blob")
 
 echo
 echo "malai forward bench — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg), $("$MALAI" --version)"
@@ -130,5 +142,6 @@ printf '%-46s %10s %10s %12s\n' "ssh -L to sshd (baseline)" "$(mbps "$bw")" "$bc
 printf '%-46s %10s %10s %12s\n' "malai ssh -N -L (native)" "$(mbps "$nw")" "$nc" "$(ratio "$bw" "$nw")"
 printf '%-46s %10s %10s %12s\n' "ssh -L via ProxyCommand malai ssh proxy" "$(mbps "$tw")" "$tc" "$(ratio "$bw" "$tw")"
 printf '%-46s %10s %10s %12s\n' "agent HTTP proxy (web.foo.bench)" "$(mbps "$aw")" "$ac" "$(ratio "$bw" "$aw")"
+printf '%-46s %10s %10s %12s\n' "malai ssh -N -L through the agent" "$(mbps "$vw")" "$vc" "$(ratio "$bw" "$vw")"
 printf '%-46s %10s %10s %12s\n' "plain loopback curl (ceiling)" "$(mbps "$dw")" "$dc" "$(ratio "$bw" "$dw")"
 echo "(vs ssh -L: throughput ratio, >1 is faster than ssh -L; CPU s: sshd and its children, the ssh clients, malai server/agent/client, python; not curl; best run)"
