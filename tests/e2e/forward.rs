@@ -482,6 +482,27 @@ fn command_scoped_peer_gets_no_forwarding_of_any_kind() {
         );
     assert_exit_code(&out, 255, "bob's ssh -W");
 
+    // Unix sockets both ways: -L's channel refused, -R's request refused (exit 255).
+    let ud = SockDir::new("bob-unix");
+    let far = ud.0.join("far.sock");
+    unix_echo(&far);
+    let near = ud.0.join("near.sock");
+    let spec = format!("{}:{}", near.display(), far.display());
+    let mut bg = ssh_forward(&c, "bob", &["-L", &spec], "bob-Lunix");
+    wait_path(&near, &mut bg);
+    let mut s = UnixStream::connect(&near).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let _ = writeln!(s, "hello");
+    let mut got = String::new();
+    let _ = s.read_to_string(&mut got);
+    assert_eq!(got, "", "bob's unix -L reached the socket");
+    drop(bg);
+    let back = ud.0.join("back.sock");
+    let spec = format!("{}:{}", back.display(), far.display());
+    let mut bg = ssh_forward(&c, "bob", &["-R", &spec], "bob-Runix");
+    assert_eq!(bg.wait_exit(UP_WITHIN), Some(255), "{}", bg.stderr());
+    assert!(!back.exists());
+
     // -A (ssh asks only when it has an agent): refused; bob's permitted command still
     // runs, with no agent.
     let d = SockDir::new("bob-agent");
