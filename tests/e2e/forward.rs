@@ -516,7 +516,13 @@ fn command_scoped_peer_gets_no_forwarding_of_any_kind() {
     assert_success(&out, "bob's ls with -A");
 
     let audit = audit_of(&c);
-    for kind in ["forward-local", "forward-remote", "forward-agent"] {
+    for kind in [
+        "forward-local\"",
+        "forward-remote\"",
+        "forward-local-unix",
+        "forward-remote-unix",
+        "forward-agent",
+    ] {
         assert!(
             audit.lines().any(|l| l.contains(kind)
                 && l.contains("\"deny\"")
