@@ -5,9 +5,11 @@
 //! the first word after that starts the command, and every remaining word is joined with
 //! spaces into one command string (so `malai ssh foo ls -la` runs `ls -la`). Options that
 //! change nothing here (ciphers, identity files, verbosity, …) are accepted and ignored
-//! (logged), because rsync and git pass them. Options that ask for something malai does not
-//! do (yet) are errors naming the option ([`UNSUPPORTED`], [`UNSUPPORTED_OPTIONS`]): running
-//! the command without the asked-for forward, jump host or X11 would be silently wrong.
+//! (logged), because rsync and git pass them. Forwarding flags (`-L -R -D -W -N -f -g -A`)
+//! are collected here and served by `client::forward`. Options that ask for something malai
+//! does not do (yet) are errors naming the option ([`UNSUPPORTED`], [`UNSUPPORTED_OPTIONS`]):
+//! running the command without the asked-for jump host, X11 or control socket would be
+//! silently wrong.
 
 /// `-t`/`-T` as ssh counts them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
