@@ -257,6 +257,10 @@ pub enum ClusterCommand {
     Pull {
         #[arg(long)]
         cluster: Option<String>,
+        /// Where the manager's server listens (ip:port), for a member that has no file
+        /// yet on a network without relays (MALAI_RELAY=disabled); may be repeated.
+        #[arg(long = "from", value_name = "IP:PORT")]
+        from: Vec<SocketAddr>,
     },
 }
 
@@ -492,8 +496,8 @@ async fn cluster(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
                 anyhow::bail!("{failed} of {} pushes did not apply", reports.len());
             }
         }
-        ClusterCommand::Pull { cluster } => {
-            let applied = c::pull(dirs, cluster.as_deref()).await?;
+        ClusterCommand::Pull { cluster, from } => {
+            let applied = c::pull(dirs, cluster.as_deref(), &from).await?;
             let what = match &applied {
                 c::member::Applied::Replaced(_) => "updated",
                 c::member::Applied::Unchanged(_) => "already current",

@@ -2,9 +2,12 @@
 //!
 //! Makes a temporary folder with three "machines" (each its own `MALAI_HOME`): a manager,
 //! a server `foo` and a device `laptop`; builds the cluster with the same commands a user
-//! would type (printed as it goes), starts `malai ssh server` for foo, runs a command
-//! natively, tries the OpenSSH ProxyCommand path when an sshd answers on 127.0.0.1:22,
-//! fetches a web page through `malai ssh -N -L`, and removes everything. Relays are disabled: nothing leaves loopback.
+//! would type (printed as it goes), starts `malai ssh server` for the manager and foo (the
+//! manager pushes the file to foo over the cluster; laptop pulls it), runs a command
+//! natively, runs OpenSSH through the ProxyCommand (to the sshd on 127.0.0.1:22 when one
+//! answers, else to malai's embedded SSH server with strict host key checking), fetches a
+//! web page through `malai ssh -N -L`, and removes everything. Relays are disabled: nothing
+//! leaves loopback.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -125,44 +128,81 @@ fn steps(d: &Demo) -> anyhow::Result<()> {
     )?;
     d.run(&mgr, &["ssh", "cluster", "allow", "foo", "laptop"])?;
 
-    // Offline demo: tell clients where foo listens (an `addrs` hint), as an admin would.
+    // Offline demo (relays off): tell members where the manager and foo listen (`addrs`
+    // hints), as an admin of a LAN without internet would. With relays, no addrs at all.
     let port = free_udp_port()?;
+    let mgr_port = free_udp_port()?;
+    // Without an sshd here, foo serves OpenSSH clients with malai's embedded SSH server.
+    let sshd_here =
+        std::net::TcpStream::connect_timeout(&"127.0.0.1:22".parse()?, Duration::from_millis(300))
+            .is_ok();
     let file = mgr
         .home
         .join("ssh/clusters")
         .join(CLUSTER)
         .join(crate::config::CLUSTER_FILE);
     let text = std::fs::read_to_string(&file)?;
-    let text = text.replacen(
-        "[server.foo]\n",
-        &format!("[server.foo]\naddrs = [\"127.0.0.1:{port}\"]\n"),
-        1,
-    );
+    let ssh_line = if sshd_here {
+        ""
+    } else {
+        "ssh = \"embedded\"\n"
+    };
+    let text = text
+        .replacen(
+            "\n[server.foo]\n",
+            &format!("\n[server.foo]\naddrs = [\"127.0.0.1:{port}\"]\n{ssh_line}"),
+            1,
+        )
+        .replacen(
+            "\n[cluster-manager]\n",
+            &format!("\n[cluster-manager]\naddrs = [\"127.0.0.1:{mgr_port}\"]\n"),
+            1,
+        );
     std::fs::write(&file, text)?;
     println!(
-        "\n# (edited {}: addrs = [\"127.0.0.1:{port}\"] under [server.foo])",
-        short(&file, &d.root)
+        "\n# (edited {}: addrs = [\"127.0.0.1:{mgr_port}\"] under [cluster-manager], addrs = [\"127.0.0.1:{port}\"]{} under [server.foo])",
+        short(&file, &d.root),
+        if sshd_here {
+            ""
+        } else {
+            " and ssh = \"embedded\" (no sshd here)"
+        }
     );
 
-    println!("\n# 4. Members get the file (config sync does this over the network; here by hand).");
-    let f = file.display().to_string();
-    d.run(&foo, &["ssh", "cluster", "import", CLUSTER, &f])?;
-    d.run(&laptop, &["ssh", "cluster", "import", CLUSTER, &f])?;
+    println!("\n# 4. The manager and foo run `malai ssh server`; the manager pushes the file.");
+    let spawn_server = |m: &Machine, bind: &str| -> anyhow::Result<KillOnDrop> {
+        d.show(m, &["ssh", "server", "--bind", bind, "&"]);
+        let mut child = d
+            .cmd(m, &["ssh", "server", "--bind", bind])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take();
+        let server = KillOnDrop(child);
+        wait_ready(stderr)?;
+        Ok(server)
+    };
+    let _manager_server = spawn_server(&mgr, &format!("127.0.0.1:{mgr_port}"))?;
+    let server = spawn_server(&foo, &format!("127.0.0.1:{port}"))?;
+    let foo_file = foo
+        .home
+        .join("ssh/clusters")
+        .join(CLUSTER)
+        .join(crate::config::CLUSTER_FILE);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !foo_file.exists() {
+        if Instant::now() > deadline {
+            anyhow::bail!("foo did not get the cluster file from the manager in 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("# (foo received the file from the manager over the cluster)");
+    println!("# laptop runs no server: it pulls (with relays it would need no --from).");
+    let from = format!("127.0.0.1:{mgr_port}");
+    d.run(&laptop, &["ssh", "cluster", "pull", "--from", &from])?;
 
-    println!("\n# 5. foo runs the server.");
-    let bind = format!("127.0.0.1:{port}");
-    d.show(&foo, &["ssh", "server", "--bind", &bind, "&"]);
-    let mut child = d
-        .cmd(&foo, &["ssh", "server", "--bind", &bind])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stderr = child.stderr.take();
-    let server = KillOnDrop(child);
-    wait_ready(stderr)?;
-
-    println!("\n# 6. laptop runs a command on foo, natively (no OpenSSH involved).");
+    println!("\n# 5. laptop runs a command on foo, natively (no OpenSSH involved).");
     d.run(&laptop, &["ssh", &format!("foo.{CLUSTER}"), "uname", "-a"])?;
     d.run(
         &laptop,
@@ -174,14 +214,14 @@ fn steps(d: &Demo) -> anyhow::Result<()> {
         ],
     )?;
 
-    println!("\n# 7. A machine not allowed is denied (exit 255, one line on stderr).");
+    println!("\n# 6. A machine not allowed is denied (exit 255, one line on stderr).");
     let stranger = mk("stranger");
     let st_id = d.run(&stranger, &["ssh", "cluster", "join", CLUSTER, &mgr_id])?;
     d.run(
         &mgr,
         &["ssh", "cluster", "add", "device", "stranger", &st_id],
     )?;
-    d.run(&stranger, &["ssh", "cluster", "import", CLUSTER, &f])?;
+    d.run(&stranger, &["ssh", "cluster", "pull", "--from", &from])?;
     d.show(&stranger, &["ssh", &format!("foo.{CLUSTER}"), "true"]);
     let out = d
         .cmd(&stranger, &["ssh", &format!("foo.{CLUSTER}"), "true"])
@@ -190,44 +230,38 @@ fn steps(d: &Demo) -> anyhow::Result<()> {
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
     println!("(exit {})", out.status.code().unwrap_or(-1));
 
-    println!("\n# 8. OpenSSH through the cluster: ssh -o ProxyCommand=\"malai ssh proxy %h\"");
-    if std::net::TcpStream::connect_timeout(&"127.0.0.1:22".parse()?, Duration::from_millis(300))
-        .is_ok()
-    {
-        let proxy = format!(
-            "ProxyCommand=env MALAI_HOME={} MALAI_RELAY=disabled MALAI_BIND=127.0.0.1:0 MALAI_USE_KEYRING=false {} ssh proxy %h %p",
-            laptop.home.display(),
-            d.exe.display()
-        );
-        println!("$ ssh -o '{proxy}' foo.{CLUSTER} true");
-        let st = Command::new("ssh")
-            .args([
-                "-o",
-                &proxy,
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=accept-new",
-            ])
-            .arg("-o")
-            .arg(format!(
-                "UserKnownHostsFile={}",
-                d.root.join("known_hosts").display()
-            ))
-            .arg(format!("foo.{CLUSTER}"))
-            .arg("echo ok: ssh reached sshd through malai")
-            .stdin(Stdio::null())
-            .status();
-        match st {
-            Ok(s) if s.success() => {}
-            Ok(s) => println!(
-                "(ssh exited {}: the tunnel worked, but sshd did not accept your key — expected unless your key is in ~/.ssh/authorized_keys)",
-                s.code().unwrap_or(-1)
-            ),
-            Err(e) => println!("(could not run ssh: {e})"),
-        }
+    println!("\n# 7. OpenSSH through the cluster: ssh -o ProxyCommand=\"malai ssh proxy %h\"");
+    let proxy = format!(
+        "ProxyCommand=env MALAI_HOME={} MALAI_RELAY=disabled MALAI_BIND=127.0.0.1:0 MALAI_USE_KEYRING=false {} ssh proxy %h %p",
+        laptop.home.display(),
+        d.exe.display()
+    );
+    let known_hosts = d.root.join("known_hosts");
+    let mut ssh = Command::new("ssh");
+    ssh.args(["-o", &proxy, "-o", "BatchMode=yes"]);
+    if sshd_here {
+        ssh.args(["-o", "StrictHostKeyChecking=accept-new"]);
     } else {
-        println!("(skipped: no sshd on 127.0.0.1:22 on this machine)");
+        // The embedded server's host key is foo's id52: laptop can vouch for it.
+        let lines = d.run(&laptop, &["ssh", "known-hosts"])?;
+        std::fs::write(&known_hosts, format!("{lines}\n"))?;
+        println!("# (saved as known_hosts: strict host key checking stays on)");
+        ssh.args(["-o", "StrictHostKeyChecking=yes"]);
+    }
+    ssh.arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+        .arg(format!("foo.{CLUSTER}"))
+        .arg("echo ok: ssh reached foo through malai")
+        .stdin(Stdio::null());
+    println!("$ ssh -o '{proxy}' foo.{CLUSTER} 'echo ok: …'");
+    match ssh.status() {
+        Ok(s) if s.success() => {}
+        Ok(s) if sshd_here => println!(
+            "(ssh exited {}: the tunnel worked, but sshd did not accept your key — expected unless your key is in ~/.ssh/authorized_keys)",
+            s.code().unwrap_or(-1)
+        ),
+        Ok(s) => anyhow::bail!("ssh to the embedded server failed ({s})"),
+        Err(e) => println!("(could not run ssh: {e})"),
     }
     forward_step(d, &laptop)?;
     drop(server);
@@ -239,7 +273,7 @@ fn steps(d: &Demo) -> anyhow::Result<()> {
 /// `malai ssh -N -L` (with curl when it is installed).
 fn forward_step(d: &Demo, laptop: &Machine) -> anyhow::Result<()> {
     use std::io::{Read, Write};
-    println!("\n# 9. Port forwarding: a web server on foo's 127.0.0.1, reached from laptop.");
+    println!("\n# 8. Port forwarding: a web server on foo's 127.0.0.1, reached from laptop.");
     // The "web server on foo": this process, answering one line of HTML per request.
     let web = std::net::TcpListener::bind("127.0.0.1:0")?;
     let web_port = web.local_addr()?.port();

@@ -166,12 +166,18 @@ impl From<ApplyError> for PullError {
 
 /// Ask the manager for the current file (`config-hash` with `fetch`) and apply it, using
 /// `node` (an endpoint with this machine's key for the cluster). The manager is dialed by
-/// its joined id52, with the `cluster-manager.addrs` hints of the current file if any.
-pub async fn pull(cd: &ClusterDir, node: &sync::Dialer) -> Result<Applied, PullError> {
+/// its joined id52, with the `cluster-manager.addrs` hints of the current file if any, and
+/// `from` (`cluster pull --from`: a member with no file yet, on a network without relays).
+pub async fn pull(
+    cd: &ClusterDir,
+    node: &sync::Dialer,
+    from: &[std::net::SocketAddr],
+) -> Result<Applied, PullError> {
     let manager = cd
         .manager_id()?
         .ok_or_else(|| PullError::NotJoined(cd.alias.clone()))?;
-    let hints = cd.load().map(|c| c.manager_addrs).unwrap_or_default();
+    let mut hints = cd.load().map(|c| c.manager_addrs).unwrap_or_default();
+    hints.extend_from_slice(from);
     let query = HashQuery {
         fetch: true,
         have: current_hash(cd),

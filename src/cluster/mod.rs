@@ -395,11 +395,15 @@ pub(crate) async fn dialer_for(
 }
 
 /// `cluster pull`: fetch the current file from the manager now (how a device catches up).
-pub async fn pull(dirs: &Dirs, cluster: Option<&str>) -> Result<member::Applied, ClusterError> {
+pub async fn pull(
+    dirs: &Dirs,
+    cluster: Option<&str>,
+    from: &[std::net::SocketAddr],
+) -> Result<member::Applied, ClusterError> {
     let cd = pick_cluster(dirs, cluster)?;
     let cfg = cd.load().ok();
     let (node, own) = dialer_for(&cd, cfg.as_ref()).await?;
-    let r = member::pull(&cd, &node).await;
+    let r = member::pull(&cd, &node, from).await;
     if let Some(own) = own {
         own.done(std::time::Duration::from_secs(3)).await;
     }

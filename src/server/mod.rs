@@ -598,7 +598,7 @@ async fn pull_on_start(dir: ClusterDir, node: Node, shutdown: CancellationToken)
     let node = crate::cluster::sync::Dialer::Node(node);
     tokio::select! {
         _ = shutdown.cancelled() => {}
-        r = crate::cluster::member::pull(&dir, &node) => match r {
+        r = crate::cluster::member::pull(&dir, &node, &[]) => match r {
             Ok(a) => tracing::info!(cluster = %dir.alias, ?a, "pulled the cluster file from the manager"),
             Err(e) => tracing::info!(cluster = %dir.alias, error = %e, "no pull from the manager at start; waiting for pushes"),
         },

@@ -33,5 +33,7 @@ mod netsim;
 mod nat;
 // One endpoint per id52 per machine: the server holds the key; CLI and agent go through it.
 mod holder;
+// `malai ssh demo` end to end.
+mod demo;
 // Secrets audit: no key material in any log, audit log or pushed file after a full scenario.
 mod secrets;
