@@ -99,12 +99,13 @@ pub enum SshCommand {
     },
     /// sshd forced command: serve the malai protocol on stdin/stdout as <identity>.
     ///
-    /// In authorized_keys: `command="malai ssh stdinserver alice",restrict ssh-ed25519 …`
+    /// In authorized_keys: `command="malai ssh stdinserver alice@acme",restrict ssh-ed25519 …`
     /// (see contrib/authorized_keys). Hands stdin/stdout to the running `malai ssh server`
     /// (same user), which answers requests as if <identity> had connected over the
     /// cluster; exits with the status the server reports. SSH_ORIGINAL_COMMAND is ignored.
     Stdinserver {
-        /// A member alias or an id52 from the cluster file (unknown ones are denied).
+        /// `alias@cluster` or an id52 from the cluster file (a bare alias, or one unknown to
+        /// the cluster, is denied).
         identity: String,
     },
     /// Print known_hosts lines for the servers using the embedded SSH server (their host
