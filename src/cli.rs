@@ -177,11 +177,17 @@ pub enum ClusterCommand {
     ///
     /// Without the manager id52, <alias> must be a domain with a TXT record
     /// "malai-cluster=<manager id52>" (see `cluster dns-record`); MALAI_DNS_SERVER=ip:port
-    /// asks that DNS server instead of the system's.
+    /// asks that DNS server instead of the system's. DNS is not trusted: the id52 found is
+    /// shown (with whether DNSSEC validated it) and must be confirmed on a terminal, or
+    /// pinned with `--manager <id52>` (a mismatch is refused).
     Join {
         alias: String,
-        /// The manager's id52 (from `cluster init` on the manager).
+        /// The manager's id52 (from `cluster init` on the manager); DNS is then not asked.
         manager: Option<String>,
+        /// The manager id52 you expect DNS to name: join without asking if it does, refuse
+        /// if it does not (for scripts; check the id52 with the manager's admin first).
+        #[arg(long = "manager", value_name = "ID52")]
+        pin: Option<String>,
     },
     /// Add a server or device to the cluster file (manager only).
     Add {
@@ -252,6 +258,51 @@ pub enum ClusterCommand {
         #[arg(long)]
         cluster: Option<String>,
     },
+}
+
+/// Join by domain: look the manager up in DNS, say whether DNSSEC vouched for it, and
+/// take it only if the user pinned the same id52 (`--manager`) or confirms it on a
+/// terminal. DNS is not trusted (a forged answer makes the forger the manager, who can
+/// then push an ACL giving itself a shell), so without a person or a pin this refuses.
+async fn confirm_dns_manager(domain: &str, pin: Option<Id52>) -> anyhow::Result<Id52> {
+    use crate::cluster::dns::Validation;
+    use std::io::{BufRead, IsTerminal, Write};
+    let found = crate::cluster::dns::manager_of(domain).await?;
+    let m = found.manager;
+    eprintln!(
+        "malai: {domain}: DNS names manager {m} ({})",
+        found.validation
+    );
+    if let Some(p) = pin {
+        if p != m {
+            anyhow::bail!(
+                "{domain}: DNS names manager {m}, but --manager says {p}: refusing to join (a forged DNS answer, or a stale record)"
+            );
+        }
+        return Ok(m);
+    }
+    if found.validation == Validation::Bogus {
+        anyhow::bail!(
+            "{domain}: the DNS answer failed DNSSEC validation; refusing it (pin the manager you checked with --manager <id52>, or pass it as the second argument)"
+        );
+    }
+    let hint = format!(
+        "check the id52 with the manager's admin (`malai ssh id52 {domain}` on the manager), then run `malai ssh cluster join {domain} --manager <id52>`"
+    );
+    if !(std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
+        anyhow::bail!(
+            "{domain}: not joining a manager found in DNS without confirmation (no terminal to ask on); {hint}"
+        );
+    }
+    eprint!("Is {m} the manager of {domain}? Check it with the manager's admin. Join? [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    if matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
+        Ok(m)
+    } else {
+        anyhow::bail!("{domain}: not confirmed; nothing joined")
+    }
 }
 
 fn parse_id52(s: &str, what: &str) -> anyhow::Result<Id52> {
@@ -395,14 +446,23 @@ async fn cluster(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
                     .display()
             );
         }
-        ClusterCommand::Join { alias, manager } => {
+        ClusterCommand::Join {
+            alias,
+            manager,
+            pin,
+        } => {
+            let pin = pin.map(|p| parse_id52(&p, "--manager")).transpose()?;
             let m = match manager {
-                Some(m) => parse_id52(&m, "manager")?,
-                None => {
-                    let m = c::dns::manager_of(&alias).await?;
-                    eprintln!("malai: {alias}: manager {m} (from DNS)");
+                Some(m) => {
+                    let m = parse_id52(&m, "manager")?;
+                    if let Some(p) = pin
+                        && p != m
+                    {
+                        anyhow::bail!("the manager id52 and --manager differ");
+                    }
                     m
                 }
+                None => confirm_dns_manager(&alias, pin).await?,
             };
             println!("{}", c::join(dirs, &alias, &m)?);
         }

@@ -651,8 +651,59 @@ fn join_by_domain_through_dnsmasq_then_first_push() {
         );
     }
 
+    // DNS is not trusted: without a terminal to confirm on, a found manager is refused
+    // with the id52 and a hint, and nothing is joined.
     let out = join("acme.test");
-    assert_success(&out, "join acme.test by DNS");
+    assert_exit_code(&out, 255, "join acme.test by DNS without confirmation");
+    let err = stderr_of(&out);
+    assert!(
+        err.contains(&mgr_id)
+            && err.contains("NOT validated by DNSSEC")
+            && err.contains("--manager <id52>"),
+        "{}",
+        fmt_output(&out)
+    );
+    assert_eq!(stdout_of(&out), "");
+    assert!(!foo.home().join("ssh/clusters/acme.test").exists());
+    // A pin that disagrees with DNS (a forged answer, as the member sees it) is refused.
+    let out = run_cmd(
+        foo.cmd(["ssh", "cluster", "join", "acme.test", "--manager", &other])
+            .env("MALAI_DNS_SERVER", dns.addr()),
+    );
+    assert_exit_code(&out, 255, "join acme.test --manager <other>");
+    assert!(stderr_of(&out).contains("refusing"), "{}", fmt_output(&out));
+    assert!(!foo.home().join("ssh/clusters/acme.test").exists());
+    // On a terminal the user is asked; "n" joins nothing, "y" joins.
+    require_program("script", "bsdutils");
+    let on_tty = |who: &Machine, answer: &str| {
+        let line = format!("{} ssh cluster join acme.test", who.env_command_prefix());
+        let mut cmd = Command::new("script");
+        cmd.args(["-qec", &line, "/dev/null"])
+            .env("MALAI_DNS_SERVER", dns.addr());
+        run_cmd_with(&mut cmd, Some(answer.as_bytes()), CHILD_TIMEOUT)
+    };
+    let bar = Machine::new(root.path(), "bar");
+    let out = on_tty(&bar, "n\n");
+    assert_exit_code(&out, 255, "join on a tty, answered n");
+    let all = format!("{}{}", stdout_of(&out), stderr_of(&out));
+    assert!(
+        all.contains("Join? [y/N]") && all.contains(&mgr_id),
+        "{}",
+        fmt_output(&out)
+    );
+    assert!(!bar.home().join("ssh/clusters/acme.test").exists());
+    let out = on_tty(&bar, "y\n");
+    assert_success(&out, "join on a tty, answered y");
+    let joined =
+        fs::read_to_string(bar.home().join("ssh/clusters/acme.test/manager-id52")).unwrap();
+    assert_eq!(joined.trim(), mgr_id);
+
+    // The pinned, matching id52 joins without asking.
+    let out = run_cmd(
+        foo.cmd(["ssh", "cluster", "join", "acme.test", "--manager", &mgr_id])
+            .env("MALAI_DNS_SERVER", dns.addr()),
+    );
+    assert_success(&out, "join acme.test by DNS --manager <mgr>");
     let foo_id = stdout_of(&out).trim().to_string();
     assert_id52(&foo_id, "joined id52");
     let joined =
