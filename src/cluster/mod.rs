@@ -275,7 +275,8 @@ pub fn pushed_text(cd: &ClusterDir, file: Option<&Path>) -> Result<String, Clust
                 path: f.display().to_string(),
                 source,
             })?;
-            Ok(edit::strip_secrets(&text).unwrap_or(text))
+            // Never fall back to the unstripped text: it may hold the manager's secrets.
+            Ok(edit::strip_secrets(&text)?)
         }
         None => Ok(sync::Source::from_manager_text(&cd.read_text()?)?
             .text

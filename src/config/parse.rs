@@ -558,8 +558,25 @@ impl Parser {
                             line: self.line(v.span()),
                         })?;
                 }
-                "private-key-file" => private_key_file = self.opt_string(&key, v)?,
-                "private-key" => private_key = self.opt_string(&key, v)?,
+                // Kept in the format (an empty value is fine) but refused when set: malai
+                // keeps the manager's key in the OS keyring or the 0600 `secret-key` file
+                // of the cluster folder. A key named here would sit in a file that tools
+                // rewrite and that is the source of every push (issue 12, finding 4).
+                "private-key-file" | "private-key" => {
+                    let set = self.opt_string(&key, v)?;
+                    if set.is_some() {
+                        return Err(self.bad(
+                            &key,
+                            v,
+                            "is not supported: malai keeps the manager's secret key in the OS keyring, or with `use-keyring = false` in the cluster folder's `secret-key` file (mode 0600); a key in the cluster file could be pushed or left readable. Remove this line (and keep the key out of comments too)",
+                        ));
+                    }
+                    if k.get_ref().as_ref() == "private-key" {
+                        private_key = set;
+                    } else {
+                        private_key_file = set;
+                    }
+                }
                 "addrs" => addrs = self.addrs(&key, v)?,
                 _ => return Err(self.unknown_key(T, k)),
             }
@@ -931,7 +948,7 @@ mod tests {
 id52 = "{m}"
 alias = "amitu.com"
 use-keyring = false
-private-key-file = "/keys/m"
+private-key-file = ""
 private-key = ""
 
 [server.foo]
@@ -1008,8 +1025,17 @@ members = ["bar"]
         assert_eq!(c.manager, id(1));
         assert_eq!(c.alias.as_deref(), Some("amitu.com"));
         assert!(!c.use_keyring);
-        assert_eq!(c.private_key_file.as_deref(), Some("/keys/m"));
+        assert_eq!(c.private_key_file, None);
         assert_eq!(c.private_key, None);
+        // Deny twins: a key named in the file is refused, with what to do instead.
+        for (k, v) in [("private-key-file", "/keys/m"), ("private-key", "00ab")] {
+            let text = full().replace(&format!("{k} = \"\""), &format!("{k} = \"{v}\""));
+            let e = ClusterConfig::parse(&text).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("cluster-manager.{k}")) && e.contains("secret-key"),
+                "{e}"
+            );
+        }
 
         let foo = &c.servers["foo"];
         assert_eq!(foo.name, "foo");

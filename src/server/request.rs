@@ -129,7 +129,16 @@ where
         }
         Decision::Allow(g) => g,
     };
-    tracing::info!(%peer, %who, %cluster, kind, transport = ctx.transport, ?grant, "allow");
+    // The grant's kind only: a command's arguments (which may hold anything) belong in the
+    // 0600 audit log, not in the tracing log.
+    let granted = match &grant {
+        Grant::Argv(argv) => format!(
+            "argv[0]={:?}",
+            argv.first().map(String::as_str).unwrap_or("")
+        ),
+        g => format!("{g:?}"),
+    };
+    tracing::info!(%peer, %who, %cluster, kind, transport = ctx.transport, %granted, "allow");
     let mut r = Counting::new(r);
     let mut w = Counting::new(w);
     let ok = dispatch(ctx, &cfg, &server, grant, header.request, &mut r, &mut w).await;

@@ -410,16 +410,32 @@ fn pushed_bytes_carry_no_key_settings() {
         .build();
     let key_file = "/e2e/secret/manager-key-file";
     let key = "e2e0secret0private0key0material";
+    // A key named in the file is refused (malai keeps it in the keyring or `secret-key`).
+    let before = fs::read_to_string(c.manager_file()).unwrap();
     c.edit_manager_file(|t| {
-        set_table_keys(
+        set_table_keys(&t, "cluster-manager", &[("private-key", toml_str(key))])
+    });
+    let out = c.manager().run(["ssh", "cluster", "push", "--dry-run"]);
+    assert_exit_code(&out, 255, "push with private-key set");
+    assert!(
+        stderr_of(&out).contains("cluster-manager.private-key") && !stdout_of(&out).contains(key),
+        "{}",
+        fmt_output(&out)
+    );
+    fs::write(c.manager_file(), &before).unwrap();
+    // Empty settings (the seed format) and commented-out keys are fine locally, and never
+    // pushed: no comment leaves the manager.
+    c.edit_manager_file(|t| {
+        let t = set_table_keys(
             &t,
             "cluster-manager",
             &[
                 ("use-keyring", "false".into()),
-                ("private-key-file", toml_str(key_file)),
-                ("private-key", toml_str(key)),
+                ("private-key-file", toml_str("")),
+                ("private-key", toml_str("")),
             ],
-        )
+        );
+        format!("# private-key-file = \"{key_file}\"\n{t}\n# private-key = \"{key}\"\n")
     });
     let (_mgr, _) = start_manager(&c);
     wait_synced(&c, &["foo", "bar"]);
