@@ -923,13 +923,13 @@ fn check_host_port(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `ssh-via` is handed to OpenSSH as its destination argument, so a leading '-' (an option)
-/// or whitespace is refused rather than passed on.
+/// `ssh-via` is handed to OpenSSH as its destination, so it is checked here with the same
+/// parser the client uses: only host-name and user-name characters (a leading '-' would be
+/// an option; shell syntax would reach ProxyCommand `%h`/`%r`, CVE-2023-51385).
 fn check_ssh_via(s: &str) -> Result<(), &'static str> {
-    if s.starts_with('-') || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("expected [user@]host[:port]");
-    }
-    Ok(())
+    crate::client::ssh_via::parse_target(s)
+        .map(|_| ())
+        .map_err(|_| "expected [user@]host[:port] with letters, digits, '.', '-' and '_' only")
 }
 
 #[cfg(test)]
@@ -1391,6 +1391,14 @@ members = ["bar"]
             ),
             (
                 "ssh-via = \"-oProxyCommand=x\"",
+                "server.foo.ssh-via: expected [user@]host[:port]",
+            ),
+            (
+                "ssh-via = \"$(touch /tmp/x)@host\"",
+                "server.foo.ssh-via: expected [user@]host[:port]",
+            ),
+            (
+                "ssh-via = \"u@host`id`\"",
                 "server.foo.ssh-via: expected [user@]host[:port]",
             ),
             (
