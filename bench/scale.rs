@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use malai::id52::Id52;
 use malai::keys::SecretKey;
-use malai::transport::iroh::{Node, PeerConnection, RelayChoice};
+use malai::transport::iroh::{NetConfig, Node, PeerConnection};
 
 const MALAI: &str = env!("CARGO_BIN_EXE_malai");
 const USER_HZ: f64 = 100.0;
@@ -43,6 +43,7 @@ fn malai(home: &Path, args: &[&str]) -> String {
         .args(args)
         .env("MALAI_HOME", home)
         .env("MALAI_RELAY", "disabled")
+        .env("MALAI_BIND", "127.0.0.1:0")
         .env("MALAI_USE_KEYRING", "false")
         .env_remove("RUST_LOG")
         .output()
@@ -134,6 +135,7 @@ fn main() {
         .args(["ssh", "server", "--bind", &bind.to_string()])
         .env("MALAI_HOME", &foo)
         .env("MALAI_RELAY", "disabled")
+        .env("MALAI_BIND", "127.0.0.1:0")
         .env("MALAI_USE_KEYRING", "false")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
@@ -186,7 +188,13 @@ fn main() {
                 set.spawn(async move {
                     let _p = sem.acquire_owned().await.unwrap();
                     let key = SecretKey::generate();
-                    let node = Node::bind(&key, &RelayChoice::Disabled, None, false).await?;
+                    let node = Node::bind(
+                        &key,
+                        &NetConfig::disabled(Some(([127, 0, 0, 1], 0).into())),
+                        None,
+                        false,
+                    )
+                    .await?;
                     match node.connect(&server_id, &[bind]).await {
                         Ok(c) => Ok((node, c)),
                         Err(e) => {

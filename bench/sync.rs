@@ -25,7 +25,6 @@ use malai::config::paths::Dirs;
 use malai::config::store::ClusterDir;
 use malai::id52::Id52;
 use malai::server::{ServeOptions, run};
-use malai::transport::iroh::RelayChoice;
 use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +38,11 @@ const USER_HZ: f64 = 100.0;
 const IDLE_SAMPLE: Duration = Duration::from_secs(10);
 
 fn main() {
+    // SAFETY: set before any thread exists. Loopback only: no relay, endpoints on 127.0.0.1.
+    unsafe {
+        std::env::set_var("MALAI_RELAY", "disabled");
+        std::env::set_var("MALAI_BIND", "127.0.0.1:0");
+    }
     let ns: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
@@ -85,6 +89,7 @@ fn malai(home: &Path) -> Command {
     let mut c = Command::new(MALAI);
     c.env("MALAI_HOME", home)
         .env("MALAI_RELAY", "disabled")
+        .env("MALAI_BIND", "127.0.0.1:0")
         .env("MALAI_USE_KEYRING", "false")
         .env_remove("RUST_LOG")
         .env_remove("MALAI_SSH_AGENT");
@@ -127,7 +132,6 @@ async fn bench(n: usize) -> Result {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let opts = ServeOptions {
             bind: None,
-            relay: RelayChoice::Disabled,
             managed_only: false,
         };
         tasks.push(tokio::spawn(run(dirs, opts, shutdown.clone(), move |s| {

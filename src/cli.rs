@@ -14,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::MemberKind;
 use crate::config::paths::Dirs;
 use crate::id52::Id52;
-use crate::transport::iroh::RelayChoice;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -564,11 +563,7 @@ async fn serve(dirs: Dirs, bind: Option<SocketAddr>, managed_only: bool) -> anyh
         tracing::info!("signal received; shutting down");
         token.cancel();
     });
-    let opts = crate::server::ServeOptions {
-        bind,
-        relay: RelayChoice::from_env(),
-        managed_only,
-    };
+    let opts = crate::server::ServeOptions { bind, managed_only };
     crate::server::run(dirs, opts, shutdown, |started| {
         if started.is_empty() {
             eprintln!(

@@ -28,6 +28,7 @@ impl Demo {
         c.args(args)
             .env("MALAI_HOME", &m.home)
             .env("MALAI_RELAY", "disabled")
+            .env("MALAI_BIND", "127.0.0.1:0")
             .env("MALAI_USE_KEYRING", "false")
             .env_remove("MALAI_SSH_AGENT")
             .env_remove("MALAI_LOCKDOWN_MODE");
@@ -194,7 +195,7 @@ fn steps(d: &Demo) -> anyhow::Result<()> {
         .is_ok()
     {
         let proxy = format!(
-            "ProxyCommand=env MALAI_HOME={} MALAI_RELAY=disabled MALAI_USE_KEYRING=false {} ssh proxy %h %p",
+            "ProxyCommand=env MALAI_HOME={} MALAI_RELAY=disabled MALAI_BIND=127.0.0.1:0 MALAI_USE_KEYRING=false {} ssh proxy %h %p",
             laptop.home.display(),
             d.exe.display()
         );

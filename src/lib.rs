@@ -12,6 +12,7 @@
 //! - [`client`]: `malai ssh proxy` and friends: dial a server, run a request.
 //! - [`cluster`]: `malai ssh cluster …`: init, join (also by DNS TXT), add, allow, remove,
 //!   import; config sync to members (push, pull, status).
+//! - [`endpoint`]: the one place a cluster key is bound (one endpoint per id52 per machine).
 //! - [`demo`]: `malai ssh demo`, a throwaway cluster on one machine.
 //! - [`logging`]: tracing to files under LOGDIR; stdout is never touched.
 //! - [`agent`]: `malai ssh agent`: pooled connections, keys in one process, the HTTP proxy.
@@ -25,6 +26,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod endpoint;
 pub mod id52;
 pub mod keys;
 pub mod logging;

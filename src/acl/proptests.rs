@@ -140,6 +140,8 @@ fn empty_config() -> ClusterConfig {
         devices: BTreeMap::new(),
         groups: BTreeMap::new(),
         manager_addrs: vec![],
+        relays: vec![],
+        relay_ca: None,
     }
 }
 

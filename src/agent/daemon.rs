@@ -24,7 +24,6 @@ use super::pool::{Pool, idle_from_env};
 use super::serve::{self, AgentContext};
 use super::{AgentError, lock_path, prepare_run_dir, socket_path};
 use crate::config::paths::Dirs;
-use crate::transport::iroh::RelayChoice;
 
 /// How long shutdown waits for running requests.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
@@ -127,7 +126,7 @@ pub async fn run(
     };
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
     let ctx = Arc::new(AgentContext {
-        pool: Pool::new(dirs.clone(), RelayChoice::from_env(), idle_from_env()),
+        pool: Pool::new(dirs.clone(), idle_from_env()),
         dirs,
         socket: path.clone(),
         http: http_addr,

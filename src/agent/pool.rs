@@ -28,7 +28,7 @@ use crate::config::store::{ClusterDir, list_clusters};
 use crate::id52::Id52;
 use crate::keys;
 use crate::protocol::Request;
-use crate::transport::iroh::{Node, PeerConnection, RecvHalf, RelayChoice, SendHalf};
+use crate::transport::iroh::{Node, PeerConnection, RecvHalf, SendHalf};
 
 /// How long an unused connection is kept.
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
@@ -83,7 +83,6 @@ struct Counters {
 
 pub struct Pool {
     dirs: Dirs,
-    relay: RelayChoice,
     idle: Duration,
     nodes: tokio::sync::Mutex<BTreeMap<String, ClusterNode>>,
     /// Aliases with a bound endpoint, readable without awaiting (for `status`).
@@ -93,10 +92,9 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(dirs: Dirs, relay: RelayChoice, idle: Duration) -> Pool {
+    pub fn new(dirs: Dirs, idle: Duration) -> Pool {
         Pool {
             dirs,
-            relay,
             idle,
             nodes: tokio::sync::Mutex::new(BTreeMap::new()),
             loaded: Mutex::new(vec![]),
@@ -132,7 +130,8 @@ impl Pool {
             return Ok(n.node.clone());
         }
         let key = keys::load(&dir.dir)?;
-        let node = Node::bind(&key, &self.relay, None, false).await?;
+        let net = crate::endpoint::net_config_of(dir)?;
+        let node = Node::bind(&key, &net, None, false).await?;
         drop(key);
         tracing::info!(cluster = %dir.alias, %me, "agent holds the key of cluster");
         if let Some(old) = nodes.insert(

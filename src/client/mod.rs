@@ -24,9 +24,7 @@ use crate::config::{ClusterConfig, ResolveError, Server, names};
 use crate::id52::Id52;
 use crate::keys::{self, KeyError};
 use crate::protocol::{self, FrameError, Header, Request, Response};
-use crate::transport::iroh::{
-    Node, PeerConnection, RecvHalf, RelayChoice, SendHalf, TransportError,
-};
+use crate::transport::iroh::{Node, PeerConnection, RecvHalf, SendHalf, TransportError};
 
 /// Dialing plus handshake; generous because relay/hole-punching can take a while.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -286,8 +284,8 @@ pub async fn open_with(
         return Err(ClientError::Lockdown(crate::agent::lockdown_help(None)));
     }
     let key = keys::load(&resolved.dir.dir)?;
-    let relay = RelayChoice::from_env();
-    let node = Node::bind(&key, &relay, None, false).await?;
+    let net = crate::endpoint::net_config(Some(&resolved.config))?;
+    let node = Node::bind(&key, &net, None, false).await?;
     drop(key);
     match handshake(&node, server, header).await {
         Ok((conn, send, recv)) => Ok(Session {

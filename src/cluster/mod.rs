@@ -329,13 +329,8 @@ pub async fn push_now(
         }
     }
     let key = keys::load(&cd.dir)?;
-    let node = crate::transport::iroh::Node::bind(
-        &key,
-        &crate::transport::iroh::RelayChoice::from_env(),
-        None,
-        false,
-    )
-    .await?;
+    let net = crate::endpoint::net_config(Some(&cfg))?;
+    let node = crate::transport::iroh::Node::bind(&key, &net, None, false).await?;
     drop(key);
     let mut tasks = tokio::task::JoinSet::new();
     for (i, (name, id, hints)) in targets.into_iter().enumerate() {
@@ -376,13 +371,8 @@ pub async fn push_now(
 pub async fn pull(dirs: &Dirs, cluster: Option<&str>) -> Result<member::Applied, ClusterError> {
     let cd = pick_cluster(dirs, cluster)?;
     let key = keys::load(&cd.dir)?;
-    let node = crate::transport::iroh::Node::bind(
-        &key,
-        &crate::transport::iroh::RelayChoice::from_env(),
-        None,
-        false,
-    )
-    .await?;
+    let net = crate::endpoint::net_config_of(&cd)?;
+    let node = crate::transport::iroh::Node::bind(&key, &net, None, false).await?;
     drop(key);
     let r = member::pull(&cd, &node).await;
     node.close().await;

@@ -18,7 +18,7 @@ use crate::config::paths::Dirs;
 use crate::id52::Id52;
 use crate::keys;
 use crate::protocol::config::{HashQuery, short_hash};
-use crate::transport::iroh::{Node, RelayChoice};
+use crate::transport::iroh::Node;
 
 /// How long one member may take to answer before it counts as offline.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -62,7 +62,9 @@ pub async fn status(dirs: &Dirs, cluster: Option<&str>) -> Result<Status, Cluste
         .map_err(|e| ClusterError::Usage(format!("{}: {e}", cd.file_path().display())))?;
     let state = load_state(&cd);
     let key = keys::load(&cd.dir)?;
-    let node = Node::bind(&key, &RelayChoice::from_env(), None, false)
+    let net =
+        crate::endpoint::net_config(Some(&cfg)).map_err(|e| ClusterError::Usage(e.to_string()))?;
+    let node = Node::bind(&key, &net, None, false)
         .await
         .map_err(|e| ClusterError::Usage(e.to_string()))?;
     drop(key);

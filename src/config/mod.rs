@@ -40,6 +40,13 @@ pub struct ClusterConfig {
     /// `cluster-manager.addrs` (ext): direct-address hints for the manager, so members can
     /// pull the file from it when relays and discovery are off.
     pub manager_addrs: Vec<SocketAddr>,
+    /// `cluster-manager.relays` (ext): the relays every member of this cluster uses and
+    /// dials with, so a private cluster needs nothing from n0's public relays and DNS.
+    /// Empty: iroh's defaults. `MALAI_RELAY` overrides.
+    pub relays: Vec<String>,
+    /// `cluster-manager.relay-ca` (ext): PEM of extra CA roots trusted for the relays' TLS
+    /// (a private relay with its own CA). Public data, pushed to members like the rest.
+    pub relay_ca: Option<String>,
     pub servers: BTreeMap<String, Server>,
     pub devices: BTreeMap<String, Device>,
     /// Groups with their members fully expanded to machine names (servers/devices; nested

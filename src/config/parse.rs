@@ -370,7 +370,16 @@ impl Parser {
         let Some(manager) = manager else {
             return Err(ConfigError::MissingManager);
         };
-        let (manager, alias, use_keyring, private_key_file, private_key, manager_addrs) = manager;
+        let ManagerTable {
+            id: manager,
+            alias,
+            use_keyring,
+            private_key_file,
+            private_key,
+            addrs: manager_addrs,
+            relays,
+            relay_ca,
+        } = manager;
 
         // One namespace for servers, devices and groups, compared without regard to case
         // because host names are.
@@ -506,6 +515,8 @@ impl Parser {
             private_key_file,
             private_key,
             manager_addrs,
+            relays,
+            relay_ca,
             servers: out_servers,
             devices: devices
                 .into_iter()
@@ -515,21 +526,7 @@ impl Parser {
         })
     }
 
-    #[allow(clippy::type_complexity)]
-    fn manager(
-        &self,
-        t: &DeTable<'_>,
-    ) -> Result<
-        (
-            Id52,
-            Option<String>,
-            bool,
-            Option<String>,
-            Option<String>,
-            Vec<SocketAddr>,
-        ),
-        ConfigError,
-    > {
+    fn manager(&self, t: &DeTable<'_>) -> Result<ManagerTable, ConfigError> {
         const T: &str = "cluster-manager";
         let mut id = None;
         let mut alias = None;
@@ -537,6 +534,8 @@ impl Parser {
         let mut private_key_file = None;
         let mut private_key = None;
         let mut addrs = Vec::new();
+        let mut relays = Vec::new();
+        let mut relay_ca = None;
         for (k, v) in t.iter() {
             let key = format!("{T}.{}", k.get_ref());
             match k.get_ref().as_ref() {
@@ -578,6 +577,24 @@ impl Parser {
                     }
                 }
                 "addrs" => addrs = self.addrs(&key, v)?,
+                "relays" => {
+                    for r in self.list(&key, v)?.entries {
+                        check_relay_url(&r).map_err(|m| self.bad(&key, v, m))?;
+                        relays.push(r);
+                    }
+                }
+                "relay-ca" => {
+                    relay_ca = self.opt_string(&key, v)?;
+                    if let Some(pem) = &relay_ca
+                        && !pem.contains("-----BEGIN CERTIFICATE-----")
+                    {
+                        return Err(self.bad(
+                            &key,
+                            v,
+                            "expected PEM text (-----BEGIN CERTIFICATE----- ...)".to_string(),
+                        ));
+                    }
+                }
                 _ => return Err(self.unknown_key(T, k)),
             }
         }
@@ -586,7 +603,16 @@ impl Parser {
             key: "id52".to_string(),
             line: None,
         })?;
-        Ok((id, alias, use_keyring, private_key_file, private_key, addrs))
+        Ok(ManagerTable {
+            id,
+            alias,
+            use_keyring,
+            private_key_file,
+            private_key,
+            addrs,
+            relays,
+            relay_ca,
+        })
     }
 
     /// `addrs = ["ip:port", …]`: direct-address hints for dialing a machine.
@@ -932,6 +958,32 @@ fn check_ssh_via(s: &str) -> Result<(), &'static str> {
         .map_err(|_| "expected [user@]host[:port] with letters, digits, '.', '-' and '_' only")
 }
 
+/// The `[cluster-manager]` table as parsed.
+struct ManagerTable {
+    id: Id52,
+    alias: Option<String>,
+    use_keyring: bool,
+    private_key_file: Option<String>,
+    private_key: Option<String>,
+    addrs: Vec<SocketAddr>,
+    relays: Vec<String>,
+    relay_ca: Option<String>,
+}
+
+/// A relay URL as iroh takes it: `http(s)://host[:port][/]`. The transport parses it again
+/// (into iroh's type); this check only makes a typo an error that names the key.
+fn check_relay_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("{url:?} is not an http:// or https:// URL"))?;
+    let host = rest.split('/').next().unwrap_or("");
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '@') {
+        return Err(format!("{url:?} has no valid host"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1000,6 +1052,39 @@ members = ["bar"]
             Ok(c) => panic!("expected an error, parsed {c:?}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn relays_and_relay_ca() {
+        let c = ClusterConfig::parse(&minimal(
+            "relays = [\"https://relay.acme.example\", \"http://198.18.0.1:3340\"]\nrelay-ca = \"-----BEGIN CERTIFICATE-----\\nAAAA\\n-----END CERTIFICATE-----\"\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.relays,
+            vec!["https://relay.acme.example", "http://198.18.0.1:3340"]
+        );
+        assert!(c.relay_ca.unwrap().contains("BEGIN CERTIFICATE"));
+        assert!(
+            ClusterConfig::parse(&minimal(""))
+                .unwrap()
+                .relays
+                .is_empty()
+        );
+        let e = err(&minimal("relays = [\"relay.acme.example\"]\n"));
+        assert!(
+            e.starts_with(
+                "cluster-manager.relays: \"relay.acme.example\" is not an http:// or https:// URL"
+            ),
+            "{e}"
+        );
+        let e = err(&minimal("relays = [\"https:///x\"]\n"));
+        assert!(e.contains("has no valid host"), "{e}");
+        let e = err(&minimal("relay-ca = \"/etc/ca.pem\"\n"));
+        assert!(
+            e.starts_with("cluster-manager.relay-ca: expected PEM text"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -41,7 +41,7 @@ use crate::config::paths::Dirs;
 use crate::config::store::{ClusterDir, list_clusters};
 use crate::id52::Id52;
 use crate::keys;
-use crate::transport::iroh::{Node, PeerConnection, RelayChoice};
+use crate::transport::iroh::{NetConfig, Node, PeerConnection};
 
 /// How often clusters are rescanned for ones this machine newly serves.
 const RESCAN_EVERY: Duration = Duration::from_secs(2);
@@ -73,7 +73,6 @@ pub enum ServerError {
 pub struct ServeOptions {
     /// Fixed UDP address for the first served cluster; the n-th gets port + n.
     pub bind: Option<SocketAddr>,
-    pub relay: RelayChoice,
     /// Serve only the clusters this machine manages (`malai ssh cluster serve`).
     pub managed_only: bool,
 }
@@ -306,12 +305,15 @@ async fn start_new_clusters(
             a.set_port(a.port().saturating_add(served.len() as u16));
             a
         });
-        let node = Node::bind(&key, &opts.relay, bind, true)
+        let transport = |source| ServerError::Transport {
+            cluster: dir.alias.clone(),
+            source,
+        };
+        let net =
+            NetConfig::for_cluster(&cfg.relays, cfg.relay_ca.as_deref()).map_err(transport)?;
+        let node = Node::bind(&key, &net, bind, true)
             .await
-            .map_err(|source| ServerError::Transport {
-                cluster: dir.alias.clone(),
-                source,
-            })?;
+            .map_err(transport)?;
         drop(key);
         let addrs = node.bound_sockets();
         tracing::info!(cluster = %dir.alias, %me, ?addrs, "serving cluster");

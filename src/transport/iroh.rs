@@ -5,10 +5,17 @@
 //! (BASE32_DNSSEC); iroh's own `PublicKey` (whose `Display` is hex and `to_z32` is
 //! z-base-32) never leaks out.
 //!
-//! Relays: `MALAI_RELAY=disabled` (tests, offline) → no relay, no address lookup, no port
-//! mapper (it sends UPnP multicast even when bound to 127.0.0.1); peers are reached through
-//! `addrs` hints only. `MALAI_RELAY=<url>` → that relay. Unset → iroh's n0 preset (default
-//! relays + DNS address lookup).
+//! Relays (DESIGN §8): a cluster names its own relays in its file (`relays`, and
+//! `relay-ca` for a private CA); every endpoint of that cluster uses them and every dial
+//! gives them to iroh with the peer's id, so members find each other by id52 + relay alone
+//! and a private cluster needs nothing from n0 (no public relay, no DNS address lookup).
+//! A cluster that names none uses iroh's n0 preset (default relays + DNS address lookup).
+//! `MALAI_RELAY=<url>` overrides the file; `MALAI_RELAY=disabled` means no relay, no
+//! lookup, no port mapper: peers are reached through `addrs` hints only (an offline LAN).
+//!
+//! Binding: all interfaces on an ephemeral port unless told otherwise — `malai ssh server
+//! --bind`, or `MALAI_BIND=<ip:port>` for every endpoint of the process (tests that must
+//! stay on loopback say so there, never through a production default).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -16,6 +23,8 @@ use std::task::{Context, Poll};
 
 use iroh::endpoint::{Connection, PortmapperConfig, RecvStream, SendStream, presets};
 use iroh::{Endpoint, EndpointAddr, PublicKey, RelayMode, RelayUrl};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::id52::Id52;
@@ -26,6 +35,10 @@ use crate::protocol::ALPN;
 pub enum TransportError {
     #[error("bad relay setting {0:?}: {1}")]
     Relay(String, String),
+    #[error("bad relay CA ({0}): {1}")]
+    RelayCa(String, String),
+    #[error("bad MALAI_BIND {0:?}: expected ip:port")]
+    BindSetting(String),
     #[error("cannot bind the iroh endpoint: {0}")]
     Bind(String),
     #[error("cannot connect to {peer}: {msg}")]
@@ -38,26 +51,115 @@ pub enum TransportError {
     NoAddress { peer: Id52 },
 }
 
-/// How to reach the network.
+/// Which relays an endpoint uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayChoice {
-    /// iroh's default relays and address lookup (production).
+    /// iroh's default relays and DNS address lookup (n0's public services).
     Default,
     /// No relay, no lookup, no port mapping: only `addrs` hints.
     Disabled,
-    /// A self-hosted relay.
-    Custom(String),
+    /// The cluster's own relays (or `MALAI_RELAY=<url>`): nothing of n0's is used.
+    Custom(Vec<String>),
 }
 
 impl RelayChoice {
-    /// From `MALAI_RELAY` (unset or `default` → Default; `disabled`/`off`/`none` → Disabled;
-    /// anything else is a relay URL).
-    pub fn from_env() -> RelayChoice {
+    /// `MALAI_RELAY`, when set: `default`, `disabled` (`off`, `none`), or a relay URL.
+    pub fn from_env() -> Option<RelayChoice> {
         match std::env::var("MALAI_RELAY").as_deref() {
-            Err(_) | Ok("") | Ok("default") => RelayChoice::Default,
-            Ok("disabled") | Ok("off") | Ok("none") => RelayChoice::Disabled,
-            Ok(url) => RelayChoice::Custom(url.to_string()),
+            Err(_) | Ok("") => None,
+            Ok("default") => Some(RelayChoice::Default),
+            Ok("disabled") | Ok("off") | Ok("none") => Some(RelayChoice::Disabled),
+            Ok(url) => Some(RelayChoice::Custom(vec![url.to_string()])),
         }
+    }
+}
+
+/// How one cluster's endpoints reach the network: its relays, the CA roots trusted for
+/// them, and where to bind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub relay: RelayChoice,
+    /// Extra CA roots (PEM) for the relays' TLS, added to the built-in web PKI roots.
+    pub relay_ca: Option<String>,
+    /// `MALAI_BIND`: the UDP address of every endpoint this process binds.
+    pub bind: Option<SocketAddr>,
+}
+
+impl NetConfig {
+    /// The settings for a cluster whose file names `relays` and `relay_ca`, with the
+    /// environment's overrides (`MALAI_RELAY`, `MALAI_RELAY_CA` (a PEM file), `MALAI_BIND`).
+    pub fn for_cluster(
+        relays: &[String],
+        relay_ca: Option<&str>,
+    ) -> Result<NetConfig, TransportError> {
+        let relay = match RelayChoice::from_env() {
+            Some(r) => r,
+            None if relays.is_empty() => RelayChoice::Default,
+            None => RelayChoice::Custom(relays.to_vec()),
+        };
+        let mut ca = relay_ca.map(str::to_string);
+        if let Some(path) = std::env::var_os("MALAI_RELAY_CA").filter(|p| !p.is_empty()) {
+            let pem = std::fs::read_to_string(&path).map_err(|e| {
+                TransportError::RelayCa(
+                    format!("MALAI_RELAY_CA={}", path.to_string_lossy()),
+                    e.to_string(),
+                )
+            })?;
+            ca = Some(match ca {
+                Some(c) => format!("{c}\n{pem}"),
+                None => pem,
+            });
+        }
+        let bind = match std::env::var("MALAI_BIND").as_deref() {
+            Err(_) | Ok("") => None,
+            Ok(b) => Some(
+                b.parse::<SocketAddr>()
+                    .map_err(|_| TransportError::BindSetting(b.to_string()))?,
+            ),
+        };
+        Ok(NetConfig {
+            relay,
+            relay_ca: ca,
+            bind,
+        })
+    }
+
+    /// No relays, bound to `bind` (benchmarks and tests on loopback).
+    pub fn disabled(bind: Option<SocketAddr>) -> NetConfig {
+        NetConfig {
+            relay: RelayChoice::Disabled,
+            relay_ca: None,
+            bind,
+        }
+    }
+
+    fn relay_urls(&self) -> Result<Vec<RelayUrl>, TransportError> {
+        match &self.relay {
+            RelayChoice::Custom(urls) => urls
+                .iter()
+                .map(|u| {
+                    u.parse::<RelayUrl>()
+                        .map_err(|e| TransportError::Relay(u.clone(), e.to_string()))
+                })
+                .collect(),
+            _ => Ok(vec![]),
+        }
+    }
+
+    fn ca_roots(&self) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+        let Some(pem) = &self.relay_ca else {
+            return Ok(vec![]);
+        };
+        let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TransportError::RelayCa("relay-ca".into(), e.to_string()))?;
+        if certs.is_empty() {
+            return Err(TransportError::RelayCa(
+                "relay-ca".into(),
+                "no certificate in the PEM text".into(),
+            ));
+        }
+        Ok(certs)
     }
 }
 
@@ -124,41 +226,42 @@ fn to_id52(pk: &PublicKey) -> Id52 {
 pub struct Node {
     endpoint: Endpoint,
     relay: RelayChoice,
+    /// The cluster's relays, given to iroh with every dial (the peer's home relay is one
+    /// of them: every member of the cluster uses the same list).
+    relay_urls: Vec<RelayUrl>,
 }
 
 impl Node {
     /// Bind an endpoint. `accept` = this node answers incoming connections (a server);
-    /// `bind` = fixed UDP address (else an ephemeral port on all interfaces, or on 127.0.0.1
-    /// when relays are disabled so that tests never leave loopback).
+    /// `bind` = fixed UDP address (`--bind`), else `net.bind` (`MALAI_BIND`), else an
+    /// ephemeral port on all interfaces.
     pub async fn bind(
         key: &SecretKey,
-        relay: &RelayChoice,
+        net: &NetConfig,
         bind: Option<SocketAddr>,
         accept: bool,
     ) -> Result<Node, TransportError> {
         let sk = iroh::SecretKey::from_bytes(key.as_bytes());
-        let mut b = match relay {
+        let relay_urls = net.relay_urls()?;
+        let mut b = match &net.relay {
             RelayChoice::Default => Endpoint::builder(presets::N0),
             RelayChoice::Disabled => Endpoint::builder(presets::Minimal)
                 .relay_mode(RelayMode::Disabled)
                 .portmapper_config(PortmapperConfig::Disabled),
-            RelayChoice::Custom(url) => {
-                let url: RelayUrl = url
-                    .parse()
-                    .map_err(|e| TransportError::Relay(url.clone(), format!("{e}")))?;
-                Endpoint::builder(presets::N0).relay_mode(RelayMode::custom([url]))
-            }
+            // Minimal, not N0: no n0 DNS/pkarr lookup or publishing. Peers are found
+            // through the cluster's relays, which every dial names.
+            RelayChoice::Custom(_) => Endpoint::builder(presets::Minimal)
+                .relay_mode(RelayMode::custom(relay_urls.clone())),
         };
+        let roots = net.ca_roots()?;
+        if !roots.is_empty() {
+            b = b.ca_tls_config(iroh::tls::CaTlsConfig::embedded().with_extra_roots(roots));
+        }
         b = b.secret_key(sk).transport_config(transport_config());
         if accept {
             b = b.alpns(vec![ALPN.to_vec()]);
         }
-        let addr = match (bind, relay) {
-            (Some(a), _) => Some(a),
-            (None, RelayChoice::Disabled) => Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-            (None, _) => None,
-        };
-        if let Some(a) = addr {
+        if let Some(a) = bind.or(net.bind) {
             b = b
                 .clear_ip_transports()
                 .bind_addr(a)
@@ -170,7 +273,8 @@ impl Node {
             .map_err(|e| TransportError::Bind(e.to_string()))?;
         Ok(Node {
             endpoint,
-            relay: relay.clone(),
+            relay: net.relay.clone(),
+            relay_urls,
         })
     }
 
@@ -195,6 +299,9 @@ impl Node {
         let mut addr = EndpointAddr::new(to_public(peer)?);
         for h in hints {
             addr = addr.with_ip_addr(*h);
+        }
+        for r in &self.relay_urls {
+            addr = addr.with_relay_url(r.clone());
         }
         let conn =
             self.endpoint

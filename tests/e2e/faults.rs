@@ -362,7 +362,7 @@ mod raw {
     use malai::id52::Id52;
     use malai::protocol::{self, Header, Request, Response};
     use malai::transport::iroh::{
-        MAX_STREAMS_PER_CONNECTION, Node, PeerConnection, RecvHalf, RelayChoice, SendHalf,
+        MAX_STREAMS_PER_CONNECTION, NetConfig, Node, PeerConnection, RecvHalf, SendHalf,
     };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -375,9 +375,14 @@ mod raw {
     impl RawPeer {
         pub async fn dial(cluster_dir: &Path, server: &Id52, addr: std::net::SocketAddr) -> Self {
             let key = malai::keys::load(cluster_dir).expect("member key");
-            let node = Node::bind(&key, &RelayChoice::Disabled, None, false)
-                .await
-                .expect("bind");
+            let node = Node::bind(
+                &key,
+                &NetConfig::disabled(Some(([127, 0, 0, 1], 0).into())),
+                None,
+                false,
+            )
+            .await
+            .expect("bind");
             let conn = node.connect(server, &[addr]).await.expect("connect");
             RawPeer { node, conn }
         }

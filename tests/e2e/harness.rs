@@ -563,6 +563,8 @@ impl Machine {
         vec![
             ("MALAI_HOME".into(), self.home.display().to_string()),
             ("MALAI_RELAY".into(), "disabled".into()),
+            // Loopback tests stay on loopback by saying so (no production default does).
+            ("MALAI_BIND".into(), "127.0.0.1:0".into()),
             ("MALAI_USE_KEYRING".into(), "false".into()),
             ("RUST_BACKTRACE".into(), "1".into()),
         ]

@@ -96,7 +96,7 @@ fn thousand_concurrent_exec_true_from_fifty_peers() {
     let _heavy = heavy_lock();
     use malai::protocol::Request;
     use malai::protocol::exec::{self as frames, ExecRequest, ExitStatus, Frame};
-    use malai::transport::iroh::{Node, RelayChoice};
+    use malai::transport::iroh::{NetConfig, Node};
 
     let names: Vec<String> = (0..PEERS).map(|i| format!("p{i}")).collect();
     let mut b = TestCluster::builder("acme").server_with("foo", SshTarget::Unset);
@@ -121,9 +121,14 @@ fn thousand_concurrent_exec_true_from_fifty_peers() {
                 .unwrap()
                 .to_path_buf();
             let key = malai::keys::load(&dir).expect("key");
-            let node = Node::bind(&key, &RelayChoice::Disabled, None, false)
-                .await
-                .expect("bind");
+            let node = Node::bind(
+                &key,
+                &NetConfig::disabled(Some(([127, 0, 0, 1], 0).into())),
+                None,
+                false,
+            )
+            .await
+            .expect("bind");
             let conn = node.connect(&server, &[bind]).await.expect("connect");
             peers.push((node, conn));
         }
