@@ -259,6 +259,16 @@ pub enum ClusterCommand {
     },
 }
 
+/// Warn (stderr) about command scopes that let their peers run any program: a program that
+/// runs others (`rsync -e`, `git -c`, `find -exec`, shells…) with no `args` pinned.
+fn warn_scopes(cd: &crate::config::store::ClusterDir) {
+    if let Ok(cfg) = cd.load() {
+        for w in cfg.scope_warnings() {
+            eprintln!("malai: warning: {w}");
+        }
+    }
+}
+
 /// Join by domain: look the manager up in DNS, say whether DNSSEC vouched for it, and
 /// take it only if the user pinned the same id52 (`--manager`) or confirms it on a
 /// terminal. DNS is not trusted (a forged answer makes the forger the manager, who can
@@ -476,22 +486,25 @@ async fn cluster(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
                 Kind::Server => MemberKind::Server,
                 Kind::Device => MemberKind::Device,
             };
-            c::add(dirs, cluster.as_deref(), kind, &name, &id)?;
+            warn_scopes(&c::add(dirs, cluster.as_deref(), kind, &name, &id)?);
         }
         ClusterCommand::Allow {
             server,
             who,
             cluster,
         } => {
-            c::allow(dirs, cluster.as_deref(), &server, &who)?;
+            warn_scopes(&c::allow(dirs, cluster.as_deref(), &server, &who)?);
         }
         ClusterCommand::Import { alias, file } => {
             c::import(dirs, &alias, &file)?;
         }
         ClusterCommand::Remove { name, cluster } => {
-            c::remove(dirs, cluster.as_deref(), &name)?;
+            warn_scopes(&c::remove(dirs, cluster.as_deref(), &name)?);
         }
         ClusterCommand::Status { cluster, json } => {
+            if let Ok(cd) = c::pick_cluster(dirs, cluster.as_deref()) {
+                warn_scopes(&cd);
+            }
             let s = c::status::status(dirs, cluster.as_deref()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -509,6 +522,9 @@ async fn cluster(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
             file,
             dry_run,
         } => {
+            if let Ok(cd) = c::pick_cluster(dirs, cluster.as_deref()) {
+                warn_scopes(&cd);
+            }
             if dry_run {
                 let cd = c::pick_cluster(dirs, cluster.as_deref())?;
                 print!("{}", c::pushed_text(&cd, file.as_deref())?);

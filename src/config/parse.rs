@@ -188,7 +188,7 @@ struct RawServer {
     server: Server,
     line: Option<usize>,
     allow_from: RawList,
-    commands: Vec<(String, RawList)>,
+    commands: Vec<(String, RawList, Option<Vec<Vec<String>>>)>,
     services: Vec<(String, u16, RawList)>,
 }
 
@@ -468,13 +468,14 @@ impl Parser {
         for raw in servers {
             let mut server = raw.server;
             server.allow_from = resolver.list(&raw.allow_from)?;
-            for (cmd, list) in raw.commands {
+            for (cmd, list, args) in raw.commands {
                 let allow_from = resolver.list(&list)?;
                 server.commands.insert(
                     cmd.clone(),
                     CommandAccess {
                         command: cmd,
                         allow_from,
+                        args,
                     },
                 );
             }
@@ -676,13 +677,15 @@ impl Parser {
                     let ct = self.table(&key, v)?;
                     let mut list =
                         self.empty_list(format!("{key}.allow-from"), self.line(k.span()));
+                    let mut args = None;
                     for (ck, cv) in ct.iter() {
                         match ck.get_ref().as_ref() {
                             "allow-from" => list = self.list(&format!("{key}.allow-from"), cv)?,
+                            "args" => args = Some(self.arg_patterns(&format!("{key}.args"), cv)?),
                             _ => return Err(self.unknown_key(&key, ck)),
                         }
                     }
-                    commands.push((cmd.to_string(), list));
+                    commands.push((cmd.to_string(), list, args));
                 }
                 _ => return Err(self.unknown_key(&table, k)),
             }
@@ -709,6 +712,45 @@ impl Parser {
             commands,
             services,
         })
+    }
+
+    /// `args = "pattern"` or `args = ["pattern", …]`: each pattern split into words like a
+    /// shell would (quotes honoured, nothing expanded); `""` allows no arguments at all.
+    fn arg_patterns(&self, key: &str, v: &Val<'_>) -> Result<Vec<Vec<String>>, ConfigError> {
+        let strings: Vec<String> = match v.get_ref() {
+            DeValue::String(s) => vec![s.to_string()],
+            DeValue::Array(a) => {
+                let mut out = vec![];
+                for x in a.iter() {
+                    match x.get_ref() {
+                        DeValue::String(s) => out.push(s.to_string()),
+                        other => {
+                            return Err(ConfigError::WrongType {
+                                key: key.to_string(),
+                                expected: "a string or an array of strings",
+                                found: other.type_str(),
+                                line: self.line(x.span()),
+                            });
+                        }
+                    }
+                }
+                out
+            }
+            other => {
+                return Err(ConfigError::WrongType {
+                    key: key.to_string(),
+                    expected: "a string or an array of strings",
+                    found: other.type_str(),
+                    line: self.line(v.span()),
+                });
+            }
+        };
+        strings
+            .iter()
+            .map(|s| {
+                shlex::split(s).ok_or_else(|| self.bad(key, v, format!("{s:?}: unbalanced quotes")))
+            })
+            .collect()
     }
 
     fn service(
