@@ -184,11 +184,14 @@ struct RawList {
     line: Option<usize>,
 }
 
+/// `args` of a command scope: alternative patterns, each a list of words.
+type ArgPatterns = Vec<Vec<String>>;
+
 struct RawServer {
     server: Server,
     line: Option<usize>,
     allow_from: RawList,
-    commands: Vec<(String, RawList, Option<Vec<Vec<String>>>)>,
+    commands: Vec<(String, RawList, Option<ArgPatterns>)>,
     services: Vec<(String, u16, RawList)>,
 }
 
@@ -716,7 +719,7 @@ impl Parser {
 
     /// `args = "pattern"` or `args = ["pattern", …]`: each pattern split into words like a
     /// shell would (quotes honoured, nothing expanded); `""` allows no arguments at all.
-    fn arg_patterns(&self, key: &str, v: &Val<'_>) -> Result<Vec<Vec<String>>, ConfigError> {
+    fn arg_patterns(&self, key: &str, v: &Val<'_>) -> Result<ArgPatterns, ConfigError> {
         let strings: Vec<String> = match v.get_ref() {
             DeValue::String(s) => vec![s.to_string()],
             DeValue::Array(a) => {
