@@ -85,6 +85,8 @@ pub enum StdinServerError {
     FdPass(#[from] FdPassError),
     #[error("the server ended the session without a status")]
     Lost,
+    #[error("{0}")]
+    Untrusted(crate::localsock::SocketTrustError),
 }
 
 /// Forced command → server, sent with the stdin and stdout fds.
@@ -486,12 +488,20 @@ pub async fn run_forced_command(dirs: &Dirs, identity: &str) -> Result<u8, Stdin
     let mut last = None;
     let mut sock = None;
     for p in &candidates {
-        match UnixStream::connect(p).await {
+        // The ssh channel goes only to a socket in a directory of ours whose listener is
+        // this user: never to one planted by someone else.
+        match crate::localsock::connect(p).await {
             Ok(s) => {
                 sock = Some(s);
                 break;
             }
-            Err(e) => last = Some((p.display().to_string(), e)),
+            Err(crate::localsock::ConnectError::Io(e)) => last = Some((p.display().to_string(), e)),
+            Err(crate::localsock::ConnectError::Trust(t)) => {
+                if p.exists() {
+                    return Err(StdinServerError::Untrusted(t));
+                }
+                last = Some((p.display().to_string(), std::io::ErrorKind::NotFound.into()));
+            }
         }
     }
     let Some(mut sock) = sock else {
