@@ -32,8 +32,8 @@ use crate::transport::iroh::{Node, PeerConnection, RecvHalf, SendHalf};
 
 /// How long an unused connection is kept.
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
-/// Dialing plus TLS handshake; generous because relay/hole-punching can take a while.
-const DIAL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Dialing plus TLS handshake: the CLI's bound.
+const DIAL_TIMEOUT: Duration = crate::client::CONNECT_TIMEOUT;
 
 /// The idle time from `MALAI_AGENT_IDLE_SECS`, else [`DEFAULT_IDLE`].
 pub fn idle_from_env() -> Duration {
@@ -58,6 +58,8 @@ struct ClusterNode {
 /// The live connection of one slot.
 struct Live {
     conn: PeerConnection,
+    /// Closes `conn` when the server restarted (`client::liveness`).
+    _watchdog: crate::client::liveness::Watchdog,
     /// Tells a lease which connection it counted on (the slot may have been re-dialed).
     generation: u64,
     active: u64,
@@ -160,7 +162,7 @@ impl Pool {
         let manager = resolved.config.manager;
         let mut retried = false;
         loop {
-            let (conn, generation, reused) = self.connection(&slot, &node, server).await?;
+            let (conn, generation, reused) = self.connection(&slot, &node, server, manager).await?;
             match request_on(&conn, manager, request.clone()).await {
                 Ok((send, recv)) => {
                     if let Some(l) = lock(&slot.live).as_mut()
@@ -213,6 +215,7 @@ impl Pool {
         slot: &Slot,
         node: &Node,
         server: &Server,
+        manager: Id52,
     ) -> Result<(PeerConnection, u64, bool), ClientError> {
         let _dialing = slot.dial.lock().await;
         if let Some(l) = lock(&slot.live).as_ref()
@@ -226,8 +229,16 @@ impl Pool {
         let generation = self.counters.generations.fetch_add(1, Ordering::Relaxed);
         self.counters.dials.fetch_add(1, Ordering::Relaxed);
         tracing::info!(cluster = %slot.cluster, server = %slot.server, "dialed");
+        let watchdog = crate::client::liveness::watch(
+            node.clone(),
+            conn.clone(),
+            server.id52,
+            server.addrs.clone(),
+            manager,
+        );
         let old = lock(&slot.live).replace(Live {
             conn: conn.clone(),
+            _watchdog: watchdog,
             generation,
             active: 0,
             requests: 0,

@@ -169,6 +169,10 @@ where
             Ok(exit_code(&status))
         }
         Err(e) => {
+            let e = match e {
+                ClientError::Killed(_) => e,
+                e => session.broken(e),
+            };
             session.abort().await;
             Err(e)
         }

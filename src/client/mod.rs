@@ -7,6 +7,7 @@
 pub mod exec;
 pub mod group;
 pub mod known_hosts;
+pub mod liveness;
 pub mod proxy;
 pub mod ssh_args;
 pub mod ssh_via;
@@ -26,8 +27,12 @@ use crate::keys::{self, KeyError};
 use crate::protocol::{self, FrameError, Header, Request, Response};
 use crate::transport::iroh::{Node, PeerConnection, RecvHalf, SendHalf, TransportError};
 
-/// Dialing plus handshake; generous because relay/hole-punching can take a while.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Dialing plus handshake (through a relay when there is no direct path yet). The QUIC
+/// idle limit is long (sessions ride out outages), so this is what bounds a dial to a
+/// server that is down or unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// After an error, how long the endpoint's close may wait for acknowledgements.
+const ABORT_CLOSE: Duration = Duration::from_millis(300);
 /// How long to wait for the peer to acknowledge our last bytes before closing.
 const LINGER: Duration = Duration::from_secs(5);
 
@@ -134,7 +139,11 @@ pub struct Session {
 
 /// What has to be torn down when a session ends, per transport.
 enum Closer {
-    Iroh { node: Node, conn: PeerConnection },
+    Iroh {
+        node: Node,
+        conn: PeerConnection,
+        _watchdog: liveness::Watchdog,
+    },
     Ssh(ssh_via::SshChild),
 }
 
@@ -207,7 +216,7 @@ impl Session {
     /// [`Session::finish`] with a chosen wait for the last bytes to be acknowledged.
     pub async fn linger(mut self, wait: Duration) {
         match self.closer {
-            Closer::Iroh { node, conn } => {
+            Closer::Iroh { node, conn, .. } => {
                 if let SessionWrite::Iroh(s) = &mut self.send {
                     let _ = tokio::time::timeout(wait, s.acknowledged()).await;
                 }
@@ -222,15 +231,26 @@ impl Session {
         }
     }
 
+    /// The error to report for a session that broke with `e`: says so when the cause was
+    /// a server restart (the watchdog closed the connection), not just "connection lost".
+    pub fn broken(&self, e: ClientError) -> ClientError {
+        match &self.closer {
+            Closer::Iroh { _watchdog: w, .. } if w.saw_restart() => {
+                ClientError::Refused(format!("connection lost: {}", liveness::RESTARTED))
+            }
+            _ => e,
+        }
+    }
+
     /// Close at once (after an error).
     pub async fn abort(mut self) {
         match self.closer {
-            Closer::Iroh { node, conn } => {
+            Closer::Iroh { node, conn, .. } => {
                 if let SessionWrite::Iroh(s) = &mut self.send {
                     s.reset();
                 }
                 conn.close("aborted");
-                node.close().await;
+                node.close_within(ABORT_CLOSE).await;
             }
             Closer::Ssh(child) => child.kill().await,
         }
@@ -289,7 +309,17 @@ pub async fn open_with(
     drop(key);
     match handshake(&node, server, header).await {
         Ok((conn, send, recv)) => Ok(Session {
-            closer: Closer::Iroh { node, conn },
+            closer: Closer::Iroh {
+                _watchdog: liveness::watch(
+                    node.clone(),
+                    conn.clone(),
+                    server.id52,
+                    server.addrs.clone(),
+                    resolved.config.manager,
+                ),
+                node,
+                conn,
+            },
             send: SessionWrite::Iroh(send),
             recv: SessionRead::Iroh(recv),
         }),

@@ -60,8 +60,9 @@ pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), Clien
             Ok(())
         }
         Err(e) => {
+            let e = session.broken(ClientError::Refused(format!("connection lost: {e}")));
             session.abort().await;
-            Err(ClientError::Refused(format!("connection lost: {e}")))
+            Err(e)
         }
     }
 }

@@ -11,7 +11,9 @@
 //!      its direction by closing its write half (QUIC FIN / EOF); the other direction goes on
 //!      until its own EOF (half-close, which scp/rsync/git need).
 //!    - `exec`: multiplexed frames (`protocol::exec`).
-//!    - `ping`: nothing more.
+//!    - `ping`: one frame from the server, [`PingInfo`]: its boot id, random per server
+//!      process. A client that finds it changed knows the server restarted and that its old
+//!      connection is dead (`client::liveness`). Older servers send nothing (EOF).
 //!    - `config-push`, `config-hash`: exactly one more frame each way, client first
 //!      (`protocol::config`: the file to apply and its ack; a hash query and its answer).
 //!      Those frames have their own, larger cap (a cluster file can exceed 64 KiB).
@@ -104,6 +106,26 @@ impl Request {
             Request::Ping => "ping",
         }
     }
+}
+
+/// What a server sends after accepting a `ping`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingInfo {
+    /// Fixed for the life of the server process, different after every start.
+    pub boot: String,
+}
+
+/// This process's boot id (see [`PingInfo`]): pid and start time, never repeated across
+/// restarts on one machine.
+pub fn boot_id() -> &'static str {
+    static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        format!("{:x}-{nanos:x}", std::process::id())
+    })
 }
 
 /// The server's answer to a header.

@@ -147,7 +147,11 @@ where
     entry.bytes_out = w.count;
     entry.duration_ms = started.elapsed().as_millis() as u64;
     entry.outcome = if ok { "ok" } else { "broken" }.into();
-    audit::write(&entry);
+    // Allowed pings are liveness probes (one per client connection), not access: only
+    // their denials are worth an audit line.
+    if kind != "ping" {
+        audit::write(&entry);
+    }
     ok
 }
 
@@ -178,7 +182,13 @@ where
         (Grant::Argv(argv), Request::Exec(e)) => {
             super::exec::serve(Program::Argv(argv), e, peer.to_string(), r, w).await
         }
-        (Grant::Ping, Request::Ping) => reply(w, &Response::Accept).await.is_ok(),
+        (Grant::Ping, Request::Ping) => {
+            let info = protocol::PingInfo {
+                boot: protocol::boot_id().to_string(),
+            };
+            reply(w, &Response::Accept).await.is_ok()
+                && protocol::write_frame(w, &info).await.is_ok()
+        }
         (Grant::Http { port }, Request::Http { service }) => {
             super::http::serve(&service, port, r, w).await
         }

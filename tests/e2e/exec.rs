@@ -693,6 +693,11 @@ fn kill_client_and_watch_remote(
     let pid_file = c.scratch("pids").join(format!("{sig}-{}", prefix.len()));
     let remote_cmd = format!("{prefix} echo $$ >'{}'; exec sleep 300", pid_file.display());
     let mut cmd = c.machine("alice").cmd(["ssh", "foo.acme", &remote_cmd]);
+    if sig == Signal::SIGKILL {
+        // A SIGKILLed client says nothing: the server notices by the idle limit, which both
+        // ends negotiate down to the smaller one. The 60 s default would only slow CI.
+        cmd.env("MALAI_IDLE_TIMEOUT", "5");
+    }
     cmd.process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -750,7 +755,8 @@ fn client_killed_mid_command_takes_the_remote_child_down() {
         "ssh exits 255 when killed by a signal"
     );
     // SIGKILL: nothing is said; the server notices the dead connection by its idle timeout
-    // and must still hang up and reap the child (generous bound: that timeout plus slack).
+    // (the client asks for 5 s here) and must still hang up and reap the child (generous
+    // bound: that timeout plus slack).
     // The remote closed its output and is only being waited for: still hung up.
     let quiet = "exec >/dev/null 2>&1 </dev/null;";
     kill_client_and_watch_remote(&c, quiet, Signal::SIGTERM, REMOTE_GONE_WITHIN);
