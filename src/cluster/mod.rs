@@ -128,6 +128,7 @@ pub fn add(
     id: &Id52,
 ) -> Result<ClusterDir, ClusterError> {
     let cd = managed_cluster(dirs, cluster)?;
+    let _lock = edit_lock(&cd)?;
     let text = cd.read_text()?;
     cd.save_text(&edit::add_member(&text, kind, name, id)?)?;
     Ok(cd)
@@ -141,6 +142,7 @@ pub fn allow(
     who: &[String],
 ) -> Result<ClusterDir, ClusterError> {
     let cd = managed_cluster(dirs, cluster)?;
+    let _lock = edit_lock(&cd)?;
     let text = cd.read_text()?;
     cd.save_text(&edit::allow(&text, server, who)?)?;
     Ok(cd)
@@ -248,9 +250,31 @@ pub fn pick_cluster(dirs: &Dirs, name: Option<&str>) -> Result<ClusterDir, Clust
 /// pushes the new file, after which the removed id52 is denied everywhere.
 pub fn remove(dirs: &Dirs, cluster: Option<&str>, name: &str) -> Result<ClusterDir, ClusterError> {
     let cd = managed_cluster(dirs, cluster)?;
+    let _lock = edit_lock(&cd)?;
     let text = cd.read_text()?;
     cd.save_text(&edit::remove_member(&text, name)?)?;
     Ok(cd)
+}
+
+/// An exclusive `flock` on `<cluster folder>/.edit.lock` for one read-edit-write of the
+/// cluster file, so two `cluster add/allow/remove` at once cannot lose an edit (each would
+/// otherwise rewrite the file it read before the other's write). Released on drop.
+fn edit_lock(cd: &ClusterDir) -> Result<nix::fcntl::Flock<std::fs::File>, ClusterError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = cd.dir.join(".edit.lock");
+    let io = |source| ClusterError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| io(std::io::Error::from(e)))
 }
 
 /// `cluster dns-record [alias]`: the TXT record that lets members join by domain.

@@ -340,13 +340,72 @@ where
         peer,
         transport: "stdinserver",
     };
-    if request::handle(&ctx, &mut replayed, w).await {
-        Outcome::default()
-    } else {
-        Outcome {
+    let mut w = FirstFrame::new(w);
+    let ok = request::handle(&ctx, &mut replayed, &mut w).await;
+    // sshd passes the forced command's status to the ssh client: a denied or failed
+    // request is 255 (OpenSSH's "ssh itself failed"), not 0.
+    match (ok, w.response()) {
+        (true, Some(Response::Deny { .. } | Response::Error { .. })) | (false, _) => Outcome {
             status: 255,
             message: None,
+        },
+        _ => Outcome::default(),
+    }
+}
+
+/// Keeps a copy of the first frame written through it (the server's answer to the
+/// header), so the forced command can exit 255 on a deny without `request::handle`
+/// having to report what it answered.
+struct FirstFrame<'a, W: ?Sized> {
+    inner: &'a mut W,
+    seen: Vec<u8>,
+}
+
+/// More than any accept/deny/error frame the server writes.
+const FIRST_FRAME_CAP: usize = 16 * 1024;
+
+impl<'a, W: ?Sized> FirstFrame<'a, W> {
+    fn new(inner: &'a mut W) -> Self {
+        FirstFrame {
+            inner,
+            seen: Vec::new(),
         }
+    }
+
+    /// The first frame as a response, when one was written whole.
+    fn response(&self) -> Option<Response> {
+        let head = self.seen.get(..9)?;
+        let len = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) as usize;
+        let body = self.seen.get(9..9 + len)?;
+        serde_json::from_slice(body).ok()
+    }
+}
+
+impl<W: AsyncWrite + Unpin + ?Sized> AsyncWrite for FirstFrame<'_, W> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut *this.inner).poll_write(cx, data);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            let room = FIRST_FRAME_CAP.saturating_sub(this.seen.len());
+            this.seen.extend_from_slice(&data[..(*n).min(room)]);
+        }
+        r
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -641,6 +700,37 @@ mod tests {
         let (resp, msg) = denied(&reg, &id(10).to_string(), &header(Some(id(2))));
         assert!(matches!(resp, Response::Deny { .. }), "{msg}");
         assert!(pick(&reg, &id(99).to_string(), &header(None)).is_err());
+    }
+
+    /// The forced command's status: 0 for a served request, 255 for a denied one (sshd
+    /// hands it to the ssh client).
+    #[tokio::test]
+    async fn a_denied_request_exits_255() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = two_clusters(tmp.path());
+        let run = |req: protocol::Request| {
+            let reg = &reg;
+            async move {
+                let mut input = Vec::new();
+                protocol::write_frame(
+                    &mut input,
+                    &Header {
+                        cluster: None,
+                        request: req,
+                    },
+                )
+                .await
+                .unwrap();
+                let mut out = Vec::new();
+                serve_stream(reg, "alice@acme", &mut Cursor::new(input), &mut out)
+                    .await
+                    .status
+            }
+        };
+        assert_eq!(run(protocol::Request::Ping).await, 0);
+        // Deny twin: only the manager may push.
+        let push = protocol::Request::ConfigPush { hash: "x".into() };
+        assert_eq!(run(push).await, 255);
     }
 
     #[test]

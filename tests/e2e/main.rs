@@ -24,3 +24,5 @@ mod faults;
 mod load;
 // Secrets audit: no key material in any log, audit log or pushed file after a full scenario.
 mod secrets;
+// Security review (issue 12): concurrent cluster edits, revocation, strangers.
+mod security;
