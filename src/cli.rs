@@ -269,6 +269,11 @@ fn warn_scopes(cd: &crate::config::store::ClusterDir) {
     }
 }
 
+/// A status to exit with and nothing to print: the message (if any) is already out.
+#[derive(Debug, thiserror::Error)]
+#[error("exit status {0}")]
+pub struct ExitStatus(pub u8);
+
 /// Join by domain: look the manager up in DNS, say whether DNSSEC vouched for it, and
 /// take it only if the user pinned the same id52 (`--manager`) or confirms it on a
 /// terminal. DNS is not trusted (a forged answer makes the forger the manager, who can
@@ -419,8 +424,9 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
         SshCommand::Stdinserver { identity } => {
             let code = crate::server::stdinserver::run_forced_command(&dirs, &identity).await?;
             if code != 0 {
-                // The server's status is the forced command's (ssh passes it on).
-                std::process::exit(i32::from(code));
+                // The server's status is the forced command's (ssh passes it on). Returned,
+                // not `process::exit`, so the log is flushed on the way out.
+                return Err(ExitStatus(code).into());
             }
             Ok(())
         }
@@ -620,14 +626,18 @@ async fn agent(
         Some(AgentCommand::Stop) => {
             let path = socket();
             AgentClient::connect(&path).await?.stop().await?;
-            // Return once the socket is gone, so a following `agent -e` starts afresh.
+            // Return once the socket is gone, so a following `agent -e` starts afresh; a
+            // socket still there after 5 s is a failure, not "ok".
             for _ in 0..250 {
                 if !path.exists() {
-                    break;
+                    return Ok(());
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
-            Ok(())
+            anyhow::bail!(
+                "the agent said it is stopping, but its socket {} is still there after 5 s",
+                path.display()
+            )
         }
         None if environment => {
             let running = launch::ensure_running(&dirs, http).await?;

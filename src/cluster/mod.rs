@@ -357,6 +357,7 @@ pub async fn push_now(
     let node = crate::transport::iroh::Node::bind(&key, &net, None, false).await?;
     drop(key);
     let mut tasks = tokio::task::JoinSet::new();
+    let names: Vec<String> = targets.iter().map(|(n, _, _)| n.clone()).collect();
     for (i, (name, id, hints)) in targets.into_iter().enumerate() {
         let node = node.clone();
         let text = text.clone();
@@ -379,11 +380,22 @@ pub async fn push_now(
     }
     let mut out = vec![];
     while let Some(j) = tasks.join_next().await {
-        if let Ok(r) = j {
-            out.push(r);
+        match j {
+            Ok(r) => out.push(r),
+            Err(e) => tracing::error!(error = %e, "a push task failed"),
         }
     }
     node.close().await;
+    // A task that panicked left no report: it is a failure, never a silent success.
+    for (i, name) in names.into_iter().enumerate() {
+        if !out.iter().any(|(j, _, _)| *j == i) {
+            out.push((
+                i,
+                name,
+                Err(sync::SyncError::Refused("the push task failed".into())),
+            ));
+        }
+    }
     out.sort_by_key(|(i, _, _)| *i);
     Ok(out
         .into_iter()
