@@ -152,6 +152,13 @@ pub fn decide(config: &ClusterConfig, server: &str, peer: &Id52, req: &Request) 
                 Err(reason) => Deny(reason),
             }
         }
+        // Membership first: a stranger is denied the same way whether the service exists
+        // or not, so probing names reveals nothing (members have the file anyway).
+        Request::Http { .. }
+            if !full && *peer != config.manager && config.name_of(peer).is_none() =>
+        {
+            Deny(DenyReason::PermissionDenied(*peer))
+        }
         Request::Http { service } => match me.services.get(*service) {
             None => Deny(DenyReason::UnknownService {
                 service: service.to_string(),
@@ -492,9 +499,11 @@ id52 = "{bob}"
             server: "foo".into(),
         });
         assert_eq!(on_foo(ALICE, Request::Http { service: "flask" }), unknown);
+        // A stranger learns nothing about which services exist: the same denial for an
+        // unknown service as for a known one.
         assert_eq!(
             on_foo(STRANGER, Request::Http { service: "flask" }),
-            unknown
+            denied(STRANGER)
         );
         assert_eq!(
             decide(&config(), "bar", &id(ERIN), &django),

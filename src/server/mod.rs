@@ -7,7 +7,7 @@
 //! owned by one `TaskTracker` and stops on one root `CancellationToken`; SIGTERM cancels,
 //! then the tracker is drained (with a deadline) and the endpoints closed.
 //!
-//! The cluster file is re-read when its mtime changes (checked per request), so ACL edits
+//! The cluster file is re-read when its content changes (hashed per request), so ACL edits
 //! take effect on the next request without a restart; a file that stops validating is
 //! logged and the last good one kept. Clusters that appear later (a `cluster import`, a
 //! push making this machine a server) are picked up by a rescan every few seconds.
@@ -31,7 +31,7 @@ pub mod tunnel;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -123,7 +123,7 @@ impl Drop for PeerPermit {
 }
 
 struct Loaded {
-    stamp: Option<(SystemTime, u64)>,
+    stamp: Option<[u8; 32]>,
     config: Arc<ClusterConfig>,
 }
 
@@ -193,9 +193,14 @@ impl ClusterState {
     }
 }
 
-fn file_stamp(dir: &ClusterDir) -> Option<(SystemTime, u64)> {
-    let m = std::fs::metadata(dir.file_path()).ok()?;
-    Some((m.modified().ok()?, m.len()))
+/// What decides "the file changed": a hash of its bytes, not length and mtime, which an
+/// edit can keep (same-length change within the mtime's granularity, or `touch -d`), and
+/// then an ACL edit would silently not apply. Cluster files are a few KiB (capped at
+/// `MAX_CONFIG_LEN`): hashing one per request costs microseconds.
+fn file_stamp(dir: &ClusterDir) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    let bytes = std::fs::read(dir.file_path()).ok()?;
+    Some(sha2::Sha256::digest(&bytes).into())
 }
 
 /// A cluster folder this machine should serve: it has a key and either a valid file that
@@ -414,5 +419,42 @@ async fn serve_connection(
                 recv.stop();
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An edit that keeps the file's length and mtime still takes effect.
+    #[test]
+    fn reload_notices_a_same_length_same_mtime_edit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = ClusterDir {
+            alias: "acme".into(),
+            dir: tmp.path().to_path_buf(),
+        };
+        let id = |n: u8| Id52::from_bytes([n; 32]);
+        let text = |who: &str| {
+            format!(
+                "[cluster-manager]\nid52 = \"{}\"\n\n[server.foo]\nid52 = \"{}\"\nallow-from = \"{who}\"\n\n[device.alice]\nid52 = \"{}\"\n\n[device.carol]\nid52 = \"{}\"\n",
+                id(1),
+                id(2),
+                id(3),
+                id(4)
+            )
+        };
+        let path = dir.file_path();
+        std::fs::write(&path, text("alice")).unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let state = ClusterState::new(dir.clone(), id(2), dir.load().unwrap());
+        assert_eq!(state.current().servers["foo"].allow_from, vec![id(3)]);
+        std::fs::write(&path, text("carol")).unwrap();
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_times(std::fs::FileTimes::new().set_modified(mtime))
+            .unwrap();
+        drop(f);
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime);
+        assert_eq!(state.current().servers["foo"].allow_from, vec![id(4)]);
     }
 }
