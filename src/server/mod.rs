@@ -25,6 +25,7 @@ pub mod exec;
 pub mod http;
 pub mod process;
 pub mod request;
+pub mod revoke;
 pub mod stdinserver;
 pub mod tunnel;
 
@@ -87,6 +88,10 @@ pub struct ClusterState {
     pub sync: std::sync::OnceLock<Arc<crate::cluster::sync::Syncer>>,
     /// Requests in flight per peer, for the per-peer cap ([`ClusterState::admit`]).
     active: Mutex<std::collections::HashMap<Id52, usize>>,
+    /// Bumped on every reload: live requests re-ask the ACL then ([`revoke`]).
+    revision: tokio::sync::watch::Sender<u64>,
+    /// Whether a [`revoke`] poller is watching the file for live requests.
+    polling: std::sync::atomic::AtomicBool,
 }
 
 /// Default cap on one peer's concurrent requests (across all its connections and
@@ -139,6 +144,8 @@ impl ClusterState {
             }),
             sync: std::sync::OnceLock::new(),
             active: Mutex::new(std::collections::HashMap::new()),
+            revision: tokio::sync::watch::Sender::new(0),
+            polling: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -175,6 +182,7 @@ impl ClusterState {
                 Ok(cfg) => {
                     tracing::info!(cluster = %self.dir.alias, "cluster file changed; reloaded");
                     l.config = Arc::new(cfg);
+                    self.revision.send_modify(|r| *r = r.wrapping_add(1));
                 }
                 Err(e) => {
                     tracing::error!(cluster = %self.dir.alias, error = %e, "cluster file invalid; keeping the previous one")

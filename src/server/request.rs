@@ -141,7 +141,30 @@ where
     tracing::info!(%peer, %who, %cluster, kind, transport = ctx.transport, %granted, "allow");
     let mut r = Counting::new(r);
     let mut w = Counting::new(w);
-    let ok = dispatch(ctx, &cfg, &server, grant, header.request, &mut r, &mut w).await;
+    // Live requests are re-decided on every reload and cut when now denied (revoke.rs).
+    let cut = tokio_util::sync::CancellationToken::new();
+    let done = tokio_util::sync::CancellationToken::new();
+    let watch = super::revoke::revoked(
+        ctx.state.clone(),
+        server.clone(),
+        peer,
+        header.request.clone(),
+    );
+    let watcher = async {
+        tokio::select! {
+            _ = done.cancelled() => {}
+            _ = watch => cut.cancel(),
+        }
+    };
+    let served = async {
+        let mut r = super::revoke::Revocable::new(&mut r, &cut);
+        let mut w = super::revoke::Revocable::new(&mut w, &cut);
+        let ok = dispatch(ctx, &cfg, &server, grant, header.request, &mut r, &mut w).await;
+        done.cancel();
+        ok
+    };
+    let (ok, ()) = tokio::join!(served, watcher);
+    let ok = ok && !cut.is_cancelled();
     entry.decision = "allow".into();
     entry.bytes_in = r.count;
     entry.bytes_out = w.count;

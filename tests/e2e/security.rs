@@ -6,6 +6,7 @@
 
 use std::fs;
 use std::process::Stdio;
+use std::time::Duration;
 
 use crate::harness::*;
 
@@ -40,4 +41,93 @@ fn concurrent_cluster_adds_lose_no_edit() {
         .filter(|t| !text.contains(t.as_str()))
         .collect();
     assert!(missing.is_empty(), "edits lost: {missing:?}\n{text}");
+}
+
+/// `malai ssh foo.acme <cmd>` as `device`, stdout piped; returns once the first line is
+/// out (the command is running).
+fn start_exec(c: &TestCluster, device: &str, cmd: &str) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = c
+        .machine(device)
+        .cmd(["ssh", "foo.acme", cmd])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn malai ssh");
+    let mut line = String::new();
+    let stdout = child.stdout.take().unwrap();
+    let mut reader = std::io::BufReader::new(stdout);
+    reader.read_line(&mut line).unwrap();
+    // Keep draining so the remote side never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut reader, &mut sink);
+    });
+    (child, line)
+}
+
+fn running_on_foo(marker: &str) -> bool {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", marker])
+        .output()
+        .expect("pgrep");
+    out.status.success()
+}
+
+#[test]
+fn revocation_cuts_live_sessions_within_seconds() {
+    let c = TestCluster::builder("acme")
+        .manager("mgr")
+        .server_with("foo", SshTarget::Unset)
+        .device("alice")
+        .device("bob")
+        .allow("foo", &["alice", "bob"])
+        .build();
+    // Unique markers so pgrep finds only this test's commands.
+    let tag = format!("{}", std::process::id());
+    let a_marker = format!("sleep 3{tag}1");
+    let b_marker = format!("sleep 3{tag}2");
+    let (mut alice, first) = start_exec(&c, "alice", &format!("echo up; {a_marker}"));
+    assert_eq!(first, "up\n");
+    let (mut bob, first) = start_exec(&c, "bob", &format!("echo up; {b_marker}"));
+    assert_eq!(first, "up\n");
+    assert!(running_on_foo(&a_marker) && running_on_foo(&b_marker));
+
+    // The manager drops alice from foo; foo receives the new file.
+    c.edit_manager_file(|t| set_table_keys(&t, "server.foo", &[("allow-from", toml_str("bob"))]));
+    c.import_on("foo");
+    let received = std::time::Instant::now();
+
+    // Alice's live session ends within a few seconds, and its command with it.
+    let gone = poll_until(Duration::from_secs(10), || alice.try_wait().unwrap());
+    let st = gone.unwrap_or_else(|| {
+        let _ = alice.kill();
+        panic!(
+            "alice's session outlived her revocation by 10 s\n{}",
+            tail(&c.machine("foo").logs(), 40)
+        )
+    });
+    assert!(!st.success(), "a revoked session must not look successful");
+    let took = received.elapsed();
+    poll_until(Duration::from_secs(5), || {
+        (!running_on_foo(&a_marker)).then_some(())
+    })
+    .expect("alice's command still runs on foo after the revocation");
+    eprintln!("revocation: alice's session ended {took:?} after foo received the file");
+
+    // Allowed twin: bob, still in allow-from, keeps his session.
+    assert!(
+        bob.try_wait().unwrap().is_none(),
+        "bob's session was cut too"
+    );
+    assert!(running_on_foo(&b_marker));
+    let _ = bob.kill();
+    let _ = bob.wait();
+    let audit =
+        fs::read_to_string(c.machine("foo").home().join("logs/ssh/audit.log")).unwrap_or_default();
+    assert!(
+        audit.contains("\"revoked\""),
+        "no revoked entry in the audit log"
+    );
 }
