@@ -7,7 +7,7 @@
 
 use crate::config::ClusterConfig;
 use crate::config::store::ClusterDir;
-use crate::transport::iroh::{NetConfig, TransportError};
+use crate::transport::iroh::{NetConfig, Node, TransportError};
 
 /// The network settings of a cluster: its file's `relays`/`relay-ca` with the environment's
 /// overrides. A member that joined but has no file yet uses iroh's defaults (or the env).
@@ -165,4 +165,182 @@ pub fn holder(dir: &ClusterDir) -> Result<Option<Holder>, EndpointError> {
             Ok(None)
         }
     }
+}
+
+/// One line saying who holds a key (for errors).
+pub fn describe(h: Option<&Holder>) -> String {
+    match h {
+        Some(h) => {
+            let who = match h.role {
+                Role::Server => "malai ssh server",
+                Role::Agent => "malai ssh agent",
+                Role::Command => "a malai command",
+            };
+            format!("its key is held by {who} (pid {})", h.pid)
+        }
+        None => {
+            "its key is in use by other malai commands (run the agent or the server to share it)"
+                .into()
+        }
+    }
+}
+
+/// Open `request` to `peer` of `cluster` through the holder at `socket` (the control
+/// protocol's `stream`); the returned socket carries the stream's raw bytes after the
+/// server accepted.
+pub async fn open_via(
+    socket: &std::path::Path,
+    cluster: &str,
+    peer: crate::id52::Id52,
+    hints: &[std::net::SocketAddr],
+    request: crate::protocol::Request,
+) -> Result<tokio::net::UnixStream, crate::client::ClientError> {
+    use crate::agent::protocol::{self as control, FailKind, FromAgent, ToAgent};
+    use crate::client::ClientError;
+    let client = crate::agent::client::AgentClient::connect(socket)
+        .await
+        .map_err(|e| ClientError::Agent(e.to_string()))?;
+    let mut sock = client.into_socket();
+    let lost = |e: control::ControlError| {
+        ClientError::Agent(format!("key holder at {}: {e}", socket.display()))
+    };
+    let msg = ToAgent::Stream {
+        cluster: cluster.to_string(),
+        peer,
+        hints: hints.to_vec(),
+        request,
+    };
+    control::write(&mut sock, &msg).await.map_err(lost)?;
+    match control::read::<_, FromAgent>(&mut sock)
+        .await
+        .map_err(lost)?
+    {
+        FromAgent::Opened => Ok(sock),
+        FromAgent::Failed { kind, message } => Err(match kind {
+            FailKind::Denied => ClientError::Denied(message),
+            _ => ClientError::Refused(message),
+        }),
+        other => Err(ClientError::Agent(format!(
+            "key holder sent {other:?} instead of opened"
+        ))),
+    }
+}
+
+/// Ask the agent at `socket` to give up `cluster`'s key (a server is starting).
+pub async fn ask_release(socket: &std::path::Path, cluster: &str) -> Result<(), String> {
+    use crate::agent::protocol::{self as control, FromAgent, ToAgent};
+    let client = crate::agent::client::AgentClient::connect(socket)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut sock = client.into_socket();
+    control::write(
+        &mut sock,
+        &ToAgent::Release {
+            cluster: cluster.to_string(),
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    match control::read::<_, FromAgent>(&mut sock).await {
+        Ok(FromAgent::Released) => Ok(()),
+        Ok(other) => Err(format!("agent answered {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A cluster endpoint a CLI command bound itself, shared by every request of this
+/// process (a group's members run at once on one endpoint, never one each).
+pub struct OwnEndpoint {
+    pub node: Node,
+    alias: String,
+    _claim: Claim,
+}
+
+type OwnMap = std::collections::HashMap<String, std::sync::Arc<OwnEndpoint>>;
+
+fn own_endpoints() -> std::sync::MutexGuard<'static, OwnMap> {
+    static OWN: std::sync::OnceLock<std::sync::Mutex<OwnMap>> = std::sync::OnceLock::new();
+    OWN.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+impl OwnEndpoint {
+    /// Done with it: the last user closes the endpoint (waiting at most `limit` for the
+    /// peers' acknowledgements) and releases the claim.
+    pub async fn done(self: std::sync::Arc<Self>, limit: std::time::Duration) {
+        let last = {
+            let mut own = own_endpoints();
+            // Ours and the map's: nobody else uses it.
+            if std::sync::Arc::strong_count(&self) <= 2 {
+                own.remove(&self.alias);
+                true
+            } else {
+                false
+            }
+        };
+        if last {
+            self.node.close_within(limit).await;
+        }
+    }
+}
+
+/// How a CLI command reaches a cluster.
+pub enum CommandAccess {
+    /// Neither the server nor the agent holds the key: this command binds it for its own
+    /// length (a shared claim: other commands may too; a server or agent may not start
+    /// holding it meanwhile).
+    Own(std::sync::Arc<OwnEndpoint>),
+    /// The server or the agent holds it: go through its control socket.
+    Via(std::path::PathBuf),
+}
+
+/// The rule for CLI commands: through the key's holder if a process holds it, else bind it
+/// for the length of the command. `lockdown`: never read the key (then a holder is needed).
+pub async fn for_command(
+    dir: &ClusterDir,
+    cfg: Option<&ClusterConfig>,
+    lockdown: bool,
+) -> Result<CommandAccess, crate::client::ClientError> {
+    use crate::client::ClientError;
+    let refused = |e: EndpointError| ClientError::Refused(e.to_string());
+    if let Some(own) = own_endpoints().get(&dir.alias) {
+        return Ok(CommandAccess::Own(own.clone()));
+    }
+    // A holder that is shutting down still holds the lock for a moment after its socket
+    // is gone: wait for it rather than fail through a dead socket.
+    for _ in 0..30 {
+        if let Some(h) = holder(dir).map_err(refused)?
+            && let Some(socket) = h.socket
+        {
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                return Ok(CommandAccess::Via(socket));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        }
+        if lockdown {
+            return Err(ClientError::Lockdown(crate::agent::lockdown_help(None)));
+        }
+        match claim(dir, Role::Command, None).map_err(refused)? {
+            Claimed::Mine(c) => {
+                let key = crate::keys::load(&dir.dir)?;
+                let net = net_config(cfg)?;
+                let node = Node::bind(&key, &net, None, false).await?;
+                let own = std::sync::Arc::new(OwnEndpoint {
+                    node,
+                    alias: dir.alias.clone(),
+                    _claim: c,
+                });
+                own_endpoints().insert(dir.alias.clone(), own.clone());
+                return Ok(CommandAccess::Own(own));
+            }
+            // A server or agent took it between our look and our claim: look again.
+            Claimed::Held(_) => continue,
+        }
+    }
+    Err(ClientError::Refused(format!(
+        "cluster {}: cannot claim its key",
+        dir.alias
+    )))
 }

@@ -117,6 +117,11 @@ impl AgentClient {
         }
     }
 
+    /// The socket, after the hello, for a request this module has no helper for.
+    pub fn into_socket(self) -> UnixStream {
+        self.sock
+    }
+
     /// The agent's socket.
     pub fn path(&self) -> &Path {
         &self.path
@@ -189,26 +194,41 @@ pub enum Route {
     Direct,
 }
 
-/// Decide once per command: the agent if usable; otherwise direct, or the lockdown error.
-pub async fn route() -> Result<Route, ClientError> {
+/// Decide once per command of cluster `dir`: the agent (`MALAI_SSH_AGENT`) if usable;
+/// else the process that holds the cluster's key on this machine (the server, or an agent
+/// started without the variable) — one endpoint per id52 per machine; otherwise direct,
+/// or the lockdown error.
+pub async fn route(dir: &crate::config::store::ClusterDir) -> Result<Route, ClientError> {
     let lockdown = lockdown_mode();
-    match socket_from_env() {
-        Some(path) => match AgentClient::connect(&path).await {
-            Ok(c) => Ok(Route::Agent(c)),
-            Err(e) if lockdown => Err(ClientError::Lockdown(lockdown_help(Some(&e.to_string())))),
+    let mut why = None;
+    if let Some(path) = socket_from_env() {
+        match AgentClient::connect(&path).await {
+            Ok(c) => return Ok(Route::Agent(c)),
             Err(e @ AgentError::Untrusted(_)) => {
                 // Someone else's socket where ours should be: say so, use nothing of it.
-                eprintln!("malai: warning: {e}; connecting directly");
-                Ok(Route::Direct)
+                if !lockdown {
+                    eprintln!("malai: warning: {e}; not using it");
+                }
+                why = Some(e.to_string());
             }
             Err(e) => {
-                tracing::info!(error = %e, "agent not usable; connecting directly");
-                Ok(Route::Direct)
+                tracing::info!(error = %e, "agent not usable");
+                why = Some(e.to_string());
             }
-        },
-        None if lockdown => Err(ClientError::Lockdown(lockdown_help(None))),
-        None => Ok(Route::Direct),
+        }
     }
+    if let Ok(Some(h)) = crate::endpoint::holder(dir)
+        && let Some(path) = h.socket
+    {
+        match AgentClient::connect(&path).await {
+            Ok(c) => return Ok(Route::Agent(c)),
+            Err(e) => tracing::info!(error = %e, "key holder not usable"),
+        }
+    }
+    if lockdown {
+        return Err(ClientError::Lockdown(lockdown_help(why.as_deref())));
+    }
+    Ok(Route::Direct)
 }
 
 /// Point fds 0 and 1 at /dev/null: the agent now holds the only live copies, so the

@@ -126,11 +126,12 @@ pub async fn run(
     };
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
     let ctx = Arc::new(AgentContext {
-        pool: Pool::new(dirs.clone(), idle_from_env()),
+        pool: Pool::new(dirs.clone(), path.clone(), idle_from_env()),
         dirs,
         socket: path.clone(),
         http: http_addr,
         shutdown: shutdown.clone(),
+        stoppable: true,
     });
     ctx.pool.rescan().await;
     drop(lock);
@@ -161,7 +162,12 @@ pub async fn run(
     Ok(())
 }
 
-async fn accept_loop(listener: UnixListener, ctx: Arc<AgentContext>, tracker: TaskTracker) {
+/// Serve control connections (the agent's socket, and the server's for the keys it holds).
+pub(crate) async fn accept_loop(
+    listener: UnixListener,
+    ctx: Arc<AgentContext>,
+    tracker: TaskTracker,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
     loop {
         let permit = tokio::select! {

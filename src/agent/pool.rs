@@ -12,6 +12,7 @@
 //! used for [`DEFAULT_IDLE`] (or `MALAI_AGENT_IDLE_SECS`) are closed by [`Pool::reap`].
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,10 +26,19 @@ use crate::client::{ClientError, Resolved, request_on};
 use crate::config::Server;
 use crate::config::paths::Dirs;
 use crate::config::store::{ClusterDir, list_clusters};
+use crate::endpoint::{Claim, Claimed, Role};
 use crate::id52::Id52;
 use crate::keys;
 use crate::protocol::Request;
 use crate::transport::iroh::{Node, PeerConnection, RecvHalf, SendHalf};
+
+/// How long a cluster handed to the server is not claimed again (the server claims it
+/// within this, or it was not the server that asked).
+const RELEASE_GRACE: Duration = Duration::from_secs(10);
+
+fn endpoint_err(e: crate::endpoint::EndpointError) -> ClientError {
+    ClientError::Refused(e.to_string())
+}
 
 /// How long an unused connection is kept.
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
@@ -49,10 +59,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// A cluster's endpoint and the identity it was bound with (a re-joined cluster gets a
-/// new key, noticed by comparing the id file).
+/// new key, noticed by comparing the id file), with the claim that makes this process the
+/// machine's only holder of that key (`endpoint`).
 struct ClusterNode {
     me: Id52,
     node: Node,
+    _claim: Option<Claim>,
+}
+
+/// How this process reaches a cluster: its own endpoint, or through the process that
+/// holds the cluster's key (the server), over that one's control socket.
+#[derive(Clone)]
+pub enum Access {
+    Node(Node),
+    Via(PathBuf),
 }
 
 /// The live connection of one slot.
@@ -86,6 +106,13 @@ struct Counters {
 pub struct Pool {
     dirs: Dirs,
     idle: Duration,
+    /// The control socket recorded in our claims (where others reach us).
+    socket: PathBuf,
+    /// The server's pool only uses the endpoints the server bound ([`Pool::adopt`]).
+    adopt_only: bool,
+    /// Clusters handed to the server ([`Pool::release`]) and when: not claimed again
+    /// right away, so the server can take them.
+    released: Mutex<BTreeMap<String, Instant>>,
     nodes: tokio::sync::Mutex<BTreeMap<String, ClusterNode>>,
     /// Aliases with a bound endpoint, readable without awaiting (for `status`).
     loaded: Mutex<Vec<String>>,
@@ -94,10 +121,23 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(dirs: Dirs, idle: Duration) -> Pool {
+    /// The agent's pool: binds (claims) the clusters no server on this machine holds.
+    pub fn new(dirs: Dirs, socket: PathBuf, idle: Duration) -> Pool {
+        Pool::with(dirs, socket, idle, false)
+    }
+
+    /// The server's pool: only the endpoints the server bound and [`Pool::adopt`]ed.
+    pub fn for_server(dirs: Dirs, socket: PathBuf, idle: Duration) -> Pool {
+        Pool::with(dirs, socket, idle, true)
+    }
+
+    fn with(dirs: Dirs, socket: PathBuf, idle: Duration, adopt_only: bool) -> Pool {
         Pool {
             dirs,
             idle,
+            socket,
+            adopt_only,
+            released: Mutex::new(BTreeMap::new()),
             nodes: tokio::sync::Mutex::new(BTreeMap::new()),
             loaded: Mutex::new(vec![]),
             slots: Mutex::new(BTreeMap::new()),
@@ -116,37 +156,103 @@ impl Pool {
             }
         };
         for dir in dirs {
-            if let Err(e) = self.node_for(&dir).await {
+            if let Err(e) = self.access(&dir).await {
                 tracing::debug!(cluster = %dir.alias, error = %e, "cluster not usable yet");
             }
         }
     }
 
-    /// The endpoint for `dir`'s cluster, binding it (reading the key) on first use.
-    async fn node_for(&self, dir: &ClusterDir) -> Result<Node, ClientError> {
+    /// Use `node` (bound by the server for `alias`) for requests of that cluster.
+    pub async fn adopt(&self, alias: &str, me: Id52, node: Node) {
+        let mut nodes = self.nodes.lock().await;
+        nodes.insert(
+            alias.to_string(),
+            ClusterNode {
+                me,
+                node,
+                _claim: None,
+            },
+        );
+        *lock(&self.loaded) = nodes.keys().cloned().collect();
+    }
+
+    /// Give up `alias`'s key (the server wants it): close its endpoint and connections
+    /// and drop the claim. Requests for it then go through the server.
+    pub async fn release(&self, alias: &str) {
+        lock(&self.released).insert(alias.to_string(), Instant::now());
+        let old = {
+            let mut nodes = self.nodes.lock().await;
+            let old = nodes.remove(alias);
+            *lock(&self.loaded) = nodes.keys().cloned().collect();
+            old
+        };
+        let slots: Vec<Arc<Slot>> = lock(&self.slots)
+            .iter()
+            .filter(|((c, _), _)| c == alias)
+            .map(|(_, s)| s.clone())
+            .collect();
+        for s in slots {
+            if let Some(l) = lock(&s.live).take() {
+                l.conn.close("key handed to the server");
+            }
+        }
+        if let Some(old) = old {
+            old.node.close_within(Duration::from_secs(1)).await;
+        }
+        tracing::info!(cluster = %alias, "released the cluster key to the server");
+    }
+
+    /// How to reach `dir`'s cluster: our endpoint (bound and claimed on first use), or the
+    /// server that holds the key.
+    async fn access(&self, dir: &ClusterDir) -> Result<Access, ClientError> {
         let me = keys::id52(&dir.dir)?;
         let mut nodes = self.nodes.lock().await;
         if let Some(n) = nodes.get(&dir.alias)
             && n.me == me
         {
-            return Ok(n.node.clone());
+            return Ok(Access::Node(n.node.clone()));
         }
+        let held_elsewhere = |h: Option<crate::endpoint::Holder>| match h {
+            Some(h) if h.pid != std::process::id() && h.socket.is_some() => {
+                Ok(Access::Via(h.socket.unwrap_or_default()))
+            }
+            h => Err(ClientError::Refused(format!(
+                "cluster {}: {}",
+                dir.alias,
+                crate::endpoint::describe(h.as_ref())
+            ))),
+        };
+        let recently_released = lock(&self.released)
+            .get(&dir.alias)
+            .is_some_and(|t| t.elapsed() < RELEASE_GRACE);
+        if self.adopt_only || recently_released {
+            return held_elsewhere(crate::endpoint::holder(dir).map_err(endpoint_err)?);
+        }
+        // A key that changed (re-joined cluster): let go of the old one first.
+        if let Some(old) = nodes.remove(&dir.alias) {
+            old.node.close().await;
+        }
+        let claim = match crate::endpoint::claim(dir, Role::Agent, Some(&self.socket))
+            .map_err(endpoint_err)?
+        {
+            Claimed::Mine(c) => c,
+            Claimed::Held(h) => return held_elsewhere(h),
+        };
         let key = keys::load(&dir.dir)?;
         let net = crate::endpoint::net_config_of(dir)?;
         let node = Node::bind(&key, &net, None, false).await?;
         drop(key);
         tracing::info!(cluster = %dir.alias, %me, "agent holds the key of cluster");
-        if let Some(old) = nodes.insert(
+        nodes.insert(
             dir.alias.clone(),
             ClusterNode {
                 me,
                 node: node.clone(),
+                _claim: Some(claim),
             },
-        ) {
-            old.node.close().await;
-        }
+        );
         *lock(&self.loaded) = nodes.keys().cloned().collect();
-        Ok(node)
+        Ok(Access::Node(node))
     }
 
     /// A stream to `server` carrying `request`, accepted by the server.
@@ -156,13 +262,65 @@ impl Pool {
         server: &Server,
         request: Request,
     ) -> Result<PooledStream, ClientError> {
+        self.open_to(
+            &resolved.dir,
+            resolved.config.manager,
+            server.id52,
+            &server.name,
+            &server.addrs,
+            request,
+        )
+        .await
+    }
+
+    /// A stream to `peer` of `alias`'s cluster carrying `request` (the control socket's
+    /// `stream`: another process's request on the key we hold).
+    pub async fn open_raw(
+        &self,
+        alias: &str,
+        peer: Id52,
+        hints: &[std::net::SocketAddr],
+        request: Request,
+    ) -> Result<PooledStream, ClientError> {
+        let dir = ClusterDir::new(&self.dirs, alias)?;
+        let manager = match dir.load() {
+            Ok(cfg) => cfg.manager,
+            Err(_) => dir
+                .manager_id()?
+                .ok_or_else(|| ClientError::Refused(format!("cluster {alias} is not joined")))?,
+        };
+        let name = dir
+            .load()
+            .ok()
+            .and_then(|c| c.name_of(&peer).map(|(n, _)| n.to_string()))
+            .unwrap_or_else(|| peer.short());
+        self.open_to(&dir, manager, peer, &name, hints, request)
+            .await
+    }
+
+    async fn open_to(
+        &self,
+        dir: &ClusterDir,
+        manager: Id52,
+        peer: Id52,
+        name: &str,
+        hints: &[std::net::SocketAddr],
+        request: Request,
+    ) -> Result<PooledStream, ClientError> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let node = self.node_for(&resolved.dir).await?;
-        let slot = self.slot(&resolved.dir.alias, server);
-        let manager = resolved.config.manager;
+        let node = match self.access(dir).await? {
+            Access::Node(n) => n,
+            Access::Via(socket) => {
+                let s =
+                    crate::endpoint::open_via(&socket, &dir.alias, peer, hints, request).await?;
+                return Ok(PooledStream::via(s, name));
+            }
+        };
+        let slot = self.slot(&dir.alias, peer, name);
         let mut retried = false;
         loop {
-            let (conn, generation, reused) = self.connection(&slot, &node, server, manager).await?;
+            let (conn, generation, reused) =
+                self.connection(&slot, &node, peer, hints, manager).await?;
             match request_on(&conn, manager, request.clone()).await {
                 Ok((send, recv)) => {
                     if let Some(l) = lock(&slot.live).as_mut()
@@ -173,12 +331,13 @@ impl Pool {
                         l.last_used = Instant::now();
                     }
                     return Ok(PooledStream {
-                        send,
-                        recv,
-                        lease: Lease {
+                        send: PoolSend::Iroh(send),
+                        recv: PoolRecv::Iroh(recv),
+                        server: slot.server.clone(),
+                        _lease: Some(Lease {
                             slot: slot.clone(),
                             generation,
-                        },
+                        }),
                     });
                 }
                 // The reused connection died under us (server restarted, network
@@ -193,14 +352,14 @@ impl Pool {
         }
     }
 
-    fn slot(&self, cluster: &str, server: &Server) -> Arc<Slot> {
+    fn slot(&self, cluster: &str, peer: Id52, name: &str) -> Arc<Slot> {
         lock(&self.slots)
-            .entry((cluster.to_string(), server.id52))
+            .entry((cluster.to_string(), peer))
             .or_insert_with(|| {
                 Arc::new(Slot {
                     cluster: cluster.to_string(),
-                    server: server.name.clone(),
-                    peer: server.id52,
+                    server: name.to_string(),
+                    peer,
                     dial: tokio::sync::Mutex::new(()),
                     live: Mutex::new(None),
                 })
@@ -214,7 +373,8 @@ impl Pool {
         &self,
         slot: &Slot,
         node: &Node,
-        server: &Server,
+        peer: Id52,
+        hints: &[std::net::SocketAddr],
         manager: Id52,
     ) -> Result<(PeerConnection, u64, bool), ClientError> {
         let _dialing = slot.dial.lock().await;
@@ -223,7 +383,7 @@ impl Pool {
         {
             return Ok((l.conn.clone(), l.generation, true));
         }
-        let conn = tokio::time::timeout(DIAL_TIMEOUT, node.connect(&server.id52, &server.addrs))
+        let conn = tokio::time::timeout(DIAL_TIMEOUT, node.connect(&peer, hints))
             .await
             .map_err(|_| ClientError::Timeout("connecting"))??;
         let generation = self.counters.generations.fetch_add(1, Ordering::Relaxed);
@@ -232,8 +392,8 @@ impl Pool {
         let watchdog = crate::client::liveness::watch(
             node.clone(),
             conn.clone(),
-            server.id52,
-            server.addrs.clone(),
+            peer,
+            hints.to_vec(),
             manager,
         );
         let old = lock(&slot.live).replace(Live {
@@ -348,24 +508,101 @@ impl Drop for Lease {
     }
 }
 
+/// The sending half of a pooled stream: an iroh stream of ours, or the control socket of
+/// the process that holds the key (which relays it to its own iroh stream).
+pub enum PoolSend {
+    Iroh(SendHalf),
+    Via(tokio::net::unix::OwnedWriteHalf),
+}
+
+/// The receiving half of a pooled stream.
+pub enum PoolRecv {
+    Iroh(RecvHalf),
+    Via(tokio::net::unix::OwnedReadHalf),
+}
+
+impl PoolSend {
+    /// Wait until the peer has everything we sent (after shutdown). Through another
+    /// process that one waits for it; here there is nothing to wait for.
+    pub async fn acknowledged(&mut self) {
+        if let PoolSend::Iroh(s) = self {
+            s.acknowledged().await;
+        }
+    }
+}
+
 /// An accepted request on a pooled connection. Dropping it finishes the stream (QUIC
 /// FIN/stop) but leaves the connection open for the next request.
 pub struct PooledStream {
-    pub send: SendHalf,
-    pub recv: RecvHalf,
-    lease: Lease,
+    pub send: PoolSend,
+    pub recv: PoolRecv,
+    server: String,
+    _lease: Option<Lease>,
 }
 
 impl PooledStream {
+    fn via(s: tokio::net::UnixStream, server: &str) -> PooledStream {
+        let (r, w) = s.into_split();
+        PooledStream {
+            send: PoolSend::Via(w),
+            recv: PoolRecv::Via(r),
+            server: server.to_string(),
+            _lease: None,
+        }
+    }
+
     /// Abandon the stream (the peer sees a reset, never a clean end).
     pub fn abort(&mut self) {
-        self.send.reset();
-        self.recv.stop();
+        if let PoolSend::Iroh(s) = &mut self.send {
+            s.reset();
+        }
+        if let PoolRecv::Iroh(r) = &mut self.recv {
+            r.stop();
+        }
+        // Via another process: dropping the socket makes that one reset its stream.
     }
 
     /// The server this stream goes to (for logs).
     pub fn server(&self) -> &str {
-        &self.lease.slot.server
+        &self.server
+    }
+}
+
+impl AsyncRead for PoolRecv {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PoolRecv::Iroh(r) => Pin::new(r).poll_read(cx, buf),
+            PoolRecv::Via(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for PoolSend {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            PoolSend::Iroh(s) => Pin::new(s).poll_write(cx, buf),
+            PoolSend::Via(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PoolSend::Iroh(s) => Pin::new(s).poll_flush(cx),
+            PoolSend::Via(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PoolSend::Iroh(s) => Pin::new(s).poll_shutdown(cx),
+            PoolSend::Via(s) => Pin::new(s).poll_shutdown(cx),
+        }
     }
 }
 

@@ -11,7 +11,10 @@
 //!    `{"hello":{"version":A,"pid":…,"http":…}}`. This exchange is frozen across versions:
 //!    it is how a newer CLI recognises an older agent (and asks it to step aside). When
 //!    `V != A` the agent closes the connection after its hello.
-//! 2. Then exactly one request: `status`, `stop`, or `open`.
+//! 2. Then exactly one request: `status`, `stop`, `open`, `stream` or `release`.
+//!    - `stream` asks the holder of a cluster key (`endpoint`) for one request stream to a
+//!      peer; after `opened` the socket carries that stream's raw bytes.
+//!    - `release` asks the agent to hand a cluster's key to a starting server.
 //!    - `open` carries file descriptors in the same `sendmsg` (SCM_RIGHTS,
 //!      `transport::fdpass`): stdin (unless `stdin` is false), stdout, and for `exec`
 //!      stderr. The agent answers `opened` once the server accepted, or `failed`.
@@ -30,13 +33,14 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 
+use crate::id52::Id52;
 use crate::protocol::exec::{ExecRequest, ExitStatus};
 use crate::transport::fdpass::{self, FdPassError};
 
 /// Version of the messages after `hello`. Bump on any incompatible change; a CLI that meets
 /// an agent of another version restarts it (`agent -e`) or falls back to a direct
 /// connection.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Hard cap on one control frame. Frames carry a host name, argv and env, never payload
 /// (payload moves over the passed descriptors); 64 KiB is far above any honest message.
@@ -71,6 +75,21 @@ pub enum ToAgent {
     /// End the tunnel's upload now, cleanly (OpenSSH sends its ProxyCommand SIGHUP as soon
     /// as the session is over, often before stdin reached EOF).
     Finish,
+    /// Open `request` to `peer` of `cluster` on the key this process holds; after `opened`
+    /// the control socket itself carries the stream's raw bytes both ways (half-close =
+    /// shutdown of the socket's write side). How every process that does not hold a
+    /// cluster's key (a CLI, the agent when the server holds it) still uses it.
+    Stream {
+        cluster: String,
+        peer: Id52,
+        #[serde(default)]
+        hints: Vec<std::net::SocketAddr>,
+        request: crate::protocol::Request,
+    },
+    /// Give up the key of `cluster` (the server is starting and will hold it).
+    Release {
+        cluster: String,
+    },
 }
 
 /// What an `open` asks the server for.
@@ -169,6 +188,8 @@ pub enum FromAgent {
     Broken {
         message: String,
     },
+    /// The key of the cluster named in `release` is no longer held here.
+    Released,
 }
 
 #[derive(Debug, thiserror::Error)]

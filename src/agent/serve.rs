@@ -42,6 +42,8 @@ pub struct AgentContext {
     pub http: Option<std::net::SocketAddr>,
     /// Cancelled by `stop` or a signal: the whole agent shuts down.
     pub shutdown: CancellationToken,
+    /// Whether `stop` may cancel it: the agent, yes; the server's control socket, no.
+    pub stoppable: bool,
 }
 
 impl AgentContext {
@@ -120,10 +122,24 @@ pub async fn connection(ctx: Arc<AgentContext>, mut sock: UnixStream) {
         ToAgent::Status => {
             let _ = protocol::write(&mut sock, &FromAgent::Status(ctx.status())).await;
         }
+        ToAgent::Stop if !ctx.stoppable => {
+            let msg = "this is malai ssh server's socket; stop the server itself (SIGTERM)";
+            let _ = reply_failed(&mut sock, FailKind::BadRequest, msg.into()).await;
+        }
         ToAgent::Stop => {
             tracing::info!("stop requested over the socket");
             let _ = protocol::write(&mut sock, &FromAgent::Stopping).await;
             ctx.shutdown.cancel();
+        }
+        ToAgent::Stream {
+            cluster,
+            peer,
+            hints,
+            request,
+        } => stream(&ctx, sock, cluster, peer, hints, request).await,
+        ToAgent::Release { cluster } => {
+            ctx.pool.release(&cluster).await;
+            let _ = protocol::write(&mut sock, &FromAgent::Released).await;
         }
         ToAgent::Open {
             host,
@@ -133,6 +149,50 @@ pub async fn connection(ctx: Arc<AgentContext>, mut sock: UnixStream) {
         ToAgent::Hello { .. } | ToAgent::Window { .. } | ToAgent::Finish => {
             let _ =
                 reply_failed(&mut sock, FailKind::BadRequest, "unexpected message".into()).await;
+        }
+    }
+}
+
+/// `stream`: one request to a peer on the key we hold, its raw bytes relayed over the
+/// control socket until both directions end (or either side breaks).
+async fn stream(
+    ctx: &AgentContext,
+    mut sock: UnixStream,
+    cluster: String,
+    peer: crate::id52::Id52,
+    hints: Vec<std::net::SocketAddr>,
+    request: Request,
+) {
+    let mut s = match ctx.pool.open_raw(&cluster, peer, &hints, request).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = reply_failed(&mut sock, fail_kind(&e), e.to_string()).await;
+            return;
+        }
+    };
+    if protocol::write(&mut sock, &FromAgent::Opened)
+        .await
+        .is_err()
+    {
+        s.abort();
+        return;
+    }
+    let (mut r, mut w) = sock.into_split();
+    let moved = tokio::select! {
+        m = pump::both_ways(&mut r, &mut s.send, &mut s.recv, &mut w) => m,
+        _ = ctx.shutdown.cancelled() => {
+            s.abort();
+            return;
+        }
+    };
+    match moved {
+        Ok(m) => {
+            tracing::debug!(%cluster, %peer, up = m.up, down = m.down, "relayed stream done");
+            let _ = tokio::time::timeout(LINGER, s.send.acknowledged()).await;
+        }
+        Err(e) => {
+            tracing::info!(%cluster, %peer, error = %e, "relayed stream broke");
+            s.abort();
         }
     }
 }
@@ -385,7 +445,7 @@ async fn exec(
 async fn pump_input(
     stdin: Option<PassedReader>,
     mut windows: mpsc::Receiver<(u16, u16)>,
-    w: &mut crate::transport::iroh::SendHalf,
+    w: &mut super::pool::PoolSend,
 ) -> std::io::Result<()> {
     use tokio::io::AsyncReadExt;
     let io = |e: frames::ExecFrameError| match e {

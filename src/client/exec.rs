@@ -323,7 +323,7 @@ pub async fn run(dirs: &crate::config::paths::Dirs, argv: &[String]) -> Result<i
             // ssh-via servers need no malai key: always direct.
             if server.ssh_via.is_none()
                 && let crate::agent::client::Route::Agent(agent) =
-                    crate::agent::client::route().await?
+                    crate::agent::client::route(&resolved.dir).await?
             {
                 return run_via_agent(agent, &args).await;
             }

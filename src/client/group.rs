@@ -44,10 +44,11 @@ pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32
     }
     // Through the agent when one is set (each member its own request on its pooled
     // connection); required under lockdown.
-    let agent: Option<Arc<std::path::Path>> = match crate::agent::client::route().await? {
-        crate::agent::client::Route::Agent(a) => Some(Arc::from(a.path())),
-        crate::agent::client::Route::Direct => None,
-    };
+    let agent: Option<Arc<std::path::Path>> =
+        match crate::agent::client::route(&resolved.dir).await? {
+            crate::agent::client::Route::Agent(a) => Some(Arc::from(a.path())),
+            crate::agent::client::Route::Direct => None,
+        };
     // A signal stops the hosts still waiting for a slot; the running ones end on it too.
     let mut interrupts = Interrupts::install()?;
     let sem = Arc::new(tokio::sync::Semaphore::new(

@@ -31,6 +31,8 @@ use crate::transport::iroh::{Node, PeerConnection, RecvHalf, SendHalf, Transport
 /// idle limit is long (sessions ride out outages), so this is what bounds a dial to a
 /// server that is down or unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long closing a command's own endpoint may wait for the peers' acknowledgements.
+const ENDPOINT_CLOSE: Duration = Duration::from_secs(3);
 /// After an error, how long the endpoint's close may wait for acknowledgements.
 const ABORT_CLOSE: Duration = Duration::from_millis(300);
 /// How long to wait for the peer to acknowledge our last bytes before closing.
@@ -140,16 +142,19 @@ pub struct Session {
 /// What has to be torn down when a session ends, per transport.
 enum Closer {
     Iroh {
-        node: Node,
+        own: std::sync::Arc<crate::endpoint::OwnEndpoint>,
         conn: PeerConnection,
         _watchdog: liveness::Watchdog,
     },
+    /// Through the process that holds the cluster key (its control socket).
+    Via,
     Ssh(ssh_via::SshChild),
 }
 
 /// The writing half of a session's stream.
 pub enum SessionWrite {
     Iroh(SendHalf),
+    Via(tokio::net::unix::OwnedWriteHalf),
     /// The ssh child's stdin; `None` once shut down (closing the pipe is the only way to
     /// send EOF through it: tokio's `ChildStdin::shutdown` does not close the fd).
     Pipe(Option<tokio::process::ChildStdin>),
@@ -158,6 +163,7 @@ pub enum SessionWrite {
 /// The reading half of a session's stream.
 pub enum SessionRead {
     Iroh(RecvHalf),
+    Via(tokio::net::unix::OwnedReadHalf),
     Pipe(tokio::process::ChildStdout),
 }
 
@@ -169,6 +175,7 @@ impl AsyncWrite for SessionWrite {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             SessionWrite::Iroh(s) => Pin::new(s).poll_write(cx, buf),
+            SessionWrite::Via(s) => Pin::new(s).poll_write(cx, buf),
             SessionWrite::Pipe(Some(p)) => Pin::new(p).poll_write(cx, buf),
             SessionWrite::Pipe(None) => Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
         }
@@ -176,6 +183,7 @@ impl AsyncWrite for SessionWrite {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             SessionWrite::Iroh(s) => Pin::new(s).poll_flush(cx),
+            SessionWrite::Via(s) => Pin::new(s).poll_flush(cx),
             SessionWrite::Pipe(Some(p)) => Pin::new(p).poll_flush(cx),
             SessionWrite::Pipe(None) => Poll::Ready(Ok(())),
         }
@@ -183,6 +191,7 @@ impl AsyncWrite for SessionWrite {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             SessionWrite::Iroh(s) => Pin::new(s).poll_shutdown(cx),
+            SessionWrite::Via(s) => Pin::new(s).poll_shutdown(cx),
             SessionWrite::Pipe(p) => {
                 if let Some(pipe) = p.as_mut() {
                     std::task::ready!(Pin::new(pipe).poll_flush(cx))?;
@@ -202,6 +211,7 @@ impl AsyncRead for SessionRead {
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             SessionRead::Iroh(r) => Pin::new(r).poll_read(cx, buf),
+            SessionRead::Via(r) => Pin::new(r).poll_read(cx, buf),
             SessionRead::Pipe(r) => Pin::new(r).poll_read(cx, buf),
         }
     }
@@ -216,13 +226,15 @@ impl Session {
     /// [`Session::finish`] with a chosen wait for the last bytes to be acknowledged.
     pub async fn linger(mut self, wait: Duration) {
         match self.closer {
-            Closer::Iroh { node, conn, .. } => {
+            Closer::Iroh { own, conn, .. } => {
                 if let SessionWrite::Iroh(s) = &mut self.send {
                     let _ = tokio::time::timeout(wait, s.acknowledged()).await;
                 }
                 conn.close("done");
-                node.close().await;
+                own.done(ENDPOINT_CLOSE).await;
             }
+            // The holder lingers for the peer's acknowledgement itself.
+            Closer::Via => {}
             Closer::Ssh(child) => {
                 drop(self.send);
                 drop(self.recv);
@@ -245,13 +257,15 @@ impl Session {
     /// Close at once (after an error).
     pub async fn abort(mut self) {
         match self.closer {
-            Closer::Iroh { node, conn, .. } => {
+            Closer::Iroh { own, conn, .. } => {
                 if let SessionWrite::Iroh(s) = &mut self.send {
                     s.reset();
                 }
                 conn.close("aborted");
-                node.close_within(ABORT_CLOSE).await;
+                own.done(ABORT_CLOSE).await;
             }
+            // Dropping the socket makes the holder reset its stream.
+            Closer::Via => {}
             Closer::Ssh(child) => child.kill().await,
         }
     }
@@ -299,32 +313,51 @@ pub async fn open_with(
             }
         };
     }
-    // Lockdown: secrets stay in the agent; this is the CLI's only key read.
-    if crate::agent::lockdown_mode() {
-        return Err(ClientError::Lockdown(crate::agent::lockdown_help(None)));
-    }
-    let key = keys::load(&resolved.dir.dir)?;
-    let net = crate::endpoint::net_config(Some(&resolved.config))?;
-    let node = Node::bind(&key, &net, None, false).await?;
-    drop(key);
-    match handshake(&node, server, header).await {
+    // Through the process that holds the cluster key (server or agent) if one does; else
+    // this command binds it for its own length. Lockdown: the CLI never reads a key.
+    let access = crate::endpoint::for_command(
+        &resolved.dir,
+        Some(&resolved.config),
+        crate::agent::lockdown_mode(),
+    )
+    .await?;
+    let own = match access {
+        crate::endpoint::CommandAccess::Own(own) => own,
+        crate::endpoint::CommandAccess::Via(socket) => {
+            let sock = crate::endpoint::open_via(
+                &socket,
+                &resolved.dir.alias,
+                server.id52,
+                &server.addrs,
+                header.request,
+            )
+            .await?;
+            let (r, w) = sock.into_split();
+            return Ok(Session {
+                closer: Closer::Via,
+                send: SessionWrite::Via(w),
+                recv: SessionRead::Via(r),
+            });
+        }
+    };
+    match handshake(&own.node, server, header).await {
         Ok((conn, send, recv)) => Ok(Session {
             closer: Closer::Iroh {
                 _watchdog: liveness::watch(
-                    node.clone(),
+                    own.node.clone(),
                     conn.clone(),
                     server.id52,
                     server.addrs.clone(),
                     resolved.config.manager,
                 ),
-                node,
+                own,
                 conn,
             },
             send: SessionWrite::Iroh(send),
             recv: SessionRead::Iroh(recv),
         }),
         Err(e) => {
-            node.close().await;
+            own.done(ABORT_CLOSE).await;
             Err(e)
         }
     }

@@ -28,7 +28,8 @@ pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), Clien
     let server = server.ok_or_else(|| ClientError::Refused("server vanished".into()))?;
     // Through the agent when one is set (ssh-via servers need no malai key: always direct).
     if server.ssh_via.is_none()
-        && let crate::agent::client::Route::Agent(agent) = crate::agent::client::route().await?
+        && let crate::agent::client::Route::Agent(agent) =
+            crate::agent::client::route(&resolved.dir).await?
     {
         return crate::agent::client::proxy(agent, host, port).await;
     }

@@ -25,7 +25,6 @@ use crate::config::store::{ClusterDir, StoreError, write_atomic};
 use crate::config::{ClusterConfig, ConfigError};
 use crate::id52::Id52;
 use crate::protocol::config::{HashQuery, MAX_CONFIG_LEN, hash_text, short_hash};
-use crate::transport::iroh::Node;
 
 /// One lock per cluster folder: two pushes racing for the same file must not interleave
 /// their check-then-write (the temp file name is per process, not per call), while
@@ -168,7 +167,7 @@ impl From<ApplyError> for PullError {
 /// Ask the manager for the current file (`config-hash` with `fetch`) and apply it, using
 /// `node` (an endpoint with this machine's key for the cluster). The manager is dialed by
 /// its joined id52, with the `cluster-manager.addrs` hints of the current file if any.
-pub async fn pull(cd: &ClusterDir, node: &Node) -> Result<Applied, PullError> {
+pub async fn pull(cd: &ClusterDir, node: &sync::Dialer) -> Result<Applied, PullError> {
     let manager = cd
         .manager_id()?
         .ok_or_else(|| PullError::NotJoined(cd.alias.clone()))?;

@@ -352,10 +352,7 @@ pub async fn push_now(
             }
         }
     }
-    let key = keys::load(&cd.dir)?;
-    let net = crate::endpoint::net_config(Some(&cfg))?;
-    let node = crate::transport::iroh::Node::bind(&key, &net, None, false).await?;
-    drop(key);
+    let (node, own) = dialer_for(&cd, Some(&cfg)).await?;
     let mut tasks = tokio::task::JoinSet::new();
     let names: Vec<String> = targets.iter().map(|(n, _, _)| n.clone()).collect();
     for (i, (name, id, hints)) in targets.into_iter().enumerate() {
@@ -385,7 +382,9 @@ pub async fn push_now(
             Err(e) => tracing::error!(error = %e, "a push task failed"),
         }
     }
-    node.close().await;
+    if let Some(own) = own {
+        own.done(std::time::Duration::from_secs(3)).await;
+    }
     // A task that panicked left no report: it is a failure, never a silent success.
     for (i, name) in names.into_iter().enumerate() {
         if !out.iter().any(|(j, _, _)| *j == i) {
@@ -403,14 +402,43 @@ pub async fn push_now(
         .collect())
 }
 
+/// How `cluster push/pull/status` reach the cluster: through the process that holds the
+/// key (the server, the agent), else an endpoint of their own for the command's length.
+pub(crate) async fn dialer_for(
+    cd: &ClusterDir,
+    cfg: Option<&crate::config::ClusterConfig>,
+) -> Result<
+    (
+        sync::Dialer,
+        Option<std::sync::Arc<crate::endpoint::OwnEndpoint>>,
+    ),
+    ClusterError,
+> {
+    let access = crate::endpoint::for_command(cd, cfg, false)
+        .await
+        .map_err(|e| ClusterError::Usage(e.to_string()))?;
+    Ok(match access {
+        crate::endpoint::CommandAccess::Own(own) => {
+            (sync::Dialer::Node(own.node.clone()), Some(own))
+        }
+        crate::endpoint::CommandAccess::Via(socket) => (
+            sync::Dialer::Via {
+                socket,
+                cluster: cd.alias.clone(),
+            },
+            None,
+        ),
+    })
+}
+
 /// `cluster pull`: fetch the current file from the manager now (how a device catches up).
 pub async fn pull(dirs: &Dirs, cluster: Option<&str>) -> Result<member::Applied, ClusterError> {
     let cd = pick_cluster(dirs, cluster)?;
-    let key = keys::load(&cd.dir)?;
-    let net = crate::endpoint::net_config_of(&cd)?;
-    let node = crate::transport::iroh::Node::bind(&key, &net, None, false).await?;
-    drop(key);
+    let cfg = cd.load().ok();
+    let (node, own) = dialer_for(&cd, cfg.as_ref()).await?;
     let r = member::pull(&cd, &node).await;
-    node.close().await;
+    if let Some(own) = own {
+        own.done(std::time::Duration::from_secs(3)).await;
+    }
     r.map_err(|e| ClusterError::Pull(Box::new(e)))
 }

@@ -16,9 +16,7 @@ use super::{ClusterError, managed_cluster};
 use crate::config::MemberKind;
 use crate::config::paths::Dirs;
 use crate::id52::Id52;
-use crate::keys;
 use crate::protocol::config::{HashQuery, short_hash};
-use crate::transport::iroh::Node;
 
 /// How long one member may take to answer before it counts as offline.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -61,13 +59,7 @@ pub async fn status(dirs: &Dirs, cluster: Option<&str>) -> Result<Status, Cluste
     let cfg = crate::config::ClusterConfig::parse(&source.text)
         .map_err(|e| ClusterError::Usage(format!("{}: {e}", cd.file_path().display())))?;
     let state = load_state(&cd);
-    let key = keys::load(&cd.dir)?;
-    let net =
-        crate::endpoint::net_config(Some(&cfg)).map_err(|e| ClusterError::Usage(e.to_string()))?;
-    let node = Node::bind(&key, &net, None, false)
-        .await
-        .map_err(|e| ClusterError::Usage(e.to_string()))?;
-    drop(key);
+    let (node, own) = super::dialer_for(&cd, Some(&cfg)).await?;
 
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(PROBE_PARALLEL));
     let mut probes = tokio::task::JoinSet::new();
@@ -103,7 +95,9 @@ pub async fn status(dirs: &Dirs, cluster: Option<&str>) -> Result<Status, Cluste
             answers.insert(i, r);
         }
     }
-    node.close().await;
+    if let Some(own) = own {
+        own.done(Duration::from_secs(3)).await;
+    }
 
     let now = unix_now();
     let members = cfg

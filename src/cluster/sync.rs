@@ -39,7 +39,7 @@ use crate::protocol::config::{
     short_hash, write_config_frame,
 };
 use crate::protocol::{self, FrameError, Header, Request, Response};
-use crate::transport::iroh::{Node, PeerConnection, RecvHalf, SendHalf, TransportError};
+use crate::transport::iroh::{Node, PeerConnection, TransportError};
 
 /// How often the manager's file is checked for changes and due members are picked.
 pub const TICK: Duration = Duration::from_millis(250);
@@ -89,14 +89,72 @@ impl From<FrameError> for SyncError {
     }
 }
 
-/// Dial `peer` as `node`'s identity and open one accepted request for cluster `cluster`.
+/// How a sync request reaches a peer: an endpoint of this process, or the process that
+/// holds the cluster key on this machine (`endpoint`: `cluster push/pull/status` while the
+/// server runs go through it rather than binding the key a second time).
+#[derive(Clone)]
+pub enum Dialer {
+    Node(Node),
+    Via {
+        socket: std::path::PathBuf,
+        cluster: String,
+    },
+}
+
+type BoxWrite = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+type BoxRead = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+
+/// One accepted sync request.
+struct SyncStream {
+    conn: Option<PeerConnection>,
+    send: BoxWrite,
+    recv: BoxRead,
+    started: std::time::Instant,
+}
+
+impl SyncStream {
+    /// The connection's round-trip time, or (through the holder) the whole exchange's.
+    fn rtt(&self) -> Duration {
+        match &self.conn {
+            Some(c) => c.rtt(),
+            None => self.started.elapsed(),
+        }
+    }
+
+    fn close(&self) {
+        if let Some(c) = &self.conn {
+            c.close("done");
+        }
+    }
+}
+
+/// Dial `peer` and open one accepted request for cluster `cluster`.
 async fn open(
-    node: &Node,
+    dialer: &Dialer,
     cluster: &Id52,
     peer: &Id52,
     hints: &[SocketAddr],
     request: Request,
-) -> Result<(PeerConnection, SendHalf, RecvHalf), SyncError> {
+) -> Result<SyncStream, SyncError> {
+    let started = std::time::Instant::now();
+    let node = match dialer {
+        Dialer::Node(n) => n,
+        Dialer::Via { socket, cluster } => {
+            let sock = crate::endpoint::open_via(socket, cluster, *peer, hints, request)
+                .await
+                .map_err(|e| match e {
+                    crate::client::ClientError::Denied(r) => SyncError::Denied(r),
+                    e => SyncError::Refused(e.to_string()),
+                })?;
+            let (r, w) = sock.into_split();
+            return Ok(SyncStream {
+                conn: None,
+                send: Box::new(w),
+                recv: Box::new(r),
+                started,
+            });
+        }
+    };
     let conn = node.connect(peer, hints).await?;
     let (mut send, mut recv) = conn.open().await?;
     let header = Header {
@@ -108,7 +166,12 @@ async fn open(
         protocol::read_response(&mut recv).await
     };
     match answer.await {
-        Ok(Response::Accept) => Ok((conn, send, recv)),
+        Ok(Response::Accept) => Ok(SyncStream {
+            conn: Some(conn),
+            send: Box::new(send),
+            recv: Box::new(recv),
+            started,
+        }),
         Ok(Response::Deny { reason }) => {
             conn.close("denied");
             Err(SyncError::Denied(reason))
@@ -127,7 +190,7 @@ async fn open(
 /// `config-push`: send `text` (whose hash is `hash`) to `member`; returns the member's ack and
 /// the connection's round-trip time.
 pub async fn push(
-    node: &Node,
+    node: &Dialer,
     cluster: &Id52,
     member: &Id52,
     hints: &[SocketAddr],
@@ -142,20 +205,20 @@ pub async fn push(
         let request = Request::ConfigPush {
             hash: hash.to_string(),
         };
-        let (conn, mut send, mut recv) = open(node, cluster, member, hints, request).await?;
+        let mut st = open(node, cluster, member, hints, request).await?;
         let result = async {
             write_config_frame(
-                &mut send,
+                &mut st.send,
                 &ConfigFile {
                     text: text.to_string(),
                 },
             )
             .await?;
-            read_config_frame::<_, PushAck>(&mut recv).await
+            read_config_frame::<_, PushAck>(&mut st.recv).await
         }
         .await;
-        let rtt = conn.rtt();
-        conn.close("done");
+        let rtt = st.rtt();
+        st.close();
         Ok((result?, rtt))
     };
     tokio::time::timeout(timeout, exchange)
@@ -165,7 +228,7 @@ pub async fn push(
 
 /// `config-hash`: ask `peer` which file it has (and, with `fetch`, the manager for the file).
 pub async fn query(
-    node: &Node,
+    node: &Dialer,
     cluster: &Id52,
     peer: &Id52,
     hints: &[SocketAddr],
@@ -173,15 +236,14 @@ pub async fn query(
     timeout: Duration,
 ) -> Result<(HashReply, Duration), SyncError> {
     let exchange = async {
-        let (conn, mut send, mut recv) =
-            open(node, cluster, peer, hints, Request::ConfigHash).await?;
+        let mut st = open(node, cluster, peer, hints, Request::ConfigHash).await?;
         let result = async {
-            write_config_frame(&mut send, q).await?;
-            read_config_frame::<_, HashReply>(&mut recv).await
+            write_config_frame(&mut st.send, q).await?;
+            read_config_frame::<_, HashReply>(&mut st.recv).await
         }
         .await;
-        let rtt = conn.rtt();
-        conn.close("done");
+        let rtt = st.rtt();
+        st.close();
         Ok((result?, rtt))
     };
     tokio::time::timeout(timeout, exchange)
@@ -574,7 +636,7 @@ impl Syncer {
                     return Err(SyncError::Refused("no file to push".into()));
                 };
                 let (ack, rtt) = push(
-                    &self.node,
+                    &Dialer::Node(self.node.clone()),
                     &self.manager,
                     &job.member,
                     &job.hints,
@@ -603,7 +665,7 @@ impl Syncer {
             JobKind::Verify => {
                 let q = HashQuery::default();
                 let (reply, rtt) = query(
-                    &self.node,
+                    &Dialer::Node(self.node.clone()),
                     &self.manager,
                     &job.member,
                     &job.hints,

@@ -44,6 +44,14 @@ use crate::id52::Id52;
 use crate::keys;
 use crate::transport::iroh::{NetConfig, Node, PeerConnection};
 
+/// The server's control socket (in the private runtime dir): the agent's control
+/// protocol, so CLI commands and the agent use the cluster keys this process holds
+/// (`endpoint`: one endpoint per id52 per machine). `cluster serve` has its own.
+const CONTROL_SOCKET: &str = "server-control.sock";
+const CONTROL_SOCKET_MANAGED: &str = "cluster-serve-control.sock";
+/// How long a starting server waits for the agent to hand over a cluster key.
+const HANDOVER_WAIT: Duration = Duration::from_secs(3);
+
 /// How often clusters are rescanned for ones this machine newly serves.
 const RESCAN_EVERY: Duration = Duration::from_secs(2);
 /// How long shutdown waits for running requests before closing endpoints anyway.
@@ -67,6 +75,8 @@ pub enum ServerError {
     },
     #[error("{0}")]
     StdinServer(#[from] stdinserver::StdinServerError),
+    #[error("control socket {path}: {msg}")]
+    Control { path: String, msg: String },
 }
 
 /// Options of `malai ssh server`.
@@ -241,7 +251,7 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     crate::audit::init(&dirs.ssh_logs());
     let tracker = TaskTracker::new();
-    let mut served: BTreeMap<String, Node> = BTreeMap::new();
+    let mut served: BTreeMap<String, Served> = BTreeMap::new();
     let mut started = vec![];
     // The socket `malai ssh stdinserver` (sshd's forced command) hands its stdio to. It is
     // checked before anything is served: a non-private runtime dir refuses the start.
@@ -256,16 +266,50 @@ pub async fn run(
             tracker.clone(),
         ));
     }
+    let control = control_listener(&dirs, opts.managed_only)?;
+    let holder = Arc::new(crate::agent::serve::AgentContext {
+        pool: crate::agent::pool::Pool::for_server(
+            dirs.clone(),
+            control.path.clone(),
+            crate::agent::pool::idle_from_env(),
+        ),
+        dirs: dirs.clone(),
+        socket: control.path.clone(),
+        http: None,
+        shutdown: shutdown.clone(),
+        stoppable: false,
+    });
+    let ctl = Ctl {
+        holder: holder.clone(),
+        socket: control.path.clone(),
+        registry: registry.clone(),
+    };
     start_new_clusters(
         &dirs,
         &opts,
         &shutdown,
         &tracker,
-        &registry,
+        &ctl,
         &mut served,
         &mut started,
     )
     .await?;
+    tracker.spawn(crate::agent::daemon::accept_loop(
+        control.listener,
+        holder.clone(),
+        tracker.clone(),
+    ));
+    let reaper = holder.clone();
+    let reap_token = shutdown.clone();
+    tracker.spawn(async move {
+        let mut t = tokio::time::interval(reaper.pool.reap_every());
+        loop {
+            tokio::select! {
+                _ = reap_token.cancelled() => return,
+                _ = t.tick() => reaper.pool.reap(),
+            }
+        }
+    });
     ready(&started);
 
     loop {
@@ -273,7 +317,7 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(RESCAN_EVERY) => {
                 let mut newly = vec![];
-                if let Err(e) = start_new_clusters(&dirs, &opts, &shutdown, &tracker, &registry, &mut served, &mut newly).await {
+                if let Err(e) = start_new_clusters(&dirs, &opts, &shutdown, &tracker, &ctl, &mut served, &mut newly).await {
                     tracing::error!(error = %e, "starting a newly found cluster failed");
                 }
             }
@@ -288,10 +332,107 @@ pub async fn run(
     {
         tracing::warn!("drain deadline passed; closing with requests still running");
     }
-    for node in served.values() {
-        node.close().await;
+    holder.pool.close().await;
+    for s in served.values() {
+        s.node.close().await;
     }
+    drop(control.guard);
     Ok(())
+}
+
+/// A cluster this process serves: its endpoint and the claim that makes it the machine's
+/// only holder of the key.
+struct Served {
+    node: Node,
+    _claim: crate::endpoint::Claim,
+}
+
+/// What `start_new_clusters` needs to register a cluster with the control socket.
+struct Ctl {
+    holder: Arc<crate::agent::serve::AgentContext>,
+    socket: std::path::PathBuf,
+    registry: Arc<stdinserver::Registry>,
+}
+
+/// Removes the control socket file when the server ends.
+struct SocketGuard(std::path::PathBuf);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+struct ControlListener {
+    path: std::path::PathBuf,
+    listener: tokio::net::UnixListener,
+    guard: SocketGuard,
+}
+
+fn control_listener(dirs: &Dirs, managed_only: bool) -> Result<ControlListener, ServerError> {
+    use std::os::unix::fs::PermissionsExt;
+    crate::agent::prepare_run_dir(&dirs.run).map_err(|e| ServerError::Control {
+        path: dirs.run.display().to_string(),
+        msg: e.to_string(),
+    })?;
+    let name = if managed_only {
+        CONTROL_SOCKET_MANAGED
+    } else {
+        CONTROL_SOCKET
+    };
+    let path = dirs.run.join(name);
+    let err = |msg: String| ServerError::Control {
+        path: path.display().to_string(),
+        msg,
+    };
+    if std::fs::symlink_metadata(&path).is_ok() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(err("another malai ssh server answers on it".into()));
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    let listener = tokio::net::UnixListener::bind(&path).map_err(|e| err(e.to_string()))?;
+    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    Ok(ControlListener {
+        guard: SocketGuard(path.clone()),
+        path,
+        listener,
+    })
+}
+
+/// Claim `dir`'s key for this server (one endpoint per id52 per machine). An agent that
+/// holds it is asked to hand it over; a key in use by commands (or another server) is
+/// left alone and tried again at the next rescan.
+async fn claim_for_server(
+    dir: &ClusterDir,
+    socket: &std::path::Path,
+) -> Option<crate::endpoint::Claim> {
+    use crate::endpoint::{Claimed, Role, claim};
+    let deadline = std::time::Instant::now() + HANDOVER_WAIT;
+    let mut asked = false;
+    loop {
+        match claim(dir, Role::Server, Some(socket)) {
+            Ok(Claimed::Mine(c)) => return Some(c),
+            Ok(Claimed::Held(Some(h))) if h.role == crate::endpoint::Role::Agent && !asked => {
+                asked = true;
+                if let Some(s) = &h.socket
+                    && let Err(e) = crate::endpoint::ask_release(s, &dir.alias).await
+                {
+                    tracing::warn!(cluster = %dir.alias, error = %e, "the agent did not hand over the key");
+                }
+            }
+            Ok(Claimed::Held(h)) if !asked || std::time::Instant::now() >= deadline => {
+                tracing::warn!(cluster = %dir.alias, "not serving yet: {}", crate::endpoint::describe(h.as_ref()));
+                return None;
+            }
+            Ok(Claimed::Held(_)) => {}
+            Err(e) => {
+                tracing::error!(cluster = %dir.alias, error = %e, "cannot claim the cluster key");
+                return None;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn start_new_clusters(
@@ -299,8 +440,8 @@ async fn start_new_clusters(
     opts: &ServeOptions,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
-    registry: &stdinserver::Registry,
-    served: &mut BTreeMap<String, Node>,
+    ctl: &Ctl,
+    served: &mut BTreeMap<String, Served>,
     started: &mut Vec<(String, Id52, Vec<SocketAddr>)>,
 ) -> Result<(), ServerError> {
     for dir in list_clusters(dirs)? {
@@ -308,6 +449,9 @@ async fn start_new_clusters(
             continue;
         }
         let Some((me, cfg)) = servable(&dir, opts.managed_only) else {
+            continue;
+        };
+        let Some(claim) = claim_for_server(&dir, &ctl.socket).await else {
             continue;
         };
         let key = keys::load(&dir.dir).map_err(|source| ServerError::Key {
@@ -333,7 +477,7 @@ async fn start_new_clusters(
         started.push((dir.alias.clone(), me, addrs));
         let manages = cfg.manager == me;
         let state = Arc::new(ClusterState::new(dir.clone(), me, cfg));
-        registry.add(state.clone());
+        ctl.registry.add(state.clone());
         if manages {
             let syncer = crate::cluster::sync::Syncer::new(dir.clone(), node.clone(), me);
             let _ = state.sync.set(syncer.clone());
@@ -347,7 +491,14 @@ async fn start_new_clusters(
             shutdown.clone(),
             tracker.clone(),
         ));
-        served.insert(dir.alias.clone(), node);
+        ctl.holder.pool.adopt(&dir.alias, me, node.clone()).await;
+        served.insert(
+            dir.alias.clone(),
+            Served {
+                node,
+                _claim: claim,
+            },
+        );
     }
     Ok(())
 }
@@ -355,6 +506,7 @@ async fn start_new_clusters(
 /// A member catches up with the manager once at start (it may have missed pushes while it
 /// was down). Failing is normal (manager offline, no address hint): pushes still come.
 async fn pull_on_start(dir: ClusterDir, node: Node, shutdown: CancellationToken) {
+    let node = crate::cluster::sync::Dialer::Node(node);
     tokio::select! {
         _ = shutdown.cancelled() => {}
         r = crate::cluster::member::pull(&dir, &node) => match r {

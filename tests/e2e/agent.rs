@@ -361,8 +361,20 @@ fn lockdown_cli_never_needs_the_key_the_agent_holds_it() {
     assert_success(&out, "exec through the agent without a key file");
     assert_eq!(stdout_of(&out), "locked-down\n");
 
-    // The CLI alone has no key now: lockdown says how to fix it, without lockdown the key
-    // read fails — proof that the agent path never needed it.
+    // Without MALAI_SSH_AGENT the CLI still finds the agent: it holds the cluster key on
+    // this machine, and commands of that identity go through it (one endpoint per id52).
+    let mut cmd = alice.cmd(["ssh", "foo.acme", "echo", "via-holder"]);
+    cmd.env("MALAI_LOCKDOWN_MODE", "true");
+    let out = run_cmd(&mut cmd);
+    assert_success(
+        &out,
+        "lockdown, no MALAI_SSH_AGENT, the agent holds the key",
+    );
+    assert_eq!(stdout_of(&out), "via-holder\n");
+
+    // With the agent gone the CLI alone has no key: lockdown says how to fix it, without
+    // lockdown the key read fails — proof that the agent path never needed it.
+    drop(agent);
     let mut cmd = alice.cmd(["ssh", "foo.acme", "true"]);
     cmd.env("MALAI_LOCKDOWN_MODE", "true");
     let out = run_cmd(&mut cmd);

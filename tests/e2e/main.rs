@@ -22,6 +22,8 @@ mod http;
 mod faults;
 // Load: 100 concurrent scp/rsync through one server; 1,000 concurrent exec from 50 peers.
 mod load;
+// One endpoint per id52 per machine: the server holds the key; CLI and agent go through it.
+mod holder;
 // Secrets audit: no key material in any log, audit log or pushed file after a full scenario.
 mod secrets;
 // Security review (issue 12): concurrent cluster edits, revocation, strangers.

@@ -1,0 +1,161 @@
+//! One endpoint per id52 per machine (issue 11): a machine that is a server *and* a client
+//! in one cluster binds that cluster's key once. The server holds it; the machine's own
+//! CLI commands (exec, the ProxyCommand, `cluster status/push`) and its agent go through
+//! the server's control socket. An agent that held the key first hands it over when the
+//! server starts, and takes it back when the server stops.
+//!
+//! On loopback two endpoints with one key would still work (direct paths); what breaks
+//! through a relay (it delivers to the newest) is shown on the namespace network
+//! (`nat.rs`). Here the rule itself is checked: who holds the lock, and that every path
+//! works while it is held elsewhere.
+
+use std::fs;
+use std::time::Duration;
+
+use crate::agent::Agent;
+use crate::harness::*;
+
+/// The holder record in `endpoint.lock` (`{"pid":…,"role":…,"socket":…}`), if held.
+fn holder_of(m: &Machine, cluster: &str) -> Option<serde_json::Value> {
+    let text = fs::read_to_string(
+        m.home()
+            .join("ssh/clusters")
+            .join(cluster)
+            .join("endpoint.lock"),
+    )
+    .ok()?;
+    serde_json::from_str(text.trim()).ok()
+}
+
+fn role_pid(m: &Machine, cluster: &str) -> (String, u64) {
+    let h = holder_of(m, cluster).expect("a holder record");
+    (
+        h["role"].as_str().unwrap_or_default().to_string(),
+        h["pid"].as_u64().unwrap_or_default(),
+    )
+}
+
+fn two_servers() -> TestCluster {
+    TestCluster::builder("acme")
+        .manager("mgr")
+        .server("foo")
+        .server("bar")
+        .device("alice")
+        .allow("foo", &["alice"])
+        .allow("bar", &["foo", "alice"])
+        .build()
+}
+
+#[test]
+fn a_server_uses_its_own_key_through_its_server_and_stays_reachable() {
+    let mut c = two_servers();
+    let foo_pid = c.server_process("foo").pid() as u64;
+    let foo = c.machine("foo");
+    assert_eq!(
+        role_pid(foo, "acme"),
+        ("server".to_string(), foo_pid),
+        "foo's server holds foo's key"
+    );
+
+    // foo as a client of bar, through its own server (exec, ssh via the ProxyCommand).
+    let out = foo.run(["ssh", &c.host("bar"), "echo", "from-foo"]);
+    assert_success(&out, "exec foo -> bar while foo's server runs");
+    assert_eq!(stdout_of(&out), "from-foo\n");
+    let out = c.ssh("foo", &c.host("bar"), "echo via-sshd");
+    assert_success(&out, "ssh foo -> bar through the ProxyCommand");
+    assert_eq!(stdout_of(&out), "via-sshd\n");
+    // Meanwhile foo is still reachable by others.
+    let out = c
+        .machine("alice")
+        .run(["ssh", &c.host("foo"), "echo", "to-foo"]);
+    assert_success(&out, "alice -> foo");
+    assert_eq!(stdout_of(&out), "to-foo\n");
+    // The key was never bound by the CLI: the server still holds it, nobody else did.
+    assert_eq!(role_pid(foo, "acme").1, foo_pid);
+    let cli_log = foo.logs();
+    assert!(
+        !cli_log.contains("agent holds the key of cluster"),
+        "some other process bound foo's key:\n{}",
+        tail(&cli_log, 40)
+    );
+
+    // An agent on foo does not bind acme: it uses the server's endpoint.
+    let agent = Agent::start(foo, &[]);
+    let st = agent.status();
+    assert!(
+        !st["clusters"].contains("acme"),
+        "the agent holds acme although the server does:\n{}",
+        st["raw"]
+    );
+    let out = run_cmd(&mut agent.cmd(["ssh", &c.host("bar"), "echo", "agent-via-server"]));
+    assert_success(
+        &out,
+        "exec through foo's agent while foo's server holds the key",
+    );
+    assert_eq!(stdout_of(&out), "agent-via-server\n");
+
+    // The server stops: the agent takes the key (its next rescan) and keeps working.
+    c.stop_server("foo");
+    let foo = c.machine("foo");
+    let agent_pid = agent.pid() as u64;
+    let took = poll_until(Duration::from_secs(10), || {
+        (holder_of(foo, "acme").and_then(|h| h["pid"].as_u64()) == Some(agent_pid)).then_some(())
+    });
+    assert!(
+        took.is_some(),
+        "the agent did not take the key: {:?}",
+        holder_of(foo, "acme")
+    );
+    let out = run_cmd(&mut agent.cmd(["ssh", &c.host("bar"), "echo", "agent-own"]));
+    assert_success(&out, "exec through the agent holding the key");
+
+    // The server starts again: the agent hands the key over, and everything still works.
+    c.start_server("foo");
+    let foo_pid = c.server_process("foo").pid() as u64;
+    let foo = c.machine("foo");
+    assert_eq!(role_pid(foo, "acme"), ("server".to_string(), foo_pid));
+    let out = run_cmd(&mut agent.cmd(["ssh", &c.host("bar"), "echo", "handed-over"]));
+    assert_success(&out, "exec through the agent after the handover");
+    assert_eq!(stdout_of(&out), "handed-over\n");
+    let out = c
+        .machine("alice")
+        .run(["ssh", &c.host("foo"), "echo", "still-reachable"]);
+    assert_success(&out, "alice -> foo after the handover");
+}
+
+#[test]
+fn cluster_status_and_push_on_the_manager_go_through_its_server() {
+    let c = two_servers();
+    let mgr = c.manager();
+    let bind: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    let server = mgr.spawn_server(bind);
+    let out = mgr.run(["ssh", "cluster", "status"]);
+    assert_success(&out, "cluster status while the manager's server runs");
+    let text = stdout_of(&out);
+    assert!(text.contains("foo") && text.contains("bar"), "{text}");
+    let out = mgr.run(["ssh", "cluster", "push"]);
+    assert_success(&out, "cluster push while the manager's server runs");
+    assert_eq!(
+        role_pid(mgr, "acme"),
+        ("server".to_string(), server.pid() as u64),
+        "the manager's server holds its key"
+    );
+}
+
+/// With neither a server nor an agent, a command binds the key for its own length only:
+/// afterwards nobody holds it.
+#[test]
+fn a_command_alone_binds_the_key_only_for_its_length() {
+    let c = two_servers();
+    let alice = c.machine("alice");
+    let out = alice.run(["ssh", &c.host("foo"), "true"]);
+    assert_success(&out, "alice -> foo");
+    assert!(
+        holder_of(alice, "acme").is_none(),
+        "{:?}",
+        holder_of(alice, "acme")
+    );
+    // And an agent started now can claim it at once.
+    let agent = Agent::start(alice, &[]);
+    assert!(agent.status()["clusters"].contains("acme"));
+}
