@@ -22,6 +22,7 @@
 pub mod config_sync;
 pub mod embedded;
 pub mod exec;
+pub mod guard;
 pub mod http;
 pub mod process;
 pub mod request;
@@ -530,6 +531,10 @@ async fn accept_loop(
                 None => return,
             },
         };
+        // Over the handshake ceiling: dropped (refused) before any crypto work (guard.rs).
+        let Some(handshaking) = guard::try_handshake() else {
+            continue;
+        };
         // The handshake runs in the connection's own task: never one after another here.
         let (state, shutdown, tracker2) = (state.clone(), shutdown.clone(), tracker.clone());
         tracker.spawn(async move {
@@ -539,6 +544,12 @@ async fn accept_loop(
                     Some(c) => c,
                     None => return,
                 },
+            };
+            drop(handshaking);
+            // Strangers are closed here, before they can open a stream (guard.rs).
+            let _slot = match guard::admit(&state, &conn.remote()) {
+                Ok(slot) => slot,
+                Err(why) => return conn.close(&why.to_string()),
             };
             serve_connection(conn, state, shutdown, tracker2).await
         });

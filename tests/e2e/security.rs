@@ -1,5 +1,6 @@
 //! Security review findings (issue 12) that need whole processes: concurrent `cluster
-//! add` runs do not lose an edit. (Most findings are proven next to the feature they
+//! add` runs do not lose an edit; revoking a peer cuts its live session within seconds;
+//! a stranger's connection is closed right after the handshake. (Most findings are proven next to the feature they
 //! touch: `shim` for stdinserver identities, `sync` for join by domain and pushed key
 //! settings, `secrets` for logs and comments, `exec` for pinned arguments, `agent` for
 //! planted sockets.)
@@ -130,4 +131,46 @@ fn revocation_cuts_live_sessions_within_seconds() {
         audit.contains("\"revoked\""),
         "no revoked entry in the audit log"
     );
+}
+
+#[test]
+fn a_stranger_is_closed_right_after_the_handshake() {
+    let c = TestCluster::builder("acme")
+        .manager("mgr")
+        .server_with("foo", SshTarget::Unset)
+        .device("alice")
+        .allow("foo", &["alice"])
+        .build();
+    // mallory has a key and a copy of the file (files are not secret), but is in no list.
+    let mallory = Machine::new(c.dir(), "mallory");
+    let mgr_id = c.id52("mgr").to_string();
+    mallory.run_ok(["ssh", "cluster", "join", "acme", &mgr_id]);
+    let f = c.manager_file();
+    mallory.run_ok([
+        std::ffi::OsStr::new("ssh"),
+        std::ffi::OsStr::new("cluster"),
+        std::ffi::OsStr::new("import"),
+        std::ffi::OsStr::new("acme"),
+        f.as_os_str(),
+    ]);
+    let out = mallory.run(["ssh", "foo.acme", "echo", "in"]);
+    assert_exit_code(&out, 255, "a stranger's exec");
+    assert!(!stdout_of(&out).contains("in"), "{}", fmt_output(&out));
+    // Closed before any request was read: no ACL answer, no audit entry.
+    assert!(
+        !stderr_of(&out).contains("permission denied"),
+        "the stranger got as far as the ACL:\n{}",
+        fmt_output(&out)
+    );
+    let audit =
+        fs::read_to_string(c.machine("foo").home().join("logs/ssh/audit.log")).unwrap_or_default();
+    let mallory_id = mallory.run_ok(["ssh", "id52", "acme"]);
+    assert!(
+        !audit.contains(mallory_id.trim()),
+        "a stranger's request reached the ACL"
+    );
+    // Allowed twin: a member on the same server.
+    let out = c.machine("alice").run(["ssh", "foo.acme", "echo", "in"]);
+    assert_success(&out, "alice");
+    assert_eq!(stdout_of(&out), "in\n");
 }
