@@ -174,3 +174,124 @@ fn a_stranger_is_closed_right_after_the_handshake() {
     assert_success(&out, "alice");
     assert_eq!(stdout_of(&out), "in\n");
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    read_lossy(std::path::Path::new(&format!("/proc/{pid}/status")))
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `n` handshakes to `target` at `addr`, each from a fresh key (a fresh endpoint),
+/// `conc` at a time. Returns (handshakes completed, failed).
+fn flood(target: &str, addr: std::net::SocketAddr, n: usize, conc: usize) -> (usize, usize) {
+    use malai::transport::iroh::{NetConfig, Node, generate_secret};
+    let target: malai::id52::Id52 = target.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(conc));
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let permit = sem.clone().acquire_owned().await.unwrap();
+            set.spawn(async move {
+                let net = NetConfig::disabled(Some("127.0.0.1:0".parse().unwrap()));
+                let Ok(node) = Node::bind(&generate_secret(), &net, None, false).await else {
+                    return false;
+                };
+                let ok = matches!(
+                    tokio::time::timeout(Duration::from_secs(10), node.connect(&target, &[addr]))
+                        .await,
+                    Ok(Ok(_))
+                );
+                node.close_within(Duration::from_millis(100)).await;
+                drop(permit);
+                ok
+            });
+        }
+        let (mut ok, mut failed) = (0, 0);
+        while let Some(r) = set.join_next().await {
+            if matches!(r, Ok(true)) {
+                ok += 1
+            } else {
+                failed += 1
+            }
+        }
+        (ok, failed)
+    })
+}
+
+/// Issue 12, finding 3: 2,000 handshakes from fresh keys while a member copies 64 MiB
+/// with scp. The member's copy completes intact and the server's memory stays bounded
+/// (strangers are closed after the handshake; handshakes in flight are capped).
+#[test]
+fn a_handshake_flood_from_fresh_keys_does_not_stop_a_member() {
+    let _heavy = heavy_lock();
+    let mut c = TestCluster::builder("acme")
+        .manager("mgr")
+        .server("foo")
+        .device("alice")
+        .allow("foo", &["alice"])
+        .build();
+    let foo_pid = c.server_process("foo").pid();
+    let foo_id = c.id52("foo").to_string();
+    let addr = c.server_bind("foo");
+    let src = c.scratch("local").join("big.bin");
+    write_random_file(&src, 64 << 20, 12);
+    let want = sha256_file(&src);
+    let dst = c.scratch("remote").join("big.bin");
+    let before = rss_kib(foo_pid);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let sampler = {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(foo_pid), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let flooder = std::thread::spawn(move || {
+        let t = std::time::Instant::now();
+        let r = flood(&foo_id, addr, 2000, 64);
+        (r, t.elapsed())
+    });
+    let t = std::time::Instant::now();
+    let out = c.scp(
+        "alice",
+        &[
+            src.display().to_string(),
+            format!("foo.acme:{}", dst.display()),
+        ],
+    );
+    let scp_took = t.elapsed();
+    let ((ok, failed), flood_took) = flooder.join().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    let after = rss_kib(foo_pid);
+    eprintln!(
+        "flood: 2000 fresh-key handshakes ({ok} completed, {failed} refused or failed) in {flood_took:?}; \
+         scp 64 MiB in {scp_took:?}; foo RSS {before} KiB before, peak {peak} KiB, {after} KiB after"
+    );
+    assert_success(&out, "alice's scp during the flood");
+    assert_eq!(sha256_file(&dst), want, "the copy was corrupted");
+    assert!(
+        c.server_process("foo").is_running(),
+        "foo died under the flood"
+    );
+    // Bounded: the strangers' connections are gone right after their handshakes.
+    assert!(
+        peak < before + 256 * 1024,
+        "foo's RSS grew from {before} KiB to {peak} KiB under the flood"
+    );
+    // The member still gets in afterwards.
+    let out = c.machine("alice").run(["ssh", "foo.acme", "echo", "after"]);
+    assert_success(&out, "alice after the flood");
+}
