@@ -71,6 +71,14 @@ pub enum SshCommand {
     },
     /// Print an ssh_config block (Host *.<cluster> + ProxyCommand) for every cluster.
     Config,
+    /// Show every live cluster connection of this machine, like `tailscale status`: which
+    /// process holds it (server, agent), the peer, direct or through a relay, the address
+    /// and the round-trip time.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve every cluster where this machine is listed as a server.
     ///
     /// Runs in the foreground; SIGTERM or Ctrl-C drains running requests and exits 0.
@@ -411,6 +419,15 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
             print!("{}", crate::cluster::ssh_config_blocks(&dirs)?);
             Ok(())
         }
+        SshCommand::Status { json } => {
+            let holders = crate::endpoint::live_holders(&dirs).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&holders)?);
+            } else {
+                print!("{}", render_status(&holders));
+            }
+            Ok(())
+        }
         SshCommand::Server {
             bind,
             max_requests_per_peer,
@@ -683,6 +700,68 @@ async fn agent(
     }
 }
 
+/// Human-readable `malai ssh status`.
+pub fn render_status(holders: &[crate::endpoint::HolderStatus]) -> String {
+    if holders.is_empty() {
+        return "no malai ssh server or agent is running here; no cluster connections\n".into();
+    }
+    let mut rows = vec![[
+        "HOLDER".to_string(),
+        "CLUSTER".into(),
+        "PEER".into(),
+        "DIR".into(),
+        "PATH".into(),
+        "ADDRESS".into(),
+        "RTT".into(),
+    ]];
+    for h in holders {
+        let who = format!("{} {}", h.role, h.status.pid);
+        if h.status.connections.is_empty() {
+            rows.push([
+                who.clone(),
+                "-".into(),
+                "-".into(),
+                "".into(),
+                "".into(),
+                "".into(),
+                "".into(),
+            ]);
+        }
+        for c in &h.status.connections {
+            rows.push([
+                who.clone(),
+                c.cluster.clone(),
+                c.server.clone(),
+                c.direction.clone(),
+                if c.path.is_empty() {
+                    "-".into()
+                } else {
+                    c.path.clone()
+                },
+                c.addr.clone(),
+                c.rtt_ms.map(|r| format!("{r:.1} ms")).unwrap_or_default(),
+            ]);
+        }
+    }
+    let mut widths = [0usize; 7];
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// Human-readable `agent status`.
 pub fn render_agent_status(s: &crate::agent::protocol::AgentStatus) -> String {
     let mut out = format!(
@@ -698,8 +777,14 @@ pub fn render_agent_status(s: &crate::agent::protocol::AgentStatus) -> String {
     out.push_str(&format!("requests: {}\n", s.requests));
     for c in &s.connections {
         out.push_str(&format!(
-            "connection {}/{}: active {}, requests {}, idle {} s\n",
-            c.cluster, c.server, c.active, c.requests, c.idle_secs
+            "connection {}/{}: active {}, requests {}, idle {} s, {} {}\n",
+            c.cluster,
+            c.server,
+            c.active,
+            c.requests,
+            c.idle_secs,
+            if c.path.is_empty() { "-" } else { &c.path },
+            c.addr
         ));
     }
     out

@@ -344,3 +344,98 @@ pub async fn for_command(
         dir.alias
     )))
 }
+
+/// One running key holder and what it reports (`malai ssh status`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HolderStatus {
+    /// `server`, `cluster-serve` or `agent`.
+    pub role: String,
+    pub status: crate::agent::protocol::AgentStatus,
+}
+
+/// Ask every key holder that runs for these dirs (the server's control sockets, the
+/// agent's socket) for its connections. Holders that do not answer are left out.
+pub async fn live_holders(dirs: &crate::config::paths::Dirs) -> Vec<HolderStatus> {
+    let agent = crate::agent::socket_from_env().unwrap_or_else(|| crate::agent::socket_path(dirs));
+    let candidates = [
+        ("server", dirs.run.join(crate::server::CONTROL_SOCKET)),
+        (
+            "cluster-serve",
+            dirs.run.join(crate::server::CONTROL_SOCKET_MANAGED),
+        ),
+        ("agent", agent),
+    ];
+    let mut out = vec![];
+    for (role, path) in candidates {
+        if !path.exists() {
+            continue;
+        }
+        let Ok(client) = crate::agent::client::AgentClient::connect(&path).await else {
+            continue;
+        };
+        if let Ok(status) = client.status().await {
+            out.push(HolderStatus {
+                role: role.to_string(),
+                status,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::paths::Dirs;
+
+    fn dir() -> (tempfile::TempDir, ClusterDir) {
+        let t = tempfile::tempdir().unwrap();
+        let dirs = Dirs::under(t.path());
+        let cd = ClusterDir::new(&dirs, "acme").unwrap();
+        cd.create().unwrap();
+        (t, cd)
+    }
+
+    /// One exclusive holder at a time; its record names it; commands share only when no
+    /// exclusive holder exists; a dropped claim frees the key.
+    #[test]
+    fn exclusive_and_shared_claims() {
+        let (_t, cd) = dir();
+        assert!(holder(&cd).unwrap().is_none());
+        let sock = std::path::Path::new("/run/x.sock");
+        let Claimed::Mine(server) = claim(&cd, Role::Server, Some(sock)).unwrap() else {
+            panic!("first claim refused");
+        };
+        let h = holder(&cd).unwrap().expect("a holder");
+        assert_eq!(h.role, Role::Server);
+        assert_eq!(h.pid, std::process::id());
+        assert_eq!(h.socket.as_deref(), Some(sock));
+        match claim(&cd, Role::Agent, None).unwrap() {
+            Claimed::Held(Some(h)) => assert_eq!(h.role, Role::Server),
+            other => panic!("agent got {other:?}"),
+        }
+        assert!(matches!(
+            claim(&cd, Role::Command, None).unwrap(),
+            Claimed::Held(Some(_))
+        ));
+        drop(server);
+        assert!(holder(&cd).unwrap().is_none());
+
+        // Commands share; meanwhile no server or agent can take it.
+        let Claimed::Mine(a) = claim(&cd, Role::Command, None).unwrap() else {
+            panic!("command claim refused");
+        };
+        let Claimed::Mine(b) = claim(&cd, Role::Command, None).unwrap() else {
+            panic!("second command claim refused");
+        };
+        assert!(matches!(
+            claim(&cd, Role::Agent, None).unwrap(),
+            Claimed::Held(_)
+        ));
+        drop((a, b));
+        assert!(matches!(
+            claim(&cd, Role::Agent, None).unwrap(),
+            Claimed::Mine(_)
+        ));
+    }
+}

@@ -132,6 +132,7 @@ pub async fn run(
         http: http_addr,
         shutdown: shutdown.clone(),
         stoppable: true,
+        inbound: None,
     });
     ctx.pool.rescan().await;
     drop(lock);

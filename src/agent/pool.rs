@@ -451,18 +451,23 @@ impl Pool {
             .filter_map(|s| {
                 let live = lock(&s.live);
                 let l = live.as_ref().filter(|l| !l.conn.is_closed())?;
-                Some(ConnectionInfo {
-                    cluster: s.cluster.clone(),
-                    server: s.server.clone(),
-                    peer: s.peer.to_string(),
-                    active: l.active,
-                    requests: l.requests,
-                    idle_secs: if l.active > 0 {
-                        0
-                    } else {
-                        l.last_used.elapsed().as_secs()
-                    },
-                })
+                Some(
+                    ConnectionInfo {
+                        cluster: s.cluster.clone(),
+                        server: s.server.clone(),
+                        peer: s.peer.to_string(),
+                        active: l.active,
+                        requests: l.requests,
+                        idle_secs: if l.active > 0 {
+                            0
+                        } else {
+                            l.last_used.elapsed().as_secs()
+                        },
+                        direction: "out".into(),
+                        ..Default::default()
+                    }
+                    .with_path(&l.conn),
+                )
             })
             .collect()
     }

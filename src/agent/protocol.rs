@@ -138,7 +138,7 @@ pub enum FailKind {
 }
 
 /// One iroh connection the agent keeps.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ConnectionInfo {
     pub cluster: String,
     pub server: String,
@@ -148,6 +148,29 @@ pub struct ConnectionInfo {
     /// Requests served over it since it was dialed.
     pub requests: u64,
     pub idle_secs: u64,
+    /// `out` (we dialed) or `in` (the peer did: the server's accepted connections).
+    #[serde(default)]
+    pub direction: String,
+    /// `direct` or `relay`; empty when unknown.
+    #[serde(default)]
+    pub path: String,
+    /// The peer's IP address, or the relay's URL.
+    #[serde(default)]
+    pub addr: String,
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
+}
+
+impl ConnectionInfo {
+    /// Fill in the path fields from a live connection.
+    pub fn with_path(mut self, conn: &crate::transport::iroh::PeerConnection) -> Self {
+        if let Some(p) = conn.path() {
+            self.path = if p.direct { "direct" } else { "relay" }.into();
+            self.addr = p.addr;
+            self.rtt_ms = Some(p.rtt.as_secs_f64() * 1000.0);
+        }
+        self
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -44,6 +44,8 @@ pub struct AgentContext {
     pub shutdown: CancellationToken,
     /// Whether `stop` may cancel it: the agent, yes; the server's control socket, no.
     pub stoppable: bool,
+    /// The server's accepted connections, listed by `status` beside the pool's.
+    pub inbound: Option<Arc<crate::server::Inbound>>,
 }
 
 impl AgentContext {
@@ -64,7 +66,13 @@ impl AgentContext {
             clusters: self.pool.clusters(),
             dials: self.pool.dials(),
             requests: self.pool.requests(),
-            connections: self.pool.connections(),
+            connections: {
+                let mut c = self.pool.connections();
+                if let Some(i) = &self.inbound {
+                    c.extend(i.list());
+                }
+                c
+            },
         }
     }
 }

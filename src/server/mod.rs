@@ -48,8 +48,8 @@ use crate::transport::iroh::{NetConfig, Node, PeerConnection};
 /// The server's control socket (in the private runtime dir): the agent's control
 /// protocol, so CLI commands and the agent use the cluster keys this process holds
 /// (`endpoint`: one endpoint per id52 per machine). `cluster serve` has its own.
-const CONTROL_SOCKET: &str = "server-control.sock";
-const CONTROL_SOCKET_MANAGED: &str = "cluster-serve-control.sock";
+pub const CONTROL_SOCKET: &str = "server-control.sock";
+pub const CONTROL_SOCKET_MANAGED: &str = "cluster-serve-control.sock";
 /// How long a starting server waits for the agent to hand over a cluster key.
 const HANDOVER_WAIT: Duration = Duration::from_secs(3);
 
@@ -268,6 +268,7 @@ pub async fn run(
         ));
     }
     let control = control_listener(&dirs, opts.managed_only)?;
+    let inbound = Arc::new(Inbound::default());
     let holder = Arc::new(crate::agent::serve::AgentContext {
         pool: crate::agent::pool::Pool::for_server(
             dirs.clone(),
@@ -279,8 +280,10 @@ pub async fn run(
         http: None,
         shutdown: shutdown.clone(),
         stoppable: false,
+        inbound: Some(inbound.clone()),
     });
     let ctl = Ctl {
+        inbound,
         holder: holder.clone(),
         socket: control.path.clone(),
         registry: registry.clone(),
@@ -341,6 +344,59 @@ pub async fn run(
     Ok(())
 }
 
+/// The server's accepted connections, for `malai ssh status` (path, address, RTT).
+#[derive(Default)]
+pub struct Inbound {
+    next: std::sync::atomic::AtomicU64,
+    live: Mutex<BTreeMap<u64, (String, String, Id52, PeerConnection)>>,
+}
+
+/// Removes its connection from [`Inbound`] when the connection's task ends.
+struct Listed<'a> {
+    inbound: &'a Inbound,
+    id: u64,
+}
+
+impl Drop for Listed<'_> {
+    fn drop(&mut self) {
+        let mut l = self.inbound.live.lock().unwrap_or_else(|p| p.into_inner());
+        l.remove(&self.id);
+    }
+}
+
+impl Inbound {
+    fn add(&self, state: &ClusterState, conn: &PeerConnection) -> Listed<'_> {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let peer = conn.remote();
+        let name = state
+            .current()
+            .name_of(&peer)
+            .map(|(n, _)| n.to_string())
+            .unwrap_or_else(|| peer.short());
+        let mut l = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        l.insert(id, (state.dir.alias.clone(), name, peer, conn.clone()));
+        Listed { inbound: self, id }
+    }
+
+    /// Every live accepted connection.
+    pub fn list(&self) -> Vec<crate::agent::protocol::ConnectionInfo> {
+        let l = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        l.values()
+            .filter(|(_, _, _, c)| !c.is_closed())
+            .map(|(cluster, name, peer, conn)| {
+                crate::agent::protocol::ConnectionInfo {
+                    cluster: cluster.clone(),
+                    server: name.clone(),
+                    peer: peer.to_string(),
+                    direction: "in".into(),
+                    ..Default::default()
+                }
+                .with_path(conn)
+            })
+            .collect()
+    }
+}
+
 /// A cluster this process serves: its endpoint and the claim that makes it the machine's
 /// only holder of the key.
 struct Served {
@@ -350,6 +406,7 @@ struct Served {
 
 /// What `start_new_clusters` needs to register a cluster with the control socket.
 struct Ctl {
+    inbound: Arc<Inbound>,
     holder: Arc<crate::agent::serve::AgentContext>,
     socket: std::path::PathBuf,
     registry: Arc<stdinserver::Registry>,
@@ -489,6 +546,7 @@ async fn start_new_clusters(
         tracker.spawn(accept_loop(
             node.clone(),
             state,
+            ctl.inbound.clone(),
             shutdown.clone(),
             tracker.clone(),
         ));
@@ -520,6 +578,7 @@ async fn pull_on_start(dir: ClusterDir, node: Node, shutdown: CancellationToken)
 async fn accept_loop(
     node: Node,
     state: Arc<ClusterState>,
+    inbound: Arc<Inbound>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -537,6 +596,7 @@ async fn accept_loop(
         };
         // The handshake runs in the connection's own task: never one after another here.
         let (state, shutdown, tracker2) = (state.clone(), shutdown.clone(), tracker.clone());
+        let inbound = inbound.clone();
         tracker.spawn(async move {
             let conn = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -551,6 +611,7 @@ async fn accept_loop(
                 Ok(slot) => slot,
                 Err(why) => return conn.close(&why.to_string()),
             };
+            let _listed = inbound.add(&state, &conn);
             serve_connection(conn, state, shutdown, tracker2).await
         });
     }

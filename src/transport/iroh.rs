@@ -428,12 +428,45 @@ impl PeerConnection {
         self.conn.stats().udp_rx.datagrams
     }
 
+    /// The path application data takes now: direct (UDP to an address, after hole
+    /// punching or through `addrs`) or through a relay, with its address and RTT.
+    pub fn path(&self) -> Option<PathSummary> {
+        let paths = self.conn.paths();
+        let p = paths
+            .iter()
+            .find(|p| p.is_selected())
+            .or_else(|| paths.iter().next())?;
+        let (direct, addr) = match p.remote_addr() {
+            iroh::TransportAddr::Ip(a) => (true, a.to_string()),
+            iroh::TransportAddr::Relay(u) => (false, u.to_string()),
+            other => (false, format!("{other:?}")),
+        };
+        Some(PathSummary {
+            direct,
+            addr,
+            rtt: p.rtt(),
+            paths: paths.len(),
+        })
+    }
+
     /// Round-trip time estimate (for `cluster status`).
     pub fn rtt(&self) -> std::time::Duration {
         self.conn
             .rtt(iroh::endpoint::PathId::ZERO)
             .unwrap_or_default()
     }
+}
+
+/// A connection's current path (for `malai ssh status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathSummary {
+    /// A direct UDP path (else: through a relay).
+    pub direct: bool,
+    /// The remote's IP address, or the relay's URL.
+    pub addr: String,
+    pub rtt: std::time::Duration,
+    /// Open paths (a relay path usually stays open beside a direct one).
+    pub paths: usize,
 }
 
 /// The sending half of a bi-stream. `shutdown` sends FIN (the peer reads EOF).

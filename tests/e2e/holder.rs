@@ -79,6 +79,23 @@ fn a_server_uses_its_own_key_through_its_server_and_stays_reachable() {
         tail(&cli_log, 40)
     );
 
+    // `malai ssh status`: the server's pooled connection to bar, direct, with its RTT.
+    let out = foo.run(["ssh", "status"]);
+    assert_success(&out, "malai ssh status");
+    let st = stdout_of(&out);
+    let row = st
+        .lines()
+        .find(|l| l.starts_with("server") && l.contains(" bar ") && l.contains(" out "))
+        .unwrap_or_else(|| panic!("no row for the server's connection to bar:\n{st}"));
+    assert!(
+        row.contains("direct") && row.contains("127.0.0.1:") && row.contains(" ms"),
+        "{st}"
+    );
+    let out = foo.run(["ssh", "status", "--json"]);
+    assert_success(&out, "malai ssh status --json");
+    let v: serde_json::Value = serde_json::from_str(&stdout_of(&out)).expect("status JSON");
+    assert_eq!(v[0]["role"], "server", "{v}");
+
     // An agent on foo does not bind acme: it uses the server's endpoint.
     let agent = Agent::start(foo, &[]);
     let st = agent.status();
