@@ -300,7 +300,9 @@ pub fn pushed_text(cd: &ClusterDir, file: Option<&Path>) -> Result<String, Clust
                 source,
             })?;
             // Never fall back to the unstripped text: it may hold the manager's secrets.
-            Ok(edit::strip_secrets(&text)?)
+            // A TOML file that does not validate is still stripped and sent (the member
+            // must refuse it); one that is not TOML at all is refused here.
+            Ok(edit::strip_secrets(&text).or_else(|_| edit::strip_secrets_unchecked(&text))?)
         }
         None => Ok(sync::Source::from_manager_text(&cd.read_text()?)?
             .text

@@ -260,6 +260,18 @@ pub fn remove_member(text: &str, name: &str) -> Result<String, EditError> {
 /// themself) must not reach every member. Blank lines and layout stay.
 pub fn strip_secrets(text: &str) -> Result<String, EditError> {
     before(text)?;
+    after(stripped_doc(text)?)
+}
+
+/// [`strip_secrets`] for a file that is TOML but not a valid cluster file (`cluster push
+/// --file` of a deliberately bad file, which the member must refuse): the same removal,
+/// without validation. Text that is not TOML cannot be stripped and is an error: it is
+/// never sent as it is, since it may hold the manager's secrets.
+pub fn strip_secrets_unchecked(text: &str) -> Result<String, EditError> {
+    Ok(stripped_doc(text)?.to_string())
+}
+
+fn stripped_doc(text: &str) -> Result<DocumentMut, EditError> {
     let mut doc = load(text)?;
     if let Some(m) = doc
         .get_mut("cluster-manager")
@@ -274,7 +286,7 @@ pub fn strip_secrets(text: &str) -> Result<String, EditError> {
     if let Some(t) = trailing {
         doc.set_trailing(t);
     }
-    after(doc)
+    Ok(doc)
 }
 
 /// `s` (TOML whitespace and comments, as found around items) without its comments: lines
@@ -912,6 +924,16 @@ members = "alice, bob" # people
             id(2)
         );
         let _ = strip_secrets(&text).map(|o| assert!(o.contains("a@b#c"), "{o}"));
+        // A file that is TOML but not a valid cluster file is still stripped; not TOML is
+        // an error (never passed on as it is).
+        let bad = format!(
+            "[cluster-manager]\nid52 = \"{}\"\nprivate-key = \"{secret}\"\nbogus = 1 # {secret}\n",
+            id(1)
+        );
+        assert!(strip_secrets(&bad).is_err());
+        let out = strip_secrets_unchecked(&bad).unwrap();
+        assert!(!out.contains(&secret) && out.contains("bogus"), "{out}");
+        assert!(strip_secrets_unchecked("[x\nprivate-key = \"k\"").is_err());
         assert_eq!(uncomment("  # x\n\n"), "\n");
         assert_eq!(uncomment(" # x"), "");
     }

@@ -179,8 +179,11 @@ fn allow_change_reaches_members_and_remove_denies_again() {
         )
     });
     assert_exit_code(&denied, 255, "alice after remove");
+    // Removed, alice is a stranger to foo: her connection is closed right after the
+    // handshake (issue 12, finding 3), before any request could be denied.
+    let err = stderr_of(&denied).to_lowercase();
     assert!(
-        stderr_of(&denied).to_lowercase().contains("denied"),
+        err.contains("denied") || err.contains("connection lost"),
         "{}",
         fmt_output(&denied)
     );
@@ -356,11 +359,6 @@ fn mismatched_or_invalid_pushes_are_refused_and_the_old_file_kept() {
             "file is for another cluster",
         ),
         (
-            "not TOML",
-            "[cluster-manager\nid52 = ".to_string(),
-            "invalid cluster file",
-        ),
-        (
             "unknown key",
             set_table_keys(&text, "server.foo", &[("allow-frum", toml_str("alice"))]),
             "invalid cluster file",
@@ -388,6 +386,30 @@ fn mismatched_or_invalid_pushes_are_refused_and_the_old_file_kept() {
         );
         assert_eq!(member_file(&c, "foo"), before, "{what}: foo's file changed");
     }
+    // Text that is not TOML cannot be stripped of key settings, so the manager refuses to
+    // send it at all (it used to send it as it was).
+    let f = c.dir().join("push.toml");
+    fs::write(
+        &f,
+        "[cluster-manager\nid52 = \"x\"\nprivate-key = \"s3cret\"\n",
+    )
+    .unwrap();
+    let out = c.manager().run([
+        "ssh",
+        "cluster",
+        "push",
+        "--to",
+        "foo",
+        "--file",
+        f.to_str().unwrap(),
+    ]);
+    assert_exit_code(&out, 255, "not TOML");
+    assert!(!stdout_of(&out).contains("foo: "), "{}", fmt_output(&out));
+    assert_eq!(
+        member_file(&c, "foo"),
+        before,
+        "not TOML: foo's file changed"
+    );
     // foo still serves with its old file, and a good push still applies.
     let out = c.machine("alice").run(["ssh", "foo.acme", "true"]);
     assert_exit_code(&out, 255, "alice has no access yet");
