@@ -3,8 +3,10 @@
 //!
 //! iroh must finish a QUIC handshake to learn (and verify) who is calling, so a handshake
 //! is the least a stranger can cost; everything after it is refused here:
-//! - [`try_handshake`]: at most [`MAX_HANDSHAKES`] handshakes run at once over all served
-//!   clusters; an incoming connection beyond that is dropped (refused) without crypto work;
+//! - [`queue`] / [`Ticket::wait`]: at most [`MAX_HANDSHAKES`] handshakes run at once over
+//!   all served clusters; up to [`MAX_WAITING`] more wait (at most [`MAX_WAIT`]) for a slot,
+//!   so a burst of members is served, not refused; beyond that an incoming connection is
+//!   dropped (refused) without crypto work;
 //! - [`admit`]: a connection from an id52 the cluster file does not mention at all (not the
 //!   manager, not a member, not a raw id52 in any `allow-from`) is closed at once, before it
 //!   can open a stream, allocate a request, or take a per-peer slot (`ClusterState::admit`,
@@ -25,17 +27,51 @@ pub const MAX_HANDSHAKES: usize = 128;
 /// Open connections from known peers, all clusters together.
 pub const MAX_CONNECTIONS: usize = 4096;
 
+/// Incoming connections that may wait for a handshake slot.
+pub const MAX_WAITING: usize = 1024;
+/// How long one waits before it is dropped.
+pub const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 static HANDSHAKES: Semaphore = Semaphore::const_new(MAX_HANDSHAKES);
 static CONNECTIONS: Semaphore = Semaphore::const_new(MAX_CONNECTIONS);
+static WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// A slot for one handshake, or `None` when the server is at its ceiling (then the
-/// incoming connection is dropped, which refuses it).
-pub fn try_handshake() -> Option<SemaphorePermit<'static>> {
-    let p = HANDSHAKES.try_acquire().ok();
-    if p.is_none() {
-        tracing::debug!("handshake ceiling reached; refusing an incoming connection");
+/// A place in the handshake queue; see [`queue`].
+pub struct Ticket(());
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        WAITING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
-    p
+}
+
+/// A place in line for a handshake, or `None` when the line is full (then the incoming
+/// connection is dropped, which refuses it). Synchronous: the accept loop never waits.
+pub fn queue() -> Option<Ticket> {
+    let n = WAITING.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    if n >= MAX_WAITING + MAX_HANDSHAKES {
+        WAITING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        tracing::debug!("handshake queue full; refusing an incoming connection");
+        return None;
+    }
+    Some(Ticket(()))
+}
+
+impl Ticket {
+    /// Wait (at most [`MAX_WAIT`]) for a handshake slot; the ticket is given up either way.
+    pub async fn wait(self) -> Option<SemaphorePermit<'static>> {
+        let p = tokio::time::timeout(MAX_WAIT, HANDSHAKES.acquire())
+            .await
+            .ok()?
+            .ok();
+        drop(self);
+        p
+    }
+}
+
+/// A slot for one handshake now, or `None` at the ceiling.
+pub fn try_handshake() -> Option<SemaphorePermit<'static>> {
+    HANDSHAKES.try_acquire().ok()
 }
 
 /// Why a connection is not kept.
@@ -91,6 +127,17 @@ mod tests {
             assert!(known(&cfg, &id(n)), "{n}");
         }
         assert!(!known(&cfg, &id(42)));
+    }
+
+    #[test]
+    fn the_handshake_queue_is_bounded() {
+        let held: Vec<_> = std::iter::from_fn(queue)
+            .take(MAX_WAITING + MAX_HANDSHAKES + 10)
+            .collect();
+        assert_eq!(held.len(), MAX_WAITING + MAX_HANDSHAKES);
+        assert!(queue().is_none());
+        drop(held);
+        assert!(queue().is_some());
     }
 
     #[test]

@@ -590,14 +590,17 @@ async fn accept_loop(
                 None => return,
             },
         };
-        // Over the handshake ceiling: dropped (refused) before any crypto work (guard.rs).
-        let Some(handshaking) = guard::try_handshake() else {
+        // Past the handshake queue: dropped (refused) before any crypto work (guard.rs).
+        let Some(ticket) = guard::queue() else {
             continue;
         };
         // The handshake runs in the connection's own task: never one after another here.
         let (state, shutdown, tracker2) = (state.clone(), shutdown.clone(), tracker.clone());
         let inbound = inbound.clone();
         tracker.spawn(async move {
+            let Some(handshaking) = ticket.wait().await else {
+                return;
+            };
             let conn = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 c = incoming.handshake() => match c {
