@@ -628,10 +628,14 @@ async fn serve_connection(
 ) {
     let peer = conn.remote();
     tracing::debug!(%peer, cluster = %state.dir.alias, "connection");
+    // A peer the file stops naming (`cluster remove`) loses its pooled connection too.
+    let removed = revoke::removed(state.clone(), peer);
+    tokio::pin!(removed);
     loop {
         let (mut send, mut recv) = tokio::select! {
             // Stop taking new streams; running ones drain (the streams keep the connection).
             _ = shutdown.cancelled() => return,
+            _ = &mut removed => return conn.close("access revoked"),
             s = conn.accept() => match s {
                 Some(s) => s,
                 None => return,

@@ -11,8 +11,9 @@
 //!   reads and writes, and the handler cleans up as if the client had gone (exec hangs the
 //!   command's session up, a tunnel closes both ends).
 //!
-//! Pooled connections stay open (the agent's idle timer closes them), but every new request
-//! on them is decided against the new file.
+//! A connection whose peer the file stops naming altogether ([`removed`]: `cluster remove`)
+//! is closed. One whose peer is still named but has lost some rights stays open (the
+//! agent's idle timer closes it); every new request on it is decided against the new file.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -68,6 +69,22 @@ pub async fn revoked(state: Arc<ClusterState>, server: String, peer: Id52, reque
                 reason: reason.to_string(),
                 ..Default::default()
             });
+            return;
+        }
+    }
+}
+
+/// Resolves when the cluster file stops naming `peer` anywhere (see `guard::known`): its
+/// connections are then closed, pooled ones included.
+pub async fn removed(state: Arc<ClusterState>, peer: Id52) {
+    let mut rx = state.revision.subscribe();
+    ensure_poller(&state);
+    loop {
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        if !super::guard::known(&state.current(), &peer) {
+            tracing::warn!(%peer, cluster = %state.dir.alias, "peer removed from the cluster file; closing its connection");
             return;
         }
     }

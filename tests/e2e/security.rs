@@ -68,6 +68,38 @@ fn start_exec(c: &TestCluster, device: &str, cmd: &str) -> (std::process::Child,
     (child, line)
 }
 
+/// A connection to foo with `device`'s key that opens no stream; the thread returns how
+/// long it lived until foo closed it, or `None` if it stayed open 20 s (foo's idle limit
+/// is 60 s, so a close within 20 s is foo's doing).
+fn idle_connection(c: &TestCluster, device: &str) -> std::thread::JoinHandle<Option<Duration>> {
+    use malai::transport::iroh::{NetConfig, Node};
+    let key = malai::keys::load(&c.machine(device).home().join("ssh/clusters/acme")).unwrap();
+    let foo: malai::id52::Id52 = c.id52("foo").parse().unwrap();
+    let addr = c.server_bind("foo");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let net = NetConfig::disabled(Some("127.0.0.1:0".parse().unwrap()));
+            let node = Node::bind(&key, &net, None, false).await.unwrap();
+            let conn = node.connect(&foo, &[addr]).await.unwrap();
+            tx.send(()).unwrap();
+            let t = std::time::Instant::now();
+            let r = tokio::time::timeout(Duration::from_secs(20), conn.closed())
+                .await
+                .ok()
+                .map(|_| t.elapsed());
+            node.close_within(Duration::from_millis(100)).await;
+            r
+        })
+    });
+    rx.recv().expect("the idle connection was not made");
+    h
+}
+
 fn running_on_foo(marker: &str) -> bool {
     let out = std::process::Command::new("pgrep")
         .args(["-f", marker])
@@ -94,6 +126,8 @@ fn revocation_cuts_live_sessions_within_seconds() {
     let (mut bob, first) = start_exec(&c, "bob", &format!("echo up; {b_marker}"));
     assert_eq!(first, "up\n");
     assert!(running_on_foo(&a_marker) && running_on_foo(&b_marker));
+    // An idle pooled connection of alice's (her key, no stream open).
+    let pooled = idle_connection(&c, "alice");
 
     // The manager drops alice from foo; foo receives the new file.
     c.edit_manager_file(|t| set_table_keys(&t, "server.foo", &[("allow-from", toml_str("bob"))]));
@@ -116,6 +150,17 @@ fn revocation_cuts_live_sessions_within_seconds() {
     })
     .expect("alice's command still runs on foo after the revocation");
     eprintln!("revocation: alice's session ended {took:?} after foo received the file");
+
+    // Still a member (only her access to foo went), alice's idle connection may stay: new
+    // requests on it are decided against the new file. Removing her from the cluster
+    // closes it.
+    c.manager().run_ok(["ssh", "cluster", "remove", "alice"]);
+    c.import_on("foo");
+    let closed = pooled.join().unwrap();
+    assert!(
+        closed.is_some_and(|d| d < Duration::from_secs(10)),
+        "alice's idle connection outlived her removal: {closed:?}"
+    );
 
     // Allowed twin: bob, still in allow-from, keeps his session.
     assert!(
