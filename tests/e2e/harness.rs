@@ -171,6 +171,19 @@ fn shell_quote(a: &OsStr) -> String {
     }
 }
 
+/// `program`, or `ip netns exec <netns> program` (which execs it: the child's pid is
+/// `program`'s own, so kill-on-drop still reaches it).
+pub fn in_netns(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, program]);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
 /// Path to a program, panicking with a clear message if it is missing.
 pub fn require_program(name: &str, package: &str) {
     let found = std::env::var_os("PATH")
@@ -325,6 +338,22 @@ impl Sshd {
     /// Starts sshd with everything under `dir` (created). Panics with a clear message if sshd
     /// is missing, we are not root, the config is invalid or it does not come up.
     pub fn start(dir: &Path) -> Sshd {
+        Sshd::start_with(dir, None, "127.0.0.1")
+    }
+
+    /// Like `start`, but sshd runs inside network namespace `netns` (`ip netns exec`) and
+    /// listens on that namespace's 127.0.0.1 (its `lo` must be up, as `netsim` leaves it).
+    pub fn start_in_netns(dir: &Path, netns: &str) -> Sshd {
+        Sshd::start_with(dir, Some(netns), "127.0.0.1")
+    }
+
+    /// Like `start_in_netns`, listening on every address of the namespace (`0.0.0.0`), for
+    /// plain OpenSSH from another namespace (benchmarks' baseline). Never outside a namespace.
+    pub fn start_in_netns_on_all_addresses(dir: &Path, netns: &str) -> Sshd {
+        Sshd::start_with(dir, Some(netns), "0.0.0.0")
+    }
+
+    fn start_with(dir: &Path, netns: Option<&str>, listen: &str) -> Sshd {
         require_sshd();
         fs::create_dir_all(dir).expect("create sshd dir");
         fs::create_dir_all("/run/sshd").expect("mkdir -p /run/sshd (privilege separation dir)");
@@ -344,7 +373,7 @@ impl Sshd {
                 &config,
                 format!(
                     "Port {port}\n\
-                     ListenAddress 127.0.0.1\n\
+                     ListenAddress {listen}\n\
                      HostKey {host_key}\n\
                      PidFile {pid}\n\
                      AuthorizedKeysFile {ak}\n\
@@ -373,7 +402,7 @@ impl Sshd {
 
             let log_path = dir.join(format!("sshd.{attempt}.log"));
             let log = fs::File::create(&log_path).expect("create sshd log");
-            let mut child = Command::new(SSHD)
+            let mut child = in_netns(netns, SSHD)
                 .arg("-D")
                 .arg("-e")
                 .arg("-f")
@@ -536,6 +565,12 @@ fn keygen(path: &Path) {
 pub struct Machine {
     name: String,
     home: PathBuf,
+    /// Network namespace every command of this machine runs in (`ip netns exec`), if any.
+    netns: Option<String>,
+    /// Environment overrides on top of `env()`'s defaults (e.g. `MALAI_RELAY`).
+    env_overrides: Vec<(String, String)>,
+    /// Variables removed from `env()` and from the inherited environment.
+    env_removed: Vec<String>,
 }
 
 impl Machine {
@@ -546,7 +581,37 @@ impl Machine {
         Machine {
             name: name.to_string(),
             home,
+            netns: None,
+            env_overrides: Vec::new(),
+            env_removed: Vec::new(),
         }
+    }
+
+    /// This machine with every command (`malai`, the ProxyCommand, servers) run inside
+    /// network namespace `netns` (see `netsim`).
+    pub fn in_netns(mut self, netns: &str) -> Machine {
+        self.netns = Some(netns.to_string());
+        self
+    }
+
+    /// The network namespace this machine's commands run in, if any.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    /// Sets (or replaces) one variable of `env()` for every later command of this machine.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env_removed.retain(|k| k != key);
+        self.env_overrides.retain(|(k, _)| k != key);
+        self.env_overrides
+            .push((key.to_string(), value.to_string()));
+    }
+
+    /// Removes one variable (a default of `env()` such as `MALAI_RELAY`, or an inherited
+    /// one) from every later command of this machine.
+    pub fn unset_env(&mut self, key: &str) {
+        self.env_overrides.retain(|(k, _)| k != key);
+        self.env_removed.push(key.to_string());
     }
 
     pub fn name(&self) -> &str {
@@ -560,20 +625,33 @@ impl Machine {
     /// The environment every malai process of this machine gets (besides removing
     /// `RUST_LOG`, `MALAI_SSH_AGENT` and `MALAI_LOCKDOWN_MODE`).
     pub fn env(&self) -> Vec<(String, String)> {
-        vec![
+        let mut env: Vec<(String, String)> = vec![
             ("MALAI_HOME".into(), self.home.display().to_string()),
             ("MALAI_RELAY".into(), "disabled".into()),
             // Loopback tests stay on loopback by saying so (no production default does).
             ("MALAI_BIND".into(), "127.0.0.1:0".into()),
             ("MALAI_USE_KEYRING".into(), "false".into()),
             ("RUST_BACKTRACE".into(), "1".into()),
-        ]
+        ];
+        for (k, v) in &self.env_overrides {
+            env.retain(|(kk, _)| kk != k);
+            env.push((k.clone(), v.clone()));
+        }
+        env.retain(|(k, _)| !self.env_removed.contains(k));
+        env
     }
 
     /// `env -u … K=V … malai`: the prefix for a ProxyCommand (OpenSSH `exec`s it, so plain
     /// `K=V cmd` would not work).
     pub fn env_command_prefix(&self) -> String {
-        let mut s = String::from("env -u RUST_LOG -u MALAI_SSH_AGENT -u MALAI_LOCKDOWN_MODE");
+        let mut s = match &self.netns {
+            Some(ns) => format!("ip netns exec {ns} "),
+            None => String::new(),
+        };
+        s.push_str("env -u RUST_LOG -u MALAI_SSH_AGENT -u MALAI_LOCKDOWN_MODE");
+        for k in &self.env_removed {
+            s.push_str(&format!(" -u {k}"));
+        }
         for (k, v) in self.env() {
             s.push_str(&format!(" {k}={v}"));
         }
@@ -588,12 +666,15 @@ impl Machine {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut c = Command::new(MALAI);
+        let mut c = in_netns(self.netns.as_deref(), MALAI);
         c.args(args)
             .env_remove("RUST_LOG")
             .env_remove("MALAI_SSH_AGENT")
             .env_remove("MALAI_LOCKDOWN_MODE")
             .envs(self.env());
+        for k in &self.env_removed {
+            c.env_remove(k);
+        }
         c
     }
 
@@ -918,6 +999,14 @@ pub struct ClusterBuilder {
     allows: Vec<(String, Vec<String>)>,
     start_servers: bool,
     groups: Vec<(String, Vec<String>)>,
+    /// Machine name -> network namespace its commands (and sshd) run in.
+    netns: BTreeMap<String, String>,
+    /// Environment overrides for every machine (`None`: remove the variable).
+    env: Vec<(String, Option<String>)>,
+    /// Keys set in `[cluster-manager]` before the file is distributed.
+    manager_keys: Vec<(String, String)>,
+    /// Server name -> `--bind` address; `None`: no `--bind`, no `addrs` hint.
+    binds: BTreeMap<String, Option<SocketAddr>>,
 }
 
 impl ClusterBuilder {
@@ -930,7 +1019,47 @@ impl ClusterBuilder {
             allows: Vec::new(),
             start_servers: true,
             groups: Vec::new(),
+            netns: BTreeMap::new(),
+            env: Vec::new(),
+            manager_keys: Vec::new(),
+            binds: BTreeMap::new(),
         }
+    }
+
+    /// Runs machine `name`'s commands, server and sshd inside network namespace `netns`
+    /// (`netsim`).
+    pub fn netns(mut self, name: &str, netns: &str) -> Self {
+        self.netns.insert(name.to_string(), netns.to_string());
+        self
+    }
+
+    /// Sets `key=value` in every machine's environment (e.g. `MALAI_RELAY`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), Some(value.to_string())));
+        self
+    }
+
+    /// Removes `key` from every machine's environment (e.g. `MALAI_RELAY`, so the cluster
+    /// file's `relays` apply).
+    pub fn env_remove(mut self, key: &str) -> Self {
+        self.env.push((key.to_string(), None));
+        self
+    }
+
+    /// Sets `key = <raw TOML value>` in the manager's `[cluster-manager]` table before the
+    /// file is imported by the members (e.g. `relays`, `relay-ca`).
+    pub fn manager_key(mut self, key: &str, toml_value: &str) -> Self {
+        self.manager_keys
+            .push((key.to_string(), toml_value.to_string()));
+        self
+    }
+
+    /// Server `name` runs `malai ssh server --bind <bind>` and the cluster file gives it
+    /// `addrs = [<bind>]`; `None`: no `--bind` and no `addrs` (found by id52 alone). Default:
+    /// a free port on 127.0.0.1.
+    pub fn server_bind(mut self, name: &str, bind: Option<SocketAddr>) -> Self {
+        self.binds.insert(name.to_string(), bind);
+        self
     }
 
     /// Name of the manager machine (default `mgr`).
@@ -985,7 +1114,20 @@ impl ClusterBuilder {
             .tempdir()
             .expect("create test dir");
         let alias = self.alias.clone();
-        let manager = Machine::new(root.path(), &self.manager);
+        let place = |m: Machine| -> Machine {
+            let mut m = match self.netns.get(m.name()) {
+                Some(ns) => m.in_netns(ns),
+                None => m,
+            };
+            for (k, v) in &self.env {
+                match v {
+                    Some(v) => m.set_env(k, v),
+                    None => m.unset_env(k),
+                }
+            }
+            m
+        };
+        let manager = place(Machine::new(root.path(), &self.manager));
         let mgr_id = manager.run_ok(["ssh", "cluster", "init", &alias]);
         assert_single_id52(&mgr_id, &format!("`cluster init {alias}` stdout"));
 
@@ -1007,7 +1149,7 @@ impl ClusterBuilder {
             .chain(self.devices.iter().map(|n| (n.as_str(), false)))
             .collect();
         for (name, _) in &members {
-            let m = Machine::new(c.dir(), name);
+            let m = place(Machine::new(c.dir(), name));
             let id = m.run_ok(["ssh", "cluster", "join", &alias, &mgr_id]);
             assert_single_id52(&id, &format!("[{name}] `cluster join` stdout"));
             c.id52s.insert(name.to_string(), id);
@@ -1024,12 +1166,31 @@ impl ClusterBuilder {
             args.extend(who.iter().map(String::as_str));
             c.manager().run_ok(args);
         }
+        if !self.manager_keys.is_empty() {
+            let kvs: Vec<(&str, String)> = self
+                .manager_keys
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.clone()))
+                .collect();
+            c.edit_manager_file(|t| set_table_keys(&t, "cluster-manager", &kvs));
+        }
         for (name, target) in &self.servers {
-            let bind: SocketAddr = format!("127.0.0.1:{}", free_udp_port())
-                .parse()
-                .expect("addr");
+            let bind: Option<SocketAddr> = match self.binds.get(name) {
+                Some(b) => *b,
+                None => Some(
+                    format!("127.0.0.1:{}", free_udp_port())
+                        .parse()
+                        .expect("addr"),
+                ),
+            };
             let sshd = match target {
-                SshTarget::Sshd => Some(Sshd::start(&c.dir().join(format!("sshd-{name}")))),
+                SshTarget::Sshd => {
+                    let dir = c.dir().join(format!("sshd-{name}"));
+                    Some(match self.netns.get(name) {
+                        Some(ns) => Sshd::start_in_netns(&dir, ns),
+                        None => Sshd::start(&dir),
+                    })
+                }
                 _ => None,
             };
             let ssh_value = match target {
@@ -1038,7 +1199,10 @@ impl ClusterBuilder {
                 SshTarget::Addr(a) => Some(a.clone()),
                 SshTarget::Unset => None,
             };
-            let mut kvs = vec![("addrs", format!("[{}]", toml_str(&bind.to_string())))];
+            let mut kvs = Vec::new();
+            if let Some(bind) = bind {
+                kvs.push(("addrs", format!("[{}]", toml_str(&bind.to_string()))));
+            }
             if let Some(v) = ssh_value {
                 kvs.push(("ssh", toml_str(&v)));
             }
@@ -1085,7 +1249,7 @@ struct ServerEntry {
     // Field order is drop order: the malai server goes before the sshd behind it.
     process: Option<ServerProcess>,
     sshd: Option<Sshd>,
-    bind: SocketAddr,
+    bind: Option<SocketAddr>,
 }
 
 /// A cluster of simulated machines, all under one temp dir, created through the CLI.
@@ -1126,6 +1290,13 @@ impl TestCluster {
         self.machine(&self.manager)
     }
 
+    /// Mutable access, e.g. to change one machine's environment mid-test.
+    pub fn machine_mut(&mut self, name: &str) -> &mut Machine {
+        self.machines
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("no machine {name:?} in this cluster"))
+    }
+
     pub fn id52(&self, name: &str) -> &str {
         self.id52s
             .get(name)
@@ -1157,9 +1328,12 @@ impl TestCluster {
             .unwrap_or_else(|| panic!("server {server:?} has no harness sshd"))
     }
 
-    /// The UDP address `server`'s malai listens on.
+    /// The UDP address `server`'s malai listens on (panics if it was started without
+    /// `--bind`).
     pub fn server_bind(&self, server: &str) -> SocketAddr {
-        self.entry(server).bind
+        self.entry(server)
+            .bind
+            .unwrap_or_else(|| panic!("server {server:?} has no --bind address"))
     }
 
     /// The running `malai ssh server` of `server`.
@@ -1172,8 +1346,10 @@ impl TestCluster {
 
     /// Starts `malai ssh server --bind <its addr>` on `server` (waits for `server ready`).
     pub fn start_server(&mut self, server: &str) {
-        let bind = self.entry(server).bind;
-        let p = self.machine(server).spawn_server(bind);
+        let p = match self.entry(server).bind {
+            Some(bind) => self.machine(server).spawn_server(bind),
+            None => self.machine(server).spawn_server_with_args(&[]),
+        };
         self.entry_mut(server).process = Some(p);
     }
 

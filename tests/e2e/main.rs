@@ -1,5 +1,6 @@
 //! End-to-end tests of `malai ssh`: one test binary, real processes (sshd, ssh, scp, rsync,
-//! git, `malai`), every simulated machine its own `MALAI_HOME`, loopback only.
+//! git, `malai`), every simulated machine its own `MALAI_HOME`, on loopback or in network
+//! namespaces the tests make themselves (`netsim`).
 
 // Reusable helpers: sshd, simulated machines, `malai ssh server` processes, CLI-built clusters.
 mod harness;
@@ -22,6 +23,12 @@ mod http;
 mod faults;
 // Load: 100 concurrent scp/rsync through one server; 1,000 concurrent exec from 50 peers.
 mod load;
+// Simulated networks: namespaces, NAT routers (nftables), the tests' own iroh relay.
+mod netsim;
+// Real networks: an offline LAN by `addrs` (issue 14); NAT'd machines found by id52 through
+// the cluster's own relay, relay-only with UDP blocked, config sync across NATs, outages,
+// restarts, one identity per machine (issue 11).
+mod nat;
 // One endpoint per id52 per machine: the server holds the key; CLI and agent go through it.
 mod holder;
 // Secrets audit: no key material in any log, audit log or pushed file after a full scenario.

@@ -1,0 +1,912 @@
+//! Simulated networks for end-to-end tests: Linux network namespaces joined by veth pairs,
+//! made and torn down by the test itself (DESIGN.md §9), like `harness.rs` is for sshd.
+//!
+//! Two shapes:
+//! - [`NatNet`]: an "internet" namespace (a bridge, 198.18.0.1, where the tests' own iroh relay
+//!   runs) and, per machine, a NAT router namespace (nftables masquerade; nothing new gets in
+//!   from the wan side: no port forwards) with the machine's namespace behind it. Faults are
+//!   nftables rules: [`NatNet::cut`] drops all of one machine's traffic (an outage),
+//!   [`NatNet::block_udp_between_nats`] leaves the relay as the only way through.
+//! - [`LanNet`]: two namespaces on one veth link (198.19.0.1 and .2), no router, no relay: an
+//!   air-gapped LAN.
+//!
+//! Addresses come from 198.18.0.0/15 only (RFC 2544): the internet is 198.18.0.0/24 (relay .1,
+//! router of machine i .(10+i)), machine i's home network 198.19.i.0/24 (router .1, machine
+//! .2). Nothing can reach a real network: the namespaces have no link to the host's.
+//!
+//! Names are unique per test (`mt<pid>x<n>…`, tests run in parallel threads) and every
+//! namespace is deleted on drop, even when the test panics; interfaces are created directly
+//! inside their namespaces, so their names (<= 15 chars) only need to be unique there.
+//! Namespaces left by a killed test binary (its pid is gone) are deleted by the next run.
+//!
+//! A command runs inside a namespace through `ip netns exec <ns> prog …`, which execs `prog`:
+//! the child's pid is `prog`'s own (FACTS.md), so the harness's kill-on-drop keeps working.
+//! `Machine::in_netns` and `Sshd::start_in_netns` (harness.rs) use this.
+//!
+//! Where namespaces cannot be made (not root, no `ip`/`nft`), [`available`] prints one line
+//! saying why and the tests return early; CI runs as root and must run them (`.ci/run` sets
+//! `MALAI_E2E_REQUIRE_NETNS=1`, which turns a skip into a failure).
+//!
+//! The relay ([`Relay`]) is `iroh_relay::server::Server` (the `iroh-relay` crate, same release
+//! as iroh) with HTTPS and QUIC address discovery, run as its own process in the internet
+//! namespace: the e2e binary re-executes itself into the ignored test [`relay_process`], so it
+//! works with a plain `cargo test --test e2e` and needs no extra binary. Its TLS certificate is
+//! for the IP 198.18.0.1, signed by a CA the test makes (rcgen); clients trust it through
+//! `MALAI_RELAY_CA` / the cluster file's `relay-ca`.
+
+#![allow(dead_code)] // Not every test uses every helper.
+
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use crate::harness::*;
+
+/// The relay's address in the internet namespace.
+pub const RELAY_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The relay's HTTPS port (the relay URL is `https://198.18.0.1:3340`).
+pub const RELAY_HTTPS_PORT: u16 = 3340;
+/// QUIC address discovery: iroh clients use this port unless told otherwise
+/// (`iroh_relay::defaults::DEFAULT_RELAY_QUIC_PORT`).
+pub const RELAY_QUIC_PORT: u16 = 7842;
+/// Prefix of every namespace these tests make.
+const PREFIX: &str = "mt";
+/// Env var that turns a re-executed e2e binary into the relay (value: its directory).
+const RELAY_ENV: &str = "MALAI_NETSIM_RELAY_DIR";
+/// How long the relay may take to come up.
+const RELAY_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serializes the network tests: each runs several QUIC endpoints, sshd, a relay and 64 MiB
+/// transfers through two NATs; on 2 cores two at once starve each other's timers. Taken
+/// together with `heavy_lock()` (load/fault tests) by [`heavy_net_lock`].
+fn net_lock() -> std::sync::MutexGuard<'static, ()> {
+    static NET: Mutex<()> = Mutex::new(());
+    NET.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Both locks, in one fixed order (no deadlock with tests that take only `heavy_lock`): the
+/// network tests never run beside each other nor beside the load and fault tests.
+pub fn heavy_net_lock() -> (
+    std::sync::MutexGuard<'static, ()>,
+    std::sync::MutexGuard<'static, ()>,
+) {
+    let net = net_lock();
+    (net, heavy_lock())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Can we make namespaces here?
+// ---------------------------------------------------------------------------------------------
+
+/// `name` if it is on PATH, else `/usr/sbin/<name>` or `/sbin/<name>` if there (a non-login
+/// root shell may lack the sbin directories), else `None`.
+fn find_program(name: &str) -> Option<String> {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    if on_path {
+        return Some(name.to_string());
+    }
+    ["/usr/sbin", "/sbin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .map(|p| p.display().to_string())
+}
+
+fn program(name: &str) -> String {
+    find_program(name).unwrap_or_else(|| name.to_string())
+}
+
+fn program_on_path(name: &str) -> bool {
+    find_program(name).is_some()
+}
+
+/// Why namespaces cannot be made here, or `None` if they can (checked once: root, `ip`,
+/// `nft`, and a throwaway namespace actually created and deleted).
+fn unavailable_reason() -> Option<String> {
+    static REASON: OnceLock<Option<String>> = OnceLock::new();
+    REASON
+        .get_or_init(|| {
+            if !nix::unistd::geteuid().is_root() {
+                return Some("not root (network namespaces need CAP_SYS_ADMIN)".into());
+            }
+            for (prog, pkg) in [("ip", "iproute2"), ("nft", "nftables")] {
+                if !program_on_path(prog) {
+                    return Some(format!("`{prog}` not found (Debian package `{pkg}`)"));
+                }
+            }
+            remove_stale_namespaces();
+            let probe = format!("{PREFIX}{}probe", std::process::id());
+            let out = run_cmd(Command::new(program("ip")).args(["netns", "add", &probe]));
+            if !out.status.success() {
+                return Some(format!("`ip netns add` failed: {}", stderr_of(&out).trim()));
+            }
+            let _ = run_cmd(Command::new(program("ip")).args(["netns", "del", &probe]));
+            None
+        })
+        .clone()
+}
+
+/// Set by `.ci/run` (which installs `ip` and `nft` and runs as root): there the network
+/// tests must run, so "cannot make namespaces" fails them instead of skipping.
+const REQUIRE_ENV: &str = "MALAI_E2E_REQUIRE_NETNS";
+
+/// True if network namespaces can be made here; otherwise prints one line naming the test
+/// and the reason (the test then returns early). As root with `ip` and `nft` (CI), true.
+/// With `MALAI_E2E_REQUIRE_NETNS=1` (CI) it panics instead of skipping.
+pub fn available(test: &str) -> bool {
+    match unavailable_reason() {
+        None => true,
+        Some(why) if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") => {
+            panic!(
+                "{test}: network namespace tests cannot run here ({why}), and {REQUIRE_ENV}=1 requires them"
+            )
+        }
+        Some(why) => {
+            // Straight to stderr, not `eprintln!`: libtest would capture that and show it
+            // only for failed tests.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: network namespace tests cannot run here: {why}. \
+                 Run as root after `bash .ci/run` (installs iproute2 and nftables)."
+            );
+            false
+        }
+    }
+}
+
+/// Deletes `mt<pid>x…` namespaces whose test binary (pid) is gone (a SIGKILLed run).
+fn remove_stale_namespaces() {
+    let out = run_cmd(Command::new(program("ip")).args(["netns", "list"]));
+    for line in stdout_of(&out).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        let Ok(pid) = pid.parse::<i32>() else {
+            continue;
+        };
+        let alive = pid == std::process::id() as i32
+            || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        if !alive {
+            let _ = run_cmd(Command::new(program("ip")).args(["netns", "del", name]));
+        }
+    }
+}
+
+/// `mt<pid>x<n>`: unique among concurrently running tests and test binaries.
+fn unique_tag() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{PREFIX}{}x{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// One namespace
+// ---------------------------------------------------------------------------------------------
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn add(name: String) -> Netns {
+        let out = run_cmd(Command::new(program("ip")).args(["netns", "add", &name]));
+        assert_success(&out, &format!("ip netns add {name}"));
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n <ns> <args>`, panicking on failure.
+    pub fn ip(&self, args: &[&str]) {
+        let out = run_cmd(
+            Command::new(program("ip"))
+                .arg("-n")
+                .arg(&self.name)
+                .args(args),
+        );
+        assert_success(&out, &format!("ip -n {} {}", self.name, args.join(" ")));
+    }
+
+    /// `sh -c <script>` inside the namespace, panicking on failure.
+    pub fn sh(&self, script: &str) -> String {
+        let out = run_cmd(self.command("sh").args(["-c", script]));
+        assert_success(&out, &format!("[{}] sh -c {script:?}", self.name));
+        stdout_of(&out)
+    }
+
+    /// `nft -f -` inside the namespace with `rules` on stdin, panicking on failure.
+    pub fn nft(&self, rules: &str) {
+        let out = run_cmd_with(
+            self.command(&program("nft")).args(["-f", "-"]),
+            Some(rules.as_bytes()),
+            CHILD_TIMEOUT,
+        );
+        assert_success(&out, &format!("[{}] nft -f - <<{rules}", self.name));
+    }
+
+    /// `ip netns exec <ns> <program>`: add arguments, env, stdio as for any `Command`. The
+    /// spawned child's pid is `program`'s own (`ip` execs it).
+    pub fn command(&self, program_name: &str) -> Command {
+        netns_command(&self.name, program_name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Never panic in drop (a panicking test is already unwinding through here).
+        let r = Command::new(program("ip"))
+            .args(["netns", "del", &self.name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output();
+        match r {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!(
+                "netsim: ip netns del {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => eprintln!("netsim: ip netns del {}: {e}", self.name),
+        }
+    }
+}
+
+/// `ip netns exec <ns> <program>` (see [`Netns::command`]).
+pub fn netns_command(ns: &str, program_name: &str) -> Command {
+    let mut c = Command::new(program("ip"));
+    c.args(["netns", "exec", ns, program_name]);
+    c
+}
+
+// ---------------------------------------------------------------------------------------------
+// NAT'd machines and an internet with a relay
+// ---------------------------------------------------------------------------------------------
+
+struct Site {
+    index: u8,
+    // Field order is drop order: the machine before its router (either order works).
+    machine: Netns,
+    router: Netns,
+}
+
+/// The internet, a NAT router per machine and the machines behind them (see module docs).
+/// Declare it before the `TestCluster` that uses it, so the cluster's processes are gone
+/// first when both drop.
+pub struct NatNet {
+    tag: String,
+    // Sites, relay and internet are dropped in this order.
+    sites: Vec<(String, Site)>,
+    relay: Option<Relay>,
+    internet: Netns,
+}
+
+/// The router's nftables: masquerade out of `wan`; from `wan` only replies get in (to the
+/// machine behind it or to the router itself). Two named
+/// counters tell which way traffic went: `direct` (UDP to or from another NAT: iroh's
+/// hole-punched path) and `relay` (TCP to or from the relay's HTTPS port).
+fn router_rules() -> String {
+    format!(
+        "
+table ip nat {{
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname \"wan\" masquerade
+    }}
+}}
+table ip filter {{
+    counter direct {{ }}
+    counter relay {{ }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        iifname \"wan\" ct state new,invalid drop
+        meta l4proto udp ip saddr != {RELAY_IP} ip daddr != {RELAY_IP} counter name \"direct\"
+        ip daddr {RELAY_IP} tcp dport {RELAY_HTTPS_PORT} counter name \"relay\"
+        ip saddr {RELAY_IP} tcp sport {RELAY_HTTPS_PORT} counter name \"relay\"
+    }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        iifname \"wan\" ct state new,invalid drop
+    }}
+}}
+"
+    )
+}
+
+/// Bytes one router forwarded so far, by path (see `router_rules`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// UDP between this NAT and another one: a direct (hole-punched) path.
+    pub direct: u64,
+    /// TCP to/from the relay's HTTPS port: relayed traffic (and the relay connection itself).
+    pub relay: u64,
+}
+
+impl std::ops::Sub for Traffic {
+    type Output = Traffic;
+    fn sub(self, o: Traffic) -> Traffic {
+        Traffic {
+            direct: self.direct.saturating_sub(o.direct),
+            relay: self.relay.saturating_sub(o.relay),
+        }
+    }
+}
+
+impl std::fmt::Display for Traffic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "direct UDP {:.1} MiB, relay {:.1} MiB",
+            self.direct as f64 / 1048576.0,
+            self.relay as f64 / 1048576.0
+        )
+    }
+}
+
+fn counter_bytes(router: &Netns, name: &str) -> u64 {
+    let out = run_cmd(
+        router
+            .command(&program("nft"))
+            .args(["list", "counter", "ip", "filter", name]),
+    );
+    assert_success(&out, &format!("[{}] nft list counter {name}", router.name));
+    let text = stdout_of(&out);
+    let mut words = text.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "bytes" {
+            return words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        }
+    }
+    panic!("no byte count in:\n{text}");
+}
+
+impl NatNet {
+    /// An internet namespace and, for each name, a router namespace and a machine
+    /// namespace behind it. Machine `names[i]` gets 198.19.(i+1).2.
+    pub fn new(names: &[&str]) -> NatNet {
+        let tag = unique_tag();
+        let internet = Netns::add(format!("{tag}i"));
+        internet.ip(&["link", "add", "br0", "type", "bridge"]);
+        internet.ip(&["addr", "add", &format!("{RELAY_IP}/24"), "dev", "br0"]);
+        internet.ip(&["link", "set", "br0", "up"]);
+        let mut net = NatNet {
+            tag: tag.clone(),
+            sites: Vec::new(),
+            relay: None,
+            internet,
+        };
+        for (i, name) in names.iter().enumerate() {
+            let index = u8::try_from(i + 1).expect("at most 200 machines");
+            assert!(index <= 200, "at most 200 machines");
+            let router = Netns::add(format!("{tag}r{index}"));
+            let port = format!("w{index}");
+            net.internet.ip(&[
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "wan",
+                "netns",
+                &router.name,
+            ]);
+            net.internet
+                .ip(&["link", "set", &port, "master", "br0", "up"]);
+            router.ip(&[
+                "addr",
+                "add",
+                &format!("198.18.0.{}/24", 10 + index),
+                "dev",
+                "wan",
+            ]);
+            router.ip(&["link", "set", "wan", "up"]);
+            let machine = Netns::add(format!("{tag}m{index}"));
+            router.ip(&[
+                "link",
+                "add",
+                "lan",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &machine.name,
+            ]);
+            router.ip(&["addr", "add", &format!("198.19.{index}.1/24"), "dev", "lan"]);
+            router.ip(&["link", "set", "lan", "up"]);
+            router.sh("echo 1 > /proc/sys/net/ipv4/ip_forward");
+            router.nft(&router_rules());
+            machine.ip(&[
+                "addr",
+                "add",
+                &format!("198.19.{index}.2/24"),
+                "dev",
+                "eth0",
+            ]);
+            machine.ip(&["link", "set", "eth0", "up"]);
+            machine.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("198.19.{index}.1"),
+            ]);
+            net.sites.push((
+                name.to_string(),
+                Site {
+                    index,
+                    machine,
+                    router,
+                },
+            ));
+        }
+        net
+    }
+
+    fn site(&self, name: &str) -> &Site {
+        self.sites
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s)
+            .unwrap_or_else(|| panic!("no machine {name:?} in this network"))
+    }
+
+    /// The namespace of machine `name` (for `Machine::in_netns`, `Sshd::start_in_netns`).
+    pub fn ns(&self, name: &str) -> &str {
+        &self.site(name).machine.name
+    }
+
+    /// The machine's own namespace handle.
+    pub fn machine(&self, name: &str) -> &Netns {
+        &self.site(name).machine
+    }
+
+    /// The machine's address on its home network (behind its NAT).
+    pub fn lan_ip(&self, name: &str) -> Ipv4Addr {
+        Ipv4Addr::new(198, 19, self.site(name).index, 2)
+    }
+
+    /// The machine's public address: its router's wan side.
+    pub fn public_ip(&self, name: &str) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 0, 10 + self.site(name).index)
+    }
+
+    /// `ip netns exec <machine ns> <program>`.
+    pub fn command(&self, name: &str, program_name: &str) -> Command {
+        self.machine(name).command(program_name)
+    }
+
+    /// The internet namespace (where the relay runs).
+    pub fn internet(&self) -> &Netns {
+        &self.internet
+    }
+
+    /// An outage: machine `name`'s router forwards nothing, either way, until [`restore`].
+    /// Established connections stay in conntrack (like a router that lost its uplink).
+    ///
+    /// [`restore`]: NatNet::restore
+    pub fn cut(&self, name: &str) {
+        self.site(name).router.nft(
+            "table ip outage {
+                chain forward {
+                    type filter hook forward priority -10; policy drop;
+                }
+            }",
+        );
+    }
+
+    /// Ends an outage started by [`NatNet::cut`].
+    pub fn restore(&self, name: &str) {
+        self.site(name).router.nft("delete table ip outage");
+    }
+
+    /// Drops every UDP datagram between two NAT routers (in each router, both directions),
+    /// keeping UDP to and from the relay (QUIC address discovery). Traffic between machines
+    /// can then only go through the relay's HTTPS (TCP). Also drops UDP from a machine to
+    /// anything else outside, which there is nothing of.
+    pub fn block_udp_between_nats(&self) {
+        for (_, s) in &self.sites {
+            s.router.nft(&format!(
+                "table ip noudp {{
+                    chain forward {{
+                        type filter hook forward priority -5; policy accept;
+                        meta l4proto udp ip saddr != {RELAY_IP} ip daddr != {RELAY_IP} drop
+                    }}
+                }}"
+            ));
+        }
+    }
+
+    /// Undoes [`NatNet::block_udp_between_nats`].
+    pub fn allow_udp_between_nats(&self) {
+        for (_, s) in &self.sites {
+            s.router.nft("delete table ip noudp");
+        }
+    }
+
+    /// Turns every NAT router into a plain router: no masquerade, nothing dropped, and the
+    /// internet namespace routes each home network to its router, so machines reach each
+    /// other's own addresses (`lan_ip`) directly. For baselines (plain OpenSSH between the
+    /// same namespaces); the `direct`/`relay` counters keep counting.
+    pub fn route_without_nat(&self) {
+        self.internet.sh("echo 1 > /proc/sys/net/ipv4/ip_forward");
+        for (_, site) in &self.sites {
+            site.router.nft(
+                "flush table ip nat
+                 flush chain ip filter input",
+            );
+            // The forward chain minus its first rule (the drop of new connections from wan).
+            site.router.nft(&format!(
+                "flush chain ip filter forward
+                 table ip filter {{
+                     chain forward {{
+                         meta l4proto udp ip saddr != {RELAY_IP} ip daddr != {RELAY_IP} counter name \"direct\"
+                         ip daddr {RELAY_IP} tcp dport {RELAY_HTTPS_PORT} counter name \"relay\"
+                         ip saddr {RELAY_IP} tcp sport {RELAY_HTTPS_PORT} counter name \"relay\"
+                     }}
+                 }}"
+            ));
+            site.router
+                .ip(&["route", "add", "default", "via", &RELAY_IP.to_string()]);
+            let home = format!("198.19.{}.0/24", site.index);
+            let via = format!("198.18.0.{}", 10 + site.index);
+            self.internet.ip(&["route", "add", &home, "via", &via]);
+        }
+    }
+
+    /// Starts the tests' relay in the internet namespace (files under `dir`), once.
+    pub fn start_relay(&mut self, dir: &Path) -> &Relay {
+        assert!(self.relay.is_none(), "relay already started");
+        let relay = Relay::start(&self.internet, dir);
+        self.relay.insert(relay)
+    }
+
+    /// The running relay (panics if none).
+    pub fn relay(&self) -> &Relay {
+        self.relay.as_ref().expect("relay not started")
+    }
+
+    /// What machine `name`'s router has forwarded so far, direct vs relayed (subtract two
+    /// readings to see which path a transfer took).
+    pub fn traffic(&self, name: &str) -> Traffic {
+        let router = &self.site(name).router;
+        Traffic {
+            direct: counter_bytes(router, "direct"),
+            relay: counter_bytes(router, "relay"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A LAN without internet
+// ---------------------------------------------------------------------------------------------
+
+/// Two namespaces on one veth link: `a` = 198.19.0.1/24, `b` = 198.19.0.2/24. No router, no
+/// relay, nothing else reachable.
+pub struct LanNet {
+    a: Netns,
+    b: Netns,
+}
+
+impl LanNet {
+    pub fn new() -> LanNet {
+        let tag = unique_tag();
+        let a = Netns::add(format!("{tag}a"));
+        let b = Netns::add(format!("{tag}b"));
+        a.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &b.name,
+        ]);
+        a.ip(&["addr", "add", "198.19.0.1/24", "dev", "eth0"]);
+        b.ip(&["addr", "add", "198.19.0.2/24", "dev", "eth0"]);
+        a.ip(&["link", "set", "eth0", "up"]);
+        b.ip(&["link", "set", "eth0", "up"]);
+        LanNet { a, b }
+    }
+
+    /// 198.19.0.1.
+    pub fn a(&self) -> &Netns {
+        &self.a
+    }
+
+    /// 198.19.0.2.
+    pub fn b(&self) -> &Netns {
+        &self.b
+    }
+
+    pub const A_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+    pub const B_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The relay
+// ---------------------------------------------------------------------------------------------
+
+/// The tests' iroh relay: HTTPS on 198.18.0.1:3340, QUIC address discovery on :7842, the
+/// captive-portal probe on :80, with a certificate for the IP signed by a CA made here.
+/// Killed on drop.
+pub struct Relay {
+    child: Child,
+    dir: PathBuf,
+    ca_path: PathBuf,
+}
+
+impl Relay {
+    fn start(internet: &Netns, dir: &Path) -> Relay {
+        fs::create_dir_all(dir).expect("create relay dir");
+        let (ca_pem, cert_pem, key_pem) = make_certificates();
+        let ca_path = dir.join("relay-ca.pem");
+        fs::write(&ca_path, &ca_pem).expect("write CA");
+        fs::write(dir.join("relay.crt"), cert_pem).expect("write cert");
+        fs::write(dir.join("relay.key"), key_pem).expect("write key");
+        let log = fs::File::create(dir.join("relay.log")).expect("create relay log");
+        let exe = std::env::current_exe().expect("current_exe");
+        let mut cmd = internet.command(&exe.display().to_string());
+        cmd.args([
+            "netsim::relay_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(RELAY_ENV, dir)
+        .env("RUST_LOG", "iroh_relay=info,iroh_relay::quic=debug")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup log"))
+        .stderr(log);
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        let child = cmd.spawn().expect("spawn relay");
+        let mut relay = Relay {
+            child,
+            dir: dir.to_path_buf(),
+            ca_path,
+        };
+        let ready = poll_until(RELAY_READY_TIMEOUT, || {
+            if dir.join("ready").exists() {
+                return Some(true);
+            }
+            matches!(relay.child.try_wait(), Ok(Some(_))).then_some(false)
+        });
+        if ready != Some(true) {
+            let log = relay.log();
+            drop(relay);
+            panic!("relay did not come up within {RELAY_READY_TIMEOUT:?}:\n{log}");
+        }
+        relay
+    }
+
+    /// `https://198.18.0.1:3340`: the value for `MALAI_RELAY` and the cluster file's `relays`.
+    pub fn url(&self) -> String {
+        format!("https://{RELAY_IP}:{RELAY_HTTPS_PORT}")
+    }
+
+    /// PEM file of the CA that signed the relay's certificate (`MALAI_RELAY_CA`).
+    pub fn ca_path(&self) -> &Path {
+        &self.ca_path
+    }
+
+    /// The CA's PEM text (the cluster file's `relay-ca`).
+    pub fn ca_pem(&self) -> String {
+        fs::read_to_string(&self.ca_path).expect("read CA")
+    }
+
+    /// What the relay logged.
+    pub fn log(&self) -> String {
+        read_lossy(&self.dir.join("relay.log"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// A throwaway CA and a certificate for 198.18.0.1 signed by it: (CA PEM, cert PEM, key PEM).
+fn make_certificates() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "malai e2e relay CA");
+    let ca_cert = ca.self_signed(&ca_key).expect("self-sign CA");
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().expect("relay key");
+    // An IP string becomes an IP SAN.
+    let mut leaf = CertificateParams::new(vec![RELAY_IP.to_string()]).expect("relay params");
+    leaf.distinguished_name
+        .push(DnType::CommonName, "malai e2e relay");
+    let cert = leaf.signed_by(&key, &issuer).expect("sign relay cert");
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// Not a test: the relay process. `Relay::start` re-executes this binary with
+/// `--exact netsim::relay_process --ignored` and `MALAI_NETSIM_RELAY_DIR` set; without that
+/// variable (e.g. `cargo test -- --ignored`) it returns at once. Exits when its parent (the
+/// test binary) is gone, so a killed test run leaves no relay behind.
+#[test]
+#[ignore = "the relay process of the network tests, started by netsim::Relay"]
+fn relay_process() {
+    let Some(dir) = std::env::var_os(RELAY_ENV) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(serve_relay(&dir));
+}
+
+async fn serve_relay(dir: &Path) {
+    use iroh_relay::server::{
+        CertConfig, QuicConfig, RelayConfig, Server, ServerConfig, TlsConfig,
+    };
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("relay.crt"))
+        .expect("open relay.crt")
+        .collect::<Result<_, _>>()
+        .expect("parse relay.crt");
+    let key = PrivateKeyDer::from_pem_file(dir.join("relay.key")).expect("parse relay.key");
+    let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("TLS config");
+
+    let mut relay = RelayConfig::new(SocketAddr::from((RELAY_IP, 80)));
+    relay.tls = Some(TlsConfig::new(
+        SocketAddr::from((RELAY_IP, RELAY_HTTPS_PORT)),
+        CertConfig::Manual { server_config: tls },
+    ));
+    let mut config = ServerConfig::default();
+    config.relay = Some(relay);
+    config.quic = Some(QuicConfig::new(SocketAddr::from((
+        RELAY_IP,
+        RELAY_QUIC_PORT,
+    ))));
+    let server = Server::spawn(config).await.expect("spawn relay server");
+    eprintln!(
+        "relay ready: https {:?}, http {:?}, quic {:?}",
+        server.https_addr(),
+        server.http_addr(),
+        server.quic_addr()
+    );
+    fs::write(dir.join("ready"), b"ready\n").expect("write ready");
+    let parent = nix::unistd::getppid();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if nix::unistd::getppid() != parent {
+            eprintln!("relay: parent gone, exiting");
+            std::process::exit(0);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests of the network itself (no malai)
+// ---------------------------------------------------------------------------------------------
+
+mod smoke {
+    use super::*;
+
+    fn ping(from: &Netns, to: Ipv4Addr) -> bool {
+        // ping may be absent; a TCP connect attempt by bash needs a listener. Use ping.
+        run_cmd(
+            from.command("ping")
+                .args(["-c", "1", "-W", "1", &to.to_string()]),
+        )
+        .status
+        .success()
+    }
+
+    #[test]
+    fn netsim_nat_lets_replies_in_and_nothing_else() {
+        if !available("netsim::smoke::netsim_nat_lets_replies_in_and_nothing_else") {
+            return;
+        }
+        let net = NatNet::new(&["a", "b"]);
+        // Out through the NAT to the internet works.
+        assert!(
+            ping(net.machine("a"), RELAY_IP),
+            "a cannot reach the internet"
+        );
+        // Nothing unsolicited gets in: b cannot reach a's public address or a's LAN address.
+        assert!(!ping(net.machine("b"), net.public_ip("a")));
+        assert!(!ping(net.machine("b"), net.lan_ip("a")));
+        // An outage cuts a off; restoring brings it back.
+        net.cut("a");
+        assert!(!ping(net.machine("a"), RELAY_IP), "cut did not cut");
+        net.restore("a");
+        assert!(ping(net.machine("a"), RELAY_IP), "restore did not restore");
+    }
+
+    #[test]
+    fn netsim_lan_links_two_namespaces() {
+        if !available("netsim::smoke::netsim_lan_links_two_namespaces") {
+            return;
+        }
+        let lan = LanNet::new();
+        assert!(ping(lan.a(), LanNet::B_IP));
+        assert!(ping(lan.b(), LanNet::A_IP));
+    }
+
+    #[test]
+    fn netsim_namespaces_are_deleted_on_drop() {
+        if !available("netsim::smoke::netsim_namespaces_are_deleted_on_drop") {
+            return;
+        }
+        let names: Vec<String> = {
+            let net = NatNet::new(&["a"]);
+            vec![net.internet().name().to_string(), net.ns("a").to_string()]
+        };
+        let list = stdout_of(&run_cmd(
+            Command::new(program("ip")).args(["netns", "list"]),
+        ));
+        for n in names {
+            assert!(
+                !list.split_whitespace().any(|w| w == n),
+                "{n} still exists:\n{list}"
+            );
+        }
+    }
+
+    #[test]
+    fn netsim_relay_serves_https_with_the_test_ca() {
+        if !available("netsim::smoke::netsim_relay_serves_https_with_the_test_ca") {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut net = NatNet::new(&["a"]);
+        let relay = net.start_relay(dir.path());
+        let url = relay.url();
+        let ca = relay.ca_path().to_path_buf();
+        // curl from behind a's NAT, verifying the relay's certificate with the test CA.
+        let out = run_cmd(net.command("a", "curl").args([
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            &ca.display().to_string(),
+            &format!("{url}/healthz"),
+        ]));
+        assert_success(&out, &format!("curl {url}/healthz\n{}", net.relay().log()));
+    }
+}
