@@ -13,6 +13,9 @@
 //!   any, which for programs that run others (`rsync -e`, `git -c`, `find -exec`) means
 //!   anything (`ClusterConfig::scope_warnings`).
 //! - `http`: the service's `allow-from` or full access; unknown services are refused.
+//! - `forward` (ssh -L/-D/-W/-R, unix sockets, agent): full-access peers only, and only
+//!   while the server's `forwarding` is not `false`. A command-scoped peer never forwards:
+//!   a forward reaches whatever the server can reach, which is more than its commands.
 //! - `config-push`: the cluster manager only. `config-hash`, `ping`: any member or the manager.
 
 use crate::config::{ClusterConfig, SshTarget};
@@ -32,6 +35,44 @@ pub enum Request<'a> {
     ConfigPush,
     ConfigHash,
     Ping,
+    /// A port, unix-socket or agent forward (the kind is for the audit log and messages).
+    Forward {
+        kind: ForwardKind,
+    },
+}
+
+/// The kinds of forwarding a peer can ask for; all need the same access (full access, and
+/// `forwarding` on), the kind only makes the audit log and the refusal precise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardKind {
+    /// ssh -L / -D / -W: a connection from the server to a TCP address.
+    Local,
+    /// ssh -L to a unix socket path on the server.
+    LocalUnix,
+    /// ssh -R: the server listens on a TCP port, connections go back to the client.
+    Remote,
+    /// ssh -R with a unix socket path on the server.
+    RemoteUnix,
+    /// ssh -A: the client's ssh-agent reachable from the remote session.
+    Agent,
+}
+
+impl ForwardKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForwardKind::Local => "local",
+            ForwardKind::LocalUnix => "local-unix",
+            ForwardKind::Remote => "remote",
+            ForwardKind::RemoteUnix => "remote-unix",
+            ForwardKind::Agent => "agent",
+        }
+    }
+}
+
+impl std::fmt::Display for ForwardKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What the server may do for an allowed request. The grant, not the request, drives the
@@ -49,6 +90,7 @@ pub enum Grant {
     ConfigPush,
     ConfigHash,
     Ping,
+    Forward,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +125,10 @@ pub enum DenyReason {
     EmptyCommand,
     #[error("cannot parse command: it contains a NUL byte")]
     NulInCommand,
+    #[error("{0} forwarding needs full access; command-scoped access allows only its commands")]
+    ForwardNeedsFullAccess(ForwardKind),
+    #[error("{kind} forwarding is turned off on {server} (forwarding = false)")]
+    ForwardingOff { kind: ForwardKind, server: String },
 }
 
 /// Decides one request from `peer` to this machine, known in `config` as `server`.
@@ -108,7 +154,8 @@ pub fn decide(config: &ClusterConfig, server: &str, peer: &Id52, req: &Request) 
                 (true, _) => Allow(Grant::Ping),
             };
         }
-        Request::Tunnel | Request::Exec { .. } | Request::Http { .. } => {}
+        Request::Tunnel | Request::Exec { .. } | Request::Http { .. } | Request::Forward { .. } => {
+        }
     }
 
     let Some(me) = config.servers.get(server) else {
@@ -123,6 +170,12 @@ pub fn decide(config: &ClusterConfig, server: &str, peer: &Id52, req: &Request) 
         // there malai could not scope what runs.
         Request::Tunnel if scoped && me.ssh == SshTarget::Embedded => Allow(Grant::Tunnel),
         Request::Exec { .. } if full => Allow(Grant::Shell),
+        Request::Forward { kind } if full && !me.forwarding => Deny(DenyReason::ForwardingOff {
+            kind: *kind,
+            server: me.name.clone(),
+        }),
+        Request::Forward { .. } if full => Allow(Grant::Forward),
+        Request::Forward { kind } if scoped => Deny(DenyReason::ForwardNeedsFullAccess(*kind)),
         Request::Exec { command } => {
             let scoped: Vec<&crate::config::CommandAccess> = me
                 .commands
@@ -355,6 +408,71 @@ id52 = "{bob}"
 
     fn denied(peer: u8) -> Decision {
         Deny(DenyReason::PermissionDenied(id(peer)))
+    }
+
+    #[test]
+    fn forwarding_is_full_access_only_and_can_be_turned_off() {
+        let kinds = [
+            ForwardKind::Local,
+            ForwardKind::LocalUnix,
+            ForwardKind::Remote,
+            ForwardKind::RemoteUnix,
+            ForwardKind::Agent,
+        ];
+        for kind in kinds {
+            let fwd = Request::Forward { kind };
+            assert_eq!(on_foo(ALICE, fwd), Allow(Grant::Forward), "{kind}");
+            assert_eq!(on_foo(CAROL, fwd), Allow(Grant::Forward), "{kind}");
+            // Deny twins: command-scoped (bob; erin is scoped on foo, full on bar), strangers,
+            // members without access, the manager.
+            assert_eq!(
+                on_foo(BOB, fwd),
+                Deny(DenyReason::ForwardNeedsFullAccess(kind)),
+                "{kind}"
+            );
+            assert_eq!(
+                on_foo(ERIN, fwd),
+                Deny(DenyReason::ForwardNeedsFullAccess(kind)),
+                "{kind}"
+            );
+            assert_eq!(on_foo(STRANGER, fwd), denied(STRANGER), "{kind}");
+            assert_eq!(on_foo(DAVE, fwd), denied(DAVE), "{kind}");
+            assert_eq!(on_foo(MANAGER, fwd), denied(MANAGER), "{kind}");
+            let c = config();
+            assert_eq!(
+                decide(&c, "bar", &id(ERIN), &fwd),
+                Allow(Grant::Forward),
+                "{kind}"
+            );
+            // `forwarding = false` on foo: full access no longer forwards; bar unaffected.
+            let mut off = config();
+            off.servers.get_mut("foo").unwrap().forwarding = false;
+            let want = Deny(DenyReason::ForwardingOff {
+                kind,
+                server: "foo".into(),
+            });
+            assert_eq!(decide(&off, "foo", &id(ALICE), &fwd), want, "{kind}");
+            assert_eq!(
+                decide(&off, "foo", &id(BOB), &fwd),
+                Deny(DenyReason::ForwardNeedsFullAccess(kind)),
+                "{kind}"
+            );
+            assert_eq!(
+                decide(&off, "bar", &id(ERIN), &fwd),
+                Allow(Grant::Forward),
+                "{kind}"
+            );
+            // A shell is still a shell.
+            assert_eq!(
+                decide(&off, "foo", &id(ALICE), &Request::Exec { command: None }),
+                Allow(Grant::Shell)
+            );
+        }
+        let r = DenyReason::ForwardNeedsFullAccess(ForwardKind::Remote).to_string();
+        assert_eq!(
+            r,
+            "remote forwarding needs full access; command-scoped access allows only its commands"
+        );
     }
 
     #[test]

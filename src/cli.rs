@@ -33,7 +33,7 @@ pub enum Top {
     /// command natively, like `ssh host command` (exit status passed through; 255 for
     /// malai's own failures).
     #[command(
-        after_help = "Native exec: malai ssh [-t|-T] [-n] [-p port] [-l user] [-o opt] [--parallel N] <host|group> [command …]\n\nHost names: foo.<cluster>, foo.<cluster-id52>, <foo-id52>.<cluster-id52>, a bare foo (when unambiguous), <group>.<cluster> or group:<name>."
+        after_help = "Native exec: malai ssh [-t|-T] [-n] [-p port] [-l user] [-o opt] [--parallel N] <host|group> [command …]\n\nForwarding: malai ssh [-N] [-f] [-g] [-A] [-L [bind:]port:host:hostport] [-R [bind:]port:host:hostport] [-D [bind:]port] [-W host:port] [-o ExitOnForwardFailure=yes] <host> [command …] (unix socket paths work on either side of -L/-R)\n\nHost names: foo.<cluster>, foo.<cluster-id52>, <foo-id52>.<cluster-id52>, a bare foo (when unambiguous), <group>.<cluster> or group:<name>."
     )]
     Ssh {
         #[command(subcommand)]

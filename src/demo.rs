@@ -3,8 +3,8 @@
 //! Makes a temporary folder with three "machines" (each its own `MALAI_HOME`): a manager,
 //! a server `foo` and a device `laptop`; builds the cluster with the same commands a user
 //! would type (printed as it goes), starts `malai ssh server` for foo, runs a command
-//! natively, tries the OpenSSH ProxyCommand path when an sshd answers on 127.0.0.1:22, and
-//! removes everything. Relays are disabled: nothing leaves loopback.
+//! natively, tries the OpenSSH ProxyCommand path when an sshd answers on 127.0.0.1:22,
+//! fetches a web page through `malai ssh -N -L`, and removes everything. Relays are disabled: nothing leaves loopback.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -229,8 +229,74 @@ fn steps(d: &Demo) -> anyhow::Result<()> {
     } else {
         println!("(skipped: no sshd on 127.0.0.1:22 on this machine)");
     }
+    forward_step(d, &laptop)?;
     drop(server);
     println!("\n# Done. For your own cluster: README.md, and `malai ssh --help`.");
+    Ok(())
+}
+
+/// Step 9: a web server only foo's loopback can reach, fetched on laptop through
+/// `malai ssh -N -L` (with curl when it is installed).
+fn forward_step(d: &Demo, laptop: &Machine) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    println!("\n# 9. Port forwarding: a web server on foo's 127.0.0.1, reached from laptop.");
+    // The "web server on foo": this process, answering one line of HTML per request.
+    let web = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let web_port = web.local_addr()?.port();
+    std::thread::spawn(move || {
+        for s in web.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let body = "<h1>hello from foo's web server</h1>\n";
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let local = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let spec = format!("{local}:127.0.0.1:{web_port}");
+    let host = format!("foo.{CLUSTER}");
+    let args = ["ssh", "-N", "-L", &spec, &host];
+    d.show(laptop, &[&args[..], &["&"]].concat());
+    let fwd = KillOnDrop(
+        d.cmd(laptop, &args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            // Its "Killed by signal 15." when the demo stops it is noise here.
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", local)).is_err() {
+        if Instant::now() > deadline {
+            anyhow::bail!("the forward did not come up in 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = format!("http://127.0.0.1:{local}/");
+    println!("[laptop]$ curl -s {url}");
+    match Command::new("curl")
+        .args(["-s", &url])
+        .stdin(Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => {}
+        Ok(s) => println!("(curl exited {})", s.code().unwrap_or(-1)),
+        Err(_) => {
+            // No curl here: the same request by hand.
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", local))?;
+            write!(s, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp)?;
+            print!("{}", resp.split("\r\n\r\n").nth(1).unwrap_or(""));
+        }
+    }
+    drop(fwd);
     Ok(())
 }
 

@@ -101,6 +101,7 @@ fn build(s: &Shape) -> ClusterConfig {
                     .collect(),
                 ssh_via: None,
                 ssh_identity_file: None,
+                forwarding: true,
             },
         );
     }

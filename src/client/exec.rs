@@ -78,6 +78,17 @@ pub async fn run_one(
         s = open_with(resolved, server, Request::Exec(req), &args.options) => s?,
         n = interrupts.recv() => return Err(ClientError::Killed(n)),
     };
+    run_session(session, args, pty, &mut interrupts).await
+}
+
+/// The exec part of [`run_one`] on an opened session (also used by `client::forward`,
+/// which opens it on the connection that carries its forwards).
+pub(crate) async fn run_session(
+    session: Session,
+    args: &SshArgs,
+    pty: bool,
+    interrupts: &mut Interrupts,
+) -> Result<i32, ClientError> {
     let _raw = if pty && is_tty(0) {
         RawMode::enter()
     } else {
@@ -90,7 +101,7 @@ pub async fn run_one(
     };
     let mut out = stdio::stdout();
     let mut err = stdio::stderr();
-    let r = drive(session, stdin, &mut out, &mut err, pty, &mut interrupts).await;
+    let r = drive(session, stdin, &mut out, &mut err, pty, interrupts).await;
     drop(_raw);
     if pty && !args.quiet && r.is_ok() {
         // ssh's closing line for interactive sessions.
@@ -307,6 +318,17 @@ pub async fn run(dirs: &crate::config::paths::Dirs, argv: &[String]) -> Result<i
         tracing::info!(user = %u, "remote user name given; commands run as the server's user");
     }
     let resolved = super::resolve(dirs, &args.host)?;
+    if args.forwards()
+        && !matches!(
+            resolved.target.kind,
+            crate::config::names::TargetKind::Server { .. }
+        )
+    {
+        return Err(ClientError::Refused(format!(
+            "{} is not a server; forwarding (-L, -D, -W, -N) needs one server",
+            args.host
+        )));
+    }
     match &resolved.target.kind {
         crate::config::names::TargetKind::Group { group } => {
             let group = group.clone();
@@ -320,6 +342,9 @@ pub async fn run(dirs: &crate::config::paths::Dirs, argv: &[String]) -> Result<i
                 .server()
                 .cloned()
                 .ok_or_else(|| ClientError::Refused("server vanished".into()))?;
+            if args.forwards() {
+                return super::forward::run(&resolved, &server, &args).await;
+            }
             // ssh-via servers need no malai key: always direct.
             if server.ssh_via.is_none()
                 && let crate::agent::client::Route::Agent(agent) =

@@ -5,10 +5,12 @@
 //! - [`ssh_via`]: servers reached through OpenSSH + `malai ssh stdinserver` (`ssh-via`).
 
 pub mod exec;
+pub mod forward;
 pub mod group;
 pub mod known_hosts;
 pub mod liveness;
 pub mod proxy;
+pub mod socks;
 pub mod ssh_args;
 pub mod ssh_via;
 pub mod tty;

@@ -79,6 +79,9 @@ pub struct Server {
     /// `ssh-via = "user@host[:port]"` (ext): reach this server through OpenSSH + stdinserver.
     pub ssh_via: Option<String>,
     pub ssh_identity_file: Option<String>,
+    /// `forwarding = false`: no port/agent forwarding for anyone, even full-access peers
+    /// (default `true`, as sshd's `AllowTcpForwarding yes`).
+    pub forwarding: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -642,6 +642,7 @@ impl Parser {
         let mut addrs = Vec::new();
         let mut ssh_via = None;
         let mut ssh_identity_file = None;
+        let mut forwarding = true;
         let mut commands = Vec::new();
         let mut services = Vec::new();
         for (k, v) in t.iter() {
@@ -665,6 +666,17 @@ impl Parser {
                     }
                 }
                 "ssh-identity-file" => ssh_identity_file = self.opt_string(&key, v)?,
+                "forwarding" => {
+                    forwarding = v
+                        .get_ref()
+                        .as_bool()
+                        .ok_or_else(|| ConfigError::WrongType {
+                            key: key.clone(),
+                            expected: "true or false",
+                            found: v.get_ref().type_str(),
+                            line: self.line(v.span()),
+                        })?;
+                }
                 "service" => {
                     for (sk, sv) in self.table(&key, v)?.iter() {
                         services.push(self.service(&key, sk, sv)?);
@@ -709,6 +721,7 @@ impl Parser {
                 services: BTreeMap::new(),
                 ssh_via,
                 ssh_identity_file,
+                forwarding,
             },
             line: header_line,
             allow_from,
@@ -1467,6 +1480,23 @@ members = ["bar"]
             e.starts_with("cluster-manager.use-keyring: expected true or false"),
             "{e}"
         );
+        let e = err(&minimal(&format!(
+            "[server.foo]\nid52 = \"{}\"\nforwarding = \"no\"\n",
+            id(2)
+        )));
+        assert!(
+            e.starts_with("server.foo.forwarding: expected true or false"),
+            "{e}"
+        );
+        let on = ClusterConfig::parse(&minimal(&format!("[server.foo]\nid52 = \"{}\"\n", id(2))))
+            .unwrap();
+        assert!(on.servers["foo"].forwarding, "forwarding defaults to on");
+        let off = ClusterConfig::parse(&minimal(&format!(
+            "[server.foo]\nid52 = \"{}\"\nforwarding = false\n",
+            id(2)
+        )))
+        .unwrap();
+        assert!(!off.servers["foo"].forwarding);
         let e = err(&minimal(&format!(
             "[server.foo]\nid52 = \"{}\"\nallow-from = 3\n",
             id(2)

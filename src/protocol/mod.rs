@@ -7,7 +7,7 @@
 //! 2. **The server answers** with one response frame: `accept`, `deny(reason)` or
 //!    `error(reason)`, before any payload. After `deny`/`error` it closes the stream.
 //! 3. After `accept`:
-//!    - `tunnel` and `http`: raw bytes both ways, no framing. Each side signals the end of
+//!    - `tunnel`, `http` and `forward`: raw bytes both ways, no framing. Each side signals the end of
 //!      its direction by closing its write half (QUIC FIN / EOF); the other direction goes on
 //!      until its own EOF (half-close, which scp/rsync/git need).
 //!    - `exec`: multiplexed frames (`protocol::exec`).
@@ -28,6 +28,7 @@
 
 pub mod config;
 pub mod exec;
+pub mod forward;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -58,6 +59,9 @@ pub const KINDS: &[&str] = &[
     "config-push",
     "config-hash",
     "ping",
+    "forward",
+    "remote-forward",
+    "remote-connection",
 ];
 
 /// The first frame of every stream.
@@ -93,6 +97,18 @@ pub enum Request {
     /// Ask for the hash of the cluster file the peer has.
     ConfigHash,
     Ping,
+    /// One forwarded connection (`protocol::forward`): raw bytes to `to` on the server.
+    Forward {
+        to: forward::ForwardTarget,
+    },
+    /// The server listens (`-R`, `-A`) and announces each connection (`protocol::forward`).
+    RemoteForward {
+        listen: forward::RemoteListen,
+    },
+    /// Claim one connection a `remote-forward` announced; then raw bytes both ways.
+    RemoteConnection {
+        id: u64,
+    },
 }
 
 impl Request {
@@ -104,6 +120,9 @@ impl Request {
             Request::ConfigPush { .. } => "config-push",
             Request::ConfigHash => "config-hash",
             Request::Ping => "ping",
+            Request::Forward { .. } => "forward",
+            Request::RemoteForward { .. } => "remote-forward",
+            Request::RemoteConnection { .. } => "remote-connection",
         }
     }
 }
@@ -341,6 +360,12 @@ mod tests {
             Request::ConfigPush { hash: "ab".into() },
             Request::ConfigHash,
             Request::Ping,
+            Request::Forward {
+                to: forward::ForwardTarget::Tcp {
+                    host: "localhost".into(),
+                    port: 80,
+                },
+            },
             Request::Exec(exec::ExecRequest {
                 command: Some("ls -la".into()),
                 env: vec![("LANG".into(), "C".into())],

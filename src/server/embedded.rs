@@ -28,6 +28,9 @@
 //! - EOF, exit status (or exit signal), then close — sshd's order.
 //! - A closed channel or a dropped connection hangs up the child's whole session.
 //!
+//! Forwarding (`direct-tcpip`, `tcpip-forward`, streamlocal, agent): decided here per
+//! request with `server::forward::check` (ACL + audit), served by `embedded_forward`.
+//!
 //! SFTP: the system's `sftp-server` (OpenSSH's, found at the usual paths or
 //! `MALAI_SFTP_SERVER`), run through the same process machinery. It is the implementation
 //! OpenSSH's own clients are tested against (every extension `sftp`/`scp` use), and it
@@ -47,9 +50,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::ClusterState;
+use super::embedded_forward::{self as fwd, Listener, Target};
+use super::forward::{self, Asker};
 use super::process::{self, ChildControl, ChildInput, ChildOutput, Program, Running, SpawnSpec};
 use super::request::reply;
-use crate::acl::{self, Decision, Grant};
+use crate::acl::{self, Decision, ForwardKind, Grant};
 use crate::id52::Id52;
 use crate::keys::{self, SecretKey};
 use crate::protocol::Response;
@@ -184,6 +189,8 @@ struct ChannelState {
     control: Option<ChildControl>,
     /// Cancelled when the channel closes or the connection drops: the child is hung up.
     stop: CancellationToken,
+    /// `SSH_AUTH_SOCK` for the child, after an allowed `auth-agent-req@openssh.com`.
+    agent: Option<String>,
 }
 
 impl ChannelState {
@@ -196,6 +203,7 @@ impl ChannelState {
             input_rx: Some(rx),
             control: None,
             stop: CancellationToken::new(),
+            agent: None,
         }
     }
 
@@ -215,6 +223,10 @@ struct SshHandler {
     ctx: Arc<EmbeddedContext>,
     user: String,
     channels: HashMap<ChannelId, ChannelState>,
+    /// Remote forwards (`tcp:addr:port` / `unix:path`) → their listener's stop.
+    remote: HashMap<String, CancellationToken>,
+    /// Cancelled when the connection goes: ends every forward it started.
+    conn_stop: CancellationToken,
 }
 
 impl SshHandler {
@@ -223,7 +235,27 @@ impl SshHandler {
             ctx,
             user: String::new(),
             channels: HashMap::new(),
+            remote: HashMap::new(),
+            conn_stop: CancellationToken::new(),
         }
+    }
+
+    /// The ACL and audit log for one forward request.
+    fn forward_check(&self, kind: ForwardKind, detail: &str) -> Result<(), String> {
+        let asker = Asker {
+            state: &self.ctx.state,
+            server: &self.ctx.server,
+            peer: &self.ctx.peer,
+            transport: self.ctx.transport,
+        };
+        forward::check(&asker, kind, detail)
+    }
+
+    /// Bind a remote forward's listener and start serving it, after the ACL said yes.
+    fn start_remote(&mut self, key: String, listener: Listener, session: &mut Session) {
+        let stop = self.conn_stop.child_token();
+        self.remote.insert(key, stop.clone());
+        tokio::spawn(fwd::serve_remote(session.handle(), listener, stop));
     }
 
     fn note_user(&mut self, user: &str, method: &str) {
@@ -304,6 +336,7 @@ impl SshHandler {
                     env: st.env.clone(),
                     pty,
                     peer: peer.to_string(),
+                    agent_socket: st.agent.clone(),
                 };
                 match process::spawn(&spec) {
                     Ok(c) => Some(c),
@@ -341,6 +374,7 @@ impl Drop for SshHandler {
         for st in self.channels.values() {
             st.stop.cancel();
         }
+        self.conn_stop.cancel();
     }
 }
 
@@ -411,6 +445,181 @@ impl russh::server::Handler for SshHandler {
         self.channels.insert(id, ChannelState::new());
         reply.accept().await;
         Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let host: String = host_to_connect
+            .chars()
+            .take(forward::MAX_HOST_LEN + 1)
+            .collect();
+        let detail = format!("{host}:{port_to_connect}");
+        if let Err(reason) = self.forward_check(ForwardKind::Local, &detail) {
+            reply.reject(fwd::prohibited(&reason)).await;
+            return Ok(());
+        }
+        let Ok(port) = u16::try_from(port_to_connect) else {
+            reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+            return Ok(());
+        };
+        let stop = self.conn_stop.child_token();
+        tokio::spawn(fwd::open_local(
+            channel,
+            reply,
+            Target::Tcp(host, port),
+            stop,
+        ));
+        Ok(())
+    }
+
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        channel: Channel<Msg>,
+        socket_path: &str,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let path: String = socket_path
+            .chars()
+            .take(forward::MAX_SOCKET_PATH + 1)
+            .collect();
+        if let Err(reason) = self.forward_check(ForwardKind::LocalUnix, &path) {
+            reply.reject(fwd::prohibited(&reason)).await;
+            return Ok(());
+        }
+        let stop = self.conn_stop.child_token();
+        tokio::spawn(fwd::open_local(channel, reply, Target::Unix(path), stop));
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let address: String = address.chars().take(forward::MAX_HOST_LEN).collect();
+        let detail = format!("{address}:{port}");
+        if self.forward_check(ForwardKind::Remote, &detail).is_err() {
+            return Ok(false);
+        }
+        let Ok(want) = u16::try_from(*port) else {
+            return Ok(false);
+        };
+        if self.remote.len() >= forward::MAX_LISTENERS {
+            tracing::info!(peer = %self.ctx.peer, "embedded ssh: too many remote forwards");
+            return Ok(false);
+        }
+        match forward::listen_tcp(&address, want) {
+            Ok((listener, got)) => {
+                *port = u32::from(got);
+                tracing::info!(peer = %self.ctx.peer, %address, port = got, "embedded ssh: remote forward listening");
+                let key = format!("tcp:{address}:{got}");
+                self.start_remote(
+                    key,
+                    Listener::Tcp(listener, address, u32::from(got)),
+                    session,
+                );
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::info!(peer = %self.ctx.peer, error = %e, "embedded ssh: remote forward failed");
+                Ok(false)
+            }
+        }
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        match self.remote.remove(&format!("tcp:{address}:{port}")) {
+            Some(stop) => {
+                stop.cancel();
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let path: String = socket_path
+            .chars()
+            .take(forward::MAX_SOCKET_PATH + 1)
+            .collect();
+        if self.forward_check(ForwardKind::RemoteUnix, &path).is_err() {
+            return Ok(false);
+        }
+        if self.remote.len() >= forward::MAX_LISTENERS {
+            return Ok(false);
+        }
+        match forward::listen_unix(&path) {
+            Ok(listener) => {
+                tracing::info!(peer = %self.ctx.peer, %path, "embedded ssh: remote unix forward listening");
+                let key = format!("unix:{path}");
+                self.start_remote(key, Listener::Unix(listener, path), session);
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::info!(peer = %self.ctx.peer, error = %e, "embedded ssh: remote unix forward failed");
+                Ok(false)
+            }
+        }
+    }
+
+    async fn cancel_streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        match self.remote.remove(&format!("unix:{socket_path}")) {
+            Some(stop) => {
+                stop.cancel();
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        match self.channels.get(&channel) {
+            Some(st) if !st.started() && st.agent.is_none() => {}
+            _ => return Ok(false),
+        }
+        if self.forward_check(ForwardKind::Agent, "").is_err() {
+            return Ok(false);
+        }
+        let sock = match forward::AgentSocket::new() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "embedded ssh: cannot make the agent socket");
+                return Ok(false);
+            }
+        };
+        let Some(st) = self.channels.get_mut(&channel) else {
+            return Ok(false);
+        };
+        st.agent = Some(fwd::agent_path(&sock).display().to_string());
+        tokio::spawn(fwd::serve_agent(session.handle(), sock, st.stop.clone()));
+        Ok(true)
     }
 
     async fn channel_close(

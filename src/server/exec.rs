@@ -25,11 +25,17 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    // Full access only: a forwarded agent is part of forwarding.
+    let agent_socket = match &program {
+        Program::Shell(_) => super::forward::agent_socket_for(&peer, &req.env),
+        Program::Argv(_) => None,
+    };
     let spec = SpawnSpec {
         program,
         env: req.env,
         pty: req.pty,
         peer,
+        agent_socket,
     };
     let mut child = match spawn(&spec) {
         Ok(c) => c,

@@ -21,7 +21,9 @@
 
 pub mod config_sync;
 pub mod embedded;
+pub mod embedded_forward;
 pub mod exec;
+pub mod forward;
 pub mod guard;
 pub mod http;
 pub mod process;

@@ -41,6 +41,9 @@ pub struct SpawnSpec {
     pub pty: Option<PtyRequest>,
     /// Set as `MALAI_PEER_ID52` so scripts can tell who called.
     pub peer: String,
+    /// `SSH_AUTH_SOCK`: the server's own socket for a forwarded agent (not client input,
+    /// so not filtered by [`env_allowed`]).
+    pub agent_socket: Option<String>,
 }
 
 /// The login facts of the user the server runs as.
@@ -148,6 +151,9 @@ pub fn spawn(spec: &SpawnSpec) -> std::io::Result<Running> {
         if env_allowed(k) {
             cmd.env(k, v);
         }
+    }
+    if let Some(sock) = &spec.agent_socket {
+        cmd.env("SSH_AUTH_SOCK", sock);
     }
     let home = std::path::Path::new(&who.home);
     cmd.current_dir(if home.is_dir() {

@@ -91,6 +91,17 @@ where
         Request::ConfigPush { .. } => acl::Request::ConfigPush,
         Request::ConfigHash => acl::Request::ConfigHash,
         Request::Ping => acl::Request::Ping,
+        Request::Forward { to } => acl::Request::Forward {
+            kind: super::forward::kind_of(to),
+        },
+        Request::RemoteForward { listen } => acl::Request::Forward {
+            kind: super::forward::remote_kind_of(listen),
+        },
+        // Claiming a connection of one's own remote forward: asked again, so a peer whose
+        // access was just revoked gets nothing more.
+        Request::RemoteConnection { .. } => acl::Request::Forward {
+            kind: acl::ForwardKind::Remote,
+        },
     };
     let who = cfg
         .name_of(&peer)
@@ -99,6 +110,9 @@ where
     let detail = match &header.request {
         Request::Exec(e) => e.command.clone().unwrap_or_else(|| "(login shell)".into()),
         Request::Http { service } => service.clone(),
+        Request::Forward { to } => to.describe().chars().take(300).collect(),
+        Request::RemoteForward { listen } => super::forward::describe_listen(listen),
+        Request::RemoteConnection { id } => id.to_string(),
         _ => String::new(),
     };
     let mut entry = audit::Entry {
@@ -219,6 +233,13 @@ where
             super::config_sync::serve_push(ctx, hash, r, w).await
         }
         (Grant::ConfigHash, Request::ConfigHash) => super::config_sync::serve_hash(ctx, r, w).await,
+        (Grant::Forward, Request::Forward { to }) => super::forward::serve(&to, r, w).await,
+        (Grant::Forward, Request::RemoteForward { listen }) => {
+            super::forward::serve_remote(peer, &listen, r, w).await
+        }
+        (Grant::Forward, Request::RemoteConnection { id }) => {
+            super::forward::serve_claim(peer, id, r, w).await
+        }
         (_, request) => {
             let reason = format!("{} is not supported by this server yet", request.kind());
             let _ = reply(w, &Response::Error { reason }).await;

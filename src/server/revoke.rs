@@ -1,5 +1,5 @@
-//! Revocation of live requests: when the cluster file changes, every running tunnel, exec
-//! and HTTP stream asks the ACL again, and one that would now be denied is cut.
+//! Revocation of live requests: when the cluster file changes, every running tunnel, exec,
+//! HTTP and forwarding stream asks the ACL again, and one that would now be denied is cut.
 //!
 //! Without this, `cluster remove alice` or dropping her from `allow-from` denied only her
 //! *next* request; a shell she already had kept running (issue 12, finding 8). Now:
@@ -51,6 +51,15 @@ pub async fn revoked(state: Arc<ClusterState>, server: String, peer: Id52, reque
                 command: e.command.as_deref(),
             },
             Request::Http { service } => acl::Request::Http { service },
+            Request::Forward { to } => acl::Request::Forward {
+                kind: super::forward::kind_of(to),
+            },
+            Request::RemoteForward { listen } => acl::Request::Forward {
+                kind: super::forward::remote_kind_of(listen),
+            },
+            Request::RemoteConnection { .. } => acl::Request::Forward {
+                kind: acl::ForwardKind::Remote,
+            },
             // Short exchanges: not watched.
             _ => continue,
         };

@@ -17,13 +17,13 @@ use crate::agent::Agent;
 use crate::harness::*;
 
 /// `python3 -m http.server` on 127.0.0.1:<port> serving a directory; killed on drop.
-struct HttpServer {
+pub struct HttpServer {
     child: Child,
-    port: u16,
+    pub port: u16,
 }
 
 impl HttpServer {
-    fn start(dir: &Path) -> HttpServer {
+    pub fn start(dir: &Path) -> HttpServer {
         assert!(
             Command::new("python3")
                 .arg("--version")
@@ -77,7 +77,7 @@ fn acme(port: u16, down: u16) -> TestCluster {
 }
 
 /// `curl -sS <args>` with only the proxy environment we choose (no inherited NO_PROXY).
-fn curl(proxy: Option<&str>, args: &[&str]) -> Output {
+pub fn curl(proxy: Option<&str>, args: &[&str]) -> Output {
     let mut cmd = Command::new("curl");
     for k in [
         "http_proxy",

@@ -18,6 +18,8 @@ mod sync;
 mod agent;
 // The agent's HTTP proxy: services with ACL, 403/404/502, CONNECT, 64 MiB, malai ssh curl.
 mod http;
+// Port forwarding: ssh -L/-D/-R/-W/-A and unix sockets via embedded and sshd; ACL twins.
+mod forward;
 // Faults: killed servers, restarts, stopped sshd, slowloris and silent streams, stream cap,
 // unwritable cluster folder during a push.
 mod faults;

@@ -1,0 +1,929 @@
+//! Native forwarding: `malai ssh -L`, `-D`, `-W`, `-R`, `-A`, `-N` (and `-g`,
+//! `-o ExitOnForwardFailure=yes`), without OpenSSH.
+//!
+//! One iroh connection to the server carries everything: each forwarded connection is one
+//! `forward` stream (`protocol::forward`) opened when a local client connects, and the
+//! remote command (unless `-N`) is one `exec` stream beside them. The server decides each
+//! stream with `acl::decide` and connects before answering, so a refusal or an unreachable
+//! target is reported per connection the way ssh reports a failed channel, and for `-D` as
+//! the SOCKS failure reply.
+//!
+//! `-R` and `-A` are `remote-forward` streams: the server listens (for `-A`, on a private
+//! agent socket whose path the remote command gets as `SSH_AUTH_SOCK`) and announces each
+//! connection; we claim it with a `remote-connection` stream and connect it to the local
+//! target (for `-A`, our `SSH_AUTH_SOCK`).
+//!
+//! Spec syntax is OpenSSH's (`-R` mirrors `-L`: the listen side is on the server): `-L [bind:]port:host:hostport`, `-L [bind:]port:/remote.sock`,
+//! `-L /local.sock:host:hostport`, `-L /local.sock:/remote.sock` (IPv6 in brackets),
+//! `-D [bind:]port`, `-W host:port`. Local listeners bind loopback unless `-g` or an
+//! explicit bind address says otherwise, as with ssh.
+//!
+//! `-f` re-runs this same command line as a child in its own process group, stdin from
+//! /dev/null, and waits until the child says its forwards (and remote command) are up
+//! through an inherited pipe (`MALAI_SSH_FORK_FD`); then the parent exits 0. A child that
+//! fails first closes the pipe without a word and the parent exits with its status.
+//!
+//! The run ends when the remote command ends (open forwards are cut, unlike ssh which waits
+//! for them), or for `-N` on a signal or when the connection to the server is lost.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::exec::{Interrupts, exec_request, run_session, want_pty};
+use super::socks;
+use super::ssh_args::SshArgs;
+use super::{
+    CONNECT_TIMEOUT, ClientError, Closer, LINGER, Resolved, Session, SessionRead, SessionWrite,
+    request_on,
+};
+use crate::config::Server;
+use crate::endpoint::{CommandAccess, OwnEndpoint};
+use crate::id52::Id52;
+use crate::protocol::Request;
+use crate::protocol::forward::{ForwardTarget, RemoteEvent, RemoteListen};
+use crate::transport::iroh::PeerConnection;
+use crate::transport::{pump, stdio};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("bad forwarding specification {0:?}")]
+    Bad(String),
+    #[error("bad port {1:?} in forwarding specification {0:?}")]
+    Port(String, String),
+}
+
+/// Where a local forward listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// `None`: ssh's default (loopback, or all interfaces with `-g`).
+    Tcp {
+        bind: Option<String>,
+        port: u16,
+    },
+    Unix(PathBuf),
+}
+
+/// One `-L`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalForward {
+    pub listen: Listen,
+    pub to: ForwardTarget,
+}
+
+/// Split on `:` outside `[…]`, dropping the brackets (`[::1]:80` → `::1`, `80`).
+fn split_spec(spec: &str) -> Result<Vec<String>, SpecError> {
+    let mut parts = vec![];
+    let mut cur = String::new();
+    let mut in_brackets = false;
+    for c in spec.chars() {
+        match c {
+            '[' if !in_brackets && cur.is_empty() => in_brackets = true,
+            ']' if in_brackets => in_brackets = false,
+            ':' if !in_brackets => parts.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    if in_brackets {
+        return Err(SpecError::Bad(spec.into()));
+    }
+    parts.push(cur);
+    Ok(parts)
+}
+
+fn port(spec: &str, p: &str) -> Result<u16, SpecError> {
+    p.parse::<u16>()
+        .map_err(|_| SpecError::Port(spec.into(), p.into()))
+}
+
+fn is_path(s: &str) -> bool {
+    s.contains('/')
+}
+
+fn target(spec: &str, host: &str, hostport: &str) -> Result<ForwardTarget, SpecError> {
+    if host.is_empty() {
+        return Err(SpecError::Bad(spec.into()));
+    }
+    let to = ForwardTarget::Tcp {
+        host: host.into(),
+        port: port(spec, hostport)?,
+    };
+    to.check().map_err(|_| SpecError::Bad(spec.into()))?;
+    Ok(to)
+}
+
+fn unix_target(spec: &str, path: &str) -> Result<ForwardTarget, SpecError> {
+    let to = ForwardTarget::Unix { path: path.into() };
+    to.check().map_err(|_| SpecError::Bad(spec.into()))?;
+    Ok(to)
+}
+
+/// Parse one `-L` spec (OpenSSH's forms, see the module header).
+pub fn parse_local(spec: &str) -> Result<LocalForward, SpecError> {
+    let p = split_spec(spec)?;
+    let bad = || SpecError::Bad(spec.into());
+    let tcp = |bind: Option<&str>, p: &str| -> Result<Listen, SpecError> {
+        Ok(Listen::Tcp {
+            bind: bind.map(str::to_string),
+            port: port(spec, p)?,
+        })
+    };
+    let (listen, to) = match p.as_slice() {
+        [bind, lport, host, hport] => (tcp(Some(bind), lport)?, target(spec, host, hport)?),
+        [a, b, c] if is_path(a) => (Listen::Unix(a.into()), target(spec, b, c)?),
+        [a, b, c] if is_path(c) => (tcp(Some(a), b)?, unix_target(spec, c)?),
+        [a, b, c] => (tcp(None, a)?, target(spec, b, c)?),
+        [a, b] if is_path(a) && is_path(b) => (Listen::Unix(a.into()), unix_target(spec, b)?),
+        [a, b] if is_path(b) => (tcp(None, a)?, unix_target(spec, b)?),
+        _ => return Err(bad()),
+    };
+    Ok(LocalForward { listen, to })
+}
+
+/// Parse one `-D [bind:]port`.
+pub fn parse_dynamic(spec: &str) -> Result<Listen, SpecError> {
+    match split_spec(spec)?.as_slice() {
+        [p] => Ok(Listen::Tcp {
+            bind: None,
+            port: port(spec, p)?,
+        }),
+        [bind, p] => Ok(Listen::Tcp {
+            bind: Some(bind.clone()),
+            port: port(spec, p)?,
+        }),
+        _ => Err(SpecError::Bad(spec.into())),
+    }
+}
+
+/// Parse `-W host:port`.
+pub fn parse_stdio(spec: &str) -> Result<ForwardTarget, SpecError> {
+    match split_spec(spec)?.as_slice() {
+        [host, p] => target(spec, host, p),
+        _ => Err(SpecError::Bad(spec.into())),
+    }
+}
+
+/// The address a TCP listen spec binds, as ssh decides: no bind address → loopback (all
+/// interfaces with `-g`); `*` or empty → all; `localhost` → loopback; else as given.
+pub fn bind_addr(bind: Option<&str>, port: u16, gateway: bool) -> String {
+    match bind {
+        None if gateway => format!("0.0.0.0:{port}"),
+        None | Some("localhost") => format!("127.0.0.1:{port}"),
+        Some("") | Some("*") => format!("0.0.0.0:{port}"),
+        Some(b) if b.contains(':') => format!("[{b}]:{port}"),
+        Some(b) => format!("{b}:{port}"),
+    }
+}
+
+enum Bound {
+    Tcp(TcpListener, String),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Bound {
+    fn label(&self) -> String {
+        match self {
+            Bound::Tcp(_, a) => a.clone(),
+            Bound::Unix(_, p) => p.display().to_string(),
+        }
+    }
+}
+
+async fn bind(listen: &Listen, gateway: bool) -> Result<Bound, String> {
+    match listen {
+        Listen::Tcp { bind, port } => {
+            let addr = bind_addr(bind.as_deref(), *port, gateway);
+            TcpListener::bind(&addr)
+                .await
+                .map(|l| Bound::Tcp(l, addr.clone()))
+                .map_err(|e| format!("bind {addr}: {e}"))
+        }
+        Listen::Unix(path) => UnixListener::bind(path)
+            .map(|l| Bound::Unix(l, path.clone()))
+            .map_err(|e| format!("bind {}: {e}", path.display())),
+    }
+}
+
+/// What a listener's connections become.
+#[derive(Clone)]
+enum Kind {
+    /// `-L`: always this target.
+    Fixed(ForwardTarget),
+    /// `-D`: the target each SOCKS client asks for.
+    Socks,
+}
+
+/// How this run reaches the server: its own endpoint and one connection, or through the
+/// process that holds the cluster key (server or agent), one control-socket stream per
+/// request. Cheap to clone.
+#[derive(Clone)]
+enum Link {
+    Own {
+        own: Arc<OwnEndpoint>,
+        conn: PeerConnection,
+        cluster: Id52,
+    },
+    Via {
+        socket: Arc<PathBuf>,
+        alias: Arc<str>,
+        server: Id52,
+        hints: Arc<[SocketAddr]>,
+    },
+}
+
+impl Link {
+    /// Reach `server` the way every CLI command does (`endpoint::for_command`).
+    async fn connect(resolved: &Resolved, server: &Server) -> Result<Link, ClientError> {
+        let access = crate::endpoint::for_command(
+            &resolved.dir,
+            Some(&resolved.config),
+            crate::agent::lockdown_mode(),
+        )
+        .await?;
+        match access {
+            CommandAccess::Via(socket) => Ok(Link::Via {
+                socket: Arc::new(socket),
+                alias: resolved.dir.alias.as_str().into(),
+                server: server.id52,
+                hints: server.addrs.clone().into(),
+            }),
+            CommandAccess::Own(own) => {
+                let dialed = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    own.node.connect(&server.id52, &server.addrs),
+                )
+                .await;
+                match dialed {
+                    Ok(Ok(conn)) => Ok(Link::Own {
+                        own,
+                        conn,
+                        cluster: resolved.config.manager,
+                    }),
+                    Ok(Err(e)) => {
+                        own.done(LINGER).await;
+                        Err(e.into())
+                    }
+                    Err(_) => {
+                        own.done(LINGER).await;
+                        Err(ClientError::Timeout("connecting"))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Open one request stream; `Ok` only after the server's `accept`.
+    async fn open(&self, request: Request) -> Result<(SessionWrite, SessionRead), ClientError> {
+        match self {
+            Link::Own { conn, cluster, .. } => {
+                let (s, r) = request_on(conn, *cluster, request).await?;
+                Ok((SessionWrite::Iroh(s), SessionRead::Iroh(r)))
+            }
+            Link::Via {
+                socket,
+                alias,
+                server,
+                hints,
+            } => {
+                let sock =
+                    crate::endpoint::open_via(socket, alias, *server, hints, request).await?;
+                let (r, w) = sock.into_split();
+                Ok((SessionWrite::Via(w), SessionRead::Via(r)))
+            }
+        }
+    }
+
+    /// Resolves when the connection to the server is gone (never, through a holder: it
+    /// redials on its own).
+    async fn lost(&self) {
+        match self {
+            Link::Own { conn, .. } => conn.closed().await,
+            Link::Via { .. } => std::future::pending().await,
+        }
+    }
+
+    async fn close(self) {
+        if let Link::Own { own, conn, .. } = self {
+            conn.close("done");
+            own.done(LINGER).await;
+        }
+    }
+}
+
+/// Abort a stream's sending side (QUIC reset; through a holder, dropping does it).
+fn reset(w: &mut SessionWrite) {
+    if let SessionWrite::Iroh(s) = w {
+        s.reset();
+    }
+}
+
+/// `malai ssh` with forwards: see the module header.
+pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result<i32, ClientError> {
+    if server.ssh_via.is_some() {
+        return Err(ClientError::Refused(
+            "forwarding (-L, -D, -W, -N) is not supported for ssh-via servers yet; \
+             use OpenSSH through `malai ssh proxy`"
+                .into(),
+        ));
+    }
+    let locals = args
+        .local_forwards
+        .iter()
+        .map(|s| parse_local(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClientError::Refused(e.to_string()))?;
+    let dynamics = args
+        .dynamic_forwards
+        .iter()
+        .map(|s| parse_dynamic(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClientError::Refused(e.to_string()))?;
+    let stdio_to = args
+        .stdio_forward
+        .as_deref()
+        .map(parse_stdio)
+        .transpose()
+        .map_err(|e| ClientError::Refused(e.to_string()))?;
+    if stdio_to.is_some() && args.command.is_some() {
+        return Err(ClientError::Refused("-W takes no remote command".into()));
+    }
+    let remotes = args
+        .remote_forwards
+        .iter()
+        .map(|s| parse_local(s).map(|f| (s.clone(), f)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClientError::Refused(e.to_string()))?;
+    if args.background && args.command.is_none() && !args.no_command {
+        return Err(ClientError::Refused(
+            "cannot fork into background without a command to execute (use -N)".into(),
+        ));
+    }
+    let ready = match background::child_fd() {
+        Some(fd) => Some(fd),
+        None if args.background => return background::fork_and_wait().await,
+        None => None,
+    };
+    let mut interrupts = Interrupts::install()?;
+    let link = tokio::select! {
+        c = Link::connect(resolved, server) => c?,
+        n = interrupts.recv() => return Err(ClientError::Killed(n)),
+    };
+    // Notices a restarted server (the connection's idle limit is long), like `open`'s.
+    let watchdog = match &link {
+        Link::Own { own, conn, .. } => Some(super::liveness::watch(
+            own.node.clone(),
+            conn.clone(),
+            server.id52,
+            server.addrs.clone(),
+            resolved.config.manager,
+        )),
+        Link::Via { .. } => None,
+    };
+
+    if let Some(to) = stdio_to {
+        let _watchdog = watchdog;
+        let r = stdio_forward(&link, to, &mut interrupts).await;
+        link.close().await;
+        return r;
+    }
+
+    // Bind every listener before anything runs, so failures are reported up front.
+    let mut bound = vec![];
+    let specs = locals
+        .into_iter()
+        .map(|l| (l.listen, Kind::Fixed(l.to)))
+        .chain(dynamics.into_iter().map(|l| (l, Kind::Socks)));
+    for (listen, kind) in specs {
+        match bind(&listen, args.gateway_ports).await {
+            Ok(b) => bound.push((b, kind)),
+            Err(e) if args.exit_on_forward_failure => {
+                link.close().await;
+                return Err(ClientError::Refused(format!(
+                    "{e}; could not request local forwarding"
+                )));
+            }
+            Err(e) => eprintln!("malai: {e}; could not request local forwarding"),
+        }
+    }
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    // Remote forwards: each is set up (or refused) before anything runs.
+    for (spec, f) in remotes {
+        let listen = match &f.listen {
+            Listen::Tcp { bind, port } => RemoteListen::Tcp {
+                address: bind.clone().unwrap_or_else(|| "localhost".into()),
+                port: *port,
+            },
+            Listen::Unix(p) => RemoteListen::Unix {
+                path: p.display().to_string(),
+            },
+        };
+        match start_remote(&link, listen, f.to.clone(), &stop, &tasks).await {
+            Ok((Some(port), _)) if matches!(f.listen, Listen::Tcp { port: 0, .. }) => {
+                // ssh's line, so scripts that parse it keep working.
+                eprintln!(
+                    "Allocated port {port} for remote forward to {}",
+                    f.to.describe()
+                );
+            }
+            Ok(_) => {}
+            Err(e) if args.exit_on_forward_failure => {
+                stop.cancel();
+                tasks.close();
+                let _ = tokio::time::timeout(LINGER, tasks.wait()).await;
+                link.close().await;
+                return Err(ClientError::Refused(format!(
+                    "remote port forwarding failed for {spec}: {e}"
+                )));
+            }
+            Err(e) => eprintln!("Warning: remote port forwarding failed for {spec}: {e}"),
+        }
+    }
+    // -A: only when we have an agent, like ssh.
+    let mut agent_env = None;
+    if args.forward_agent
+        && let Some(sock) = std::env::var_os("SSH_AUTH_SOCK").filter(|s| !s.is_empty())
+    {
+        let to = ForwardTarget::Unix {
+            path: sock.to_string_lossy().into_owned(),
+        };
+        match start_remote(&link, RemoteListen::Agent {}, to, &stop, &tasks).await {
+            Ok((_, Some(path))) => agent_env = Some(path),
+            Ok(_) => {}
+            Err(e) if !args.quiet => eprintln!("malai: agent forwarding refused: {e}"),
+            Err(_) => {}
+        }
+    }
+    let mut ready = ready;
+    for (b, kind) in bound {
+        tracing::info!(listen = %b.label(), "local forward listening");
+        tasks.spawn(serve_listener(
+            b,
+            kind,
+            link.clone(),
+            stop.clone(),
+            tasks.clone(),
+        ));
+    }
+
+    let result = if args.no_command {
+        let _watchdog = watchdog;
+        background::signal_ready(ready.take());
+        tokio::select! {
+            n = interrupts.recv() => Err(ClientError::Killed(n)),
+            _ = link.lost() => Err(ClientError::Refused("the connection to the server was lost".into())),
+        }
+    } else {
+        let pty = want_pty(args);
+        let mut req = exec_request(args, pty);
+        if let Some(path) = agent_env {
+            req.env.push(("SSH_AUTH_SOCK".into(), path));
+        }
+        let opened = tokio::select! {
+            s = link.open(Request::Exec(req)) => s,
+            n = interrupts.recv() => Err(ClientError::Killed(n)),
+        };
+        if opened.is_ok() {
+            background::signal_ready(ready.take());
+        }
+        match opened {
+            Ok((send, recv)) => {
+                let closer = match (&link, watchdog) {
+                    (Link::Own { own, conn, .. }, Some(w)) => Closer::Iroh {
+                        own: own.clone(),
+                        conn: conn.clone(),
+                        _watchdog: w,
+                    },
+                    _ => Closer::Via,
+                };
+                let session = Session { closer, send, recv };
+                run_session(session, args, pty, &mut interrupts).await
+            }
+            Err(e) => Err(e),
+        }
+    };
+    stop.cancel();
+    tasks.close();
+    // Every task ends on `stop`; they hold the link, and the last holder closes the
+    // endpoint (flushing the connection's close to the server).
+    let _ = tokio::time::timeout(LINGER, tasks.wait()).await;
+    link.close().await;
+    result
+}
+
+/// Open a `remote-forward` stream and wait for the server's `listening`; then serve its
+/// announcements in a task until `stop`. Returns the port / path the server listens on.
+async fn start_remote(
+    link: &Link,
+    listen: RemoteListen,
+    local: ForwardTarget,
+    stop: &CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<(Option<u16>, Option<String>), ClientError> {
+    let (send, mut recv) = link.open(Request::RemoteForward { listen }).await?;
+    let first = tokio::time::timeout(CONNECT_TIMEOUT, crate::protocol::read_json(&mut recv))
+        .await
+        .map_err(|_| ClientError::Timeout("waiting for the remote listener"))??;
+    let RemoteEvent::Listening { port, path } = first else {
+        return Err(ClientError::Refused(
+            "server sent a connection before listening".into(),
+        ));
+    };
+    let (link, stop2, tasks2) = (link.clone(), stop.clone(), tasks.clone());
+    tasks.spawn(async move {
+        // Holding `send` keeps the server's listener open; dropping it closes it.
+        let _send = send;
+        loop {
+            let ev = tokio::select! {
+                _ = stop2.cancelled() => break,
+                ev = crate::protocol::read_json::<_, RemoteEvent>(&mut recv) => ev,
+            };
+            match ev {
+                Ok(RemoteEvent::Connection { id }) => {
+                    let (link, local, stop3) = (link.clone(), local.clone(), stop2.clone());
+                    tasks2.spawn(async move {
+                        tokio::select! {
+                            _ = claim(&link, id, &local) => {}
+                            _ = stop3.cancelled() => {}
+                        }
+                    });
+                }
+                Ok(RemoteEvent::Listening { .. }) => {}
+                Err(e) => {
+                    tracing::info!(error = %e, "remote forward ended");
+                    break;
+                }
+            }
+        }
+    });
+    Ok((port, path))
+}
+
+/// Claim a connection the server announced and connect it to `local`.
+async fn claim(link: &Link, id: u64, local: &ForwardTarget) {
+    let (mut send, mut recv) = match link.open(Request::RemoteConnection { id }).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(error = %e, id, "cannot claim a remote-forward connection");
+            return;
+        }
+    };
+    let what = local.describe();
+    let moved = match local {
+        ForwardTarget::Tcp { host, port } => {
+            match crate::server::forward::connect_tcp(host, *port).await {
+                Ok(s) => {
+                    let (mut r, mut w) = s.into_split();
+                    pump::both_ways(&mut r, &mut send, &mut recv, &mut w).await
+                }
+                Err(e) => {
+                    eprintln!("malai: connect to {what} failed: {e}");
+                    reset(&mut send);
+                    return;
+                }
+            }
+        }
+        ForwardTarget::Unix { path } => match crate::server::forward::connect_unix(path).await {
+            Ok(s) => {
+                let (mut r, mut w) = s.into_split();
+                pump::both_ways(&mut r, &mut send, &mut recv, &mut w).await
+            }
+            Err(e) => {
+                eprintln!("malai: connect to {what} failed: {e}");
+                reset(&mut send);
+                return;
+            }
+        },
+    };
+    if let Err(e) = moved {
+        tracing::info!(target = %what, error = %e, "remote forward connection broke");
+        reset(&mut send);
+    }
+}
+
+/// `-f`: the parent's wait and the child's "ready".
+mod background {
+    use std::io::{Read, Write};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use super::ClientError;
+
+    /// The environment variable naming the child's end of the ready pipe.
+    pub const FORK_FD: &str = "MALAI_SSH_FORK_FD";
+
+    /// In the `-f` child: the ready pipe's write end (taken once; the variable is removed
+    /// so nothing this process starts inherits the meaning).
+    pub fn child_fd() -> Option<OwnedFd> {
+        let v = std::env::var(FORK_FD).ok()?;
+        // SAFETY: single-threaded at this point of the CLI (no other thread reads the
+        // environment while the variable is removed).
+        unsafe { std::env::remove_var(FORK_FD) };
+        let fd: i32 = v.parse().ok().filter(|fd| *fd > 2)?;
+        // The fd must be an open pipe we inherited; fstat tells.
+        nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }).ok()?;
+        // SAFETY: the parent passed us this descriptor for our exclusive use.
+        Some(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Tell the waiting parent we are up (then it exits 0).
+    pub fn signal_ready(fd: Option<OwnedFd>) {
+        if let Some(fd) = fd {
+            let mut f = std::fs::File::from(fd);
+            let _ = f.write_all(b"1");
+        }
+    }
+
+    /// Start this command line again as a background child and wait for its "ready".
+    pub async fn fork_and_wait() -> Result<i32, ClientError> {
+        let io =
+            |e: std::io::Error| ClientError::Refused(format!("cannot go to the background: {e}"));
+        let (r, w) = nix::unistd::pipe().map_err(|e| io(e.into()))?;
+        // The read end stays here only.
+        nix::fcntl::fcntl(
+            &r,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(|e| io(e.into()))?;
+        let exe = std::env::current_exe().map_err(io)?;
+        let mut cmd = std::process::Command::new(exe);
+        use std::os::unix::process::CommandExt;
+        cmd.args(std::env::args_os().skip(1))
+            .env(FORK_FD, w.as_raw_fd().to_string())
+            .stdin(std::process::Stdio::null())
+            .process_group(0);
+        let mut child = cmd.spawn().map_err(io)?;
+        drop(w);
+        let mut got = [0u8; 1];
+        let n = tokio::task::spawn_blocking(move || std::fs::File::from(r).read(&mut got))
+            .await
+            .map_err(|e| io(std::io::Error::other(e)))?
+            .unwrap_or(0);
+        if n == 1 {
+            return Ok(0);
+        }
+        // The child failed before it was up; its stderr (ours) said why.
+        let st = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .map_err(|e| io(std::io::Error::other(e)))?
+            .map_err(io)?;
+        Ok(st.code().unwrap_or(255))
+    }
+}
+
+/// `-W`: our stdin/stdout are the forwarded connection.
+async fn stdio_forward(
+    link: &Link,
+    to: ForwardTarget,
+    interrupts: &mut Interrupts,
+) -> Result<i32, ClientError> {
+    let (mut send, mut recv) = tokio::select! {
+        s = link.open(Request::Forward { to }) => s?,
+        n = interrupts.recv() => return Err(ClientError::Killed(n)),
+    };
+    let mut stdin = stdio::stdin();
+    let mut stdout = stdio::stdout();
+    tokio::select! {
+        r = pump::both_ways(&mut stdin, &mut send, &mut recv, &mut stdout) => match r {
+            Ok(_) => {
+                if let SessionWrite::Iroh(s) = &mut send {
+                    let _ = tokio::time::timeout(LINGER, s.acknowledged()).await;
+                }
+                Ok(0)
+            }
+            Err(e) => Err(ClientError::Refused(format!("stdio forward broke: {e}"))),
+        },
+        n = interrupts.recv() => Err(ClientError::Killed(n)),
+    }
+}
+
+/// Accept local connections until `stop`; each becomes one `forward` stream.
+async fn serve_listener(
+    bound: Bound,
+    kind: Kind,
+    link: Link,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let label = bound.label();
+    loop {
+        let accepted: std::io::Result<Local> = tokio::select! {
+            _ = stop.cancelled() => break,
+            a = async {
+                match &bound {
+                    Bound::Tcp(l, _) => l.accept().await.map(|(s, a)| {
+                        let _ = s.set_nodelay(true);
+                        Local::Tcp(s, Some(a))
+                    }),
+                    Bound::Unix(l, _) => l.accept().await.map(|(s, _)| Local::Unix(s)),
+                }
+            } => a,
+        };
+        let local = match accepted {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::info!(listen = %label, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (link, kind, stop) = (link.clone(), kind.clone(), stop.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = one_connection(local, kind, &link) => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+    if let Bound::Unix(_, path) = &bound {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+enum Local {
+    Tcp(tokio::net::TcpStream, Option<SocketAddr>),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn one_connection(local: Local, kind: Kind, link: &Link) {
+    match local {
+        Local::Tcp(mut s, from) => {
+            tracing::debug!(?from, "forwarded connection");
+            forward_stream(&mut s, kind, link).await
+        }
+        Local::Unix(mut s) => forward_stream(&mut s, kind, link).await,
+    }
+}
+
+async fn forward_stream<S>(local: &mut S, kind: Kind, link: &Link)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (to, socks_version) = match kind {
+        Kind::Fixed(to) => (to, None),
+        Kind::Socks => match socks::accept(local).await {
+            Ok(c) => (
+                ForwardTarget::Tcp {
+                    host: c.host,
+                    port: c.port,
+                },
+                Some(c.version),
+            ),
+            Err(e) => {
+                tracing::info!(error = %e, "SOCKS request refused");
+                return;
+            }
+        },
+    };
+    let what = to.describe();
+    let (mut send, mut recv) = match link.open(Request::Forward { to }).await {
+        Ok(s) => s,
+        Err(e) => {
+            // ssh's wording for a refused channel, so users recognise it.
+            eprintln!("malai: channel to {what}: open failed: {e}");
+            if let Some(v) = socks_version {
+                let why = match e {
+                    ClientError::Denied(_) => socks::Failure::NotAllowed,
+                    ClientError::Refused(_) => socks::Failure::Unreachable,
+                    _ => socks::Failure::General,
+                };
+                let _ = socks::reply_failed(local, v, why).await;
+            }
+            return;
+        }
+    };
+    if let Some(v) = socks_version
+        && socks::reply_ok(local, v).await.is_err()
+    {
+        reset(&mut send);
+        return;
+    }
+    let (mut lr, mut lw) = tokio::io::split(local);
+    match pump::both_ways(&mut lr, &mut send, &mut recv, &mut lw).await {
+        Ok(m) => tracing::debug!(target = %what, up = m.up, down = m.down, "forward closed"),
+        Err(e) => {
+            tracing::info!(target = %what, error = %e, "forward broke");
+            reset(&mut send);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(host: &str, port: u16) -> ForwardTarget {
+        ForwardTarget::Tcp {
+            host: host.into(),
+            port,
+        }
+    }
+
+    fn unix(p: &str) -> ForwardTarget {
+        ForwardTarget::Unix { path: p.into() }
+    }
+
+    #[test]
+    fn local_specs_in_every_openssh_form() {
+        let l = |s: &str| parse_local(s).unwrap();
+        assert_eq!(
+            l("8080:localhost:80"),
+            LocalForward {
+                listen: Listen::Tcp {
+                    bind: None,
+                    port: 8080
+                },
+                to: tcp("localhost", 80)
+            }
+        );
+        assert_eq!(
+            l("0.0.0.0:8080:db:5432").listen,
+            Listen::Tcp {
+                bind: Some("0.0.0.0".into()),
+                port: 8080
+            }
+        );
+        assert_eq!(l("[::1]:8080:[fe80::1]:22").to, tcp("fe80::1", 22));
+        assert_eq!(
+            l("[::1]:8080:[fe80::1]:22").listen,
+            Listen::Tcp {
+                bind: Some("::1".into()),
+                port: 8080
+            }
+        );
+        assert_eq!(l("8080:/run/x.sock").to, unix("/run/x.sock"));
+        assert_eq!(
+            l("localhost:8080:/run/x.sock").listen,
+            Listen::Tcp {
+                bind: Some("localhost".into()),
+                port: 8080
+            }
+        );
+        let f = l("/tmp/l.sock:web:80");
+        assert_eq!(f.listen, Listen::Unix("/tmp/l.sock".into()));
+        assert_eq!(f.to, tcp("web", 80));
+        let f = l("/tmp/l.sock:/run/r.sock");
+        assert_eq!(f.listen, Listen::Unix("/tmp/l.sock".into()));
+        assert_eq!(f.to, unix("/run/r.sock"));
+    }
+
+    #[test]
+    fn bad_specs_are_errors() {
+        for s in [
+            "",
+            "8080",
+            "8080:host",
+            "x:host:80",
+            "8080:host:x",
+            "8080:host:70000",
+            "8080::80",
+            "a:b:c:d:e",
+            "[::1:8080:h:80",
+        ] {
+            assert!(parse_local(s).is_err(), "{s:?}");
+        }
+        assert_eq!(
+            parse_local("8080:h:x").unwrap_err().to_string(),
+            "bad port \"x\" in forwarding specification \"8080:h:x\""
+        );
+        assert!(parse_dynamic("x").is_err());
+        assert!(parse_dynamic("a:b:c").is_err());
+        assert!(parse_stdio("host").is_err());
+        assert!(parse_stdio(":22").is_err());
+    }
+
+    #[test]
+    fn dynamic_and_stdio_specs() {
+        assert_eq!(
+            parse_dynamic("1080").unwrap(),
+            Listen::Tcp {
+                bind: None,
+                port: 1080
+            }
+        );
+        assert_eq!(
+            parse_dynamic("*:1080").unwrap(),
+            Listen::Tcp {
+                bind: Some("*".into()),
+                port: 1080
+            }
+        );
+        assert_eq!(parse_stdio("db:5432").unwrap(), tcp("db", 5432));
+        assert_eq!(parse_stdio("[::1]:22").unwrap(), tcp("::1", 22));
+    }
+
+    #[test]
+    fn bind_addresses_as_ssh_chooses_them() {
+        assert_eq!(bind_addr(None, 80, false), "127.0.0.1:80");
+        assert_eq!(bind_addr(None, 80, true), "0.0.0.0:80");
+        assert_eq!(bind_addr(Some("localhost"), 80, true), "127.0.0.1:80");
+        assert_eq!(bind_addr(Some("*"), 80, false), "0.0.0.0:80");
+        assert_eq!(bind_addr(Some(""), 80, false), "0.0.0.0:80");
+        assert_eq!(bind_addr(Some("::1"), 80, false), "[::1]:80");
+        assert_eq!(bind_addr(Some("10.0.0.1"), 80, false), "10.0.0.1:80");
+    }
+}
