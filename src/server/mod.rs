@@ -528,9 +528,24 @@ async fn start_new_clusters(
         };
         let net =
             NetConfig::for_cluster(&cfg.relays, cfg.relay_ca.as_deref()).map_err(transport)?;
-        let node = Node::bind(&key, &net, bind, true)
-            .await
-            .map_err(transport)?;
+        let node = match (bind, net.bind, last_port(&dir)) {
+            // No address asked for: come back on the last run's port when it is free, so
+            // peers' paths (through their NATs too) stay valid and a client's restart probe
+            // reaches us at once instead of after its stale path idles out.
+            (None, None, Some(port)) => match Node::bind_port(&key, &net, port, true).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::info!(cluster = %dir.alias, port, error = %e, "last port not free; binding a new one");
+                    Node::bind(&key, &net, None, true)
+                        .await
+                        .map_err(transport)?
+                }
+            },
+            _ => Node::bind(&key, &net, bind, true)
+                .await
+                .map_err(transport)?,
+        };
+        remember_port(&dir, &node);
         drop(key);
         let addrs = node.bound_sockets();
         tracing::info!(cluster = %dir.alias, %me, ?addrs, "serving cluster");
@@ -562,6 +577,33 @@ async fn start_new_clusters(
         );
     }
     Ok(())
+}
+
+/// Where the server's last UDP port is kept (a hint, not state anyone relies on).
+const PORT_FILE: &str = "server-port";
+
+fn last_port(dir: &ClusterDir) -> Option<u16> {
+    std::fs::read_to_string(dir.dir.join(PORT_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+}
+
+fn remember_port(dir: &ClusterDir, node: &Node) {
+    let Some(port) = node.bound_sockets().first().map(|a| a.port()) else {
+        return;
+    };
+    if last_port(dir) != Some(port)
+        && let Err(e) = crate::config::store::write_atomic(
+            &dir.dir.join(PORT_FILE),
+            format!("{port}\n").as_bytes(),
+            0o600,
+        )
+    {
+        tracing::info!(cluster = %dir.alias, error = %e, "cannot remember the server's port");
+    }
 }
 
 /// A member catches up with the manager once at start (it may have missed pushes while it

@@ -256,6 +256,16 @@ impl Node {
         bind: Option<SocketAddr>,
         accept: bool,
     ) -> Result<Node, TransportError> {
+        let addrs: Vec<SocketAddr> = bind.or(net.bind).into_iter().collect();
+        Node::bind_on(key, net, &addrs, accept).await
+    }
+
+    async fn bind_on(
+        key: &SecretKey,
+        net: &NetConfig,
+        addrs: &[SocketAddr],
+        accept: bool,
+    ) -> Result<Node, TransportError> {
         let sk = iroh::SecretKey::from_bytes(key.as_bytes());
         let relay_urls = net.relay_urls()?;
         let mut b = match &net.relay {
@@ -277,11 +287,13 @@ impl Node {
         if accept {
             b = b.alpns(vec![ALPN.to_vec()]);
         }
-        if let Some(a) = bind.or(net.bind) {
-            b = b
-                .clear_ip_transports()
-                .bind_addr(a)
-                .map_err(|e| TransportError::Bind(format!("{a}: {e}")))?;
+        if !addrs.is_empty() {
+            b = b.clear_ip_transports();
+            for a in addrs {
+                b = b
+                    .bind_addr(*a)
+                    .map_err(|e| TransportError::Bind(format!("{a}: {e}")))?;
+            }
         }
         let endpoint = b
             .bind()
@@ -292,6 +304,19 @@ impl Node {
             relay: net.relay.clone(),
             relay_urls,
         })
+    }
+
+    /// [`Node::bind`] on `port` of every interface (IPv4 and IPv6), for a server that
+    /// comes back where it was: peers' paths to it (through their NATs too) stay valid.
+    pub async fn bind_port(
+        key: &SecretKey,
+        net: &NetConfig,
+        port: u16,
+        accept: bool,
+    ) -> Result<Node, TransportError> {
+        let v4 = SocketAddr::from(([0, 0, 0, 0], port));
+        let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+        Node::bind_on(key, net, &[v4, v6], accept).await
     }
 
     pub fn id52(&self) -> Id52 {
