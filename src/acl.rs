@@ -8,7 +8,10 @@
 //! - `tunnel`: full-access peers (`server.<me>.allow-from`); command-scoped peers too when
 //!   the target is the embedded SSH server, which re-asks `exec` for each command.
 //! - `exec`: full-access peers get a shell; command-scoped peers (`server.<me>.<cmd>`) get
-//!   exactly `argv` with `argv[0] == cmd`, never a shell, so `ls; id` cannot run `id`.
+//!   exactly `argv` with `argv[0] == cmd`, never a shell, so `ls; id` cannot run `id`. A
+//!   scope with `args` also pins the arguments (`args = "--server *"`); one without allows
+//!   any, which for programs that run others (`rsync -e`, `git -c`, `find -exec`) means
+//!   anything (`ClusterConfig::scope_warnings`).
 //! - `http`: the service's `allow-from` or full access; unknown services are refused.
 //! - `forward` (ssh -L/-D/-W/-R, unix sockets, agent): full-access peers only, and only
 //!   while the server's `forwarding` is not `false`. A command-scoped peer never forwards:
@@ -112,6 +115,8 @@ pub enum DenyReason {
     NotManager,
     #[error("command not allowed: {0}")]
     CommandNotAllowed(String),
+    #[error("arguments not allowed for {0} (its scope pins them)")]
+    ArgsNotAllowed(String),
     #[error("command-scoped access needs a command")]
     NeedsCommand,
     #[error("cannot parse command: unbalanced quotes")]
@@ -172,11 +177,10 @@ pub fn decide(config: &ClusterConfig, server: &str, peer: &Id52, req: &Request) 
         Request::Forward { .. } if full => Allow(Grant::Forward),
         Request::Forward { kind } if scoped => Deny(DenyReason::ForwardNeedsFullAccess(*kind)),
         Request::Exec { command } => {
-            let scoped: Vec<&str> = me
+            let scoped: Vec<&crate::config::CommandAccess> = me
                 .commands
                 .values()
                 .filter(|c| c.allow_from.contains(peer))
-                .map(|c| c.command.as_str())
                 .collect();
             if scoped.is_empty() {
                 return Deny(DenyReason::PermissionDenied(*peer));
@@ -185,13 +189,28 @@ pub fn decide(config: &ClusterConfig, server: &str, peer: &Id52, req: &Request) 
                 return Deny(DenyReason::NeedsCommand);
             };
             match split_command(command) {
-                Ok(argv) => match argv.first() {
-                    Some(prog) if scoped.contains(&prog.as_str()) => Allow(Grant::Argv(argv)),
-                    Some(prog) => Deny(DenyReason::CommandNotAllowed(prog.clone())),
+                Ok(argv) => match argv.split_first() {
+                    Some((prog, args)) => {
+                        let mine: Vec<_> = scoped.iter().filter(|c| c.command == *prog).collect();
+                        if mine.is_empty() {
+                            Deny(DenyReason::CommandNotAllowed(prog.clone()))
+                        } else if mine.iter().any(|c| c.allows_args(args)) {
+                            Allow(Grant::Argv(argv))
+                        } else {
+                            Deny(DenyReason::ArgsNotAllowed(prog.clone()))
+                        }
+                    }
                     None => Deny(DenyReason::EmptyCommand),
                 },
                 Err(reason) => Deny(reason),
             }
+        }
+        // Membership first: a stranger is denied the same way whether the service exists
+        // or not, so probing names reveals nothing (members have the file anyway).
+        Request::Http { .. }
+            if !full && *peer != config.manager && config.name_of(peer).is_none() =>
+        {
+            Deny(DenyReason::PermissionDenied(*peer))
         }
         Request::Http { service } => match me.services.get(*service) {
             None => Deny(DenyReason::UnknownService {
@@ -295,6 +314,88 @@ members = "carol"
             raw = id(RAW),
         );
         ClusterConfig::parse(&text).unwrap()
+    }
+
+    /// foo with scopes that pin arguments: bob may run rsync only as an rsync server, and
+    /// `uptime` only with no arguments; `find` is scoped with no `args` (any arguments).
+    fn pinned() -> ClusterConfig {
+        let text = format!(
+            r#"
+[cluster-manager]
+id52 = "{m}"
+
+[server.foo]
+id52 = "{foo}"
+
+[server.foo.rsync]
+allow-from = "bob"
+args = ["--server *", "--version"]
+
+[server.foo.uptime]
+allow-from = "bob"
+args = ""
+
+[server.foo.find]
+allow-from = "bob"
+
+[device.bob]
+id52 = "{bob}"
+"#,
+            m = id(MANAGER),
+            foo = id(FOO),
+            bob = id(BOB),
+        );
+        ClusterConfig::parse(&text).unwrap()
+    }
+
+    #[test]
+    fn scopes_can_pin_arguments() {
+        let cfg = pinned();
+        let run = |cmd: &str| decide(&cfg, "foo", &id(BOB), &Request::Exec { command: Some(cmd) });
+        // Allowed: what rsync's client asks the remote side to run, and the exact forms.
+        for ok in [
+            "rsync --server -vlogDtpre.iLsfxCIvu . /dst/",
+            "rsync --server --sender -vlogDtpre.iLsfxCIvu . /src/",
+            "rsync --version",
+            "uptime",
+            "find / -exec sh -c id ;", // no `args`: anything (and warned about)
+        ] {
+            assert!(
+                matches!(run(ok), Allow(Grant::Argv(_))),
+                "{ok}: {:?}",
+                run(ok)
+            );
+        }
+        // Deny twins: the same program with arguments its pattern does not allow.
+        for bad in [
+            "rsync -e 'sh -c id' x y:z",
+            "rsync --version --daemon",
+            "rsync",
+            "uptime -p",
+            "uptime --server",
+        ] {
+            assert_eq!(
+                run(bad),
+                Deny(DenyReason::ArgsNotAllowed(
+                    bad.split(' ').next().unwrap().into()
+                )),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            run("sh -c id"),
+            Deny(DenyReason::CommandNotAllowed("sh".into()))
+        );
+        // The warning names the unpinned scope on a program that runs others, only it.
+        let w = cfg.scope_warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("server.foo.find:"), "{w:?}");
+        assert!(
+            config()
+                .scope_warnings()
+                .iter()
+                .all(|w| !w.contains(".ls:"))
+        );
     }
 
     fn on_foo(peer: u8, req: Request) -> Decision {
@@ -516,9 +617,11 @@ members = "carol"
             server: "foo".into(),
         });
         assert_eq!(on_foo(ALICE, Request::Http { service: "flask" }), unknown);
+        // A stranger learns nothing about which services exist: the same denial for an
+        // unknown service as for a known one.
         assert_eq!(
             on_foo(STRANGER, Request::Http { service: "flask" }),
-            unknown
+            denied(STRANGER)
         );
         assert_eq!(
             decide(&config(), "bar", &id(ERIN), &django),

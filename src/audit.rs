@@ -58,6 +58,7 @@ static LOG: OnceLock<Mutex<Log>> = OnceLock::new();
 /// Start writing to `dir/audit.log` (the server calls this once).
 pub fn init(dir: &Path) {
     let _ = std::fs::create_dir_all(dir);
+    crate::logging::private_dir(dir);
     let _ = LOG.set(Mutex::new(Log {
         path: dir.join(FILE),
         file: None,

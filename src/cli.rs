@@ -106,12 +106,13 @@ pub enum SshCommand {
     },
     /// sshd forced command: serve the malai protocol on stdin/stdout as <identity>.
     ///
-    /// In authorized_keys: `command="malai ssh stdinserver alice",restrict ssh-ed25519 …`
+    /// In authorized_keys: `command="malai ssh stdinserver alice@acme",restrict ssh-ed25519 …`
     /// (see contrib/authorized_keys). Hands stdin/stdout to the running `malai ssh server`
     /// (same user), which answers requests as if <identity> had connected over the
     /// cluster; exits with the status the server reports. SSH_ORIGINAL_COMMAND is ignored.
     Stdinserver {
-        /// A member alias or an id52 from the cluster file (unknown ones are denied).
+        /// `alias@cluster` or an id52 from the cluster file (a bare alias, or one unknown to
+        /// the cluster, is denied).
         identity: String,
     },
     /// Print known_hosts lines for the servers using the embedded SSH server (their host
@@ -183,11 +184,17 @@ pub enum ClusterCommand {
     ///
     /// Without the manager id52, <alias> must be a domain with a TXT record
     /// "malai-cluster=<manager id52>" (see `cluster dns-record`); MALAI_DNS_SERVER=ip:port
-    /// asks that DNS server instead of the system's.
+    /// asks that DNS server instead of the system's. DNS is not trusted: the id52 found is
+    /// shown (with whether DNSSEC validated it) and must be confirmed on a terminal, or
+    /// pinned with `--manager <id52>` (a mismatch is refused).
     Join {
         alias: String,
-        /// The manager's id52 (from `cluster init` on the manager).
+        /// The manager's id52 (from `cluster init` on the manager); DNS is then not asked.
         manager: Option<String>,
+        /// The manager id52 you expect DNS to name: join without asking if it does, refuse
+        /// if it does not (for scripts; check the id52 with the manager's admin first).
+        #[arg(long = "manager", value_name = "ID52")]
+        pin: Option<String>,
     },
     /// Add a server or device to the cluster file (manager only).
     Add {
@@ -262,6 +269,66 @@ pub enum ClusterCommand {
         #[arg(long = "from", value_name = "IP:PORT")]
         from: Vec<SocketAddr>,
     },
+}
+
+/// Warn (stderr) about command scopes that let their peers run any program: a program that
+/// runs others (`rsync -e`, `git -c`, `find -exec`, shells…) with no `args` pinned.
+fn warn_scopes(cd: &crate::config::store::ClusterDir) {
+    if let Ok(cfg) = cd.load() {
+        for w in cfg.scope_warnings() {
+            eprintln!("malai: warning: {w}");
+        }
+    }
+}
+
+/// A status to exit with and nothing to print: the message (if any) is already out.
+#[derive(Debug, thiserror::Error)]
+#[error("exit status {0}")]
+pub struct ExitStatus(pub u8);
+
+/// Join by domain: look the manager up in DNS, say whether DNSSEC vouched for it, and
+/// take it only if the user pinned the same id52 (`--manager`) or confirms it on a
+/// terminal. DNS is not trusted (a forged answer makes the forger the manager, who can
+/// then push an ACL giving itself a shell), so without a person or a pin this refuses.
+async fn confirm_dns_manager(domain: &str, pin: Option<Id52>) -> anyhow::Result<Id52> {
+    use crate::cluster::dns::Validation;
+    use std::io::{BufRead, IsTerminal, Write};
+    let found = crate::cluster::dns::manager_of(domain).await?;
+    let m = found.manager;
+    eprintln!(
+        "malai: {domain}: DNS names manager {m} ({})",
+        found.validation
+    );
+    if let Some(p) = pin {
+        if p != m {
+            anyhow::bail!(
+                "{domain}: DNS names manager {m}, but --manager says {p}: refusing to join (a forged DNS answer, or a stale record)"
+            );
+        }
+        return Ok(m);
+    }
+    if found.validation == Validation::Bogus {
+        anyhow::bail!(
+            "{domain}: the DNS answer failed DNSSEC validation; refusing it (pin the manager you checked with --manager <id52>, or pass it as the second argument)"
+        );
+    }
+    let hint = format!(
+        "check the id52 with the manager's admin (`malai ssh id52 {domain}` on the manager), then run `malai ssh cluster join {domain} --manager <id52>`"
+    );
+    if !(std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
+        anyhow::bail!(
+            "{domain}: not joining a manager found in DNS without confirmation (no terminal to ask on); {hint}"
+        );
+    }
+    eprint!("Is {m} the manager of {domain}? Check it with the manager's admin. Join? [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    if matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
+        Ok(m)
+    } else {
+        anyhow::bail!("{domain}: not confirmed; nothing joined")
+    }
 }
 
 fn parse_id52(s: &str, what: &str) -> anyhow::Result<Id52> {
@@ -378,8 +445,9 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
         SshCommand::Stdinserver { identity } => {
             let code = crate::server::stdinserver::run_forced_command(&dirs, &identity).await?;
             if code != 0 {
-                // The server's status is the forced command's (ssh passes it on).
-                std::process::exit(i32::from(code));
+                // The server's status is the forced command's (ssh passes it on). Returned,
+                // not `process::exit`, so the log is flushed on the way out.
+                return Err(ExitStatus(code).into());
             }
             Ok(())
         }
@@ -414,14 +482,23 @@ async fn cluster(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
                     .display()
             );
         }
-        ClusterCommand::Join { alias, manager } => {
+        ClusterCommand::Join {
+            alias,
+            manager,
+            pin,
+        } => {
+            let pin = pin.map(|p| parse_id52(&p, "--manager")).transpose()?;
             let m = match manager {
-                Some(m) => parse_id52(&m, "manager")?,
-                None => {
-                    let m = c::dns::manager_of(&alias).await?;
-                    eprintln!("malai: {alias}: manager {m} (from DNS)");
+                Some(m) => {
+                    let m = parse_id52(&m, "manager")?;
+                    if let Some(p) = pin
+                        && p != m
+                    {
+                        anyhow::bail!("the manager id52 and --manager differ");
+                    }
                     m
                 }
+                None => confirm_dns_manager(&alias, pin).await?,
             };
             println!("{}", c::join(dirs, &alias, &m)?);
         }
@@ -436,22 +513,25 @@ async fn cluster(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
                 Kind::Server => MemberKind::Server,
                 Kind::Device => MemberKind::Device,
             };
-            c::add(dirs, cluster.as_deref(), kind, &name, &id)?;
+            warn_scopes(&c::add(dirs, cluster.as_deref(), kind, &name, &id)?);
         }
         ClusterCommand::Allow {
             server,
             who,
             cluster,
         } => {
-            c::allow(dirs, cluster.as_deref(), &server, &who)?;
+            warn_scopes(&c::allow(dirs, cluster.as_deref(), &server, &who)?);
         }
         ClusterCommand::Import { alias, file } => {
             c::import(dirs, &alias, &file)?;
         }
         ClusterCommand::Remove { name, cluster } => {
-            c::remove(dirs, cluster.as_deref(), &name)?;
+            warn_scopes(&c::remove(dirs, cluster.as_deref(), &name)?);
         }
         ClusterCommand::Status { cluster, json } => {
+            if let Ok(cd) = c::pick_cluster(dirs, cluster.as_deref()) {
+                warn_scopes(&cd);
+            }
             let s = c::status::status(dirs, cluster.as_deref()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -469,6 +549,9 @@ async fn cluster(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
             file,
             dry_run,
         } => {
+            if let Ok(cd) = c::pick_cluster(dirs, cluster.as_deref()) {
+                warn_scopes(&cd);
+            }
             if dry_run {
                 let cd = c::pick_cluster(dirs, cluster.as_deref())?;
                 print!("{}", c::pushed_text(&cd, file.as_deref())?);
@@ -564,14 +647,18 @@ async fn agent(
         Some(AgentCommand::Stop) => {
             let path = socket();
             AgentClient::connect(&path).await?.stop().await?;
-            // Return once the socket is gone, so a following `agent -e` starts afresh.
+            // Return once the socket is gone, so a following `agent -e` starts afresh; a
+            // socket still there after 5 s is a failure, not "ok".
             for _ in 0..250 {
                 if !path.exists() {
-                    break;
+                    return Ok(());
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
-            Ok(())
+            anyhow::bail!(
+                "the agent said it is stopping, but its socket {} is still there after 5 s",
+                path.display()
+            )
         }
         None if environment => {
             let running = launch::ensure_running(&dirs, http).await?;

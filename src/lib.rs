@@ -29,6 +29,7 @@ pub mod demo;
 pub mod endpoint;
 pub mod id52;
 pub mod keys;
+pub mod localsock;
 pub mod logging;
 pub mod protocol;
 pub mod server;

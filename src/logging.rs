@@ -18,6 +18,20 @@ pub struct LogGuard {
 const DEFAULT_FILTER: &str =
     "info,iroh=warn,noq=warn,noq_proto=error,iroh_relay=warn,portmapper=warn,netwatch=warn";
 
+/// Logs name peers, commands and their arguments: only this user may read them. The
+/// appender creates files with the umask's mode, so the folder is what protects them: it is
+/// made 0700 (tightened if it is ours and wider; the audit log in it is 0600 as well).
+pub fn private_dir(dir: &std::path::Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if let Ok(m) = std::fs::symlink_metadata(dir)
+        && m.is_dir()
+        && m.uid() == nix::unistd::geteuid().as_raw()
+        && m.permissions().mode() & 0o077 != 0
+    {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+}
+
 /// Start logging to `LOGDIR/ssh/<name>.log`. If the folder can't be made, logging is off
 /// (a broken log folder must not stop ssh from working).
 pub fn init(dirs: &Dirs, name: &str) -> LogGuard {
@@ -25,6 +39,7 @@ pub fn init(dirs: &Dirs, name: &str) -> LogGuard {
     if std::fs::create_dir_all(&dir).is_err() {
         return LogGuard { _worker: None };
     }
+    private_dir(&dir);
     let filter = std::env::var("MALAI_LOG")
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())

@@ -53,6 +53,10 @@ fn main() -> ExitCode {
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<malai::cli::ExitStatus>().is_some() => ExitCode::from(
+            e.downcast_ref::<malai::cli::ExitStatus>()
+                .map_or(EXIT_MALAI, |s| s.0),
+        ),
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "command failed");
             eprintln!("malai: {}", one_line(&format!("{e:#}")));

@@ -79,6 +79,7 @@ fn build(s: &Shape) -> ClusterConfig {
                         (
                             c.clone(),
                             CommandAccess {
+                                args: None,
                                 command: c.clone(),
                                 allow_from: p.iter().map(|n| id(*n)).collect(),
                             },

@@ -39,13 +39,16 @@ impl AgentClient {
             source,
         };
         let exchange = async {
-            let mut sock =
-                UnixStream::connect(path)
-                    .await
-                    .map_err(|source| AgentError::Unreachable {
+            // Only a socket in a directory of ours, served by this user, gets our stdio and
+            // tty descriptors (docs/security.md).
+            let mut sock: UnixStream =
+                crate::localsock::connect(path).await.map_err(|e| match e {
+                    crate::localsock::ConnectError::Trust(t) => AgentError::Untrusted(t),
+                    crate::localsock::ConnectError::Io(source) => AgentError::Unreachable {
                         path: path.to_path_buf(),
                         source,
-                    })?;
+                    },
+                })?;
             protocol::write(&mut sock, &ToAgent::Hello { version: VERSION })
                 .await
                 .map_err(control)?;
@@ -201,6 +204,13 @@ pub async fn route(dir: &crate::config::store::ClusterDir) -> Result<Route, Clie
     if let Some(path) = socket_from_env() {
         match AgentClient::connect(&path).await {
             Ok(c) => return Ok(Route::Agent(c)),
+            Err(e @ AgentError::Untrusted(_)) => {
+                // Someone else's socket where ours should be: say so, use nothing of it.
+                if !lockdown {
+                    eprintln!("malai: warning: {e}; not using it");
+                }
+                why = Some(e.to_string());
+            }
             Err(e) => {
                 tracing::info!(error = %e, "agent not usable");
                 why = Some(e.to_string());

@@ -26,7 +26,7 @@ pub mod pool;
 pub mod protocol;
 pub mod serve;
 
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::config::paths::Dirs;
@@ -46,6 +46,8 @@ const LOCK_FILE: &str = "agent.lock";
 pub enum AgentError {
     #[error("runtime dir {path}: {msg}")]
     RunDir { path: PathBuf, msg: String },
+    #[error("agent socket not trusted: {0}")]
+    Untrusted(#[from] crate::localsock::SocketTrustError),
     #[error("no agent at {path}: {source}")]
     Unreachable {
         path: PathBuf,
@@ -134,8 +136,11 @@ fn lock_path(dirs: &Dirs) -> PathBuf {
     dirs.run.join(LOCK_FILE)
 }
 
-/// Create the runtime dir if needed and make sure it is private: owned by us, mode 0700.
-/// Whoever can enter it can talk to the agent, which holds every cluster key.
+/// Create the runtime dir if needed (0700) and make sure it is private: a real directory
+/// owned by us with no group/other permissions. Whoever can enter it can talk to the
+/// agent, which holds every cluster key. One that is not private is refused, not chmod'ed:
+/// it may already hold a socket or lock someone else planted (the server refuses it the
+/// same way, `server::stdinserver::check_runtime_dir`).
 pub fn prepare_run_dir(dir: &Path) -> Result<(), AgentError> {
     let err = |msg: String| AgentError::RunDir {
         path: dir.to_path_buf(),
@@ -146,9 +151,9 @@ pub fn prepare_run_dir(dir: &Path) -> Result<(), AgentError> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| err(e.to_string()))?;
-    let meta = std::fs::metadata(dir).map_err(|e| err(e.to_string()))?;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| err(e.to_string()))?;
     if !meta.is_dir() {
-        return Err(err("not a directory".into()));
+        return Err(err("not a directory (a symlink?)".into()));
     }
     let me = nix::unistd::geteuid().as_raw();
     if meta.uid() != me {
@@ -158,8 +163,11 @@ pub fn prepare_run_dir(dir: &Path) -> Result<(), AgentError> {
         )));
     }
     if meta.mode() & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| err(format!("cannot make it private (chmod 700): {e}")))?;
+        return Err(err(format!(
+            "not private (mode {:o}); it must be mode 0700, because its sockets are trusted: fix with `chmod 700 {}`",
+            meta.mode() & 0o777,
+            dir.display()
+        )));
     }
     Ok(())
 }
@@ -167,6 +175,7 @@ pub fn prepare_run_dir(dir: &Path) -> Result<(), AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn run_dir_is_made_private() {
@@ -175,9 +184,16 @@ mod tests {
         prepare_run_dir(&run).unwrap();
         let mode = std::fs::metadata(&run).unwrap().mode() & 0o777;
         assert_eq!(mode, 0o700);
-        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
         prepare_run_dir(&run).unwrap();
-        assert_eq!(std::fs::metadata(&run).unwrap().mode() & 0o777, 0o700);
+        // Deny twin: a non-private dir is refused and left as it is (not chmod'ed).
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = prepare_run_dir(&run).unwrap_err();
+        assert!(e.to_string().contains("not private"), "{e}");
+        assert_eq!(std::fs::metadata(&run).unwrap().mode() & 0o777, 0o755);
+        let link = t.path().join("link");
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::symlink(&run, &link).unwrap();
+        assert!(prepare_run_dir(&link).is_err());
         let file = t.path().join("file");
         std::fs::write(&file, b"").unwrap();
         assert!(prepare_run_dir(&file).is_err());

@@ -68,13 +68,26 @@ pub fn parse_target(s: &str) -> Result<ViaTarget, SshViaError> {
         Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?),
         None => None,
     };
-    if host.is_empty() || host.starts_with('-') || host.contains(char::is_whitespace) {
+    // Only what a host name (or an IP literal) and a user name may hold. OpenSSH expands
+    // `%h`/`%r` into ProxyCommand and Match exec lines run by a shell from the user's own
+    // ssh_config, so a value from the cluster file with shell syntax in it would run
+    // commands on this machine (CVE-2023-51385).
+    let host_ok = !host.is_empty()
+        && !host.starts_with('-')
+        && !host.starts_with('.')
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'));
+    if !host_ok || (host.contains(':') && !rest.starts_with('[')) {
         return Err(bad());
     }
-    if user
-        .as_deref()
-        .is_some_and(|u| u.starts_with('-') || u.contains(char::is_whitespace))
-    {
+    if user.as_deref().is_some_and(|u| {
+        u.starts_with('-')
+            || u.len() > 64
+            || !u
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    }) {
         return Err(bad());
     }
     Ok(ViaTarget {
@@ -239,6 +252,11 @@ mod tests {
             t(Some("u"), "::1", Some(22))
         );
         assert_eq!(parse_target("[::1]").unwrap(), t(None, "::1", None));
+        // Allowed twins of the CVE shapes: ordinary names.
+        assert_eq!(
+            parse_target("svc-backup_1.x@a-b_c.example.com:22").unwrap(),
+            t(Some("svc-backup_1.x"), "a-b_c.example.com", Some(22))
+        );
     }
 
     #[test]
@@ -257,6 +275,21 @@ mod tests {
             "u@[::1",
             "u@[::1]x",
             "u@ho st",
+            // CVE-2023-51385 shapes: shell syntax in the user or host.
+            "$(touch /tmp/pwned)@host",
+            "`id`@host",
+            "u;id@host",
+            "u@host;id",
+            "u@$(id)",
+            "u@h|id",
+            "u@h&id",
+            "u@h'x",
+            "u@h\"x",
+            "u\n@h",
+            "u@h\\x",
+            "u@h%x",
+            "u@h*",
+            "u@h/x",
         ] {
             assert!(parse_target(bad).is_err(), "{bad:?} accepted");
         }

@@ -6,6 +6,14 @@
 //! (`/etc/resolv.conf`) unless `MALAI_DNS_SERVER=ip:port` names one (tests run dnsmasq on
 //! loopback that way). Exactly one distinct value must be present: a domain whose records
 //! disagree could send a member to the wrong manager, so that is an error, not a choice.
+//!
+//! DNS is not trusted (docs/security.md): a forged answer would make the forger the
+//! manager, who can push an ACL giving itself a shell. So the answer is also asked for with
+//! DNSSEC validation (hickory's validating resolver, root trust anchors built in), and
+//! [`Found::validation`] says what came of it; `cluster join` shows the id52 and the
+//! validation state and asks a person to confirm, or takes `--manager <id52>` to pin it.
+//! Only a `Secure` proof counts as validated; most resolvers (and every test resolver)
+//! give `Insecure` or nothing, which is reported as "not validated", never hidden.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,6 +21,7 @@ use std::time::Duration;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::dnssec::Proof;
 use hickory_resolver::proto::rr::RData;
 
 use crate::id52::Id52;
@@ -54,9 +63,73 @@ pub fn record_for(alias: &str, manager: &Id52) -> String {
     format!("{name}. IN TXT \"{TXT_PREFIX}{manager}\"")
 }
 
-/// The manager id52 from a domain's TXT record.
-pub async fn manager_of(domain: &str) -> Result<Id52, DnsError> {
-    let resolver = resolver()?;
+/// What DNSSEC said about the TXT answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Validation {
+    /// A chain of signatures from the root trust anchor to the record: the answer is the
+    /// domain owner's.
+    Secure,
+    /// The zone is provably unsigned, or the resolver could not get the DNSSEC records:
+    /// the answer may be forged by anyone on the path.
+    NotValidated(String),
+    /// The zone is signed but the answer did not verify: forged or broken.
+    Bogus,
+}
+
+impl std::fmt::Display for Validation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Validation::Secure => write!(f, "validated by DNSSEC"),
+            Validation::NotValidated(why) => write!(f, "NOT validated by DNSSEC ({why})"),
+            Validation::Bogus => write!(f, "DNSSEC validation FAILED (bogus signatures)"),
+        }
+    }
+}
+
+/// A manager found in DNS, with how far the answer can be trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub manager: Id52,
+    pub validation: Validation,
+}
+
+/// How long the DNSSEC check may take on top of the plain lookup.
+const VALIDATE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The manager id52 from a domain's TXT record, and whether DNSSEC vouches for it.
+pub async fn manager_of(domain: &str) -> Result<Found, DnsError> {
+    let values = txt_values(domain, false).await?.0;
+    let manager = manager_from_txt(domain, &values)?;
+    let validation = match tokio::time::timeout(VALIDATE_TIMEOUT, txt_values(domain, true)).await {
+        Err(_) => Validation::NotValidated("the validating lookup timed out".into()),
+        Ok(Err(e)) => Validation::NotValidated(match e {
+            DnsError::Lookup { msg, .. } => format!("the validating lookup failed: {msg}"),
+            other => other.to_string(),
+        }),
+        Ok(Ok((values, proof))) => match manager_from_txt(domain, &values) {
+            Ok(m) if m == manager => match proof {
+                Some(Proof::Secure) => Validation::Secure,
+                Some(Proof::Bogus) => Validation::Bogus,
+                Some(Proof::Insecure) => Validation::NotValidated("unsigned zone".into()),
+                _ => Validation::NotValidated("no DNSSEC data from the resolver".into()),
+            },
+            // The validating lookup saw something else: treat as forged.
+            _ => Validation::Bogus,
+        },
+    };
+    Ok(Found {
+        manager,
+        validation,
+    })
+}
+
+/// The TXT values of `domain` and, when `validate`, the weakest DNSSEC proof among the
+/// `malai-cluster=` records.
+async fn txt_values(
+    domain: &str,
+    validate: bool,
+) -> Result<(Vec<String>, Option<Proof>), DnsError> {
+    let resolver = resolver(validate)?;
     // A trailing dot makes the name absolute: no search-domain guesses.
     let fqdn = format!("{}.", domain.trim_end_matches('.'));
     let lookup = tokio::time::timeout(LOOKUP_TIMEOUT, resolver.txt_lookup(fqdn.as_str()))
@@ -65,18 +138,25 @@ pub async fn manager_of(domain: &str) -> Result<Id52, DnsError> {
             domain: domain.to_string(),
             msg: "timed out".into(),
         })?;
+    let mut proof: Option<Proof> = None;
     let values: Vec<String> = match lookup {
         Ok(l) => l
             .answers()
             .iter()
             .filter_map(|r| match &r.data {
                 // A TXT record is a list of strings that together form one value.
-                RData::TXT(txt) => Some(
-                    txt.txt_data
+                RData::TXT(txt) => {
+                    let v = txt
+                        .txt_data
                         .iter()
                         .map(|s| String::from_utf8_lossy(s).into_owned())
-                        .collect::<String>(),
-                ),
+                        .collect::<String>();
+                    if v.trim().starts_with(TXT_PREFIX) {
+                        let p = r.proof;
+                        proof = Some(proof.map_or(p, |q| q.min(p)));
+                    }
+                    Some(v)
+                }
                 _ => None,
             })
             .collect(),
@@ -88,7 +168,7 @@ pub async fn manager_of(domain: &str) -> Result<Id52, DnsError> {
             });
         }
     };
-    manager_from_txt(domain, &values)
+    Ok((values, proof))
 }
 
 /// Pick the manager id52 out of a domain's TXT values (other TXT records are ignored).
@@ -116,7 +196,7 @@ pub fn manager_from_txt(domain: &str, values: &[String]) -> Result<Id52, DnsErro
     }
 }
 
-fn resolver() -> Result<TokioResolver, DnsError> {
+fn resolver(validate: bool) -> Result<TokioResolver, DnsError> {
     let provider = TokioRuntimeProvider::default();
     let builder = match std::env::var(DNS_SERVER_ENV) {
         Ok(s) if !s.is_empty() => {
@@ -135,6 +215,8 @@ fn resolver() -> Result<TokioResolver, DnsError> {
         }
         _ => TokioResolver::builder(provider).map_err(|e| DnsError::Setup(e.to_string()))?,
     };
+    let mut builder = builder;
+    builder.options_mut().validate = validate;
     builder.build().map_err(|e| DnsError::Setup(e.to_string()))
 }
 

@@ -128,6 +128,7 @@ pub fn add(
     id: &Id52,
 ) -> Result<ClusterDir, ClusterError> {
     let cd = managed_cluster(dirs, cluster)?;
+    let _lock = edit_lock(&cd)?;
     let text = cd.read_text()?;
     cd.save_text(&edit::add_member(&text, kind, name, id)?)?;
     Ok(cd)
@@ -141,6 +142,7 @@ pub fn allow(
     who: &[String],
 ) -> Result<ClusterDir, ClusterError> {
     let cd = managed_cluster(dirs, cluster)?;
+    let _lock = edit_lock(&cd)?;
     let text = cd.read_text()?;
     cd.save_text(&edit::allow(&text, server, who)?)?;
     Ok(cd)
@@ -248,9 +250,31 @@ pub fn pick_cluster(dirs: &Dirs, name: Option<&str>) -> Result<ClusterDir, Clust
 /// pushes the new file, after which the removed id52 is denied everywhere.
 pub fn remove(dirs: &Dirs, cluster: Option<&str>, name: &str) -> Result<ClusterDir, ClusterError> {
     let cd = managed_cluster(dirs, cluster)?;
+    let _lock = edit_lock(&cd)?;
     let text = cd.read_text()?;
     cd.save_text(&edit::remove_member(&text, name)?)?;
     Ok(cd)
+}
+
+/// An exclusive `flock` on `<cluster folder>/.edit.lock` for one read-edit-write of the
+/// cluster file, so two `cluster add/allow/remove` at once cannot lose an edit (each would
+/// otherwise rewrite the file it read before the other's write). Released on drop.
+fn edit_lock(cd: &ClusterDir) -> Result<nix::fcntl::Flock<std::fs::File>, ClusterError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = cd.dir.join(".edit.lock");
+    let io = |source| ClusterError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| io(std::io::Error::from(e)))
 }
 
 /// `cluster dns-record [alias]`: the TXT record that lets members join by domain.
@@ -275,7 +299,10 @@ pub fn pushed_text(cd: &ClusterDir, file: Option<&Path>) -> Result<String, Clust
                 path: f.display().to_string(),
                 source,
             })?;
-            Ok(edit::strip_secrets(&text).unwrap_or(text))
+            // Never fall back to the unstripped text: it may hold the manager's secrets.
+            // A TOML file that does not validate is still stripped and sent (the member
+            // must refuse it); one that is not TOML at all is refused here.
+            Ok(edit::strip_secrets(&text).or_else(|_| edit::strip_secrets_unchecked(&text))?)
         }
         None => Ok(sync::Source::from_manager_text(&cd.read_text()?)?
             .text
@@ -329,6 +356,7 @@ pub async fn push_now(
     }
     let (node, own) = dialer_for(&cd, Some(&cfg)).await?;
     let mut tasks = tokio::task::JoinSet::new();
+    let names: Vec<String> = targets.iter().map(|(n, _, _)| n.clone()).collect();
     for (i, (name, id, hints)) in targets.into_iter().enumerate() {
         let node = node.clone();
         let text = text.clone();
@@ -351,12 +379,23 @@ pub async fn push_now(
     }
     let mut out = vec![];
     while let Some(j) = tasks.join_next().await {
-        if let Ok(r) = j {
-            out.push(r);
+        match j {
+            Ok(r) => out.push(r),
+            Err(e) => tracing::error!(error = %e, "a push task failed"),
         }
     }
     if let Some(own) = own {
         own.done(std::time::Duration::from_secs(3)).await;
+    }
+    // A task that panicked left no report: it is a failure, never a silent success.
+    for (i, name) in names.into_iter().enumerate() {
+        if !out.iter().any(|(j, _, _)| *j == i) {
+            out.push((
+                i,
+                name,
+                Err(sync::SyncError::Refused("the push task failed".into())),
+            ));
+        }
     }
     out.sort_by_key(|(i, _, _)| *i);
     Ok(out

@@ -754,9 +754,16 @@ mod tests {
     #[test]
     fn source_never_carries_key_settings() {
         let m = Id52::from_bytes([1; 32]);
+        // A key named in the file is refused outright (nothing to push).
         let text = format!(
             "[cluster-manager]\nid52 = \"{m}\"\nalias = \"acme\"\nuse-keyring = false\n\
              private-key-file = \"/secret/path/key\"\nprivate-key = \"s3cr3t-key-material\"\n"
+        );
+        assert!(Source::from_manager_text(&text).is_err());
+        let text = format!(
+            "[cluster-manager]\nid52 = \"{m}\"\nalias = \"acme\"\nuse-keyring = false\n\
+             private-key-file = \"\"\n# private-key-file = \"/secret/path/key\"\n\
+             # private-key = \"s3cr3t-key-material\"\nprivate-key = \"\"\n"
         );
         let src = Source::from_manager_text(&text).unwrap();
         for needle in ["use-keyring", "private-key", "/secret/path/key", "s3cr3t"] {

@@ -55,8 +55,8 @@ pub fn new_cluster_file(alias: &str, manager: &Id52) -> String {
 [cluster-manager]
 id52 = "{manager}"
 alias = {alias_q}
-# Keep the manager's secret key in the OS keyring; with `use-keyring = false`, set
-# private-key-file (a file only this user can read) instead.
+# Keep the manager's secret key in the OS keyring; with `use-keyring = false` it stays
+# in this cluster folder's `secret-key` file (mode 0600). Never put a key in this file.
 use-keyring = true
 
 # Add machines with `malai ssh cluster add server|device <name> <id52>` or by hand.
@@ -255,9 +255,23 @@ pub fn remove_member(text: &str, name: &str) -> Result<String, EditError> {
 }
 
 /// The file as pushed to members: without the manager's key settings, which say where the
-/// manager's secret lives (or hold it) and are nobody else's business.
+/// manager's secret lives (or hold it) and are nobody else's business, and without any
+/// comment: a commented-out `# private-key = "…"` (or any note the admin keeps for
+/// themself) must not reach every member. Blank lines and layout stay.
 pub fn strip_secrets(text: &str) -> Result<String, EditError> {
     before(text)?;
+    after(stripped_doc(text)?)
+}
+
+/// [`strip_secrets`] for a file that is TOML but not a valid cluster file (`cluster push
+/// --file` of a deliberately bad file, which the member must refuse): the same removal,
+/// without validation. Text that is not TOML cannot be stripped and is an error: it is
+/// never sent as it is, since it may hold the manager's secrets.
+pub fn strip_secrets_unchecked(text: &str) -> Result<String, EditError> {
+    Ok(stripped_doc(text)?.to_string())
+}
+
+fn stripped_doc(text: &str) -> Result<DocumentMut, EditError> {
     let mut doc = load(text)?;
     if let Some(m) = doc
         .get_mut("cluster-manager")
@@ -267,7 +281,82 @@ pub fn strip_secrets(text: &str) -> Result<String, EditError> {
             m.remove(key);
         }
     }
-    after(doc)
+    uncomment_table(doc.as_table_mut());
+    let trailing = doc.trailing().as_str().map(uncomment);
+    if let Some(t) = trailing {
+        doc.set_trailing(t);
+    }
+    Ok(doc)
+}
+
+/// `s` (TOML whitespace and comments, as found around items) without its comments: lines
+/// that were only a comment go, a trailing comment is cut with the spaces before it.
+fn uncomment(s: &str) -> String {
+    if !s.contains('#') {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    for piece in s.split_inclusive('\n') {
+        let (body, nl) = match piece.strip_suffix('\n') {
+            Some(b) => (b, "\n"),
+            None => (piece, ""),
+        };
+        match body.find('#') {
+            None => out.push_str(piece),
+            Some(i) if body[..i].trim().is_empty() && !nl.is_empty() => {}
+            Some(i) => {
+                out.push_str(body[..i].trim_end());
+                out.push_str(nl);
+            }
+        }
+    }
+    out
+}
+
+fn uncomment_decor(d: &mut toml_edit::Decor) {
+    let prefix = d.prefix().and_then(|r| r.as_str()).map(uncomment);
+    let suffix = d.suffix().and_then(|r| r.as_str()).map(uncomment);
+    if let Some(p) = prefix {
+        d.set_prefix(p);
+    }
+    if let Some(s) = suffix {
+        d.set_suffix(s);
+    }
+}
+
+fn uncomment_value(v: &mut toml_edit::Value) {
+    uncomment_decor(v.decor_mut());
+    if let toml_edit::Value::Array(a) = v {
+        for x in a.iter_mut() {
+            uncomment_value(x);
+        }
+        let t = a.trailing().as_str().map(uncomment);
+        if let Some(t) = t {
+            a.set_trailing(t);
+        }
+    }
+}
+
+fn uncomment_item(item: &mut Item) {
+    match item {
+        Item::Value(v) => uncomment_value(v),
+        Item::Table(t) => uncomment_table(t),
+        Item::ArrayOfTables(a) => {
+            for t in a.iter_mut() {
+                uncomment_table(t);
+            }
+        }
+        Item::None => {}
+    }
+}
+
+fn uncomment_table(t: &mut toml_edit::Table) {
+    uncomment_decor(t.decor_mut());
+    for (mut k, item) in t.iter_mut() {
+        uncomment_decor(k.leaf_decor_mut());
+        uncomment_decor(k.dotted_decor_mut());
+        uncomment_item(item);
+    }
 }
 
 fn section(kind: MemberKind) -> &'static str {
@@ -486,7 +575,7 @@ id52 = "{m}"
 alias = "amitu.com"
 use-keyring = false # not on servers
 # the key file
-private-key-file = "/k"
+private-key-file = ""
 private-key = ""
 
 # Web box.
@@ -796,10 +885,11 @@ members = "alice, bob" # people
     #[test]
     fn strip_secrets_removes_key_settings() {
         let text = strip_secrets(&sample()).unwrap();
-        for k in ["use-keyring", "private-key-file", "private-key", "/k"] {
+        for k in ["use-keyring", "private-key-file", "private-key"] {
             assert!(!text.contains(k), "{k} left in:\n{text}");
         }
-        assert_comments_kept(&text);
+        // No comment survives (a commented-out key would reach every member).
+        assert!(!text.contains('#'), "a comment was pushed:\n{text}");
         let c = cfg(&text);
         assert_eq!(c.alias.as_deref(), Some("amitu.com"));
         assert!(c.use_keyring && c.private_key_file.is_none() && c.private_key.is_none());
@@ -813,6 +903,39 @@ members = "alice, bob" # people
         let starter = new_cluster_file("x", &id(1));
         let stripped = strip_secrets(&starter).unwrap();
         assert!(!stripped.contains("use-keyring = true"));
+    }
+
+    #[test]
+    fn strip_secrets_drops_commented_out_keys_everywhere() {
+        let secret = "ab".repeat(32);
+        let text = format!(
+            "# private-key = \"{secret}\"\n[cluster-manager]\nid52 = \"{}\" # {secret}\n# private-key = \"{secret}\"\n\n[server.foo]\nid52 = \"{}\"\naddrs = [\n  \"127.0.0.1:1\", # {secret}\n  # {secret}\n]\n# {secret}\n",
+            id(1),
+            id(2)
+        );
+        let out = strip_secrets(&text).unwrap();
+        assert!(!out.contains(&secret) && !out.contains('#'), "{out}");
+        let c = cfg(&out);
+        assert_eq!(c.servers["foo"].addrs.len(), 1);
+        // Allowed twin: a '#' inside a string value is data, not a comment, and stays.
+        let text = format!(
+            "[cluster-manager]\nid52 = \"{}\"\n\n[server.foo]\nid52 = \"{}\"\nssh-via = \"a@b#c\"\n",
+            id(1),
+            id(2)
+        );
+        let _ = strip_secrets(&text).map(|o| assert!(o.contains("a@b#c"), "{o}"));
+        // A file that is TOML but not a valid cluster file is still stripped; not TOML is
+        // an error (never passed on as it is).
+        let bad = format!(
+            "[cluster-manager]\nid52 = \"{}\"\nprivate-key = \"{secret}\"\nbogus = 1 # {secret}\n",
+            id(1)
+        );
+        assert!(strip_secrets(&bad).is_err());
+        let out = strip_secrets_unchecked(&bad).unwrap();
+        assert!(!out.contains(&secret) && out.contains("bogus"), "{out}");
+        assert!(strip_secrets_unchecked("[x\nprivate-key = \"k\"").is_err());
+        assert_eq!(uncomment("  # x\n\n"), "\n");
+        assert_eq!(uncomment(" # x"), "");
     }
 
     #[test]

@@ -88,6 +88,108 @@ pub struct Server {
 pub struct CommandAccess {
     pub command: String,
     pub allow_from: Vec<Id52>,
+    /// `args = "…"` or `args = ["…", …]`: the argument lists allowed after the program, each
+    /// a pattern of words that must match one for one, a last word `*` matching any rest.
+    /// `None` (no `args` key) allows any arguments: a bare program name trusts the
+    /// program with whatever it is asked (`rsync -e`, `git -c core.sshCommand`, `find
+    /// -exec` run other programs).
+    pub args: Option<Vec<Vec<String>>>,
+}
+
+/// Programs that can be made to run other programs through their arguments. A scope on
+/// one of these without `args` lets the peer run anything; `malai ssh cluster` warns.
+pub const RUNS_OTHERS: &[&str] = &[
+    "sh",
+    "bash",
+    "dash",
+    "zsh",
+    "ksh",
+    "fish",
+    "csh",
+    "tcsh",
+    "busybox",
+    "env",
+    "nice",
+    "nohup",
+    "timeout",
+    "xargs",
+    "find",
+    "rsync",
+    "git",
+    "ssh",
+    "scp",
+    "sftp",
+    "tar",
+    "make",
+    "awk",
+    "gawk",
+    "sed",
+    "vi",
+    "vim",
+    "less",
+    "more",
+    "man",
+    "python",
+    "python3",
+    "perl",
+    "ruby",
+    "node",
+    "lua",
+    "php",
+    "sudo",
+    "su",
+    "docker",
+    "kubectl",
+    "systemd-run",
+    "watch",
+    "strace",
+    "gdb",
+    "script",
+    "flock",
+    "setsid",
+    "chroot",
+    "unshare",
+    "nsenter",
+    "time",
+];
+
+impl CommandAccess {
+    /// Whether `args` (argv after argv[0]) is allowed by this scope.
+    pub fn allows_args(&self, args: &[String]) -> bool {
+        let Some(patterns) = &self.args else {
+            return true;
+        };
+        patterns.iter().any(|p| match p.split_last() {
+            Some((last, head)) if last == "*" => {
+                args.len() >= head.len() && head.iter().zip(args).all(|(w, a)| w == a)
+            }
+            _ => p.as_slice() == args,
+        })
+    }
+}
+
+impl ClusterConfig {
+    /// One line per command scope that lets its peers run other programs: a program in
+    /// [`RUNS_OTHERS`] with no `args` pinned, or with a pattern whose `*` lets any option
+    /// through.
+    pub fn scope_warnings(&self) -> Vec<String> {
+        let mut out = vec![];
+        for s in self.servers.values() {
+            for c in s.commands.values() {
+                let base = c.command.rsplit('/').next().unwrap_or(&c.command);
+                let risky = RUNS_OTHERS.contains(&base)
+                    || base.starts_with("python")
+                    || base.starts_with("perl");
+                if risky && c.args.is_none() {
+                    out.push(format!(
+                        "server.{}.{}: `{}` can run other programs through its arguments and no `args` pins them; anyone in its allow-from can run anything (pin them, e.g. args = \"--server *\" for rsync)",
+                        s.name, c.command, c.command
+                    ));
+                }
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -184,11 +184,14 @@ struct RawList {
     line: Option<usize>,
 }
 
+/// `args` of a command scope: alternative patterns, each a list of words.
+type ArgPatterns = Vec<Vec<String>>;
+
 struct RawServer {
     server: Server,
     line: Option<usize>,
     allow_from: RawList,
-    commands: Vec<(String, RawList)>,
+    commands: Vec<(String, RawList, Option<ArgPatterns>)>,
     services: Vec<(String, u16, RawList)>,
 }
 
@@ -468,13 +471,14 @@ impl Parser {
         for raw in servers {
             let mut server = raw.server;
             server.allow_from = resolver.list(&raw.allow_from)?;
-            for (cmd, list) in raw.commands {
+            for (cmd, list, args) in raw.commands {
                 let allow_from = resolver.list(&list)?;
                 server.commands.insert(
                     cmd.clone(),
                     CommandAccess {
                         command: cmd,
                         allow_from,
+                        args,
                     },
                 );
             }
@@ -557,8 +561,25 @@ impl Parser {
                             line: self.line(v.span()),
                         })?;
                 }
-                "private-key-file" => private_key_file = self.opt_string(&key, v)?,
-                "private-key" => private_key = self.opt_string(&key, v)?,
+                // Kept in the format (an empty value is fine) but refused when set: malai
+                // keeps the manager's key in the OS keyring or the 0600 `secret-key` file
+                // of the cluster folder. A key named here would sit in a file that tools
+                // rewrite and that is the source of every push (issue 12, finding 4).
+                "private-key-file" | "private-key" => {
+                    let set = self.opt_string(&key, v)?;
+                    if set.is_some() {
+                        return Err(self.bad(
+                            &key,
+                            v,
+                            "is not supported: malai keeps the manager's secret key in the OS keyring, or with `use-keyring = false` in the cluster folder's `secret-key` file (mode 0600); a key in the cluster file could be pushed or left readable. Remove this line (and keep the key out of comments too)",
+                        ));
+                    }
+                    if k.get_ref().as_ref() == "private-key" {
+                        private_key = set;
+                    } else {
+                        private_key_file = set;
+                    }
+                }
                 "addrs" => addrs = self.addrs(&key, v)?,
                 "relays" => {
                     for r in self.list(&key, v)?.entries {
@@ -671,13 +692,15 @@ impl Parser {
                     let ct = self.table(&key, v)?;
                     let mut list =
                         self.empty_list(format!("{key}.allow-from"), self.line(k.span()));
+                    let mut args = None;
                     for (ck, cv) in ct.iter() {
                         match ck.get_ref().as_ref() {
                             "allow-from" => list = self.list(&format!("{key}.allow-from"), cv)?,
+                            "args" => args = Some(self.arg_patterns(&format!("{key}.args"), cv)?),
                             _ => return Err(self.unknown_key(&key, ck)),
                         }
                     }
-                    commands.push((cmd.to_string(), list));
+                    commands.push((cmd.to_string(), list, args));
                 }
                 _ => return Err(self.unknown_key(&table, k)),
             }
@@ -705,6 +728,45 @@ impl Parser {
             commands,
             services,
         })
+    }
+
+    /// `args = "pattern"` or `args = ["pattern", …]`: each pattern split into words like a
+    /// shell would (quotes honoured, nothing expanded); `""` allows no arguments at all.
+    fn arg_patterns(&self, key: &str, v: &Val<'_>) -> Result<ArgPatterns, ConfigError> {
+        let strings: Vec<String> = match v.get_ref() {
+            DeValue::String(s) => vec![s.to_string()],
+            DeValue::Array(a) => {
+                let mut out = vec![];
+                for x in a.iter() {
+                    match x.get_ref() {
+                        DeValue::String(s) => out.push(s.to_string()),
+                        other => {
+                            return Err(ConfigError::WrongType {
+                                key: key.to_string(),
+                                expected: "a string or an array of strings",
+                                found: other.type_str(),
+                                line: self.line(x.span()),
+                            });
+                        }
+                    }
+                }
+                out
+            }
+            other => {
+                return Err(ConfigError::WrongType {
+                    key: key.to_string(),
+                    expected: "a string or an array of strings",
+                    found: other.type_str(),
+                    line: self.line(v.span()),
+                });
+            }
+        };
+        strings
+            .iter()
+            .map(|s| {
+                shlex::split(s).ok_or_else(|| self.bad(key, v, format!("{s:?}: unbalanced quotes")))
+            })
+            .collect()
     }
 
     fn service(
@@ -945,13 +1007,13 @@ fn check_host_port(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `ssh-via` is handed to OpenSSH as its destination argument, so a leading '-' (an option)
-/// or whitespace is refused rather than passed on.
+/// `ssh-via` is handed to OpenSSH as its destination, so it is checked here with the same
+/// parser the client uses: only host-name and user-name characters (a leading '-' would be
+/// an option; shell syntax would reach ProxyCommand `%h`/`%r`, CVE-2023-51385).
 fn check_ssh_via(s: &str) -> Result<(), &'static str> {
-    if s.starts_with('-') || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("expected [user@]host[:port]");
-    }
-    Ok(())
+    crate::client::ssh_via::parse_target(s)
+        .map(|_| ())
+        .map_err(|_| "expected [user@]host[:port] with letters, digits, '.', '-' and '_' only")
 }
 
 /// The `[cluster-manager]` table as parsed.
@@ -996,7 +1058,7 @@ mod tests {
 id52 = "{m}"
 alias = "amitu.com"
 use-keyring = false
-private-key-file = "/keys/m"
+private-key-file = ""
 private-key = ""
 
 [server.foo]
@@ -1106,8 +1168,17 @@ members = ["bar"]
         assert_eq!(c.manager, id(1));
         assert_eq!(c.alias.as_deref(), Some("amitu.com"));
         assert!(!c.use_keyring);
-        assert_eq!(c.private_key_file.as_deref(), Some("/keys/m"));
+        assert_eq!(c.private_key_file, None);
         assert_eq!(c.private_key, None);
+        // Deny twins: a key named in the file is refused, with what to do instead.
+        for (k, v) in [("private-key-file", "/keys/m"), ("private-key", "00ab")] {
+            let text = full().replace(&format!("{k} = \"\""), &format!("{k} = \"{v}\""));
+            let e = ClusterConfig::parse(&text).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("cluster-manager.{k}")) && e.contains("secret-key"),
+                "{e}"
+            );
+        }
 
         let foo = &c.servers["foo"];
         assert_eq!(foo.name, "foo");
@@ -1480,6 +1551,14 @@ members = ["bar"]
             ),
             (
                 "ssh-via = \"-oProxyCommand=x\"",
+                "server.foo.ssh-via: expected [user@]host[:port]",
+            ),
+            (
+                "ssh-via = \"$(touch /tmp/x)@host\"",
+                "server.foo.ssh-via: expected [user@]host[:port]",
+            ),
+            (
+                "ssh-via = \"u@host`id`\"",
                 "server.foo.ssh-via: expected [user@]host[:port]",
             ),
             (

@@ -164,7 +164,16 @@ impl ClusterDir {
             source,
         })?;
         let path = self.file_path();
-        write_atomic(&path, text.as_bytes(), 0o644).map_err(io_err(&path))?;
+        // Keep the mode the admin gave the file (a 0600 file stays 0600 through `cluster
+        // add/allow/remove`); a new file is 0644 (it holds no secret: the parser refuses
+        // key settings).
+        let mode = {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(&path)
+                .map(|m| m.permissions().mode() & 0o777)
+                .unwrap_or(0o644)
+        };
+        write_atomic(&path, text.as_bytes(), mode).map_err(io_err(&path))?;
         Ok(cfg)
     }
 

@@ -120,9 +120,22 @@ pub async fn write_config_frame<W: AsyncWrite + Unpin, T: Serialize>(
     Ok(())
 }
 
+/// Largest `config-hash` query: a hash and a flag. The frame limit for a whole cluster
+/// file is far more than a query needs, and any member may send one.
+pub const MAX_QUERY_FRAME: u32 = 1024;
+
 /// Read one `config-*` body frame (magic, version and size checked before the body is read).
 pub async fn read_config_frame<R: AsyncRead + Unpin, T: serde::de::DeserializeOwned>(
     r: &mut R,
+) -> Result<T, FrameError> {
+    read_config_frame_max(r, MAX_CONFIG_FRAME).await
+}
+
+/// [`read_config_frame`] with a smaller limit (a `config-hash` query: [`MAX_QUERY_FRAME`]).
+/// The body buffer grows with the bytes received, never to the announced length up front.
+pub async fn read_config_frame_max<R: AsyncRead + Unpin, T: serde::de::DeserializeOwned>(
+    r: &mut R,
+    max: u32,
 ) -> Result<T, FrameError> {
     let mut head = [0u8; 9];
     read_exact(r, &mut head).await?;
@@ -134,11 +147,10 @@ pub async fn read_config_frame<R: AsyncRead + Unpin, T: serde::de::DeserializeOw
         return Err(FrameError::Version(head[4]));
     }
     let len = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
-    if len > MAX_CONFIG_FRAME {
+    if len > max.min(MAX_CONFIG_FRAME) {
         return Err(too_large(len as usize));
     }
-    let mut body = vec![0u8; len as usize];
-    read_exact(r, &mut body).await?;
+    let body = super::read_body(r, len as usize).await?;
     serde_json::from_slice(&body).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
@@ -159,6 +171,48 @@ async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A member's `config-hash` query may not announce more than [`MAX_QUERY_FRAME`], and
+    /// an announced large frame costs nothing until its bytes arrive.
+    #[tokio::test]
+    async fn a_query_cannot_make_the_server_allocate_megabytes() {
+        let frame = |len: u32, body: &[u8]| {
+            let mut b = MAGIC.to_vec();
+            b.push(VERSION);
+            b.extend_from_slice(&len.to_be_bytes());
+            b.extend_from_slice(body);
+            b
+        };
+        let mut p = crate::protocol::Probe {
+            data: std::io::Cursor::new(frame(MAX_CONFIG_FRAME, b"{}")),
+            largest: 0,
+        };
+        let r = read_config_frame_max::<_, HashQuery>(&mut p, MAX_QUERY_FRAME).await;
+        assert!(r.is_err());
+        assert!(p.largest <= 9, "read into {} bytes", p.largest);
+        // Even under the whole-file limit the buffer follows the data.
+        let mut p = crate::protocol::Probe {
+            data: std::io::Cursor::new(frame(MAX_CONFIG_FRAME, b"{}")),
+            largest: 0,
+        };
+        assert!(read_config_frame::<_, HashQuery>(&mut p).await.is_err());
+        assert!(p.largest <= 4096, "read into {} bytes", p.largest);
+        // Allowed twin: a real query.
+        let mut buf = vec![];
+        write_config_frame(
+            &mut buf,
+            &HashQuery {
+                have: Some("ab".into()),
+                fetch: true,
+            },
+        )
+        .await
+        .unwrap();
+        let q: HashQuery = read_config_frame_max(&mut &buf[..], MAX_QUERY_FRAME)
+            .await
+            .unwrap();
+        assert!(q.fetch);
+    }
 
     #[tokio::test]
     async fn round_trips() {

@@ -215,8 +215,20 @@ pub async fn read_frame_body<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>,
     if len > MAX_HEADER_LEN {
         return Err(FrameError::TooLarge(len));
     }
-    let mut body = vec![0u8; len as usize];
-    read_exact(r, &mut body).await?;
+    read_body(r, len as usize).await
+}
+
+/// First allocation for a frame body; it grows only as bytes arrive.
+const BODY_CHUNK: usize = 1024;
+
+/// Read exactly `len` body bytes into a buffer that grows with the data received: a peer
+/// that announces a large frame and sends nothing costs [`BODY_CHUNK`], not `len`.
+pub async fn read_body<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> Result<Vec<u8>, FrameError> {
+    let mut body = Vec::with_capacity(len.min(BODY_CHUNK));
+    (&mut *r).take(len as u64).read_to_end(&mut body).await?;
+    if body.len() != len {
+        return Err(FrameError::Truncated);
+    }
     Ok(body)
 }
 
@@ -260,9 +272,69 @@ pub async fn read_json<R: AsyncRead + Unpin, T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&body).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
+/// A reader for tests: serves `data`, then EOF, and records the largest buffer it was
+/// asked to fill (what the caller had allocated for the read).
+#[cfg(test)]
+pub(crate) struct Probe {
+    pub data: std::io::Cursor<Vec<u8>>,
+    pub largest: usize,
+}
+
+#[cfg(test)]
+impl AsyncRead for Probe {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.largest = this.largest.max(buf.remaining());
+        let pos = this.data.position() as usize;
+        let rest = &this.data.get_ref()[pos..];
+        let n = rest.len().min(buf.remaining());
+        buf.put_slice(&rest[..n]);
+        this.data.set_position((pos + n) as u64);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer that announces a 64 KiB header and sends 10 bytes does not get 64 KiB
+    /// allocated for it; a whole frame still reads.
+    #[tokio::test]
+    async fn frame_buffers_grow_with_the_data() {
+        let mut bytes = MAGIC.to_vec();
+        bytes.push(VERSION);
+        bytes.extend_from_slice(&MAX_HEADER_LEN.to_be_bytes());
+        bytes.extend_from_slice(&[b'x'; 10]);
+        let mut p = Probe {
+            data: std::io::Cursor::new(bytes),
+            largest: 0,
+        };
+        assert!(matches!(
+            read_frame_body(&mut p).await,
+            Err(FrameError::Truncated)
+        ));
+        assert!(
+            p.largest <= 4 * BODY_CHUNK,
+            "asked to fill {} bytes",
+            p.largest
+        );
+        // Allowed twin: a full frame (bigger than the first chunk) arrives whole.
+        let body = vec![b'{'; 10_000];
+        let mut bytes = MAGIC.to_vec();
+        bytes.push(VERSION);
+        bytes.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(&body);
+        let mut p = Probe {
+            data: std::io::Cursor::new(bytes),
+            largest: 0,
+        };
+        assert_eq!(read_frame_body(&mut p).await.unwrap(), body);
+    }
 
     fn frame(version: u8, body: &[u8]) -> Vec<u8> {
         let mut v = MAGIC.to_vec();

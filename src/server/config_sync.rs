@@ -96,7 +96,14 @@ where
     if reply(w, &Response::Accept).await.is_err() {
         return false;
     }
-    let query = match tokio::time::timeout(BODY_TIMEOUT, read_config_frame::<_, HashQuery>(r)).await
+    let query = match tokio::time::timeout(
+        BODY_TIMEOUT,
+        crate::protocol::config::read_config_frame_max::<_, HashQuery>(
+            r,
+            crate::protocol::config::MAX_QUERY_FRAME,
+        ),
+    )
+    .await
     {
         Ok(Ok(q)) => q,
         Ok(Err(e)) => {

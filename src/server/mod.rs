@@ -7,7 +7,7 @@
 //! owned by one `TaskTracker` and stops on one root `CancellationToken`; SIGTERM cancels,
 //! then the tracker is drained (with a deadline) and the endpoints closed.
 //!
-//! The cluster file is re-read when its mtime changes (checked per request), so ACL edits
+//! The cluster file is re-read when its content changes (hashed per request), so ACL edits
 //! take effect on the next request without a restart; a file that stops validating is
 //! logged and the last good one kept. Clusters that appear later (a `cluster import`, a
 //! push making this machine a server) are picked up by a rescan every few seconds.
@@ -24,16 +24,18 @@ pub mod embedded;
 pub mod embedded_forward;
 pub mod exec;
 pub mod forward;
+pub mod guard;
 pub mod http;
 pub mod process;
 pub mod request;
+pub mod revoke;
 pub mod stdinserver;
 pub mod tunnel;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -99,6 +101,10 @@ pub struct ClusterState {
     pub sync: std::sync::OnceLock<Arc<crate::cluster::sync::Syncer>>,
     /// Requests in flight per peer, for the per-peer cap ([`ClusterState::admit`]).
     active: Mutex<std::collections::HashMap<Id52, usize>>,
+    /// Bumped on every reload: live requests re-ask the ACL then ([`revoke`]).
+    revision: tokio::sync::watch::Sender<u64>,
+    /// Whether a [`revoke`] poller is watching the file for live requests.
+    polling: std::sync::atomic::AtomicBool,
 }
 
 /// Default cap on one peer's concurrent requests (across all its connections and
@@ -135,7 +141,7 @@ impl Drop for PeerPermit {
 }
 
 struct Loaded {
-    stamp: Option<(SystemTime, u64)>,
+    stamp: Option<[u8; 32]>,
     config: Arc<ClusterConfig>,
 }
 
@@ -151,6 +157,8 @@ impl ClusterState {
             }),
             sync: std::sync::OnceLock::new(),
             active: Mutex::new(std::collections::HashMap::new()),
+            revision: tokio::sync::watch::Sender::new(0),
+            polling: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -187,6 +195,7 @@ impl ClusterState {
                 Ok(cfg) => {
                     tracing::info!(cluster = %self.dir.alias, "cluster file changed; reloaded");
                     l.config = Arc::new(cfg);
+                    self.revision.send_modify(|r| *r = r.wrapping_add(1));
                 }
                 Err(e) => {
                     tracing::error!(cluster = %self.dir.alias, error = %e, "cluster file invalid; keeping the previous one")
@@ -205,9 +214,14 @@ impl ClusterState {
     }
 }
 
-fn file_stamp(dir: &ClusterDir) -> Option<(SystemTime, u64)> {
-    let m = std::fs::metadata(dir.file_path()).ok()?;
-    Some((m.modified().ok()?, m.len()))
+/// What decides "the file changed": a hash of its bytes, not length and mtime, which an
+/// edit can keep (same-length change within the mtime's granularity, or `touch -d`), and
+/// then an ACL edit would silently not apply. Cluster files are a few KiB (capped at
+/// `MAX_CONFIG_LEN`): hashing one per request costs microseconds.
+fn file_stamp(dir: &ClusterDir) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    let bytes = std::fs::read(dir.file_path()).ok()?;
+    Some(sha2::Sha256::digest(&bytes).into())
 }
 
 /// A cluster folder this machine should serve: it has a key and either a valid file that
@@ -620,16 +634,29 @@ async fn accept_loop(
                 None => return,
             },
         };
+        // Past the handshake queue: dropped (refused) before any crypto work (guard.rs).
+        let Some(ticket) = guard::queue() else {
+            continue;
+        };
         // The handshake runs in the connection's own task: never one after another here.
         let (state, shutdown, tracker2) = (state.clone(), shutdown.clone(), tracker.clone());
         let inbound = inbound.clone();
         tracker.spawn(async move {
+            let Some(handshaking) = ticket.wait().await else {
+                return;
+            };
             let conn = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 c = incoming.handshake() => match c {
                     Some(c) => c,
                     None => return,
                 },
+            };
+            drop(handshaking);
+            // Strangers are closed here, before they can open a stream (guard.rs).
+            let _slot = match guard::admit(&state, &conn.remote()) {
+                Ok(slot) => slot,
+                Err(why) => return conn.close(&why.to_string()),
             };
             let _listed = inbound.add(&state, &conn);
             serve_connection(conn, state, shutdown, tracker2).await
@@ -645,10 +672,14 @@ async fn serve_connection(
 ) {
     let peer = conn.remote();
     tracing::debug!(%peer, cluster = %state.dir.alias, "connection");
+    // A peer the file stops naming (`cluster remove`) loses its pooled connection too.
+    let removed = revoke::removed(state.clone(), peer);
+    tokio::pin!(removed);
     loop {
         let (mut send, mut recv) = tokio::select! {
             // Stop taking new streams; running ones drain (the streams keep the connection).
             _ = shutdown.cancelled() => return,
+            _ = &mut removed => return conn.close("access revoked"),
             s = conn.accept() => match s {
                 Some(s) => s,
                 None => return,
@@ -671,5 +702,42 @@ async fn serve_connection(
                 recv.stop();
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An edit that keeps the file's length and mtime still takes effect.
+    #[test]
+    fn reload_notices_a_same_length_same_mtime_edit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = ClusterDir {
+            alias: "acme".into(),
+            dir: tmp.path().to_path_buf(),
+        };
+        let id = |n: u8| Id52::from_bytes([n; 32]);
+        let text = |who: &str| {
+            format!(
+                "[cluster-manager]\nid52 = \"{}\"\n\n[server.foo]\nid52 = \"{}\"\nallow-from = \"{who}\"\n\n[device.alice]\nid52 = \"{}\"\n\n[device.carol]\nid52 = \"{}\"\n",
+                id(1),
+                id(2),
+                id(3),
+                id(4)
+            )
+        };
+        let path = dir.file_path();
+        std::fs::write(&path, text("alice")).unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let state = ClusterState::new(dir.clone(), id(2), dir.load().unwrap());
+        assert_eq!(state.current().servers["foo"].allow_from, vec![id(3)]);
+        std::fs::write(&path, text("carol")).unwrap();
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_times(std::fs::FileTimes::new().set_modified(mtime))
+            .unwrap();
+        drop(f);
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime);
+        assert_eq!(state.current().servers["foo"].allow_from, vec![id(4)]);
     }
 }

@@ -143,10 +143,42 @@ where
         }
         Decision::Allow(g) => g,
     };
-    tracing::info!(%peer, %who, %cluster, kind, transport = ctx.transport, ?grant, "allow");
+    // The grant's kind only: a command's arguments (which may hold anything) belong in the
+    // 0600 audit log, not in the tracing log.
+    let granted = match &grant {
+        Grant::Argv(argv) => format!(
+            "argv[0]={:?}",
+            argv.first().map(String::as_str).unwrap_or("")
+        ),
+        g => format!("{g:?}"),
+    };
+    tracing::info!(%peer, %who, %cluster, kind, transport = ctx.transport, %granted, "allow");
     let mut r = Counting::new(r);
     let mut w = Counting::new(w);
-    let ok = dispatch(ctx, &cfg, &server, grant, header.request, &mut r, &mut w).await;
+    // Live requests are re-decided on every reload and cut when now denied (revoke.rs).
+    let cut = tokio_util::sync::CancellationToken::new();
+    let done = tokio_util::sync::CancellationToken::new();
+    let watch = super::revoke::revoked(
+        ctx.state.clone(),
+        server.clone(),
+        peer,
+        header.request.clone(),
+    );
+    let watcher = async {
+        tokio::select! {
+            _ = done.cancelled() => {}
+            _ = watch => cut.cancel(),
+        }
+    };
+    let served = async {
+        let mut r = super::revoke::Revocable::new(&mut r, &cut);
+        let mut w = super::revoke::Revocable::new(&mut w, &cut);
+        let ok = dispatch(ctx, &cfg, &server, grant, header.request, &mut r, &mut w).await;
+        done.cancel();
+        ok
+    };
+    let (ok, ()) = tokio::join!(served, watcher);
+    let ok = ok && !cut.is_cancelled();
     entry.decision = "allow".into();
     entry.bytes_in = r.count;
     entry.bytes_out = w.count;

@@ -1,6 +1,6 @@
 //! `malai ssh stdinserver <identity>`: the malai protocol over OpenSSH, zrepl style.
 //!
-//! An admin binds an SSH key to `command="malai ssh stdinserver alice",restrict` in
+//! An admin binds an SSH key to `command="malai ssh stdinserver alice@acme",restrict` in
 //! `authorized_keys` (see `contrib/authorized_keys`). sshd runs that forced command with
 //! the SSH channel as its stdin/stdout; the command connects to the running
 //! `malai ssh server`'s unix socket (`<runtime dir>/server.sock`), passes those two fds
@@ -11,8 +11,10 @@
 //! Trust: whoever can connect to the socket can claim any identity, so the socket is only
 //! as safe as its folder. Like zrepl, the server refuses to start unless the runtime dir is
 //! a real directory owned by it with no group/other permissions, and it only talks to
-//! peers with its own uid (SO_PEERCRED). The identity is an alias of a member or an id52;
-//! one unknown to the cluster is denied. `SSH_ORIGINAL_COMMAND` is ignored: the protocol
+//! peers with its own uid (SO_PEERCRED). The identity names one principal completely:
+//! `alias@cluster` or an id52 ([`Identity`]); a bare alias is refused (a server may serve
+//! several clusters, each with its own `alice`), one unknown to the cluster is denied, and
+//! a request whose header names another cluster than the pinned one is denied. `SSH_ORIGINAL_COMMAND` is ignored: the protocol
 //! header says what to do.
 //!
 //! Stdout of the forced command is the protocol stream: nothing else is ever written to
@@ -71,6 +73,8 @@ pub enum StdinServerError {
     },
     #[error("identity {0:?} is empty or too long")]
     BadIdentity(String),
+    #[error("{0}")]
+    UnpinnedIdentity(String),
     #[error("no malai ssh server is running here (cannot connect to {path}: {source})")]
     NoServer {
         path: String,
@@ -81,6 +85,8 @@ pub enum StdinServerError {
     FdPass(#[from] FdPassError),
     #[error("the server ended the session without a status")]
     Lost,
+    #[error("{0}")]
+    Untrusted(crate::localsock::SocketTrustError),
 }
 
 /// Forced command → server, sent with the stdin and stdout fds.
@@ -334,12 +340,105 @@ where
         peer,
         transport: "stdinserver",
     };
-    if request::handle(&ctx, &mut replayed, w).await {
-        Outcome::default()
-    } else {
-        Outcome {
+    let mut w = FirstFrame::new(w);
+    let ok = request::handle(&ctx, &mut replayed, &mut w).await;
+    // sshd passes the forced command's status to the ssh client: a denied or failed
+    // request is 255 (OpenSSH's "ssh itself failed"), not 0.
+    match (ok, w.response()) {
+        (true, Some(Response::Deny { .. } | Response::Error { .. })) | (false, _) => Outcome {
             status: 255,
             message: None,
+        },
+        _ => Outcome::default(),
+    }
+}
+
+/// Keeps a copy of the first frame written through it (the server's answer to the
+/// header), so the forced command can exit 255 on a deny without `request::handle`
+/// having to report what it answered.
+struct FirstFrame<'a, W: ?Sized> {
+    inner: &'a mut W,
+    seen: Vec<u8>,
+}
+
+/// More than any accept/deny/error frame the server writes.
+const FIRST_FRAME_CAP: usize = 16 * 1024;
+
+impl<'a, W: ?Sized> FirstFrame<'a, W> {
+    fn new(inner: &'a mut W) -> Self {
+        FirstFrame {
+            inner,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first frame as a response, when one was written whole.
+    fn response(&self) -> Option<Response> {
+        let head = self.seen.get(..9)?;
+        let len = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) as usize;
+        let body = self.seen.get(9..9 + len)?;
+        serde_json::from_slice(body).ok()
+    }
+}
+
+impl<W: AsyncWrite + Unpin + ?Sized> AsyncWrite for FirstFrame<'_, W> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut *this.inner).poll_write(cx, data);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            let room = FIRST_FRAME_CAP.saturating_sub(this.seen.len());
+            this.seen.extend_from_slice(&data[..(*n).min(room)]);
+        }
+        r
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Who the admin bound an ssh key to, parsed from the forced command's argument.
+///
+/// It must name one principal on this server, whatever clusters the server serves now or
+/// later: a bare alias (`alice`) would mean every cluster's `alice` (finding 1 of issue
+/// 12), so it is refused. `alice@acme` names the member `alice` of the served cluster
+/// `acme` (its folder alias, its `cluster-manager.alias`, or its manager id52); an id52
+/// names a key, which malai makes per cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    Key(Id52),
+    Member { alias: String, cluster: String },
+}
+
+impl Identity {
+    pub fn parse(s: &str) -> Result<Identity, String> {
+        if let Ok(id) = s.parse::<Id52>() {
+            return Ok(Identity::Key(id));
+        }
+        match s.split_once('@') {
+            Some((alias, cluster))
+                if !alias.is_empty() && !cluster.is_empty() && !cluster.contains('@') =>
+            {
+                Ok(Identity::Member {
+                    alias: alias.to_string(),
+                    cluster: cluster.to_string(),
+                })
+            }
+            _ => Err(format!(
+                "identity {s:?} does not name a cluster: bind the key to `{s}@<cluster>` or to an id52 in authorized_keys (a bare alias would mean that alias in every cluster this server serves)"
+            )),
         }
     }
 }
@@ -351,36 +450,77 @@ fn pick(
     identity: &str,
     header: &Header,
 ) -> Result<(Arc<ClusterState>, Id52), (Response, String)> {
+    let deny = |m: String| (Response::Deny { reason: m.clone() }, m);
     let err = |m: String| (Response::Error { reason: m.clone() }, m);
+    let identity = Identity::parse(identity).map_err(deny)?;
     let clusters = registry.snapshot();
-    let state = match header.cluster {
-        Some(m) => clusters
-            .iter()
-            .find(|s| s.current().manager == m)
-            .cloned()
-            .ok_or_else(|| err(format!("this server does not serve cluster {}", m.short())))?,
-        None => match clusters.as_slice() {
-            [one] => one.clone(),
-            [] => return Err(err("this machine serves no cluster yet".into())),
-            _ => {
-                return Err(err(
-                    "this server serves several clusters; the request must name one".into(),
-                ));
+    match identity {
+        Identity::Member { alias, cluster } => {
+            let state = clusters
+                .iter()
+                .find(|s| {
+                    let cfg = s.current();
+                    s.dir.alias == cluster
+                        || cfg.alias.as_deref() == Some(cluster.as_str())
+                        || cfg.manager.to_string() == cluster
+                })
+                .cloned()
+                .ok_or_else(|| deny(format!("this server does not serve cluster {cluster:?}")))?;
+            let cfg = state.current();
+            if let Some(m) = header.cluster
+                && m != cfg.manager
+            {
+                return Err(deny(format!(
+                    "this ssh key is bound to {alias}@{cluster}; the request names another cluster ({})",
+                    m.short()
+                )));
             }
-        },
-    };
-    let cfg = state.current();
-    let peer = match identity.parse::<Id52>() {
-        Ok(id) => id,
-        Err(_) => cfg.id52_of(identity).ok_or_else(|| {
-            let m = format!(
-                "identity {identity:?} is not a member of cluster {}",
-                state.dir.alias
-            );
-            (Response::Deny { reason: m.clone() }, m)
-        })?,
-    };
-    Ok((state, peer))
+            let peer = cfg.id52_of(&alias).ok_or_else(|| {
+                deny(format!(
+                    "identity {alias:?} is not a member of cluster {}",
+                    state.dir.alias
+                ))
+            })?;
+            Ok((state, peer))
+        }
+        Identity::Key(id) => {
+            // A key belongs to the clusters whose file lists it; the request may only
+            // mean one of those.
+            let theirs: Vec<_> = clusters
+                .iter()
+                .filter(|s| s.current().name_of(&id).is_some())
+                .cloned()
+                .collect();
+            let state = match header.cluster {
+                Some(m) => theirs
+                    .iter()
+                    .find(|s| s.current().manager == m)
+                    .cloned()
+                    .ok_or_else(|| {
+                        deny(format!(
+                            "identity {} is not a member of cluster {}",
+                            id.short(),
+                            m.short()
+                        ))
+                    })?,
+                None => match theirs.as_slice() {
+                    [one] => one.clone(),
+                    [] => {
+                        return Err(deny(format!(
+                            "identity {} is not a member of any cluster this server serves",
+                            id.short()
+                        )));
+                    }
+                    _ => {
+                        return Err(err(
+                            "this key is a member of several clusters here; the request must name one".into(),
+                        ));
+                    }
+                },
+            };
+            Ok((state, id))
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -393,6 +533,7 @@ pub async fn run_forced_command(dirs: &Dirs, identity: &str) -> Result<u8, Stdin
             identity.chars().take(64).collect(),
         ));
     }
+    Identity::parse(identity).map_err(StdinServerError::UnpinnedIdentity)?;
     if let Ok(cmd) = std::env::var("SSH_ORIGINAL_COMMAND") {
         tracing::debug!(original = %cmd.chars().take(200).collect::<String>(), "SSH_ORIGINAL_COMMAND ignored");
     }
@@ -406,12 +547,20 @@ pub async fn run_forced_command(dirs: &Dirs, identity: &str) -> Result<u8, Stdin
     let mut last = None;
     let mut sock = None;
     for p in &candidates {
-        match UnixStream::connect(p).await {
+        // The ssh channel goes only to a socket in a directory of ours whose listener is
+        // this user: never to one planted by someone else.
+        match crate::localsock::connect(p).await {
             Ok(s) => {
                 sock = Some(s);
                 break;
             }
-            Err(e) => last = Some((p.display().to_string(), e)),
+            Err(crate::localsock::ConnectError::Io(e)) => last = Some((p.display().to_string(), e)),
+            Err(crate::localsock::ConnectError::Trust(t)) => {
+                if p.exists() {
+                    return Err(StdinServerError::Untrusted(t));
+                }
+                last = Some((p.display().to_string(), std::io::ErrorKind::NotFound.into()));
+            }
         }
     }
     let Some(mut sock) = sock else {
@@ -477,6 +626,130 @@ mod tests {
         let link = tmp.path().join("link");
         std::os::unix::fs::symlink(&run, &link).unwrap();
         assert!(check_runtime_dir(&link).is_err());
+    }
+
+    fn id(n: u8) -> Id52 {
+        Id52::from_bytes([n; 32])
+    }
+
+    /// A registry serving two clusters that both have a member `alice`, with different
+    /// keys: `acme` (manager 1, alice = 10) and `beta` (manager 2, alice = 20).
+    fn two_clusters(tmp: &Path) -> Registry {
+        let reg = Registry::default();
+        for (alias, mgr, alice) in [("acme", 1u8, 10u8), ("beta", 2, 20)] {
+            let text = format!(
+                "[cluster-manager]\nid52 = \"{}\"\nalias = \"{alias}\"\n\n[server.foo]\nid52 = \"{}\"\nallow-from = \"alice\"\n\n[device.alice]\nid52 = \"{}\"\n",
+                id(mgr),
+                id(mgr + 100),
+                id(alice)
+            );
+            let cfg = crate::config::ClusterConfig::parse(&text).unwrap();
+            let dir = crate::config::store::ClusterDir {
+                alias: alias.into(),
+                dir: tmp.join(alias),
+            };
+            reg.add(Arc::new(ClusterState::new(dir, id(mgr + 100), cfg)));
+        }
+        reg
+    }
+
+    /// `pick`'s error, for tests (the Ok side holds a state that has no Debug).
+    fn denied(reg: &Registry, identity: &str, h: &Header) -> (Response, String) {
+        match pick(reg, identity, h) {
+            Ok((s, p)) => panic!("{identity}: allowed as {p} in {}", s.dir.alias),
+            Err(e) => e,
+        }
+    }
+
+    fn header(cluster: Option<Id52>) -> Header {
+        Header {
+            cluster,
+            request: protocol::Request::Ping,
+        }
+    }
+
+    #[test]
+    fn identity_must_name_its_cluster() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = two_clusters(tmp.path());
+        // A bare alias is refused, whatever the header says: it would be every `alice`.
+        for h in [None, Some(id(1)), Some(id(2))] {
+            let (resp, msg) = denied(&reg, "alice", &header(h));
+            assert!(matches!(resp, Response::Deny { .. }), "{msg}");
+            assert!(msg.contains("alice@<cluster>"), "{msg}");
+        }
+        // alias@cluster: pinned to that cluster, by folder alias or manager id52.
+        let (s, peer) = pick(&reg, "alice@acme", &header(Some(id(1)))).unwrap();
+        assert_eq!((s.dir.alias.as_str(), peer), ("acme", id(10)));
+        let (s, peer) = pick(&reg, "alice@acme", &header(None)).unwrap();
+        assert_eq!((s.dir.alias.as_str(), peer), ("acme", id(10)));
+        let (s, peer) = pick(&reg, &format!("alice@{}", id(2)), &header(None)).unwrap();
+        assert_eq!((s.dir.alias.as_str(), peer), ("beta", id(20)));
+        // Deny twin: the header names the other cluster.
+        let (resp, msg) = denied(&reg, "alice@acme", &header(Some(id(2))));
+        assert!(matches!(resp, Response::Deny { .. }), "{msg}");
+        assert!(msg.contains("another cluster"), "{msg}");
+        // A cluster this server does not serve, a member the cluster does not have.
+        assert!(pick(&reg, "alice@gamma", &header(None)).is_err());
+        assert!(pick(&reg, "mallory@acme", &header(None)).is_err());
+        // An id52 is a per-cluster key: allowed in its own cluster only.
+        let (s, peer) = pick(&reg, &id(10).to_string(), &header(Some(id(1)))).unwrap();
+        assert_eq!((s.dir.alias.as_str(), peer), ("acme", id(10)));
+        let (s, _) = pick(&reg, &id(20).to_string(), &header(None)).unwrap();
+        assert_eq!(s.dir.alias, "beta");
+        let (resp, msg) = denied(&reg, &id(10).to_string(), &header(Some(id(2))));
+        assert!(matches!(resp, Response::Deny { .. }), "{msg}");
+        assert!(pick(&reg, &id(99).to_string(), &header(None)).is_err());
+    }
+
+    /// The forced command's status: 0 for a served request, 255 for a denied one (sshd
+    /// hands it to the ssh client).
+    #[tokio::test]
+    async fn a_denied_request_exits_255() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = two_clusters(tmp.path());
+        let run = |req: protocol::Request| {
+            let reg = &reg;
+            async move {
+                let mut input = Vec::new();
+                protocol::write_frame(
+                    &mut input,
+                    &Header {
+                        cluster: None,
+                        request: req,
+                    },
+                )
+                .await
+                .unwrap();
+                let mut out = Vec::new();
+                serve_stream(reg, "alice@acme", &mut Cursor::new(input), &mut out)
+                    .await
+                    .status
+            }
+        };
+        assert_eq!(run(protocol::Request::Ping).await, 0);
+        // Deny twin: only the manager may push.
+        let push = protocol::Request::ConfigPush { hash: "x".into() };
+        assert_eq!(run(push).await, 255);
+    }
+
+    #[test]
+    fn identity_parse_forms() {
+        assert!(Identity::parse("alice").is_err());
+        assert!(Identity::parse("alice@").is_err());
+        assert!(Identity::parse("@acme").is_err());
+        assert!(Identity::parse("a@b@c").is_err());
+        assert_eq!(
+            Identity::parse("alice@acme.example").unwrap(),
+            Identity::Member {
+                alias: "alice".into(),
+                cluster: "acme.example".into()
+            }
+        );
+        assert_eq!(
+            Identity::parse(&id(7).to_string()).unwrap(),
+            Identity::Key(id(7))
+        );
     }
 
     #[tokio::test]

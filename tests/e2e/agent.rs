@@ -714,3 +714,44 @@ fn rsync_and_git_with_malai_ssh_go_through_the_agent() {
         "rsync and git reused the agent's connection"
     );
 }
+
+#[test]
+fn a_socket_planted_in_a_shared_directory_gets_nothing() {
+    let c = acme();
+    // Someone else's "agent": a listener in a world-writable directory.
+    let shared = c.dir().join("shared");
+    fs::create_dir_all(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    let sock = shared.join("agent.sock");
+    let fake = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    fake.set_nonblocking(true).unwrap();
+    let host = c.host("foo");
+    let mut cmd = c.machine("alice").cmd(["ssh", &host, "echo", "direct"]);
+    cmd.env("MALAI_SSH_AGENT", &sock);
+    let out = run_cmd(&mut cmd);
+    // Allowed twin: the command still runs (directly); the user is told why.
+    assert_success(&out, "exec with MALAI_SSH_AGENT in a shared dir");
+    assert_eq!(stdout_of(&out), "direct\n");
+    assert!(
+        stderr_of(&out).contains("not trusted") && stderr_of(&out).contains("writable by others"),
+        "{}",
+        fmt_output(&out)
+    );
+    // Deny: the planted socket never saw a connection (so no stdio or tty fds).
+    assert!(
+        matches!(fake.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the CLI connected to a socket in a shared directory"
+    );
+    // Under lockdown it is a clear error instead.
+    let mut cmd = c.machine("alice").cmd(["ssh", &host, "echo", "direct"]);
+    cmd.env("MALAI_SSH_AGENT", &sock)
+        .env("MALAI_LOCKDOWN_MODE", "true");
+    let out = run_cmd(&mut cmd);
+    assert_exit_code(&out, 255, "lockdown with an untrusted agent socket");
+    assert!(
+        stderr_of(&out).contains("not trusted"),
+        "{}",
+        fmt_output(&out)
+    );
+    assert!(matches!(fake.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
+}

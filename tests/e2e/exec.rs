@@ -823,6 +823,56 @@ fn command_scoped_peer_runs_only_that_program_never_a_shell() {
     assert!(stdout_of(&out).ends_with("shell-ok\n"));
 }
 
+#[test]
+fn a_scope_can_pin_arguments_so_rsync_cannot_run_a_shell() {
+    require_program("rsync", "rsync");
+    let c = TestCluster::builder("acme")
+        .manager("mgr")
+        .server_with("foo", SshTarget::Unset)
+        .device("bob")
+        .allow("foo.rsync", &["bob"])
+        .build();
+    let marker = c.dir().join("pwned");
+    let evil = format!(
+        "rsync -e 'sh -c \"touch {}; exit 1\"' /etc/hostname x:/tmp/y",
+        marker.display()
+    );
+    // A bare program name allows any arguments, and the manager is warned about it.
+    let out = c.manager().run(["ssh", "cluster", "push", "--dry-run"]);
+    assert!(
+        stderr_of(&out).contains("server.foo.rsync:") && stderr_of(&out).contains("args"),
+        "no warning for an unpinned rsync scope:\n{}",
+        fmt_output(&out)
+    );
+    // Pin rsync to its server mode (what `rsync -e "malai ssh"` asks the far side to run).
+    c.edit_manager_file(|t| {
+        set_table_keys(&t, "server.foo.rsync", &[("args", toml_str("--server *"))])
+    });
+    c.distribute();
+    let out = c.manager().run(["ssh", "cluster", "push", "--dry-run"]);
+    assert!(!stderr_of(&out).contains("warning"), "{}", fmt_output(&out));
+
+    // Deny: rsync asked to run a shell through -e.
+    let out = malai_ssh(&c, "bob", &["foo.acme", &evil]);
+    assert_one_malai_line(&out, "arguments not allowed", "bob: rsync -e 'sh -c …'");
+    assert!(!marker.exists(), "rsync -e ran a shell on foo");
+
+    // Allow twin: a real rsync through the pinned scope.
+    let src = c.scratch("src");
+    fs::write(src.join("a.txt"), "a\n").unwrap();
+    let dst = c.dir().join("dst");
+    let mut rsync = Command::new("rsync");
+    rsync
+        .arg("-a")
+        .arg("-e")
+        .arg(malai_ssh_command_line(&c, "bob"))
+        .arg(format!("{}/", src.display()))
+        .arg(format!("foo.acme:{}/", dst.display()));
+    let out = run_cmd(&mut rsync);
+    assert_success(&out, "bob: rsync -e 'malai ssh' through the pinned scope");
+    assert_eq!(fs::read_to_string(dst.join("a.txt")).unwrap(), "a\n");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Groups
 // ---------------------------------------------------------------------------------------------

@@ -37,3 +37,5 @@ mod holder;
 mod demo;
 // Secrets audit: no key material in any log, audit log or pushed file after a full scenario.
 mod secrets;
+// Security review (issue 12): concurrent cluster edits, revocation, strangers.
+mod security;

@@ -70,6 +70,21 @@ fn no_secret_key_in_any_log_audit_log_or_pushed_file() {
     let bind: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
     let hint = format!("[{}]", toml_str(&bind.to_string()));
     c.edit_manager_file(|t| set_table_keys(&t, "cluster-manager", &[("addrs", hint)]));
+    // The manager's own secret, commented out in its file (an admin's leftover): the file
+    // is the manager's, but no comment may reach a member.
+    let mgr_key =
+        fs::read_to_string(c.manager().home().join("ssh/clusters/acme/secret-key")).unwrap();
+    c.edit_manager_file(|t| format!("{t}\n# private-key = \"{}\"\n", mgr_key.trim()));
+    // An admin's 0600 stays 0600 through `cluster allow` (the tool rewrites the file).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let f = c.manager_file();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
+        c.manager()
+            .run_ok(["ssh", "cluster", "allow", "foo", "alice"]);
+        let mode = fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "cluster allow changed the manager file's mode");
+    }
     let _mgr = c.manager().spawn_server(bind);
     let host = c.host("foo");
 
@@ -124,10 +139,21 @@ fn no_secret_key_in_any_log_audit_log_or_pushed_file() {
         "one key per machine (mgr, foo, alice): {keys:?}"
     );
 
-    // Everything else the machines wrote: logs, audit log, cluster files, state.
+    // Logs name peers and commands: only the user may read them (folder 0700).
+    for m in ["mgr", "foo", "alice"] {
+        use std::os::unix::fs::PermissionsExt;
+        let d = c.dir().join(m).join("logs/ssh");
+        let mode = fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o077, 0, "{}: mode {mode:o}", d.display());
+    }
+
+    // Everything else the machines wrote: logs, audit log, cluster files, state. The
+    // manager's own file is the admin's (it holds the commented-out key on purpose).
+    let own = c.manager_file();
     let scanned: Vec<&PathBuf> = files
         .iter()
         .filter(|p| p.file_name().is_some_and(|n| n != "secret-key"))
+        .filter(|p| **p != own)
         .filter(|p| {
             ["mgr", "foo", "alice"]
                 .iter()

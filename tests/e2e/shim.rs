@@ -5,7 +5,7 @@
 //! the tunnel target and the OpenSSH transport for `ssh-via`); devices `alice` (full access
 //! on foo) and `eve` (a member with no access). The server entry carries
 //! `ssh-via = "root@127.0.0.1:<sshd port>"` and `ssh-identity-file = <key>`, and that key is
-//! bound in sshd's `authorized_keys` to `command="… malai ssh stdinserver alice",restrict`.
+//! bound in sshd's `authorized_keys` to `command="… malai ssh stdinserver alice@acme",restrict`.
 
 use std::fs;
 use std::path::PathBuf;
@@ -41,7 +41,7 @@ fn shim() -> Shim {
         .build();
     let sshd = c.sshd("foo");
     let key = sshd.new_client_key("via_key");
-    sshd.add_authorized_key_line(&forced_line(&c, &key, "alice"));
+    sshd.add_authorized_key_line(&forced_line(&c, &key, "alice@acme"));
     let via = format!("root@127.0.0.1:{}", sshd.port());
     c.edit_manager_file(|t| {
         set_table_keys(
@@ -157,7 +157,7 @@ fn identity_unknown_to_the_cluster_is_denied() {
     let s = shim();
     // The same key, now bound to an identity the cluster file does not know.
     let sshd = s.c.sshd("foo");
-    sshd.set_authorized_keys(&forced_line(&s.c, &s.key, "mallory"));
+    sshd.set_authorized_keys(&forced_line(&s.c, &s.key, "mallory@acme"));
     let out = s.malai("alice", &["ssh", "foo.acme", "echo ok"]);
     assert_exit_code(&out, 255, "identity mallory");
     assert!(
@@ -172,7 +172,7 @@ fn identity_unknown_to_the_cluster_is_denied() {
     );
 
     // A member with no access on foo: the ACL denies, as over iroh.
-    sshd.set_authorized_keys(&forced_line(&s.c, &s.key, "eve"));
+    sshd.set_authorized_keys(&forced_line(&s.c, &s.key, "eve@acme"));
     let out = s.malai("alice", &["ssh", "foo.acme", "echo ok"]);
     assert_exit_code(&out, 255, "identity eve");
     assert!(
@@ -180,6 +180,23 @@ fn identity_unknown_to_the_cluster_is_denied() {
         "{}",
         fmt_output(&out)
     );
+
+    // A bare alias names no cluster (on a server of several clusters it would be every
+    // `alice`): refused before any ACL, with the fix in the message.
+    sshd.set_authorized_keys(&forced_line(&s.c, &s.key, "alice"));
+    let out = s.malai("alice", &["ssh", "foo.acme", "echo ok"]);
+    assert_exit_code(&out, 255, "identity alice (no cluster)");
+    assert!(!stdout_of(&out).contains("ok"), "{}", fmt_output(&out));
+    assert!(
+        stderr_of(&out).contains("alice@<cluster>"),
+        "expected the alias@cluster hint on stderr:\n{}",
+        fmt_output(&out)
+    );
+    // A cluster this server does not serve.
+    sshd.set_authorized_keys(&forced_line(&s.c, &s.key, "alice@other"));
+    let out = s.malai("alice", &["ssh", "foo.acme", "echo ok"]);
+    assert_exit_code(&out, 255, "identity alice@other");
+    assert!(!stdout_of(&out).contains("ok"), "{}", fmt_output(&out));
 
     // An id52 that is in the cluster file works like its alias (control).
     let alice = s.c.id52("alice").to_string();

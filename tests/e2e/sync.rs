@@ -179,8 +179,11 @@ fn allow_change_reaches_members_and_remove_denies_again() {
         )
     });
     assert_exit_code(&denied, 255, "alice after remove");
+    // Removed, alice is a stranger to foo: her connection is closed right after the
+    // handshake (issue 12, finding 3), before any request could be denied.
+    let err = stderr_of(&denied).to_lowercase();
     assert!(
-        stderr_of(&denied).to_lowercase().contains("denied"),
+        err.contains("denied") || err.contains("connection lost"),
         "{}",
         fmt_output(&denied)
     );
@@ -356,11 +359,6 @@ fn mismatched_or_invalid_pushes_are_refused_and_the_old_file_kept() {
             "file is for another cluster",
         ),
         (
-            "not TOML",
-            "[cluster-manager\nid52 = ".to_string(),
-            "invalid cluster file",
-        ),
-        (
             "unknown key",
             set_table_keys(&text, "server.foo", &[("allow-frum", toml_str("alice"))]),
             "invalid cluster file",
@@ -388,6 +386,30 @@ fn mismatched_or_invalid_pushes_are_refused_and_the_old_file_kept() {
         );
         assert_eq!(member_file(&c, "foo"), before, "{what}: foo's file changed");
     }
+    // Text that is not TOML cannot be stripped of key settings, so the manager refuses to
+    // send it at all (it used to send it as it was).
+    let f = c.dir().join("push.toml");
+    fs::write(
+        &f,
+        "[cluster-manager\nid52 = \"x\"\nprivate-key = \"s3cret\"\n",
+    )
+    .unwrap();
+    let out = c.manager().run([
+        "ssh",
+        "cluster",
+        "push",
+        "--to",
+        "foo",
+        "--file",
+        f.to_str().unwrap(),
+    ]);
+    assert_exit_code(&out, 255, "not TOML");
+    assert!(!stdout_of(&out).contains("foo: "), "{}", fmt_output(&out));
+    assert_eq!(
+        member_file(&c, "foo"),
+        before,
+        "not TOML: foo's file changed"
+    );
     // foo still serves with its old file, and a good push still applies.
     let out = c.machine("alice").run(["ssh", "foo.acme", "true"]);
     assert_exit_code(&out, 255, "alice has no access yet");
@@ -410,16 +432,32 @@ fn pushed_bytes_carry_no_key_settings() {
         .build();
     let key_file = "/e2e/secret/manager-key-file";
     let key = "e2e0secret0private0key0material";
+    // A key named in the file is refused (malai keeps it in the keyring or `secret-key`).
+    let before = fs::read_to_string(c.manager_file()).unwrap();
     c.edit_manager_file(|t| {
-        set_table_keys(
+        set_table_keys(&t, "cluster-manager", &[("private-key", toml_str(key))])
+    });
+    let out = c.manager().run(["ssh", "cluster", "push", "--dry-run"]);
+    assert_exit_code(&out, 255, "push with private-key set");
+    assert!(
+        stderr_of(&out).contains("cluster-manager.private-key") && !stdout_of(&out).contains(key),
+        "{}",
+        fmt_output(&out)
+    );
+    fs::write(c.manager_file(), &before).unwrap();
+    // Empty settings (the seed format) and commented-out keys are fine locally, and never
+    // pushed: no comment leaves the manager.
+    c.edit_manager_file(|t| {
+        let t = set_table_keys(
             &t,
             "cluster-manager",
             &[
                 ("use-keyring", "false".into()),
-                ("private-key-file", toml_str(key_file)),
-                ("private-key", toml_str(key)),
+                ("private-key-file", toml_str("")),
+                ("private-key", toml_str("")),
             ],
-        )
+        );
+        format!("# private-key-file = \"{key_file}\"\n{t}\n# private-key = \"{key}\"\n")
     });
     let (_mgr, _) = start_manager(&c);
     wait_synced(&c, &["foo", "bar"]);
@@ -651,8 +689,59 @@ fn join_by_domain_through_dnsmasq_then_first_push() {
         );
     }
 
+    // DNS is not trusted: without a terminal to confirm on, a found manager is refused
+    // with the id52 and a hint, and nothing is joined.
     let out = join("acme.test");
-    assert_success(&out, "join acme.test by DNS");
+    assert_exit_code(&out, 255, "join acme.test by DNS without confirmation");
+    let err = stderr_of(&out);
+    assert!(
+        err.contains(&mgr_id)
+            && err.contains("NOT validated by DNSSEC")
+            && err.contains("--manager <id52>"),
+        "{}",
+        fmt_output(&out)
+    );
+    assert_eq!(stdout_of(&out), "");
+    assert!(!foo.home().join("ssh/clusters/acme.test").exists());
+    // A pin that disagrees with DNS (a forged answer, as the member sees it) is refused.
+    let out = run_cmd(
+        foo.cmd(["ssh", "cluster", "join", "acme.test", "--manager", &other])
+            .env("MALAI_DNS_SERVER", dns.addr()),
+    );
+    assert_exit_code(&out, 255, "join acme.test --manager <other>");
+    assert!(stderr_of(&out).contains("refusing"), "{}", fmt_output(&out));
+    assert!(!foo.home().join("ssh/clusters/acme.test").exists());
+    // On a terminal the user is asked; "n" joins nothing, "y" joins.
+    require_program("script", "bsdutils");
+    let on_tty = |who: &Machine, answer: &str| {
+        let line = format!("{} ssh cluster join acme.test", who.env_command_prefix());
+        let mut cmd = Command::new("script");
+        cmd.args(["-qec", &line, "/dev/null"])
+            .env("MALAI_DNS_SERVER", dns.addr());
+        run_cmd_with(&mut cmd, Some(answer.as_bytes()), CHILD_TIMEOUT)
+    };
+    let bar = Machine::new(root.path(), "bar");
+    let out = on_tty(&bar, "n\n");
+    assert_exit_code(&out, 255, "join on a tty, answered n");
+    let all = format!("{}{}", stdout_of(&out), stderr_of(&out));
+    assert!(
+        all.contains("Join? [y/N]") && all.contains(&mgr_id),
+        "{}",
+        fmt_output(&out)
+    );
+    assert!(!bar.home().join("ssh/clusters/acme.test").exists());
+    let out = on_tty(&bar, "y\n");
+    assert_success(&out, "join on a tty, answered y");
+    let joined =
+        fs::read_to_string(bar.home().join("ssh/clusters/acme.test/manager-id52")).unwrap();
+    assert_eq!(joined.trim(), mgr_id);
+
+    // The pinned, matching id52 joins without asking.
+    let out = run_cmd(
+        foo.cmd(["ssh", "cluster", "join", "acme.test", "--manager", &mgr_id])
+            .env("MALAI_DNS_SERVER", dns.addr()),
+    );
+    assert_success(&out, "join acme.test by DNS --manager <mgr>");
     let foo_id = stdout_of(&out).trim().to_string();
     assert_id52(&foo_id, "joined id52");
     let joined =
