@@ -222,6 +222,17 @@ fn steps(d: &Demo) -> anyhow::Result<()> {
         &["ssh", "cluster", "add", "device", "stranger", &st_id],
     )?;
     d.run(&stranger, &["ssh", "cluster", "pull", "--from", &from])?;
+    // foo gets the new file by push: until then it does not know the stranger at all.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&foo_file)
+        .unwrap_or_default()
+        .contains(&st_id)
+    {
+        if Instant::now() > deadline {
+            anyhow::bail!("foo did not get the manager's new file in 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     d.show(&stranger, &["ssh", &format!("foo.{CLUSTER}"), "true"]);
     let out = d
         .cmd(&stranger, &["ssh", &format!("foo.{CLUSTER}"), "true"])

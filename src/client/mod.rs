@@ -374,8 +374,14 @@ async fn handshake(
         .await
         .map_err(|_| ClientError::Timeout("connecting"))??;
     let (mut send, mut recv) = conn.open().await?;
-    exchange(&mut send, &mut recv, header).await?;
-    Ok((conn, send, recv))
+    match exchange(&mut send, &mut recv, header).await {
+        Ok(()) => Ok((conn, send, recv)),
+        // The server closed the whole connection instead of answering: it said why.
+        Err(e) => Err(match conn.peer_close_reason() {
+            Some(reason) => ClientError::Denied(reason),
+            None => e,
+        }),
+    }
 }
 
 /// Open a new stream on an existing connection (the agent's pooled one) and send

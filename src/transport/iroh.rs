@@ -187,27 +187,17 @@ fn idle_timeout() -> std::time::Duration {
         .unwrap_or(DEFAULT_IDLE_TIMEOUT)
 }
 
-/// How long a *direct* path may be silent before iroh abandons it, when a relay path is
-/// there to fall back on (iroh's own default is 15 s; relay paths keep iroh's 30 s).
-///
-/// Measured on the namespace network: a server restarted behind NAT comes back on a new
-/// port, and while the old direct path is still the selected one every fresh handshake to
-/// that peer (the restart probe of `client::liveness`) rides it and goes nowhere; with
-/// iroh's 15 s the restart was noticed 15.7 s after the server was back. Two keep-alive
-/// rounds: a path that misses them falls back to the relay (the session goes on) and is
-/// hole-punched again. Without relays (an offline LAN) there is nothing to fall back on,
-/// so iroh's default stays.
-pub const DIRECT_PATH_IDLE: std::time::Duration = std::time::Duration::from_secs(2);
-
-fn transport_config(relayed: bool) -> iroh::endpoint::QuicTransportConfig {
+/// Direct paths keep iroh's own idle limit (15 s; relay paths 30 s). Tried and measured on
+/// the namespace network: 2 s made a restarted server's stale direct path go away sooner,
+/// but one 20 s outage in two left a connection with no path at all and a stalled scp; a
+/// restarted server now comes back on its previous port instead (`server`), which keeps
+/// peers' paths valid.
+fn transport_config() -> iroh::endpoint::QuicTransportConfig {
     let idle = idle_timeout();
     let mut b = iroh::endpoint::QuicTransportConfig::builder()
         .keep_alive_interval(KEEP_ALIVE)
         .default_path_keep_alive_interval(KEEP_ALIVE)
         .max_concurrent_bidi_streams(MAX_STREAMS_PER_CONNECTION.into());
-    if relayed {
-        b = b.default_path_max_idle_timeout(DIRECT_PATH_IDLE);
-    }
     if let Ok(t) = iroh::endpoint::IdleTimeout::try_from(idle) {
         b = b.max_idle_timeout(Some(t));
     }
@@ -282,8 +272,7 @@ impl Node {
         if !roots.is_empty() {
             b = b.ca_tls_config(iroh::tls::CaTlsConfig::embedded().with_extra_roots(roots));
         }
-        let relayed = net.relay != RelayChoice::Disabled;
-        b = b.secret_key(sk).transport_config(transport_config(relayed));
+        b = b.secret_key(sk).transport_config(transport_config());
         if accept {
             b = b.alpns(vec![ALPN.to_vec()]);
         }
@@ -454,6 +443,17 @@ impl PeerConnection {
     /// Resolves when the connection is closed (by either side or by a timeout).
     pub async fn closed(&self) {
         self.conn.closed().await;
+    }
+
+    /// The reason the *peer* gave when it closed the connection (a server closing a
+    /// stranger, or revoking access, says why), for the user's one error line.
+    pub fn peer_close_reason(&self) -> Option<String> {
+        match self.conn.close_reason()? {
+            iroh::endpoint::ConnectionError::ApplicationClosed(c) if !c.reason.is_empty() => {
+                Some(String::from_utf8_lossy(&c.reason).into_owned())
+            }
+            _ => None,
+        }
     }
 
     /// Whether the connection is gone (closed by either side, or timed out): a pool must
