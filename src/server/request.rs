@@ -82,27 +82,7 @@ where
         return true;
     }
     let server = ctx.state.server_name(&cfg).unwrap_or_default();
-    let acl_req = match &header.request {
-        Request::Tunnel { .. } => acl::Request::Tunnel,
-        Request::Exec(e) => acl::Request::Exec {
-            command: e.command.as_deref(),
-        },
-        Request::Http { service } => acl::Request::Http { service },
-        Request::ConfigPush { .. } => acl::Request::ConfigPush,
-        Request::ConfigHash => acl::Request::ConfigHash,
-        Request::Ping => acl::Request::Ping,
-        Request::Forward { to } => acl::Request::Forward {
-            kind: super::forward::kind_of(to),
-        },
-        Request::RemoteForward { listen } => acl::Request::Forward {
-            kind: super::forward::remote_kind_of(listen),
-        },
-        // Claiming a connection of one's own remote forward: asked again, so a peer whose
-        // access was just revoked gets nothing more.
-        Request::RemoteConnection { .. } => acl::Request::Forward {
-            kind: acl::ForwardKind::Remote,
-        },
-    };
+    let acl_req = acl_request(&header.request);
     let who = cfg
         .name_of(&peer)
         .map(|(n, _)| n.to_string())
@@ -190,6 +170,32 @@ where
         audit::write(&entry);
     }
     ok
+}
+
+/// What the ACL is asked for a request: the one mapping, shared by the choke point and
+/// by revocation's re-check of live requests (`revoke`).
+pub(super) fn acl_request(request: &Request) -> acl::Request<'_> {
+    match request {
+        Request::Tunnel { .. } => acl::Request::Tunnel,
+        Request::Exec(e) => acl::Request::Exec {
+            command: e.command.as_deref(),
+        },
+        Request::Http { service } => acl::Request::Http { service },
+        Request::ConfigPush { .. } => acl::Request::ConfigPush,
+        Request::ConfigHash => acl::Request::ConfigHash,
+        Request::Ping => acl::Request::Ping,
+        Request::Forward { to } => acl::Request::Forward {
+            kind: super::forward::kind_of(to),
+        },
+        Request::RemoteForward { listen } => acl::Request::Forward {
+            kind: super::forward::remote_kind_of(listen),
+        },
+        // Claiming a connection of one's own remote forward: asked again, so a peer whose
+        // access was just revoked gets nothing more.
+        Request::RemoteConnection { .. } => acl::Request::Forward {
+            kind: acl::ForwardKind::Remote,
+        },
+    }
 }
 
 /// Run an allowed request. Only `handle` calls this, after the ACL said yes.

@@ -45,24 +45,19 @@ pub async fn revoked(state: Arc<ClusterState>, server: String, peer: Id52, reque
         let cfg = state.current();
         // The server may have been renamed or removed: re-find our own entry.
         let me = state.server_name(&cfg).unwrap_or(server.clone());
-        let req = match &request {
-            Request::Tunnel { .. } => acl::Request::Tunnel,
-            Request::Exec(e) => acl::Request::Exec {
-                command: e.command.as_deref(),
-            },
-            Request::Http { service } => acl::Request::Http { service },
-            Request::Forward { to } => acl::Request::Forward {
-                kind: super::forward::kind_of(to),
-            },
-            Request::RemoteForward { listen } => acl::Request::Forward {
-                kind: super::forward::remote_kind_of(listen),
-            },
-            Request::RemoteConnection { .. } => acl::Request::Forward {
-                kind: acl::ForwardKind::Remote,
-            },
-            // Short exchanges: not watched.
-            _ => continue,
-        };
+        // Short exchanges (config, ping) are not watched.
+        if !matches!(
+            request,
+            Request::Tunnel { .. }
+                | Request::Exec(_)
+                | Request::Http { .. }
+                | Request::Forward { .. }
+                | Request::RemoteForward { .. }
+                | Request::RemoteConnection { .. }
+        ) {
+            continue;
+        }
+        let req = super::request::acl_request(&request);
         if let Decision::Deny(reason) = acl::decide(&cfg, &me, &peer, &req) {
             tracing::warn!(%peer, cluster = %state.dir.alias, kind = request.kind(), %reason, "access revoked; cutting the live request");
             crate::audit::write(&crate::audit::Entry {
