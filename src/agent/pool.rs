@@ -567,6 +567,17 @@ impl PooledStream {
         // Via another process: dropping the socket makes that one reset its stream.
     }
 
+    /// Whether the stream broke because its server restarted (the connection's watchdog
+    /// closed it), so the error can say so.
+    pub fn server_restarted(&self) -> bool {
+        let Some(lease) = &self._lease else {
+            return false;
+        };
+        lock(&lease.slot.live)
+            .as_ref()
+            .is_some_and(|l| l.generation == lease.generation && l._watchdog.saw_restart())
+    }
+
     /// The server this stream goes to (for logs).
     pub fn server(&self) -> &str {
         &self.server

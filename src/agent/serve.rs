@@ -376,7 +376,10 @@ async fn tunnel(
         Ok(Err(e)) => {
             stream.abort();
             FromAgent::Broken {
-                message: format!("connection lost: {e}"),
+                message: match stream.server_restarted() {
+                    true => format!("connection lost: {}", crate::client::liveness::RESTARTED),
+                    false => format!("connection lost: {e}"),
+                },
             }
         }
         Err(Control::Finish) => {
@@ -442,6 +445,10 @@ async fn exec(
     match result {
         Ok(status) => FromAgent::Exit { status },
         Err(message) => {
+            let message = match stream.server_restarted() {
+                true => format!("connection lost: {}", crate::client::liveness::RESTARTED),
+                false => message,
+            };
             stream.abort();
             FromAgent::Broken { message }
         }

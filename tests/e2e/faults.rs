@@ -205,6 +205,11 @@ fn kill_restart_and_await_give_up(c: &mut TestCluster, mut bg: Bg, what: &str) -
         fmt_output(&out)
     );
     assert_one_clear_line(&out, what);
+    assert!(
+        stderr_of(&out).contains("the server restarted"),
+        "{what}: the line does not say the server restarted\n{}",
+        fmt_output(&out)
+    );
     out
 }
 
