@@ -767,6 +767,20 @@ pub fn render_status(holders: &[crate::control::LiveHolder]) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
+    // Which clusters each holder serves, and why not the others.
+    for h in holders {
+        let serves = match h.status.clusters.is_empty() {
+            true => "(none)".to_string(),
+            false => h.status.clusters.join(", "),
+        };
+        out.push_str(&format!("{} {} serves: {serves}\n", h.role, h.status.pid));
+        for (cluster, why) in &h.status.not_served {
+            out.push_str(&format!(
+                "{} {} does not serve {cluster}: {why}\n",
+                h.role, h.status.pid
+            ));
+        }
+    }
     out
 }
 
@@ -781,6 +795,9 @@ pub fn render_agent_status(s: &crate::control::protocol::HolderStatus) -> String
         None => out.push_str("http proxy: off\n"),
     }
     out.push_str(&format!("clusters: {}\n", s.clusters.join(", ")));
+    for (cluster, why) in &s.not_served {
+        out.push_str(&format!("not serving {cluster}: {why}\n"));
+    }
     out.push_str(&format!("dials: {}\n", s.dials));
     out.push_str(&format!("requests: {}\n", s.requests));
     for c in &s.connections {

@@ -209,6 +209,19 @@ fn print_config(args: &SshArgs) {
 
 /// `malai ssh [flags] <host> [command …]`: one server or a group.
 pub async fn run(dirs: &crate::config::paths::Dirs, argv: &[String]) -> Result<i32, SessionError> {
+    let r = run_parsed(dirs, argv).await;
+    if matches!(r, Err(SessionError::Killed(_))) {
+        // A signal may have come while a request was opening (the server may already have
+        // started the command): close our connections now, not at the server's idle limit.
+        crate::session::own::close_all(crate::session::ABORT_CLOSE).await;
+    }
+    r
+}
+
+async fn run_parsed(
+    dirs: &crate::config::paths::Dirs,
+    argv: &[String],
+) -> Result<i32, SessionError> {
     let args = super::ssh_args::parse(argv)?;
     if args.print_config {
         print_config(&args);

@@ -59,6 +59,10 @@ pub fn idle_from_env() -> Duration {
         .unwrap_or(DEFAULT_IDLE)
 }
 
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -114,6 +118,8 @@ pub struct Pool {
     /// Aliases with a bound endpoint, readable without awaiting (for `status`).
     loaded: Mutex<Vec<String>>,
     slots: Mutex<BTreeMap<(String, Id52), Arc<Slot>>>,
+    /// Why each cluster found at the last rescan is not served here (for `status`).
+    not_served: Mutex<BTreeMap<String, String>>,
     counters: Counters,
 }
 
@@ -138,6 +144,7 @@ impl Pool {
             nodes: tokio::sync::Mutex::new(BTreeMap::new()),
             loaded: Mutex::new(vec![]),
             slots: Mutex::new(BTreeMap::new()),
+            not_served: Mutex::new(BTreeMap::new()),
             counters: Counters::default(),
         }
     }
@@ -152,11 +159,33 @@ impl Pool {
                 return;
             }
         };
+        let mut why_not = BTreeMap::new();
         for dir in dirs {
-            if let Err(e) = self.access(&dir).await {
-                tracing::debug!(cluster = %dir.alias, error = %e, "cluster not usable yet");
+            match self.access(&dir).await {
+                Ok(Dialer::Node(_)) => {
+                    if crate::control::lock::commands_running(&dir) {
+                        tracing::debug!(cluster = %dir.alias, "older commands still bind this key themselves");
+                    }
+                }
+                Ok(Dialer::Holder { .. }) => {
+                    let h = crate::control::lock::holder(&dir).ok().flatten();
+                    why_not.insert(
+                        dir.alias.clone(),
+                        crate::control::lock::describe(h.as_ref()),
+                    );
+                }
+                Err(e) => {
+                    tracing::debug!(cluster = %dir.alias, error = %e, "cluster not usable yet");
+                    why_not.insert(dir.alias.clone(), one_line(&e.to_string()));
+                }
             }
         }
+        *lock(&self.not_served) = why_not;
+    }
+
+    /// The clusters found on disk that this process does not serve, and why.
+    pub fn not_served(&self) -> BTreeMap<String, String> {
+        lock(&self.not_served).clone()
     }
 
     /// Use `node` (bound by the server for `alias`) for requests of that cluster.

@@ -66,6 +66,7 @@ impl HolderContext {
             socket: self.socket.display().to_string(),
             http: self.http,
             clusters: self.pool.clusters(),
+            not_served: self.pool.not_served(),
             dials: self.pool.dials(),
             requests: self.pool.requests(),
             connections: {

@@ -43,7 +43,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long closing a command's own endpoint may wait for the peers' acknowledgements.
 pub(crate) const ENDPOINT_CLOSE: Duration = Duration::from_secs(3);
 /// After an error, how long the endpoint's close may wait for acknowledgements.
-pub(crate) const ABORT_CLOSE: Duration = Duration::from_millis(300);
+pub const ABORT_CLOSE: Duration = Duration::from_millis(300);
 /// How long to wait for the peer to acknowledge our last bytes before closing.
 pub(crate) const LINGER: Duration = Duration::from_secs(5);
 
