@@ -616,8 +616,11 @@ async fn serve(dirs: Dirs, bind: Option<SocketAddr>, managed_only: bool) -> anyh
                 "malai: this machine is not a server in any cluster yet; waiting for one to appear"
             );
         }
-        for (alias, id, addrs) in started {
-            eprintln!("malai: serving cluster {alias} as {id} on {addrs:?}");
+        for s in started {
+            eprintln!(
+                "malai: serving cluster {} as {} on {:?}",
+                s.alias, s.id, s.addrs
+            );
         }
         eprintln!("malai: server ready");
     })

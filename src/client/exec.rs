@@ -243,7 +243,7 @@ async fn run_parsed(
             crate::config::names::TargetKind::Server { .. }
         )
     {
-        return Err(SessionError::Refused(format!(
+        return Err(SessionError::Usage(format!(
             "{} is not a server; forwarding (-L, -D, -W, -N) needs one server",
             args.host
         )));
@@ -260,7 +260,7 @@ async fn run_parsed(
             let server = resolved
                 .server()
                 .cloned()
-                .ok_or_else(|| SessionError::Refused("server vanished".into()))?;
+                .ok_or_else(|| SessionError::Local("server vanished".into()))?;
             if args.forwards() {
                 return super::forward::run(&resolved, &server, &args).await;
             }

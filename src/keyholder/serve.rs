@@ -321,7 +321,7 @@ async fn open_stream(
     let server = resolved
         .server()
         .cloned()
-        .ok_or_else(|| SessionError::Refused("server vanished".into()))?;
+        .ok_or_else(|| SessionError::Local("server vanished".into()))?;
     let request = match request {
         OpenRequest::Tunnel { port } => Request::Tunnel { port: *port },
         OpenRequest::Exec(e) => Request::Exec(e.clone()),
