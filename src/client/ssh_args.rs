@@ -166,11 +166,54 @@ const WITH_VALUE: &str = "BbcDEeFIiJLlmOoPpQRSWw";
 /// ssh options without a value.
 const NO_VALUE: &str = "46AaCfGgKkMNnqsTtVvXxYy";
 
+/// Parses ssh's argument shapes in two stages, as ripgrep does: [`scan`] reads the words
+/// and checks each one on its own (known flag, value present, value well-formed, not
+/// something malai refuses), then [`build`] turns what was read into [`SshArgs`]. Errors
+/// therefore come in command-line order, and `build` only fails for a missing host.
 pub fn parse(args: &[String]) -> Result<SshArgs, ArgsError> {
-    let mut out = SshArgs::default();
+    build(scan(args)?)
+}
+
+/// One flag as read, its value already checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Flag {
+    Parallel(usize),
+    Port(u16),
+    User(String),
+    /// `-o`, already checked against [`UNSUPPORTED_OPTIONS`].
+    Option(String),
+    LocalForward(String),
+    RemoteForward(String),
+    DynamicForward(String),
+    StdioForward(String),
+    /// `-t`; counted, as `-tt` means more than `-t`.
+    Tty,
+    NoTty,
+    NoStdin,
+    Quiet,
+    PrintConfig,
+    NoCommand,
+    /// `-A` (true) / `-a` (false): the last one wins.
+    ForwardAgent(bool),
+    Background,
+    GatewayPorts,
+    /// Accepted and meaningless here, as given (for the log).
+    Ignored(String),
+}
+
+/// The command line as read: flags in order, the host word, and the command words.
+struct Scanned {
+    flags: Vec<Flag>,
+    host: Option<String>,
+    command: Vec<String>,
+}
+
+/// Stage one: the getopt loop. Options may come before the host and again right after it;
+/// the first other word after the host starts the command.
+fn scan(args: &[String]) -> Result<Scanned, ArgsError> {
+    let mut flags = Vec::new();
     let mut i = 0;
     let mut host: Option<String> = None;
-    let mut tees = 0;
     while i < args.len() {
         let a = &args[i];
         if a == "--" {
@@ -190,70 +233,17 @@ pub fn parse(args: &[String]) -> Result<SshArgs, ArgsError> {
             } else {
                 return Err(ArgsError::BadParallel(a.clone()));
             };
-            out.parallel = Some(
-                val.parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or(ArgsError::BadParallel(val))?,
-            );
+            let n = val
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or(ArgsError::BadParallel(val))?;
+            flags.push(Flag::Parallel(n));
             i += 1;
             continue;
         }
         if a.len() > 1 && a.starts_with('-') {
-            let flags: Vec<char> = a[1..].chars().collect();
-            let mut j = 0;
-            while j < flags.len() {
-                let c = flags[j];
-                if UNSUPPORTED.contains(c) {
-                    return Err(ArgsError::Unsupported(format!("-{c}")));
-                }
-                if WITH_VALUE.contains(c) {
-                    let rest: String = flags[j + 1..].iter().collect();
-                    let val = if !rest.is_empty() {
-                        rest
-                    } else {
-                        i += 1;
-                        args.get(i).cloned().ok_or(ArgsError::MissingValue(c))?
-                    };
-                    match c {
-                        'p' => {
-                            out.port =
-                                Some(val.parse().map_err(|_| ArgsError::BadPort(val.clone()))?)
-                        }
-                        'l' => out.user = Some(val),
-                        'o' => {
-                            if let Some(e) = unsupported_option(&val) {
-                                return Err(e);
-                            }
-                            forward_option(&mut out, &val);
-                            out.options.push(val)
-                        }
-                        'L' => out.local_forwards.push(val),
-                        'R' => out.remote_forwards.push(val),
-                        'D' => out.dynamic_forwards.push(val),
-                        'W' => out.stdio_forward = Some(val),
-                        _ => out.ignored.push(format!("-{c} {val}")),
-                    }
-                    break;
-                } else if NO_VALUE.contains(c) {
-                    match c {
-                        't' => tees += 1,
-                        'T' => out.tty = TtyChoice::Never,
-                        'n' => out.no_stdin = true,
-                        'q' => out.quiet = true,
-                        'G' => out.print_config = true,
-                        'N' => out.no_command = true,
-                        'A' => out.forward_agent = true,
-                        'f' => out.background = true,
-                        'a' => out.forward_agent = false,
-                        'g' => out.gateway_ports = true,
-                        _ => out.ignored.push(format!("-{c}")),
-                    }
-                    j += 1;
-                } else {
-                    return Err(ArgsError::Unknown(c));
-                }
-            }
+            i = scan_bundle(args, i, &mut flags)?;
             i += 1;
             continue;
         }
@@ -264,7 +254,102 @@ pub fn parse(args: &[String]) -> Result<SshArgs, ArgsError> {
         }
         break;
     }
-    let mut host = host.ok_or(ArgsError::NoHost)?;
+    Ok(Scanned {
+        flags,
+        host,
+        command: args[i.min(args.len())..].to_vec(),
+    })
+}
+
+/// One word of bundled single-letter flags (`-tt`, `-qX`, `-p2222`, `-o` then its value
+/// in the next word). Returns the index of the last word it used.
+fn scan_bundle(args: &[String], mut i: usize, flags: &mut Vec<Flag>) -> Result<usize, ArgsError> {
+    let letters: Vec<char> = args[i][1..].chars().collect();
+    for (j, &c) in letters.iter().enumerate() {
+        if UNSUPPORTED.contains(c) {
+            return Err(ArgsError::Unsupported(format!("-{c}")));
+        }
+        if WITH_VALUE.contains(c) {
+            let rest: String = letters[j + 1..].iter().collect();
+            let val = if !rest.is_empty() {
+                rest
+            } else {
+                i += 1;
+                args.get(i).cloned().ok_or(ArgsError::MissingValue(c))?
+            };
+            flags.push(valued_flag(c, val)?);
+            return Ok(i);
+        }
+        if !NO_VALUE.contains(c) {
+            return Err(ArgsError::Unknown(c));
+        }
+        flags.push(match c {
+            't' => Flag::Tty,
+            'T' => Flag::NoTty,
+            'n' => Flag::NoStdin,
+            'q' => Flag::Quiet,
+            'G' => Flag::PrintConfig,
+            'N' => Flag::NoCommand,
+            'A' => Flag::ForwardAgent(true),
+            'a' => Flag::ForwardAgent(false),
+            'f' => Flag::Background,
+            'g' => Flag::GatewayPorts,
+            _ => Flag::Ignored(format!("-{c}")),
+        });
+    }
+    Ok(i)
+}
+
+/// A flag of [`WITH_VALUE`] with its value, checked.
+fn valued_flag(c: char, val: String) -> Result<Flag, ArgsError> {
+    Ok(match c {
+        'p' => Flag::Port(val.parse().map_err(|_| ArgsError::BadPort(val.clone()))?),
+        'l' => Flag::User(val),
+        'o' => {
+            if let Some(e) = unsupported_option(&val) {
+                return Err(e);
+            }
+            Flag::Option(val)
+        }
+        'L' => Flag::LocalForward(val),
+        'R' => Flag::RemoteForward(val),
+        'D' => Flag::DynamicForward(val),
+        'W' => Flag::StdioForward(val),
+        _ => Flag::Ignored(format!("-{c} {val}")),
+    })
+}
+
+/// Stage two: what was read, resolved into [`SshArgs`] (`user@host` split, `-t`/`-T` and
+/// `RequestTTY` into one choice, the command words joined).
+fn build(scanned: Scanned) -> Result<SshArgs, ArgsError> {
+    let mut out = SshArgs::default();
+    let mut tees = 0;
+    for flag in scanned.flags {
+        match flag {
+            Flag::Parallel(n) => out.parallel = Some(n),
+            Flag::Port(p) => out.port = Some(p),
+            Flag::User(u) => out.user = Some(u),
+            Flag::Option(o) => {
+                forward_option(&mut out, &o);
+                out.options.push(o);
+            }
+            Flag::LocalForward(v) => out.local_forwards.push(v),
+            Flag::RemoteForward(v) => out.remote_forwards.push(v),
+            Flag::DynamicForward(v) => out.dynamic_forwards.push(v),
+            Flag::StdioForward(v) => out.stdio_forward = Some(v),
+            Flag::Tty => tees += 1,
+            Flag::NoTty => out.tty = TtyChoice::Never,
+            Flag::NoStdin => out.no_stdin = true,
+            Flag::Quiet => out.quiet = true,
+            Flag::PrintConfig => out.print_config = true,
+            Flag::NoCommand => out.no_command = true,
+            Flag::ForwardAgent(on) => out.forward_agent = on,
+            Flag::Background => out.background = true,
+            Flag::GatewayPorts => out.gateway_ports = true,
+            Flag::Ignored(f) => out.ignored.push(f),
+        }
+    }
+    let mut host = scanned.host.ok_or(ArgsError::NoHost)?;
     if let Some((user, h)) = host.split_once('@') {
         out.user.get_or_insert_with(|| user.to_string());
         host = h.to_string();
@@ -273,31 +358,38 @@ pub fn parse(args: &[String]) -> Result<SshArgs, ArgsError> {
         return Err(ArgsError::NoHost);
     }
     out.host = host;
-    if out.tty != TtyChoice::Never {
-        out.tty = match tees {
+    out.tty = tty_choice(out.tty, tees, &out.options);
+    if !scanned.command.is_empty() {
+        out.command = Some(scanned.command.join(" "));
+    }
+    Ok(out)
+}
+
+/// `-T` wins over any number of `-t`; a `RequestTTY` in `-o` (ssh_config spelling) wins
+/// over both.
+fn tty_choice(flags: TtyChoice, tees: usize, options: &[String]) -> TtyChoice {
+    let mut tty = if flags == TtyChoice::Never {
+        TtyChoice::Never
+    } else {
+        match tees {
             0 => TtyChoice::Auto,
             1 => TtyChoice::Want,
             _ => TtyChoice::Force,
-        };
-    }
-    // RequestTTY in -o, as ssh_config spells it.
-    for o in &out.options {
+        }
+    };
+    for o in options {
         if let Some((k, v)) = o.split_once(['=', ' '])
             && k.eq_ignore_ascii_case("RequestTTY")
         {
-            out.tty = match v.trim().to_ascii_lowercase().as_str() {
+            tty = match v.trim().to_ascii_lowercase().as_str() {
                 "no" => TtyChoice::Never,
                 "yes" => TtyChoice::Want,
                 "force" => TtyChoice::Force,
-                _ => out.tty,
+                _ => tty,
             };
         }
     }
-    let rest = &args[i.min(args.len())..];
-    if !rest.is_empty() {
-        out.command = Some(rest.join(" "));
-    }
-    Ok(out)
+    tty
 }
 
 #[cfg(test)]
