@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::MemberKind;
 use crate::config::paths::Dirs;
 use crate::id52::Id52;
+use crate::table::Table;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -468,40 +469,17 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
     }
 }
 
+/// `malai ssh cluster …`: one line per subcommand; the longer ones have their own function.
 async fn cluster(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
     use crate::cluster as c;
     let dirs = &dirs;
     match cmd {
-        ClusterCommand::Init { alias } => {
-            let id = c::init(dirs, &alias)?;
-            println!("{id}");
-            eprintln!(
-                "malai: created cluster {alias}; edit {}",
-                dirs.cluster_dir(&alias)
-                    .join(crate::config::CLUSTER_FILE)
-                    .display()
-            );
-        }
+        ClusterCommand::Init { alias } => cluster_init(dirs, &alias)?,
         ClusterCommand::Join {
             alias,
             manager,
             pin,
-        } => {
-            let pin = pin.map(|p| parse_id52(&p, "--manager")).transpose()?;
-            let m = match manager {
-                Some(m) => {
-                    let m = parse_id52(&m, "manager")?;
-                    if let Some(p) = pin
-                        && p != m
-                    {
-                        anyhow::bail!("the manager id52 and --manager differ");
-                    }
-                    m
-                }
-                None => confirm_dns_manager(&alias, pin).await?,
-            };
-            println!("{}", c::join(dirs, &alias, &m)?);
-        }
+        } => cluster_join(dirs, &alias, manager, pin).await?,
         ClusterCommand::Add {
             kind,
             name,
@@ -519,25 +497,15 @@ async fn cluster(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
             server,
             who,
             cluster,
-        } => {
-            warn_scopes(&c::allow(dirs, cluster.as_deref(), &server, &who)?);
-        }
+        } => warn_scopes(&c::allow(dirs, cluster.as_deref(), &server, &who)?),
         ClusterCommand::Import { alias, file } => {
             c::import(dirs, &alias, &file)?;
         }
         ClusterCommand::Remove { name, cluster } => {
-            warn_scopes(&c::remove(dirs, cluster.as_deref(), &name)?);
+            warn_scopes(&c::remove(dirs, cluster.as_deref(), &name)?)
         }
         ClusterCommand::Status { cluster, json } => {
-            if let Ok(cd) = c::pick_cluster(dirs, cluster.as_deref()) {
-                warn_scopes(&cd);
-            }
-            let s = c::status::status(dirs, cluster.as_deref()).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-            } else {
-                print!("{}", c::status::render(&s, c::sync::unix_now()));
-            }
+            cluster_status(dirs, cluster.as_deref(), json).await?
         }
         ClusterCommand::DnsRecord { alias } => {
             println!("{}", c::dns_record(dirs, alias.as_deref())?);
@@ -549,48 +517,133 @@ async fn cluster(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
             file,
             dry_run,
         } => {
-            if let Ok(cd) = c::pick_cluster(dirs, cluster.as_deref()) {
-                warn_scopes(&cd);
-            }
-            if dry_run {
-                let cd = c::pick_cluster(dirs, cluster.as_deref())?;
-                print!("{}", c::pushed_text(&cd, file.as_deref())?);
-                return Ok(());
-            }
-            let reports = c::push_now(dirs, cluster.as_deref(), &to, file.as_deref()).await?;
-            let mut failed = 0;
-            for r in &reports {
-                use crate::protocol::config::{PushAck, short_hash};
-                let line = match &r.result {
-                    Ok(PushAck::Applied { hash }) => format!("applied {}", short_hash(hash)),
-                    Ok(PushAck::Unchanged { hash }) => format!("unchanged {}", short_hash(hash)),
-                    Ok(PushAck::Refused { reason, .. }) => {
-                        failed += 1;
-                        format!("refused: {reason}")
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        format!("failed: {e}")
-                    }
-                };
-                println!("{}: {line}", r.member);
-            }
-            if failed > 0 {
-                anyhow::bail!("{failed} of {} pushes did not apply", reports.len());
-            }
+            let push = PushArgs {
+                cluster: cluster.as_deref(),
+                to: &to,
+                file: file.as_deref(),
+                dry_run,
+            };
+            cluster_push(dirs, push).await?
         }
         ClusterCommand::Pull { cluster, from } => {
-            let applied = c::pull(dirs, cluster.as_deref(), &from).await?;
-            let what = match &applied {
-                c::member::Applied::Replaced(_) => "updated",
-                c::member::Applied::Unchanged(_) => "already current",
-            };
-            eprintln!(
-                "malai: cluster file {what} ({})",
-                crate::protocol::config::short_hash(applied.hash())
-            );
+            cluster_pull(dirs, cluster.as_deref(), &from).await?
         }
     }
+    Ok(())
+}
+
+/// `cluster init`: the new manager's id52 on stdout, where to edit on stderr.
+fn cluster_init(dirs: &Dirs, alias: &str) -> anyhow::Result<()> {
+    let id = crate::cluster::init(dirs, alias)?;
+    println!("{id}");
+    eprintln!(
+        "malai: created cluster {alias}; edit {}",
+        dirs.cluster_dir(alias)
+            .join(crate::config::CLUSTER_FILE)
+            .display()
+    );
+    Ok(())
+}
+
+/// `cluster join`: the manager named on the command line (checked against `--manager`
+/// when both are given), or found in DNS and confirmed.
+async fn cluster_join(
+    dirs: &Dirs,
+    alias: &str,
+    manager: Option<String>,
+    pin: Option<String>,
+) -> anyhow::Result<()> {
+    let pin = pin.map(|p| parse_id52(&p, "--manager")).transpose()?;
+    let m = match manager {
+        Some(m) => {
+            let m = parse_id52(&m, "manager")?;
+            if let Some(p) = pin
+                && p != m
+            {
+                anyhow::bail!("the manager id52 and --manager differ");
+            }
+            m
+        }
+        None => confirm_dns_manager(alias, pin).await?,
+    };
+    println!("{}", crate::cluster::join(dirs, alias, &m)?);
+    Ok(())
+}
+
+/// `cluster status`: the members' sync state, as a table or JSON.
+async fn cluster_status(dirs: &Dirs, cluster: Option<&str>, json: bool) -> anyhow::Result<()> {
+    use crate::cluster as c;
+    if let Ok(cd) = c::pick_cluster(dirs, cluster) {
+        warn_scopes(&cd);
+    }
+    let s = c::status::status(dirs, cluster).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", c::status::render(&s, c::sync::unix_now()));
+    }
+    Ok(())
+}
+
+/// The options of `cluster push`.
+struct PushArgs<'a> {
+    cluster: Option<&'a str>,
+    to: &'a [String],
+    file: Option<&'a std::path::Path>,
+    dry_run: bool,
+}
+
+/// `cluster push`: one line per member; an error when any push did not apply.
+async fn cluster_push(dirs: &Dirs, push: PushArgs<'_>) -> anyhow::Result<()> {
+    use crate::cluster as c;
+    use crate::protocol::config::{PushAck, short_hash};
+    if let Ok(cd) = c::pick_cluster(dirs, push.cluster) {
+        warn_scopes(&cd);
+    }
+    if push.dry_run {
+        let cd = c::pick_cluster(dirs, push.cluster)?;
+        print!("{}", c::pushed_text(&cd, push.file)?);
+        return Ok(());
+    }
+    let reports = c::push_now(dirs, push.cluster, push.to, push.file).await?;
+    let mut failed = 0;
+    for r in &reports {
+        let line = match &r.result {
+            Ok(PushAck::Applied { hash }) => format!("applied {}", short_hash(hash)),
+            Ok(PushAck::Unchanged { hash }) => format!("unchanged {}", short_hash(hash)),
+            Ok(PushAck::Refused { reason, .. }) => {
+                failed += 1;
+                format!("refused: {reason}")
+            }
+            Err(e) => {
+                failed += 1;
+                format!("failed: {e}")
+            }
+        };
+        println!("{}: {line}", r.member);
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} pushes did not apply", reports.len());
+    }
+    Ok(())
+}
+
+/// `cluster pull`: what happened to the local file, on stderr.
+async fn cluster_pull(
+    dirs: &Dirs,
+    cluster: Option<&str>,
+    from: &[SocketAddr],
+) -> anyhow::Result<()> {
+    use crate::cluster as c;
+    let applied = c::pull(dirs, cluster, from).await?;
+    let what = match &applied {
+        c::member::Applied::Replaced(_) => "updated",
+        c::member::Applied::Unchanged(_) => "already current",
+    };
+    eprintln!(
+        "malai: cluster file {what} ({})",
+        crate::protocol::config::short_hash(applied.hash())
+    );
     Ok(())
 }
 
@@ -709,61 +762,27 @@ pub fn render_status(holders: &[crate::endpoint::HolderStatus]) -> String {
     if holders.is_empty() {
         return "no malai ssh server or agent is running here; no cluster connections\n".into();
     }
-    let mut rows = vec![[
-        "HOLDER".to_string(),
-        "CLUSTER".into(),
-        "PEER".into(),
-        "DIR".into(),
-        "PATH".into(),
-        "ADDRESS".into(),
-        "RTT".into(),
-    ]];
+    let mut table = Table::new(["HOLDER", "CLUSTER", "PEER", "DIR", "PATH", "ADDRESS", "RTT"]);
     for h in holders {
         let who = format!("{} {}", h.role, h.status.pid);
         if h.status.connections.is_empty() {
-            rows.push([
-                who.clone(),
-                "-".into(),
-                "-".into(),
-                "".into(),
-                "".into(),
-                "".into(),
-                "".into(),
-            ]);
+            table.row([who.as_str(), "-", "-"]);
         }
         for c in &h.status.connections {
-            rows.push([
+            let path = if c.path.is_empty() { "-" } else { &c.path };
+            let rtt = c.rtt_ms.map(|r| format!("{r:.1} ms")).unwrap_or_default();
+            table.row([
                 who.clone(),
                 c.cluster.clone(),
                 c.server.clone(),
                 c.direction.clone(),
-                if c.path.is_empty() {
-                    "-".into()
-                } else {
-                    c.path.clone()
-                },
+                path.to_string(),
                 c.addr.clone(),
-                c.rtt_ms.map(|r| format!("{r:.1} ms")).unwrap_or_default(),
+                rtt,
             ]);
         }
     }
-    let mut widths = [0usize; 7];
-    for r in &rows {
-        for (w, cell) in widths.iter_mut().zip(r) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut out = String::new();
-    for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    table.render()
 }
 
 /// Human-readable `agent status`.
