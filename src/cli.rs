@@ -360,6 +360,36 @@ pub fn exec_shape(args: &[String]) -> Option<Vec<String>> {
     Some(args[2..].to_vec())
 }
 
+/// The error line for `malai ssh <word> …` when `<word>` names no host and could have been
+/// meant as a subcommand (one label, no cluster part): `malai ssh stauts` says "no such
+/// command or host" and lists the commands, instead of only "unknown host".
+pub fn mistyped_command(host: &str, e: &crate::client::ClientError) -> Option<String> {
+    use crate::client::ClientError;
+    use crate::config::ResolveError;
+    use clap::CommandFactory;
+    let unknown = matches!(
+        e,
+        ClientError::Resolve(ResolveError::NotFound { .. } | ResolveError::NoClusters(_))
+    );
+    if !unknown || host.is_empty() || host.contains('.') || host.contains(':') {
+        return None;
+    }
+    let cmd = Cli::command();
+    let commands: Vec<String> = cmd
+        .find_subcommand("ssh")?
+        .get_subcommands()
+        .filter(|c| !c.is_hide_set())
+        .map(|c| c.get_name().to_string())
+        .collect();
+    let reason = e.to_string();
+    let prefix = format!("unknown host {host:?}: ");
+    let reason = reason.strip_prefix(&prefix).unwrap_or(&reason);
+    Some(format!(
+        "no such command or host {host:?}: not a command ({}), and {reason}",
+        commands.join(", ")
+    ))
+}
+
 /// Which log file a command writes to.
 pub fn log_name(cli: &Cli) -> &'static str {
     match &cli.command {

@@ -4,12 +4,16 @@
 //! Like OpenSSH's getopt loop: options may come before the host and again right after it;
 //! the first word after that starts the command, and every remaining word is joined with
 //! spaces into one command string (so `malai ssh foo ls -la` runs `ls -la`). Options that
-//! change nothing here (ciphers, identity files, verbosity, …) are accepted and ignored
-//! (logged), because rsync and git pass them. Forwarding flags (`-L -R -D -W -N -f -g -A`)
-//! are collected here and served by `client::forward`. Options that ask for something malai
-//! does not do (yet) are errors naming the option ([`UNSUPPORTED`], [`UNSUPPORTED_OPTIONS`]):
-//! running the command without the asked-for jump host, X11 or control socket would be
-//! silently wrong.
+//! change nothing here (ciphers, identity files, …) are accepted and ignored (logged),
+//! because rsync and git pass them; an `-o` keyword OpenSSH does not know is an error, as
+//! it is for ssh. `-v` and `-E file` are honoured for malai's own log (more detail, on
+//! stderr or into the file). Forwarding flags (`-L -R -D -W -N -f -g -A`) are collected
+//! here and served by `client::forward`. A user name (`-l`, `user@host`, `-o User=`) is
+//! passed on in the request: the server runs commands only as itself and refuses another
+//! user by name. Options that ask for something malai does not do (yet) are errors naming
+//! the option ([`UNSUPPORTED`], [`UNSUPPORTED_OPTIONS`], `-S` other than `none`): running
+//! the command without the asked-for jump host, X11 or control socket would be silently
+//! wrong.
 
 /// `-t`/`-T` as ssh counts them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -28,7 +32,8 @@ pub enum TtyChoice {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SshArgs {
     pub host: String,
-    /// `-l user` / `user@host`: logged only; commands run as the server process's user.
+    /// `-l user` / `user@host` / `-o User=user`: sent with the request; a server refuses a
+    /// user other than the one it runs as (it cannot switch users).
     pub user: Option<String>,
     /// `-p port`: informational.
     pub port: Option<u16>,
@@ -48,6 +53,10 @@ pub struct SshArgs {
     pub print_config: bool,
     /// Flags that were accepted but mean nothing here (for the log).
     pub ignored: Vec<String>,
+    /// `-v` (repeatable): malai's log in more detail, and on stderr unless `-E` names a file.
+    pub verbose: u8,
+    /// `-E file`: malai's log appended to this file instead.
+    pub log_file: Option<String>,
     /// `-L spec` / `-o LocalForward=…`, as given (parsed by `client::forward`).
     pub local_forwards: Vec<String>,
     /// `-R spec` / `-o RemoteForward=…`.
@@ -97,6 +106,9 @@ pub enum ArgsError {
     /// A flag or `-o` option ssh has and malai does not implement (yet).
     #[error("{0} is not supported by malai ssh")]
     Unsupported(String),
+    /// An `-o` keyword OpenSSH does not have either (a typo would otherwise be ignored).
+    #[error("-o {option}: unknown ssh option {keyword:?} (see ssh_config(5))")]
+    UnknownOption { option: String, keyword: String },
 }
 
 /// ssh flags malai does not implement: each one asks for behaviour (a forward, a jump host,
@@ -116,6 +128,7 @@ pub const UNSUPPORTED_OPTIONS: &[(&str, &[&str])] = &[
     ("tunnel", &["no"]),
     ("remotecommand", &["none"]),
     ("controlmaster", &["no"]),
+    ("controlpath", &["none"]),
     ("streamlocalbindunlink", &["no"]),
 ];
 
@@ -145,14 +158,28 @@ fn forward_option(out: &mut SshArgs, o: &str) {
         "exitonforwardfailure" => out.exit_on_forward_failure = v.eq_ignore_ascii_case("yes"),
         "sessiontype" if v.eq_ignore_ascii_case("none") => out.no_command = true,
         "gatewayports" => out.gateway_ports = v.eq_ignore_ascii_case("yes"),
+        "user" if !v.is_empty() => {
+            out.user.get_or_insert_with(|| v.to_string());
+        }
         _ => {}
     }
 }
 
-/// The error for an `-o` option malai does not implement with the given value, if any.
+/// The error for an `-o` option OpenSSH does not know, or that malai does not implement
+/// with the given value, if any.
 fn unsupported_option(o: &str) -> Option<ArgsError> {
     let (k, v) = o.split_once(['=', ' ']).unwrap_or((o, ""));
     let k = k.trim().to_ascii_lowercase();
+    if !SSH_OPTIONS.contains(&k.as_str()) {
+        return Some(ArgsError::UnknownOption {
+            option: o.trim().to_string(),
+            keyword: o
+                .split_once(['=', ' '])
+                .map_or(o, |(k, _)| k)
+                .trim()
+                .to_string(),
+        });
+    }
     let v = v.trim().trim_start_matches('=').trim().to_ascii_lowercase();
     let (_, harmless) = UNSUPPORTED_OPTIONS.iter().find(|(name, _)| *name == k)?;
     if harmless.contains(&v.as_str()) {
@@ -160,6 +187,122 @@ fn unsupported_option(o: &str) -> Option<ArgsError> {
     }
     Some(ArgsError::Unsupported(format!("-o {}", o.trim())))
 }
+
+/// Every keyword OpenSSH 9 accepts in `-o` (ssh_config(5), lower-case), including the
+/// deprecated spellings it still takes. `Host`, `Match` and `Include` are not among them:
+/// ssh refuses those on the command line too.
+const SSH_OPTIONS: &[&str] = &[
+    "addkeystoagent",
+    "addressfamily",
+    "batchmode",
+    "bindaddress",
+    "bindinterface",
+    "canonicaldomains",
+    "canonicalizefallbacklocal",
+    "canonicalizehostname",
+    "canonicalizemaxdots",
+    "canonicalizepermittedcnames",
+    "casignaturealgorithms",
+    "certificatefile",
+    "challengeresponseauthentication",
+    "checkhostip",
+    "cipher",
+    "ciphers",
+    "clearallforwardings",
+    "compression",
+    "connectionattempts",
+    "connecttimeout",
+    "controlmaster",
+    "controlpath",
+    "controlpersist",
+    "dynamicforward",
+    "enableescapecommandline",
+    "enablesshkeysign",
+    "escapechar",
+    "exitonforwardfailure",
+    "fingerprinthash",
+    "forkafterauthentication",
+    "forwardagent",
+    "forwardx11",
+    "forwardx11timeout",
+    "forwardx11trusted",
+    "gatewayports",
+    "globalknownhostsfile",
+    "gssapiauthentication",
+    "gssapiclientidentity",
+    "gssapidelegatecredentials",
+    "gssapikexalgorithms",
+    "gssapikeyexchange",
+    "gssapirenewalforcesrekey",
+    "gssapiserveridentity",
+    "gssapitrustdns",
+    "hashknownhosts",
+    "hostbasedacceptedalgorithms",
+    "hostbasedauthentication",
+    "hostbasedkeytypes",
+    "hostkeyalgorithms",
+    "hostkeyalias",
+    "hostname",
+    "identitiesonly",
+    "identityagent",
+    "identityfile",
+    "identityfile2",
+    "ignoreunknown",
+    "ipqos",
+    "kbdinteractiveauthentication",
+    "kbdinteractivedevices",
+    "kexalgorithms",
+    "knownhostscommand",
+    "localcommand",
+    "localforward",
+    "loglevel",
+    "logverbose",
+    "macs",
+    "nohostauthenticationforlocalhost",
+    "numberofpasswordprompts",
+    "passwordauthentication",
+    "permitlocalcommand",
+    "permitremoteopen",
+    "pkcs11provider",
+    "port",
+    "preferredauthentications",
+    "protocol",
+    "proxycommand",
+    "proxyjump",
+    "proxyusefdpass",
+    "pubkeyacceptedalgorithms",
+    "pubkeyacceptedkeytypes",
+    "pubkeyauthentication",
+    "rekeylimit",
+    "remotecommand",
+    "remoteforward",
+    "requesttty",
+    "requiredrsasize",
+    "revokedhostkeys",
+    "securitykeyprovider",
+    "sendenv",
+    "serveralivecountmax",
+    "serveraliveinterval",
+    "sessiontype",
+    "setenv",
+    "smartcarddevice",
+    "stdinnull",
+    "streamlocalbindmask",
+    "streamlocalbindunlink",
+    "stricthostkeychecking",
+    "syslogfacility",
+    "tcpkeepalive",
+    "tunnel",
+    "tunneldevice",
+    "updatehostkeys",
+    "useprivilegedport",
+    "user",
+    "userknownhostsfile",
+    "useroaming",
+    "verifyhostkeydns",
+    "visualhostkey",
+    "xauthlocation",
+];
 
 /// ssh options that take a value.
 const WITH_VALUE: &str = "BbcDEeFIiJLlmOoPpQRSWw";
@@ -197,6 +340,10 @@ enum Flag {
     ForwardAgent(bool),
     Background,
     GatewayPorts,
+    /// `-v`; counted.
+    Verbose,
+    /// `-E file`.
+    LogFile(String),
     /// Accepted and meaningless here, as given (for the log).
     Ignored(String),
 }
@@ -294,6 +441,7 @@ fn scan_bundle(args: &[String], mut i: usize, flags: &mut Vec<Flag>) -> Result<u
             'a' => Flag::ForwardAgent(false),
             'f' => Flag::Background,
             'g' => Flag::GatewayPorts,
+            'v' => Flag::Verbose,
             _ => Flag::Ignored(format!("-{c}")),
         });
     }
@@ -315,6 +463,9 @@ fn valued_flag(c: char, val: String) -> Result<Flag, ArgsError> {
         'R' => Flag::RemoteForward(val),
         'D' => Flag::DynamicForward(val),
         'W' => Flag::StdioForward(val),
+        'E' => Flag::LogFile(val),
+        // `-S ctl_path` is ControlPath: sharing a master connection malai does not have.
+        'S' if val != "none" => return Err(ArgsError::Unsupported("-S".into())),
         _ => Flag::Ignored(format!("-{c} {val}")),
     })
 }
@@ -346,6 +497,8 @@ fn build(scanned: Scanned) -> Result<SshArgs, ArgsError> {
             Flag::ForwardAgent(on) => out.forward_agent = on,
             Flag::Background => out.background = true,
             Flag::GatewayPorts => out.gateway_ports = true,
+            Flag::Verbose => out.verbose = out.verbose.saturating_add(1),
+            Flag::LogFile(f) => out.log_file = Some(f),
             Flag::Ignored(f) => out.ignored.push(f),
         }
     }
@@ -585,5 +738,86 @@ mod tests {
             ])
             .is_ok()
         );
+    }
+
+    /// Issue 24: flags that used to be accepted and dropped are now honoured or refused.
+    #[test]
+    fn user_verbosity_log_file_and_control_path() {
+        let e = |s: &[&str]| parse(&s.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        // Every spelling of a user name reaches SshArgs (the server decides).
+        assert_eq!(p(&["nobody@foo"]).user.as_deref(), Some("nobody"));
+        assert_eq!(p(&["-l", "nobody", "foo"]).user.as_deref(), Some("nobody"));
+        assert_eq!(
+            p(&["-o", "User=nobody", "foo"]).user.as_deref(),
+            Some("nobody")
+        );
+        assert_eq!(
+            p(&["-o", "User nobody", "foo"]).user.as_deref(),
+            Some("nobody")
+        );
+        assert_eq!(p(&["foo"]).user, None);
+        // -l and -o User win over user@host, as the first name given does in ssh.
+        assert_eq!(p(&["-o", "User=a", "b@foo"]).user.as_deref(), Some("a"));
+        // -v counts, also bundled; -E names the log file.
+        assert_eq!(p(&["foo"]).verbose, 0);
+        assert_eq!(p(&["-v", "foo"]).verbose, 1);
+        assert_eq!(p(&["-vvv", "foo", "ls"]).verbose, 3);
+        let a = p(&["-E", "/tmp/x.log", "-v", "foo"]);
+        assert_eq!(a.log_file.as_deref(), Some("/tmp/x.log"));
+        assert_eq!(p(&["-E/tmp/y", "foo"]).log_file.as_deref(), Some("/tmp/y"));
+        // -S is a control socket: refused, except its off value.
+        assert_eq!(
+            e(&["-S", "/tmp/ctl", "foo"]),
+            Err(ArgsError::Unsupported("-S".into()))
+        );
+        assert_eq!(
+            e(&["-o", "ControlPath=/tmp/ctl", "foo"]),
+            Err(ArgsError::Unsupported("-o ControlPath=/tmp/ctl".into()))
+        );
+        assert!(e(&["-S", "none", "foo"]).is_ok());
+        assert!(e(&["-o", "ControlPath=none", "foo"]).is_ok());
+    }
+
+    /// An `-o` keyword OpenSSH does not know is an error naming it; every keyword it knows
+    /// (any case) is not.
+    #[test]
+    fn unknown_ssh_options_are_errors() {
+        let e = |s: &[&str]| parse(&s.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let err = e(&["-o", "Bogus=1", "foo"]).unwrap_err();
+        assert_eq!(
+            err,
+            ArgsError::UnknownOption {
+                option: "Bogus=1".into(),
+                keyword: "Bogus".into()
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "-o Bogus=1: unknown ssh option \"Bogus\" (see ssh_config(5))"
+        );
+        assert!(matches!(
+            e(&["-oBogus yes", "foo"]),
+            Err(ArgsError::UnknownOption { .. })
+        ));
+        for o in ["Host=x", "Match=all", "Include=/etc/x"] {
+            assert!(e(&["-o", o, "foo"]).is_err(), "{o}");
+        }
+        for o in [
+            "SendEnv=GIT_PROTOCOL",
+            "batchmode=yes",
+            "IDENTITIESONLY yes",
+            "LogLevel=INFO",
+            "UserKnownHostsFile=/dev/null",
+            "ServerAliveInterval=5",
+        ] {
+            assert!(e(&["-o", o, "foo"]).is_ok(), "{o}");
+        }
+        assert!(
+            SSH_OPTIONS.windows(2).all(|w| w[0] < w[1]),
+            "sorted, no duplicates"
+        );
+        for (name, _) in UNSUPPORTED_OPTIONS {
+            assert!(SSH_OPTIONS.contains(name), "{name}");
+        }
     }
 }
