@@ -211,7 +211,11 @@ fn stdout_and_stderr_stay_apart_and_binary_safe() {
         fmt_output(&out)
     );
 
-    // The argument shapes rsync, git and muscle memory give to ssh.
+    // The argument shapes rsync, git and muscle memory give to ssh. (Issue 24: a user
+    // other than the server's and an `-o` keyword OpenSSH does not know are refused now,
+    // see `a_user_other_than_the_servers_is_refused_by_name`; the shapes use accepted ones.)
+    let me = own_user();
+    let at_host = format!("{me}@foo.acme");
     let out = malai_ssh(
         &c,
         "alice",
@@ -219,10 +223,10 @@ fn stdout_and_stderr_stay_apart_and_binary_safe() {
             "-p",
             "22",
             "-l",
-            "nobody",
+            &me,
             "-o",
             "BatchMode=yes",
-            "-oNoSuchOption=1",
+            "-oServerAliveInterval=1",
             "-x",
             "-a",
             "-4",
@@ -230,7 +234,7 @@ fn stdout_and_stderr_stay_apart_and_binary_safe() {
             "none",
             "-T",
             "--",
-            "root@foo.acme",
+            &at_host,
             "echo",
             "shapes ok",
         ],
