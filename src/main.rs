@@ -107,7 +107,7 @@ fn run_exec(args: Vec<String>) -> ExitCode {
             tracing::debug!(%host, status = code, "malai ssh: remote command finished");
             ExitCode::from(code.clamp(0, 255) as u8)
         }
-        Err(malai::client::ClientError::Killed(n)) => {
+        Err(malai::client::SessionError::Killed(n)) => {
             eprintln!("Killed by signal {n}.");
             ExitCode::from(EXIT_MALAI)
         }

@@ -13,6 +13,7 @@ pub mod names;
 pub mod parse;
 pub mod paths;
 mod resolve;
+pub mod ssh_via;
 pub mod store;
 mod tables;
 
