@@ -34,6 +34,7 @@
 //! - [`endpoint`]: the one place a cluster key is bound (one endpoint per id52 per machine).
 //! - [`demo`]: `malai ssh demo`, a throwaway cluster on one machine.
 //! - [`logging`]: tracing to files under LOGDIR; stdout is never touched.
+//! - [`table`]: aligned text columns for the reports people read (`status`, `cluster status`).
 //! - [`agent`]: `malai ssh agent`: pooled connections, keys in one process, the HTTP proxy.
 //! - [`cli`]: clap definitions and dispatch for the `malai` binary.
 
@@ -58,4 +59,5 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod sync;
+pub mod table;
 pub mod transport;
