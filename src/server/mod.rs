@@ -22,6 +22,8 @@
 pub mod config_sync;
 pub mod embedded;
 pub mod embedded_forward;
+pub mod embedded_holdings;
+pub mod embedded_relay;
 pub mod exec;
 pub mod forward;
 pub mod guard;
