@@ -52,7 +52,7 @@ use tokio_util::sync::CancellationToken;
 use super::ClusterState;
 use super::embedded_forward::{self as fwd, Listener, Target};
 use super::embedded_holdings::{Asked, Holding, Holdings, Slot};
-use super::embedded_relay::{Input, Stops, refuse, relay};
+use super::embedded_relay::{Input, Stops, clamp16, refuse, relay, sig_name};
 use super::forward::{self, Asker};
 use super::process::{self, ChildControl, Program, SpawnSpec};
 use super::request::reply;
@@ -456,32 +456,6 @@ fn sftp_server() -> Option<String> {
         .map(|p| p.to_string())
 }
 
-fn sig_name(sig: &Sig) -> &str {
-    match sig {
-        Sig::ABRT => "ABRT",
-        Sig::ALRM => "ALRM",
-        Sig::FPE => "FPE",
-        Sig::HUP => "HUP",
-        Sig::ILL => "ILL",
-        Sig::INT => "INT",
-        Sig::KILL => "KILL",
-        Sig::PIPE => "PIPE",
-        Sig::QUIT => "QUIT",
-        Sig::SEGV => "SEGV",
-        Sig::TERM => "TERM",
-        Sig::USR1 => "USR1",
-        Sig::Custom(s) => s,
-    }
-}
-
-fn clamp16(v: u32, default: u16) -> u16 {
-    match u16::try_from(v) {
-        Ok(0) => default,
-        Ok(v) => v,
-        Err(_) => u16::MAX,
-    }
-}
-
 impl russh::server::Handler for SshHandler {
     type Error = russh::Error;
 
@@ -873,12 +847,5 @@ mod tests {
         assert!(pk.starts_with("ssh-ed25519 AAAA"));
         let line = known_hosts_line(&["foo.acme".into(), "foo.x".into()], &id);
         assert!(line.starts_with("foo.acme,foo.x ssh-ed25519 "));
-    }
-
-    #[test]
-    fn window_sizes_are_clamped() {
-        assert_eq!(clamp16(0, 80), 80);
-        assert_eq!(clamp16(100, 80), 100);
-        assert_eq!(clamp16(1 << 20, 80), u16::MAX);
     }
 }

@@ -173,3 +173,43 @@ async fn report_revoked(handle: &Handle, channel: ChannelId, revoked: &Cancellat
         refuse(handle.clone(), channel, msg.into(), EXIT_REVOKED).await;
     }
 }
+
+/// The signal name a child is sent for an SSH `signal` request.
+pub fn sig_name(sig: &Sig) -> &str {
+    match sig {
+        Sig::ABRT => "ABRT",
+        Sig::ALRM => "ALRM",
+        Sig::FPE => "FPE",
+        Sig::HUP => "HUP",
+        Sig::ILL => "ILL",
+        Sig::INT => "INT",
+        Sig::KILL => "KILL",
+        Sig::PIPE => "PIPE",
+        Sig::QUIT => "QUIT",
+        Sig::SEGV => "SEGV",
+        Sig::TERM => "TERM",
+        Sig::USR1 => "USR1",
+        Sig::Custom(s) => s,
+    }
+}
+
+/// A window dimension from the client: 0 means "unknown" (the default), too big is capped.
+pub fn clamp16(v: u32, default: u16) -> u16 {
+    match u16::try_from(v) {
+        Ok(0) => default,
+        Ok(v) => v,
+        Err(_) => u16::MAX,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_sizes_are_clamped() {
+        assert_eq!(clamp16(0, 80), 80);
+        assert_eq!(clamp16(100, 80), 100);
+        assert_eq!(clamp16(1 << 20, 80), u16::MAX);
+    }
+}
