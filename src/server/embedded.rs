@@ -365,11 +365,14 @@ impl SshHandler {
             Want::Shell => "(login shell)".into(),
             Want::Sftp => "(sftp subsystem)".into(),
         };
+        // The tracing log names only the program (docs/security.md); whole command lines,
+        // which may hold anything, belong in the 0600 audit log.
+        let logged = what.split(' ').next().unwrap_or_default();
         let peer = self.ctx.peer;
         let (program, refusal) = match self.decide(&want) {
             Ok(p) => (Some(p), None),
             Err(reason) => {
-                tracing::warn!(%peer, user = %self.user, command = %what, %reason, "embedded ssh: refused");
+                tracing::warn!(%peer, user = %self.user, program = %logged, %reason, "embedded ssh: refused");
                 (None, Some((format!("malai: {reason}"), EXIT_NOT_ALLOWED)))
             }
         };
@@ -409,7 +412,7 @@ impl SshHandler {
                     Ok(c) => Some(c),
                     Err(e) => {
                         let msg = format!("malai: cannot run {what}: {e}");
-                        tracing::info!(%peer, error = %e, command = %what, "embedded ssh: spawn failed");
+                        tracing::info!(%peer, error = %e, program = %logged, "embedded ssh: spawn failed");
                         return {
                             session.channel_success(channel)?;
                             tokio::spawn(refuse(handle, channel, msg + newline, EXIT_CANNOT_RUN));
@@ -422,7 +425,7 @@ impl SshHandler {
         session.channel_success(channel)?;
         match (child, refusal, input_rx) {
             (Some(child), _, Some(rx)) => {
-                tracing::info!(%peer, user = %self.user, command = %what, pid = child.pid(), transport = self.ctx.transport, "embedded ssh: started");
+                tracing::info!(%peer, user = %self.user, program = %logged, pid = child.pid(), transport = self.ctx.transport, "embedded ssh: started");
                 st.control = Some(child.control());
                 tokio::spawn(relay(handle, channel, child, rx, stops));
             }

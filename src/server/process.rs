@@ -377,8 +377,7 @@ impl ChildControl {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        *unreaped
-            && nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid), sig).is_ok()
+        *unreaped && nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid), sig).is_ok()
     }
 }
 
@@ -593,7 +592,10 @@ mod tests {
         let alive = stranger.try_wait().unwrap().is_none();
         let _ = stranger.kill();
         let _ = stranger.wait();
-        assert!(alive, "a signal for a reaped child killed process group {pid}");
+        assert!(
+            alive,
+            "a signal for a reaped child killed process group {pid}"
+        );
     }
 
     #[tokio::test]

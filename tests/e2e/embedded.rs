@@ -639,3 +639,50 @@ fn channels_of_one_embedded_connection_count_in_the_per_peer_cap() {
     let _ = master.kill();
     let _ = master.wait();
 }
+
+#[test]
+fn peer_supplied_control_characters_reach_no_log_line_and_no_terminal() {
+    let c = acme();
+    // Text a member would like to see as a line of its own in foo's logs, with an escape
+    // sequence that clears the admin's screen.
+    let forged = "FORGED-19\u{1b}[2J";
+    // Through the embedded server: a refused command (its program is logged). (OpenSSH's
+    // client refuses such SSH user names; the same one writer escapes those too.)
+    let out = run_ssh(&c, "bob", &["foo.acme", &format!("id\n{forged}")]);
+    assert_exit_code(&out, 126, "bob's refused command");
+    // Natively: a denied exec whose command line goes to the audit log.
+    let out = c.machine("eve").run([
+        "ssh",
+        "foo.acme",
+        &format!("id\r\n{forged}\u{1b}]0;pwned\u{7}"),
+    ]);
+    assert_exit_code(&out, 255, "eve is denied");
+    // Allowed twin: bob's ordinary command runs and is logged as it is.
+    assert_success(&run_ssh(&c, "bob", &["foo.acme", "ls /"]), "bob: ls /");
+
+    let logs = c.machine("foo").logs();
+    assert!(
+        logs.contains("FORGED-19"),
+        "the forged text is not logged at all"
+    );
+    let bad: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.starts_with("FORGED-19") || l.contains('\u{1b}') || l.contains('\r'))
+        .collect();
+    assert!(bad.is_empty(), "forged log lines: {bad:?}");
+    let table = c.machine("foo").run_ok(["ssh", "audit"]);
+    assert!(table.contains("FORGED-19"), "{table}");
+    assert!(
+        !table.chars().any(|ch| ch.is_control() && ch != '\n'),
+        "control characters in `malai ssh audit`: {table:?}"
+    );
+    assert!(
+        !table.lines().any(|l| l.starts_with("FORGED-19")),
+        "{table}"
+    );
+    assert_eq!(
+        table.lines().filter(|l| l.contains("FORGED-19")).count(),
+        1,
+        "eve's one denial is one row: {table}"
+    );
+}
