@@ -107,6 +107,8 @@ pub struct ClusterState {
     revision: tokio::sync::watch::Sender<u64>,
     /// Whether a [`revoke`] poller is watching the file for live requests.
     polling: std::sync::atomic::AtomicBool,
+    /// Open connections of this cluster, per peer ([`guard::admit`]).
+    connections: guard::Counts,
 }
 
 /// Default cap on one peer's concurrent requests (across all its connections and
@@ -161,6 +163,7 @@ impl ClusterState {
             active: Mutex::new(std::collections::HashMap::new()),
             revision: tokio::sync::watch::Sender::new(0),
             polling: std::sync::atomic::AtomicBool::new(false),
+            connections: guard::Counts::default(),
         }
     }
 
