@@ -424,7 +424,7 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
             Ok(())
         }
         SshCommand::Status { json } => {
-            let holders = crate::endpoint::live_holders(&dirs).await;
+            let holders = crate::control::live_holders(&dirs).await;
             if json {
                 println!("{}", serde_json::to_string_pretty(&holders)?);
             } else {
@@ -536,7 +536,10 @@ async fn cluster(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                print!("{}", c::status::render(&s, c::sync::unix_now()));
+                print!(
+                    "{}",
+                    c::status::render(&s, crate::sync::manager::unix_now())
+                );
             }
         }
         ClusterCommand::DnsRecord { alias } => {
@@ -582,8 +585,8 @@ async fn cluster(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
         ClusterCommand::Pull { cluster, from } => {
             let applied = c::pull(dirs, cluster.as_deref(), &from).await?;
             let what = match &applied {
-                c::member::Applied::Replaced(_) => "updated",
-                c::member::Applied::Unchanged(_) => "already current",
+                crate::sync::member::Applied::Replaced(_) => "updated",
+                crate::sync::member::Applied::Unchanged(_) => "already current",
             };
             eprintln!(
                 "malai: cluster file {what} ({})",
@@ -631,9 +634,10 @@ async fn agent(
     http: bool,
     under_lock: bool,
 ) -> anyhow::Result<()> {
-    use crate::agent::{client::AgentClient, launch};
+    use crate::agent::launch;
+    use crate::control::client::ControlClient as AgentClient;
     let socket =
-        || crate::agent::socket_from_env().unwrap_or_else(|| crate::agent::socket_path(&dirs));
+        || crate::control::socket_from_env().unwrap_or_else(|| crate::control::agent_socket(&dirs));
     match command {
         Some(AgentCommand::Status { json }) => {
             let status = AgentClient::connect(&socket()).await?.status().await?;
@@ -705,7 +709,7 @@ async fn agent(
 }
 
 /// Human-readable `malai ssh status`.
-pub fn render_status(holders: &[crate::endpoint::HolderStatus]) -> String {
+pub fn render_status(holders: &[crate::control::LiveHolder]) -> String {
     if holders.is_empty() {
         return "no malai ssh server or agent is running here; no cluster connections\n".into();
     }
@@ -767,7 +771,7 @@ pub fn render_status(holders: &[crate::endpoint::HolderStatus]) -> String {
 }
 
 /// Human-readable `agent status`.
-pub fn render_agent_status(s: &crate::agent::protocol::AgentStatus) -> String {
+pub fn render_agent_status(s: &crate::control::protocol::HolderStatus) -> String {
     let mut out = format!(
         "agent pid {} (control protocol {}) on {}\n",
         s.pid, s.version, s.socket
