@@ -74,7 +74,9 @@ fn check_private(path: &Path) -> Result<(), StoreError> {
         });
     }
     let mode = meta.mode() & 0o7777;
-    if mode & 0o022 != 0 {
+    // A root-owned sticky folder (/tmp) lets nobody replace another user's entries.
+    let sticky = meta.is_dir() && mode & 0o1000 != 0 && meta.uid() == 0;
+    if mode & 0o022 != 0 && !sticky {
         return Err(StoreError::Unsafe {
             path: path.to_path_buf(),
             why: format!("can be written by group or others (mode {mode:o})"),
@@ -297,7 +299,7 @@ mod tests {
     }
 
     fn minimal() -> String {
-        let id = crate::keys::SecretKey::generate().id52();
+        let id = Id52::from_bytes([7; 32]);
         format!("[cluster-manager]\nid52 = \"{id}\"\n")
     }
 
