@@ -288,6 +288,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         stoppable: false,
         inbound: Some(inbound.clone()),
+        token: control.token.clone(),
     });
     let ctl = Ctl {
         inbound,
@@ -372,6 +373,7 @@ struct SocketGuard(std::path::PathBuf);
 impl Drop for SocketGuard {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+        crate::control::token::remove(&self.0);
     }
 }
 
@@ -379,6 +381,8 @@ struct ControlListener {
     path: std::path::PathBuf,
     listener: tokio::net::UnixListener,
     guard: SocketGuard,
+    /// What callers' hellos must carry (`control::token`).
+    token: String,
 }
 
 fn control_listener(dirs: &Dirs, managed_only: bool) -> Result<ControlListener, ServerError> {
@@ -403,12 +407,15 @@ fn control_listener(dirs: &Dirs, managed_only: bool) -> Result<ControlListener, 
         }
         let _ = std::fs::remove_file(&path);
     }
+    // The token first: no caller may read a stale one once the socket answers.
+    let token = crate::control::token::create(&path).map_err(|e| err(e.to_string()))?;
     let listener = tokio::net::UnixListener::bind(&path).map_err(|e| err(e.to_string()))?;
     let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
     Ok(ControlListener {
         guard: SocketGuard(path.clone()),
         path,
         listener,
+        token,
     })
 }
 
