@@ -30,6 +30,7 @@ pub mod guard;
 pub mod http;
 pub mod process;
 pub mod request;
+pub mod restrict;
 pub mod revoke;
 pub mod stdinserver;
 pub mod tunnel;
