@@ -8,8 +8,19 @@
 //! `malai ssh -v host …` asks for more, as ssh's `-v` does: each `-v` one level more detail,
 //! copied to stderr (which is the remote's stderr too, so only when asked); `-E file` sends
 //! the log to that file instead (appended, created 0600), like ssh's `-E`.
+//!
+//! Peers supply much of what is logged (command lines, SSH user names, paths, reasons), and
+//! any member can send CR, LF and terminal escape sequences in them. So every log line goes
+//! through one writer ([`Escaping`]) that makes control characters (and bidi overrides)
+//! visible as `\n`, `\u{1b}`…: one event is one line, and `tail`/`less` on a log never
+//! runs a peer's escape sequence. [`printable`] does the same for tables shown on a terminal
+//! (`malai ssh audit`).
+
+use std::borrow::Cow;
+use std::io::Write;
 
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::prelude::*;
 
 use crate::config::paths::Dirs;
@@ -103,12 +114,12 @@ pub fn init_with(dirs: &Dirs, name: &str, v: &Verbosity) -> Result<LogGuard, Log
         }
     };
     let layer = tracing_subscriber::fmt::layer()
-        .with_writer(writer)
+        .with_writer(Escaping(writer))
         .with_ansi(false)
         .with_target(true);
     let stderr = (v.level > 0 && v.file.is_none()).then(|| {
         tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(Escaping(std::io::stderr))
             .with_ansi(false)
             .with_target(true)
     });
@@ -134,4 +145,88 @@ fn open_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
         .append(true)
         .mode(0o600)
         .open(path)
+}
+
+/// Characters a terminal or a line-based reader could be fooled by: C0/C1 controls (CR,
+/// LF, ESC, BEL, DEL…) and the bidi overrides and isolates ("trojan source").
+fn hazardous(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` with every hazardous character escaped (`\n`, `\r`, `\t`, `\u{1b}`); borrowed when
+/// there is none.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(hazardous) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if hazardous(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Wraps the log's writer: each formatted event is escaped with [`printable`] except its
+/// final newline, and written in one piece (so lines of concurrent events never mix).
+pub struct Escaping<M>(pub M);
+
+/// The writer [`Escaping`] hands out for one event.
+pub struct EscapingWriter<W>(W);
+
+impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for Escaping<M> {
+    type Writer = EscapingWriter<M::Writer>;
+    fn make_writer(&'a self) -> Self::Writer {
+        EscapingWriter(self.0.make_writer())
+    }
+}
+
+impl<W: Write> Write for EscapingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let (body, newline) = match buf.strip_suffix(b"\n") {
+            Some(b) => (b, true),
+            None => (buf, false),
+        };
+        let text = String::from_utf8_lossy(body);
+        let mut line = printable(&text).into_owned().into_bytes();
+        if newline {
+            line.push(b'\n');
+        }
+        self.0.write_all(&line)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_and_bidi_overrides_are_made_visible() {
+        assert!(matches!(printable("ls -la /tmp"), Cow::Borrowed(_)));
+        assert_eq!(
+            printable("id\r\n2026 INFO allow\u{1b}[2J\u{7}"),
+            "id\\r\\n2026 INFO allow\\u{1b}[2J\\u{7}"
+        );
+        assert_eq!(printable("a\u{202E}b\u{9b}c"), "a\\u{202e}b\\u{9b}c");
+        // Ordinary non-ASCII text stays as it is.
+        assert_eq!(printable("café — ok"), "café — ok");
+    }
+
+    #[test]
+    fn one_event_stays_one_line() {
+        let mut out = Vec::new();
+        let mut w = EscapingWriter(&mut out);
+        w.write_all(b"INFO user=root\nFORGED allow\x1b[31m\n")
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text, "INFO user=root\\nFORGED allow\\u{1b}[31m\n");
+        assert_eq!(text.lines().count(), 1);
+    }
 }

@@ -239,7 +239,9 @@ async fn relay_input<R: AsyncRead + Unpin>(
                 }
             }
             Frame::Window { cols, rows } => child.resize(cols, rows),
-            Frame::Signal(name) => child.signal(&name),
+            Frame::Signal(name) => {
+                child.signal(&name);
+            }
             Frame::Stdout(_) | Frame::Stderr(_) | Frame::Exit(_) => {
                 tracing::info!("client sent a server-only exec frame");
                 return true;
