@@ -144,6 +144,27 @@ pub enum SshCommand {
         #[arg(long, hide = true)]
         under_lock: bool,
     },
+    /// Why can't I connect? One line per check, each ✔ or ✘ with the reason and the fix:
+    /// local files and permissions, each cluster and this machine's role in it, who holds
+    /// each key and whether it answers, each relay (TLS, latency) and QUIC address
+    /// discovery; with a host: the name, the dial (direct or relayed), the server's ACL
+    /// answer and its sshd. Exit status 0 only when every check passes.
+    Doctor {
+        /// A host to check end to end (foo.<cluster>, …).
+        host: Option<String>,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script: `malai ssh completions bash > /etc/bash_completion.d/malai`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (malai.1, malai-ssh.1, malai-ssh-<command>.1, …) into <dir>;
+    /// without one, print malai-ssh(1).
+    #[command(hide = true)]
+    Man { dir: Option<PathBuf> },
     /// Run the system curl through the agent's HTTP proxy (starting the agent if needed):
     /// `malai ssh curl http://web.foo.acme/`. curl's exit status is passed through.
     #[command(disable_help_flag = true)]
@@ -465,6 +486,36 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
             under_lock,
         } => agent(dirs, command, environment, lockdown, http, under_lock).await,
         SshCommand::Curl { args } => curl(dirs, args).await,
+        SshCommand::Doctor { host, json } => {
+            let report = crate::doctor::run(&dirs, host.as_deref()).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", crate::doctor::render(&report));
+            }
+            if report.ok {
+                Ok(())
+            } else {
+                Err(ExitStatus(1).into())
+            }
+        }
+        SshCommand::Completions { shell } => {
+            use std::io::Write;
+            std::io::stdout().write_all(&crate::manuals::completions(shell))?;
+            Ok(())
+        }
+        SshCommand::Man { dir } => {
+            use std::io::Write;
+            match dir {
+                Some(d) => {
+                    for name in crate::manuals::write_man_pages(&d)? {
+                        eprintln!("malai: wrote {}", d.join(name).display());
+                    }
+                }
+                None => std::io::stdout().write_all(&crate::manuals::ssh_man_page()?)?,
+            }
+            Ok(())
+        }
     }
 }
 

@@ -14,6 +14,8 @@
 //!   import; config sync to members (push, pull, status).
 //! - [`endpoint`]: the one place a cluster key is bound (one endpoint per id52 per machine).
 //! - [`demo`]: `malai ssh demo`, a throwaway cluster on one machine.
+//! - [`doctor`]: `malai ssh doctor [host]`, one report of every check a connection needs.
+//! - [`manuals`]: man pages and shell completions generated from the clap definitions.
 //! - [`logging`]: tracing to files under LOGDIR; stdout is never touched.
 //! - [`agent`]: `malai ssh agent`: pooled connections, keys in one process, the HTTP proxy.
 //! - [`cli`]: clap definitions and dispatch for the `malai` binary.
@@ -26,11 +28,13 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod doctor;
 pub mod endpoint;
 pub mod id52;
 pub mod keys;
 pub mod localsock;
 pub mod logging;
+pub mod manuals;
 pub mod protocol;
 pub mod server;
 pub mod transport;

@@ -256,6 +256,15 @@ impl Session {
         }
     }
 
+    /// The path of this session's own connection (direct or relayed, address, RTT);
+    /// `None` through a key holder (ask its status) or `ssh-via`.
+    pub fn path(&self) -> Option<crate::transport::iroh::PathSummary> {
+        match &self.closer {
+            Closer::Iroh { conn, .. } => conn.path(),
+            Closer::Via | Closer::Ssh(_) => None,
+        }
+    }
+
     /// Close at once (after an error).
     pub async fn abort(mut self) {
         match self.closer {
