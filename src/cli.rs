@@ -144,8 +144,9 @@ pub enum SshCommand {
         #[arg(long, hide = true)]
         under_lock: bool,
     },
-    /// Why can't I connect? One line per check, each ✔ or ✘ with the reason and the fix:
-    /// local files and permissions, each cluster and this machine's role in it, who holds
+    /// Why can't I connect? One line per check, each ✔ or ✘ with the reason and the fix.
+    ///
+    /// Checks local files and permissions, each cluster and this machine's role in it, who holds
     /// each key and whether it answers, each relay (TLS, latency) and QUIC address
     /// discovery; with a host: the name, the dial (direct or relayed), the server's ACL
     /// answer and its sshd. Exit status 0 only when every check passes.
@@ -499,20 +500,15 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
                 Err(ExitStatus(1).into())
             }
         }
-        SshCommand::Completions { shell } => {
-            use std::io::Write;
-            std::io::stdout().write_all(&crate::manuals::completions(shell))?;
-            Ok(())
-        }
+        SshCommand::Completions { shell } => print_bytes(&crate::manuals::completions(shell)),
         SshCommand::Man { dir } => {
-            use std::io::Write;
             match dir {
                 Some(d) => {
                     for name in crate::manuals::write_man_pages(&d)? {
                         eprintln!("malai: wrote {}", d.join(name).display());
                     }
                 }
-                None => std::io::stdout().write_all(&crate::manuals::ssh_man_page()?)?,
+                None => return print_bytes(&crate::manuals::ssh_man_page()?),
             }
             Ok(())
         }
@@ -752,6 +748,15 @@ async fn agent(
             shutdown.cancel();
             Ok(result?)
         }
+    }
+}
+
+/// Write generated text to stdout; a reader that stopped early (`| head`) is no error.
+fn print_bytes(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
 }
 

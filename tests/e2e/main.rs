@@ -39,3 +39,5 @@ mod demo;
 mod secrets;
 // Security review (issue 12): concurrent cluster edits, revocation, strangers.
 mod security;
+// Installing like a system tool: the Debian package (cargo-deb), systemd units verified.
+mod package;
