@@ -41,3 +41,5 @@ mod secrets;
 mod security;
 // Installing like a system tool: the Debian package (cargo-deb), systemd units verified.
 mod package;
+// `malai ssh doctor`: healthy, refused peer, stopped sshd, stopped/missing holder, relay CA.
+mod doctor;
