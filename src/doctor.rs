@@ -505,7 +505,14 @@ async fn relays(
     }
     let d = &report.discovery;
     let what = format!("address discovery {}", dir.alias);
-    out.push(if d.answered {
+    let none_reachable = report.relays.iter().all(|r| r.problem.is_some());
+    out.push(if none_reachable {
+        Check::fail(
+            what,
+            "not tried: no relay is reachable",
+            "fix the relay problems above first",
+        )
+    } else if d.answered {
         let public: Vec<String> = [d.public_v4, d.public_v6]
             .iter()
             .flatten()
@@ -574,13 +581,12 @@ async fn host_checks(dirs: &Dirs, host: &str, relays: &[(String, RelayReport)]) 
     )
     .await;
     let took = started.elapsed();
-    let relay_hint = || {
+    let relay_trouble = || {
         relays
             .iter()
             .filter(|(alias, _)| *alias == resolved.dir.alias)
             .flat_map(|(_, r)| r.relays.iter())
-            .filter_map(|r| r.problem.as_ref().map(|p| probe::describe(&r.url, p)))
-            .collect::<Vec<_>>()
+            .any(|r| r.problem.is_some())
     };
     let acl = format!("access {host}");
     let sshd = format!("sshd behind {host}");
@@ -615,14 +621,13 @@ async fn host_checks(dirs: &Dirs, host: &str, relays: &[(String, RelayReport)]) 
             return out;
         }
         Err(e) => {
-            let problems = relay_hint();
-            let fix = if problems.is_empty() {
+            let fix = if relay_trouble() {
+                "fix the relay problems above first".to_string()
+            } else {
                 format!(
                     "is `malai ssh server` running on {}? Check `addrs` in [server.{}] and the network between",
                     server.name, server.name
                 )
-            } else {
-                problems.join("; ")
             };
             out.push(Check::fail(dial, format!("{e} (after {})", ms(took)), fix));
             return out;

@@ -27,7 +27,7 @@ use crate::config::{ClusterConfig, ResolveError, Server, names};
 use crate::id52::Id52;
 use crate::keys::{self, KeyError};
 use crate::protocol::{self, FrameError, Header, Request, Response};
-use crate::transport::iroh::{Node, PeerConnection, RecvHalf, SendHalf, TransportError};
+use crate::transport::iroh::{NetConfig, Node, PeerConnection, RecvHalf, SendHalf, TransportError};
 
 /// Dialing plus handshake (through a relay when there is no direct path yet). The QUIC
 /// idle limit is long (sessions ride out outages), so this is what bounds a dial to a
@@ -351,7 +351,8 @@ pub async fn open_with(
             });
         }
     };
-    match handshake(&own.node, server, header).await {
+    let net = crate::endpoint::net_config(Some(&resolved.config))?;
+    match handshake(&own.node, server, header, &net).await {
         Ok((conn, send, recv)) => Ok(Session {
             closer: Closer::Iroh {
                 _watchdog: liveness::watch(
@@ -374,14 +375,17 @@ pub async fn open_with(
     }
 }
 
+/// A dial still pending after this long has the cluster's relays checked
+/// (`transport::probe`), so a relay that cannot work is named instead of a bare timeout.
+const RELAY_CHECK_AFTER: Duration = Duration::from_secs(2);
+
 async fn handshake(
     node: &Node,
     server: &Server,
     header: Header,
+    net: &NetConfig,
 ) -> Result<(PeerConnection, SendHalf, RecvHalf), ClientError> {
-    let conn = tokio::time::timeout(CONNECT_TIMEOUT, node.connect(&server.id52, &server.addrs))
-        .await
-        .map_err(|_| ClientError::Timeout("connecting"))??;
+    let conn = dial(node, server, net).await?;
     let (mut send, mut recv) = conn.open().await?;
     match exchange(&mut send, &mut recv, header).await {
         Ok(()) => Ok((conn, send, recv)),
@@ -391,6 +395,61 @@ async fn handshake(
             None => e,
         }),
     }
+}
+
+/// Dial `server`, bounded by [`CONNECT_TIMEOUT`]. When the dial is slow, the cluster's own
+/// relays are probed meanwhile: if none of them can work and the server has no `addrs`
+/// hint (so nothing else could reach it), fail at once naming each relay and why (an
+/// untrusted certificate, refused, unreachable); a dial that times out anyway names them
+/// too.
+async fn dial(
+    node: &Node,
+    server: &Server,
+    net: &NetConfig,
+) -> Result<PeerConnection, ClientError> {
+    use crate::transport::probe;
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, node.connect(&server.id52, &server.addrs));
+    tokio::pin!(connect);
+    let check = async {
+        tokio::time::sleep(RELAY_CHECK_AFTER).await;
+        probe::relay_problems(net).await
+    };
+    tokio::pin!(check);
+    let relays = probe::relay_urls(net).len();
+    let mut checking = relays > 0;
+    let mut problems = vec![];
+    let dialed = loop {
+        tokio::select! {
+            r = &mut connect => break r,
+            p = &mut check, if checking => {
+                checking = false;
+                if p.len() == relays && server.addrs.is_empty() {
+                    return Err(relay_error(server, &p));
+                }
+                problems = p;
+            }
+        }
+    };
+    match dialed {
+        Ok(r) => Ok(r?),
+        Err(_) if problems.is_empty() => Err(ClientError::Timeout("connecting")),
+        Err(_) => Err(relay_error(server, &problems)),
+    }
+}
+
+fn relay_error(
+    server: &Server,
+    problems: &[(String, crate::transport::probe::RelayProblem)],
+) -> ClientError {
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|(url, p)| crate::transport::probe::describe(url, p))
+        .collect();
+    ClientError::Refused(format!(
+        "cannot reach server {}: {}",
+        server.name,
+        lines.join("; ")
+    ))
 }
 
 /// Open a new stream on an existing connection (the agent's pooled one) and send

@@ -6,7 +6,7 @@
 //! a dial that timed out (the same wording, issue "Long-haul and failing paths"). Each
 //! relay is tried the way iroh itself reaches it: TCP to its URL's host and port, TLS
 //! with the very trust roots the endpoint was built with (`relay-ca`, `MALAI_RELAY_CA`),
-//! then one HTTP round trip (`GET /generate_204`, which every iroh relay answers). QUIC
+//! then one HTTP round trip (`GET /ping`, the probe path every iroh relay answers). QUIC
 //! address discovery and the relay accepting *us* come from iroh's own net report and
 //! home-relay status, on a throwaway endpoint with a random key (never the cluster key:
 //! one endpoint per id52 per machine).
@@ -279,7 +279,10 @@ fn tls_problem(e: &std::io::Error) -> RelayProblem {
     }
 }
 
-/// `GET /generate_204` on an open connection, timed.
+/// The path iroh's own latency probe asks (`iroh_relay::http::RELAY_PROBE_PATH`).
+const PROBE_PATH: &str = "/ping";
+
+/// `GET /ping` on an open connection, timed.
 async fn round_trip<S>(stream: S, host: &str) -> Result<Duration, RelayProblem>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -292,7 +295,7 @@ where
     // drop of the handle at the end of this function.
     let driver = tokio::spawn(conn);
     let _abort = AbortOnDrop(driver);
-    let req = hyper::Request::get("/generate_204")
+    let req = hyper::Request::get(PROBE_PATH)
         .header(hyper::header::HOST, host)
         .body(http_body_util::Empty::<hyper::body::Bytes>::new())
         .map_err(|e| RelayProblem::Http(e.to_string()))?;
@@ -307,7 +310,7 @@ where
         Ok(took)
     } else {
         Err(RelayProblem::Http(format!(
-            "GET /generate_204 answered {}",
+            "GET {PROBE_PATH} answered {}",
             resp.status()
         )))
     }
@@ -328,13 +331,22 @@ async fn wait_for_report(endpoint: &Endpoint, relays: &mut [RelayProbe]) -> Addr
     let any_reachable = relays.iter().any(|r| r.problem.is_none());
     let mut report_w = endpoint.net_report();
     let mut status_w = endpoint.home_relay_status();
-    let report = if any_reachable {
-        tokio::time::timeout_at(deadline, report_w.initialized())
-            .await
-            .ok()
-    } else {
-        None
-    };
+    // A report may come before address discovery answered (HTTPS probes first): wait for
+    // one that has it, or the deadline.
+    let mut report = None;
+    while any_reachable {
+        if let Some(r) = report_w.get() {
+            let qad = r.udp_v4 || r.udp_v6;
+            report = Some(r);
+            if qad {
+                break;
+            }
+        }
+        match tokio::time::timeout_at(deadline, report_w.updated()).await {
+            Ok(Ok(_)) => {}
+            _ => break,
+        }
+    }
     // The home relay connects a moment after the report picks it.
     loop {
         let status = status_w.get();
@@ -360,11 +372,9 @@ async fn wait_for_report(endpoint: &Endpoint, relays: &mut [RelayProbe]) -> Addr
             }
             break;
         }
-        if tokio::time::timeout_at(deadline, status_w.updated())
-            .await
-            .is_err()
+        if let Ok(Err(_disconnected)) = tokio::time::timeout_at(deadline, status_w.updated()).await
         {
-            continue;
+            break;
         }
     }
     let report = report.or_else(|| report_w.get());
