@@ -253,24 +253,16 @@ impl Link {
                 hints: server.addrs.clone().into(),
             }),
             CommandAccess::Own(own) => {
-                let dialed = tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    own.node.connect(&server.id52, &server.addrs),
-                )
-                .await;
-                match dialed {
-                    Ok(Ok(conn)) => Ok(Link::Own {
+                let net = crate::endpoint::net_config(Some(&resolved.config))?;
+                match super::dial(&own.node, server, &net).await {
+                    Ok(conn) => Ok(Link::Own {
                         own,
                         conn,
                         cluster: resolved.config.manager,
                     }),
-                    Ok(Err(e)) => {
+                    Err(e) => {
                         own.done(LINGER).await;
-                        Err(e.into())
-                    }
-                    Err(_) => {
-                        own.done(LINGER).await;
-                        Err(ClientError::Timeout("connecting"))
+                        Err(e)
                     }
                 }
             }

@@ -402,7 +402,7 @@ async fn handshake(
 /// hint (so nothing else could reach it), fail at once naming each relay and why (an
 /// untrusted certificate, refused, unreachable); a dial that times out anyway names them
 /// too.
-async fn dial(
+pub(crate) async fn dial(
     node: &Node,
     server: &Server,
     net: &NetConfig,

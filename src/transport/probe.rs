@@ -334,17 +334,19 @@ async fn wait_for_report(endpoint: &Endpoint, relays: &mut [RelayProbe]) -> Addr
     // A report may come before address discovery answered (HTTPS probes first): wait for
     // one that has it, or the deadline.
     let mut report = None;
-    while any_reachable {
-        if let Some(r) = report_w.get() {
-            let qad = r.udp_v4 || r.udp_v6;
-            report = Some(r);
-            if qad {
-                break;
+    if any_reachable {
+        loop {
+            if let Some(r) = report_w.get() {
+                let qad = r.udp_v4 || r.udp_v6;
+                report = Some(r);
+                if qad {
+                    break;
+                }
             }
-        }
-        match tokio::time::timeout_at(deadline, report_w.updated()).await {
-            Ok(Ok(_)) => {}
-            _ => break,
+            match tokio::time::timeout_at(deadline, report_w.updated()).await {
+                Ok(Ok(_)) => {}
+                _ => break,
+            }
         }
     }
     // The home relay connects a moment after the report picks it.
