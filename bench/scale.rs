@@ -30,7 +30,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use malai::id52::Id52;
-use malai::keys::SecretKey;
 use malai::transport::iroh::{NetConfig, Node, PeerConnection};
 
 const MALAI: &str = env!("CARGO_BIN_EXE_malai");
@@ -187,7 +186,7 @@ fn main() {
                 let sem = sem.clone();
                 set.spawn(async move {
                     let _p = sem.acquire_owned().await.unwrap();
-                    let key = SecretKey::generate();
+                    let key = malai::keys::generate();
                     let node = Node::bind(
                         &key,
                         &NetConfig::disabled(Some(([127, 0, 0, 1], 0).into())),

@@ -446,7 +446,7 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
             Ok(())
         }
         SshCommand::Status { json } => {
-            let holders = crate::endpoint::live_holders(&dirs).await;
+            let holders = crate::control::live_holders(&dirs).await;
             if json {
                 println!("{}", serde_json::to_string_pretty(&holders)?);
             } else {
@@ -583,7 +583,10 @@ async fn cluster(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                print!("{}", c::status::render(&s, c::sync::unix_now()));
+                print!(
+                    "{}",
+                    c::status::render(&s, crate::sync::manager::unix_now())
+                );
             }
         }
         ClusterCommand::DnsRecord { alias } => {
@@ -629,8 +632,8 @@ async fn cluster(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
         ClusterCommand::Pull { cluster, from } => {
             let applied = c::pull(dirs, cluster.as_deref(), &from).await?;
             let what = match &applied {
-                c::member::Applied::Replaced(_) => "updated",
-                c::member::Applied::Unchanged(_) => "already current",
+                crate::sync::member::Applied::Replaced(_) => "updated",
+                crate::sync::member::Applied::Unchanged(_) => "already current",
             };
             eprintln!(
                 "malai: cluster file {what} ({})",
@@ -678,9 +681,10 @@ async fn agent(
     http: bool,
     under_lock: bool,
 ) -> anyhow::Result<()> {
-    use crate::agent::{client::AgentClient, launch};
+    use crate::agent::launch;
+    use crate::control::client::ControlClient as AgentClient;
     let socket =
-        || crate::agent::socket_from_env().unwrap_or_else(|| crate::agent::socket_path(&dirs));
+        || crate::control::socket_from_env().unwrap_or_else(|| crate::control::agent_socket(&dirs));
     match command {
         Some(AgentCommand::Status { json }) => {
             let status = AgentClient::connect(&socket()).await?.status().await?;
@@ -761,7 +765,7 @@ fn print_bytes(bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 /// Human-readable `malai ssh status`.
-pub fn render_status(holders: &[crate::endpoint::HolderStatus]) -> String {
+pub fn render_status(holders: &[crate::control::LiveHolder]) -> String {
     if holders.is_empty() {
         return "no malai ssh server or agent is running here; no cluster connections\n".into();
     }
@@ -819,11 +823,25 @@ pub fn render_status(holders: &[crate::endpoint::HolderStatus]) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
+    // Which clusters each holder serves, and why not the others.
+    for h in holders {
+        let serves = match h.status.clusters.is_empty() {
+            true => "(none)".to_string(),
+            false => h.status.clusters.join(", "),
+        };
+        out.push_str(&format!("{} {} serves: {serves}\n", h.role, h.status.pid));
+        for (cluster, why) in &h.status.not_served {
+            out.push_str(&format!(
+                "{} {} does not serve {cluster}: {why}\n",
+                h.role, h.status.pid
+            ));
+        }
+    }
     out
 }
 
 /// Human-readable `agent status`.
-pub fn render_agent_status(s: &crate::agent::protocol::AgentStatus) -> String {
+pub fn render_agent_status(s: &crate::control::protocol::HolderStatus) -> String {
     let mut out = format!(
         "agent pid {} (control protocol {}) on {}\n",
         s.pid, s.version, s.socket
@@ -833,6 +851,9 @@ pub fn render_agent_status(s: &crate::agent::protocol::AgentStatus) -> String {
         None => out.push_str("http proxy: off\n"),
     }
     out.push_str(&format!("clusters: {}\n", s.clusters.join(", ")));
+    for (cluster, why) in &s.not_served {
+        out.push_str(&format!("not serving {cluster}: {why}\n"));
+    }
     out.push_str(&format!("dials: {}\n", s.dials));
     out.push_str(&format!("requests: {}\n", s.requests));
     for c in &s.connections {

@@ -213,7 +213,7 @@ fn dir_check(path: &Path, forbidden: u32) -> DirState {
 
 /// `MALAI_SSH_AGENT`, when set, must name an agent that answers: proxy and exec use it.
 async fn agent_env() -> Option<Check> {
-    let socket = crate::agent::socket_from_env()?;
+    let socket = crate::control::socket_from_env()?;
     let what = format!("agent {}", socket.display());
     Some(match holder_status(&socket).await {
         Ok(s) => Check::pass(
@@ -232,9 +232,9 @@ async fn agent_env() -> Option<Check> {
     })
 }
 
-async fn holder_status(socket: &Path) -> Result<crate::agent::protocol::AgentStatus, String> {
+async fn holder_status(socket: &Path) -> Result<crate::control::protocol::HolderStatus, String> {
     let ask = async {
-        let client = crate::agent::client::AgentClient::connect(socket)
+        let client = crate::control::client::ControlClient::connect(socket)
             .await
             .map_err(|e| e.to_string())?;
         client.status().await.map_err(|e| e.to_string())
@@ -387,9 +387,9 @@ fn key_file(dir: &ClusterDir) -> Check {
 /// Who holds the key (server, agent, none) and whether it answers; a server machine
 /// whose server is not running fails.
 async fn holder(dir: &ClusterDir, server: Option<&str>) -> Vec<Check> {
-    use crate::endpoint::Role as HolderRole;
+    use crate::control::lock::Role as HolderRole;
     let what = format!("key holder {}", dir.alias);
-    let h = match crate::endpoint::holder(dir) {
+    let h = match crate::control::lock::holder(dir) {
         Ok(h) => h,
         Err(e) => {
             return vec![Check::fail(
@@ -453,7 +453,7 @@ async fn relays(
     cfg: Option<&ClusterConfig>,
 ) -> (Vec<Check>, Option<RelayReport>) {
     let what = format!("relays {}", dir.alias);
-    let net = match crate::endpoint::net_config(cfg) {
+    let net = match crate::session::own::net_config(cfg) {
         Ok(n) => n,
         Err(e) => {
             return (
@@ -544,9 +544,9 @@ async fn relays(
 // ---------------------------------------------------------------------------------------------
 
 async fn host_checks(dirs: &Dirs, host: &str, relays: &[(String, RelayReport)]) -> Vec<Check> {
-    use crate::client::ClientError;
+    use crate::session::SessionError;
     let mut out = vec![];
-    let resolved = match crate::client::resolve(dirs, host) {
+    let resolved = match crate::session::resolve(dirs, host) {
         Ok(r) => r,
         Err(e) => {
             out.push(Check::fail(
@@ -574,7 +574,7 @@ async fn host_checks(dirs: &Dirs, host: &str, relays: &[(String, RelayReport)]) 
     ));
     let dial = format!("dial {host}");
     let started = Instant::now();
-    let opened = crate::client::open(
+    let opened = crate::session::open(
         &resolved,
         &server,
         crate::protocol::Request::Tunnel { port: None },
@@ -592,7 +592,7 @@ async fn host_checks(dirs: &Dirs, host: &str, relays: &[(String, RelayReport)]) 
     let sshd = format!("sshd behind {host}");
     let mut session = match opened {
         Ok(s) => s,
-        Err(ClientError::Denied(reason)) => {
+        Err(SessionError::Denied(reason)) => {
             out.push(Check::pass(
                 dial,
                 format!("the server answered in {}", ms(took)),
@@ -604,7 +604,7 @@ async fn host_checks(dirs: &Dirs, host: &str, relays: &[(String, RelayReport)]) 
             ));
             return out;
         }
-        Err(ClientError::Refused(reason)) if reason.contains("cannot reach its ssh") => {
+        Err(SessionError::Refused(reason)) if reason.contains("cannot reach its ssh") => {
             out.push(Check::pass(
                 dial,
                 format!("the server answered in {}", ms(took)),
@@ -652,7 +652,7 @@ async fn path_text(
     dirs: &Dirs,
     cluster: &str,
     server: &crate::config::Server,
-    session: &crate::client::Session,
+    session: &crate::session::Session,
 ) -> String {
     if let Some(via) = &server.ssh_via {
         return format!(", through ssh-via {via}");
@@ -663,7 +663,7 @@ async fn path_text(
     }
     // Through the key's holder: its status says which path its connection took.
     let peer = server.id52.to_string();
-    for h in crate::endpoint::live_holders(dirs).await {
+    for h in crate::control::live_holders(dirs).await {
         if let Some(c) = h
             .status
             .connections
@@ -810,7 +810,7 @@ mod tests {
     fn banner_tells_sshd_from_the_embedded_fallback() {
         let server = |ssh| crate::config::Server {
             name: "foo".into(),
-            id52: crate::keys::SecretKey::generate().id52(),
+            id52: crate::id52::Id52::from_bytes([7; 32]),
             allow_from: vec![],
             ssh,
             addrs: vec![],

@@ -5,10 +5,40 @@
 //! and of malai's other tools, so ids are interchangeable with them. It is *not* iroh's
 //! z-base-32 (also 52 characters): the conversion happens only in `transport::iroh`.
 //!
-//! This module is the only place where ids are parsed or printed.
+//! This module is the only place where ids are parsed or printed. It also holds the
+//! [`SecretKey`] type (the bytes only: making and using keys is `keys`' and `transport`'s job),
+//! so every layer can carry a key without naming the key store.
 
 use std::fmt;
 use std::str::FromStr;
+
+/// A 32-byte ed25519 secret. Debug never prints it; it is never serialized.
+#[derive(Clone)]
+pub struct SecretKey([u8; 32]);
+
+impl SecretKey {
+    pub fn from_bytes(b: [u8; 32]) -> Self {
+        SecretKey(b)
+    }
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretKey(<redacted>)")
+    }
+}
+
+impl Drop for SecretKey {
+    fn drop(&mut self) {
+        // Best effort: don't leave the secret lying in freed memory.
+        for b in self.0.iter_mut() {
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
+    }
+}
 
 /// Length of an id52 in characters.
 pub const ID52_LEN: usize = 52;

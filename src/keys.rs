@@ -23,39 +23,16 @@ pub const SECRET_FILE: &str = "secret-key";
 const KEYRING_SERVICE: &str = "kulfi";
 const FASTN_SERVICE: &str = "fastn";
 
-/// A 32-byte ed25519 secret. Debug never prints it; it is never serialized.
-#[derive(Clone)]
-pub struct SecretKey([u8; 32]);
+pub use crate::id52::SecretKey;
 
-impl SecretKey {
-    pub fn from_bytes(b: [u8; 32]) -> Self {
-        SecretKey(b)
-    }
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-    /// The public id of this key.
-    pub fn id52(&self) -> Id52 {
-        crate::transport::iroh::public_id52(self)
-    }
-    pub fn generate() -> Self {
-        crate::transport::iroh::generate_secret()
-    }
+/// A new random secret key (ed25519, from the transport's generator).
+pub fn generate() -> SecretKey {
+    crate::transport::iroh::generate_secret()
 }
 
-impl std::fmt::Debug for SecretKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SecretKey(<redacted>)")
-    }
-}
-
-impl Drop for SecretKey {
-    fn drop(&mut self) {
-        // Best effort: don't leave the secret lying in freed memory.
-        for b in self.0.iter_mut() {
-            unsafe { std::ptr::write_volatile(b, 0) };
-        }
-    }
+/// The public id of `key`.
+pub fn public_id(key: &SecretKey) -> Id52 {
+    crate::transport::iroh::public_id52(key)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,8 +91,8 @@ pub fn create(dir: &Path, use_keyring: bool) -> Result<(Id52, Stored), KeyError>
     if id_path.exists() {
         return Err(KeyError::Exists(id_path));
     }
-    let key = SecretKey::generate();
-    let id = key.id52();
+    let key = generate();
+    let id = public_id(&key);
     let stored = if use_keyring && keyring_enabled() && store_in_keyring(&id, &key) {
         Stored::Keyring
     } else {
@@ -178,7 +155,7 @@ pub fn load(dir: &Path) -> Result<SecretKey, KeyError> {
         Some(k) => k,
         None => read_keyring(&expected)?,
     };
-    let found = key.id52();
+    let found = public_id(&key);
     if found != expected {
         return Err(KeyError::Mismatch {
             path: dir.to_path_buf(),
@@ -213,7 +190,7 @@ fn read_key_file(path: &Path) -> Result<Option<SecretKey>, KeyError> {
 fn parse_hex_key(s: &str) -> Option<SecretKey> {
     let bytes = hex::decode(s).ok()?;
     let arr: [u8; 32] = bytes.try_into().ok()?;
-    Some(SecretKey(arr))
+    Some(SecretKey::from_bytes(arr))
 }
 
 fn read_keyring(id: &Id52) -> Result<SecretKey, KeyError> {
@@ -225,7 +202,7 @@ fn read_keyring(id: &Id52) -> Result<SecretKey, KeyError> {
         && let Ok(secret) = entry.get_secret()
         && let Ok(arr) = <[u8; 32]>::try_from(secret.as_slice())
     {
-        return Ok(SecretKey(arr));
+        return Ok(SecretKey::from_bytes(arr));
     }
     if let Ok(entry) = keyring::Entry::new(FASTN_SERVICE, &account)
         && let Ok(pw) = entry.get_password()
@@ -247,7 +224,7 @@ mod tests {
         let (id, stored) = create(dir.path(), false).unwrap();
         assert_eq!(stored, Stored::File(dir.path().join(SECRET_FILE)));
         assert_eq!(id52(dir.path()).unwrap(), id);
-        assert_eq!(load(dir.path()).unwrap().id52(), id);
+        assert_eq!(public_id(&load(dir.path()).unwrap()), id);
         let mode = std::fs::metadata(dir.path().join(SECRET_FILE))
             .unwrap()
             .permissions()
@@ -272,7 +249,7 @@ mod tests {
         let p = dir.path().join(SECRET_FILE);
         write_atomic(&p, b"not hex\n", 0o600).unwrap();
         assert!(matches!(load(dir.path()), Err(KeyError::BadFile { .. })));
-        let other = SecretKey::generate();
+        let other = generate();
         write_atomic(&p, hex::encode(other.as_bytes()).as_bytes(), 0o600).unwrap();
         assert!(matches!(load(dir.path()), Err(KeyError::Mismatch { .. })));
         let empty = tempfile::tempdir().unwrap();

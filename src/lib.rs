@@ -1,6 +1,25 @@
 //! malai ssh: SSH between the machines of a cluster over the iroh peer-to-peer network.
 //!
-//! Module map (find any behaviour by its name):
+//! ## Layers
+//!
+//! Lowest first. A module names only modules of its own layer or lower, and the top-level
+//! modules never import each other round a circle; `iroh::` appears only in `transport`.
+//! The architecture test (`src/architecture.rs`, run by `cargo test`) reads this table and
+//! enforces it, naming file and line. A helper two layers need moves down to the lower one.
+//!
+//! | layer | modules | role |
+//! |---|---|---|
+//! | L0 | `id52`, `localsock`, `config`, `logging`, `audit`, `table` | ids and secret-key type, trusted local sockets, the cluster file and on-disk layout, tracing to files, the audit log, aligned text tables |
+//! | L1 | `acl`, `protocol` | the one pure ACL function; the wire protocol (frames, limits, exec pump helpers) |
+//! | L2 | `transport`, `keys` | iroh (the only place that names it), stdio and fd streams; secret keys in the keyring or a 0600 file |
+//! | L3 | `control` | the local control socket: lock file (who holds a key), control protocol, its client, env names |
+//! | L4 | `session` | THE way to reach a peer: resolve a name, the route (own endpoint, the holder's socket), open a request, the link forwards use, liveness, one error type |
+//! | L5 | `sync`, `keyholder` | config sync between manager and members; the key-holder service (pool, control server, inbound table) run by agent and server alike |
+//! | L6 | `server`, `agent` | `malai ssh server`; `malai ssh agent` (and its HTTP proxy) |
+//! | L7 | `client`, `cluster`, `demo`, `doctor` | CLI commands (exec, proxy, forwards, groups, the agent handover); admin commands; the demo; `malai ssh doctor` |
+//! | L8 | `cli`, `manuals` | clap definitions and dispatch (`main.rs` only maps errors to exit codes); man pages and completions generated from them |
+//!
+//! ## Module map (find any behaviour by its name)
 //! - [`id52`]: the only place machine ids are parsed and printed.
 //! - [`keys`]: per-cluster secret keys in the OS keyring or a 0600 file.
 //! - [`config`]: the cluster file (parse, validate, names), on-disk layout, atomic writes.
@@ -20,6 +39,9 @@
 //! - [`agent`]: `malai ssh agent`: pooled connections, keys in one process, the HTTP proxy.
 //! - [`cli`]: clap definitions and dispatch for the `malai` binary.
 
+#[cfg(test)]
+mod architecture;
+
 pub mod acl;
 pub mod agent;
 pub mod audit;
@@ -27,14 +49,17 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod doctor;
-pub mod endpoint;
 pub mod id52;
+pub mod keyholder;
 pub mod keys;
 pub mod localsock;
 pub mod logging;
 pub mod manuals;
 pub mod protocol;
 pub mod server;
+pub mod session;
+pub mod sync;
 pub mod transport;

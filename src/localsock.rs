@@ -6,10 +6,12 @@
 //! directory, a `MALAI_SSH_AGENT` pointing somewhere shared) would get them. So before
 //! anything is sent, the socket's directory must be owned by this user and writable by
 //! nobody else, and the process on the other end must run as this user (SO_PEERCRED).
-//! The servers check their callers the same way (`agent::serve`, `server::stdinserver`).
+//! The servers check their callers the same way ([`check_caller`]: the key holder's control
+//! socket, `server::stdinserver`), and both keep their sockets in a private runtime dir
+//! ([`prepare_private_dir`]).
 
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
 
 use tokio::net::UnixStream;
 
@@ -66,21 +68,96 @@ pub fn check_dir(path: &Path) -> Result<(), SocketTrustError> {
     Ok(())
 }
 
-/// The connected peer runs as this user.
-pub fn check_peer(sock: &UnixStream, path: &Path) -> Result<(), SocketTrustError> {
+/// Who is on the other end of a unix socket, when it is not this user.
+#[derive(Debug, thiserror::Error)]
+pub enum CallerError {
+    #[error("the peer runs as uid {theirs}, not as this user (uid {ours})")]
+    OtherUser { theirs: u32, ours: u32 },
+    #[error("no peer credentials: {0}")]
+    Unknown(std::io::Error),
+}
+
+/// The process on the other end of `sock` runs as this user (SO_PEERCRED). Servers call
+/// this before reading anything; [`check_peer`] is the client's side of the same check.
+pub fn check_caller(sock: &UnixStream) -> Result<(), CallerError> {
     let ours = nix::unistd::geteuid().as_raw();
     match sock.peer_cred() {
         Ok(c) if c.uid() == ours => Ok(()),
-        Ok(c) => Err(SocketTrustError::Peer {
-            path: path.display().to_string(),
+        Ok(c) => Err(CallerError::OtherUser {
             theirs: c.uid(),
             ours,
         }),
-        Err(e) => Err(SocketTrustError::Unknown {
+        Err(e) => Err(CallerError::Unknown(e)),
+    }
+}
+
+/// The connected peer runs as this user.
+pub fn check_peer(sock: &UnixStream, path: &Path) -> Result<(), SocketTrustError> {
+    check_caller(sock).map_err(|e| match e {
+        CallerError::OtherUser { theirs, ours } => SocketTrustError::Peer {
+            path: path.display().to_string(),
+            theirs,
+            ours,
+        },
+        CallerError::Unknown(e) => SocketTrustError::Unknown {
             path: path.display().to_string(),
             msg: e.to_string(),
-        }),
+        },
+    })
+}
+
+/// A runtime dir that cannot hold trusted sockets.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivateDirError {
+    #[error("runtime dir {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("runtime dir {path}: not a directory (a symlink?)")]
+    NotADirectory { path: PathBuf },
+    #[error(
+        "runtime dir {path} is not private (mode {mode:o}, owner uid {uid}): it must be a directory owned by this user with mode 0700, because its sockets are trusted; fix with `chmod 700 {path}`"
+    )]
+    NotPrivate { path: PathBuf, mode: u32, uid: u32 },
+}
+
+/// Create the runtime dir if needed (0700) and make sure it is private: a real directory
+/// owned by us with no group/other permissions. Whoever can enter it can talk to the
+/// sockets in it, which hold cluster keys (the agent, the server) or take a forced
+/// command's channel (stdinserver). One that is not private is refused, not chmod'ed: it
+/// may already hold a socket or lock someone else planted.
+pub fn prepare_private_dir(dir: &Path) -> Result<(), PrivateDirError> {
+    let io = |source| PrivateDirError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    match std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io(e)),
     }
+    let meta = std::fs::symlink_metadata(dir).map_err(io)?;
+    if !meta.is_dir() {
+        return Err(PrivateDirError::NotADirectory {
+            path: dir.to_path_buf(),
+        });
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    let mode = meta.mode() & 0o7777;
+    if meta.uid() != me || mode & 0o077 != 0 {
+        return Err(PrivateDirError::NotPrivate {
+            path: dir.to_path_buf(),
+            mode,
+            uid: meta.uid(),
+        });
+    }
+    Ok(())
 }
 
 /// Connect to `path` only if its directory is trusted, and keep the connection only if the
@@ -104,6 +181,28 @@ pub enum ConnectError {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn run_dir_is_made_private() {
+        let t = tempfile::tempdir().unwrap();
+        let run = t.path().join("a/run");
+        prepare_private_dir(&run).unwrap();
+        let mode = std::fs::metadata(&run).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        prepare_private_dir(&run).unwrap();
+        // Deny twin: a non-private dir is refused and left as it is (not chmod'ed).
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = prepare_private_dir(&run).unwrap_err();
+        assert!(e.to_string().contains("not private"), "{e}");
+        assert_eq!(std::fs::metadata(&run).unwrap().mode() & 0o777, 0o755);
+        let link = t.path().join("link");
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::symlink(&run, &link).unwrap();
+        assert!(prepare_private_dir(&link).is_err());
+        let file = t.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert!(prepare_private_dir(&file).is_err());
+    }
 
     #[tokio::test]
     async fn private_dir_and_same_user_are_trusted_others_not() {

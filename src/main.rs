@@ -89,7 +89,7 @@ fn run_exec(args: Vec<String>) -> ExitCode {
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-        Err(malai::client::ClientError::Killed(n)) => {
+        Err(malai::client::SessionError::Killed(n)) => {
             eprintln!("Killed by signal {n}.");
             ExitCode::from(EXIT_MALAI)
         }

@@ -20,18 +20,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::launch::{Probe, StartupLock, probe};
-use super::pool::{Pool, idle_from_env};
-use super::serve::{self, AgentContext};
-use super::{AgentError, lock_path, prepare_run_dir, socket_path};
+use super::{AgentError, lock_path};
 use crate::config::paths::Dirs;
+use crate::control::agent_socket as socket_path;
+use crate::keyholder::pool::{Pool, idle_from_env};
+use crate::keyholder::serve::{self, HolderContext};
 
 /// How long shutdown waits for running requests.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 /// How often clusters are rescanned (new clusters, changed keys) and the socket checked.
 const RESCAN_EVERY: Duration = Duration::from_secs(2);
-/// Control connections served at once; more wait in the kernel's backlog. Each holds up to
-/// three descriptors and a stream, so a runaway script can't exhaust the agent's fds.
-const MAX_CONTROL_CONNECTIONS: usize = 256;
 
 /// Options of `malai ssh agent`.
 #[derive(Debug, Clone)]
@@ -84,7 +82,7 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: impl FnOnce(&Ready),
 ) -> Result<(), AgentError> {
-    prepare_run_dir(&dirs.run)?;
+    crate::localsock::prepare_private_dir(&dirs.run)?;
     let path = socket_path(&dirs);
     let lock = if opts.under_lock {
         None
@@ -125,7 +123,7 @@ pub async fn run(
         None
     };
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
-    let ctx = Arc::new(AgentContext {
+    let ctx = Arc::new(HolderContext {
         pool: Pool::new(dirs.clone(), path.clone(), idle_from_env()),
         dirs,
         socket: path.clone(),
@@ -144,7 +142,7 @@ pub async fn run(
     });
 
     let tracker = TaskTracker::new();
-    tracker.spawn(accept_loop(listener, ctx.clone(), tracker.clone()));
+    tracker.spawn(serve::accept_loop(listener, ctx.clone(), tracker.clone()));
     if let Some(l) = http {
         tracker.spawn(super::http::serve(l, ctx.clone(), tracker.clone()));
     }
@@ -163,43 +161,9 @@ pub async fn run(
     Ok(())
 }
 
-/// Serve control connections (the agent's socket, and the server's for the keys it holds).
-pub(crate) async fn accept_loop(
-    listener: UnixListener,
-    ctx: Arc<AgentContext>,
-    tracker: TaskTracker,
-) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let sock = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept on the agent socket failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let ctx = ctx.clone();
-        tracker.spawn(async move {
-            serve::connection(ctx, sock).await;
-            drop(permit);
-        });
-    }
-}
-
 /// Rescan clusters, close idle connections, and exit if our socket is gone. Owns the
 /// socket file so it is removed when this task ends (at shutdown).
-async fn maintenance(ctx: Arc<AgentContext>, socket: SocketFile) {
+async fn maintenance(ctx: Arc<HolderContext>, socket: SocketFile) {
     let mut rescan = tokio::time::interval(RESCAN_EVERY);
     let mut reap = tokio::time::interval(ctx.pool.reap_every());
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -34,10 +34,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 
-use super::serve::AgentContext;
-use crate::client::{ClientError, Resolved, local_clusters};
 use crate::config::names::{self, TargetKind};
 use crate::config::{ClusterConfig, ResolveError};
+use crate::keyholder::serve::HolderContext;
+use crate::session::{Resolved, SessionError, local_clusters};
 use crate::transport::pump;
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -50,40 +50,27 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 const MAX_CLIENTS: usize = 512;
 
 /// Accept HTTP clients until shutdown.
-pub async fn serve(listener: TcpListener, ctx: Arc<AgentContext>, tracker: TaskTracker) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
-    loop {
-        let permit = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let (tcp, peer) = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept on the HTTP proxy failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let conn = client_connection(tcp, peer, ctx.clone(), tracker.clone());
-        tracker.spawn(async move {
-            conn.await;
-            drop(permit);
-        });
-    }
+pub async fn serve(listener: TcpListener, ctx: Arc<HolderContext>, tracker: TaskTracker) {
+    let shutdown = ctx.shutdown.clone();
+    let t = tracker.clone();
+    crate::keyholder::accept::serve(
+        listener,
+        "HTTP proxy",
+        MAX_CLIENTS,
+        shutdown,
+        tracker,
+        move |(tcp, peer): (TcpStream, std::net::SocketAddr)| {
+            let _ = tcp.set_nodelay(true);
+            client_connection(tcp, peer, ctx.clone(), t.clone())
+        },
+    )
+    .await
 }
 
 async fn client_connection(
     tcp: TcpStream,
     peer: std::net::SocketAddr,
-    ctx: Arc<AgentContext>,
+    ctx: Arc<HolderContext>,
     tracker: TaskTracker,
 ) {
     // 127.0.0.1 is every local user's: only the agent's own user may spend its keys.
@@ -210,7 +197,7 @@ enum Route {
 
 /// Classify `host` against the local clusters (re-read each time, so clusters and
 /// services added later are seen at once).
-fn route(ctx: &AgentContext, host: &str) -> Route {
+fn route(ctx: &HolderContext, host: &str) -> Route {
     let clusters = match local_clusters(&ctx.dirs) {
         Ok(c) => c,
         Err(e) => {
@@ -280,7 +267,7 @@ fn target_host(req: &Request<Incoming>) -> Option<(String, Option<u16>)> {
 }
 
 async fn handle(
-    ctx: Arc<AgentContext>,
+    ctx: Arc<HolderContext>,
     tracker: TaskTracker,
     req: Request<Incoming>,
 ) -> Response<Body> {
@@ -358,10 +345,10 @@ fn is_self(host: &str, port: u16, me: std::net::SocketAddr) -> bool {
 
 /// Open the `http` request to the service's server; an error is the response to send.
 async fn open_service(
-    ctx: &AgentContext,
+    ctx: &HolderContext,
     resolved: &Resolved,
     service: &str,
-) -> Result<super::pool::PooledStream, Response<Body>> {
+) -> Result<crate::keyholder::pool::PooledStream, Response<Body>> {
     let Some(server) = resolved.server().cloned() else {
         return Err(text(
             StatusCode::NOT_FOUND,
@@ -373,7 +360,7 @@ async fn open_service(
     };
     match ctx.pool.open(resolved, &server, request).await {
         Ok(s) => Ok(s),
-        Err(ClientError::Denied(reason)) => {
+        Err(SessionError::Denied(reason)) => {
             // The server's own file may lack a service our copy has.
             let status = if reason.starts_with("unknown service") {
                 StatusCode::NOT_FOUND
@@ -389,7 +376,7 @@ async fn open_service(
 /// `CONNECT`: answer 200, then pump the upgraded client connection and `upstream` (until
 /// both ends close, or the agent stops).
 fn tunnel<S>(
-    ctx: &AgentContext,
+    ctx: &HolderContext,
     tracker: TaskTracker,
     req: Request<Incoming>,
     mut upstream: S,

@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{Flock, FlockArg};
 use tokio::net::UnixStream;
 
-use super::protocol::{self, AgentHello, FromAgent, ToAgent, VERSION};
-use super::{AgentError, ENV_LOCKDOWN, ENV_SOCKET, lock_path, prepare_run_dir, socket_path};
+use super::{AgentError, lock_path};
 use crate::config::paths::Dirs;
+use crate::control::protocol::{self, FromHolder, HolderHello, ToHolder, VERSION};
+use crate::control::{ENV_LOCKDOWN, ENV_SOCKET, agent_socket as socket_path};
 
 /// How long to wait for another process's startup to finish.
 const LOCK_DEADLINE: Duration = Duration::from_secs(15);
@@ -70,9 +71,9 @@ impl StartupLock {
 #[derive(Debug)]
 pub enum Probe {
     /// An agent of our protocol version answered.
-    Alive(AgentHello),
+    Alive(HolderHello),
     /// An agent answered, but speaks another version.
-    OtherVersion(AgentHello),
+    OtherVersion(HolderHello),
     /// The file exists but nobody answers properly (a crashed agent's leftover).
     Stale,
     /// No socket file.
@@ -86,11 +87,11 @@ pub async fn probe(path: &Path) -> Probe {
     }
     let hello = async {
         let mut sock = UnixStream::connect(path).await.ok()?;
-        protocol::write(&mut sock, &ToAgent::Hello { version: VERSION })
+        protocol::write(&mut sock, &ToHolder::Hello { version: VERSION })
             .await
             .ok()?;
-        match protocol::read::<_, FromAgent>(&mut sock).await.ok()? {
-            FromAgent::Hello(h) => Some(h),
+        match protocol::read::<_, FromHolder>(&mut sock).await.ok()? {
+            FromHolder::Hello(h) => Some(h),
             _ => None,
         }
     };
@@ -105,7 +106,7 @@ pub async fn probe(path: &Path) -> Probe {
 #[derive(Debug, Clone)]
 pub struct Running {
     pub socket: PathBuf,
-    pub hello: AgentHello,
+    pub hello: HolderHello,
     /// Whether this call started it.
     pub started: bool,
 }
@@ -113,7 +114,7 @@ pub struct Running {
 /// Make sure this machine's agent runs (starting it with the HTTP proxy unless
 /// `http == false`), and return its socket and hello.
 pub async fn ensure_running(dirs: &Dirs, http: bool) -> Result<Running, AgentError> {
-    prepare_run_dir(&dirs.run)?;
+    crate::localsock::prepare_private_dir(&dirs.run)?;
     let socket = socket_path(dirs);
     let _lock = StartupLock::acquire(&lock_path(dirs)).await?;
     match probe(&socket).await {
@@ -165,7 +166,7 @@ async fn stop_pid(pid: u32, socket: &Path) -> Result<(), AgentError> {
 }
 
 /// Start `malai ssh agent --under-lock` detached and wait until it answers.
-async fn spawn(dirs: &Dirs, socket: &Path, http: bool) -> Result<AgentHello, AgentError> {
+async fn spawn(dirs: &Dirs, socket: &Path, http: bool) -> Result<HolderHello, AgentError> {
     let exe = std::env::current_exe().map_err(|e| AgentError::Spawn(e.to_string()))?;
     let log_dir = dirs.ssh_logs();
     let _ = std::fs::create_dir_all(&log_dir);

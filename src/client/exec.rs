@@ -6,25 +6,18 @@
 //! raw mode restored on every exit, SIGWINCH forwarded. A local SIGINT/SIGTERM/SIGHUP
 //! closes the connection at once, so the server hangs up the remote command.
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::ssh_args::{SshArgs, TtyChoice};
 use super::tty::{RawMode, is_tty, window_size};
-use super::{ClientError, Resolved, Session, open_with};
 use crate::config::Server;
+use crate::control::client::ControlClient;
 use crate::protocol::Request;
-use crate::protocol::exec::{self as frames, ExecRequest, ExitStatus, Frame, MAX_DATA, PtyRequest};
+use crate::protocol::exec::{ExecRequest, PtyRequest};
+use crate::protocol::exec_pump::{self, PumpEnd, env_allowed, exit_code};
+use crate::session::{Resolved, Route, Session, SessionError, open_on, open_with};
 use crate::transport::stdio;
-
-/// What the remote side ended with, mapped to our exit code.
-pub fn exit_code(st: &ExitStatus) -> i32 {
-    match st {
-        ExitStatus::Code(c) => *c,
-        // ssh: a remote killed by a signal makes ssh exit 255.
-        ExitStatus::Signal(_) => 255,
-    }
-}
 
 /// Whether to ask for a pty, as ssh decides, plus ssh's warning when it can't.
 pub fn want_pty(args: &SshArgs) -> bool {
@@ -44,9 +37,7 @@ pub fn want_pty(args: &SshArgs) -> bool {
 
 /// The environment ssh would send by default (`SendEnv LANG LC_*` in Debian's ssh_config).
 fn local_env() -> Vec<(String, String)> {
-    std::env::vars()
-        .filter(|(k, _)| crate::server::process::env_allowed(k))
-        .collect()
+    std::env::vars().filter(|(k, _)| env_allowed(k)).collect()
 }
 
 pub fn exec_request(args: &SshArgs, pty: bool) -> ExecRequest {
@@ -67,16 +58,22 @@ pub async fn run_one(
     resolved: &Resolved,
     server: &Server,
     args: &SshArgs,
-) -> Result<i32, ClientError> {
+    route: Option<Route>,
+) -> Result<i32, SessionError> {
     let pty = want_pty(args);
-    let req = exec_request(args, pty);
+    let req = Request::Exec(exec_request(args, pty));
     // Before anything starts remotely: a signal from here on ends the session cleanly
     // (and, once raw mode is on, with the terminal restored) instead of killing us.
     let mut interrupts = Interrupts::install()?;
     // `-o` options reach the ssh child when the server is reached `ssh-via`.
     let session = tokio::select! {
-        s = open_with(resolved, server, Request::Exec(req), &args.options) => s?,
-        n = interrupts.recv() => return Err(ClientError::Killed(n)),
+        s = async {
+            match route {
+                Some(route) => open_on(route, resolved, server, req).await,
+                None => open_with(resolved, server, req, &args.options).await,
+            }
+        } => s?,
+        n = interrupts.recv() => return Err(SessionError::Killed(n)),
     };
     run_session(session, args, pty, &mut interrupts).await
 }
@@ -88,7 +85,7 @@ pub(crate) async fn run_session(
     args: &SshArgs,
     pty: bool,
     interrupts: &mut Interrupts,
-) -> Result<i32, ClientError> {
+) -> Result<i32, SessionError> {
     let _raw = if pty && is_tty(0) {
         RawMode::enter()
     } else {
@@ -121,7 +118,7 @@ pub struct Interrupts {
 }
 
 impl Interrupts {
-    pub fn install() -> Result<Self, ClientError> {
+    pub fn install() -> Result<Self, SessionError> {
         Ok(Interrupts {
             term: signal(SignalKind::terminate()).map_err(io_err)?,
             int: signal(SignalKind::interrupt()).map_err(io_err)?,
@@ -147,145 +144,54 @@ pub async fn drive<O, E>(
     err: &mut E,
     pty: bool,
     interrupts: &mut Interrupts,
-) -> Result<i32, ClientError>
+) -> Result<i32, SessionError>
 where
     O: AsyncWrite + Unpin,
     E: AsyncWrite + Unpin,
 {
-    let result = {
-        let (send, recv) = (&mut session.send, &mut session.recv);
-        let input = pump_input(stdin, send, pty);
-        let output = pump_output(recv, out, err);
-        tokio::pin!(input, output);
-        let mut input_done = false;
+    // Window changes reach the input direction through a channel, as they do in the key
+    // holder (whose come from the CLI); without a pty the sender is dropped at once.
+    let (win_tx, win_rx) = tokio::sync::mpsc::channel(8);
+    let win_tx = pty.then_some(win_tx);
+    let stop = async {
+        let mut winch = match &win_tx {
+            Some(_) => signal(SignalKind::window_change()).ok(),
+            None => None,
+        };
         loop {
             tokio::select! {
-                r = &mut output => break r,
-                r = &mut input, if !input_done => {
-                    input_done = true;
-                    // The server stops reading stdin once the command has exited, which
-                    // can race our last stdin frame: the exit status (or, if the
-                    // connection really died, an error) still comes from `output`.
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "stdin direction ended early");
+                n = interrupts.recv() => return n,
+                Some(()) = async { match winch.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
+                    if let (Some(tx), Some(size)) = (&win_tx, window_size()) {
+                        let _ = tx.try_send(size);
                     }
                 }
-                n = interrupts.recv() => break Err(ClientError::Killed(n)),
             }
         }
+    };
+    let result = {
+        let (send, recv) = (&mut session.send, &mut session.recv);
+        exec_pump::run(recv, send, stdin, win_rx, out, err, stop).await
     };
     match result {
         Ok(status) => {
             session.finish().await;
             Ok(exit_code(&status))
         }
-        Err(e) => {
-            let e = match e {
-                ClientError::Killed(_) => e,
-                e => session.broken(e),
-            };
+        Err(PumpEnd::Stopped(n)) => {
+            session.abort().await;
+            Err(SessionError::Killed(n))
+        }
+        Err(PumpEnd::Broken(e)) => {
+            let e = session.broken(SessionError::Lost(e.to_string()));
             session.abort().await;
             Err(e)
         }
     }
 }
 
-fn io_err(e: std::io::Error) -> ClientError {
-    ClientError::Refused(format!("local i/o: {e}"))
-}
-
-/// stdin (and window changes) → frames. Ends after sending `StdinEof`; window changes
-/// keep flowing after that while a pty is in use.
-async fn pump_input<W: AsyncWrite + Unpin>(
-    stdin: Option<Box<dyn AsyncRead + Unpin + Send>>,
-    w: &mut W,
-    pty: bool,
-) -> std::io::Result<()> {
-    let mut winch = if pty {
-        signal(SignalKind::window_change()).ok()
-    } else {
-        None
-    };
-    let mut stdin = stdin;
-    let mut buf = vec![0u8; MAX_DATA];
-    let mut eof_sent = false;
-    if stdin.is_none() {
-        send(w, &Frame::StdinEof).await?;
-        eof_sent = true;
-    }
-    loop {
-        tokio::select! {
-            n = async { match stdin.as_mut() { Some(s) => s.read(&mut buf).await, None => std::future::pending().await } }, if !eof_sent => {
-                match n? {
-                    0 => {
-                        send(w, &Frame::StdinEof).await?;
-                        eof_sent = true;
-                        stdin = None;
-                        if winch.is_none() {
-                            return Ok(());
-                        }
-                    }
-                    n => frames::write_data(w, frames::DataKind::Stdin, &buf[..n]).await.map_err(|e| std::io::Error::other(e.to_string()))?,
-                }
-            }
-            Some(()) = async { match winch.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
-                if let Some((cols, rows)) = window_size() {
-                    send(w, &Frame::Window { cols, rows }).await?;
-                }
-            }
-            else => return Ok(()),
-        }
-    }
-}
-
-async fn send<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io::Result<()> {
-    frames::write(w, f).await.map_err(|e| match e {
-        frames::ExecFrameError::Io(e) => e,
-        other => std::io::Error::other(other.to_string()),
-    })
-}
-
-/// Frames → our stdout/stderr, until `Exit`. Also the agent's, with passed descriptors.
-pub(crate) async fn pump_output<R, O, E>(
-    r: &mut R,
-    out: &mut O,
-    err: &mut E,
-) -> Result<ExitStatus, ClientError>
-where
-    R: AsyncRead + Unpin,
-    O: AsyncWrite + Unpin,
-    E: AsyncWrite + Unpin,
-{
-    loop {
-        let frame = match frames::read(r).await {
-            Ok(Some(f)) => f,
-            Ok(None) => {
-                return Err(ClientError::Refused(
-                    "connection closed before the command's exit status arrived".into(),
-                ));
-            }
-            Err(e) => return Err(ClientError::Refused(format!("connection lost: {e}"))),
-        };
-        match frame {
-            Frame::Stdout(d) => {
-                // A closed stdout (`| head`) is not our failure: drop the rest like ssh.
-                let _ = out.write_all(&d).await;
-            }
-            Frame::Stderr(d) => {
-                let _ = err.write_all(&d).await;
-            }
-            Frame::Exit(st) => {
-                let _ = out.flush().await;
-                let _ = err.flush().await;
-                return Ok(st);
-            }
-            other => {
-                return Err(ClientError::Refused(format!(
-                    "server sent an unexpected frame: {other:?}"
-                )));
-            }
-        }
-    }
+fn io_err(e: std::io::Error) -> SessionError {
+    SessionError::Local(format!("local i/o: {e}"))
 }
 
 /// `-G`: what ssh would print (`key value` lines), without resolving or connecting.
@@ -302,7 +208,20 @@ fn print_config(args: &SshArgs) {
 }
 
 /// `malai ssh [flags] <host> [command …]`: one server or a group.
-pub async fn run(dirs: &crate::config::paths::Dirs, argv: &[String]) -> Result<i32, ClientError> {
+pub async fn run(dirs: &crate::config::paths::Dirs, argv: &[String]) -> Result<i32, SessionError> {
+    let r = run_parsed(dirs, argv).await;
+    if matches!(r, Err(SessionError::Killed(_))) {
+        // A signal may have come while a request was opening (the server may already have
+        // started the command): close our connections now, not at the server's idle limit.
+        crate::session::own::close_all(crate::session::ABORT_CLOSE).await;
+    }
+    r
+}
+
+async fn run_parsed(
+    dirs: &crate::config::paths::Dirs,
+    argv: &[String],
+) -> Result<i32, SessionError> {
     let args = super::ssh_args::parse(argv)?;
     if args.print_config {
         print_config(&args);
@@ -317,14 +236,14 @@ pub async fn run(dirs: &crate::config::paths::Dirs, argv: &[String]) -> Result<i
     if let Some(u) = &args.user {
         tracing::info!(user = %u, "remote user name given; commands run as the server's user");
     }
-    let resolved = super::resolve(dirs, &args.host)?;
+    let resolved = crate::session::resolve(dirs, &args.host)?;
     if args.forwards()
         && !matches!(
             resolved.target.kind,
             crate::config::names::TargetKind::Server { .. }
         )
     {
-        return Err(ClientError::Refused(format!(
+        return Err(SessionError::Refused(format!(
             "{} is not a server; forwarding (-L, -D, -W, -N) needs one server",
             args.host
         )));
@@ -335,37 +254,35 @@ pub async fn run(dirs: &crate::config::paths::Dirs, argv: &[String]) -> Result<i
             super::group::run(&resolved, &group, &args).await
         }
         crate::config::names::TargetKind::Service { .. } => {
-            Err(ClientError::NotAServer(args.host.clone(), "service"))
+            Err(SessionError::NotAServer(args.host.clone(), "service"))
         }
         crate::config::names::TargetKind::Server { .. } => {
             let server = resolved
                 .server()
                 .cloned()
-                .ok_or_else(|| ClientError::Refused("server vanished".into()))?;
+                .ok_or_else(|| SessionError::Refused("server vanished".into()))?;
             if args.forwards() {
                 return super::forward::run(&resolved, &server, &args).await;
             }
-            // ssh-via servers need no malai key: always direct.
-            if server.ssh_via.is_none()
-                && let crate::agent::client::Route::Agent(agent) =
-                    crate::agent::client::route(&resolved.dir).await?
-            {
-                return run_via_agent(agent, &args).await;
+            // ssh-via servers need no malai key: always direct. Otherwise the routing
+            // policy: a key holder gets our stdio (handover), or this process dials.
+            if server.ssh_via.is_some() {
+                return run_one(&resolved, &server, &args, None).await;
             }
-            run_one(&resolved, &server, &args).await
+            match crate::session::route(&resolved.dir, Some(&resolved.config)).await? {
+                Route::Holder(holder) => run_via_holder(holder, &args).await,
+                own => run_one(&resolved, &server, &args, Some(own)).await,
+            }
         }
     }
 }
 
-/// [`run_one`] through the agent (`MALAI_SSH_AGENT`): it gets our stdio and uses its
-/// pooled connection; we keep the terminal (raw mode, window size) and the exit status.
-async fn run_via_agent(
-    agent: crate::agent::client::AgentClient,
-    args: &SshArgs,
-) -> Result<i32, ClientError> {
+/// [`run_one`] through a key holder (the agent, or the server): it gets our stdio and uses
+/// its pooled connection; we keep the terminal (raw mode, window size) and the exit status.
+async fn run_via_holder(holder: ControlClient, args: &SshArgs) -> Result<i32, SessionError> {
     let pty = want_pty(args);
     let req = exec_request(args, pty);
-    let r = crate::agent::client::exec(agent, &args.host, req, !args.no_stdin, || {
+    let r = super::handover::exec(holder, &args.host, req, !args.no_stdin, || {
         if pty && is_tty(0) {
             RawMode::enter()
         } else {

@@ -28,7 +28,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
@@ -38,16 +37,11 @@ use tokio_util::task::TaskTracker;
 use super::exec::{Interrupts, exec_request, run_session, want_pty};
 use super::socks;
 use super::ssh_args::SshArgs;
-use super::{
-    CONNECT_TIMEOUT, ClientError, Closer, LINGER, Resolved, Session, SessionRead, SessionWrite,
-    request_on,
-};
 use crate::config::Server;
-use crate::endpoint::{CommandAccess, OwnEndpoint};
-use crate::id52::Id52;
 use crate::protocol::Request;
 use crate::protocol::forward::{ForwardTarget, RemoteEvent, RemoteListen};
-use crate::transport::iroh::PeerConnection;
+use crate::session::link::Link;
+use crate::session::{LINGER, Resolved, SessionError, SessionWrite};
 use crate::transport::{pump, stdio};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -218,95 +212,6 @@ enum Kind {
     Socks,
 }
 
-/// How this run reaches the server: its own endpoint and one connection, or through the
-/// process that holds the cluster key (server or agent), one control-socket stream per
-/// request. Cheap to clone.
-#[derive(Clone)]
-enum Link {
-    Own {
-        own: Arc<OwnEndpoint>,
-        conn: PeerConnection,
-        cluster: Id52,
-    },
-    Via {
-        socket: Arc<PathBuf>,
-        alias: Arc<str>,
-        server: Id52,
-        hints: Arc<[SocketAddr]>,
-    },
-}
-
-impl Link {
-    /// Reach `server` the way every CLI command does (`endpoint::for_command`).
-    async fn connect(resolved: &Resolved, server: &Server) -> Result<Link, ClientError> {
-        let access = crate::endpoint::for_command(
-            &resolved.dir,
-            Some(&resolved.config),
-            crate::agent::lockdown_mode(),
-        )
-        .await?;
-        match access {
-            CommandAccess::Via(socket) => Ok(Link::Via {
-                socket: Arc::new(socket),
-                alias: resolved.dir.alias.as_str().into(),
-                server: server.id52,
-                hints: server.addrs.clone().into(),
-            }),
-            CommandAccess::Own(own) => {
-                let net = crate::endpoint::net_config(Some(&resolved.config))?;
-                match super::dial(&own.node, server, &net).await {
-                    Ok(conn) => Ok(Link::Own {
-                        own,
-                        conn,
-                        cluster: resolved.config.manager,
-                    }),
-                    Err(e) => {
-                        own.done(LINGER).await;
-                        Err(e)
-                    }
-                }
-            }
-        }
-    }
-
-    /// Open one request stream; `Ok` only after the server's `accept`.
-    async fn open(&self, request: Request) -> Result<(SessionWrite, SessionRead), ClientError> {
-        match self {
-            Link::Own { conn, cluster, .. } => {
-                let (s, r) = request_on(conn, *cluster, request).await?;
-                Ok((SessionWrite::Iroh(s), SessionRead::Iroh(r)))
-            }
-            Link::Via {
-                socket,
-                alias,
-                server,
-                hints,
-            } => {
-                let sock =
-                    crate::endpoint::open_via(socket, alias, *server, hints, request).await?;
-                let (r, w) = sock.into_split();
-                Ok((SessionWrite::Via(w), SessionRead::Via(r)))
-            }
-        }
-    }
-
-    /// Resolves when the connection to the server is gone (never, through a holder: it
-    /// redials on its own).
-    async fn lost(&self) {
-        match self {
-            Link::Own { conn, .. } => conn.closed().await,
-            Link::Via { .. } => std::future::pending().await,
-        }
-    }
-
-    async fn close(self) {
-        if let Link::Own { own, conn, .. } = self {
-            conn.close("done");
-            own.done(LINGER).await;
-        }
-    }
-}
-
 /// Abort a stream's sending side (QUIC reset; through a holder, dropping does it).
 fn reset(w: &mut SessionWrite) {
     if let SessionWrite::Iroh(s) = w {
@@ -315,9 +220,13 @@ fn reset(w: &mut SessionWrite) {
 }
 
 /// `malai ssh` with forwards: see the module header.
-pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result<i32, ClientError> {
+pub async fn run(
+    resolved: &Resolved,
+    server: &Server,
+    args: &SshArgs,
+) -> Result<i32, SessionError> {
     if server.ssh_via.is_some() {
-        return Err(ClientError::Refused(
+        return Err(SessionError::Refused(
             "forwarding (-L, -D, -W, -N) is not supported for ssh-via servers yet; \
              use OpenSSH through `malai ssh proxy`"
                 .into(),
@@ -328,30 +237,30 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
         .iter()
         .map(|s| parse_local(s))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ClientError::Refused(e.to_string()))?;
+        .map_err(|e| SessionError::Refused(e.to_string()))?;
     let dynamics = args
         .dynamic_forwards
         .iter()
         .map(|s| parse_dynamic(s))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ClientError::Refused(e.to_string()))?;
+        .map_err(|e| SessionError::Refused(e.to_string()))?;
     let stdio_to = args
         .stdio_forward
         .as_deref()
         .map(parse_stdio)
         .transpose()
-        .map_err(|e| ClientError::Refused(e.to_string()))?;
+        .map_err(|e| SessionError::Refused(e.to_string()))?;
     if stdio_to.is_some() && args.command.is_some() {
-        return Err(ClientError::Refused("-W takes no remote command".into()));
+        return Err(SessionError::Refused("-W takes no remote command".into()));
     }
     let remotes = args
         .remote_forwards
         .iter()
         .map(|s| parse_local(s).map(|f| (s.clone(), f)))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ClientError::Refused(e.to_string()))?;
+        .map_err(|e| SessionError::Refused(e.to_string()))?;
     if args.background && args.command.is_none() && !args.no_command {
-        return Err(ClientError::Refused(
+        return Err(SessionError::Refused(
             "cannot fork into background without a command to execute (use -N)".into(),
         ));
     }
@@ -363,22 +272,9 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
     let mut interrupts = Interrupts::install()?;
     let link = tokio::select! {
         c = Link::connect(resolved, server) => c?,
-        n = interrupts.recv() => return Err(ClientError::Killed(n)),
+        n = interrupts.recv() => return Err(SessionError::Killed(n)),
     };
-    // Notices a restarted server (the connection's idle limit is long), like `open`'s.
-    let watchdog = match &link {
-        Link::Own { own, conn, .. } => Some(super::liveness::watch(
-            own.node.clone(),
-            conn.clone(),
-            server.id52,
-            server.addrs.clone(),
-            resolved.config.manager,
-        )),
-        Link::Via { .. } => None,
-    };
-
     if let Some(to) = stdio_to {
-        let _watchdog = watchdog;
         let r = stdio_forward(&link, to, &mut interrupts).await;
         link.close().await;
         return r;
@@ -395,7 +291,7 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
             Ok(b) => bound.push((b, kind)),
             Err(e) if args.exit_on_forward_failure => {
                 link.close().await;
-                return Err(ClientError::Refused(format!(
+                return Err(SessionError::Refused(format!(
                     "{e}; could not request local forwarding"
                 )));
             }
@@ -429,7 +325,7 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
                 tasks.close();
                 let _ = tokio::time::timeout(LINGER, tasks.wait()).await;
                 link.close().await;
-                return Err(ClientError::Refused(format!(
+                return Err(SessionError::Refused(format!(
                     "remote port forwarding failed for {spec}: {e}"
                 )));
             }
@@ -464,11 +360,10 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
     }
 
     let result = if args.no_command {
-        let _watchdog = watchdog;
         background::signal_ready(ready.take());
         tokio::select! {
-            n = interrupts.recv() => Err(ClientError::Killed(n)),
-            _ = link.lost() => Err(ClientError::Refused("the connection to the server was lost".into())),
+            n = interrupts.recv() => Err(SessionError::Killed(n)),
+            _ = link.lost() => Err(SessionError::Refused("the connection to the server was lost".into())),
         }
     } else {
         let pty = want_pty(args);
@@ -477,25 +372,14 @@ pub async fn run(resolved: &Resolved, server: &Server, args: &SshArgs) -> Result
             req.env.push(("SSH_AUTH_SOCK".into(), path));
         }
         let opened = tokio::select! {
-            s = link.open(Request::Exec(req)) => s,
-            n = interrupts.recv() => Err(ClientError::Killed(n)),
+            s = link.open_session(Request::Exec(req)) => s,
+            n = interrupts.recv() => Err(SessionError::Killed(n)),
         };
         if opened.is_ok() {
             background::signal_ready(ready.take());
         }
         match opened {
-            Ok((send, recv)) => {
-                let closer = match (&link, watchdog) {
-                    (Link::Own { own, conn, .. }, Some(w)) => Closer::Iroh {
-                        own: own.clone(),
-                        conn: conn.clone(),
-                        _watchdog: w,
-                    },
-                    _ => Closer::Via,
-                };
-                let session = Session { closer, send, recv };
-                run_session(session, args, pty, &mut interrupts).await
-            }
+            Ok(session) => run_session(session, args, pty, &mut interrupts).await,
             Err(e) => Err(e),
         }
     };
@@ -516,13 +400,16 @@ async fn start_remote(
     local: ForwardTarget,
     stop: &CancellationToken,
     tasks: &TaskTracker,
-) -> Result<(Option<u16>, Option<String>), ClientError> {
+) -> Result<(Option<u16>, Option<String>), SessionError> {
     let (send, mut recv) = link.open(Request::RemoteForward { listen }).await?;
-    let first = tokio::time::timeout(CONNECT_TIMEOUT, crate::protocol::read_json(&mut recv))
-        .await
-        .map_err(|_| ClientError::Timeout("waiting for the remote listener"))??;
+    let first = tokio::time::timeout(
+        crate::session::CONNECT_TIMEOUT,
+        crate::protocol::read_json(&mut recv),
+    )
+    .await
+    .map_err(|_| SessionError::Timeout("waiting for the remote listener"))??;
     let RemoteEvent::Listening { port, path } = first else {
-        return Err(ClientError::Refused(
+        return Err(SessionError::Refused(
             "server sent a connection before listening".into(),
         ));
     };
@@ -603,7 +490,7 @@ mod background {
     use std::io::{Read, Write};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-    use super::ClientError;
+    use super::SessionError;
 
     /// The environment variable naming the child's end of the ready pipe.
     pub const FORK_FD: &str = "MALAI_SSH_FORK_FD";
@@ -631,9 +518,9 @@ mod background {
     }
 
     /// Start this command line again as a background child and wait for its "ready".
-    pub async fn fork_and_wait() -> Result<i32, ClientError> {
+    pub async fn fork_and_wait() -> Result<i32, SessionError> {
         let io =
-            |e: std::io::Error| ClientError::Refused(format!("cannot go to the background: {e}"));
+            |e: std::io::Error| SessionError::Refused(format!("cannot go to the background: {e}"));
         let (r, w) = nix::unistd::pipe().map_err(|e| io(e.into()))?;
         // The read end stays here only.
         nix::fcntl::fcntl(
@@ -672,10 +559,10 @@ async fn stdio_forward(
     link: &Link,
     to: ForwardTarget,
     interrupts: &mut Interrupts,
-) -> Result<i32, ClientError> {
+) -> Result<i32, SessionError> {
     let (mut send, mut recv) = tokio::select! {
         s = link.open(Request::Forward { to }) => s?,
-        n = interrupts.recv() => return Err(ClientError::Killed(n)),
+        n = interrupts.recv() => return Err(SessionError::Killed(n)),
     };
     let mut stdin = stdio::stdin();
     let mut stdout = stdio::stdout();
@@ -687,9 +574,9 @@ async fn stdio_forward(
                 }
                 Ok(0)
             }
-            Err(e) => Err(ClientError::Refused(format!("stdio forward broke: {e}"))),
+            Err(e) => Err(SessionError::Refused(format!("stdio forward broke: {e}"))),
         },
-        n = interrupts.recv() => Err(ClientError::Killed(n)),
+        n = interrupts.recv() => Err(SessionError::Killed(n)),
     }
 }
 
@@ -779,8 +666,8 @@ where
             eprintln!("malai: channel to {what}: open failed: {e}");
             if let Some(v) = socks_version {
                 let why = match e {
-                    ClientError::Denied(_) => socks::Failure::NotAllowed,
-                    ClientError::Refused(_) => socks::Failure::Unreachable,
+                    SessionError::Denied(_) => socks::Failure::NotAllowed,
+                    SessionError::Refused(_) => socks::Failure::Unreachable,
                     _ => socks::Failure::General,
                 };
                 let _ = socks::reply_failed(local, v, why).await;

@@ -15,13 +15,13 @@ use tokio::io::AsyncWrite;
 
 use super::exec::{Interrupts, drive, exec_request};
 use super::ssh_args::SshArgs;
-use super::{ClientError, Resolved, open};
 use crate::protocol::Request;
+use crate::session::{Resolved, SessionError, open};
 
 pub const DEFAULT_PARALLEL: usize = 8;
 
 /// Runs `args.command` on every server member of `group`.
-pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32, ClientError> {
+pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32, SessionError> {
     let members = resolved
         .config
         .groups
@@ -33,21 +33,21 @@ pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32
         .filter_map(|m| resolved.config.servers.get(m).cloned())
         .collect();
     if servers.is_empty() {
-        return Err(ClientError::Refused(format!(
+        return Err(SessionError::Refused(format!(
             "group {group} has no servers to run on"
         )));
     }
     if args.command.is_none() {
-        return Err(ClientError::Refused(
+        return Err(SessionError::Refused(
             "a group needs a command (no interactive session on many hosts)".into(),
         ));
     }
     // Through the agent when one is set (each member its own request on its pooled
     // connection); required under lockdown.
     let agent: Option<Arc<std::path::Path>> =
-        match crate::agent::client::route(&resolved.dir).await? {
-            crate::agent::client::Route::Agent(a) => Some(Arc::from(a.path())),
-            crate::agent::client::Route::Direct => None,
+        match crate::session::route(&resolved.dir, Some(&resolved.config)).await? {
+            crate::session::Route::Holder(a) => Some(Arc::from(a.path())),
+            crate::session::Route::Own(_) => None,
         };
     // A signal stops the hosts still waiting for a slot; the running ones end on it too.
     let mut interrupts = Interrupts::install()?;
@@ -67,7 +67,7 @@ pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32
         let agent = agent.clone().filter(|_| server.ssh_via.is_none());
         tasks.spawn(async move {
             let Ok(permit) = sem.acquire_owned().await else {
-                let e = ClientError::Refused("not started: interrupted".into());
+                let e = SessionError::Refused("not started: interrupted".into());
                 return (server.name, Err(e));
             };
             let prefix = format!("{:width$}: ", server.name);
@@ -76,11 +76,11 @@ pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32
             let r = if let Some(path) = agent {
                 // `<server-id52>.<cluster-id52>` names exactly this member for the agent.
                 let host = format!("{}.{}", server.id52, resolved.config.manager);
-                crate::agent::client::exec_into(&path, &host, req, &mut out, &mut err).await
+                crate::client::handover::exec_into(&path, &host, req, &mut out, &mut err).await
             } else {
                 run_member(&resolved, &server, req, &mut out, &mut err).await
             };
-            if matches!(r, Err(ClientError::Killed(_))) {
+            if matches!(r, Err(SessionError::Killed(_))) {
                 // Before our slot is free: hosts still waiting for one must not start.
                 permit.semaphore().close();
             }
@@ -128,11 +128,11 @@ async fn run_member(
     req: crate::protocol::exec::ExecRequest,
     out: &mut Prefixed,
     err: &mut Prefixed,
-) -> Result<i32, ClientError> {
+) -> Result<i32, SessionError> {
     let mut interrupts = Interrupts::install()?;
     let session = tokio::select! {
         s = open(resolved, server, Request::Exec(req)) => s?,
-        n = interrupts.recv() => return Err(ClientError::Killed(n)),
+        n = interrupts.recv() => return Err(SessionError::Killed(n)),
     };
     drive(session, None, out, err, false, &mut interrupts).await
 }

@@ -9,14 +9,14 @@
 //! is listed only if it really resolves to that server here. Servers tunnelled to sshd are
 //! left out: sshd has its own host key.
 
-use super::{ClientError, local_clusters};
 use crate::config::SshTarget;
 use crate::config::names::{self, TargetKind};
 use crate::config::paths::Dirs;
 use crate::server::embedded::known_hosts_line;
+use crate::session::{SessionError, local_clusters};
 
 /// All lines, one per embedded-SSH server per cluster, sorted for stable output.
-pub fn lines(dirs: &Dirs) -> Result<Vec<String>, ClientError> {
+pub fn lines(dirs: &Dirs) -> Result<Vec<String>, SessionError> {
     let clusters = local_clusters(dirs)?;
     let pairs: Vec<(String, crate::config::ClusterConfig)> = clusters
         .iter()

@@ -8,32 +8,35 @@
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::{ClientError, open, resolve};
 use crate::config::names::TargetKind;
 use crate::config::paths::Dirs;
 use crate::protocol::Request;
+use crate::session::{Route, SessionError, open, open_on, resolve, route};
 use crate::transport::{pump, stdio};
 
-pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), ClientError> {
+pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), SessionError> {
     let resolved = resolve(dirs, host)?;
     let server = match &resolved.target.kind {
         TargetKind::Server { .. } => resolved.server().cloned(),
         TargetKind::Service { .. } => {
-            return Err(ClientError::NotAServer(host.to_string(), "service"));
+            return Err(SessionError::NotAServer(host.to_string(), "service"));
         }
         TargetKind::Group { .. } => {
-            return Err(ClientError::NotAServer(host.to_string(), "group"));
+            return Err(SessionError::NotAServer(host.to_string(), "group"));
         }
     };
-    let server = server.ok_or_else(|| ClientError::Refused("server vanished".into()))?;
-    // Through the agent when one is set (ssh-via servers need no malai key: always direct).
-    if server.ssh_via.is_none()
-        && let crate::agent::client::Route::Agent(agent) =
-            crate::agent::client::route(&resolved.dir).await?
-    {
-        return crate::agent::client::proxy(agent, host, port).await;
-    }
-    let mut session = open(&resolved, &server, Request::Tunnel { port }).await?;
+    let server = server.ok_or_else(|| SessionError::Refused("server vanished".into()))?;
+    // ssh-via servers need no malai key: always direct. Otherwise the routing policy: a
+    // key holder gets our stdio (handover), or this process dials itself.
+    let request = Request::Tunnel { port };
+    let mut session = if server.ssh_via.is_some() {
+        open(&resolved, &server, request).await?
+    } else {
+        match route(&resolved.dir, Some(&resolved.config)).await? {
+            Route::Holder(holder) => return super::handover::proxy(holder, host, port).await,
+            own => open_on(own, &resolved, &server, request).await?,
+        }
+    };
     let mut stdin = stdio::stdin();
     let mut stdout = stdio::stdout();
     // OpenSSH sends its ProxyCommand SIGHUP as soon as the session is over, often before
@@ -51,7 +54,7 @@ pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), Clien
         }
         _ = term.recv() => {
             session.abort().await;
-            return Err(ClientError::Killed(15));
+            return Err(SessionError::Killed(15));
         }
     };
     match result {
@@ -61,13 +64,13 @@ pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), Clien
             Ok(())
         }
         Err(e) => {
-            let e = session.broken(ClientError::Refused(format!("connection lost: {e}")));
+            let e = session.broken(SessionError::Refused(format!("connection lost: {e}")));
             session.abort().await;
             Err(e)
         }
     }
 }
 
-fn local(e: std::io::Error) -> ClientError {
-    ClientError::Refused(format!("local i/o: {e}"))
+fn local(e: std::io::Error) -> SessionError {
+    SessionError::Refused(format!("local i/o: {e}"))
 }

@@ -82,6 +82,13 @@ impl SshArgs {
     }
 }
 
+/// A command line that cannot be run is the command's error (one line, exit 255).
+impl From<ArgsError> for crate::session::SessionError {
+    fn from(e: ArgsError) -> Self {
+        crate::session::SessionError::Usage(e.to_string())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ArgsError {
     #[error("option -{0} needs an argument")]

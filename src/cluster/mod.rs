@@ -1,19 +1,16 @@
 //! `malai ssh cluster …`: creating a cluster, joining one, editing the manager's file.
 //!
 //! The manager's file is edited with `toml_edit` (comments and layout kept) and validated
-//! before it replaces the old one atomically. Members get it by config sync:
+//! before it replaces the old one atomically. Members get it by config sync (`sync`: the
+//! manager's loop, a member accepting a pushed or pulled file); here:
 //!
-//! - [`sync`]: the manager's loop that pushes the file (secrets stripped) to every server;
-//! - [`member`]: a member accepting a pushed or pulled file (checks, atomic write);
 //! - [`status`]: `cluster status`, every member online / in sync / last seen;
 //! - [`dns`]: `cluster join <domain>` finds the manager from a `malai-cluster=` TXT record.
 //!
 //! `cluster import` places a file by hand (same checks as a push).
 
 pub mod dns;
-pub mod member;
 pub mod status;
-pub mod sync;
 
 use std::path::Path;
 
@@ -23,6 +20,9 @@ use crate::config::store::{ClusterDir, StoreError, list_clusters};
 use crate::config::{ClusterConfig, edit};
 use crate::id52::Id52;
 use crate::keys::{self, KeyError};
+use crate::session::dial::Routed;
+use crate::sync::manager::REQUEST_TIMEOUT;
+pub use crate::sync::{self, member};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -160,37 +160,13 @@ pub fn import(dirs: &Dirs, alias: &str, file: &Path) -> Result<ClusterConfig, Cl
         file: file.display().to_string(),
         why: e.to_string(),
     })?;
-    check_same_cluster(&cd, &cfg).map_err(|why| ClusterError::Mismatch {
+    member::check_same_cluster(&cd, &cfg).map_err(|why| ClusterError::Mismatch {
         file: file.display().to_string(),
         why,
     })?;
     // A member never keeps the manager's key-storage settings.
     let text = edit::strip_secrets(&text)?;
     Ok(cd.save_text(&text)?)
-}
-
-/// A member accepts a file only for the cluster it joined: same manager id52, and the same
-/// alias when the file names one.
-pub fn check_same_cluster(cd: &ClusterDir, cfg: &ClusterConfig) -> Result<(), String> {
-    let joined = cd
-        .manager_id()
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("this machine has not joined {:?}", cd.alias))?;
-    if cfg.manager != joined {
-        return Err(format!(
-            "its manager is {}, but this machine joined {:?} with manager {}",
-            cfg.manager, cd.alias, joined
-        ));
-    }
-    if let Some(a) = &cfg.alias
-        && !a.eq_ignore_ascii_case(&cd.alias)
-    {
-        return Err(format!(
-            "it is for cluster {a:?}, but this folder is {:?}",
-            cd.alias
-        ));
-    }
-    Ok(())
 }
 
 /// `malai ssh config`: an ssh_config block per cluster.
@@ -354,7 +330,7 @@ pub async fn push_now(
             }
         }
     }
-    let (node, own) = dialer_for(&cd, Some(&cfg)).await?;
+    let Routed { dialer: node, own } = dialer_for(&cd, Some(&cfg)).await?;
     let mut tasks = tokio::task::JoinSet::new();
     let names: Vec<String> = targets.iter().map(|(n, _, _)| n.clone()).collect();
     for (i, (name, id, hints)) in targets.into_iter().enumerate() {
@@ -363,17 +339,9 @@ pub async fn push_now(
         let hash = hash.clone();
         let manager = cfg.manager;
         tasks.spawn(async move {
-            let r = sync::push(
-                &node,
-                &manager,
-                &id,
-                &hints,
-                &text,
-                &hash,
-                sync::REQUEST_TIMEOUT,
-            )
-            .await
-            .map(|(ack, _)| ack);
+            let r = sync::push(&node, &manager, &id, &hints, &text, &hash, REQUEST_TIMEOUT)
+                .await
+                .map(|(ack, _)| ack);
             (i, name, r)
         });
     }
@@ -404,33 +372,15 @@ pub async fn push_now(
         .collect())
 }
 
-/// How `cluster push/pull/status` reach the cluster: through the process that holds the
-/// key (the server, the agent), else an endpoint of their own for the command's length.
+/// How `cluster push/pull/status` reach the cluster: the routing policy every command
+/// follows (`session::route`; lockdown included: these commands never read a key either).
 pub(crate) async fn dialer_for(
     cd: &ClusterDir,
     cfg: Option<&crate::config::ClusterConfig>,
-) -> Result<
-    (
-        sync::Dialer,
-        Option<std::sync::Arc<crate::endpoint::OwnEndpoint>>,
-    ),
-    ClusterError,
-> {
-    let access = crate::endpoint::for_command(cd, cfg, false)
+) -> Result<Routed, ClusterError> {
+    Routed::for_cluster(cd, cfg)
         .await
-        .map_err(|e| ClusterError::Usage(e.to_string()))?;
-    Ok(match access {
-        crate::endpoint::CommandAccess::Own(own) => {
-            (sync::Dialer::Node(own.node.clone()), Some(own))
-        }
-        crate::endpoint::CommandAccess::Via(socket) => (
-            sync::Dialer::Via {
-                socket,
-                cluster: cd.alias.clone(),
-            },
-            None,
-        ),
-    })
+        .map_err(|e| ClusterError::Usage(e.to_string()))
 }
 
 /// `cluster pull`: fetch the current file from the manager now (how a device catches up).
@@ -441,8 +391,8 @@ pub async fn pull(
 ) -> Result<member::Applied, ClusterError> {
     let cd = pick_cluster(dirs, cluster)?;
     let cfg = cd.load().ok();
-    let (node, own) = dialer_for(&cd, cfg.as_ref()).await?;
-    let r = member::pull(&cd, &node, from).await;
+    let Routed { dialer, own } = dialer_for(&cd, cfg.as_ref()).await?;
+    let r = member::pull(&cd, &dialer, from).await;
     if let Some(own) = own {
         own.done(std::time::Duration::from_secs(3)).await;
     }

@@ -4,19 +4,20 @@
 //! Servers are asked now (`config-hash`, a few seconds at most, many at once), so "online"
 //! and "in sync" are facts, not the sync loop's last belief. Devices run no server and
 //! cannot be asked; for them (and for servers that do not answer) "last seen" comes from the
-//! sync loop's state file (`cluster::sync::STATE_FILE`), updated whenever a member talks to
+//! sync loop's state file (`sync::manager::STATE_FILE`), updated whenever a member talks to
 //! the manager (a push, a pull).
 
 use std::time::Duration;
 
 use serde::Serialize;
 
-use super::sync::{self, Source, load_state, unix_now};
 use super::{ClusterError, managed_cluster};
 use crate::config::MemberKind;
 use crate::config::paths::Dirs;
 use crate::id52::Id52;
 use crate::protocol::config::{HashQuery, short_hash};
+use crate::sync;
+use crate::sync::manager::{Source, load_state, unix_now};
 
 /// How long one member may take to answer before it counts as offline.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -59,7 +60,8 @@ pub async fn status(dirs: &Dirs, cluster: Option<&str>) -> Result<Status, Cluste
     let cfg = crate::config::ClusterConfig::parse(&source.text)
         .map_err(|e| ClusterError::Usage(format!("{}: {e}", cd.file_path().display())))?;
     let state = load_state(&cd);
-    let (node, own) = super::dialer_for(&cd, Some(&cfg)).await?;
+    let crate::session::dial::Routed { dialer: node, own } =
+        super::dialer_for(&cd, Some(&cfg)).await?;
 
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(PROBE_PARALLEL));
     let mut probes = tokio::task::JoinSet::new();

@@ -10,6 +10,7 @@ pub mod edit;
 pub mod names;
 pub mod parse;
 pub mod paths;
+pub mod ssh_via;
 pub mod store;
 
 use std::collections::BTreeMap;

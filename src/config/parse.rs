@@ -1011,7 +1011,7 @@ fn check_host_port(s: &str) -> Result<(), String> {
 /// parser the client uses: only host-name and user-name characters (a leading '-' would be
 /// an option; shell syntax would reach ProxyCommand `%h`/`%r`, CVE-2023-51385).
 fn check_ssh_via(s: &str) -> Result<(), &'static str> {
-    crate::client::ssh_via::parse_target(s)
+    super::ssh_via::parse_target(s)
         .map(|_| ())
         .map_err(|_| "expected [user@]host[:port] with letters, digits, '.', '-' and '_' only")
 }

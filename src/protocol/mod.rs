@@ -28,6 +28,7 @@
 
 pub mod config;
 pub mod exec;
+pub mod exec_pump;
 pub mod forward;
 
 use serde::{Deserialize, Serialize};

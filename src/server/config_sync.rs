@@ -2,7 +2,7 @@
 //!
 //! Both run only after `acl::decide` allowed them: a push only from the cluster's manager,
 //! a hash query only from a member or the manager. What a pushed file must pass before it
-//! replaces this machine's copy is `cluster::member::apply`'s job; the running server picks
+//! replaces this machine's copy is `sync::member::apply`'s job; the running server picks
 //! the new file up on its next request (`ClusterState::current` checks the mtime), so no
 //! restart is needed.
 //!
@@ -15,12 +15,12 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::request::{Context, reply};
-use crate::cluster::member::{self, Applied};
-use crate::cluster::sync::Source;
 use crate::protocol::Response;
 use crate::protocol::config::{
     ConfigFile, HashQuery, HashReply, PushAck, read_config_frame, short_hash, write_config_frame,
 };
+use crate::sync::Source;
+use crate::sync::member::{self, Applied};
 
 /// How long the body frame may take after `accept` (a 1 MiB file over a slow path).
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);

@@ -917,8 +917,8 @@ mod tests {
     /// The host key's public half is the id52's key, so `known-hosts` needs no secret.
     #[test]
     fn host_key_matches_id52() {
-        let secret = SecretKey::generate();
-        let id = secret.id52();
+        let secret = crate::keys::generate();
+        let id = crate::keys::public_id(&secret);
         let pk = host_key(&secret).public_key().to_openssh().unwrap();
         assert_eq!(pk, known_hosts_key(&id));
         assert!(pk.starts_with("ssh-ed25519 AAAA"));

@@ -13,7 +13,7 @@
 //! push making this machine a server) are picked up by a rescan every few seconds.
 //!
 //! Config sync (DESIGN §5): on a cluster this machine manages, the endpoint also runs the
-//! manager's sync loop (`cluster::sync::Syncer`) and answers members' pulls; on a cluster it
+//! manager's sync loop (`sync::Syncer`) and answers members' pulls; on a cluster it
 //! is a member of, the server pulls the current file from the manager once at start, and
 //! takes pushes through `config_sync` at any time. A member that joined but has no file yet
 //! is served with an empty file naming only the joined manager, so the first push (the only
@@ -98,7 +98,7 @@ pub struct ClusterState {
     loaded: Mutex<Loaded>,
     /// The manager's sync loop, when this machine manages the cluster: the `config-hash`
     /// handler serves pulls from it and tells it which members are alive.
-    pub sync: std::sync::OnceLock<Arc<crate::cluster::sync::Syncer>>,
+    pub sync: std::sync::OnceLock<Arc<crate::sync::manager::Syncer>>,
     /// Requests in flight per peer, for the per-peer cap ([`ClusterState::admit`]).
     active: Mutex<std::collections::HashMap<Id52, usize>>,
     /// Bumped on every reload: live requests re-ask the ACL then ([`revoke`]).
@@ -270,12 +270,12 @@ pub async fn run(
         ));
     }
     let control = control_listener(&dirs, opts.managed_only)?;
-    let inbound = Arc::new(Inbound::default());
-    let holder = Arc::new(crate::agent::serve::AgentContext {
-        pool: crate::agent::pool::Pool::for_server(
+    let inbound = Arc::new(crate::keyholder::inbound::Inbound::default());
+    let holder = Arc::new(crate::keyholder::serve::HolderContext {
+        pool: crate::keyholder::pool::Pool::for_server(
             dirs.clone(),
             control.path.clone(),
-            crate::agent::pool::idle_from_env(),
+            crate::keyholder::pool::idle_from_env(),
         ),
         dirs: dirs.clone(),
         socket: control.path.clone(),
@@ -300,7 +300,7 @@ pub async fn run(
         &mut started,
     )
     .await?;
-    tracker.spawn(crate::agent::daemon::accept_loop(
+    tracker.spawn(crate::keyholder::serve::accept_loop(
         control.listener,
         holder.clone(),
         tracker.clone(),
@@ -346,70 +346,17 @@ pub async fn run(
     Ok(())
 }
 
-/// The server's accepted connections, for `malai ssh status` (path, address, RTT).
-#[derive(Default)]
-pub struct Inbound {
-    next: std::sync::atomic::AtomicU64,
-    live: Mutex<BTreeMap<u64, (String, String, Id52, PeerConnection)>>,
-}
-
-/// Removes its connection from [`Inbound`] when the connection's task ends.
-struct Listed<'a> {
-    inbound: &'a Inbound,
-    id: u64,
-}
-
-impl Drop for Listed<'_> {
-    fn drop(&mut self) {
-        let mut l = self.inbound.live.lock().unwrap_or_else(|p| p.into_inner());
-        l.remove(&self.id);
-    }
-}
-
-impl Inbound {
-    fn add(&self, state: &ClusterState, conn: &PeerConnection) -> Listed<'_> {
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let peer = conn.remote();
-        let name = state
-            .current()
-            .name_of(&peer)
-            .map(|(n, _)| n.to_string())
-            .unwrap_or_else(|| peer.short());
-        let mut l = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        l.insert(id, (state.dir.alias.clone(), name, peer, conn.clone()));
-        Listed { inbound: self, id }
-    }
-
-    /// Every live accepted connection.
-    pub fn list(&self) -> Vec<crate::agent::protocol::ConnectionInfo> {
-        let l = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        l.values()
-            .filter(|(_, _, _, c)| !c.is_closed())
-            .map(|(cluster, name, peer, conn)| {
-                crate::agent::protocol::ConnectionInfo {
-                    cluster: cluster.clone(),
-                    server: name.clone(),
-                    peer: peer.to_string(),
-                    direction: "in".into(),
-                    ..Default::default()
-                }
-                .with_path(conn)
-            })
-            .collect()
-    }
-}
-
 /// A cluster this process serves: its endpoint and the claim that makes it the machine's
 /// only holder of the key.
 struct Served {
     node: Node,
-    _claim: crate::endpoint::Claim,
+    _claim: crate::control::lock::Claim,
 }
 
 /// What `start_new_clusters` needs to register a cluster with the control socket.
 struct Ctl {
-    inbound: Arc<Inbound>,
-    holder: Arc<crate::agent::serve::AgentContext>,
+    inbound: Arc<crate::keyholder::inbound::Inbound>,
+    holder: Arc<crate::keyholder::serve::HolderContext>,
     socket: std::path::PathBuf,
     registry: Arc<stdinserver::Registry>,
 }
@@ -431,7 +378,7 @@ struct ControlListener {
 
 fn control_listener(dirs: &Dirs, managed_only: bool) -> Result<ControlListener, ServerError> {
     use std::os::unix::fs::PermissionsExt;
-    crate::agent::prepare_run_dir(&dirs.run).map_err(|e| ServerError::Control {
+    crate::localsock::prepare_private_dir(&dirs.run).map_err(|e| ServerError::Control {
         path: dirs.run.display().to_string(),
         msg: e.to_string(),
     })?;
@@ -460,29 +407,37 @@ fn control_listener(dirs: &Dirs, managed_only: bool) -> Result<ControlListener, 
     })
 }
 
+/// Ask the agent at `socket` to hand `alias`'s key over.
+async fn ask_release(socket: &std::path::Path, alias: &str) -> Result<(), String> {
+    let client = crate::control::client::ControlClient::connect(socket)
+        .await
+        .map_err(|e| e.to_string())?;
+    client.release(alias).await.map_err(|e| e.to_string())
+}
+
 /// Claim `dir`'s key for this server (one endpoint per id52 per machine). An agent that
 /// holds it is asked to hand it over; a key in use by commands (or another server) is
 /// left alone and tried again at the next rescan.
 async fn claim_for_server(
     dir: &ClusterDir,
     socket: &std::path::Path,
-) -> Option<crate::endpoint::Claim> {
-    use crate::endpoint::{Claimed, Role, claim};
+) -> Option<crate::control::lock::Claim> {
+    use crate::control::lock::{Claimed, Role, claim};
     let deadline = std::time::Instant::now() + HANDOVER_WAIT;
     let mut asked = false;
     loop {
         match claim(dir, Role::Server, Some(socket)) {
             Ok(Claimed::Mine(c)) => return Some(c),
-            Ok(Claimed::Held(Some(h))) if h.role == crate::endpoint::Role::Agent && !asked => {
+            Ok(Claimed::Held(Some(h))) if h.role == crate::control::lock::Role::Agent && !asked => {
                 asked = true;
                 if let Some(s) = &h.socket
-                    && let Err(e) = crate::endpoint::ask_release(s, &dir.alias).await
+                    && let Err(e) = ask_release(s, &dir.alias).await
                 {
                     tracing::warn!(cluster = %dir.alias, error = %e, "the agent did not hand over the key");
                 }
             }
             Ok(Claimed::Held(h)) if !asked || std::time::Instant::now() >= deadline => {
-                tracing::warn!(cluster = %dir.alias, "not serving yet: {}", crate::endpoint::describe(h.as_ref()));
+                tracing::warn!(cluster = %dir.alias, "not serving yet: {}", crate::control::lock::describe(h.as_ref()));
                 return None;
             }
             Ok(Claimed::Held(_)) => {}
@@ -554,7 +509,7 @@ async fn start_new_clusters(
         let state = Arc::new(ClusterState::new(dir.clone(), me, cfg));
         ctl.registry.add(state.clone());
         if manages {
-            let syncer = crate::cluster::sync::Syncer::new(dir.clone(), node.clone(), me);
+            let syncer = crate::sync::manager::Syncer::new(dir.clone(), node.clone(), me);
             let _ = state.sync.set(syncer.clone());
             tracker.spawn(syncer.run(shutdown.clone()));
         } else {
@@ -609,10 +564,10 @@ fn remember_port(dir: &ClusterDir, node: &Node) {
 /// A member catches up with the manager once at start (it may have missed pushes while it
 /// was down). Failing is normal (manager offline, no address hint): pushes still come.
 async fn pull_on_start(dir: ClusterDir, node: Node, shutdown: CancellationToken) {
-    let node = crate::cluster::sync::Dialer::Node(node);
+    let node = crate::session::dial::Dialer::Node(node);
     tokio::select! {
         _ = shutdown.cancelled() => {}
-        r = crate::cluster::member::pull(&dir, &node, &[]) => match r {
+        r = crate::sync::member::pull(&dir, &node, &[]) => match r {
             Ok(a) => tracing::info!(cluster = %dir.alias, ?a, "pulled the cluster file from the manager"),
             Err(e) => tracing::info!(cluster = %dir.alias, error = %e, "no pull from the manager at start; waiting for pushes"),
         },
@@ -622,7 +577,7 @@ async fn pull_on_start(dir: ClusterDir, node: Node, shutdown: CancellationToken)
 async fn accept_loop(
     node: Node,
     state: Arc<ClusterState>,
-    inbound: Arc<Inbound>,
+    inbound: Arc<crate::keyholder::inbound::Inbound>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -658,7 +613,13 @@ async fn accept_loop(
                 Ok(slot) => slot,
                 Err(why) => return conn.close(&why.to_string()),
             };
-            let _listed = inbound.add(&state, &conn);
+            let peer = conn.remote();
+            let name = state
+                .current()
+                .name_of(&peer)
+                .map(|(n, _)| n.to_string())
+                .unwrap_or_else(|| peer.short());
+            let _listed = inbound.add(&state.dir.alias, name, &conn);
             serve_connection(conn, state, shutdown, tracker2).await
         });
     }

@@ -19,10 +19,7 @@ use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 
 use crate::protocol::exec::{ExitStatus, PtyRequest};
 
-/// Environment names a client may set (OpenSSH's default `AcceptEnv LANG LC_*`).
-pub fn env_allowed(name: &str) -> bool {
-    name == "LANG" || name.starts_with("LC_")
-}
+pub use crate::protocol::exec_pump::env_allowed;
 
 /// What to run.
 #[derive(Debug, Clone)]

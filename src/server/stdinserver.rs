@@ -23,7 +23,7 @@
 
 use std::io::Cursor;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -53,16 +53,8 @@ const MAX_OUTCOME: u64 = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StdinServerError {
-    #[error(
-        "runtime dir {path} is not private (mode {mode:o}, owner uid {uid}): it must be a directory owned by this user with mode 0700, because its socket is trusted blindly; fix with `chmod 700 {path}`"
-    )]
-    NotPrivate { path: String, mode: u32, uid: u32 },
-    #[error("runtime dir {path}: {source}")]
-    RuntimeDir {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    RuntimeDir(#[from] crate::localsock::PrivateDirError),
     #[error("another malai ssh server is already listening on {0}")]
     AlreadyRunning(String),
     #[error("cannot listen on {path}: {source}")]
@@ -138,32 +130,7 @@ impl Registry {
 /// Make sure `run` exists and is private: created 0700 if missing; refused if it is a
 /// symlink, not a directory, not ours, or open to group/other.
 pub fn check_runtime_dir(run: &Path) -> Result<(), StdinServerError> {
-    let display = run.display().to_string();
-    let io = |source| StdinServerError::RuntimeDir {
-        path: display.clone(),
-        source,
-    };
-    if std::fs::symlink_metadata(run).is_err() {
-        if let Some(parent) = run.parent() {
-            std::fs::create_dir_all(parent).map_err(io)?;
-        }
-        match std::fs::DirBuilder::new().mode(0o700).create(run) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io(e)),
-        }
-    }
-    let m = std::fs::symlink_metadata(run).map_err(io)?;
-    let me = nix::unistd::geteuid().as_raw();
-    let mode = m.permissions().mode() & 0o7777;
-    if !m.is_dir() || m.uid() != me || mode & 0o077 != 0 {
-        return Err(StdinServerError::NotPrivate {
-            path: display,
-            mode,
-            uid: m.uid(),
-        });
-    }
-    Ok(())
+    Ok(crate::localsock::prepare_private_dir(run)?)
 }
 
 /// The listening socket; the file is removed when this is dropped.
@@ -225,13 +192,9 @@ pub async fn serve(
 }
 
 async fn serve_forced_command(mut stream: UnixStream, registry: &Registry) {
-    let me = nix::unistd::geteuid().as_raw();
-    match stream.peer_cred() {
-        Ok(c) if c.uid() == me => {}
-        other => {
-            tracing::warn!(cred = ?other.map(|c| c.uid()), "stdinserver: peer is not this user; dropped");
-            return;
-        }
+    if let Err(e) = crate::localsock::check_caller(&stream) {
+        tracing::warn!(error = %e, "stdinserver: peer is not this user; dropped");
+        return;
     }
     let (payload, mut fds) =
         match tokio::time::timeout(HELLO_TIMEOUT, fdpass::recv_fds(&stream)).await {

@@ -28,7 +28,7 @@ use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::id52::Id52;
-use crate::keys::SecretKey;
+use crate::id52::SecretKey;
 use crate::protocol::ALPN;
 
 #[derive(Debug, thiserror::Error)]

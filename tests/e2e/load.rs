@@ -143,7 +143,7 @@ fn thousand_concurrent_exec_true_from_fifty_peers() {
                             env: vec![],
                             pty: None,
                         });
-                        let (mut s, mut r) = malai::client::request_on(&conn, cluster, req)
+                        let (mut s, mut r) = malai::session::request_on(&conn, cluster, req)
                             .await
                             .map_err(|e| format!("open: {e}"))?;
                         frames::write(&mut s, &Frame::StdinEof)

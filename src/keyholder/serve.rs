@@ -15,18 +15,20 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::fds::{self, PassedReader, PassedWriter};
 use super::pool::{Pool, PooledStream};
-use super::protocol::{
-    self, AgentHello, AgentStatus, ControlError, FailKind, FrameReader, FromAgent, OpenRequest,
-    ToAgent, VERSION,
-};
-use crate::client::{ClientError, resolve};
 use crate::config::names::TargetKind;
 use crate::config::paths::Dirs;
+use crate::control::protocol::{
+    self, ControlError, FailKind, FrameReader, FromHolder, HolderHello, HolderStatus, OpenRequest,
+    ToHolder, VERSION,
+};
 use crate::protocol::Request;
-use crate::protocol::exec::{self as frames, DataKind, ExitStatus, Frame, MAX_DATA};
+use crate::protocol::exec::ExitStatus;
+use crate::protocol::exec_pump::{self, PumpEnd};
+use crate::session::{SessionError, resolve};
 use crate::transport::pump;
 
 /// A client that connects must say hello (and then its request) this quickly.
@@ -35,7 +37,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const LINGER: Duration = Duration::from_secs(5);
 
 /// What every control connection shares.
-pub struct AgentContext {
+pub struct HolderContext {
     pub dirs: Dirs,
     pub pool: Pool,
     pub socket: std::path::PathBuf,
@@ -45,25 +47,26 @@ pub struct AgentContext {
     /// Whether `stop` may cancel it: the agent, yes; the server's control socket, no.
     pub stoppable: bool,
     /// The server's accepted connections, listed by `status` beside the pool's.
-    pub inbound: Option<Arc<crate::server::Inbound>>,
+    pub inbound: Option<Arc<crate::keyholder::inbound::Inbound>>,
 }
 
-impl AgentContext {
-    pub fn hello(&self) -> AgentHello {
-        AgentHello {
+impl HolderContext {
+    pub fn hello(&self) -> HolderHello {
+        HolderHello {
             version: VERSION,
             pid: std::process::id(),
             http: self.http,
         }
     }
 
-    fn status(&self) -> AgentStatus {
-        AgentStatus {
+    fn status(&self) -> HolderStatus {
+        HolderStatus {
             version: VERSION,
             pid: std::process::id(),
             socket: self.socket.display().to_string(),
             http: self.http,
             clusters: self.pool.clusters(),
+            not_served: self.pool.not_served(),
             dials: self.pool.dials(),
             requests: self.pool.requests(),
             connections: {
@@ -77,28 +80,41 @@ impl AgentContext {
     }
 }
 
+/// Control connections served at once; more wait in the kernel's backlog. Each holds up to
+/// three descriptors and a stream, so a runaway script can't exhaust the holder's fds.
+const MAX_CONTROL_CONNECTIONS: usize = 256;
+
+/// Serve control connections on `listener` (the agent's socket, and the server's for the
+/// keys it holds) until `ctx.shutdown`.
+pub async fn accept_loop(
+    listener: tokio::net::UnixListener,
+    ctx: Arc<HolderContext>,
+    tracker: TaskTracker,
+) {
+    let shutdown = ctx.shutdown.clone();
+    super::accept::serve(
+        listener,
+        "control socket",
+        MAX_CONTROL_CONNECTIONS,
+        shutdown,
+        tracker.clone(),
+        move |sock| connection(ctx.clone(), sock),
+    )
+    .await
+}
+
 /// Serve one accepted control connection until its request is done.
-pub async fn connection(ctx: Arc<AgentContext>, mut sock: UnixStream) {
+pub async fn connection(ctx: Arc<HolderContext>, mut sock: UnixStream) {
     // Only the user who runs the agent may use its keys.
-    match sock.peer_cred() {
-        Ok(c) if c.uid() == nix::unistd::geteuid().as_raw() => {}
-        Ok(c) => {
-            tracing::warn!(
-                uid = c.uid(),
-                "control connection from another user refused"
-            );
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "no peer credentials; refusing control connection");
-            return;
-        }
+    if let Err(e) = crate::localsock::check_caller(&sock) {
+        tracing::warn!(error = %e, "control connection refused");
+        return;
     }
     let mut reader = FrameReader::new();
-    let first = tokio::time::timeout(HELLO_TIMEOUT, reader.next::<ToAgent>(&sock)).await;
+    let first = tokio::time::timeout(HELLO_TIMEOUT, reader.next::<ToHolder>(&sock)).await;
     match first {
-        Ok(Ok((ToAgent::Hello { version }, _))) => {
-            if protocol::write(&mut sock, &FromAgent::Hello(ctx.hello()))
+        Ok(Ok((ToHolder::Hello { version }, _))) => {
+            if protocol::write(&mut sock, &FromHolder::Hello(ctx.hello()))
                 .await
                 .is_err()
                 || version != VERSION
@@ -116,7 +132,7 @@ pub async fn connection(ctx: Arc<AgentContext>, mut sock: UnixStream) {
         }
         Err(_) => return,
     }
-    let next = tokio::time::timeout(HELLO_TIMEOUT, reader.next::<ToAgent>(&sock)).await;
+    let next = tokio::time::timeout(HELLO_TIMEOUT, reader.next::<ToHolder>(&sock)).await;
     let (msg, passed) = match next {
         Ok(Ok(m)) => m,
         Ok(Err(ControlError::Closed)) => return, // a probe: hello was all it wanted
@@ -127,34 +143,34 @@ pub async fn connection(ctx: Arc<AgentContext>, mut sock: UnixStream) {
         Err(_) => return,
     };
     match msg {
-        ToAgent::Status => {
-            let _ = protocol::write(&mut sock, &FromAgent::Status(ctx.status())).await;
+        ToHolder::Status => {
+            let _ = protocol::write(&mut sock, &FromHolder::Status(ctx.status())).await;
         }
-        ToAgent::Stop if !ctx.stoppable => {
+        ToHolder::Stop if !ctx.stoppable => {
             let msg = "this is malai ssh server's socket; stop the server itself (SIGTERM)";
             let _ = reply_failed(&mut sock, FailKind::BadRequest, msg.into()).await;
         }
-        ToAgent::Stop => {
+        ToHolder::Stop => {
             tracing::info!("stop requested over the socket");
-            let _ = protocol::write(&mut sock, &FromAgent::Stopping).await;
+            let _ = protocol::write(&mut sock, &FromHolder::Stopping).await;
             ctx.shutdown.cancel();
         }
-        ToAgent::Stream {
+        ToHolder::Stream {
             cluster,
             peer,
             hints,
             request,
         } => stream(&ctx, sock, cluster, peer, hints, request).await,
-        ToAgent::Release { cluster } => {
+        ToHolder::Release { cluster } => {
             ctx.pool.release(&cluster).await;
-            let _ = protocol::write(&mut sock, &FromAgent::Released).await;
+            let _ = protocol::write(&mut sock, &FromHolder::Released).await;
         }
-        ToAgent::Open {
+        ToHolder::Open {
             host,
             request,
             stdin,
         } => open(&ctx, sock, reader, host, request, stdin, passed).await,
-        ToAgent::Hello { .. } | ToAgent::Window { .. } | ToAgent::Finish => {
+        ToHolder::Hello { .. } | ToHolder::Window { .. } | ToHolder::Finish => {
             let _ =
                 reply_failed(&mut sock, FailKind::BadRequest, "unexpected message".into()).await;
         }
@@ -164,7 +180,7 @@ pub async fn connection(ctx: Arc<AgentContext>, mut sock: UnixStream) {
 /// `stream`: one request to a peer on the key we hold, its raw bytes relayed over the
 /// control socket until both directions end (or either side breaks).
 async fn stream(
-    ctx: &AgentContext,
+    ctx: &HolderContext,
     mut sock: UnixStream,
     cluster: String,
     peer: crate::id52::Id52,
@@ -178,7 +194,7 @@ async fn stream(
             return;
         }
     };
-    if protocol::write(&mut sock, &FromAgent::Opened)
+    if protocol::write(&mut sock, &FromHolder::Opened)
         .await
         .is_err()
     {
@@ -210,13 +226,13 @@ async fn reply_failed(
     kind: FailKind,
     message: String,
 ) -> Result<(), ControlError> {
-    protocol::write(sock, &FromAgent::Failed { kind, message }).await
+    protocol::write(sock, &FromHolder::Failed { kind, message }).await
 }
 
-fn fail_kind(e: &ClientError) -> FailKind {
+fn fail_kind(e: &SessionError) -> FailKind {
     match e {
-        ClientError::Denied(_) => FailKind::Denied,
-        ClientError::Resolve(_) | ClientError::NotAServer(..) => FailKind::Resolve,
+        SessionError::Denied(_) => FailKind::Denied,
+        SessionError::Resolve(_) | SessionError::NotAServer(..) => FailKind::Resolve,
         _ => FailKind::Refused,
     }
 }
@@ -248,7 +264,7 @@ fn split_fds(request: &OpenRequest, stdin: bool, fds: Vec<OwnedFd>) -> Result<Pa
 }
 
 async fn open(
-    ctx: &AgentContext,
+    ctx: &HolderContext,
     mut sock: UnixStream,
     mut reader: FrameReader,
     host: String,
@@ -271,7 +287,7 @@ async fn open(
             return;
         }
     };
-    if protocol::write(&mut sock, &FromAgent::Opened)
+    if protocol::write(&mut sock, &FromHolder::Opened)
         .await
         .is_err()
     {
@@ -288,22 +304,24 @@ async fn open(
 }
 
 async fn open_stream(
-    ctx: &AgentContext,
+    ctx: &HolderContext,
     host: &str,
     request: &OpenRequest,
-) -> Result<PooledStream, ClientError> {
+) -> Result<PooledStream, SessionError> {
     let resolved = resolve(&ctx.dirs, host)?;
     match &resolved.target.kind {
         TargetKind::Server { .. } => {}
         TargetKind::Service { .. } => {
-            return Err(ClientError::NotAServer(host.to_string(), "service"));
+            return Err(SessionError::NotAServer(host.to_string(), "service"));
         }
-        TargetKind::Group { .. } => return Err(ClientError::NotAServer(host.to_string(), "group")),
+        TargetKind::Group { .. } => {
+            return Err(SessionError::NotAServer(host.to_string(), "group"));
+        }
     }
     let server = resolved
         .server()
         .cloned()
-        .ok_or_else(|| ClientError::Refused("server vanished".into()))?;
+        .ok_or_else(|| SessionError::Refused("server vanished".into()))?;
     let request = match request {
         OpenRequest::Tunnel { port } => Request::Tunnel { port: *port },
         OpenRequest::Exec(e) => Request::Exec(e.clone()),
@@ -327,13 +345,13 @@ async fn watch_control(
     windows: Option<mpsc::Sender<(u16, u16)>>,
 ) -> Control {
     loop {
-        match reader.next::<ToAgent>(sock).await {
-            Ok((ToAgent::Window { cols, rows }, _)) => {
+        match reader.next::<ToHolder>(sock).await {
+            Ok((ToHolder::Window { cols, rows }, _)) => {
                 if let Some(w) = &windows {
                     let _ = w.send((cols, rows)).await;
                 }
             }
-            Ok((ToAgent::Finish, _)) => return Control::Finish,
+            Ok((ToHolder::Finish, _)) => return Control::Finish,
             Ok(_) => {}
             Err(_) => return Control::Gone,
         }
@@ -341,16 +359,16 @@ async fn watch_control(
 }
 
 async fn tunnel(
-    ctx: &AgentContext,
+    ctx: &HolderContext,
     sock: &UnixStream,
     reader: &mut FrameReader,
     mut stream: PooledStream,
     passed: Passed,
     host: &str,
-) -> FromAgent {
+) -> FromHolder {
     let Some(stdin) = passed.stdin else {
         stream.abort();
-        return FromAgent::Broken {
+        return FromHolder::Broken {
             message: "a tunnel needs stdin".into(),
         };
     };
@@ -371,13 +389,13 @@ async fn tunnel(
         Ok(Ok(m)) => {
             tracing::info!(%host, up = m.up, down = m.down, "tunnel done");
             let _ = tokio::time::timeout(LINGER, stream.send.acknowledged()).await;
-            FromAgent::Done
+            FromHolder::Done
         }
         Ok(Err(e)) => {
             stream.abort();
-            FromAgent::Broken {
+            FromHolder::Broken {
                 message: match stream.server_restarted() {
-                    true => format!("connection lost: {}", crate::client::liveness::RESTARTED),
+                    true => format!("connection lost: {}", crate::session::liveness::RESTARTED),
                     false => format!("connection lost: {e}"),
                 },
             }
@@ -387,11 +405,11 @@ async fn tunnel(
             let _ = stream.send.shutdown().await;
             let _ =
                 tokio::time::timeout(Duration::from_millis(500), stream.send.acknowledged()).await;
-            FromAgent::Done
+            FromHolder::Done
         }
         Err(Control::Gone) => {
             stream.abort();
-            FromAgent::Broken {
+            FromHolder::Broken {
                 message: "abandoned".into(),
             }
         }
@@ -399,16 +417,16 @@ async fn tunnel(
 }
 
 async fn exec(
-    ctx: &AgentContext,
+    ctx: &HolderContext,
     sock: &UnixStream,
     reader: &mut FrameReader,
     mut stream: PooledStream,
     passed: Passed,
     pty: bool,
-) -> FromAgent {
+) -> FromHolder {
     let Some(stderr) = passed.stderr else {
         stream.abort();
-        return FromAgent::Broken {
+        return FromHolder::Broken {
             message: "exec needs stderr".into(),
         };
     };
@@ -416,91 +434,33 @@ async fn exec(
     let mut out = fds::writer(passed.stdout);
     let mut err = fds::writer(stderr);
     let (win_tx, win_rx) = mpsc::channel(8);
-    let result: Result<ExitStatus, String> = {
-        let input = pump_input(stdin, win_rx, &mut stream.send);
-        let output = crate::client::exec::pump_output(&mut stream.recv, &mut out, &mut err);
-        let control = watch_control(sock, reader, pty.then_some(win_tx));
-        tokio::pin!(input, output, control);
-        let mut input_done = false;
-        loop {
-            tokio::select! {
-                r = &mut output => break r.map_err(|e| e.to_string()),
-                r = &mut input, if !input_done => {
-                    input_done = true;
-                    // The server stops reading stdin once the command has exited, which
-                    // can race our last stdin frame: the exit status (or, if the
-                    // connection really died, an error) still comes from `output`.
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "stdin direction ended early");
-                    }
-                }
-                _ = &mut control => break Err("abandoned".into()),
-                _ = ctx.shutdown.cancelled() => break Err("the agent is shutting down".into()),
-            }
+    let stop = async {
+        tokio::select! {
+            _ = watch_control(sock, reader, pty.then_some(win_tx)) => "abandoned".to_string(),
+            _ = ctx.shutdown.cancelled() => "the agent is shutting down".to_string(),
         }
+    };
+    let result: Result<ExitStatus, String> = {
+        let (send, recv) = (&mut stream.send, &mut stream.recv);
+        exec_pump::run(recv, send, stdin, win_rx, &mut out, &mut err, stop)
+            .await
+            .map_err(|e| match e {
+                PumpEnd::Stopped(message) => message,
+                PumpEnd::Broken(e) => e.to_string(),
+            })
     };
     // Close our copies (restoring their flags) before the CLI hears the end.
     drop(out);
     drop(err);
     match result {
-        Ok(status) => FromAgent::Exit { status },
+        Ok(status) => FromHolder::Exit { status },
         Err(message) => {
             let message = match stream.server_restarted() {
-                true => format!("connection lost: {}", crate::client::liveness::RESTARTED),
+                true => format!("connection lost: {}", crate::session::liveness::RESTARTED),
                 false => message,
             };
             stream.abort();
-            FromAgent::Broken { message }
-        }
-    }
-}
-
-/// Stdin (and window changes) → exec frames. Ends after `StdinEof` once no more window
-/// changes can come.
-async fn pump_input(
-    stdin: Option<PassedReader>,
-    mut windows: mpsc::Receiver<(u16, u16)>,
-    w: &mut super::pool::PoolSend,
-) -> std::io::Result<()> {
-    use tokio::io::AsyncReadExt;
-    let io = |e: frames::ExecFrameError| match e {
-        frames::ExecFrameError::Io(e) => e,
-        other => std::io::Error::other(other.to_string()),
-    };
-    let mut stdin = stdin;
-    let mut buf = vec![0u8; MAX_DATA];
-    if stdin.is_none() {
-        frames::write(w, &Frame::StdinEof).await.map_err(io)?;
-    }
-    let mut windows_open = true;
-    loop {
-        tokio::select! {
-            n = async {
-                match stdin.as_mut() {
-                    Some(s) => s.read(&mut buf).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                match n? {
-                    0 => {
-                        frames::write(w, &Frame::StdinEof).await.map_err(io)?;
-                        stdin = None;
-                        if !windows_open {
-                            return Ok(());
-                        }
-                    }
-                    n => frames::write_data(w, DataKind::Stdin, &buf[..n]).await.map_err(io)?,
-                }
-            }
-            size = windows.recv(), if windows_open => match size {
-                Some((cols, rows)) => frames::write(w, &Frame::Window { cols, rows }).await.map_err(io)?,
-                None => {
-                    windows_open = false;
-                    if stdin.is_none() {
-                        return Ok(());
-                    }
-                }
-            },
+            FromHolder::Broken { message }
         }
     }
 }

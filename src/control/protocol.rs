@@ -52,7 +52,7 @@ pub const MAX_FDS: usize = fdpass::MAX_FDS;
 /// CLI → agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum ToAgent {
+pub enum ToHolder {
     Hello {
         version: u32,
     },
@@ -114,7 +114,7 @@ impl OpenRequest {
 
 /// The agent's hello: enough to decide whether to use, restart, or report it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AgentHello {
+pub struct HolderHello {
     pub version: u32,
     pub pid: u32,
     /// The HTTP proxy's address, when it runs.
@@ -174,13 +174,17 @@ impl ConnectionInfo {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AgentStatus {
+pub struct HolderStatus {
     pub version: u32,
     pub pid: u32,
     pub socket: String,
     pub http: Option<std::net::SocketAddr>,
     /// Clusters whose keys the agent holds.
     pub clusters: Vec<String>,
+    /// Clusters found on disk that it does not hold, each with why (a server holds it, the
+    /// key cannot be read, …); empty from a holder older than this field.
+    #[serde(default)]
+    pub not_served: std::collections::BTreeMap<String, String>,
     /// iroh connections dialed since start (a reused connection does not count again).
     pub dials: u64,
     /// Requests served (open and HTTP) since start.
@@ -191,9 +195,9 @@ pub struct AgentStatus {
 /// Agent → CLI.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum FromAgent {
-    Hello(AgentHello),
-    Status(AgentStatus),
+pub enum FromHolder {
+    Hello(HolderHello),
+    Status(HolderStatus),
     Stopping,
     /// The server accepted; payload is flowing over the passed descriptors.
     Opened,
@@ -379,10 +383,10 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip_with_and_without_fds() {
         let (mut a_r, b) = UnixStream::pair().unwrap();
-        let hello = ToAgent::Hello { version: VERSION };
+        let hello = ToHolder::Hello { version: VERSION };
         write(&mut a_r, &hello).await.unwrap();
         let (r, w) = std::io::pipe().unwrap();
-        let open = ToAgent::Open {
+        let open = ToHolder::Open {
             host: "foo.acme".into(),
             request: OpenRequest::Tunnel { port: Some(22) },
             stdin: true,
@@ -390,34 +394,34 @@ mod tests {
         write_with_fds(&a_r, &open, &[r.as_raw_fd(), w.as_raw_fd()])
             .await
             .unwrap();
-        write(&mut a_r, &ToAgent::Window { cols: 1, rows: 2 })
+        write(&mut a_r, &ToHolder::Window { cols: 1, rows: 2 })
             .await
             .unwrap();
         let mut reader = FrameReader::new();
-        let (m, fds): (ToAgent, _) = reader.next(&b).await.unwrap();
+        let (m, fds): (ToHolder, _) = reader.next(&b).await.unwrap();
         assert_eq!(m, hello);
         assert!(fds.is_empty());
-        let (m, fds): (ToAgent, _) = reader.next(&b).await.unwrap();
+        let (m, fds): (ToHolder, _) = reader.next(&b).await.unwrap();
         assert_eq!(m, open);
         assert_eq!(fds.len(), 2);
-        let (m, fds): (ToAgent, _) = reader.next(&b).await.unwrap();
-        assert_eq!(m, ToAgent::Window { cols: 1, rows: 2 });
+        let (m, fds): (ToHolder, _) = reader.next(&b).await.unwrap();
+        assert_eq!(m, ToHolder::Window { cols: 1, rows: 2 });
         assert!(fds.is_empty());
         drop(a_r);
         assert!(matches!(
-            reader.next::<ToAgent>(&b).await,
+            reader.next::<ToHolder>(&b).await,
             Err(ControlError::Closed)
         ));
     }
 
     #[tokio::test]
     async fn hello_wire_form_is_frozen() {
-        let bytes = encode(&ToAgent::Hello { version: 7 }).unwrap();
+        let bytes = encode(&ToHolder::Hello { version: 7 }).unwrap();
         assert_eq!(&bytes[4..], br#"{"hello":{"version":7}}"#);
-        let reply: FromAgent = decode(br#"{"hello":{"version":9,"pid":12,"http":null}}"#).unwrap();
+        let reply: FromHolder = decode(br#"{"hello":{"version":9,"pid":12,"http":null}}"#).unwrap();
         assert_eq!(
             reply,
-            FromAgent::Hello(AgentHello {
+            FromHolder::Hello(HolderHello {
                 version: 9,
                 pid: 12,
                 http: None
@@ -431,7 +435,7 @@ mod tests {
         big.extend_from_slice(b"{}");
         let mut r = &big[..];
         assert!(matches!(
-            read::<_, ToAgent>(&mut r).await,
+            read::<_, ToHolder>(&mut r).await,
             Err(ControlError::TooLarge(_))
         ));
         let (a, b) = UnixStream::pair().unwrap();
@@ -439,7 +443,7 @@ mod tests {
         a.write_all(&big).await.unwrap();
         let mut reader = FrameReader::new();
         assert!(matches!(
-            reader.next::<ToAgent>(&b).await,
+            reader.next::<ToHolder>(&b).await,
             Err(ControlError::TooLarge(_))
         ));
         for body in [
@@ -453,16 +457,16 @@ mod tests {
             f.extend_from_slice(body);
             let mut r = &f[..];
             assert!(matches!(
-                read::<_, ToAgent>(&mut r).await,
+                read::<_, ToHolder>(&mut r).await,
                 Err(ControlError::Malformed(_))
             ));
         }
         // Truncated at every length: closed, never a panic.
-        let good = encode(&ToAgent::Status).unwrap();
+        let good = encode(&ToHolder::Status).unwrap();
         for n in 0..good.len() {
             let mut r = &good[..n];
             assert!(matches!(
-                read::<_, ToAgent>(&mut r).await,
+                read::<_, ToHolder>(&mut r).await,
                 Err(ControlError::Closed)
             ));
         }
@@ -483,7 +487,7 @@ mod tests {
                 drop(a);
                 let mut reader = FrameReader::new();
                 for _ in 0..16 {
-                    if reader.next::<ToAgent>(&b).await.is_err() {
+                    if reader.next::<ToHolder>(&b).await.is_err() {
                         break;
                     }
                 }
@@ -496,9 +500,9 @@ mod tests {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
                 let msgs = vec![
-                    ToAgent::Window { cols, rows },
-                    ToAgent::Open { host: host.clone(), request: OpenRequest::Tunnel { port: None }, stdin: false },
-                    ToAgent::Finish,
+                    ToHolder::Window { cols, rows },
+                    ToHolder::Open { host: host.clone(), request: OpenRequest::Tunnel { port: None }, stdin: false },
+                    ToHolder::Finish,
                 ];
                 let mut bytes = vec![];
                 for m in &msgs {
@@ -515,7 +519,7 @@ mod tests {
                     let mut r = FrameReader::new();
                     let mut got = vec![];
                     for _ in 0..msgs.len() {
-                        got.push(r.next::<ToAgent>(&b).await.unwrap().0);
+                        got.push(r.next::<ToHolder>(&b).await.unwrap().0);
                     }
                     got
                 };

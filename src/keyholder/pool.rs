@@ -21,37 +21,46 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::protocol::ConnectionInfo;
-use crate::client::{ClientError, Resolved, request_on};
 use crate::config::Server;
 use crate::config::paths::Dirs;
 use crate::config::store::{ClusterDir, list_clusters};
-use crate::endpoint::{Claim, Claimed, Role};
+use crate::control::client::ControlClient;
+use crate::control::lock::{Claim, Claimed, Role};
+use crate::control::protocol::ConnectionInfo;
 use crate::id52::Id52;
 use crate::keys;
 use crate::protocol::Request;
+use crate::session::dial::Dialer;
+use crate::session::{Resolved, SessionError, request_on};
 use crate::transport::iroh::{Node, PeerConnection, RecvHalf, SendHalf};
 
 /// How long a cluster handed to the server is not claimed again (the server claims it
 /// within this, or it was not the server that asked).
 const RELEASE_GRACE: Duration = Duration::from_secs(10);
 
-fn endpoint_err(e: crate::endpoint::EndpointError) -> ClientError {
-    ClientError::Refused(e.to_string())
+fn endpoint_err(e: crate::control::lock::LockError) -> SessionError {
+    SessionError::Refused(e.to_string())
 }
 
 /// How long an unused connection is kept.
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
 /// Dialing plus TLS handshake: the CLI's bound.
-const DIAL_TIMEOUT: Duration = crate::client::CONNECT_TIMEOUT;
+const DIAL_TIMEOUT: Duration = crate::session::CONNECT_TIMEOUT;
+
+/// Seconds an unused pooled connection is kept (default [`DEFAULT_IDLE`]).
+pub const ENV_IDLE: &str = "MALAI_AGENT_IDLE_SECS";
 
 /// The idle time from `MALAI_AGENT_IDLE_SECS`, else [`DEFAULT_IDLE`].
 pub fn idle_from_env() -> Duration {
-    std::env::var(super::ENV_IDLE)
+    std::env::var(ENV_IDLE)
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
         .map(Duration::from_secs)
         .unwrap_or(DEFAULT_IDLE)
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -67,19 +76,11 @@ struct ClusterNode {
     _claim: Option<Claim>,
 }
 
-/// How this process reaches a cluster: its own endpoint, or through the process that
-/// holds the cluster's key (the server), over that one's control socket.
-#[derive(Clone)]
-pub enum Access {
-    Node(Node),
-    Via(PathBuf),
-}
-
 /// The live connection of one slot.
 struct Live {
     conn: PeerConnection,
     /// Closes `conn` when the server restarted (`client::liveness`).
-    _watchdog: crate::client::liveness::Watchdog,
+    _watchdog: crate::session::liveness::Watchdog,
     /// Tells a lease which connection it counted on (the slot may have been re-dialed).
     generation: u64,
     active: u64,
@@ -117,6 +118,8 @@ pub struct Pool {
     /// Aliases with a bound endpoint, readable without awaiting (for `status`).
     loaded: Mutex<Vec<String>>,
     slots: Mutex<BTreeMap<(String, Id52), Arc<Slot>>>,
+    /// Why each cluster found at the last rescan is not served here (for `status`).
+    not_served: Mutex<BTreeMap<String, String>>,
     counters: Counters,
 }
 
@@ -141,6 +144,7 @@ impl Pool {
             nodes: tokio::sync::Mutex::new(BTreeMap::new()),
             loaded: Mutex::new(vec![]),
             slots: Mutex::new(BTreeMap::new()),
+            not_served: Mutex::new(BTreeMap::new()),
             counters: Counters::default(),
         }
     }
@@ -155,11 +159,33 @@ impl Pool {
                 return;
             }
         };
+        let mut why_not = BTreeMap::new();
         for dir in dirs {
-            if let Err(e) = self.access(&dir).await {
-                tracing::debug!(cluster = %dir.alias, error = %e, "cluster not usable yet");
+            match self.access(&dir).await {
+                Ok(Dialer::Node(_)) => {
+                    if crate::control::lock::commands_running(&dir) {
+                        tracing::debug!(cluster = %dir.alias, "older commands still bind this key themselves");
+                    }
+                }
+                Ok(Dialer::Holder { .. }) => {
+                    let h = crate::control::lock::holder(&dir).ok().flatten();
+                    why_not.insert(
+                        dir.alias.clone(),
+                        crate::control::lock::describe(h.as_ref()),
+                    );
+                }
+                Err(e) => {
+                    tracing::debug!(cluster = %dir.alias, error = %e, "cluster not usable yet");
+                    why_not.insert(dir.alias.clone(), one_line(&e.to_string()));
+                }
             }
         }
+        *lock(&self.not_served) = why_not;
+    }
+
+    /// The clusters found on disk that this process does not serve, and why.
+    pub fn not_served(&self) -> BTreeMap<String, String> {
+        lock(&self.not_served).clone()
     }
 
     /// Use `node` (bound by the server for `alias`) for requests of that cluster.
@@ -204,42 +230,43 @@ impl Pool {
 
     /// How to reach `dir`'s cluster: our endpoint (bound and claimed on first use), or the
     /// server that holds the key.
-    async fn access(&self, dir: &ClusterDir) -> Result<Access, ClientError> {
+    async fn access(&self, dir: &ClusterDir) -> Result<Dialer, SessionError> {
         let me = keys::id52(&dir.dir)?;
         let mut nodes = self.nodes.lock().await;
         if let Some(n) = nodes.get(&dir.alias)
             && n.me == me
         {
-            return Ok(Access::Node(n.node.clone()));
+            return Ok(Dialer::Node(n.node.clone()));
         }
-        let held_elsewhere = |h: Option<crate::endpoint::Holder>| match h {
-            Some(h) if h.pid != std::process::id() && h.socket.is_some() => {
-                Ok(Access::Via(h.socket.unwrap_or_default()))
-            }
-            h => Err(ClientError::Refused(format!(
+        let held_elsewhere = |h: Option<crate::control::lock::Holder>| match h {
+            Some(h) if h.pid != std::process::id() && h.socket.is_some() => Ok(Dialer::Holder {
+                socket: h.socket.unwrap_or_default(),
+                alias: dir.alias.clone(),
+            }),
+            h => Err(SessionError::Refused(format!(
                 "cluster {}: {}",
                 dir.alias,
-                crate::endpoint::describe(h.as_ref())
+                crate::control::lock::describe(h.as_ref())
             ))),
         };
         let recently_released = lock(&self.released)
             .get(&dir.alias)
             .is_some_and(|t| t.elapsed() < RELEASE_GRACE);
         if self.adopt_only || recently_released {
-            return held_elsewhere(crate::endpoint::holder(dir).map_err(endpoint_err)?);
+            return held_elsewhere(crate::control::lock::holder(dir).map_err(endpoint_err)?);
         }
         // A key that changed (re-joined cluster): let go of the old one first.
         if let Some(old) = nodes.remove(&dir.alias) {
             old.node.close().await;
         }
-        let claim = match crate::endpoint::claim(dir, Role::Agent, Some(&self.socket))
+        let claim = match crate::control::lock::claim(dir, Role::Agent, Some(&self.socket))
             .map_err(endpoint_err)?
         {
             Claimed::Mine(c) => c,
             Claimed::Held(h) => return held_elsewhere(h),
         };
         let key = keys::load(&dir.dir)?;
-        let net = crate::endpoint::net_config_of(dir)?;
+        let net = crate::session::own::net_config_of(dir)?;
         let node = Node::bind(&key, &net, None, false).await?;
         drop(key);
         tracing::info!(cluster = %dir.alias, %me, "agent holds the key of cluster");
@@ -252,7 +279,7 @@ impl Pool {
             },
         );
         *lock(&self.loaded) = nodes.keys().cloned().collect();
-        Ok(Access::Node(node))
+        Ok(Dialer::Node(node))
     }
 
     /// A stream to `server` carrying `request`, accepted by the server.
@@ -261,7 +288,7 @@ impl Pool {
         resolved: &Resolved,
         server: &Server,
         request: Request,
-    ) -> Result<PooledStream, ClientError> {
+    ) -> Result<PooledStream, SessionError> {
         self.open_to(
             &resolved.dir,
             resolved.config.manager,
@@ -281,13 +308,13 @@ impl Pool {
         peer: Id52,
         hints: &[std::net::SocketAddr],
         request: Request,
-    ) -> Result<PooledStream, ClientError> {
+    ) -> Result<PooledStream, SessionError> {
         let dir = ClusterDir::new(&self.dirs, alias)?;
         let manager = match dir.load() {
             Ok(cfg) => cfg.manager,
             Err(_) => dir
                 .manager_id()?
-                .ok_or_else(|| ClientError::Refused(format!("cluster {alias} is not joined")))?,
+                .ok_or_else(|| SessionError::Refused(format!("cluster {alias} is not joined")))?,
         };
         let name = dir
             .load()
@@ -306,13 +333,16 @@ impl Pool {
         name: &str,
         hints: &[std::net::SocketAddr],
         request: Request,
-    ) -> Result<PooledStream, ClientError> {
+    ) -> Result<PooledStream, SessionError> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let node = match self.access(dir).await? {
-            Access::Node(n) => n,
-            Access::Via(socket) => {
-                let s =
-                    crate::endpoint::open_via(&socket, &dir.alias, peer, hints, request).await?;
+            Dialer::Node(n) => n,
+            Dialer::Holder { socket, alias } => {
+                let s = ControlClient::connect(&socket)
+                    .await?
+                    .stream(&alias, peer, hints, request)
+                    .await
+                    .map_err(SessionError::from_holder)?;
                 return Ok(PooledStream::via(s, name));
             }
         };
@@ -376,7 +406,7 @@ impl Pool {
         peer: Id52,
         hints: &[std::net::SocketAddr],
         manager: Id52,
-    ) -> Result<(PeerConnection, u64, bool), ClientError> {
+    ) -> Result<(PeerConnection, u64, bool), SessionError> {
         let _dialing = slot.dial.lock().await;
         if let Some(l) = lock(&slot.live).as_ref()
             && !l.conn.is_closed()
@@ -385,11 +415,11 @@ impl Pool {
         }
         let conn = tokio::time::timeout(DIAL_TIMEOUT, node.connect(&peer, hints))
             .await
-            .map_err(|_| ClientError::Timeout("connecting"))??;
+            .map_err(|_| SessionError::Timeout("connecting"))??;
         let generation = self.counters.generations.fetch_add(1, Ordering::Relaxed);
         self.counters.dials.fetch_add(1, Ordering::Relaxed);
         tracing::info!(cluster = %slot.cluster, server = %slot.server, "dialed");
-        let watchdog = crate::client::liveness::watch(
+        let watchdog = crate::session::liveness::watch(
             node.clone(),
             conn.clone(),
             peer,

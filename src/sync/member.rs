@@ -20,11 +20,12 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use super::sync::{self, SyncError};
+use super::{self as sync, SyncError};
 use crate::config::store::{ClusterDir, StoreError, write_atomic};
 use crate::config::{ClusterConfig, ConfigError};
 use crate::id52::Id52;
 use crate::protocol::config::{HashQuery, MAX_CONFIG_LEN, hash_text, short_hash};
+use crate::session::dial::Dialer;
 
 /// One lock per cluster folder: two pushes racing for the same file must not interleave
 /// their check-then-write (the temp file name is per process, not per call), while
@@ -120,7 +121,7 @@ pub fn apply(
         });
     }
     let cfg = ClusterConfig::parse(text)?;
-    super::check_same_cluster(cd, &cfg).map_err(ApplyError::OtherCluster)?;
+    check_same_cluster(cd, &cfg).map_err(ApplyError::OtherCluster)?;
     if cfg.private_key.is_some() || cfg.private_key_file.is_some() {
         return Err(ApplyError::CarriesSecrets);
     }
@@ -170,7 +171,7 @@ impl From<ApplyError> for PullError {
 /// `from` (`cluster pull --from`: a member with no file yet, on a network without relays).
 pub async fn pull(
     cd: &ClusterDir,
-    node: &sync::Dialer,
+    node: &Dialer,
     from: &[std::net::SocketAddr],
 ) -> Result<Applied, PullError> {
     let manager = cd
@@ -188,7 +189,7 @@ pub async fn pull(
         &manager,
         &hints,
         &query,
-        sync::REQUEST_TIMEOUT,
+        sync::manager::REQUEST_TIMEOUT,
     )
     .await?;
     let text = reply.text.ok_or(PullError::NoFile)?;
@@ -200,6 +201,30 @@ pub async fn pull(
             .await
             .map_err(|_| PullError::NoFile)??;
     Ok(applied)
+}
+
+/// A member accepts a file only for the cluster it joined: same manager id52, and the same
+/// alias when the file names one.
+pub fn check_same_cluster(cd: &ClusterDir, cfg: &ClusterConfig) -> Result<(), String> {
+    let joined = cd
+        .manager_id()
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("this machine has not joined {:?}", cd.alias))?;
+    if cfg.manager != joined {
+        return Err(format!(
+            "its manager is {}, but this machine joined {:?} with manager {}",
+            cfg.manager, cd.alias, joined
+        ));
+    }
+    if let Some(a) = &cfg.alias
+        && !a.eq_ignore_ascii_case(&cd.alias)
+    {
+        return Err(format!(
+            "it is for cluster {a:?}, but this folder is {:?}",
+            cd.alias
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -19,8 +19,8 @@
 //! Only servers are pushed to: devices run no server to receive a push. A device catches up
 //! with `malai ssh cluster pull` (a `config-hash` with `fetch` to the manager).
 //!
-//! The request functions [`push`] and [`query`] are also what `cluster push`, `cluster
-//! status` and a member's pull use.
+//! The request functions it uses ([`super::request`]) are also what `cluster push`,
+//! `cluster status` and a member's pull use.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -31,15 +31,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::{SyncError, push, query};
 use crate::config::store::{ClusterDir, write_atomic};
 use crate::config::{ClusterConfig, MemberKind, edit};
 use crate::id52::Id52;
-use crate::protocol::config::{
-    ConfigFile, HashQuery, HashReply, MAX_CONFIG_LEN, PushAck, hash_text, read_config_frame,
-    short_hash, write_config_frame,
-};
-use crate::protocol::{self, FrameError, Header, Request, Response};
-use crate::transport::iroh::{Node, PeerConnection, TransportError};
+use crate::protocol::config::{HashQuery, PushAck, hash_text, short_hash};
+use crate::session::dial::Dialer;
+use crate::transport::iroh::Node;
 
 /// How often the manager's file is checked for changes and due members are picked.
 pub const TICK: Duration = Duration::from_millis(250);
@@ -62,194 +60,6 @@ const DEPARTED_ATTEMPTS: u32 = 5;
 
 /// The manager's per-member sync state, next to its cluster file.
 pub const STATE_FILE: &str = "sync-state.json";
-
-/// Why one sync request failed.
-#[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    #[error(transparent)]
-    Transport(#[from] TransportError),
-    #[error("timed out")]
-    Timeout,
-    /// The peer's ACL said no.
-    #[error("denied: {0}")]
-    Denied(String),
-    /// The peer could not serve the request.
-    #[error("{0}")]
-    Refused(String),
-    #[error("protocol error: {0}")]
-    Protocol(FrameError),
-    #[error("cluster file of {0} bytes is over the {MAX_CONFIG_LEN}-byte limit")]
-    TooLarge(usize),
-}
-
-// By hand rather than `#[from]`: the message includes the cause already.
-impl From<FrameError> for SyncError {
-    fn from(e: FrameError) -> Self {
-        SyncError::Protocol(e)
-    }
-}
-
-/// How a sync request reaches a peer: an endpoint of this process, or the process that
-/// holds the cluster key on this machine (`endpoint`: `cluster push/pull/status` while the
-/// server runs go through it rather than binding the key a second time).
-#[derive(Clone)]
-pub enum Dialer {
-    Node(Node),
-    Via {
-        socket: std::path::PathBuf,
-        cluster: String,
-    },
-}
-
-type BoxWrite = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
-type BoxRead = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
-
-/// One accepted sync request.
-struct SyncStream {
-    conn: Option<PeerConnection>,
-    send: BoxWrite,
-    recv: BoxRead,
-    started: std::time::Instant,
-}
-
-impl SyncStream {
-    /// The connection's round-trip time, or (through the holder) the whole exchange's.
-    fn rtt(&self) -> Duration {
-        match &self.conn {
-            Some(c) => c.rtt(),
-            None => self.started.elapsed(),
-        }
-    }
-
-    fn close(&self) {
-        if let Some(c) = &self.conn {
-            c.close("done");
-        }
-    }
-}
-
-/// Dial `peer` and open one accepted request for cluster `cluster`.
-async fn open(
-    dialer: &Dialer,
-    cluster: &Id52,
-    peer: &Id52,
-    hints: &[SocketAddr],
-    request: Request,
-) -> Result<SyncStream, SyncError> {
-    let started = std::time::Instant::now();
-    let node = match dialer {
-        Dialer::Node(n) => n,
-        Dialer::Via { socket, cluster } => {
-            let sock = crate::endpoint::open_via(socket, cluster, *peer, hints, request)
-                .await
-                .map_err(|e| match e {
-                    crate::client::ClientError::Denied(r) => SyncError::Denied(r),
-                    e => SyncError::Refused(e.to_string()),
-                })?;
-            let (r, w) = sock.into_split();
-            return Ok(SyncStream {
-                conn: None,
-                send: Box::new(w),
-                recv: Box::new(r),
-                started,
-            });
-        }
-    };
-    let conn = node.connect(peer, hints).await?;
-    let (mut send, mut recv) = conn.open().await?;
-    let header = Header {
-        cluster: Some(*cluster),
-        request,
-    };
-    let answer = async {
-        protocol::write_frame(&mut send, &header).await?;
-        protocol::read_response(&mut recv).await
-    };
-    match answer.await {
-        Ok(Response::Accept) => Ok(SyncStream {
-            conn: Some(conn),
-            send: Box::new(send),
-            recv: Box::new(recv),
-            started,
-        }),
-        Ok(Response::Deny { reason }) => {
-            conn.close("denied");
-            Err(SyncError::Denied(reason))
-        }
-        Ok(Response::Error { reason }) => {
-            conn.close("refused");
-            Err(SyncError::Refused(reason))
-        }
-        Err(e) => {
-            conn.close("error");
-            Err(e.into())
-        }
-    }
-}
-
-/// `config-push`: send `text` (whose hash is `hash`) to `member`; returns the member's ack and
-/// the connection's round-trip time.
-pub async fn push(
-    node: &Dialer,
-    cluster: &Id52,
-    member: &Id52,
-    hints: &[SocketAddr],
-    text: &str,
-    hash: &str,
-    timeout: Duration,
-) -> Result<(PushAck, Duration), SyncError> {
-    if text.len() > MAX_CONFIG_LEN {
-        return Err(SyncError::TooLarge(text.len()));
-    }
-    let exchange = async {
-        let request = Request::ConfigPush {
-            hash: hash.to_string(),
-        };
-        let mut st = open(node, cluster, member, hints, request).await?;
-        let result = async {
-            write_config_frame(
-                &mut st.send,
-                &ConfigFile {
-                    text: text.to_string(),
-                },
-            )
-            .await?;
-            read_config_frame::<_, PushAck>(&mut st.recv).await
-        }
-        .await;
-        let rtt = st.rtt();
-        st.close();
-        Ok((result?, rtt))
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| SyncError::Timeout)?
-}
-
-/// `config-hash`: ask `peer` which file it has (and, with `fetch`, the manager for the file).
-pub async fn query(
-    node: &Dialer,
-    cluster: &Id52,
-    peer: &Id52,
-    hints: &[SocketAddr],
-    q: &HashQuery,
-    timeout: Duration,
-) -> Result<(HashReply, Duration), SyncError> {
-    let exchange = async {
-        let mut st = open(node, cluster, peer, hints, Request::ConfigHash).await?;
-        let result = async {
-            write_config_frame(&mut st.send, q).await?;
-            read_config_frame::<_, HashReply>(&mut st.recv).await
-        }
-        .await;
-        let rtt = st.rtt();
-        st.close();
-        Ok((result?, rtt))
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| SyncError::Timeout)?
-}
 
 /// The persisted sync state: what each member last acknowledged, and when it was last seen.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,324 @@
+//! One request on a route: send the header, wait for the server's answer, and hand back
+//! an accepted byte stream ([`Session`]) — over this process's own endpoint, through the
+//! key holder's control socket, or through an `ssh` child (`ssh-via`). Callers only see
+//! `AsyncRead`/`AsyncWrite`.
+
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use super::own::OwnEndpoint;
+use super::resolve::Resolved;
+use super::route::Route;
+use super::{
+    ABORT_CLOSE, CONNECT_TIMEOUT, ENDPOINT_CLOSE, LINGER, SessionError, liveness, ssh_via,
+};
+use crate::config::Server;
+use crate::id52::Id52;
+use crate::protocol::{self, FrameError, Header, Request, Response};
+use crate::transport::iroh::{NetConfig, Node, PeerConnection, RecvHalf, SendHalf};
+
+/// An accepted request: the stream is ready for payload.
+///
+/// The byte stream is either an iroh bi-stream or the stdio of a child `ssh` whose remote
+/// end is `malai ssh stdinserver` (`ssh-via`); callers only see `AsyncRead`/`AsyncWrite`.
+pub struct Session {
+    pub(crate) closer: Closer,
+    pub send: SessionWrite,
+    pub recv: SessionRead,
+}
+
+/// What has to be torn down when a session ends, per transport.
+pub(crate) enum Closer {
+    Iroh {
+        own: std::sync::Arc<OwnEndpoint>,
+        conn: PeerConnection,
+        _watchdog: std::sync::Arc<liveness::Watchdog>,
+    },
+    /// Through the process that holds the cluster key (its control socket).
+    Via,
+    Ssh(ssh_via::SshChild),
+}
+
+/// The writing half of a session's stream.
+pub enum SessionWrite {
+    Iroh(SendHalf),
+    Via(tokio::net::unix::OwnedWriteHalf),
+    /// The ssh child's stdin; `None` once shut down (closing the pipe is the only way to
+    /// send EOF through it: tokio's `ChildStdin::shutdown` does not close the fd).
+    Pipe(Option<tokio::process::ChildStdin>),
+}
+
+/// The reading half of a session's stream.
+pub enum SessionRead {
+    Iroh(RecvHalf),
+    Via(tokio::net::unix::OwnedReadHalf),
+    Pipe(tokio::process::ChildStdout),
+}
+
+impl AsyncWrite for SessionWrite {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            SessionWrite::Iroh(s) => Pin::new(s).poll_write(cx, buf),
+            SessionWrite::Via(s) => Pin::new(s).poll_write(cx, buf),
+            SessionWrite::Pipe(Some(p)) => Pin::new(p).poll_write(cx, buf),
+            SessionWrite::Pipe(None) => Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            SessionWrite::Iroh(s) => Pin::new(s).poll_flush(cx),
+            SessionWrite::Via(s) => Pin::new(s).poll_flush(cx),
+            SessionWrite::Pipe(Some(p)) => Pin::new(p).poll_flush(cx),
+            SessionWrite::Pipe(None) => Poll::Ready(Ok(())),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            SessionWrite::Iroh(s) => Pin::new(s).poll_shutdown(cx),
+            SessionWrite::Via(s) => Pin::new(s).poll_shutdown(cx),
+            SessionWrite::Pipe(p) => {
+                if let Some(pipe) = p.as_mut() {
+                    std::task::ready!(Pin::new(pipe).poll_flush(cx))?;
+                }
+                *p = None;
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+}
+
+impl AsyncRead for SessionRead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            SessionRead::Iroh(r) => Pin::new(r).poll_read(cx, buf),
+            SessionRead::Via(r) => Pin::new(r).poll_read(cx, buf),
+            SessionRead::Pipe(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl Session {
+    /// Close politely: wait (briefly) until the server has our last bytes, then close.
+    pub async fn finish(self) {
+        self.linger(LINGER).await
+    }
+
+    /// [`Session::finish`] with a chosen wait for the last bytes to be acknowledged.
+    pub async fn linger(mut self, wait: Duration) {
+        match self.closer {
+            Closer::Iroh { own, conn, .. } => {
+                if let SessionWrite::Iroh(s) = &mut self.send {
+                    let _ = tokio::time::timeout(wait, s.acknowledged()).await;
+                }
+                conn.close("done");
+                own.done(ENDPOINT_CLOSE).await;
+            }
+            // The holder lingers for the peer's acknowledgement itself.
+            Closer::Via => {}
+            Closer::Ssh(child) => {
+                drop(self.send);
+                drop(self.recv);
+                child.finish(wait).await;
+            }
+        }
+    }
+
+    /// The error to report for a session that broke with `e`: says so when the cause was
+    /// a server restart (the watchdog closed the connection), not just "connection lost".
+    pub fn broken(&self, e: SessionError) -> SessionError {
+        match &self.closer {
+            Closer::Iroh { _watchdog: w, .. } if w.saw_restart() => {
+                SessionError::Refused(format!("connection lost: {}", liveness::RESTARTED))
+            }
+            _ => e,
+        }
+    }
+
+    /// The path of this session's own connection (direct or relayed, address, RTT);
+    /// `None` through a key holder (ask its status) or `ssh-via`.
+    pub fn path(&self) -> Option<crate::transport::iroh::PathSummary> {
+        match &self.closer {
+            Closer::Iroh { conn, .. } => conn.path(),
+            Closer::Via | Closer::Ssh(_) => None,
+        }
+    }
+
+    /// Close at once (after an error).
+    pub async fn abort(mut self) {
+        match self.closer {
+            Closer::Iroh { own, conn, .. } => {
+                if let SessionWrite::Iroh(s) = &mut self.send {
+                    s.reset();
+                }
+                conn.close("aborted");
+                own.done(ABORT_CLOSE).await;
+            }
+            // Dropping the socket makes the holder reset its stream.
+            Closer::Via => {}
+            Closer::Ssh(child) => child.kill().await,
+        }
+    }
+}
+
+/// Dial `server` of `resolved`'s cluster and send `request`; `Ok` only after `accept`.
+pub async fn open(
+    resolved: &Resolved,
+    server: &Server,
+    request: Request,
+) -> Result<Session, SessionError> {
+    open_with(resolved, server, request, &[]).await
+}
+
+/// [`open`], with `-o` options for the `ssh` child when the server is reached `ssh-via`.
+pub async fn open_with(
+    resolved: &Resolved,
+    server: &Server,
+    request: Request,
+    ssh_options: &[String],
+) -> Result<Session, SessionError> {
+    let header = Header {
+        cluster: Some(resolved.config.manager),
+        request,
+    };
+    if let Some(via) = &server.ssh_via {
+        let (child, stdin, stdout) =
+            ssh_via::spawn(via, server.ssh_identity_file.as_deref(), ssh_options)?;
+        let mut send = SessionWrite::Pipe(Some(stdin));
+        let mut recv = SessionRead::Pipe(stdout);
+        return match exchange(&mut send, &mut recv, header).await {
+            Ok(()) => Ok(Session {
+                closer: Closer::Ssh(child),
+                send,
+                recv,
+            }),
+            // ssh died (host key, auth, no forced command, …): its own stderr said why;
+            // say that it was ssh and how it ended.
+            Err(SessionError::NoAnswer) | Err(SessionError::Protocol(FrameError::Io(_))) => {
+                Err(child.exited_error().await.into())
+            }
+            Err(e) => {
+                child.kill().await;
+                Err(e)
+            }
+        };
+    }
+    let route = super::route(&resolved.dir, Some(&resolved.config)).await?;
+    open_on(route, resolved, server, header.request).await
+}
+
+/// Send `request` to `server` on a route already decided ([`super::route`]); `Ok` only
+/// after `accept`.
+pub async fn open_on(
+    route: Route,
+    resolved: &Resolved,
+    server: &Server,
+    request: Request,
+) -> Result<Session, SessionError> {
+    let own = match route {
+        Route::Own(own) => own,
+        Route::Holder(client) => {
+            let sock = client
+                .stream(&resolved.dir.alias, server.id52, &server.addrs, request)
+                .await
+                .map_err(SessionError::from_holder)?;
+            let (r, w) = sock.into_split();
+            return Ok(Session {
+                closer: Closer::Via,
+                send: SessionWrite::Via(w),
+                recv: SessionRead::Via(r),
+            });
+        }
+    };
+    let header = Header {
+        cluster: Some(resolved.config.manager),
+        request,
+    };
+    let net = super::own::net_config(Some(&resolved.config))?;
+    match handshake(&own.node, server, header, &net).await {
+        Ok((conn, send, recv)) => Ok(Session {
+            closer: Closer::Iroh {
+                _watchdog: std::sync::Arc::new(liveness::watch(
+                    own.node.clone(),
+                    conn.clone(),
+                    server.id52,
+                    server.addrs.clone(),
+                    resolved.config.manager,
+                )),
+                own,
+                conn,
+            },
+            send: SessionWrite::Iroh(send),
+            recv: SessionRead::Iroh(recv),
+        }),
+        Err(e) => {
+            own.done(ABORT_CLOSE).await;
+            Err(e)
+        }
+    }
+}
+
+async fn handshake(
+    node: &Node,
+    server: &Server,
+    header: Header,
+    net: &NetConfig,
+) -> Result<(PeerConnection, SendHalf, RecvHalf), SessionError> {
+    let conn = super::connect::dial_server(node, server, net).await?;
+    let (mut send, mut recv) = conn.open().await?;
+    match exchange(&mut send, &mut recv, header).await {
+        Ok(()) => Ok((conn, send, recv)),
+        // The server closed the whole connection instead of answering: it said why.
+        Err(e) => Err(match conn.peer_close_reason() {
+            Some(reason) => SessionError::Denied(reason),
+            None => e,
+        }),
+    }
+}
+
+/// Open a new stream on an existing connection (the agent's pooled one) and send
+/// `request`; `Ok` only after `accept`.
+pub async fn request_on(
+    conn: &PeerConnection,
+    cluster: Id52,
+    request: Request,
+) -> Result<(SendHalf, RecvHalf), SessionError> {
+    let (mut send, mut recv) = conn.open().await?;
+    let header = Header {
+        cluster: Some(cluster),
+        request,
+    };
+    exchange(&mut send, &mut recv, header).await?;
+    Ok((send, recv))
+}
+
+/// Send the header and wait for the server's answer; `Ok` only on `accept`. The one
+/// header/answer exchange of every client of the protocol (commands, pools, config sync).
+pub async fn exchange<W, R>(send: &mut W, recv: &mut R, header: Header) -> Result<(), SessionError>
+where
+    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+{
+    protocol::write_frame(send, &header).await?;
+    send.flush().await.map_err(FrameError::from)?;
+    let resp = tokio::time::timeout(CONNECT_TIMEOUT, protocol::read_response(recv))
+        .await
+        .map_err(|_| SessionError::Timeout("waiting for the server's answer"))?;
+    match resp {
+        Ok(Response::Accept) => Ok(()),
+        Ok(Response::Deny { reason }) => Err(SessionError::Denied(reason)),
+        Ok(Response::Error { reason }) => Err(SessionError::Refused(reason)),
+        Err(FrameError::Truncated) => Err(SessionError::NoAnswer),
+        Err(e) => Err(e.into()),
+    }
+}
