@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MemberKind;
@@ -362,7 +362,6 @@ fn parse_id52(s: &str, what: &str) -> anyhow::Result<Id52> {
 /// rather than a subcommand, return the part after `ssh`. Subcommand names win over host
 /// names; `malai ssh -- <host>` reaches a host that is named like a subcommand.
 pub fn exec_shape(args: &[String]) -> Option<Vec<String>> {
-    use clap::CommandFactory;
     if args.get(1).map(String::as_str) != Some("ssh") {
         return None;
     }
@@ -500,15 +499,17 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
                 Err(ExitStatus(1).into())
             }
         }
-        SshCommand::Completions { shell } => print_bytes(&crate::manuals::completions(shell)),
+        SshCommand::Completions { shell } => {
+            print_bytes(&crate::manuals::completions(Cli::command(), shell))
+        }
         SshCommand::Man { dir } => {
             match dir {
                 Some(d) => {
-                    for name in crate::manuals::write_man_pages(&d)? {
+                    for name in crate::manuals::write_man_pages(Cli::command(), &d)? {
                         eprintln!("malai: wrote {}", d.join(name).display());
                     }
                 }
-                None => return print_bytes(&crate::manuals::ssh_man_page()?),
+                None => return print_bytes(&crate::manuals::ssh_man_page(Cli::command())?),
             }
             Ok(())
         }

@@ -9,7 +9,7 @@
 //!
 //! | layer | modules | role |
 //! |---|---|---|
-//! | L0 | `id52`, `localsock`, `config`, `logging`, `audit`, `table` | ids and secret-key type, trusted local sockets, the cluster file and on-disk layout, tracing to files, the audit log, aligned text tables |
+//! | L0 | `id52`, `localsock`, `config`, `logging`, `audit`, `table`, `manuals` | ids and secret-key type, trusted local sockets, the cluster file and on-disk layout, tracing to files, the audit log, aligned text tables, man pages and shell completions from a clap command |
 //! | L1 | `acl`, `protocol` | the one pure ACL function; the wire protocol (frames, limits, exec pump helpers) |
 //! | L2 | `transport`, `keys` | iroh (the only place that names it), stdio and fd streams; secret keys in the keyring or a 0600 file |
 //! | L3 | `control` | the local control socket: lock file (who holds a key), control protocol, its client, env names |
@@ -17,7 +17,7 @@
 //! | L5 | `sync`, `keyholder` | config sync between manager and members; the key-holder service (pool, control server, inbound table) run by agent and server alike |
 //! | L6 | `server`, `agent` | `malai ssh server`; `malai ssh agent` (and its HTTP proxy) |
 //! | L7 | `client`, `cluster`, `demo`, `doctor` | CLI commands (exec, proxy, forwards, groups, the agent handover); admin commands; the demo; `malai ssh doctor` |
-//! | L8 | `cli`, `manuals` | clap definitions and dispatch (`main.rs` only maps errors to exit codes); man pages and completions generated from them |
+//! | L8 | `cli` | clap definitions and dispatch (`main.rs` only maps errors to exit codes) |
 //!
 //! ## Module map (find any behaviour by its name)
 //! - [`id52`]: the only place machine ids are parsed and printed.
