@@ -4,10 +4,12 @@
 //! certificate, refused, unreachable, denied) is named with its fix instead of a bare
 //! "timed out connecting" after 15 s.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::{CONNECT_TIMEOUT, SessionError};
 use crate::config::Server;
+use crate::id52::Id52;
 use crate::transport::iroh::{NetConfig, Node, PeerConnection};
 use crate::transport::probe::{self, RelayProblem};
 
@@ -15,15 +17,32 @@ use crate::transport::probe::{self, RelayProblem};
 /// (direct, or relayed through a working relay) is done well before, so nothing is probed.
 const RELAY_CHECK_AFTER: Duration = Duration::from_secs(2);
 
+/// Which server to dial: its id52, its name (for the error) and its `addrs` hints.
+pub struct DialTarget<'a> {
+    pub peer: Id52,
+    pub name: &'a str,
+    pub hints: &'a [SocketAddr],
+}
+
+impl<'a> From<&'a Server> for DialTarget<'a> {
+    fn from(s: &'a Server) -> Self {
+        DialTarget {
+            peer: s.id52,
+            name: &s.name,
+            hints: &s.addrs,
+        }
+    }
+}
+
 /// Dial `server`. If none of the cluster's relays can work and the server has no `addrs`
 /// hint (so nothing else could reach it), fail as soon as the probe knows, one clause per
 /// relay; a dial that times out with some relay broken names those too.
 pub async fn dial_server(
     node: &Node,
-    server: &Server,
+    server: DialTarget<'_>,
     net: &NetConfig,
 ) -> Result<PeerConnection, SessionError> {
-    let connect = tokio::time::timeout(CONNECT_TIMEOUT, node.connect(&server.id52, &server.addrs));
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, node.connect(&server.peer, server.hints));
     tokio::pin!(connect);
     let check = async {
         tokio::time::sleep(RELAY_CHECK_AFTER).await;
@@ -38,8 +57,8 @@ pub async fn dial_server(
             r = &mut connect => break r,
             p = &mut check, if checking => {
                 checking = false;
-                if p.len() == relays && server.addrs.is_empty() {
-                    return Err(relay_error(server, &p));
+                if p.len() == relays && server.hints.is_empty() {
+                    return Err(relay_error(server.name, &p));
                 }
                 problems = p;
             }
@@ -48,18 +67,17 @@ pub async fn dial_server(
     match dialed {
         Ok(r) => Ok(r?),
         Err(_) if problems.is_empty() => Err(SessionError::Timeout("connecting")),
-        Err(_) => Err(relay_error(server, &problems)),
+        Err(_) => Err(relay_error(server.name, &problems)),
     }
 }
 
-fn relay_error(server: &Server, problems: &[(String, RelayProblem)]) -> SessionError {
+fn relay_error(server: &str, problems: &[(String, RelayProblem)]) -> SessionError {
     let lines: Vec<String> = problems
         .iter()
         .map(|(url, p)| probe::describe(url, p))
         .collect();
     SessionError::Refused(format!(
-        "cannot reach server {}: {}",
-        server.name,
+        "cannot reach server {server}: {}",
         lines.join("; ")
     ))
 }

@@ -46,7 +46,7 @@ impl Link {
             }),
             Route::Own(own) => {
                 let net = super::own::net_config(Some(&resolved.config))?;
-                match super::connect::dial_server(&own.node, server, &net).await {
+                match super::connect::dial_server(&own.node, server.into(), &net).await {
                     Ok(conn) => Ok(Link::Own {
                         watchdog: Arc::new(liveness::watch(
                             own.node.clone(),

@@ -274,7 +274,7 @@ async fn handshake(
     header: Header,
     net: &NetConfig,
 ) -> Result<(PeerConnection, SendHalf, RecvHalf), SessionError> {
-    let conn = super::connect::dial_server(node, server, net).await?;
+    let conn = super::connect::dial_server(node, server.into(), net).await?;
     let (mut send, mut recv) = conn.open().await?;
     match exchange(&mut send, &mut recv, header).await {
         Ok(()) => Ok((conn, send, recv)),

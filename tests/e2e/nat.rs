@@ -893,6 +893,22 @@ fn nat_relay_from_the_environment_with_its_ca_file() {
         fmt_output(&out)
     );
     assert_eq!(err.trim().lines().count(), 1, "{}", fmt_output(&out));
+
+    // The same through the agent (its pool dials): the same one line.
+    let agent = crate::agent::Agent::start(c.machine("alice"), &[]);
+    let out = run_cmd(&mut agent.cmd(["ssh", "foo.acme", "echo", "ok"]));
+    assert_exit_code(
+        &out,
+        255,
+        "alice -> foo through the agent, without the relay's CA",
+    );
+    let err = stderr_of(&out);
+    assert!(
+        err.contains(&format!("relay {url}: untrusted certificate")),
+        "through the agent, the error does not name the relay:\n{}",
+        fmt_output(&out)
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{}", fmt_output(&out));
 }
 
 // ---------------------------------------------------------------------------------------------
