@@ -162,8 +162,10 @@ fn doctor_names_a_stopped_sshd_behind_the_server() {
             .then_some(())
     });
     assert!(gone.is_some(), "sshd still listening");
-    doctor(c.machine("alice"), &["foo.acme"])
-        .failed("doctor with sshd stopped")
+    let t0 = Instant::now();
+    let d = doctor(c.machine("alice"), &["foo.acme"]);
+    print_report("doctor foo.acme with sshd stopped", t0, &d);
+    d.failed("doctor with sshd stopped")
         .line("✔ access foo.acme", &["admits us"])
         .line(
             "✘ sshd behind foo.acme",
