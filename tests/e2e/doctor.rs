@@ -148,6 +148,42 @@ fn doctor_healthy_cluster_and_a_refused_peer() {
     );
 }
 
+/// Through the agent: doctor names it as the key's holder and the dial goes through it (its
+/// pooled connection's path); once it is gone, a `MALAI_SSH_AGENT` still naming its socket
+/// fails with the fix.
+#[test]
+fn doctor_through_the_agent_and_a_stale_agent_socket() {
+    require_sshd();
+    let c = acme();
+    let agent = crate::agent::Agent::start(c.machine("alice"), &[]);
+    let out = run_cmd(&mut agent.cmd(["ssh", "doctor", "foo.acme"]));
+    let d = Doctor {
+        text: stdout_of(&out),
+        out,
+    };
+    d.ok("alice: doctor foo.acme through the agent")
+        .line("✔ agent ", &["answers (pid", "acme"])
+        .line("✔ key holder acme", &["malai ssh agent (pid", "answers on"])
+        .line("✔ dial foo.acme", &["via the agent (pid", "direct"]);
+    let socket = agent.socket();
+    drop(agent);
+    let out = run_cmd(
+        c.machine("alice")
+            .cmd(["ssh", "doctor"])
+            .env("MALAI_SSH_AGENT", &socket),
+    );
+    let d = Doctor {
+        text: stdout_of(&out),
+        out,
+    };
+    d.failed("doctor with a stale MALAI_SSH_AGENT")
+        .line(
+            &format!("✘ agent {}", socket.display()),
+            &["does not answer"],
+        )
+        .fix("malai ssh agent -e");
+}
+
 /// sshd behind the server stopped: the server answers the tunnel with its embedded SSH
 /// server, whose host key is not sshd's. Doctor says so (and the fix) instead of ssh's
 /// "host key changed"; the twin (sshd running) is the healthy test.
