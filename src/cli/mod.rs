@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::paths::Dirs;
@@ -148,6 +148,28 @@ pub enum SshCommand {
         #[arg(long, hide = true)]
         under_lock: bool,
     },
+    /// Why can't I connect? One line per check, each ✔ or ✘ with the reason and the fix.
+    ///
+    /// Checks local files and permissions, each cluster and this machine's role in it, who holds
+    /// each key and whether it answers, each relay (TLS, latency) and QUIC address
+    /// discovery; with a host: the name, the dial (direct or relayed), the server's ACL
+    /// answer and its sshd. Exit status 0 only when every check passes.
+    Doctor {
+        /// A host to check end to end (foo.<cluster>, …).
+        host: Option<String>,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script: `malai ssh completions bash > /etc/bash_completion.d/malai`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (malai.1, malai-ssh.1, malai-ssh-<command>.1, …) into <dir>;
+    /// without one, print malai-ssh(1).
+    #[command(hide = true)]
+    Man { dir: Option<PathBuf> },
     /// Run the system curl through the agent's HTTP proxy (starting the agent if needed):
     /// `malai ssh curl http://web.foo.acme/`. curl's exit status is passed through.
     #[command(disable_help_flag = true)]
@@ -284,7 +306,6 @@ pub struct ExitStatus(pub u8);
 /// rather than a subcommand, return the part after `ssh`. Subcommand names win over host
 /// names; `malai ssh -- <host>` reaches a host that is named like a subcommand.
 pub fn exec_shape(args: &[String]) -> Option<Vec<String>> {
-    use clap::CommandFactory;
     if args.get(1).map(String::as_str) != Some("ssh") {
         return None;
     }
@@ -439,6 +460,33 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
             under_lock,
         } => agent::run(dirs, command, environment, lockdown, http, under_lock).await,
         SshCommand::Curl { args } => agent::curl(dirs, args).await,
+        SshCommand::Doctor { host, json } => {
+            let report = crate::doctor::run(&dirs, host.as_deref()).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", crate::doctor::render(&report));
+            }
+            if report.ok {
+                Ok(())
+            } else {
+                Err(ExitStatus(1).into())
+            }
+        }
+        SshCommand::Completions { shell } => {
+            print_bytes(&crate::manuals::completions(Cli::command(), shell))
+        }
+        SshCommand::Man { dir } => {
+            match dir {
+                Some(d) => {
+                    for name in crate::manuals::write_man_pages(Cli::command(), &d)? {
+                        eprintln!("malai: wrote {}", d.join(name).display());
+                    }
+                }
+                None => return print_bytes(&crate::manuals::ssh_man_page(Cli::command())?),
+            }
+            Ok(())
+        }
     }
 }
 
@@ -471,4 +519,13 @@ async fn serve(dirs: Dirs, bind: Option<SocketAddr>, managed_only: bool) -> anyh
     })
     .await?;
     Ok(())
+}
+
+/// Write generated text to stdout; a reader that stopped early (`| head`) is no error.
+fn print_bytes(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }

@@ -874,7 +874,8 @@ fn nat_relay_from_the_environment_with_its_ca_file() {
     let out = c.machine("alice").run(["ssh", "foo.acme", "echo", "ok"]);
     assert_echo_ok(&out, "alice -> foo, relay from MALAI_RELAY", &c, &relay_log);
 
-    // The same relay, its CA not given: refused (untrusted certificate), a clear failure.
+    // The same relay, its CA not given: refused (untrusted certificate), a clear failure
+    // that names the relay and the reason (issue 21), not "timed out connecting".
     c.machine_mut("alice").unset_env("MALAI_RELAY_CA");
     let t0 = Instant::now();
     let out = c.machine("alice").run(["ssh", "foo.acme", "echo", "ok"]);
@@ -885,6 +886,29 @@ fn nat_relay_from_the_environment_with_its_ca_file() {
     );
     assert_exit_code(&out, 255, "alice -> foo without the relay's CA");
     assert_eq!(stdout_of(&out), "", "{}", fmt_output(&out));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains(&format!("relay {url}: untrusted certificate")) && err.contains("relay-ca"),
+        "the error does not name the relay and its certificate:\n{}",
+        fmt_output(&out)
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{}", fmt_output(&out));
+
+    // The same through the agent (its pool dials): the same one line.
+    let agent = crate::agent::Agent::start(c.machine("alice"), &[]);
+    let out = run_cmd(&mut agent.cmd(["ssh", "foo.acme", "echo", "ok"]));
+    assert_exit_code(
+        &out,
+        255,
+        "alice -> foo through the agent, without the relay's CA",
+    );
+    let err = stderr_of(&out);
+    assert!(
+        err.contains(&format!("relay {url}: untrusted certificate")),
+        "through the agent, the error does not name the relay:\n{}",
+        fmt_output(&out)
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{}", fmt_output(&out));
 }
 
 // ---------------------------------------------------------------------------------------------
