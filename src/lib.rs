@@ -36,6 +36,7 @@
 //! - [`doctor`]: `malai ssh doctor [host]`, one report of every check a connection needs.
 //! - [`manuals`]: man pages and shell completions generated from the clap definitions.
 //! - [`logging`]: tracing to files under LOGDIR; stdout is never touched.
+//! - [`table`]: aligned text columns for the reports people read (`status`, `cluster status`).
 //! - [`agent`]: `malai ssh agent`: pooled connections, keys in one process, the HTTP proxy.
 //! - [`cli`]: clap definitions and dispatch for the `malai` binary.
 
@@ -62,4 +63,5 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod sync;
+pub mod table;
 pub mod transport;

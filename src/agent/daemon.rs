@@ -71,6 +71,7 @@ impl Drop for SocketFile {
     fn drop(&mut self) {
         if self.still_ours() {
             let _ = std::fs::remove_file(&self.path);
+            crate::control::token::remove(&self.path);
         }
     }
 }
@@ -99,6 +100,11 @@ pub async fn run(
         }
         Probe::Missing => {}
     }
+    // The token first: no caller may read a stale one once the socket answers.
+    let token = crate::control::token::create(&path).map_err(|source| AgentError::Bind {
+        path: path.clone(),
+        source,
+    })?;
     let listener = UnixListener::bind(&path).map_err(|source| AgentError::Bind {
         path: path.clone(),
         source,
@@ -131,6 +137,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         stoppable: true,
         inbound: None,
+        token,
     });
     ctx.pool.rescan().await;
     drop(lock);
@@ -179,7 +186,7 @@ async fn maintenance(ctx: Arc<HolderContext>, socket: SocketFile) {
                 }
                 ctx.pool.rescan().await;
             }
-            _ = reap.tick() => ctx.pool.reap(),
+            _ = reap.tick() => ctx.pool.reap().await,
         }
     }
     drop(socket);

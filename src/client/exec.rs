@@ -50,6 +50,8 @@ pub fn exec_request(args: &SshArgs, pty: bool) -> ExecRequest {
             cols,
             rows,
         }),
+        // The server checks it: only its own user can run commands there.
+        user: args.user.clone(),
     }
 }
 
@@ -233,9 +235,6 @@ async fn run_parsed(
     if !args.ignored.is_empty() {
         tracing::info!(ignored = ?args.ignored, "ssh flags accepted and ignored");
     }
-    if let Some(u) = &args.user {
-        tracing::info!(user = %u, "remote user name given; commands run as the server's user");
-    }
     let resolved = crate::session::resolve(dirs, &args.host)?;
     if args.forwards()
         && !matches!(
@@ -243,7 +242,7 @@ async fn run_parsed(
             crate::config::names::TargetKind::Server { .. }
         )
     {
-        return Err(SessionError::Refused(format!(
+        return Err(SessionError::Usage(format!(
             "{} is not a server; forwarding (-L, -D, -W, -N) needs one server",
             args.host
         )));
@@ -260,7 +259,7 @@ async fn run_parsed(
             let server = resolved
                 .server()
                 .cloned()
-                .ok_or_else(|| SessionError::Refused("server vanished".into()))?;
+                .ok_or_else(|| SessionError::Local("server vanished".into()))?;
             if args.forwards() {
                 return super::forward::run(&resolved, &server, &args).await;
             }

@@ -22,12 +22,15 @@
 pub mod config_sync;
 pub mod embedded;
 pub mod embedded_forward;
+pub mod embedded_holdings;
+pub mod embedded_relay;
 pub mod exec;
 pub mod forward;
 pub mod guard;
 pub mod http;
 pub mod process;
 pub mod request;
+pub mod restrict;
 pub mod revoke;
 pub mod stdinserver;
 pub mod tunnel;
@@ -83,6 +86,16 @@ pub enum ServerError {
 }
 
 /// Options of `malai ssh server`.
+/// A cluster the server started serving: what `ready` reports.
+#[derive(Debug, Clone)]
+pub struct Serving {
+    pub alias: String,
+    /// This machine's id52 in that cluster.
+    pub id: Id52,
+    /// Where its endpoint listens.
+    pub addrs: Vec<SocketAddr>,
+}
+
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// Fixed UDP address for the first served cluster; the n-th gets port + n.
@@ -105,6 +118,8 @@ pub struct ClusterState {
     revision: tokio::sync::watch::Sender<u64>,
     /// Whether a [`revoke`] poller is watching the file for live requests.
     polling: std::sync::atomic::AtomicBool,
+    /// Open connections of this cluster, per peer ([`guard::admit`]).
+    connections: guard::Counts,
 }
 
 /// Default cap on one peer's concurrent requests (across all its connections and
@@ -159,6 +174,7 @@ impl ClusterState {
             active: Mutex::new(std::collections::HashMap::new()),
             revision: tokio::sync::watch::Sender::new(0),
             polling: std::sync::atomic::AtomicBool::new(false),
+            connections: guard::Counts::default(),
         }
     }
 
@@ -250,7 +266,7 @@ pub async fn run(
     dirs: Dirs,
     opts: ServeOptions,
     shutdown: CancellationToken,
-    ready: impl FnOnce(&[(String, Id52, Vec<SocketAddr>)]),
+    ready: impl FnOnce(&[Serving]),
 ) -> Result<(), ServerError> {
     crate::audit::init(&dirs.ssh_logs());
     let tracker = TaskTracker::new();
@@ -283,6 +299,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         stoppable: false,
         inbound: Some(inbound.clone()),
+        token: control.token.clone(),
     });
     let ctl = Ctl {
         inbound,
@@ -312,7 +329,7 @@ pub async fn run(
         loop {
             tokio::select! {
                 _ = reap_token.cancelled() => return,
-                _ = t.tick() => reaper.pool.reap(),
+                _ = t.tick() => reaper.pool.reap().await,
             }
         }
     });
@@ -367,6 +384,7 @@ struct SocketGuard(std::path::PathBuf);
 impl Drop for SocketGuard {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+        crate::control::token::remove(&self.0);
     }
 }
 
@@ -374,6 +392,8 @@ struct ControlListener {
     path: std::path::PathBuf,
     listener: tokio::net::UnixListener,
     guard: SocketGuard,
+    /// What callers' hellos must carry (`control::token`).
+    token: String,
 }
 
 fn control_listener(dirs: &Dirs, managed_only: bool) -> Result<ControlListener, ServerError> {
@@ -398,12 +418,15 @@ fn control_listener(dirs: &Dirs, managed_only: bool) -> Result<ControlListener, 
         }
         let _ = std::fs::remove_file(&path);
     }
+    // The token first: no caller may read a stale one once the socket answers.
+    let token = crate::control::token::create(&path).map_err(|e| err(e.to_string()))?;
     let listener = tokio::net::UnixListener::bind(&path).map_err(|e| err(e.to_string()))?;
     let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
     Ok(ControlListener {
         guard: SocketGuard(path.clone()),
         path,
         listener,
+        token,
     })
 }
 
@@ -457,7 +480,7 @@ async fn start_new_clusters(
     tracker: &TaskTracker,
     ctl: &Ctl,
     served: &mut BTreeMap<String, Served>,
-    started: &mut Vec<(String, Id52, Vec<SocketAddr>)>,
+    started: &mut Vec<Serving>,
 ) -> Result<(), ServerError> {
     for dir in list_clusters(dirs)? {
         if served.contains_key(&dir.alias) {
@@ -504,7 +527,11 @@ async fn start_new_clusters(
         drop(key);
         let addrs = node.bound_sockets();
         tracing::info!(cluster = %dir.alias, %me, ?addrs, "serving cluster");
-        started.push((dir.alias.clone(), me, addrs));
+        started.push(Serving {
+            alias: dir.alias.clone(),
+            id: me,
+            addrs,
+        });
         let manages = cfg.manager == me;
         let state = Arc::new(ClusterState::new(dir.clone(), me, cfg));
         ctl.registry.add(state.clone());

@@ -36,7 +36,7 @@ use crate::transport::iroh::TransportError;
 pub use open::{
     Session, SessionRead, SessionWrite, exchange, open, open_on, open_with, request_on,
 };
-pub use resolve::{Resolved, local_clusters, my_id52, resolve};
+pub use resolve::{LocalClusters, Resolved, my_id52, resolve};
 pub use route::{Route, route};
 
 /// Dialing plus handshake (through a relay when there is no direct path yet). The QUIC

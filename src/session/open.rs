@@ -58,6 +58,16 @@ pub enum SessionRead {
     Pipe(tokio::process::ChildStdout),
 }
 
+impl SessionWrite {
+    /// Wait until the peer has everything we sent (after shutdown). Through a key holder
+    /// that one waits for it; through an ssh child there is nothing to wait for.
+    pub async fn acknowledged(&mut self) {
+        if let SessionWrite::Iroh(s) = self {
+            s.acknowledged().await;
+        }
+    }
+}
+
 impl AsyncWrite for SessionWrite {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -139,7 +149,7 @@ impl Session {
     pub fn broken(&self, e: SessionError) -> SessionError {
         match &self.closer {
             Closer::Iroh { _watchdog: w, .. } if w.saw_restart() => {
-                SessionError::Refused(format!("connection lost: {}", liveness::RESTARTED))
+                SessionError::Lost(format!("connection lost: {}", liveness::RESTARTED))
             }
             _ => e,
         }
