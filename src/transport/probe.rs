@@ -73,6 +73,16 @@ impl std::fmt::Display for RelayProblem {
 }
 
 impl RelayProblem {
+    /// Whether waiting cannot help: the relay answered, and what it said rules it out
+    /// (certificate, name, refused, denied, not a relay). An unreachable relay or a name
+    /// that does not resolve may be a passing outage, so a dial keeps trying those.
+    pub fn is_definitive(&self) -> bool {
+        !matches!(
+            self,
+            RelayProblem::Unreachable(_) | RelayProblem::Resolve(_)
+        )
+    }
+
     /// What to do about it (one clause).
     pub fn fix(&self) -> &'static str {
         match self {
@@ -233,7 +243,7 @@ async fn reach(url: &str, tls: Arc<rustls::ClientConfig>) -> Result<Duration, Re
         .map_err(|e| RelayProblem::BadUrl(e.to_string()))?;
     let connector = tokio_rustls::TlsConnector::from(tls);
     let stream = match tokio::time::timeout(STEP_TIMEOUT, connector.connect(name, tcp)).await {
-        Err(_) => return Err(RelayProblem::Tls("no TLS answer within 5 s".into())),
+        Err(_) => return Err(RelayProblem::Unreachable("no TLS answer within 5 s".into())),
         Ok(Err(e)) => return Err(tls_problem(&e)),
         Ok(Ok(s)) => s,
     };
@@ -312,7 +322,11 @@ where
         .map_err(|e| RelayProblem::Http(e.to_string()))?;
     let started = Instant::now();
     let resp = match tokio::time::timeout(STEP_TIMEOUT, sender.send_request(req)).await {
-        Err(_) => return Err(RelayProblem::Http("no HTTP answer within 5 s".into())),
+        Err(_) => {
+            return Err(RelayProblem::Unreachable(
+                "no HTTP answer within 5 s".into(),
+            ));
+        }
         Ok(Err(e)) => return Err(RelayProblem::Http(e.to_string())),
         Ok(Ok(r)) => r,
     };
