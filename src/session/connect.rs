@@ -74,6 +74,21 @@ pub async fn dial_server(
     }
 }
 
+/// [`dial_server`] for a cluster known by its folder alias (the key holder's pools): the
+/// relays to name come from its file; without a usable file the dial is only bounded.
+pub async fn dial_in_cluster(
+    node: &Node,
+    dirs: &crate::config::paths::Dirs,
+    alias: &str,
+    server: DialTarget<'_>,
+) -> Result<PeerConnection, SessionError> {
+    let net = crate::config::store::ClusterDir::open(dirs, alias)
+        .ok()
+        .and_then(|d| super::own::net_config_of(&d).ok())
+        .unwrap_or_else(|| NetConfig::disabled(None));
+    dial_server(node, server, &net).await
+}
+
 fn relay_error(server: &str, problems: &[(String, RelayProblem)]) -> SessionError {
     let lines: Vec<String> = problems
         .iter()
