@@ -4,11 +4,14 @@
 //! peer opens channels (each may run a process) and forwards. Two things follow, both kept
 //! here so `embedded.rs` only relays:
 //!
-//! - **Slots** ([`Holdings::slot`]): every channel the peer opens takes one of
-//!   [`MAX_CHANNELS`] per SSH session *and* one of the peer's request slots
-//!   (`ClusterState::admit`, the cap native exec has), so a peer allowed only `ls` cannot
-//!   run hundreds of processes or pin memory through one connection. A channel over either
-//!   cap is refused with "resource shortage".
+//! - **Slots** ([`Holdings::slot`]): every channel the peer opens takes one of the peer's
+//!   request slots (`ClusterState::admit`, the cap native exec and native forwards have)
+//!   *and* one of its kind's per-session slots: [`MAX_SESSION_CHANNELS`] for session
+//!   channels (each may run a process and holds a pty or pipes), [`MAX_FORWARD_CHANNELS`]
+//!   for forwarded connections (a browser through `-D` opens many). So a peer allowed only
+//!   `ls` cannot run hundreds of processes or pin memory through one connection, while a
+//!   full-access peer's forwards get the same room natively and through OpenSSH. A channel
+//!   over a cap is refused with "resource shortage".
 //! - **Revocation** ([`Holdings::watch`]): every allowed channel command and forward is
 //!   kept as a [`Holding`] (what the ACL was asked, and a token that cuts it). On each
 //!   reload of the cluster file the session asks the ACL again for each; one now denied —
@@ -27,10 +30,21 @@ use super::{ClusterState, PeerPermit};
 use crate::acl::{self, Decision, ForwardKind, Grant};
 use crate::id52::Id52;
 
-/// Channels (sessions, forwards, agent connections the peer opens) per SSH session at
-/// once. OpenSSH's `MaxSessions` is 10 session channels; forwards (`-D` in a browser) need
-/// more.
-pub const MAX_CHANNELS: usize = 64;
+/// Session channels (exec, shell, sftp) per SSH session at once. OpenSSH's `MaxSessions`
+/// is 10.
+pub const MAX_SESSION_CHANNELS: usize = 64;
+/// Forwarded connections (`direct-tcpip`, `direct-streamlocal`, agent connections) per SSH
+/// session at once; each also takes one of the peer's request slots (256 by default), which
+/// is the tighter bound in practice. Measured: a forwarded channel's buffers are small next
+/// to a session channel's process.
+pub const MAX_FORWARD_CHANNELS: usize = 1024;
+
+/// What a channel is, for its cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelKind {
+    Session,
+    Forward,
+}
 
 /// What was allowed, in the ACL's terms, kept to ask again.
 #[derive(Debug, Clone)]
@@ -98,8 +112,9 @@ pub struct Holdings {
     server: String,
     peer: Id52,
     transport: &'static str,
-    /// The per-session channel cap.
-    channels: Arc<Semaphore>,
+    /// The per-session caps, one per [`ChannelKind`].
+    sessions: Arc<Semaphore>,
+    forwards: Arc<Semaphore>,
     held: Mutex<HashMap<u64, Held>>,
     next: AtomicU64,
 }
@@ -134,7 +149,8 @@ impl Holdings {
             server,
             peer,
             transport,
-            channels: Arc::new(Semaphore::new(MAX_CHANNELS)),
+            sessions: Arc::new(Semaphore::new(MAX_SESSION_CHANNELS)),
+            forwards: Arc::new(Semaphore::new(MAX_FORWARD_CHANNELS)),
             held: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
         })
@@ -147,10 +163,13 @@ impl Holdings {
         }
     }
 
-    /// A slot for one more channel, or why not.
-    pub fn slot(&self) -> Result<Slot, &'static str> {
-        let session = self
-            .channels
+    /// A slot for one more channel of `kind`, or why not.
+    pub fn slot(&self, kind: ChannelKind) -> Result<Slot, &'static str> {
+        let cap = match kind {
+            ChannelKind::Session => &self.sessions,
+            ChannelKind::Forward => &self.forwards,
+        };
+        let session = cap
             .clone()
             .try_acquire_owned()
             .map_err(|_| "too many channels on this ssh connection")?;
