@@ -51,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ClusterState;
 use super::embedded_forward::{self as fwd, Listener, Target};
-use super::embedded_holdings::{Asked, Holding, Holdings, Slot};
+use super::embedded_holdings::{Asked, ChannelKind, Holding, Holdings, Slot};
 use super::embedded_relay::{Input, Stops, clamp16, refuse, relay, sig_name};
 use super::forward::{self, Asker};
 use super::process::{self, ChildControl, Program, SpawnSpec};
@@ -282,8 +282,8 @@ impl SshHandler {
     }
 
     /// A slot for a channel the peer opens, or the refusal to send.
-    fn channel_slot(&self) -> Result<Slot, russh::ChannelOpenFailure> {
-        self.holdings.slot().map_err(|reason| {
+    fn channel_slot(&self, kind: ChannelKind) -> Result<Slot, russh::ChannelOpenFailure> {
+        self.holdings.slot(kind).map_err(|reason| {
             tracing::info!(peer = %self.ctx.peer, reason, "embedded ssh: channel refused");
             // 4: SSH_OPEN_RESOURCE_SHORTAGE, with malai's reason for the user.
             russh::ChannelOpenFailure::Other {
@@ -302,7 +302,7 @@ impl SshHandler {
         kind: ForwardKind,
         target: Target,
     ) {
-        let slot = match self.channel_slot() {
+        let slot = match self.channel_slot(ChannelKind::Forward) {
             Ok(s) => s,
             Err(refusal) => return reply.reject(refusal).await,
         };
@@ -486,7 +486,7 @@ impl russh::server::Handler for SshHandler {
         // message queue is dropped so russh never waits on it.
         let id = channel.id();
         drop(channel);
-        let slot = match self.channel_slot() {
+        let slot = match self.channel_slot(ChannelKind::Session) {
             Ok(s) => s,
             Err(refusal) => {
                 reply.reject(refusal).await;

@@ -4,11 +4,12 @@
 //! peer opens channels (each may run a process) and forwards. Two things follow, both kept
 //! here so `embedded.rs` only relays:
 //!
-//! - **Slots** ([`Holdings::slot`]): every channel the peer opens takes one of
-//!   [`MAX_CHANNELS`] per SSH session *and* one of the peer's request slots
-//!   (`ClusterState::admit`, the cap native exec has), so a peer allowed only `ls` cannot
-//!   run hundreds of processes or pin memory through one connection. A channel over either
-//!   cap is refused with "resource shortage".
+//! - **Slots** ([`Holdings::slot`]): every channel the peer opens takes one of the peer's
+//!   request slots (`ClusterState::admit`, the cap native exec has), and a session channel
+//!   (a process, its input queue) also one of [`MAX_SESSION_CHANNELS`] per SSH connection,
+//!   so a peer allowed only `ls` cannot run hundreds of processes or pin memory through one
+//!   connection; forward channels (`-L`/`-D`, many short connections) are bounded by the
+//!   peer's cap alone. A channel over a cap is refused with "resource shortage".
 //! - **Revocation** ([`Holdings::watch`]): every allowed channel command and forward is
 //!   kept as a [`Holding`] (what the ACL was asked, and a token that cuts it). On each
 //!   reload of the cluster file the session asks the ACL again for each; one now denied —
@@ -27,10 +28,18 @@ use super::{ClusterState, PeerPermit};
 use crate::acl::{self, Decision, ForwardKind, Grant};
 use crate::id52::Id52;
 
-/// Channels (sessions, forwards, agent connections the peer opens) per SSH session at
-/// once. OpenSSH's `MaxSessions` is 10 session channels; forwards (`-D` in a browser) need
-/// more.
-pub const MAX_CHANNELS: usize = 64;
+/// Session channels (each may run a process) per SSH connection at once. OpenSSH's
+/// `MaxSessions` is 10; a ControlMaster multiplexing many commands needs more.
+pub const MAX_SESSION_CHANNELS: usize = 64;
+
+/// What a channel is, for its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelKind {
+    /// `session`: a command, shell or subsystem.
+    Session,
+    /// `direct-tcpip` / `direct-streamlocal`: a local forward's connection.
+    Forward,
+}
 
 /// What was allowed, in the ACL's terms, kept to ask again.
 #[derive(Debug, Clone)]
@@ -98,15 +107,15 @@ pub struct Holdings {
     server: String,
     peer: Id52,
     transport: &'static str,
-    /// The per-session channel cap.
-    channels: Arc<Semaphore>,
+    /// The per-connection session channel cap.
+    sessions: Arc<Semaphore>,
     held: Mutex<HashMap<u64, Held>>,
     next: AtomicU64,
 }
 
 /// One channel's slot: freed (both caps) when dropped.
 pub struct Slot {
-    _session: OwnedSemaphorePermit,
+    _session: Option<OwnedSemaphorePermit>,
     _peer: PeerPermit,
 }
 
@@ -134,7 +143,7 @@ impl Holdings {
             server,
             peer,
             transport,
-            channels: Arc::new(Semaphore::new(MAX_CHANNELS)),
+            sessions: Arc::new(Semaphore::new(MAX_SESSION_CHANNELS)),
             held: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
         })
@@ -148,12 +157,16 @@ impl Holdings {
     }
 
     /// A slot for one more channel, or why not.
-    pub fn slot(&self) -> Result<Slot, &'static str> {
-        let session = self
-            .channels
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| "too many channels on this ssh connection")?;
+    pub fn slot(&self, kind: ChannelKind) -> Result<Slot, &'static str> {
+        let session = match kind {
+            ChannelKind::Session => Some(
+                self.sessions
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| "too many sessions on this ssh connection")?,
+            ),
+            ChannelKind::Forward => None,
+        };
         let peer = self
             .state
             .admit(self.peer)
