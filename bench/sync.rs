@@ -135,7 +135,7 @@ async fn bench(n: usize) -> Result {
             managed_only: false,
         };
         tasks.push(tokio::spawn(run(dirs, opts, shutdown.clone(), move |s| {
-            let _ = tx.send(s.first().and_then(|(_, _, a)| a.first().copied()));
+            let _ = tx.send(s.first().and_then(|s| s.addrs.first().copied()));
         })));
         let addr = rx.await.ok().flatten().expect("member bound");
         entries.push_str(&format!(

@@ -186,7 +186,7 @@ async fn maintenance(ctx: Arc<HolderContext>, socket: SocketFile) {
                 }
                 ctx.pool.rescan().await;
             }
-            _ = reap.tick() => ctx.pool.reap(),
+            _ = reap.tick() => ctx.pool.reap().await,
         }
     }
     drop(socket);

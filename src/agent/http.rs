@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::names::{self, TargetKind};
 use crate::config::{ClusterConfig, ResolveError};
 use crate::keyholder::serve::HolderContext;
-use crate::session::{Resolved, SessionError, local_clusters};
+use crate::session::{LocalClusters, Resolved, SessionError};
 use crate::transport::pump;
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -198,27 +198,14 @@ enum Route {
 /// Classify `host` against the local clusters (re-read each time, so clusters and
 /// services added later are seen at once).
 fn route(ctx: &HolderContext, host: &str) -> Route {
-    let clusters = match local_clusters(&ctx.dirs) {
+    let clusters = match LocalClusters::load(&ctx.dirs) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "reading clusters failed; proxying directly");
             return Route::Direct;
         }
     };
-    let pairs: Vec<(String, ClusterConfig)> = clusters
-        .iter()
-        .map(|(d, c)| (d.alias.clone(), c.clone()))
-        .collect();
-    classify(&pairs, host, |target| {
-        clusters
-            .iter()
-            .find(|(d, _)| d.alias == target.cluster)
-            .map(|(dir, config)| Resolved {
-                dir: dir.clone(),
-                config: config.clone(),
-                target: target.clone(),
-            })
-    })
+    classify(clusters.names(), host, |target| clusters.resolved(target))
 }
 
 /// The pure part of [`route`].

@@ -50,6 +50,8 @@ pub fn exec_request(args: &SshArgs, pty: bool) -> ExecRequest {
             cols,
             rows,
         }),
+        // The server checks it: only its own user can run commands there.
+        user: args.user.clone(),
     }
 }
 
@@ -209,6 +211,19 @@ fn print_config(args: &SshArgs) {
 
 /// `malai ssh [flags] <host> [command …]`: one server or a group.
 pub async fn run(dirs: &crate::config::paths::Dirs, argv: &[String]) -> Result<i32, SessionError> {
+    let r = run_parsed(dirs, argv).await;
+    if matches!(r, Err(SessionError::Killed(_))) {
+        // A signal may have come while a request was opening (the server may already have
+        // started the command): close our connections now, not at the server's idle limit.
+        crate::session::own::close_all(crate::session::ABORT_CLOSE).await;
+    }
+    r
+}
+
+async fn run_parsed(
+    dirs: &crate::config::paths::Dirs,
+    argv: &[String],
+) -> Result<i32, SessionError> {
     let args = super::ssh_args::parse(argv)?;
     if args.print_config {
         print_config(&args);
@@ -220,9 +235,6 @@ pub async fn run(dirs: &crate::config::paths::Dirs, argv: &[String]) -> Result<i
     if !args.ignored.is_empty() {
         tracing::info!(ignored = ?args.ignored, "ssh flags accepted and ignored");
     }
-    if let Some(u) = &args.user {
-        tracing::info!(user = %u, "remote user name given; commands run as the server's user");
-    }
     let resolved = crate::session::resolve(dirs, &args.host)?;
     if args.forwards()
         && !matches!(
@@ -230,7 +242,7 @@ pub async fn run(dirs: &crate::config::paths::Dirs, argv: &[String]) -> Result<i
             crate::config::names::TargetKind::Server { .. }
         )
     {
-        return Err(SessionError::Refused(format!(
+        return Err(SessionError::Usage(format!(
             "{} is not a server; forwarding (-L, -D, -W, -N) needs one server",
             args.host
         )));
@@ -247,7 +259,7 @@ pub async fn run(dirs: &crate::config::paths::Dirs, argv: &[String]) -> Result<i
             let server = resolved
                 .server()
                 .cloned()
-                .ok_or_else(|| SessionError::Refused("server vanished".into()))?;
+                .ok_or_else(|| SessionError::Local("server vanished".into()))?;
             if args.forwards() {
                 return super::forward::run(&resolved, &server, &args).await;
             }

@@ -225,45 +225,7 @@ pub async fn run(
     server: &Server,
     args: &SshArgs,
 ) -> Result<i32, SessionError> {
-    if server.ssh_via.is_some() {
-        return Err(SessionError::Refused(
-            "forwarding (-L, -D, -W, -N) is not supported for ssh-via servers yet; \
-             use OpenSSH through `malai ssh proxy`"
-                .into(),
-        ));
-    }
-    let locals = args
-        .local_forwards
-        .iter()
-        .map(|s| parse_local(s))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| SessionError::Refused(e.to_string()))?;
-    let dynamics = args
-        .dynamic_forwards
-        .iter()
-        .map(|s| parse_dynamic(s))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| SessionError::Refused(e.to_string()))?;
-    let stdio_to = args
-        .stdio_forward
-        .as_deref()
-        .map(parse_stdio)
-        .transpose()
-        .map_err(|e| SessionError::Refused(e.to_string()))?;
-    if stdio_to.is_some() && args.command.is_some() {
-        return Err(SessionError::Refused("-W takes no remote command".into()));
-    }
-    let remotes = args
-        .remote_forwards
-        .iter()
-        .map(|s| parse_local(s).map(|f| (s.clone(), f)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| SessionError::Refused(e.to_string()))?;
-    if args.background && args.command.is_none() && !args.no_command {
-        return Err(SessionError::Refused(
-            "cannot fork into background without a command to execute (use -N)".into(),
-        ));
-    }
+    let plan = Plan::parse(server, args)?;
     let ready = match background::child_fd() {
         Some(fd) => Some(fd),
         None if args.background => return background::fork_and_wait().await,
@@ -274,34 +236,138 @@ pub async fn run(
         c = Link::connect(resolved, server) => c?,
         n = interrupts.recv() => return Err(SessionError::Killed(n)),
     };
-    if let Some(to) = stdio_to {
+    if let Some(to) = plan.stdio_to {
         let r = stdio_forward(&link, to, &mut interrupts).await;
         link.close().await;
         return r;
     }
+    let forwards = Forwards {
+        link: link.clone(),
+        stop: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    };
+    let result = match forwards.set_up(plan.locals, plan.remotes, args).await {
+        Ok(agent_env) => forwards.main(args, agent_env, ready, &mut interrupts).await,
+        Err(e) => Err(e),
+    };
+    forwards.stop().await;
+    link.close().await;
+    result
+}
 
-    // Bind every listener before anything runs, so failures are reported up front.
-    let mut bound = vec![];
-    let specs = locals
-        .into_iter()
-        .map(|l| (l.listen, Kind::Fixed(l.to)))
-        .chain(dynamics.into_iter().map(|l| (l, Kind::Socks)));
-    for (listen, kind) in specs {
-        match bind(&listen, args.gateway_ports).await {
-            Ok(b) => bound.push((b, kind)),
-            Err(e) if args.exit_on_forward_failure => {
-                link.close().await;
-                return Err(SessionError::Refused(format!(
-                    "{e}; could not request local forwarding"
-                )));
-            }
-            Err(e) => eprintln!("malai: {e}; could not request local forwarding"),
+/// What the command line asks for, checked before anything connects.
+struct Plan {
+    /// `-L` and `-D` listeners.
+    locals: Vec<(Listen, Kind)>,
+    /// `-R`: the spec as typed (for messages) and its parsed form.
+    remotes: Vec<(String, LocalForward)>,
+    /// `-W host:port`.
+    stdio_to: Option<ForwardTarget>,
+}
+
+impl Plan {
+    fn parse(server: &Server, args: &SshArgs) -> Result<Plan, SessionError> {
+        let usage = SessionError::Usage;
+        if server.ssh_via.is_some() {
+            return Err(SessionError::Refused(
+                "forwarding (-L, -D, -W, -N) is not supported for ssh-via servers yet; \
+                 use OpenSSH through `malai ssh proxy`"
+                    .into(),
+            ));
         }
+        let locals = args
+            .local_forwards
+            .iter()
+            .map(|s| parse_local(s).map(|l| (l.listen, Kind::Fixed(l.to))))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| usage(e.to_string()))?;
+        let dynamics = args
+            .dynamic_forwards
+            .iter()
+            .map(|s| parse_dynamic(s).map(|l| (l, Kind::Socks)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| usage(e.to_string()))?;
+        let stdio_to = args
+            .stdio_forward
+            .as_deref()
+            .map(parse_stdio)
+            .transpose()
+            .map_err(|e| usage(e.to_string()))?;
+        if stdio_to.is_some() && args.command.is_some() {
+            return Err(usage("-W takes no remote command".into()));
+        }
+        let remotes = args
+            .remote_forwards
+            .iter()
+            .map(|s| parse_local(s).map(|f| (s.clone(), f)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| usage(e.to_string()))?;
+        if args.background && args.command.is_none() && !args.no_command {
+            return Err(usage(
+                "cannot fork into background without a command to execute (use -N)".into(),
+            ));
+        }
+        Ok(Plan {
+            locals: locals.into_iter().chain(dynamics).collect(),
+            remotes,
+            stdio_to,
+        })
     }
-    let stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    // Remote forwards: each is set up (or refused) before anything runs.
-    for (spec, f) in remotes {
+}
+
+/// The running forwards of one `malai ssh` and the tasks that serve them.
+struct Forwards {
+    link: Link,
+    /// Ends every forward's task.
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Forwards {
+    /// Bind every local listener and set up every remote forward (and `-A`) before anything
+    /// runs, so failures are reported up front. Returns the forwarded agent's socket path.
+    async fn set_up(
+        &self,
+        locals: Vec<(Listen, Kind)>,
+        remotes: Vec<(String, LocalForward)>,
+        args: &SshArgs,
+    ) -> Result<Option<String>, SessionError> {
+        let mut bound = vec![];
+        for (listen, kind) in locals {
+            match bind(&listen, args.gateway_ports).await {
+                Ok(b) => bound.push((b, kind)),
+                Err(e) if args.exit_on_forward_failure => {
+                    return Err(SessionError::Refused(format!(
+                        "{e}; could not request local forwarding"
+                    )));
+                }
+                Err(e) => eprintln!("malai: {e}; could not request local forwarding"),
+            }
+        }
+        for (spec, f) in remotes {
+            self.remote(&spec, f, args).await?;
+        }
+        let agent_env = self.forward_agent(args).await;
+        for (b, kind) in bound {
+            tracing::info!(listen = %b.label(), "local forward listening");
+            self.tasks.spawn(serve_listener(
+                b,
+                kind,
+                self.link.clone(),
+                self.stop.clone(),
+                self.tasks.clone(),
+            ));
+        }
+        Ok(agent_env)
+    }
+
+    /// One `-R`: set up (or refused) before anything runs.
+    async fn remote(
+        &self,
+        spec: &str,
+        f: LocalForward,
+        args: &SshArgs,
+    ) -> Result<(), SessionError> {
         let listen = match &f.listen {
             Listen::Tcp { bind, port } => RemoteListen::Tcp {
                 address: bind.clone().unwrap_or_else(|| "localhost".into()),
@@ -311,7 +377,7 @@ pub async fn run(
                 path: p.display().to_string(),
             },
         };
-        match start_remote(&link, listen, f.to.clone(), &stop, &tasks).await {
+        match start_remote(&self.link, listen, f.to.clone(), &self.stop, &self.tasks).await {
             Ok((Some(port), _)) if matches!(f.listen, Listen::Tcp { port: 0, .. }) => {
                 // ssh's line, so scripts that parse it keep working.
                 eprintln!(
@@ -321,75 +387,81 @@ pub async fn run(
             }
             Ok(_) => {}
             Err(e) if args.exit_on_forward_failure => {
-                stop.cancel();
-                tasks.close();
-                let _ = tokio::time::timeout(LINGER, tasks.wait()).await;
-                link.close().await;
                 return Err(SessionError::Refused(format!(
                     "remote port forwarding failed for {spec}: {e}"
                 )));
             }
             Err(e) => eprintln!("Warning: remote port forwarding failed for {spec}: {e}"),
         }
+        Ok(())
     }
-    // -A: only when we have an agent, like ssh.
-    let mut agent_env = None;
-    if args.forward_agent
-        && let Some(sock) = std::env::var_os("SSH_AUTH_SOCK").filter(|s| !s.is_empty())
-    {
+
+    /// `-A`: only when we have an agent, like ssh. The remote socket's path, if set up.
+    async fn forward_agent(&self, args: &SshArgs) -> Option<String> {
+        let sock = std::env::var_os("SSH_AUTH_SOCK").filter(|s| !s.is_empty());
+        let (true, Some(sock)) = (args.forward_agent, sock) else {
+            return None;
+        };
         let to = ForwardTarget::Unix {
             path: sock.to_string_lossy().into_owned(),
         };
-        match start_remote(&link, RemoteListen::Agent {}, to, &stop, &tasks).await {
-            Ok((_, Some(path))) => agent_env = Some(path),
-            Ok(_) => {}
-            Err(e) if !args.quiet => eprintln!("malai: agent forwarding refused: {e}"),
-            Err(_) => {}
+        match start_remote(
+            &self.link,
+            RemoteListen::Agent {},
+            to,
+            &self.stop,
+            &self.tasks,
+        )
+        .await
+        {
+            Ok((_, path)) => path,
+            Err(e) => {
+                if !args.quiet {
+                    eprintln!("malai: agent forwarding refused: {e}");
+                }
+                None
+            }
         }
-    }
-    let mut ready = ready;
-    for (b, kind) in bound {
-        tracing::info!(listen = %b.label(), "local forward listening");
-        tasks.spawn(serve_listener(
-            b,
-            kind,
-            link.clone(),
-            stop.clone(),
-            tasks.clone(),
-        ));
     }
 
-    let result = if args.no_command {
-        background::signal_ready(ready.take());
-        tokio::select! {
-            n = interrupts.recv() => Err(SessionError::Killed(n)),
-            _ = link.lost() => Err(SessionError::Refused("the connection to the server was lost".into())),
+    /// With `-N`, wait for a signal or the connection's end; else run the command (its
+    /// exit status is ours).
+    async fn main(
+        &self,
+        args: &SshArgs,
+        agent_env: Option<String>,
+        mut ready: Option<std::os::fd::OwnedFd>,
+        interrupts: &mut Interrupts,
+    ) -> Result<i32, SessionError> {
+        if args.no_command {
+            background::signal_ready(ready.take());
+            return tokio::select! {
+                n = interrupts.recv() => Err(SessionError::Killed(n)),
+                _ = self.link.lost() => Err(SessionError::Lost("the connection to the server was lost".into())),
+            };
         }
-    } else {
         let pty = want_pty(args);
         let mut req = exec_request(args, pty);
         if let Some(path) = agent_env {
             req.env.push(("SSH_AUTH_SOCK".into(), path));
         }
         let opened = tokio::select! {
-            s = link.open_session(Request::Exec(req)) => s,
+            s = self.link.open_session(Request::Exec(req)) => s,
             n = interrupts.recv() => Err(SessionError::Killed(n)),
         };
         if opened.is_ok() {
             background::signal_ready(ready.take());
         }
-        match opened {
-            Ok(session) => run_session(session, args, pty, &mut interrupts).await,
-            Err(e) => Err(e),
-        }
-    };
-    stop.cancel();
-    tasks.close();
-    // Every task ends on `stop`; they hold the link, and the last holder closes the
-    // endpoint (flushing the connection's close to the server).
-    let _ = tokio::time::timeout(LINGER, tasks.wait()).await;
-    link.close().await;
-    result
+        run_session(opened?, args, pty, interrupts).await
+    }
+
+    /// Every task ends on `stop`; they hold the link, and the last holder closes the
+    /// endpoint (flushing the connection's close to the server).
+    async fn stop(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(LINGER, self.tasks.wait()).await;
+    }
 }
 
 /// Open a `remote-forward` stream and wait for the server's `listening`; then serve its
@@ -520,7 +592,7 @@ mod background {
     /// Start this command line again as a background child and wait for its "ready".
     pub async fn fork_and_wait() -> Result<i32, SessionError> {
         let io =
-            |e: std::io::Error| SessionError::Refused(format!("cannot go to the background: {e}"));
+            |e: std::io::Error| SessionError::Local(format!("cannot go to the background: {e}"));
         let (r, w) = nix::unistd::pipe().map_err(|e| io(e.into()))?;
         // The read end stays here only.
         nix::fcntl::fcntl(
@@ -574,7 +646,7 @@ async fn stdio_forward(
                 }
                 Ok(0)
             }
-            Err(e) => Err(SessionError::Refused(format!("stdio forward broke: {e}"))),
+            Err(e) => Err(SessionError::Lost(format!("stdio forward broke: {e}"))),
         },
         n = interrupts.recv() => Err(SessionError::Killed(n)),
     }

@@ -33,12 +33,12 @@ pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32
         .filter_map(|m| resolved.config.servers.get(m).cloned())
         .collect();
     if servers.is_empty() {
-        return Err(SessionError::Refused(format!(
+        return Err(SessionError::Usage(format!(
             "group {group} has no servers to run on"
         )));
     }
     if args.command.is_none() {
-        return Err(SessionError::Refused(
+        return Err(SessionError::Usage(
             "a group needs a command (no interactive session on many hosts)".into(),
         ));
     }
@@ -67,7 +67,7 @@ pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32
         let agent = agent.clone().filter(|_| server.ssh_via.is_none());
         tasks.spawn(async move {
             let Ok(permit) = sem.acquire_owned().await else {
-                let e = SessionError::Refused("not started: interrupted".into());
+                let e = SessionError::Local("not started: interrupted".into());
                 return (server.name, Err(e));
             };
             let prefix = format!("{:width$}: ", server.name);

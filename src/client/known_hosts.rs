@@ -13,17 +13,13 @@ use crate::config::SshTarget;
 use crate::config::names::{self, TargetKind};
 use crate::config::paths::Dirs;
 use crate::server::embedded::known_hosts_line;
-use crate::session::{SessionError, local_clusters};
+use crate::session::{LocalClusters, SessionError};
 
 /// All lines, one per embedded-SSH server per cluster, sorted for stable output.
 pub fn lines(dirs: &Dirs) -> Result<Vec<String>, SessionError> {
-    let clusters = local_clusters(dirs)?;
-    let pairs: Vec<(String, crate::config::ClusterConfig)> = clusters
-        .iter()
-        .map(|(d, c)| (d.alias.clone(), c.clone()))
-        .collect();
+    let clusters = LocalClusters::load(dirs)?;
     let mut out = vec![];
-    for (dir, cfg) in &clusters {
+    for (dir, cfg) in clusters.iter() {
         let mut cluster_names = vec![dir.alias.clone()];
         if let Some(a) = &cfg.alias {
             cluster_names.push(a.clone());
@@ -43,7 +39,7 @@ pub fn lines(dirs: &Dirs) -> Result<Vec<String>, SessionError> {
             for n in candidates {
                 let n = n.to_lowercase();
                 let means_it = matches!(
-                    names::resolve(&pairs, &n),
+                    names::resolve(clusters.names(), &n),
                     Ok(t) if t.cluster == dir.alias
                         && t.kind == TargetKind::Server { server: server.name.clone() }
                 );

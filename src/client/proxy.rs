@@ -25,7 +25,7 @@ pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), Sessi
             return Err(SessionError::NotAServer(host.to_string(), "group"));
         }
     };
-    let server = server.ok_or_else(|| SessionError::Refused("server vanished".into()))?;
+    let server = server.ok_or_else(|| SessionError::Local("server vanished".into()))?;
     // ssh-via servers need no malai key: always direct. Otherwise the routing policy: a
     // key holder gets our stdio (handover), or this process dials itself.
     let request = Request::Tunnel { port };
@@ -64,7 +64,7 @@ pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), Sessi
             Ok(())
         }
         Err(e) => {
-            let e = session.broken(SessionError::Refused(format!("connection lost: {e}")));
+            let e = session.broken(SessionError::Lost(format!("connection lost: {e}")));
             session.abort().await;
             Err(e)
         }
@@ -72,5 +72,5 @@ pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), Sessi
 }
 
 fn local(e: std::io::Error) -> SessionError {
-    SessionError::Refused(format!("local i/o: {e}"))
+    SessionError::Local(format!("local i/o: {e}"))
 }

@@ -1,20 +1,32 @@
 //! Who holds a cluster's key on this machine: the `flock` on `clusters/<alias>/endpoint.lock`.
 //!
 //! iroh lets one endpoint hold an EndpointId at a time (its relay delivers to the newest),
-//! so DESIGN §8 makes it a rule: **one endpoint per id52 per machine**. The process that
-//! serves a cluster (the server, else the agent) holds the lock exclusively and writes how
-//! to reach it (its control socket) into the file; CLI commands hold it shared, and only
-//! when neither runs. Which of them a command goes through is the session layer's routing
-//! policy (`session::route`).
+//! so DESIGN §8 makes it a rule: **one endpoint per id52 per machine** for everything that
+//! starts. The process that serves a cluster (the server, else the agent) holds the lock
+//! exclusively and writes how to reach it (its control socket) into the file; every command
+//! that starts after it goes through it. Which process a command goes through is the
+//! session layer's routing policy (`session::route`).
+//!
+//! A command that finds no holder binds the key itself for its own length. It holds
+//! `endpoint.lock` shared only while it binds (the *gate*: no holder can appear between its
+//! look and its bind), then only a shared lock on [`COMMANDS_FILE`]. So a server or agent
+//! that starts while such a command runs (a `ssh -N -L` open for days) takes the key at
+//! once and serves every new command; the older command keeps its own endpoint to the end
+//! (its direct paths stay; a relay-only path may stall, because a relay delivers to the
+//! newest endpoint of an id — README "Known limits").
 
 use crate::config::store::ClusterDir;
 
 /// The lock file in a cluster folder whose `flock` says who binds the cluster's key:
 /// held *exclusively* by the process that serves it (the server, else the agent), which
 /// writes a [`Holder`] record into it; held *shared* by CLI commands that bind the key for
-/// their own length because neither runs. The kernel drops a lock when its process dies,
+/// their own length, while they bind it. The kernel drops a lock when its process dies,
 /// so a crashed holder never blocks anyone.
 pub const LOCK_FILE: &str = "endpoint.lock";
+
+/// Held *shared* by every command that bound the key itself, for its whole length: how a
+/// holder (and `status`) can tell that older commands still use their own endpoints.
+pub const COMMANDS_FILE: &str = "commands.lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
@@ -51,7 +63,17 @@ pub struct Holder {
 #[derive(Debug)]
 pub struct Claim {
     _lock: nix::fcntl::Flock<std::fs::File>,
+    /// A command's shared lock on `endpoint.lock` while it binds ([`Claim::bound`] drops it).
+    gate: Option<nix::fcntl::Flock<std::fs::File>>,
     pub role: Role,
+}
+
+impl Claim {
+    /// The command's endpoint is bound: a server or agent may now take the key for every
+    /// command that starts after this point.
+    pub fn bound(&mut self) {
+        self.gate = None;
+    }
 }
 
 /// What trying to claim found.
@@ -67,9 +89,9 @@ fn lock_path(dir: &ClusterDir) -> std::path::PathBuf {
     dir.dir.join(LOCK_FILE)
 }
 
-fn open_lock(dir: &ClusterDir) -> Result<std::fs::File, LockError> {
+fn open_lock(dir: &ClusterDir, name: &str) -> Result<std::fs::File, LockError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let path = lock_path(dir);
+    let path = dir.dir.join(name);
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -86,42 +108,79 @@ fn read_record(dir: &ClusterDir) -> Option<Holder> {
 }
 
 /// Try to claim `dir`'s key for `role` without waiting. Server and agent claim it
-/// exclusively and leave their record (`socket` = their control socket); commands share.
+/// exclusively and leave their record (`socket` = their control socket); commands share
+/// (module docs: the gate, then [`COMMANDS_FILE`]).
 pub fn claim(
     dir: &ClusterDir,
     role: Role,
     socket: Option<&std::path::Path>,
 ) -> Result<Claimed, LockError> {
     use nix::fcntl::{Flock, FlockArg};
-    use std::io::{Seek, Write};
-    let file = open_lock(dir)?;
+    let file = open_lock(dir, LOCK_FILE)?;
     let arg = match role {
         Role::Command => FlockArg::LockSharedNonblock,
         Role::Server | Role::Agent => FlockArg::LockExclusiveNonblock,
     };
-    match Flock::lock(file, arg) {
-        Ok(mut lock) => {
-            if role != Role::Command {
-                let rec = Holder {
-                    pid: std::process::id(),
-                    role,
-                    socket: socket.map(std::path::Path::to_path_buf),
-                };
-                let text = serde_json::to_string(&rec).unwrap_or_default();
-                let written = lock
-                    .set_len(0)
-                    .and_then(|_| lock.rewind())
-                    .and_then(|_| lock.write_all(format!("{text}\n").as_bytes()));
-                if let Err(source) = written {
-                    return Err(LockError::LockFile {
-                        path: lock_path(dir),
-                        source,
-                    });
-                }
-            }
-            Ok(Claimed::Mine(Claim { _lock: lock, role }))
-        }
-        Err((_, _)) => Ok(Claimed::Held(holder(dir)?)),
+    let lock = match Flock::lock(file, arg) {
+        Ok(lock) => lock,
+        Err((_, _)) => return Ok(Claimed::Held(holder(dir)?)),
+    };
+    if role == Role::Command {
+        let commands = open_lock(dir, COMMANDS_FILE)?;
+        // Shared with every other command; only `commands_running` takes it exclusively,
+        // for an instant, so this waits at most that long.
+        let held =
+            Flock::lock(commands, FlockArg::LockShared).map_err(|(_, e)| LockError::LockFile {
+                path: dir.dir.join(COMMANDS_FILE),
+                source: e.into(),
+            })?;
+        return Ok(Claimed::Mine(Claim {
+            _lock: held,
+            gate: Some(lock),
+            role,
+        }));
+    }
+    let mut lock = lock;
+    write_record(dir, &mut lock, role, socket)?;
+    Ok(Claimed::Mine(Claim {
+        _lock: lock,
+        gate: None,
+        role,
+    }))
+}
+
+fn write_record(
+    dir: &ClusterDir,
+    lock: &mut std::fs::File,
+    role: Role,
+    socket: Option<&std::path::Path>,
+) -> Result<(), LockError> {
+    use std::io::{Seek, Write};
+    let rec = Holder {
+        pid: std::process::id(),
+        role,
+        socket: socket.map(std::path::Path::to_path_buf),
+    };
+    let text = serde_json::to_string(&rec).unwrap_or_default();
+    lock.set_len(0)
+        .and_then(|_| lock.rewind())
+        .and_then(|_| lock.write_all(format!("{text}\n").as_bytes()))
+        .map_err(|source| LockError::LockFile {
+            path: lock_path(dir),
+            source,
+        })
+}
+
+/// Whether commands that bound `dir`'s key themselves are still running.
+pub fn commands_running(dir: &ClusterDir) -> bool {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = dir.dir.join(COMMANDS_FILE);
+    if !path.exists() {
+        return false;
+    }
+    match open_lock(dir, COMMANDS_FILE) {
+        Ok(f) => Flock::lock(f, FlockArg::LockExclusiveNonblock).is_err(),
+        Err(_) => false,
     }
 }
 
@@ -131,7 +190,7 @@ pub fn holder(dir: &ClusterDir) -> Result<Option<Holder>, LockError> {
     if !lock_path(dir).exists() {
         return Ok(None);
     }
-    let file = open_lock(dir)?;
+    let file = open_lock(dir, LOCK_FILE)?;
     // A shared lock is refused only while someone holds it exclusively.
     match Flock::lock(file, FlockArg::LockSharedNonblock) {
         Ok(_free_or_shared) => Ok(None),
@@ -215,7 +274,22 @@ mod tests {
             claim(&cd, Role::Agent, None).unwrap(),
             Claimed::Held(_)
         ));
-        drop((a, b));
+        // Once they have bound their endpoints, an agent takes the key for new commands
+        // while they still run; new commands then see it as the holder.
+        let (mut a, mut b) = (a, b);
+        a.bound();
+        b.bound();
+        assert!(commands_running(&cd));
+        let Claimed::Mine(agent) = claim(&cd, Role::Agent, None).unwrap() else {
+            panic!("the agent could not take the key from bound commands");
+        };
+        assert_eq!(holder(&cd).unwrap().map(|h| h.role), Some(Role::Agent));
+        assert!(matches!(
+            claim(&cd, Role::Command, None).unwrap(),
+            Claimed::Held(Some(_))
+        ));
+        drop((a, b, agent));
+        assert!(!commands_running(&cd));
         assert!(matches!(
             claim(&cd, Role::Agent, None).unwrap(),
             Claimed::Mine(_)

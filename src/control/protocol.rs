@@ -183,6 +183,10 @@ pub struct HolderStatus {
     pub http: Option<std::net::SocketAddr>,
     /// Clusters whose keys the agent holds.
     pub clusters: Vec<String>,
+    /// Clusters found on disk that it does not hold, each with why (a server holds it, the
+    /// key cannot be read, …); empty from a holder older than this field.
+    #[serde(default)]
+    pub not_served: std::collections::BTreeMap<String, String>,
     /// iroh connections dialed since start (a reused connection does not count again).
     pub dials: u64,
     /// Requests served (open and HTTP) since start.

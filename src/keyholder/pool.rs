@@ -31,15 +31,15 @@ use crate::id52::Id52;
 use crate::keys;
 use crate::protocol::Request;
 use crate::session::dial::Dialer;
-use crate::session::{Resolved, SessionError, request_on};
-use crate::transport::iroh::{Node, PeerConnection, RecvHalf, SendHalf};
+use crate::session::{Resolved, SessionError, SessionRead, SessionWrite, request_on};
+use crate::transport::iroh::{Node, PeerConnection};
 
 /// How long a cluster handed to the server is not claimed again (the server claims it
 /// within this, or it was not the server that asked).
 const RELEASE_GRACE: Duration = Duration::from_secs(10);
 
 fn endpoint_err(e: crate::control::lock::LockError) -> SessionError {
-    SessionError::Refused(e.to_string())
+    SessionError::Local(e.to_string())
 }
 
 /// How long an unused connection is kept.
@@ -57,6 +57,10 @@ pub fn idle_from_env() -> Duration {
         .and_then(|s| s.trim().parse::<u64>().ok())
         .map(Duration::from_secs)
         .unwrap_or(DEFAULT_IDLE)
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -114,6 +118,10 @@ pub struct Pool {
     /// Aliases with a bound endpoint, readable without awaiting (for `status`).
     loaded: Mutex<Vec<String>>,
     slots: Mutex<BTreeMap<(String, Id52), Arc<Slot>>>,
+    /// Endpoints of clusters handed to the server that still carry requests.
+    draining: Mutex<Vec<(String, Node)>>,
+    /// Why each cluster found at the last rescan is not served here (for `status`).
+    not_served: Mutex<BTreeMap<String, String>>,
     counters: Counters,
 }
 
@@ -138,6 +146,8 @@ impl Pool {
             nodes: tokio::sync::Mutex::new(BTreeMap::new()),
             loaded: Mutex::new(vec![]),
             slots: Mutex::new(BTreeMap::new()),
+            draining: Mutex::new(vec![]),
+            not_served: Mutex::new(BTreeMap::new()),
             counters: Counters::default(),
         }
     }
@@ -152,11 +162,33 @@ impl Pool {
                 return;
             }
         };
+        let mut why_not = BTreeMap::new();
         for dir in dirs {
-            if let Err(e) = self.access(&dir).await {
-                tracing::debug!(cluster = %dir.alias, error = %e, "cluster not usable yet");
+            match self.access(&dir).await {
+                Ok(Dialer::Node(_)) => {
+                    if crate::control::lock::commands_running(&dir) {
+                        tracing::debug!(cluster = %dir.alias, "older commands still bind this key themselves");
+                    }
+                }
+                Ok(Dialer::Holder { .. }) => {
+                    let h = crate::control::lock::holder(&dir).ok().flatten();
+                    why_not.insert(
+                        dir.alias.clone(),
+                        crate::control::lock::describe(h.as_ref()),
+                    );
+                }
+                Err(e) => {
+                    tracing::debug!(cluster = %dir.alias, error = %e, "cluster not usable yet");
+                    why_not.insert(dir.alias.clone(), one_line(&e.to_string()));
+                }
             }
         }
+        *lock(&self.not_served) = why_not;
+    }
+
+    /// The clusters found on disk that this process does not serve, and why.
+    pub fn not_served(&self) -> BTreeMap<String, String> {
+        lock(&self.not_served).clone()
     }
 
     /// Use `node` (bound by the server for `alias`) for requests of that cluster.
@@ -173,8 +205,11 @@ impl Pool {
         *lock(&self.loaded) = nodes.keys().cloned().collect();
     }
 
-    /// Give up `alias`'s key (the server wants it): close its endpoint and connections
-    /// and drop the claim. Requests for it then go through the server.
+    /// Give up `alias`'s key (the server wants it): drop the claim at once, so the server
+    /// can take it, and send every new request through the server. Idle connections close
+    /// now; a connection still carrying a request keeps it to its end (the rule for every
+    /// start-up order: what already runs keeps what it has, README "Who holds a key"), and
+    /// the endpoint closes once its last such request ended ([`Pool::reap`]).
     pub async fn release(&self, alias: &str) {
         lock(&self.released).insert(alias.to_string(), Instant::now());
         let old = {
@@ -183,20 +218,62 @@ impl Pool {
             *lock(&self.loaded) = nodes.keys().cloned().collect();
             old
         };
+        let busy = self.close_idle_of(alias, "key handed to the server");
+        if let Some(ClusterNode { node, _claim, .. }) = old {
+            drop(_claim);
+            if busy {
+                tracing::info!(cluster = %alias, "released the cluster key to the server; requests in flight finish first");
+                lock(&self.draining).push((alias.to_string(), node));
+            } else {
+                node.close_within(Duration::from_secs(1)).await;
+            }
+        }
+        tracing::info!(cluster = %alias, "released the cluster key to the server");
+    }
+
+    /// Close `alias`'s connections that carry no request; whether any still does.
+    fn close_idle_of(&self, alias: &str, why: &'static str) -> bool {
         let slots: Vec<Arc<Slot>> = lock(&self.slots)
             .iter()
             .filter(|((c, _), _)| c == alias)
             .map(|(_, s)| s.clone())
             .collect();
+        let mut busy = false;
         for s in slots {
-            if let Some(l) = lock(&s.live).take() {
-                l.conn.close("key handed to the server");
+            let mut live = lock(&s.live);
+            match live.as_ref() {
+                Some(l) if l.active > 0 && !l.conn.is_closed() => busy = true,
+                Some(_) => {
+                    if let Some(l) = live.take() {
+                        l.conn.close(why);
+                    }
+                }
+                None => {}
             }
         }
-        if let Some(old) = old {
-            old.node.close_within(Duration::from_secs(1)).await;
+        busy
+    }
+
+    /// Endpoints of released clusters whose last request has ended: close them.
+    async fn finish_draining(&self) {
+        let aliases: Vec<String> = lock(&self.draining)
+            .iter()
+            .map(|(a, _)| a.clone())
+            .collect();
+        for alias in aliases {
+            if self.close_idle_of(&alias, "key handed to the server") {
+                continue;
+            }
+            let done: Vec<Node> = {
+                let mut d = lock(&self.draining);
+                let (gone, keep): (Vec<_>, Vec<_>) = d.drain(..).partition(|(a, _)| *a == alias);
+                *d = keep;
+                gone.into_iter().map(|(_, n)| n).collect()
+            };
+            for node in done {
+                node.close_within(Duration::from_secs(1)).await;
+            }
         }
-        tracing::info!(cluster = %alias, "released the cluster key to the server");
     }
 
     /// How to reach `dir`'s cluster: our endpoint (bound and claimed on first use), or the
@@ -236,10 +313,8 @@ impl Pool {
             Claimed::Mine(c) => c,
             Claimed::Held(h) => return held_elsewhere(h),
         };
-        let key = keys::load(&dir.dir)?;
-        let net = crate::session::own::net_config_of(dir)?;
-        let node = Node::bind(&key, &net, None, false).await?;
-        drop(key);
+        let cfg = dir.has_file().then(|| dir.load().ok()).flatten();
+        let node = crate::session::own::bind_key(dir, cfg.as_ref()).await?;
         tracing::info!(cluster = %dir.alias, %me, "agent holds the key of cluster");
         nodes.insert(
             dir.alias.clone(),
@@ -285,7 +360,7 @@ impl Pool {
             Ok(cfg) => cfg.manager,
             Err(_) => dir
                 .manager_id()?
-                .ok_or_else(|| SessionError::Refused(format!("cluster {alias} is not joined")))?,
+                .ok_or_else(|| SessionError::Local(format!("cluster {alias} is not joined")))?,
         };
         let name = dir
             .load()
@@ -306,15 +381,11 @@ impl Pool {
         request: Request,
     ) -> Result<PooledStream, SessionError> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         let node = match self.access(dir).await? {
             Dialer::Node(n) => n,
             Dialer::Holder { socket, alias } => {
-                let s = ControlClient::connect(&socket)
-                    .await?
-                    .stream(&alias, peer, hints, request)
-                    .await
-                    .map_err(SessionError::from_holder)?;
-                return Ok(PooledStream::via(s, name));
+                return via_holder(&socket, &alias, peer, hints, request, name).await;
             }
         };
         let slot = self.slot(&dir.alias, peer, name);
@@ -332,8 +403,8 @@ impl Pool {
                         l.last_used = Instant::now();
                     }
                     return Ok(PooledStream {
-                        send: PoolSend::Iroh(send),
-                        recv: PoolRecv::Iroh(recv),
+                        send: SessionWrite::Iroh(send),
+                        recv: SessionRead::Iroh(recv),
                         server: slot.server.clone(),
                         _lease: Some(Lease {
                             slot: slot.clone(),
@@ -348,9 +419,27 @@ impl Pool {
                     forget(&slot, generation);
                     retried = true;
                 }
+                // The key was handed to the server while this request was opening (its
+                // connection closed before the server answered): the new holder serves it.
+                Err(e) if self.released_since(&dir.alias, started) => {
+                    tracing::info!(server = %slot.server, error = %e, "key handed over while opening; going through the new holder");
+                    let Some(socket) = crate::control::lock::holder(dir)
+                        .ok()
+                        .flatten()
+                        .and_then(|h| h.socket)
+                    else {
+                        return Err(e);
+                    };
+                    return via_holder(&socket, &dir.alias, peer, hints, request, name).await;
+                }
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Whether `alias`'s key was handed to the server after `since`.
+    fn released_since(&self, alias: &str, since: Instant) -> bool {
+        lock(&self.released).get(alias).is_some_and(|t| *t >= since)
     }
 
     fn slot(&self, cluster: &str, peer: Id52, name: &str) -> Arc<Slot> {
@@ -384,9 +473,23 @@ impl Pool {
         {
             return Ok((l.conn.clone(), l.generation, true));
         }
-        let conn = tokio::time::timeout(DIAL_TIMEOUT, node.connect(&peer, hints))
-            .await
-            .map_err(|_| SessionError::Timeout("connecting"))??;
+        // The dial names the cluster's relays when they are why it fails (session::connect).
+        let net = crate::config::store::ClusterDir::open(&self.dirs, &slot.cluster)
+            .ok()
+            .and_then(|d| crate::session::own::net_config_of(&d).ok());
+        let conn = match net {
+            Some(net) => {
+                let target = crate::session::connect::DialTarget {
+                    peer,
+                    name: &slot.server,
+                    hints,
+                };
+                crate::session::connect::dial_server(node, target, &net).await?
+            }
+            None => tokio::time::timeout(DIAL_TIMEOUT, node.connect(&peer, hints))
+                .await
+                .map_err(|_| SessionError::Timeout("connecting"))??,
+        };
         let generation = self.counters.generations.fetch_add(1, Ordering::Relaxed);
         self.counters.dials.fetch_add(1, Ordering::Relaxed);
         tracing::info!(cluster = %slot.cluster, server = %slot.server, "dialed");
@@ -411,8 +514,10 @@ impl Pool {
         Ok((conn, generation, false))
     }
 
-    /// Close connections idle for longer than the idle time, and forget closed ones.
-    pub fn reap(&self) {
+    /// Close connections idle for longer than the idle time, forget closed ones, and close
+    /// the endpoints of released clusters once their last request ended.
+    pub async fn reap(&self) {
+        self.finish_draining().await;
         let slots: Vec<Arc<Slot>> = lock(&self.slots).values().cloned().collect();
         for slot in slots {
             let mut live = lock(&slot.live);
@@ -485,7 +590,28 @@ impl Pool {
         for (_, n) in nodes {
             n.node.close().await;
         }
+        let draining = std::mem::take(&mut *lock(&self.draining));
+        for (_, node) in draining {
+            node.close().await;
+        }
     }
+}
+
+/// A stream to `peer` through the process that holds `alias`'s key (its control socket).
+async fn via_holder(
+    socket: &std::path::Path,
+    alias: &str,
+    peer: Id52,
+    hints: &[std::net::SocketAddr],
+    request: Request,
+    name: &str,
+) -> Result<PooledStream, SessionError> {
+    let s = ControlClient::connect(socket)
+        .await?
+        .stream(alias, peer, hints, request)
+        .await
+        .map_err(SessionError::from_holder)?;
+    Ok(PooledStream::via(s, name))
 }
 
 fn forget(slot: &Slot, generation: u64) {
@@ -514,34 +640,11 @@ impl Drop for Lease {
     }
 }
 
-/// The sending half of a pooled stream: an iroh stream of ours, or the control socket of
-/// the process that holds the key (which relays it to its own iroh stream).
-pub enum PoolSend {
-    Iroh(SendHalf),
-    Via(tokio::net::unix::OwnedWriteHalf),
-}
-
-/// The receiving half of a pooled stream.
-pub enum PoolRecv {
-    Iroh(RecvHalf),
-    Via(tokio::net::unix::OwnedReadHalf),
-}
-
-impl PoolSend {
-    /// Wait until the peer has everything we sent (after shutdown). Through another
-    /// process that one waits for it; here there is nothing to wait for.
-    pub async fn acknowledged(&mut self) {
-        if let PoolSend::Iroh(s) = self {
-            s.acknowledged().await;
-        }
-    }
-}
-
 /// An accepted request on a pooled connection. Dropping it finishes the stream (QUIC
 /// FIN/stop) but leaves the connection open for the next request.
 pub struct PooledStream {
-    pub send: PoolSend,
-    pub recv: PoolRecv,
+    pub send: SessionWrite,
+    pub recv: SessionRead,
     server: String,
     _lease: Option<Lease>,
 }
@@ -550,8 +653,8 @@ impl PooledStream {
     fn via(s: tokio::net::UnixStream, server: &str) -> PooledStream {
         let (r, w) = s.into_split();
         PooledStream {
-            send: PoolSend::Via(w),
-            recv: PoolRecv::Via(r),
+            send: SessionWrite::Via(w),
+            recv: SessionRead::Via(r),
             server: server.to_string(),
             _lease: None,
         }
@@ -559,10 +662,10 @@ impl PooledStream {
 
     /// Abandon the stream (the peer sees a reset, never a clean end).
     pub fn abort(&mut self) {
-        if let PoolSend::Iroh(s) = &mut self.send {
+        if let SessionWrite::Iroh(s) = &mut self.send {
             s.reset();
         }
-        if let PoolRecv::Iroh(r) = &mut self.recv {
+        if let SessionRead::Iroh(r) = &mut self.recv {
             r.stop();
         }
         // Via another process: dropping the socket makes that one reset its stream.
@@ -582,44 +685,6 @@ impl PooledStream {
     /// The server this stream goes to (for logs).
     pub fn server(&self) -> &str {
         &self.server
-    }
-}
-
-impl AsyncRead for PoolRecv {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            PoolRecv::Iroh(r) => Pin::new(r).poll_read(cx, buf),
-            PoolRecv::Via(r) => Pin::new(r).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for PoolSend {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            PoolSend::Iroh(s) => Pin::new(s).poll_write(cx, buf),
-            PoolSend::Via(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            PoolSend::Iroh(s) => Pin::new(s).poll_flush(cx),
-            PoolSend::Via(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            PoolSend::Iroh(s) => Pin::new(s).poll_shutdown(cx),
-            PoolSend::Via(s) => Pin::new(s).poll_shutdown(cx),
-        }
     }
 }
 

@@ -68,6 +68,7 @@ impl HolderContext {
             socket: self.socket.display().to_string(),
             http: self.http,
             clusters: self.pool.clusters(),
+            not_served: self.pool.not_served(),
             dials: self.pool.dials(),
             requests: self.pool.requests(),
             connections: {
@@ -330,7 +331,7 @@ async fn open_stream(
     let server = resolved
         .server()
         .cloned()
-        .ok_or_else(|| SessionError::Refused("server vanished".into()))?;
+        .ok_or_else(|| SessionError::Local("server vanished".into()))?;
     let request = match request {
         OpenRequest::Tunnel { port } => Request::Tunnel { port: *port },
         OpenRequest::Exec(e) => Request::Exec(e.clone()),

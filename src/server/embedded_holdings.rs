@@ -5,11 +5,13 @@
 //! here so `embedded.rs` only relays:
 //!
 //! - **Slots** ([`Holdings::slot`]): every channel the peer opens takes one of the peer's
-//!   request slots (`ClusterState::admit`, the cap native exec has), and a session channel
-//!   (a process, its input queue) also one of [`MAX_SESSION_CHANNELS`] per SSH connection,
-//!   so a peer allowed only `ls` cannot run hundreds of processes or pin memory through one
-//!   connection; forward channels (`-L`/`-D`, many short connections) are bounded by the
-//!   peer's cap alone. A channel over a cap is refused with "resource shortage".
+//!   request slots (`ClusterState::admit`, the cap native exec and native forwards have)
+//!   *and* one of its kind's per-session slots: [`MAX_SESSION_CHANNELS`] for session
+//!   channels (each may run a process and holds a pty or pipes), [`MAX_FORWARD_CHANNELS`]
+//!   for forwarded connections (a browser through `-D` opens many). So a peer allowed only
+//!   `ls` cannot run hundreds of processes or pin memory through one connection, while a
+//!   full-access peer's forwards get the same room natively and through OpenSSH. A channel
+//!   over a cap is refused with "resource shortage".
 //! - **Revocation** ([`Holdings::watch`]): every allowed channel command and forward is
 //!   kept as a [`Holding`] (what the ACL was asked, and a token that cuts it). On each
 //!   reload of the cluster file the session asks the ACL again for each; one now denied —
@@ -28,16 +30,19 @@ use super::{ClusterState, PeerPermit};
 use crate::acl::{self, Decision, ForwardKind, Grant};
 use crate::id52::Id52;
 
-/// Session channels (each may run a process) per SSH connection at once. OpenSSH's
-/// `MaxSessions` is 10; a ControlMaster multiplexing many commands needs more.
+/// Session channels (exec, shell, sftp) per SSH session at once. OpenSSH's `MaxSessions`
+/// is 10.
 pub const MAX_SESSION_CHANNELS: usize = 64;
+/// Forwarded connections (`direct-tcpip`, `direct-streamlocal`, agent connections) per SSH
+/// session at once; each also takes one of the peer's request slots (256 by default), which
+/// is the tighter bound in practice. Measured: a forwarded channel's buffers are small next
+/// to a session channel's process.
+pub const MAX_FORWARD_CHANNELS: usize = 1024;
 
-/// What a channel is, for its slot.
+/// What a channel is, for its cap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelKind {
-    /// `session`: a command, shell or subsystem.
     Session,
-    /// `direct-tcpip` / `direct-streamlocal`: a local forward's connection.
     Forward,
 }
 
@@ -107,15 +112,16 @@ pub struct Holdings {
     server: String,
     peer: Id52,
     transport: &'static str,
-    /// The per-connection session channel cap.
+    /// The per-session caps, one per [`ChannelKind`].
     sessions: Arc<Semaphore>,
+    forwards: Arc<Semaphore>,
     held: Mutex<HashMap<u64, Held>>,
     next: AtomicU64,
 }
 
 /// One channel's slot: freed (both caps) when dropped.
 pub struct Slot {
-    _session: Option<OwnedSemaphorePermit>,
+    _session: OwnedSemaphorePermit,
     _peer: PeerPermit,
 }
 
@@ -144,6 +150,7 @@ impl Holdings {
             peer,
             transport,
             sessions: Arc::new(Semaphore::new(MAX_SESSION_CHANNELS)),
+            forwards: Arc::new(Semaphore::new(MAX_FORWARD_CHANNELS)),
             held: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
         })
@@ -156,17 +163,16 @@ impl Holdings {
         }
     }
 
-    /// A slot for one more channel, or why not.
+    /// A slot for one more channel of `kind`, or why not.
     pub fn slot(&self, kind: ChannelKind) -> Result<Slot, &'static str> {
-        let session = match kind {
-            ChannelKind::Session => Some(
-                self.sessions
-                    .clone()
-                    .try_acquire_owned()
-                    .map_err(|_| "too many sessions on this ssh connection")?,
-            ),
-            ChannelKind::Forward => None,
+        let cap = match kind {
+            ChannelKind::Session => &self.sessions,
+            ChannelKind::Forward => &self.forwards,
         };
+        let session = cap
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "too many channels on this ssh connection")?;
         let peer = self
             .state
             .admit(self.peer)

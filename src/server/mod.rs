@@ -86,6 +86,16 @@ pub enum ServerError {
 }
 
 /// Options of `malai ssh server`.
+/// A cluster the server started serving: what `ready` reports.
+#[derive(Debug, Clone)]
+pub struct Serving {
+    pub alias: String,
+    /// This machine's id52 in that cluster.
+    pub id: Id52,
+    /// Where its endpoint listens.
+    pub addrs: Vec<SocketAddr>,
+}
+
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// Fixed UDP address for the first served cluster; the n-th gets port + n.
@@ -256,7 +266,7 @@ pub async fn run(
     dirs: Dirs,
     opts: ServeOptions,
     shutdown: CancellationToken,
-    ready: impl FnOnce(&[(String, Id52, Vec<SocketAddr>)]),
+    ready: impl FnOnce(&[Serving]),
 ) -> Result<(), ServerError> {
     crate::audit::init(&dirs.ssh_logs());
     let tracker = TaskTracker::new();
@@ -319,7 +329,7 @@ pub async fn run(
         loop {
             tokio::select! {
                 _ = reap_token.cancelled() => return,
-                _ = t.tick() => reaper.pool.reap(),
+                _ = t.tick() => reaper.pool.reap().await,
             }
         }
     });
@@ -470,7 +480,7 @@ async fn start_new_clusters(
     tracker: &TaskTracker,
     ctl: &Ctl,
     served: &mut BTreeMap<String, Served>,
-    started: &mut Vec<(String, Id52, Vec<SocketAddr>)>,
+    started: &mut Vec<Serving>,
 ) -> Result<(), ServerError> {
     for dir in list_clusters(dirs)? {
         if served.contains_key(&dir.alias) {
@@ -517,7 +527,11 @@ async fn start_new_clusters(
         drop(key);
         let addrs = node.bound_sockets();
         tracing::info!(cluster = %dir.alias, %me, ?addrs, "serving cluster");
-        started.push((dir.alias.clone(), me, addrs));
+        started.push(Serving {
+            alias: dir.alias.clone(),
+            id: me,
+            addrs,
+        });
         let manages = cfg.manager == me;
         let state = Arc::new(ClusterState::new(dir.clone(), me, cfg));
         ctl.registry.add(state.clone());

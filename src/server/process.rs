@@ -57,6 +57,11 @@ struct Login {
     shell: String,
 }
 
+/// The name of the user this server runs as: the only user its commands can run as.
+pub fn own_user() -> String {
+    login().user
+}
+
 fn login() -> Login {
     let uid = nix::unistd::getuid();
     match nix::unistd::User::from_uid(uid) {

@@ -8,11 +8,14 @@
 //! - [`route`]: the routing policy (one function; its order is written there).
 //! - [`open`]: a request on a route → an accepted [`open::Session`].
 //! - [`dial`]: a request from a known endpoint or holder (config sync, the pools).
+//! - [`connect`]: a command's own dial to a server, naming the relays when they are why it
+//!   fails.
 //! - [`link`]: one route kept for many requests (native forwards).
 //! - [`own`]: the endpoint a command binds itself when nobody holds the key.
 //! - [`liveness`]: noticing a restarted server (boot id probes).
 //! - [`ssh_via`]: servers reached through OpenSSH + `malai ssh stdinserver`.
 
+pub mod connect;
 pub mod dial;
 pub mod link;
 pub mod liveness;
@@ -33,7 +36,7 @@ use crate::transport::iroh::TransportError;
 pub use open::{
     Session, SessionRead, SessionWrite, exchange, open, open_on, open_with, request_on,
 };
-pub use resolve::{Resolved, local_clusters, my_id52, resolve};
+pub use resolve::{LocalClusters, Resolved, my_id52, resolve};
 pub use route::{Route, route};
 
 /// Dialing plus handshake (through a relay when there is no direct path yet). The QUIC
@@ -43,7 +46,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long closing a command's own endpoint may wait for the peers' acknowledgements.
 pub(crate) const ENDPOINT_CLOSE: Duration = Duration::from_secs(3);
 /// After an error, how long the endpoint's close may wait for acknowledgements.
-pub(crate) const ABORT_CLOSE: Duration = Duration::from_millis(300);
+pub const ABORT_CLOSE: Duration = Duration::from_millis(300);
 /// How long to wait for the peer to acknowledge our last bytes before closing.
 pub(crate) const LINGER: Duration = Duration::from_secs(5);
 

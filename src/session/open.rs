@@ -18,7 +18,7 @@ use super::{
 use crate::config::Server;
 use crate::id52::Id52;
 use crate::protocol::{self, FrameError, Header, Request, Response};
-use crate::transport::iroh::{Node, PeerConnection, RecvHalf, SendHalf};
+use crate::transport::iroh::{NetConfig, Node, PeerConnection, RecvHalf, SendHalf};
 
 /// An accepted request: the stream is ready for payload.
 ///
@@ -56,6 +56,16 @@ pub enum SessionRead {
     Iroh(RecvHalf),
     Via(tokio::net::unix::OwnedReadHalf),
     Pipe(tokio::process::ChildStdout),
+}
+
+impl SessionWrite {
+    /// Wait until the peer has everything we sent (after shutdown). Through a key holder
+    /// that one waits for it; through an ssh child there is nothing to wait for.
+    pub async fn acknowledged(&mut self) {
+        if let SessionWrite::Iroh(s) = self {
+            s.acknowledged().await;
+        }
+    }
 }
 
 impl AsyncWrite for SessionWrite {
@@ -139,9 +149,18 @@ impl Session {
     pub fn broken(&self, e: SessionError) -> SessionError {
         match &self.closer {
             Closer::Iroh { _watchdog: w, .. } if w.saw_restart() => {
-                SessionError::Refused(format!("connection lost: {}", liveness::RESTARTED))
+                SessionError::Lost(format!("connection lost: {}", liveness::RESTARTED))
             }
             _ => e,
+        }
+    }
+
+    /// The path of this session's own connection (direct or relayed, address, RTT);
+    /// `None` through a key holder (ask its status) or `ssh-via`.
+    pub fn path(&self) -> Option<crate::transport::iroh::PathSummary> {
+        match &self.closer {
+            Closer::Iroh { conn, .. } => conn.path(),
+            Closer::Via | Closer::Ssh(_) => None,
         }
     }
 
@@ -235,7 +254,8 @@ pub async fn open_on(
         cluster: Some(resolved.config.manager),
         request,
     };
-    match handshake(&own.node, server, header).await {
+    let net = super::own::net_config(Some(&resolved.config))?;
+    match handshake(&own.node, server, header, &net).await {
         Ok((conn, send, recv)) => Ok(Session {
             closer: Closer::Iroh {
                 _watchdog: std::sync::Arc::new(liveness::watch(
@@ -262,10 +282,9 @@ async fn handshake(
     node: &Node,
     server: &Server,
     header: Header,
+    net: &NetConfig,
 ) -> Result<(PeerConnection, SendHalf, RecvHalf), SessionError> {
-    let conn = tokio::time::timeout(CONNECT_TIMEOUT, node.connect(&server.id52, &server.addrs))
-        .await
-        .map_err(|_| SessionError::Timeout("connecting"))??;
+    let conn = super::connect::dial_server(node, server.into(), net).await?;
     let (mut send, mut recv) = conn.open().await?;
     match exchange(&mut send, &mut recv, header).await {
         Ok(()) => Ok((conn, send, recv)),

@@ -45,11 +45,11 @@ impl OwnEndpoint {
     pub async fn bind(
         dir: &ClusterDir,
         cfg: Option<&ClusterConfig>,
-        claim: Claim,
+        mut claim: Claim,
     ) -> Result<std::sync::Arc<OwnEndpoint>, super::SessionError> {
-        let key = crate::keys::load(&dir.dir)?;
-        let net = net_config(cfg)?;
-        let node = Node::bind(&key, &net, None, false).await?;
+        let node = bind_key(dir, cfg).await?;
+        // Bound: a server or agent starting from now on takes the key for new commands.
+        claim.bound();
         let own = std::sync::Arc::new(OwnEndpoint {
             node,
             alias: dir.alias.clone(),
@@ -67,6 +67,28 @@ fn own_endpoints() -> std::sync::MutexGuard<'static, OwnMap> {
     OWN.get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|p| p.into_inner())
+}
+
+/// Bind `dir`'s key on an endpoint that dials out (a command's own, the agent's): the
+/// cluster's relays and CA, an ephemeral port. The caller holds the claim (`control::lock`).
+/// The server binds its own way (a fixed or remembered port, accepting).
+pub async fn bind_key(
+    dir: &ClusterDir,
+    cfg: Option<&ClusterConfig>,
+) -> Result<Node, super::SessionError> {
+    let key = crate::keys::load(&dir.dir)?;
+    let net = net_config(cfg)?;
+    Ok(Node::bind(&key, &net, None, false).await?)
+}
+
+/// Close every endpoint this process bound, at once (a signal ended the command, maybe
+/// while a request was still opening): the peers hear the connections close now, so a
+/// remote command started for us is hung up at once instead of at the idle limit.
+pub async fn close_all(limit: std::time::Duration) {
+    let all: Vec<std::sync::Arc<OwnEndpoint>> = own_endpoints().drain().map(|(_, o)| o).collect();
+    for own in all {
+        own.node.close_within(limit).await;
+    }
 }
 
 impl OwnEndpoint {

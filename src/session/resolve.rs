@@ -7,20 +7,62 @@ use crate::config::store::{ClusterDir, list_clusters};
 use crate::config::{ClusterConfig, ResolveError, Server, names};
 use crate::id52::Id52;
 
-/// Every cluster on this machine that has a usable file, as `(folder alias, config)`.
-/// Invalid files are skipped with a log line so one broken cluster doesn't break the others.
-pub fn local_clusters(dirs: &Dirs) -> Result<Vec<(ClusterDir, ClusterConfig)>, SessionError> {
-    let mut out = vec![];
-    for dir in list_clusters(dirs)? {
-        if !dir.has_file() {
-            continue;
+/// Every cluster on this machine that has a usable file: what host names are resolved
+/// against (commands, the agent's HTTP proxy, `known-hosts`). Invalid files are skipped with
+/// a log line so one broken cluster doesn't break the others.
+pub struct LocalClusters {
+    clusters: Vec<(ClusterDir, ClusterConfig)>,
+    /// `(folder alias, config)`, the form `config::names` resolves against.
+    names: Vec<(String, ClusterConfig)>,
+}
+
+impl LocalClusters {
+    pub fn load(dirs: &Dirs) -> Result<LocalClusters, SessionError> {
+        let mut clusters = vec![];
+        for dir in list_clusters(dirs)? {
+            if !dir.has_file() {
+                continue;
+            }
+            match dir.load() {
+                Ok(cfg) => clusters.push((dir, cfg)),
+                Err(e) => tracing::warn!(cluster = %dir.alias, error = %e, "skipping cluster"),
+            }
         }
-        match dir.load() {
-            Ok(cfg) => out.push((dir, cfg)),
-            Err(e) => tracing::warn!(cluster = %dir.alias, error = %e, "skipping cluster"),
-        }
+        let names = clusters
+            .iter()
+            .map(|(d, c)| (d.alias.clone(), c.clone()))
+            .collect();
+        Ok(LocalClusters { clusters, names })
     }
-    Ok(out)
+
+    /// The clusters as `(folder alias, config)`, for `config::names`.
+    pub fn names(&self) -> &[(String, ClusterConfig)] {
+        &self.names
+    }
+
+    /// Every cluster's folder and file.
+    pub fn iter(&self) -> impl Iterator<Item = (&ClusterDir, &ClusterConfig)> {
+        self.clusters.iter().map(|(d, c)| (d, c))
+    }
+
+    /// What `target` (a name resolved against [`LocalClusters::names`]) is here.
+    pub fn resolved(&self, target: &names::Target) -> Option<Resolved> {
+        self.clusters
+            .iter()
+            .find(|(d, _)| d.alias == target.cluster)
+            .map(|(dir, config)| Resolved {
+                dir: dir.clone(),
+                config: config.clone(),
+                target: target.clone(),
+            })
+    }
+
+    pub fn resolve(&self, host: &str) -> Result<Resolved, SessionError> {
+        let target = names::resolve(&self.names, host)?;
+        Ok(self
+            .resolved(&target)
+            .ok_or_else(|| ResolveError::Unknown(host.to_string()))?)
+    }
 }
 
 /// What a host name resolved to on this machine.
@@ -41,22 +83,9 @@ impl Resolved {
     }
 }
 
+/// Resolve `host` against this machine's clusters.
 pub fn resolve(dirs: &Dirs, host: &str) -> Result<Resolved, SessionError> {
-    let clusters = local_clusters(dirs)?;
-    let pairs: Vec<(String, ClusterConfig)> = clusters
-        .iter()
-        .map(|(d, c)| (d.alias.clone(), c.clone()))
-        .collect();
-    let target = names::resolve(&pairs, host)?;
-    let (dir, config) = clusters
-        .into_iter()
-        .find(|(d, _)| d.alias == target.cluster)
-        .ok_or_else(|| ResolveError::Unknown(host.to_string()))?;
-    Ok(Resolved {
-        dir,
-        config,
-        target,
-    })
+    LocalClusters::load(dirs)?.resolve(host)
 }
 
 /// This machine's id52 in a cluster (for error messages and `malai ssh id52`).

@@ -331,10 +331,18 @@ fn agent_survives_a_killed_server_and_reconnects_by_itself() {
 fn session_to_a_server_killed_for_good_ends_at_the_idle_limit() {
     let mut c = acme_with(SshTarget::Unset);
     let marker = c.scratch("m").join("sleeping");
-    let remote = format!("touch {}; exec sleep 300", marker.display());
+    // The server starts the command before it sends `accept`: the marker is touched only
+    // after one byte of stdin arrived, which the client sends only once it has the accept
+    // (so killing the server then cannot race the accept).
+    let remote = format!(
+        "head -c 1 >/dev/null; touch {}; exec sleep 300",
+        marker.display()
+    );
+    let one_byte = c.scratch("m").join("one-byte");
+    fs::write(&one_byte, b"x").unwrap();
     let mut cmd = c.machine("alice").cmd(["ssh", &c.host("foo"), &remote]);
     cmd.env("MALAI_IDLE_TIMEOUT", IDLE_LIMIT_SECS.to_string());
-    let mut bg = Bg::spawn(&mut cmd, Stdio::null());
+    let mut bg = Bg::spawn(&mut cmd, Stdio::from(fs::File::open(&one_byte).unwrap()));
     assert!(
         poll_until(Duration::from_secs(30), || marker.exists().then_some(())).is_some(),
         "remote sleep never started"
@@ -753,6 +761,7 @@ fn one_peer_over_its_request_cap_is_refused_while_others_are_served() {
                     command: Some("sleep 60".into()),
                     env: vec![],
                     pty: None,
+                    user: None,
                 }),
             };
             malai::protocol::write_frame(&mut frame, &h)

@@ -176,3 +176,93 @@ fn a_command_alone_binds_the_key_only_for_its_length() {
     let agent = Agent::start(alice, &[]);
     assert!(agent.status()["clusters"].contains("acme"));
 }
+
+/// An agent started while commands bind the key themselves (two long native execs, each its
+/// own endpoint) serves the cluster at once: it holds the key, new commands and its HTTP
+/// proxy go through it, and the older commands finish on their own endpoints (issue 22).
+#[test]
+fn an_agent_started_while_commands_bind_the_key_serves_at_once() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let c = TestCluster::builder("acme")
+        .manager("mgr")
+        .server_with("foo", SshTarget::Embedded)
+        .device("alice")
+        .allow("foo", &["alice"])
+        .build();
+    let site = c.scratch("site");
+    fs::write(site.join("hello.txt"), "hello through the agent\n").unwrap();
+    let web = crate::http::HttpServer::start(&site);
+    c.edit_manager_file(|t| {
+        t + &format!(
+            "\n[server.foo.service.web]\nhttp = {}\nallow-from = \"alice\"\n",
+            web.port
+        )
+    });
+    c.distribute();
+    let alice = c.machine("alice");
+
+    // Two commands, neither server nor agent running: each binds the key itself. Each
+    // prints a line once its session is up (it is on stdout, so after the accept).
+    let mut older = vec![];
+    for i in 1..=2 {
+        let remote = format!("echo up-{i}; sleep 4; echo older-{i}");
+        let mut child = alice
+            .cmd(["ssh", &c.host("foo"), &remote])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn an older command");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).expect("first line");
+        assert_eq!(
+            first,
+            format!("up-{i}\n"),
+            "older command {i} did not start"
+        );
+        older.push((child, out));
+    }
+    assert!(
+        holder_of(alice, "acme").is_none(),
+        "no holder while only commands run"
+    );
+
+    // The agent takes the key at once.
+    let agent = Agent::start(alice, &[]);
+    let st = agent.status();
+    assert!(
+        st["clusters"].contains("acme"),
+        "the agent does not serve acme while older commands run:\n{}",
+        st["raw"]
+    );
+    assert_eq!(role_pid(alice, "acme").1, agent.pid() as u64);
+    // New commands go through it: native exec (the agent handover) and the HTTP proxy.
+    let out = run_cmd(&mut agent.cmd(["ssh", &c.host("foo"), "echo", "via-agent"]));
+    assert_success(&out, "exec through the agent that took the key");
+    assert_eq!(stdout_of(&out), "via-agent\n");
+    let proxy = agent.exports["http_proxy"].clone();
+    let got = crate::http::curl(
+        Some(&proxy),
+        &["-f", &format!("http://web.{}/hello.txt", c.host("foo"))],
+    );
+    assert_success(&got, "curl through the agent's HTTP proxy");
+    assert_eq!(stdout_of(&got), "hello through the agent\n");
+    // And a command without the agent's environment finds it through the lock file.
+    let out = alice.run(["ssh", &c.host("foo"), "echo", "via-lock-file"]);
+    assert_success(&out, "exec routed to the agent by the lock file");
+
+    // The older commands end as they would have, on their own endpoints.
+    for (i, (mut child, mut out)) in older.into_iter().enumerate() {
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "older command {} failed: {status:?}",
+            i + 1
+        );
+        assert_eq!(rest, format!("older-{}\n", i + 1));
+    }
+}
