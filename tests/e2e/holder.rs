@@ -104,6 +104,19 @@ fn a_server_uses_its_own_key_through_its_server_and_stays_reachable() {
         "the agent holds acme although the server does:\n{}",
         st["raw"]
     );
+    // And both status commands say why (issue 22 item 3).
+    assert!(
+        st["raw"].contains("not serving acme: its key is held by malai ssh server (pid "),
+        "agent status does not say why acme is not served:\n{}",
+        st["raw"]
+    );
+    let out = run_cmd(&mut agent.cmd(["ssh", "status"]));
+    assert_success(&out, "malai ssh status with the agent");
+    assert!(
+        stdout_of(&out).contains("does not serve acme: its key is held by malai ssh server"),
+        "{}",
+        stdout_of(&out)
+    );
     let out = run_cmd(&mut agent.cmd(["ssh", &c.host("bar"), "echo", "agent-via-server"]));
     assert_success(
         &out,
