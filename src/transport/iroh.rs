@@ -269,6 +269,9 @@ impl Node {
     ) -> Result<Node, TransportError> {
         let sk = iroh::SecretKey::from_bytes(key.as_bytes());
         let relay_urls = net.relay_urls()?;
+        for u in relay_urls.iter().filter(|u| u.scheme() == "http") {
+            tracing::warn!(relay = %u, "relay over plain http: the network path sees who talks to whom through it");
+        }
         let mut b = match &net.relay {
             RelayChoice::Default => Endpoint::builder(presets::N0),
             RelayChoice::Disabled => Endpoint::builder(presets::Minimal)
