@@ -43,6 +43,12 @@ pub use route::{Route, route};
 /// idle limit is long (sessions ride out outages), so this is what bounds a dial to a
 /// server that is down or unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a sent request waits for the server's `accept`/`deny`. The connection is up by
+/// then, so this only bounds a server that is alive but slow (a loaded machine spawning the
+/// command, which it does before it answers; its own 10 s connect to sshd) or one that
+/// never answers; a dead server is noticed by the liveness watchdog and the idle limit.
+/// 15 s was measured too short: 1 of 1,000 concurrent execs on a machine at load 27.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long closing a command's own endpoint may wait for the peers' acknowledgements.
 pub(crate) const ENDPOINT_CLOSE: Duration = Duration::from_secs(3);
 /// After an error, how long the endpoint's close may wait for acknowledgements.

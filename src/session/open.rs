@@ -12,9 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use super::own::OwnEndpoint;
 use super::resolve::Resolved;
 use super::route::Route;
-use super::{
-    ABORT_CLOSE, CONNECT_TIMEOUT, ENDPOINT_CLOSE, LINGER, SessionError, liveness, ssh_via,
-};
+use super::{ABORT_CLOSE, ENDPOINT_CLOSE, LINGER, SessionError, liveness, ssh_via};
 use crate::config::Server;
 use crate::id52::Id52;
 use crate::protocol::{self, FrameError, Header, Request, Response};
@@ -315,7 +313,7 @@ where
 {
     protocol::write_frame(send, &header).await?;
     send.flush().await.map_err(FrameError::from)?;
-    let resp = tokio::time::timeout(CONNECT_TIMEOUT, protocol::read_response(recv))
+    let resp = tokio::time::timeout(super::ANSWER_TIMEOUT, protocol::read_response(recv))
         .await
         .map_err(|_| SessionError::Timeout("waiting for the server's answer"))?;
     match resp {
