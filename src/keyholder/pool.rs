@@ -123,7 +123,22 @@ pub struct Pool {
     /// Why each cluster found at the last rescan is not served here (for `status`).
     not_served: Mutex<BTreeMap<String, String>>,
     counters: Counters,
+    /// Aliases of clusters this pool just dialed someone in (a fresh connection): the
+    /// holder's config-sync schedule checks the manager then (`sync::follow`). Bounded; a
+    /// nudge lost to a full queue only waits for the schedule.
+    dialed: tokio::sync::mpsc::Sender<String>,
+    dialed_rx: Mutex<Option<tokio::sync::mpsc::Receiver<String>>>,
 }
+
+/// A cluster endpoint this pool holds (for the config-sync schedule).
+#[derive(Clone)]
+pub struct HeldCluster {
+    pub dir: ClusterDir,
+    pub node: Node,
+}
+
+/// How many dial nudges may wait for the schedule.
+const DIAL_QUEUE: usize = 64;
 
 impl Pool {
     /// The agent's pool: binds (claims) the clusters no server on this machine holds.
@@ -137,6 +152,7 @@ impl Pool {
     }
 
     fn with(dirs: Dirs, socket: PathBuf, idle: Duration, adopt_only: bool) -> Pool {
+        let (dialed, dialed_rx) = tokio::sync::mpsc::channel(DIAL_QUEUE);
         Pool {
             dirs,
             idle,
@@ -149,7 +165,29 @@ impl Pool {
             draining: Mutex::new(vec![]),
             not_served: Mutex::new(BTreeMap::new()),
             counters: Counters::default(),
+            dialed,
+            dialed_rx: Mutex::new(Some(dialed_rx)),
         }
+    }
+
+    /// The aliases of clusters this pool dials into, as it dials (once: the caller that
+    /// runs the config-sync schedule takes it).
+    pub fn take_dial_events(&self) -> Option<tokio::sync::mpsc::Receiver<String>> {
+        lock(&self.dialed_rx).take()
+    }
+
+    /// The cluster endpoints this pool holds now.
+    pub async fn held(&self) -> Vec<HeldCluster> {
+        let nodes = self.nodes.lock().await;
+        nodes
+            .iter()
+            .filter_map(|(alias, n)| {
+                Some(HeldCluster {
+                    dir: ClusterDir::new(&self.dirs, alias).ok()?,
+                    node: n.node.clone(),
+                })
+            })
+            .collect()
     }
 
     /// Bind endpoints for clusters not seen yet (or whose key changed). One broken cluster
@@ -479,6 +517,7 @@ impl Pool {
         let generation = self.counters.generations.fetch_add(1, Ordering::Relaxed);
         self.counters.dials.fetch_add(1, Ordering::Relaxed);
         tracing::info!(cluster = %slot.cluster, server = %slot.server, "dialed");
+        let _ = self.dialed.try_send(slot.cluster.clone());
         let watchdog = crate::session::liveness::watch(
             node.clone(),
             conn.clone(),

@@ -129,7 +129,10 @@ where
         {
             s.member_seen(&peer, query.have.as_deref());
         }
-        let fetch = query.fetch && peer != ctx.state.me;
+        // A member that already has the current file gets only the hash: that keeps the
+        // devices' scheduled checks (`sync::follow`) one small frame each.
+        let current = source.as_ref().map(|s| s.hash.as_str()) == query.have.as_deref();
+        let fetch = query.fetch && peer != ctx.state.me && !current;
         if fetch {
             tracing::info!(%peer, %cluster, "member fetched the cluster file");
         }

@@ -192,9 +192,16 @@ pub async fn pull(
         sync::manager::REQUEST_TIMEOUT,
     )
     .await?;
-    let text = reply.text.ok_or(PullError::NoFile)?;
+    let claimed = reply.hash.clone();
+    let text = match (reply.text, reply.hash) {
+        (Some(text), _) => text,
+        // The manager sends no file to a member that has the current one.
+        (None, Some(hash)) if query.have.as_deref() == Some(hash.as_str()) => {
+            return Ok(Applied::Unchanged(hash));
+        }
+        (None, _) => return Err(PullError::NoFile),
+    };
     let cd = cd.clone();
-    let claimed = reply.hash;
     // File IO (fsync) off the async workers.
     let applied =
         tokio::task::spawn_blocking(move || apply(&cd, &text, claimed.as_deref(), &manager))

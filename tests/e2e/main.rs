@@ -39,3 +39,5 @@ mod demo;
 mod secrets;
 // Security review (issue 12): concurrent cluster edits, revocation, strangers.
 mod security;
+// First use (issue 24): devices follow the manager, lockdown for every key reader, messages.
+mod firstuse;
