@@ -107,3 +107,152 @@ fn a_device_with_an_agent_sees_a_new_service_with_no_command_typed() {
     })
     .unwrap_or_else(|| panic!("no pull in alice's log:\n{}", alice.logs()));
 }
+
+fn secret_key(m: &Machine) -> std::path::PathBuf {
+    m.home().join("ssh/clusters/acme/secret-key")
+}
+
+/// Moves `m`'s secret key away for the guard's life: a command that still succeeds did not
+/// read it.
+struct HiddenKey {
+    key: std::path::PathBuf,
+    hidden: std::path::PathBuf,
+}
+
+impl HiddenKey {
+    fn new(m: &Machine) -> HiddenKey {
+        let key = secret_key(m);
+        let hidden = key.with_file_name("secret-key.hidden");
+        fs::rename(&key, &hidden).expect("hide the key");
+        HiddenKey { key, hidden }
+    }
+}
+
+impl Drop for HiddenKey {
+    fn drop(&mut self) {
+        let _ = fs::rename(&self.hidden, &self.key);
+    }
+}
+
+/// One command that can read a cluster key: its arguments, its stdin, and what its stdout
+/// must start with when it works.
+struct KeyReader {
+    args: Vec<String>,
+    stdin: &'static [u8],
+    out: &'static str,
+}
+
+fn key_readers(http_port: u16) -> Vec<KeyReader> {
+    let a = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    vec![
+        // Native exec.
+        KeyReader {
+            args: a(&["ssh", "foo.acme", "echo", "exec-ok"]),
+            stdin: b"",
+            out: "exec-ok\n",
+        },
+        // A group.
+        KeyReader {
+            args: a(&["ssh", "web.acme", "echo", "group-ok"]),
+            stdin: b"",
+            out: "foo: group-ok\n",
+        },
+        // The ProxyCommand: the embedded server's SSH banner.
+        KeyReader {
+            args: a(&["ssh", "proxy", "foo.acme", "22"]),
+            stdin: b"",
+            out: "SSH-2.0-",
+        },
+        // A stdio forward to the HTTP server on foo.
+        KeyReader {
+            args: a(&["ssh", "-W", &format!("127.0.0.1:{http_port}"), "foo.acme"]),
+            stdin: b"GET /index.html HTTP/1.0\r\n\r\n",
+            out: "HTTP/1.0 200",
+        },
+        // Config sync from a member.
+        KeyReader {
+            args: a(&["ssh", "cluster", "pull"]),
+            stdin: b"",
+            out: "",
+        },
+    ]
+}
+
+fn run_reader(mut cmd: std::process::Command, r: &KeyReader) -> std::process::Output {
+    cmd.args(&r.args).env("MALAI_LOCKDOWN_MODE", "true");
+    run_cmd_with(&mut cmd, Some(r.stdin), Duration::from_secs(60))
+}
+
+fn assert_refused(out: &std::process::Output, what: &str) {
+    assert_exit_code(out, 255, what);
+    let err = stderr_of(out);
+    assert!(
+        err.contains("lockdown mode") && err.contains("malai ssh agent -e"),
+        "{what}: {err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{what}: one line: {err}");
+    assert!(out.stdout.is_empty(), "{what}: {}", fmt_output(out));
+}
+
+#[test]
+fn lockdown_refuses_every_key_reader_without_an_agent_and_each_works_with_one() {
+    let www = tempfile::tempdir().unwrap();
+    fs::write(www.path().join("index.html"), "hello from web\n").unwrap();
+    let http = HttpServer::start(www.path());
+    let (c, mgr) = acme(http.port);
+    c.edit_manager_file(|t| t + "\n[group.web]\nmembers = \"foo\"\n");
+    c.manager()
+        .run_ok(["ssh", "cluster", "allow", "foo", "alice"]);
+    // Everyone has the file with alice's grant and the group.
+    let file = c.machine("foo").cluster_file("acme");
+    let want = c.manager().run_ok(["ssh", "cluster", "push", "--dry-run"]);
+    poll_until(CONVERGE, || {
+        (read_lossy(&file).trim() == want).then_some(())
+    })
+    .unwrap_or_else(|| panic!("foo never got the file:\n{}", c.diagnostics()));
+    c.import_on("alice");
+    let alice = c.machine("alice");
+
+    for r in key_readers(http.port) {
+        let _hidden = HiddenKey::new(alice);
+        let what = format!("alice, lockdown, no agent: {}", r.args.join(" "));
+        assert_refused(&run_reader(alice.cmd(Vec::<String>::new()), &r), &what);
+    }
+    let agent = Agent::start(alice, &["--http=false"]);
+    let _hidden = HiddenKey::new(alice);
+    for r in key_readers(http.port) {
+        let what = format!("alice through her agent: {}", r.args.join(" "));
+        let out = run_reader(agent.cmd(Vec::<String>::new()), &r);
+        assert_success(&out, &what);
+        assert!(
+            stdout_of(&out).starts_with(r.out),
+            "{what}: {}",
+            fmt_output(&out)
+        );
+    }
+    drop(_hidden);
+
+    // The manager's commands, with its server (the usual key holder) stopped.
+    drop(mgr);
+    let m = c.manager();
+    let admin = |args: &[&str]| KeyReader {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        stdin: b"",
+        out: "",
+    };
+    let admins = [
+        admin(&["ssh", "cluster", "push"]),
+        admin(&["ssh", "cluster", "status"]),
+    ];
+    for r in &admins {
+        let _hidden = HiddenKey::new(m);
+        let what = format!("mgr, lockdown, no agent: {}", r.args.join(" "));
+        assert_refused(&run_reader(m.cmd(Vec::<String>::new()), r), &what);
+    }
+    let agent = Agent::start(m, &["--http=false"]);
+    let _hidden = HiddenKey::new(m);
+    for r in &admins {
+        let what = format!("mgr through its agent: {}", r.args.join(" "));
+        assert_success(&run_reader(agent.cmd(Vec::<String>::new()), r), &what);
+    }
+}
