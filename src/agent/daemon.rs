@@ -116,11 +116,7 @@ pub async fn run(
         path: path.clone(),
     };
     let http = if opts.http {
-        Some(
-            TcpListener::bind(("127.0.0.1", 0))
-                .await
-                .map_err(AgentError::Http)?,
-        )
+        Some(bind_http(&dirs).await?)
     } else {
         None
     };
@@ -161,6 +157,47 @@ pub async fn run(
     }
     ctx.pool.close().await;
     Ok(())
+}
+
+/// The HTTP proxy port a spawned agent should take again (what the spawning shell's
+/// `HTTP_PROXY` advertised, `launch::advertised_http_port`).
+pub const ENV_HTTP_PORT: &str = "MALAI_AGENT_HTTP_PORT";
+/// Where the last HTTP proxy port is kept (in the private runtime dir).
+const HTTP_PORT_FILE: &str = "agent-http-port";
+
+/// The HTTP proxy's listener: on the port the environment advertised, else the last
+/// agent's, when free (shells that exported it keep working across a restart); else any.
+async fn bind_http(dirs: &Dirs) -> Result<TcpListener, AgentError> {
+    let file = dirs.run.join(HTTP_PORT_FILE);
+    let wanted = std::env::var(ENV_HTTP_PORT)
+        .ok()
+        .or_else(|| std::fs::read_to_string(&file).ok())
+        .and_then(|p| p.trim().parse::<u16>().ok())
+        .filter(|p| *p != 0);
+    let listener = match wanted {
+        Some(port) => match TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::info!(port, error = %e, "advertised HTTP proxy port not free; taking another");
+                TcpListener::bind(("127.0.0.1", 0))
+                    .await
+                    .map_err(AgentError::Http)?
+            }
+        },
+        None => TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .map_err(AgentError::Http)?,
+    };
+    if let Ok(addr) = listener.local_addr()
+        && let Err(e) = crate::config::store::write_atomic(
+            &file,
+            format!("{}\n", addr.port()).as_bytes(),
+            0o600,
+        )
+    {
+        tracing::info!(error = %e, "cannot remember the HTTP proxy port");
+    }
+    Ok(listener)
 }
 
 /// Rescan clusters, close idle connections, keep member clusters' files current

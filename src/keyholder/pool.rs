@@ -707,6 +707,14 @@ impl PooledStream {
             .is_some_and(|l| l.generation == lease.generation && l._watchdog.saw_restart())
     }
 
+    /// Why the stream broke, when its connection knows ([`crate::session::open::lost_reason`]).
+    pub fn lost_reason(&self) -> Option<String> {
+        let lease = self._lease.as_ref()?;
+        let live = lock(&lease.slot.live);
+        let l = live.as_ref().filter(|l| l.generation == lease.generation)?;
+        crate::session::open::lost_reason(l._watchdog.saw_restart(), l.conn.peer_close_reason())
+    }
+
     /// The server this stream goes to (for logs).
     pub fn server(&self) -> &str {
         &self.server

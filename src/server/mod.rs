@@ -664,7 +664,7 @@ async fn serve_connection(
         let (mut send, mut recv) = tokio::select! {
             // Stop taking new streams; running ones drain (the streams keep the connection).
             _ = shutdown.cancelled() => return,
-            _ = &mut removed => return conn.close("access revoked"),
+            _ = &mut removed => return conn.close("access revoked: this machine was removed from the cluster"),
             s = conn.accept() => match s {
                 Some(s) => s,
                 None => return,

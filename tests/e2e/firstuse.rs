@@ -10,7 +10,7 @@ use std::fs;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::agent::Agent;
+use crate::agent::{Agent, parse_exports};
 use crate::harness::*;
 use crate::http::{HttpServer, curl};
 
@@ -255,4 +255,124 @@ fn lockdown_refuses_every_key_reader_without_an_agent_and_each_works_with_one() 
         let what = format!("mgr through its agent: {}", r.args.join(" "));
         assert_success(&run_reader(agent.cmd(Vec::<String>::new()), r), &what);
     }
+}
+
+/// One line on stderr that contains every `want`, and none of `never`.
+fn assert_one_line(out: &std::process::Output, what: &str, want: &[&str], never: &[&str]) {
+    let err = stderr_of(out);
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{what}: one line:\n{err}"
+    );
+    for w in want {
+        assert!(err.contains(w), "{what}: no {w:?} in: {err}");
+    }
+    for n in never {
+        assert!(!err.contains(n), "{what}: {n:?} in: {err}");
+    }
+    // No text twice: no clause of 12+ characters appears two times.
+    for part in err.trim_end().split(": ").filter(|p| p.len() >= 12) {
+        assert_eq!(
+            err.matches(part).count(),
+            1,
+            "{what}: {part:?} twice in: {err}"
+        );
+    }
+}
+
+#[test]
+fn messages_of_the_usual_mistakes_point_the_right_way() {
+    let (c, _mgr) = acme(free_tcp_port());
+    let alice = c.machine("alice");
+
+    // No agent: status and stop say so, nothing about trust or unreadable directories.
+    let out = alice.run(["ssh", "agent", "status"]);
+    assert_exit_code(&out, 255, "agent status, no agent");
+    assert_one_line(
+        &out,
+        "agent status",
+        &["no agent is running", "agent -e"],
+        &["trusted", "unreadable"],
+    );
+    let out = alice.run(["ssh", "agent", "stop"]);
+    assert_success(&out, "agent stop, no agent");
+    assert_one_line(
+        &out,
+        "agent stop",
+        &["no agent is running"],
+        &["trusted", "unreadable"],
+    );
+
+    // A stranger (it has the file, the file does not list it) is told it is the one unknown.
+    let eve = Machine::new(c.dir(), "eve");
+    eve.run_ok(["ssh", "cluster", "join", "acme", c.id52("mgr")]);
+    let file = c.manager_file();
+    eve.run_ok([
+        std::ffi::OsStr::new("ssh"),
+        std::ffi::OsStr::new("cluster"),
+        std::ffi::OsStr::new("import"),
+        std::ffi::OsStr::new("acme"),
+        file.as_os_str(),
+    ]);
+    let out = eve.run(["ssh", "foo.acme", "true"]);
+    assert_exit_code(&out, 255, "stranger's exec");
+    assert_one_line(
+        &out,
+        "stranger's exec",
+        &[
+            "foo.acme",
+            "this machine is not a member of the cluster",
+            "manager",
+        ],
+        &["not known to this cluster"],
+    );
+
+    // A removed member's pull says why, not "protocol error: i/o: connection lost".
+    let out = alice.run(["ssh", "cluster", "pull"]);
+    assert_success(&out, "alice's pull while a member");
+    c.manager().run_ok(["ssh", "cluster", "remove", "alice"]);
+    let out = alice.run(["ssh", "cluster", "pull"]);
+    assert_exit_code(&out, 255, "removed member's pull");
+    assert_one_line(
+        &out,
+        "removed member's pull",
+        &["manager", "this machine is not a member of the cluster"],
+        &["protocol error", "i/o"],
+    );
+}
+
+#[test]
+fn agent_stop_names_the_stale_variables_and_a_new_agent_takes_the_port_back() {
+    let (c, _mgr) = acme(free_tcp_port());
+    let alice = c.machine("alice");
+    let agent = Agent::start(alice, &[]);
+    let old = agent.exports.clone();
+    let proxy = old["HTTP_PROXY"].clone();
+    agent.keep_running();
+
+    let out = run_cmd(alice.cmd(["ssh", "agent", "stop"]).envs(&old));
+    assert_success(&out, "agent stop");
+    assert_one_line(
+        &out,
+        "agent stop",
+        &[
+            "stopped the agent (pid",
+            &format!("HTTP_PROXY/http_proxy ({proxy})"),
+            "MALAI_SSH_AGENT",
+            "stale",
+        ],
+        &[],
+    );
+    // That shell's `agent -e` (or `malai ssh curl`) brings the agent back on the port its
+    // variables name, so they work again.
+    let again = parse_exports(&stdout_of(&run_cmd(
+        alice.cmd(["ssh", "agent", "-e"]).envs(&old),
+    )));
+    assert_eq!(again["HTTP_PROXY"], proxy, "{again:?}");
+    let out = run_cmd(alice.cmd(["ssh", "agent", "stop"]).envs(&again));
+    assert_success(&out, "second stop");
+    // A fresh shell (no variables): the last agent's port, when free.
+    let fresh = Agent::start(alice, &[]);
+    assert_eq!(fresh.exports["HTTP_PROXY"], proxy, "{:?}", fresh.exports);
 }

@@ -181,13 +181,14 @@ fn allow_change_reaches_members_and_remove_denies_again() {
     assert_exit_code(&denied, 255, "alice after remove");
     // Removed, alice is a stranger to foo: her connection is closed right after the
     // handshake (issue 12, finding 3), before any request could be denied; the client
-    // shows the reason foo gave ("not known to this cluster"), or, when the file lands
-    // while the tunnel is up, the tunnel is cut.
+    // shows the reason foo gave ("not a member of the cluster"), or, when the file lands
+    // while the tunnel is up, the tunnel is cut and the reason said.
     let err = stderr_of(&denied).to_lowercase();
     assert!(
         err.contains("denied")
-            || err.contains("not known to this cluster")
+            || err.contains("this machine is not a member of the cluster")
             // The file can also land mid-session: the live tunnel is cut (finding 8).
+            || err.contains("access revoked")
             || err.contains("connection lost"),
         "{}",
         fmt_output(&denied)
