@@ -488,6 +488,7 @@ async fn cluster(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
             pin,
         } => {
             let pin = pin.map(|p| parse_id52(&p, "--manager")).transpose()?;
+            let by_domain = manager.is_none();
             let m = match manager {
                 Some(m) => {
                     let m = parse_id52(&m, "manager")?;
@@ -500,7 +501,7 @@ async fn cluster(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
                 }
                 None => confirm_dns_manager(&alias, pin).await?,
             };
-            println!("{}", c::join(dirs, &alias, &m)?);
+            println!("{}", c::join(dirs, &alias, &m, by_domain)?);
         }
         ClusterCommand::Add {
             kind,

@@ -71,7 +71,14 @@ pub fn init(dirs: &Dirs, alias: &str) -> Result<Id52, ClusterError> {
 
 /// `cluster join <alias> <manager-id52>`: this machine's key for the cluster. Joining again
 /// with the same manager prints the same id (idempotent); a different manager is refused.
-pub fn join(dirs: &Dirs, alias: &str, manager: &Id52) -> Result<Id52, ClusterError> {
+/// `by_domain`: the manager was found in `alias`'s DNS record, so the manager's file may
+/// call the cluster something else (its names here still end in `alias`).
+pub fn join(
+    dirs: &Dirs,
+    alias: &str,
+    manager: &Id52,
+    by_domain: bool,
+) -> Result<Id52, ClusterError> {
     let cd = ClusterDir::new(dirs, alias)?;
     cd.create()?;
     if let Some(existing) = cd.manager_id()? {
@@ -84,6 +91,9 @@ pub fn join(dirs: &Dirs, alias: &str, manager: &Id52) -> Result<Id52, ClusterErr
         return Ok(keys::id52(&cd.dir)?);
     }
     let (id, _) = keys::create(&cd.dir, true)?;
+    if by_domain {
+        cd.set_joined_by_domain()?;
+    }
     cd.set_manager_id(manager)?;
     Ok(id)
 }

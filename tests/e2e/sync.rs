@@ -790,6 +790,80 @@ fn join_by_domain_through_dnsmasq_then_first_push() {
     });
 }
 
+/// Issue 24, item 4: a cluster whose alias is not the domain its members join by. The
+/// domain join takes the manager's file (the manager id52 is what must match), and the
+/// cluster's servers answer to both names on the member.
+#[test]
+fn a_domain_join_takes_a_file_with_another_alias() {
+    let root = tempfile::Builder::new()
+        .prefix("malai-e2e-dns-")
+        .tempdir()
+        .unwrap();
+    let mgr = Machine::new(root.path(), "mgr");
+    let mgr_id = mgr.run_ok(["ssh", "cluster", "init", "acme"]);
+    let dns = Dnsmasq::start(
+        root.path(),
+        &[("acme.example.test", format!("malai-cluster={mgr_id}"))],
+    );
+    let alice = Machine::new(root.path(), "alice");
+    let out = run_cmd(
+        alice
+            .cmd([
+                "ssh",
+                "cluster",
+                "join",
+                "acme.example.test",
+                "--manager",
+                &mgr_id,
+            ])
+            .env("MALAI_DNS_SERVER", dns.addr()),
+    );
+    assert_success(&out, "join acme.example.test by DNS --manager <mgr>");
+    let alice_id = stdout_of(&out).trim().to_string();
+    mgr.run_ok(["ssh", "cluster", "add", "device", "alice", &alice_id]);
+    let mgr_bind: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    let _mgr_server = mgr.spawn_server(mgr_bind);
+    let from = mgr_bind.to_string();
+    let out = alice.run([
+        "ssh",
+        "cluster",
+        "pull",
+        "--cluster",
+        "acme.example.test",
+        "--from",
+        &from,
+    ]);
+    assert_success(&out, "alice: first pull of a file whose alias is acme");
+    let text = read_lossy(&alice.cluster_file("acme.example.test"));
+    assert!(text.contains("alias = \"acme\""), "{text}");
+    // Both names reach the cluster here: the ssh config block lists both.
+    let cfg = alice.run_ok(["ssh", "config"]);
+    let words: Vec<&str> = cfg.split_whitespace().collect();
+    assert!(
+        words.contains(&"*.acme.example.test") && words.contains(&"*.acme"),
+        "{cfg}"
+    );
+    // A folder joined by id52 (not by domain) still refuses a file of another alias.
+    let bob = Machine::new(root.path(), "bob");
+    let bob_id = bob.run_ok(["ssh", "cluster", "join", "other.example.test", &mgr_id]);
+    mgr.run_ok(["ssh", "cluster", "add", "device", "bob", &bob_id]);
+    let out = bob.run([
+        "ssh",
+        "cluster",
+        "pull",
+        "--cluster",
+        "other.example.test",
+        "--from",
+        &from,
+    ]);
+    assert_exit_code(&out, 255, "bob: pull into a folder of another name");
+    assert!(
+        stderr_of(&out).contains("another cluster"),
+        "{}",
+        fmt_output(&out)
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Several clusters on one machine
 // ---------------------------------------------------------------------------------------------
