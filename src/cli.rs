@@ -69,7 +69,9 @@ pub enum SshCommand {
         /// The cluster alias (optional when this machine is in exactly one).
         cluster: Option<String>,
     },
-    /// Print an ssh_config block (Host *.<cluster> + ProxyCommand) for every cluster.
+    /// Print an ssh_config block (Host *.<cluster> + ProxyCommand) for every cluster. The
+    /// ProxyCommand pins MALAI_HOME, MALAI_RELAY, MALAI_RELAY_CA, MALAI_BIND and
+    /// MALAI_USE_KEYRING as this shell has them, so ssh from any terminal behaves the same.
     Config,
     /// Show every live cluster connection of this machine, like `tailscale status`: which
     /// process holds it (server, agent), the peer, direct or through a relay, the address
@@ -82,7 +84,8 @@ pub enum SshCommand {
     /// Serve every cluster where this machine is listed as a server.
     ///
     /// Runs in the foreground; SIGTERM or Ctrl-C drains running requests and exits 0.
-    /// Logs go to LOGDIR/ssh/server.log. MALAI_RELAY=disabled runs fully offline (peers
+    /// Logs go to LOGDIR/ssh/server.log.<date> (one file a day; README "Files and
+    /// environment" says where LOGDIR is). MALAI_RELAY=disabled runs fully offline (peers
     /// are reached only through `addrs` hints).
     Server {
         /// Fixed UDP address to listen on (e.g. 0.0.0.0:7744). With several clusters the

@@ -69,6 +69,35 @@ pub fn init(dirs: &Dirs, alias: &str) -> Result<Id52, ClusterError> {
     Ok(id)
 }
 
+/// What the ProxyCommand of `malai ssh config` depends on, pinned as this shell has it, so
+/// `ssh foo.acme` from any terminal behaves like this one: the folders and the relay choice
+/// (an unset variable stays unset; the file's `relays` then decide).
+const PINNED_ENV: [&str; 5] = [
+    "MALAI_HOME",
+    "MALAI_RELAY",
+    "MALAI_RELAY_CA",
+    "MALAI_BIND",
+    "MALAI_USE_KEYRING",
+];
+
+/// `env K=V … ` for the ProxyCommand (OpenSSH runs it through `exec`, so `VAR=x cmd` does
+/// not work), or nothing when none of [`PINNED_ENV`] is set.
+fn pinned_env_prefix() -> String {
+    let set: Vec<String> = PINNED_ENV
+        .iter()
+        .filter_map(|k| {
+            let v = std::env::var(k).ok().filter(|v| !v.is_empty())?;
+            let v = shlex::try_quote(&v).ok()?.into_owned();
+            Some(format!("{k}={v}"))
+        })
+        .collect();
+    if set.is_empty() {
+        String::new()
+    } else {
+        format!("env {} ", set.join(" "))
+    }
+}
+
 /// `cluster join <alias> <manager-id52>`: this machine's key for the cluster. Joining again
 /// with the same manager prints the same id (idempotent); a different manager is refused.
 /// `by_domain`: the manager was found in `alias`'s DNS record, so the manager's file may
@@ -185,12 +214,7 @@ pub fn ssh_config_blocks(dirs: &Dirs) -> Result<String, ClusterError> {
         .ok()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "malai".into());
-    let home = std::env::var("MALAI_HOME").ok().filter(|h| !h.is_empty());
-    let prefix = match &home {
-        // ProxyCommand is run through `exec`, so `VAR=x cmd` does not work: use env.
-        Some(h) => format!("env MALAI_HOME={h} "),
-        None => String::new(),
-    };
+    let prefix = pinned_env_prefix();
     let mut out = String::new();
     for cd in list_clusters(dirs)? {
         let mut names = vec![format!("*.{}", cd.alias)];

@@ -286,6 +286,17 @@ fn messages_of_the_usual_mistakes_point_the_right_way() {
     let (c, _mgr) = acme(free_tcp_port());
     let alice = c.machine("alice");
 
+    // `ssh config` pins what its ProxyCommand depends on, as this shell has it.
+    let cfg = alice.run_ok(["ssh", "config"]);
+    let home = format!("MALAI_HOME={}", alice.home().display());
+    for want in [
+        home.as_str(),
+        "MALAI_RELAY=disabled",
+        "MALAI_BIND=127.0.0.1:0",
+    ] {
+        assert!(cfg.contains(want), "no {want} in:\n{cfg}");
+    }
+
     // No agent: status and stop say so, nothing about trust or unreadable directories.
     let out = alice.run(["ssh", "agent", "status"]);
     assert_exit_code(&out, 255, "agent status, no agent");
