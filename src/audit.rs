@@ -162,22 +162,25 @@ pub fn table(entries: &[Entry], since: Option<Duration>, deny_only: bool) -> Str
             (false, true) => e.detail.clone(),
             (true, _) => e.reason.clone(),
         };
+        // Every field may come from a peer (or a hand-edited file): no control character
+        // reaches the admin's terminal, and one entry stays one row.
+        let p = |s: &str| crate::logging::printable(s).into_owned();
         out.push_str(&format!(
             "{:<24} {:<6} {:<12} {:<9} {:<10} {:<11} {:>10} {:>10} {:>8}  {}\n",
-            e.time,
-            if e.outcome == "broken" {
+            p(&e.time),
+            p(if e.outcome == "broken" {
                 "broken"
             } else {
                 &e.decision
-            },
-            e.peer.chars().take(12).collect::<String>(),
-            e.alias,
-            e.cluster,
-            e.kind,
+            }),
+            p(&e.peer.chars().take(12).collect::<String>()),
+            p(&e.alias),
+            p(&e.cluster),
+            p(&e.kind),
             e.bytes_in,
             e.bytes_out,
             e.duration_ms,
-            detail
+            p(&detail)
         ));
     }
     out
@@ -211,5 +214,24 @@ mod tests {
         let t = table(&all, Some(Duration::from_secs(60)), true);
         assert_eq!(t.lines().count(), 3);
         assert!(table(&all, None, false).contains("permission denied"));
+    }
+
+    #[test]
+    fn the_table_shows_no_peer_supplied_control_character() {
+        let forged = Entry {
+            time: now_rfc3339(),
+            alias: "bob\u{1b}]0;pwned\u{7}".into(),
+            kind: "exec".into(),
+            detail: "id\r\n2026-12-02T00:00:00.000Z allow  FORGED\u{1b}[2J".into(),
+            decision: "deny".into(),
+            reason: "command not allowed".into(),
+            ..Default::default()
+        };
+        let t = table(&[forged], None, false);
+        assert_eq!(t.lines().count(), 2, "one entry, one row:\n{t}");
+        assert!(!t.chars().any(|c| c.is_control() && c != '\n'), "{t:?}");
+        assert!(t.contains("id\\r\\n2026"), "{t}");
+        // The allowed twin: ordinary text is shown as it is.
+        assert!(t.contains("command not allowed"));
     }
 }

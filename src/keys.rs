@@ -47,6 +47,10 @@ pub enum KeyError {
         "{path} is readable by group or others (mode {mode:o}); refusing to use it. Fix: chmod 600 {path}"
     )]
     Permissions { path: PathBuf, mode: u32 },
+    #[error(
+        "{path} belongs to uid {owner}, not to this user; refusing to use it. Fix: chown {me} {path}"
+    )]
+    Owner { path: PathBuf, owner: u32, me: u32 },
     #[error("{path}: not a 64-character hex ed25519 secret key")]
     BadFile { path: PathBuf },
     #[error("no key for this machine in {0} (join or init the cluster first)")]
@@ -179,6 +183,15 @@ fn read_key_file(path: &Path) -> Result<Option<SecretKey>, KeyError> {
             mode,
         });
     }
+    // Another user's key file (even 0600) could be swapped under us: not ours, not used.
+    let me = nix::unistd::geteuid().as_raw();
+    if std::os::unix::fs::MetadataExt::uid(&meta) != me {
+        return Err(KeyError::Owner {
+            path: path.to_path_buf(),
+            owner: std::os::unix::fs::MetadataExt::uid(&meta),
+            me,
+        });
+    }
     let text = std::fs::read_to_string(path).map_err(io(path))?;
     parse_hex_key(text.trim())
         .map(Some)
@@ -254,6 +267,22 @@ mod tests {
         assert!(matches!(load(dir.path()), Err(KeyError::Mismatch { .. })));
         let empty = tempfile::tempdir().unwrap();
         assert!(matches!(load(empty.path()), Err(KeyError::Missing(_))));
+    }
+
+    #[test]
+    fn a_key_file_of_another_user_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        create(dir.path(), false).unwrap();
+        // Allowed twin: our own 0600 file.
+        load(dir.path()).unwrap();
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let p = dir.path().join(SECRET_FILE);
+        nix::unistd::chown(&p, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        let err = load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("belongs to uid 65534"), "{err}");
     }
 
     #[test]

@@ -75,7 +75,22 @@ fn run_exec(args: Vec<String>) -> ExitCode {
             return ExitCode::from(EXIT_MALAI);
         }
     };
-    let _log = malai::logging::init(&dirs, "exec");
+    // Parsed first for `-v`/`-E`; a parse error is reported by `exec::run` like any other.
+    let parsed = malai::client::ssh_args::parse(&args);
+    let verbosity = match &parsed {
+        Ok(a) => malai::logging::Verbosity {
+            level: a.verbose,
+            file: a.log_file.as_ref().map(std::path::PathBuf::from),
+        },
+        Err(_) => malai::logging::Verbosity::default(),
+    };
+    let _log = match malai::logging::init_with(&dirs, "exec", &verbosity) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("malai: {e}");
+            return ExitCode::from(EXIT_MALAI);
+        }
+    };
     let rt = match client_runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -83,13 +98,16 @@ fn run_exec(args: Vec<String>) -> ExitCode {
             return ExitCode::from(EXIT_MALAI);
         }
     };
-    let host = malai::client::ssh_args::parse(&args)
-        .map(|a| a.host)
-        .unwrap_or_default();
+    let host = parsed.map(|a| a.host).unwrap_or_default();
+    // What `-v` shows at least, as ssh's first and last debug lines do.
+    tracing::debug!(version = env!("CARGO_PKG_VERSION"), %host, "malai ssh: starting");
     let result = rt.block_on(malai::client::exec::run(&dirs, &args));
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {
-        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Ok(code) => {
+            tracing::debug!(%host, status = code, "malai ssh: remote command finished");
+            ExitCode::from(code.clamp(0, 255) as u8)
+        }
         Err(malai::client::SessionError::Killed(n)) => {
             eprintln!("Killed by signal {n}.");
             ExitCode::from(EXIT_MALAI)
@@ -97,7 +115,9 @@ fn run_exec(args: Vec<String>) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "exec failed");
             let msg = one_line(&e.to_string());
-            if host.is_empty() {
+            if let Some(line) = malai::cli::mistyped_command(&host, &e) {
+                eprintln!("malai: {}", one_line(&line));
+            } else if host.is_empty() {
                 eprintln!("malai: {msg}");
             } else {
                 eprintln!("malai: {host}: {msg}");

@@ -73,6 +73,7 @@ impl Drop for SocketFile {
     fn drop(&mut self) {
         if self.still_ours() {
             let _ = std::fs::remove_file(&self.path);
+            crate::control::token::remove(&self.path);
         }
     }
 }
@@ -101,6 +102,11 @@ pub async fn run(
         }
         Probe::Missing => {}
     }
+    // The token first: no caller may read a stale one once the socket answers.
+    let token = crate::control::token::create(&path).map_err(|source| AgentError::Bind {
+        path: path.clone(),
+        source,
+    })?;
     let listener = UnixListener::bind(&path).map_err(|source| AgentError::Bind {
         path: path.clone(),
         source,
@@ -129,6 +135,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         stoppable: true,
         inbound: None,
+        token,
     });
     ctx.pool.rescan().await;
     drop(lock);

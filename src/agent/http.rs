@@ -281,18 +281,32 @@ async fn handle(
         }
         Route::Direct => {
             let port = port.unwrap_or(if connect { 443 } else { 80 });
-            if ctx.http.is_some_and(|me| is_self(&host, port, me)) {
-                // Asked for ourselves (the proxy used as a web server): forwarding would
-                // loop back into this proxy forever.
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    "this is malai's HTTP proxy: set it as HTTP_PROXY, don't ask it for pages",
-                );
-            }
             // `host` keeps an IPv6 literal's brackets, which `host:port` parsing needs.
             let addr = format!("{host}:{port}");
-            let tcp = match tokio::time::timeout(DIRECT_CONNECT_TIMEOUT, TcpStream::connect(&addr))
-                .await
+            let targets = match resolve_direct(&addr, ctx.http).await {
+                Ok(t) => t,
+                Err(DirectRefusal::Loop) => {
+                    // Asked for ourselves (the proxy used as a web server, under any
+                    // spelling: `127.1`, `localhost`, `[::ffff:127.0.0.1]`): forwarding would
+                    // loop back into this proxy forever.
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        "this is malai's HTTP proxy: set it as HTTP_PROXY, don't ask it for pages",
+                    );
+                }
+                Err(DirectRefusal::Resolve(e)) => {
+                    return text(
+                        StatusCode::BAD_GATEWAY,
+                        &format!("cannot resolve {addr}: {e}"),
+                    );
+                }
+            };
+            // Connect to the addresses just checked, not to a fresh lookup of the name.
+            let tcp = match tokio::time::timeout(
+                DIRECT_CONNECT_TIMEOUT,
+                TcpStream::connect(&targets[..]),
+            )
+            .await
             {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
@@ -318,16 +332,44 @@ async fn handle(
     }
 }
 
-/// Whether `host:port` is this proxy's own listening address.
-fn is_self(host: &str, port: u16, me: std::net::SocketAddr) -> bool {
-    if port != me.port() {
+/// Why a direct request is not connected.
+#[derive(Debug)]
+enum DirectRefusal {
+    /// It resolves to this proxy's own address.
+    Loop,
+    Resolve(std::io::Error),
+}
+
+/// Resolve `host:port` and refuse it when any address is this proxy's own (`me`), decided
+/// on the resolved socket address, so no spelling of the name gets past (issue 19,
+/// finding 9).
+async fn resolve_direct(
+    addr: &str,
+    me: Option<std::net::SocketAddr>,
+) -> Result<Vec<std::net::SocketAddr>, DirectRefusal> {
+    let found: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr)
+        .await
+        .map_err(DirectRefusal::Resolve)?
+        .collect();
+    if found.is_empty() {
+        return Err(DirectRefusal::Resolve(std::io::Error::other("no address")));
+    }
+    match me {
+        Some(me) if found.iter().any(|a| is_self(*a, me)) => Err(DirectRefusal::Loop),
+        _ => Ok(found),
+    }
+}
+
+/// Whether a connection to `to` would reach the proxy listening on `me`.
+fn is_self(to: std::net::SocketAddr, me: std::net::SocketAddr) -> bool {
+    if to.port() != me.port() {
         return false;
     }
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
+    let ip = to.ip().to_canonical();
+    ip == me.ip().to_canonical()
+        || ip.is_loopback()
+        || ip.is_unspecified()
+        || me.ip().is_unspecified()
 }
 
 /// Open the `http` request to the service's server; an error is the response to send.
@@ -553,8 +595,8 @@ mod tests {
         assert_eq!(proc_addr(v6).unwrap().len(), 32 + 5);
     }
 
-    #[test]
-    fn requests_for_the_proxy_itself_are_caught() {
+    #[tokio::test]
+    async fn requests_for_the_proxy_itself_are_caught_under_any_spelling() {
         let me: std::net::SocketAddr = "127.0.0.1:3128".parse().unwrap();
         for h in [
             "127.0.0.1",
@@ -563,11 +605,18 @@ mod tests {
             "[::1]",
             "0.0.0.0",
             "127.0.0.2",
+            // Spellings only the resolver knows (issue 19: 358 self-connections).
+            "127.1",
+            "2130706433",
+            "0x7f.1",
+            "[::ffff:127.0.0.1]",
         ] {
-            assert!(is_self(h, 3128, me), "{h}");
+            let r = resolve_direct(&format!("{h}:3128"), Some(me)).await;
+            assert!(matches!(r, Err(DirectRefusal::Loop)), "{h}: {r:?}");
         }
-        assert!(!is_self("127.0.0.1", 80, me));
-        assert!(!is_self("example.com", 3128, me));
+        // Allowed twins: another port on loopback, or no proxy address to compare.
+        assert!(resolve_direct("127.1:80", Some(me)).await.is_ok());
+        assert!(resolve_direct("127.0.0.1:3128", None).await.is_ok());
     }
 
     #[test]

@@ -87,9 +87,16 @@ pub async fn probe(path: &Path) -> Probe {
     }
     let hello = async {
         let mut sock = UnixStream::connect(path).await.ok()?;
-        protocol::write(&mut sock, &ToHolder::Hello { version: VERSION })
-            .await
-            .ok()?;
+        let token = crate::control::token::read(path);
+        protocol::write(
+            &mut sock,
+            &ToHolder::Hello {
+                version: VERSION,
+                token,
+            },
+        )
+        .await
+        .ok()?;
         match protocol::read::<_, FromHolder>(&mut sock).await.ok()? {
             FromHolder::Hello(h) => Some(h),
             _ => None,

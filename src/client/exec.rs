@@ -50,6 +50,8 @@ pub fn exec_request(args: &SshArgs, pty: bool) -> ExecRequest {
             cols,
             rows,
         }),
+        // The server checks it: only its own user can run commands there.
+        user: args.user.clone(),
     }
 }
 
@@ -232,9 +234,6 @@ async fn run_parsed(
     }
     if !args.ignored.is_empty() {
         tracing::info!(ignored = ?args.ignored, "ssh flags accepted and ignored");
-    }
-    if let Some(u) = &args.user {
-        tracing::info!(user = %u, "remote user name given; commands run as the server's user");
     }
     let resolved = crate::session::resolve(dirs, &args.host)?;
     if args.forwards()

@@ -4,12 +4,16 @@
 //! Like OpenSSH's getopt loop: options may come before the host and again right after it;
 //! the first word after that starts the command, and every remaining word is joined with
 //! spaces into one command string (so `malai ssh foo ls -la` runs `ls -la`). Options that
-//! change nothing here (ciphers, identity files, verbosity, …) are accepted and ignored
-//! (logged), because rsync and git pass them. Forwarding flags (`-L -R -D -W -N -f -g -A`)
-//! are collected here and served by `client::forward`. Options that ask for something malai
-//! does not do (yet) are errors naming the option ([`UNSUPPORTED`], [`UNSUPPORTED_OPTIONS`]):
-//! running the command without the asked-for jump host, X11 or control socket would be
-//! silently wrong.
+//! change nothing here (ciphers, identity files, …) are accepted and ignored (logged),
+//! because rsync and git pass them; an `-o` keyword OpenSSH does not know is an error, as
+//! it is for ssh. `-v` and `-E file` are honoured for malai's own log (more detail, on
+//! stderr or into the file). Forwarding flags (`-L -R -D -W -N -f -g -A`) are collected
+//! here and served by `client::forward`. A user name (`-l`, `user@host`, `-o User=`) is
+//! passed on in the request: the server runs commands only as itself and refuses another
+//! user by name. Options that ask for something malai does not do (yet) are errors naming
+//! the option ([`UNSUPPORTED`], [`UNSUPPORTED_OPTIONS`], `-S` other than `none`): running
+//! the command without the asked-for jump host, X11 or control socket would be silently
+//! wrong.
 
 /// `-t`/`-T` as ssh counts them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -28,7 +32,8 @@ pub enum TtyChoice {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SshArgs {
     pub host: String,
-    /// `-l user` / `user@host`: logged only; commands run as the server process's user.
+    /// `-l user` / `user@host` / `-o User=user`: sent with the request; a server refuses a
+    /// user other than the one it runs as (it cannot switch users).
     pub user: Option<String>,
     /// `-p port`: informational.
     pub port: Option<u16>,
@@ -48,6 +53,10 @@ pub struct SshArgs {
     pub print_config: bool,
     /// Flags that were accepted but mean nothing here (for the log).
     pub ignored: Vec<String>,
+    /// `-v` (repeatable): malai's log in more detail, and on stderr unless `-E` names a file.
+    pub verbose: u8,
+    /// `-E file`: malai's log appended to this file instead.
+    pub log_file: Option<String>,
     /// `-L spec` / `-o LocalForward=…`, as given (parsed by `client::forward`).
     pub local_forwards: Vec<String>,
     /// `-R spec` / `-o RemoteForward=…`.
@@ -104,6 +113,9 @@ pub enum ArgsError {
     /// A flag or `-o` option ssh has and malai does not implement (yet).
     #[error("{0} is not supported by malai ssh")]
     Unsupported(String),
+    /// An `-o` keyword OpenSSH does not have either (a typo would otherwise be ignored).
+    #[error("-o {option}: unknown ssh option {keyword:?} (see ssh_config(5))")]
+    UnknownOption { option: String, keyword: String },
 }
 
 /// ssh flags malai does not implement: each one asks for behaviour (a forward, a jump host,
@@ -123,6 +135,7 @@ pub const UNSUPPORTED_OPTIONS: &[(&str, &[&str])] = &[
     ("tunnel", &["no"]),
     ("remotecommand", &["none"]),
     ("controlmaster", &["no"]),
+    ("controlpath", &["none"]),
     ("streamlocalbindunlink", &["no"]),
 ];
 
@@ -152,14 +165,28 @@ fn forward_option(out: &mut SshArgs, o: &str) {
         "exitonforwardfailure" => out.exit_on_forward_failure = v.eq_ignore_ascii_case("yes"),
         "sessiontype" if v.eq_ignore_ascii_case("none") => out.no_command = true,
         "gatewayports" => out.gateway_ports = v.eq_ignore_ascii_case("yes"),
+        "user" if !v.is_empty() => {
+            out.user.get_or_insert_with(|| v.to_string());
+        }
         _ => {}
     }
 }
 
-/// The error for an `-o` option malai does not implement with the given value, if any.
+/// The error for an `-o` option OpenSSH does not know, or that malai does not implement
+/// with the given value, if any.
 fn unsupported_option(o: &str) -> Option<ArgsError> {
     let (k, v) = o.split_once(['=', ' ']).unwrap_or((o, ""));
     let k = k.trim().to_ascii_lowercase();
+    if !SSH_OPTIONS.contains(&k.as_str()) {
+        return Some(ArgsError::UnknownOption {
+            option: o.trim().to_string(),
+            keyword: o
+                .split_once(['=', ' '])
+                .map_or(o, |(k, _)| k)
+                .trim()
+                .to_string(),
+        });
+    }
     let v = v.trim().trim_start_matches('=').trim().to_ascii_lowercase();
     let (_, harmless) = UNSUPPORTED_OPTIONS.iter().find(|(name, _)| *name == k)?;
     if harmless.contains(&v.as_str()) {
@@ -168,16 +195,179 @@ fn unsupported_option(o: &str) -> Option<ArgsError> {
     Some(ArgsError::Unsupported(format!("-o {}", o.trim())))
 }
 
+/// Every keyword OpenSSH 9 accepts in `-o` (ssh_config(5), lower-case), including the
+/// deprecated spellings it still takes. `Host`, `Match` and `Include` are not among them:
+/// ssh refuses those on the command line too.
+const SSH_OPTIONS: &[&str] = &[
+    "addkeystoagent",
+    "addressfamily",
+    "batchmode",
+    "bindaddress",
+    "bindinterface",
+    "canonicaldomains",
+    "canonicalizefallbacklocal",
+    "canonicalizehostname",
+    "canonicalizemaxdots",
+    "canonicalizepermittedcnames",
+    "casignaturealgorithms",
+    "certificatefile",
+    "challengeresponseauthentication",
+    "checkhostip",
+    "cipher",
+    "ciphers",
+    "clearallforwardings",
+    "compression",
+    "connectionattempts",
+    "connecttimeout",
+    "controlmaster",
+    "controlpath",
+    "controlpersist",
+    "dynamicforward",
+    "enableescapecommandline",
+    "enablesshkeysign",
+    "escapechar",
+    "exitonforwardfailure",
+    "fingerprinthash",
+    "forkafterauthentication",
+    "forwardagent",
+    "forwardx11",
+    "forwardx11timeout",
+    "forwardx11trusted",
+    "gatewayports",
+    "globalknownhostsfile",
+    "gssapiauthentication",
+    "gssapiclientidentity",
+    "gssapidelegatecredentials",
+    "gssapikexalgorithms",
+    "gssapikeyexchange",
+    "gssapirenewalforcesrekey",
+    "gssapiserveridentity",
+    "gssapitrustdns",
+    "hashknownhosts",
+    "hostbasedacceptedalgorithms",
+    "hostbasedauthentication",
+    "hostbasedkeytypes",
+    "hostkeyalgorithms",
+    "hostkeyalias",
+    "hostname",
+    "identitiesonly",
+    "identityagent",
+    "identityfile",
+    "identityfile2",
+    "ignoreunknown",
+    "ipqos",
+    "kbdinteractiveauthentication",
+    "kbdinteractivedevices",
+    "kexalgorithms",
+    "knownhostscommand",
+    "localcommand",
+    "localforward",
+    "loglevel",
+    "logverbose",
+    "macs",
+    "nohostauthenticationforlocalhost",
+    "numberofpasswordprompts",
+    "passwordauthentication",
+    "permitlocalcommand",
+    "permitremoteopen",
+    "pkcs11provider",
+    "port",
+    "preferredauthentications",
+    "protocol",
+    "proxycommand",
+    "proxyjump",
+    "proxyusefdpass",
+    "pubkeyacceptedalgorithms",
+    "pubkeyacceptedkeytypes",
+    "pubkeyauthentication",
+    "rekeylimit",
+    "remotecommand",
+    "remoteforward",
+    "requesttty",
+    "requiredrsasize",
+    "revokedhostkeys",
+    "securitykeyprovider",
+    "sendenv",
+    "serveralivecountmax",
+    "serveraliveinterval",
+    "sessiontype",
+    "setenv",
+    "smartcarddevice",
+    "stdinnull",
+    "streamlocalbindmask",
+    "streamlocalbindunlink",
+    "stricthostkeychecking",
+    "syslogfacility",
+    "tcpkeepalive",
+    "tunnel",
+    "tunneldevice",
+    "updatehostkeys",
+    "useprivilegedport",
+    "user",
+    "userknownhostsfile",
+    "useroaming",
+    "verifyhostkeydns",
+    "visualhostkey",
+    "xauthlocation",
+];
+
 /// ssh options that take a value.
 const WITH_VALUE: &str = "BbcDEeFIiJLlmOoPpQRSWw";
 /// ssh options without a value.
 const NO_VALUE: &str = "46AaCfGgKkMNnqsTtVvXxYy";
 
+/// Parses ssh's argument shapes in two stages, as ripgrep does: [`scan`] reads the words
+/// and checks each one on its own (known flag, value present, value well-formed, not
+/// something malai refuses), then [`build`] turns what was read into [`SshArgs`]. Errors
+/// therefore come in command-line order, and `build` only fails for a missing host.
 pub fn parse(args: &[String]) -> Result<SshArgs, ArgsError> {
-    let mut out = SshArgs::default();
+    build(scan(args)?)
+}
+
+/// One flag as read, its value already checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Flag {
+    Parallel(usize),
+    Port(u16),
+    User(String),
+    /// `-o`, already checked against [`UNSUPPORTED_OPTIONS`].
+    Option(String),
+    LocalForward(String),
+    RemoteForward(String),
+    DynamicForward(String),
+    StdioForward(String),
+    /// `-t`; counted, as `-tt` means more than `-t`.
+    Tty,
+    NoTty,
+    NoStdin,
+    Quiet,
+    PrintConfig,
+    NoCommand,
+    /// `-A` (true) / `-a` (false): the last one wins.
+    ForwardAgent(bool),
+    Background,
+    GatewayPorts,
+    /// `-v`; counted.
+    Verbose,
+    /// `-E file`.
+    LogFile(String),
+    /// Accepted and meaningless here, as given (for the log).
+    Ignored(String),
+}
+
+/// The command line as read: flags in order, the host word, and the command words.
+struct Scanned {
+    flags: Vec<Flag>,
+    host: Option<String>,
+    command: Vec<String>,
+}
+
+/// Stage one: the getopt loop. Options may come before the host and again right after it;
+/// the first other word after the host starts the command.
+fn scan(args: &[String]) -> Result<Scanned, ArgsError> {
+    let mut flags = Vec::new();
     let mut i = 0;
     let mut host: Option<String> = None;
-    let mut tees = 0;
     while i < args.len() {
         let a = &args[i];
         if a == "--" {
@@ -197,70 +387,17 @@ pub fn parse(args: &[String]) -> Result<SshArgs, ArgsError> {
             } else {
                 return Err(ArgsError::BadParallel(a.clone()));
             };
-            out.parallel = Some(
-                val.parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or(ArgsError::BadParallel(val))?,
-            );
+            let n = val
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or(ArgsError::BadParallel(val))?;
+            flags.push(Flag::Parallel(n));
             i += 1;
             continue;
         }
         if a.len() > 1 && a.starts_with('-') {
-            let flags: Vec<char> = a[1..].chars().collect();
-            let mut j = 0;
-            while j < flags.len() {
-                let c = flags[j];
-                if UNSUPPORTED.contains(c) {
-                    return Err(ArgsError::Unsupported(format!("-{c}")));
-                }
-                if WITH_VALUE.contains(c) {
-                    let rest: String = flags[j + 1..].iter().collect();
-                    let val = if !rest.is_empty() {
-                        rest
-                    } else {
-                        i += 1;
-                        args.get(i).cloned().ok_or(ArgsError::MissingValue(c))?
-                    };
-                    match c {
-                        'p' => {
-                            out.port =
-                                Some(val.parse().map_err(|_| ArgsError::BadPort(val.clone()))?)
-                        }
-                        'l' => out.user = Some(val),
-                        'o' => {
-                            if let Some(e) = unsupported_option(&val) {
-                                return Err(e);
-                            }
-                            forward_option(&mut out, &val);
-                            out.options.push(val)
-                        }
-                        'L' => out.local_forwards.push(val),
-                        'R' => out.remote_forwards.push(val),
-                        'D' => out.dynamic_forwards.push(val),
-                        'W' => out.stdio_forward = Some(val),
-                        _ => out.ignored.push(format!("-{c} {val}")),
-                    }
-                    break;
-                } else if NO_VALUE.contains(c) {
-                    match c {
-                        't' => tees += 1,
-                        'T' => out.tty = TtyChoice::Never,
-                        'n' => out.no_stdin = true,
-                        'q' => out.quiet = true,
-                        'G' => out.print_config = true,
-                        'N' => out.no_command = true,
-                        'A' => out.forward_agent = true,
-                        'f' => out.background = true,
-                        'a' => out.forward_agent = false,
-                        'g' => out.gateway_ports = true,
-                        _ => out.ignored.push(format!("-{c}")),
-                    }
-                    j += 1;
-                } else {
-                    return Err(ArgsError::Unknown(c));
-                }
-            }
+            i = scan_bundle(args, i, &mut flags)?;
             i += 1;
             continue;
         }
@@ -271,7 +408,108 @@ pub fn parse(args: &[String]) -> Result<SshArgs, ArgsError> {
         }
         break;
     }
-    let mut host = host.ok_or(ArgsError::NoHost)?;
+    Ok(Scanned {
+        flags,
+        host,
+        command: args[i.min(args.len())..].to_vec(),
+    })
+}
+
+/// One word of bundled single-letter flags (`-tt`, `-qX`, `-p2222`, `-o` then its value
+/// in the next word). Returns the index of the last word it used.
+fn scan_bundle(args: &[String], mut i: usize, flags: &mut Vec<Flag>) -> Result<usize, ArgsError> {
+    let letters: Vec<char> = args[i][1..].chars().collect();
+    for (j, &c) in letters.iter().enumerate() {
+        if UNSUPPORTED.contains(c) {
+            return Err(ArgsError::Unsupported(format!("-{c}")));
+        }
+        if WITH_VALUE.contains(c) {
+            let rest: String = letters[j + 1..].iter().collect();
+            let val = if !rest.is_empty() {
+                rest
+            } else {
+                i += 1;
+                args.get(i).cloned().ok_or(ArgsError::MissingValue(c))?
+            };
+            flags.push(valued_flag(c, val)?);
+            return Ok(i);
+        }
+        if !NO_VALUE.contains(c) {
+            return Err(ArgsError::Unknown(c));
+        }
+        flags.push(match c {
+            't' => Flag::Tty,
+            'T' => Flag::NoTty,
+            'n' => Flag::NoStdin,
+            'q' => Flag::Quiet,
+            'G' => Flag::PrintConfig,
+            'N' => Flag::NoCommand,
+            'A' => Flag::ForwardAgent(true),
+            'a' => Flag::ForwardAgent(false),
+            'f' => Flag::Background,
+            'g' => Flag::GatewayPorts,
+            'v' => Flag::Verbose,
+            _ => Flag::Ignored(format!("-{c}")),
+        });
+    }
+    Ok(i)
+}
+
+/// A flag of [`WITH_VALUE`] with its value, checked.
+fn valued_flag(c: char, val: String) -> Result<Flag, ArgsError> {
+    Ok(match c {
+        'p' => Flag::Port(val.parse().map_err(|_| ArgsError::BadPort(val.clone()))?),
+        'l' => Flag::User(val),
+        'o' => {
+            if let Some(e) = unsupported_option(&val) {
+                return Err(e);
+            }
+            Flag::Option(val)
+        }
+        'L' => Flag::LocalForward(val),
+        'R' => Flag::RemoteForward(val),
+        'D' => Flag::DynamicForward(val),
+        'W' => Flag::StdioForward(val),
+        'E' => Flag::LogFile(val),
+        // `-S ctl_path` is ControlPath: sharing a master connection malai does not have.
+        'S' if val != "none" => return Err(ArgsError::Unsupported("-S".into())),
+        _ => Flag::Ignored(format!("-{c} {val}")),
+    })
+}
+
+/// Stage two: what was read, resolved into [`SshArgs`] (`user@host` split, `-t`/`-T` and
+/// `RequestTTY` into one choice, the command words joined).
+fn build(scanned: Scanned) -> Result<SshArgs, ArgsError> {
+    let mut out = SshArgs::default();
+    let mut tees = 0;
+    for flag in scanned.flags {
+        match flag {
+            Flag::Parallel(n) => out.parallel = Some(n),
+            Flag::Port(p) => out.port = Some(p),
+            Flag::User(u) => out.user = Some(u),
+            Flag::Option(o) => {
+                forward_option(&mut out, &o);
+                out.options.push(o);
+            }
+            Flag::LocalForward(v) => out.local_forwards.push(v),
+            Flag::RemoteForward(v) => out.remote_forwards.push(v),
+            Flag::DynamicForward(v) => out.dynamic_forwards.push(v),
+            Flag::StdioForward(v) => out.stdio_forward = Some(v),
+            Flag::Tty => tees += 1,
+            Flag::NoTty => out.tty = TtyChoice::Never,
+            Flag::NoStdin => out.no_stdin = true,
+            Flag::Quiet => out.quiet = true,
+            Flag::PrintConfig => out.print_config = true,
+            Flag::NoCommand => out.no_command = true,
+            Flag::ForwardAgent(on) => out.forward_agent = on,
+            Flag::Background => out.background = true,
+            Flag::GatewayPorts => out.gateway_ports = true,
+            Flag::Verbose => out.verbose = out.verbose.saturating_add(1),
+            Flag::LogFile(f) => out.log_file = Some(f),
+            Flag::Ignored(f) => out.ignored.push(f),
+        }
+    }
+    let mut host = scanned.host.ok_or(ArgsError::NoHost)?;
     if let Some((user, h)) = host.split_once('@') {
         out.user.get_or_insert_with(|| user.to_string());
         host = h.to_string();
@@ -280,31 +518,38 @@ pub fn parse(args: &[String]) -> Result<SshArgs, ArgsError> {
         return Err(ArgsError::NoHost);
     }
     out.host = host;
-    if out.tty != TtyChoice::Never {
-        out.tty = match tees {
+    out.tty = tty_choice(out.tty, tees, &out.options);
+    if !scanned.command.is_empty() {
+        out.command = Some(scanned.command.join(" "));
+    }
+    Ok(out)
+}
+
+/// `-T` wins over any number of `-t`; a `RequestTTY` in `-o` (ssh_config spelling) wins
+/// over both.
+fn tty_choice(flags: TtyChoice, tees: usize, options: &[String]) -> TtyChoice {
+    let mut tty = if flags == TtyChoice::Never {
+        TtyChoice::Never
+    } else {
+        match tees {
             0 => TtyChoice::Auto,
             1 => TtyChoice::Want,
             _ => TtyChoice::Force,
-        };
-    }
-    // RequestTTY in -o, as ssh_config spells it.
-    for o in &out.options {
+        }
+    };
+    for o in options {
         if let Some((k, v)) = o.split_once(['=', ' '])
             && k.eq_ignore_ascii_case("RequestTTY")
         {
-            out.tty = match v.trim().to_ascii_lowercase().as_str() {
+            tty = match v.trim().to_ascii_lowercase().as_str() {
                 "no" => TtyChoice::Never,
                 "yes" => TtyChoice::Want,
                 "force" => TtyChoice::Force,
-                _ => out.tty,
+                _ => tty,
             };
         }
     }
-    let rest = &args[i.min(args.len())..];
-    if !rest.is_empty() {
-        out.command = Some(rest.join(" "));
-    }
-    Ok(out)
+    tty
 }
 
 #[cfg(test)]
@@ -500,5 +745,86 @@ mod tests {
             ])
             .is_ok()
         );
+    }
+
+    /// Issue 24: flags that used to be accepted and dropped are now honoured or refused.
+    #[test]
+    fn user_verbosity_log_file_and_control_path() {
+        let e = |s: &[&str]| parse(&s.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        // Every spelling of a user name reaches SshArgs (the server decides).
+        assert_eq!(p(&["nobody@foo"]).user.as_deref(), Some("nobody"));
+        assert_eq!(p(&["-l", "nobody", "foo"]).user.as_deref(), Some("nobody"));
+        assert_eq!(
+            p(&["-o", "User=nobody", "foo"]).user.as_deref(),
+            Some("nobody")
+        );
+        assert_eq!(
+            p(&["-o", "User nobody", "foo"]).user.as_deref(),
+            Some("nobody")
+        );
+        assert_eq!(p(&["foo"]).user, None);
+        // -l and -o User win over user@host, as the first name given does in ssh.
+        assert_eq!(p(&["-o", "User=a", "b@foo"]).user.as_deref(), Some("a"));
+        // -v counts, also bundled; -E names the log file.
+        assert_eq!(p(&["foo"]).verbose, 0);
+        assert_eq!(p(&["-v", "foo"]).verbose, 1);
+        assert_eq!(p(&["-vvv", "foo", "ls"]).verbose, 3);
+        let a = p(&["-E", "/tmp/x.log", "-v", "foo"]);
+        assert_eq!(a.log_file.as_deref(), Some("/tmp/x.log"));
+        assert_eq!(p(&["-E/tmp/y", "foo"]).log_file.as_deref(), Some("/tmp/y"));
+        // -S is a control socket: refused, except its off value.
+        assert_eq!(
+            e(&["-S", "/tmp/ctl", "foo"]),
+            Err(ArgsError::Unsupported("-S".into()))
+        );
+        assert_eq!(
+            e(&["-o", "ControlPath=/tmp/ctl", "foo"]),
+            Err(ArgsError::Unsupported("-o ControlPath=/tmp/ctl".into()))
+        );
+        assert!(e(&["-S", "none", "foo"]).is_ok());
+        assert!(e(&["-o", "ControlPath=none", "foo"]).is_ok());
+    }
+
+    /// An `-o` keyword OpenSSH does not know is an error naming it; every keyword it knows
+    /// (any case) is not.
+    #[test]
+    fn unknown_ssh_options_are_errors() {
+        let e = |s: &[&str]| parse(&s.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let err = e(&["-o", "Bogus=1", "foo"]).unwrap_err();
+        assert_eq!(
+            err,
+            ArgsError::UnknownOption {
+                option: "Bogus=1".into(),
+                keyword: "Bogus".into()
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "-o Bogus=1: unknown ssh option \"Bogus\" (see ssh_config(5))"
+        );
+        assert!(matches!(
+            e(&["-oBogus yes", "foo"]),
+            Err(ArgsError::UnknownOption { .. })
+        ));
+        for o in ["Host=x", "Match=all", "Include=/etc/x"] {
+            assert!(e(&["-o", o, "foo"]).is_err(), "{o}");
+        }
+        for o in [
+            "SendEnv=GIT_PROTOCOL",
+            "batchmode=yes",
+            "IDENTITIESONLY yes",
+            "LogLevel=INFO",
+            "UserKnownHostsFile=/dev/null",
+            "ServerAliveInterval=5",
+        ] {
+            assert!(e(&["-o", o, "foo"]).is_ok(), "{o}");
+        }
+        assert!(
+            SSH_OPTIONS.windows(2).all(|w| w[0] < w[1]),
+            "sorted, no duplicates"
+        );
+        for (name, _) in UNSUPPORTED_OPTIONS {
+            assert!(SSH_OPTIONS.contains(name), "{name}");
+        }
     }
 }

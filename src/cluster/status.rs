@@ -18,6 +18,7 @@ use crate::id52::Id52;
 use crate::protocol::config::{HashQuery, short_hash};
 use crate::sync;
 use crate::sync::manager::{Source, load_state, unix_now};
+use crate::table::Table;
 
 /// How long one member may take to answer before it counts as offline.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -153,15 +154,15 @@ pub async fn status(dirs: &Dirs, cluster: Option<&str>) -> Result<Status, Cluste
 
 /// The report as a table for people.
 pub fn render(s: &Status, now: u64) -> String {
-    let mut rows = vec![[
-        "NAME".to_string(),
-        "KIND".into(),
-        "ID52".into(),
-        "STATE".into(),
-        "SYNC".into(),
-        "LAST SEEN".into(),
-        "LATENCY".into(),
-    ]];
+    let mut table = Table::new([
+        "NAME",
+        "KIND",
+        "ID52",
+        "STATE",
+        "SYNC",
+        "LAST SEEN",
+        "LATENCY",
+    ]);
     for m in &s.members {
         let state = match m.online {
             Some(true) => "online",
@@ -181,7 +182,7 @@ pub fn render(s: &Status, now: u64) -> String {
             .latency_ms
             .map(|l| format!("{l} ms"))
             .unwrap_or_else(|| "-".into());
-        rows.push([
+        table.row([
             m.name.clone(),
             m.kind.to_string(),
             m.id52.short(),
@@ -191,28 +192,13 @@ pub fn render(s: &Status, now: u64) -> String {
             latency,
         ]);
     }
-    let mut widths = [0usize; 7];
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = format!(
-        "cluster {} (manager {}), file {}\n",
+    format!(
+        "cluster {} (manager {}), file {}\n{}",
         s.cluster,
         s.manager.short(),
-        short_hash(&s.hash)
-    );
-    for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+        short_hash(&s.hash),
+        table.render()
+    )
 }
 
 fn ago(secs: u64) -> String {

@@ -7,7 +7,8 @@
 
 use toml_edit::{Array, DocumentMut, Item, Table, Value};
 
-use super::parse::{ConfigError, check_name};
+use super::ConfigError;
+use super::checks::check_name;
 use super::{ClusterConfig, MemberKind};
 use crate::id52::Id52;
 

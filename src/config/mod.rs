@@ -6,20 +6,24 @@
 //! table and key (`server.foo.allow-from: unknown name "alce"`). Nothing here does IO except
 //! `paths` and `store`; the ACL (`crate::acl`) works on the resolved structure.
 
+mod checks;
 pub mod edit;
+mod error;
 pub mod names;
 pub mod parse;
 pub mod paths;
+mod resolve;
 pub mod ssh_via;
 pub mod store;
+mod tables;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use crate::id52::Id52;
 
+pub use error::ConfigError;
 pub use names::{ResolveError, Target};
-pub use parse::ConfigError;
 
 /// File name of a cluster's file inside `clusters/<alias>/`.
 pub const CLUSTER_FILE: &str = "cluster-manager.toml";

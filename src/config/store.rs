@@ -7,6 +7,11 @@
 //! - the key reference (see `crate::keys`).
 //!
 //! All writes are atomic (temp file in the same folder, fsync, rename).
+//!
+//! The folders are private (issue 19, finding 8): a server hot-reloads the cluster file, so
+//! whoever can replace it owns the ACL. New folders are made 0700 whatever the umask, and a
+//! cluster file is not read while it, its folder, or `clusters/`, `ssh/` and `DATADIR`
+//! above it can be written by group or others, or belong to another user (root excepted).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -46,6 +51,43 @@ pub enum StoreError {
     BadManagerId { path: PathBuf, msg: String },
     #[error("invalid cluster alias {0:?}: use letters, digits, '.', '-' and '_' only")]
     BadAlias(String),
+    #[error("{path} {why}; refusing to read the cluster file through it. Fix: {fix}")]
+    Unsafe {
+        path: PathBuf,
+        why: String,
+        fix: String,
+    },
+}
+
+/// Refuse `path` if another local user could replace what is in (or at) it: writable by
+/// group or others, or owned by someone other than us or root.
+fn check_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    let shown = path.display();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(StoreError::Unsafe {
+            path: path.to_path_buf(),
+            why: format!("belongs to uid {}, not to this user", meta.uid()),
+            fix: format!("chown {me} {shown}"),
+        });
+    }
+    let mode = meta.mode() & 0o7777;
+    // A root-owned sticky folder (/tmp) lets nobody replace another user's entries.
+    let sticky = meta.is_dir() && mode & 0o1000 != 0 && meta.uid() == 0;
+    if mode & 0o022 != 0 && !sticky {
+        return Err(StoreError::Unsafe {
+            path: path.to_path_buf(),
+            why: format!("can be written by group or others (mode {mode:o})"),
+            fix: format!("chmod go-w {shown}"),
+        });
+    }
+    Ok(())
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -128,8 +170,24 @@ impl ClusterDir {
         Ok(cd)
     }
 
+    /// Make the folder (and `DATADIR/ssh/clusters` above it) 0700, whatever the umask.
     pub fn create(&self) -> Result<(), StoreError> {
-        std::fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(io_err(&self.dir))
+    }
+
+    /// [`check_private`] on the file, its folder and the three folders above
+    /// (`clusters/`, `ssh/`, `DATADIR`).
+    fn check_private_chain(&self) -> Result<(), StoreError> {
+        check_private(&self.file_path())?;
+        for dir in self.dir.ancestors().take(4) {
+            check_private(dir)?;
+        }
+        Ok(())
     }
 
     pub fn file_path(&self) -> PathBuf {
@@ -152,8 +210,9 @@ impl ClusterDir {
         }
     }
 
-    /// Read and validate the cluster file.
+    /// Read and validate the cluster file (refused while others could replace it).
     pub fn load(&self) -> Result<ClusterConfig, StoreError> {
+        self.check_private_chain()?;
         let text = self.read_text()?;
         ClusterConfig::parse(&text).map_err(|source| StoreError::Invalid {
             path: self.file_path(),
@@ -238,4 +297,76 @@ pub fn list_clusters(dirs: &Dirs) -> Result<Vec<ClusterDir>, StoreError> {
     }
     out.sort_by(|a, b| a.alias.cmp(&b.alias));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn cluster(root: &Path) -> ClusterDir {
+        let dir = root.join("data/ssh/clusters/acme");
+        ClusterDir {
+            alias: "acme".into(),
+            dir,
+        }
+    }
+
+    fn minimal() -> String {
+        let id = Id52::from_bytes([7; 32]);
+        format!("[cluster-manager]\nid52 = \"{id}\"\n")
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn new_folders_are_private_whatever_the_umask_leaves() {
+        let root = tempfile::tempdir().unwrap();
+        let cd = cluster(root.path());
+        cd.create().unwrap();
+        for d in cd.dir.ancestors().take(4) {
+            assert_eq!(mode(d), 0o700, "{}", d.display());
+        }
+    }
+
+    #[test]
+    fn a_folder_others_can_write_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let cd = cluster(root.path());
+        cd.create().unwrap();
+        cd.save_text(&minimal()).unwrap();
+        // Allowed twin: private folders, a 0644 file.
+        cd.load().unwrap();
+        for (i, p) in [cd.dir.clone(), cd.file_path(), root.path().join("data")]
+            .iter()
+            .enumerate()
+        {
+            let old = mode(p);
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+            let err = cd.load().expect_err("a world-writable path was trusted");
+            assert!(err.to_string().contains("chmod go-w"), "{i}: {err}");
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(old)).unwrap();
+        }
+        cd.load().unwrap();
+    }
+
+    #[test]
+    fn a_file_of_another_user_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let cd = cluster(root.path());
+        cd.create().unwrap();
+        cd.save_text(&minimal()).unwrap();
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let nobody = nix::unistd::Uid::from_raw(65534);
+        nix::unistd::chown(&cd.file_path(), Some(nobody), None).unwrap();
+        let err = cd.load().expect_err("another user's file was trusted");
+        assert!(err.to_string().contains("uid 65534"), "{err}");
+        nix::unistd::chown(&cd.file_path(), Some(nix::unistd::geteuid()), None).unwrap();
+        cd.load().unwrap();
+    }
 }

@@ -89,9 +89,16 @@ impl ControlClient {
                         source,
                     },
                 })?;
-            protocol::write(&mut sock, &ToHolder::Hello { version: VERSION })
-                .await
-                .map_err(control)?;
+            let token = super::token::read(path);
+            protocol::write(
+                &mut sock,
+                &ToHolder::Hello {
+                    version: VERSION,
+                    token,
+                },
+            )
+            .await
+            .map_err(control)?;
             match protocol::read::<_, FromHolder>(&mut sock)
                 .await
                 .map_err(control)?

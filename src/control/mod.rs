@@ -11,6 +11,7 @@
 pub mod client;
 pub mod lock;
 pub mod protocol;
+pub mod token;
 
 use std::path::{Path, PathBuf};
 

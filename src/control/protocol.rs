@@ -25,7 +25,9 @@
 //!    - The client closing the socket early (it was killed) makes the agent abandon the
 //!      request at once, like a direct connection that drops.
 //! 3. The agent checks the peer's uid (`SO_PEERCRED`) before reading anything: only the
-//!    user who owns the agent may use it (its keys are that user's keys).
+//!    user who owns the agent may use it (its keys are that user's keys). And the hello
+//!    must carry the holder's token (`control::token`, read from `<socket>.token`): the
+//!    same uid reached through sshd's socket forwarding has no file to read it from.
 
 use std::os::fd::OwnedFd;
 
@@ -55,6 +57,10 @@ pub const MAX_FDS: usize = fdpass::MAX_FDS;
 pub enum ToHolder {
     Hello {
         version: u32,
+        /// The holder's token (`control::token`): without the right one the holder still
+        /// answers this hello (so versions are recognised) but serves no request.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     /// Counters and connections, for `malai ssh agent status` and tests.
     Status,
@@ -68,10 +74,7 @@ pub enum ToHolder {
         stdin: bool,
     },
     /// The client's terminal changed size (exec with a pty).
-    Window {
-        cols: u16,
-        rows: u16,
-    },
+    Window { cols: u16, rows: u16 },
     /// End the tunnel's upload now, cleanly (OpenSSH sends its ProxyCommand SIGHUP as soon
     /// as the session is over, often before stdin reached EOF).
     Finish,
@@ -87,9 +90,7 @@ pub enum ToHolder {
         request: crate::protocol::Request,
     },
     /// Give up the key of `cluster` (the server is starting and will hold it).
-    Release {
-        cluster: String,
-    },
+    Release { cluster: String },
 }
 
 /// What an `open` asks the server for.
@@ -383,7 +384,10 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip_with_and_without_fds() {
         let (mut a_r, b) = UnixStream::pair().unwrap();
-        let hello = ToHolder::Hello { version: VERSION };
+        let hello = ToHolder::Hello {
+            version: VERSION,
+            token: Some("t".into()),
+        };
         write(&mut a_r, &hello).await.unwrap();
         let (r, w) = std::io::pipe().unwrap();
         let open = ToHolder::Open {
@@ -416,8 +420,21 @@ mod tests {
 
     #[tokio::test]
     async fn hello_wire_form_is_frozen() {
-        let bytes = encode(&ToHolder::Hello { version: 7 }).unwrap();
+        let bytes = encode(&ToHolder::Hello {
+            version: 7,
+            token: None,
+        })
+        .unwrap();
         assert_eq!(&bytes[4..], br#"{"hello":{"version":7}}"#);
+        // An older CLI's hello (no token) still parses: it is answered, then refused.
+        let old: ToHolder = decode(br#"{"hello":{"version":2}}"#).unwrap();
+        assert_eq!(
+            old,
+            ToHolder::Hello {
+                version: 2,
+                token: None
+            }
+        );
         let reply: FromHolder = decode(br#"{"hello":{"version":9,"pid":12,"http":null}}"#).unwrap();
         assert_eq!(
             reply,

@@ -511,9 +511,23 @@ impl Pool {
         {
             return Ok((l.conn.clone(), l.generation, true));
         }
-        let conn = tokio::time::timeout(DIAL_TIMEOUT, node.connect(&peer, hints))
-            .await
-            .map_err(|_| SessionError::Timeout("connecting"))??;
+        // The dial names the cluster's relays when they are why it fails (session::connect).
+        let net = crate::config::store::ClusterDir::open(&self.dirs, &slot.cluster)
+            .ok()
+            .and_then(|d| crate::session::own::net_config_of(&d).ok());
+        let conn = match net {
+            Some(net) => {
+                let target = crate::session::connect::DialTarget {
+                    peer,
+                    name: &slot.server,
+                    hints,
+                };
+                crate::session::connect::dial_server(node, target, &net).await?
+            }
+            None => tokio::time::timeout(DIAL_TIMEOUT, node.connect(&peer, hints))
+                .await
+                .map_err(|_| SessionError::Timeout("connecting"))??,
+        };
         let generation = self.counters.generations.fetch_add(1, Ordering::Relaxed);
         self.counters.dials.fetch_add(1, Ordering::Relaxed);
         tracing::info!(cluster = %slot.cluster, server = %slot.server, "dialed");

@@ -48,6 +48,8 @@ pub struct HolderContext {
     pub stoppable: bool,
     /// The server's accepted connections, listed by `status` beside the pool's.
     pub inbound: Option<Arc<crate::keyholder::inbound::Inbound>>,
+    /// What a caller's hello must carry (`control::token`) before any request is served.
+    pub token: String,
 }
 
 impl HolderContext {
@@ -113,12 +115,20 @@ pub async fn connection(ctx: Arc<HolderContext>, mut sock: UnixStream) {
     let mut reader = FrameReader::new();
     let first = tokio::time::timeout(HELLO_TIMEOUT, reader.next::<ToHolder>(&sock)).await;
     match first {
-        Ok(Ok((ToHolder::Hello { version }, _))) => {
+        Ok(Ok((ToHolder::Hello { version, token }, _))) => {
             if protocol::write(&mut sock, &FromHolder::Hello(ctx.hello()))
                 .await
                 .is_err()
                 || version != VERSION
             {
+                return;
+            }
+            if !crate::control::token::matches(&ctx.token, token.as_deref()) {
+                // The same uid, but not a malai process of ours (e.g. sshd forwarding the
+                // socket for a key without `restrict`): nothing beyond the hello.
+                tracing::warn!("control connection without this holder's token; refused");
+                let msg = "this socket's token was not presented; refused";
+                let _ = reply_failed(&mut sock, FailKind::BadRequest, msg.into()).await;
                 return;
             }
         }

@@ -16,6 +16,11 @@ pub struct ExecRequest {
     pub env: Vec<(String, String)>,
     #[serde(default)]
     pub pty: Option<PtyRequest>,
+    /// The user the client named (`-l`, `user@host`, `-o User=`), if any. The server runs
+    /// commands only as itself, so it refuses any other name rather than ignore it. Left
+    /// out of the frame when unset, so older servers see the header they know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -375,6 +375,13 @@ mod tests {
                     cols: 80,
                     rows: 24,
                 }),
+                user: None,
+            }),
+            Request::Exec(exec::ExecRequest {
+                command: None,
+                env: vec![],
+                pty: None,
+                user: Some("nobody".into()),
             }),
         ];
         for request in reqs {

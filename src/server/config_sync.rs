@@ -25,6 +25,13 @@ use crate::sync::member::{self, Applied};
 /// How long the body frame may take after `accept` (a 1 MiB file over a slow path).
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Why a pushed file was not applied, and the hash of the file kept instead (so the
+/// manager learns what this member still has).
+struct Refusal {
+    reason: String,
+    kept: Option<String>,
+}
+
 /// `config-push`: accept, read the file, apply it (or refuse and keep the old one), ack.
 pub async fn serve_push<R, W>(ctx: &Context, hash: String, r: &mut R, w: &mut W) -> bool
 where
@@ -58,16 +65,19 @@ where
         let applied = tokio::task::spawn_blocking(move || {
             match member::apply(&cd, &file.text, Some(&hash), &peer) {
                 Ok(a) => Ok(a),
-                Err(e) => Err((e.to_string(), member::current_hash(&cd))),
+                Err(e) => Err(Refusal {
+                    reason: e.to_string(),
+                    kept: member::current_hash(&cd),
+                }),
             }
         })
         .await;
         match applied {
             Ok(Ok(Applied::Replaced(hash))) => PushAck::Applied { hash },
             Ok(Ok(Applied::Unchanged(hash))) => PushAck::Unchanged { hash },
-            Ok(Err((reason, hash))) => {
+            Ok(Err(Refusal { reason, kept })) => {
                 tracing::warn!(%peer, %cluster, %reason, "refused a pushed cluster file; keeping the old one");
-                PushAck::Refused { reason, hash }
+                PushAck::Refused { reason, hash: kept }
             }
             Err(e) => PushAck::Refused {
                 reason: format!("internal error: {e}"),

@@ -43,28 +43,28 @@ use std::time::Duration;
 use russh::keys::ssh_key::private::Ed25519Keypair;
 use russh::keys::ssh_key::public::Ed25519PublicKey;
 use russh::keys::{PrivateKey, PublicKey};
-use russh::server::{Auth, Handle, Msg, Session};
+use russh::server::{Auth, Msg, Session};
 use russh::{Channel, ChannelId, MethodKind, MethodSet, Pty, Sig, SshId};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::ClusterState;
 use super::embedded_forward::{self as fwd, Listener, Target};
+use super::embedded_holdings::{Asked, ChannelKind, Holding, Holdings, Slot};
+use super::embedded_relay::{Input, Stops, clamp16, refuse, relay, sig_name};
 use super::forward::{self, Asker};
-use super::process::{self, ChildControl, ChildInput, ChildOutput, Program, Running, SpawnSpec};
+use super::process::{self, ChildControl, Program, SpawnSpec};
 use super::request::reply;
 use crate::acl::{self, Decision, ForwardKind, Grant};
 use crate::id52::Id52;
 use crate::keys::{self, SecretKey};
 use crate::protocol::Response;
-use crate::protocol::exec::{ExitStatus, PtyRequest};
+use crate::protocol::exec::PtyRequest;
 use crate::transport::pump;
 
 /// Input messages queued per channel: 512 × ≤32 KiB packets ≈ 16 MiB at most in memory.
 const INPUT_QUEUE: usize = 512;
-/// Child output read size; russh splits it into packets.
-const OUTPUT_BUF: usize = 64 * 1024;
 /// After the byte stream ends, how long the SSH session may take to wind down.
 const WIND_DOWN: Duration = Duration::from_secs(5);
 /// Where OpenSSH's `sftp-server` lives on the common systems (Debian/Ubuntu, Fedora/RHEL,
@@ -144,10 +144,11 @@ where
         return false;
     }
     let peer = ctx.peer;
+    let holdings = Holdings::new(ctx.state.clone(), ctx.server.clone(), peer, ctx.transport);
     // russh wants an owned `'static` stream; ours is borrowed, so an in-memory pipe sits
     // between them (one memcpy, cheap next to the crypto).
     let (ours, theirs) = tokio::io::duplex(pump::PUMP_BUF);
-    let handler = SshHandler::new(Arc::new(ctx));
+    let handler = SshHandler::new(Arc::new(ctx), holdings.clone());
     let ssh = tokio::spawn(async move {
         match russh::server::run_stream(Arc::new(config(key)), theirs, handler).await {
             Ok(session) => session.await,
@@ -155,7 +156,11 @@ where
         }
     });
     let (mut or, mut ow) = tokio::io::split(ours);
-    let pumped = pump::both_ways(r, &mut ow, &mut or, w).await;
+    // While bytes flow, every channel and forward is re-decided on each reload.
+    let pumped = tokio::select! {
+        p = pump::both_ways(r, &mut ow, &mut or, w) => p,
+        _ = holdings.watch() => unreachable!("the watcher never returns"),
+    };
     // Our end gone = EOF for russh, so the session ends even if the pump failed.
     drop((or, ow));
     let ended = tokio::time::timeout(WIND_DOWN, ssh).await;
@@ -171,14 +176,16 @@ where
     pumped.is_ok()
 }
 
-/// Client → child input for one channel.
-enum Input {
-    Data(Vec<u8>),
-    Eof,
-}
-
 /// One session channel's state, kept by the handler.
 struct ChannelState {
+    /// Its place under the channel caps.
+    _slot: Slot,
+    /// What it runs, kept for revocation's re-checks (`None` until something runs).
+    hold: Option<Holding>,
+    /// The forwarded agent's grant, kept the same way.
+    agent_hold: Option<Holding>,
+    /// Cancelled when what runs is revoked (which also cancels `stop`).
+    revoked: CancellationToken,
     pty: Option<PtyRequest>,
     env: Vec<(String, String)>,
     /// Client data for the child; `None` after the client's EOF.
@@ -187,22 +194,28 @@ struct ChannelState {
     input_rx: Option<mpsc::Receiver<Input>>,
     /// Set once a child runs: window changes and signals.
     control: Option<ChildControl>,
-    /// Cancelled when the channel closes or the connection drops: the child is hung up.
+    /// Cancelled when the channel closes, the connection drops or `revoked`: the child is
+    /// hung up.
     stop: CancellationToken,
     /// `SSH_AUTH_SOCK` for the child, after an allowed `auth-agent-req@openssh.com`.
     agent: Option<String>,
 }
 
 impl ChannelState {
-    fn new() -> ChannelState {
+    fn new(slot: Slot) -> ChannelState {
         let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+        let revoked = CancellationToken::new();
         ChannelState {
+            _slot: slot,
+            hold: None,
+            agent_hold: None,
+            stop: revoked.child_token(),
+            revoked,
             pty: None,
             env: vec![],
             input: Some(tx),
             input_rx: Some(rx),
             control: None,
-            stop: CancellationToken::new(),
             agent: None,
         }
     }
@@ -221,18 +234,21 @@ enum Want {
 
 struct SshHandler {
     ctx: Arc<EmbeddedContext>,
+    /// Channel slots and the grants revocation re-checks.
+    holdings: Arc<Holdings>,
     user: String,
     channels: HashMap<ChannelId, ChannelState>,
-    /// Remote forwards (`tcp:addr:port` / `unix:path`) → their listener's stop.
-    remote: HashMap<String, CancellationToken>,
+    /// Remote forwards (`tcp:addr:port` / `unix:path`) → their listener's stop and grant.
+    remote: HashMap<String, (CancellationToken, Holding)>,
     /// Cancelled when the connection goes: ends every forward it started.
     conn_stop: CancellationToken,
 }
 
 impl SshHandler {
-    fn new(ctx: Arc<EmbeddedContext>) -> SshHandler {
+    fn new(ctx: Arc<EmbeddedContext>, holdings: Arc<Holdings>) -> SshHandler {
         SshHandler {
             ctx,
+            holdings,
             user: String::new(),
             channels: HashMap::new(),
             remote: HashMap::new(),
@@ -252,10 +268,50 @@ impl SshHandler {
     }
 
     /// Bind a remote forward's listener and start serving it, after the ACL said yes.
-    fn start_remote(&mut self, key: String, listener: Listener, session: &mut Session) {
+    fn start_remote(
+        &mut self,
+        key: String,
+        kind: ForwardKind,
+        listener: Listener,
+        session: &mut Session,
+    ) {
         let stop = self.conn_stop.child_token();
-        self.remote.insert(key, stop.clone());
+        let hold = self.holdings.hold(Asked::Forward(kind), stop.clone());
+        self.remote.insert(key, (stop.clone(), hold));
         tokio::spawn(fwd::serve_remote(session.handle(), listener, stop));
+    }
+
+    /// A slot for a channel the peer opens, or the refusal to send.
+    fn channel_slot(&self, kind: ChannelKind) -> Result<Slot, russh::ChannelOpenFailure> {
+        self.holdings.slot(kind).map_err(|reason| {
+            tracing::info!(peer = %self.ctx.peer, reason, "embedded ssh: channel refused");
+            // 4: SSH_OPEN_RESOURCE_SHORTAGE, with malai's reason for the user.
+            russh::ChannelOpenFailure::Other {
+                code: 4,
+                reason: format!("malai: {reason}"),
+            }
+        })
+    }
+
+    /// A `direct-tcpip` / `direct-streamlocal` channel the ACL allowed: take a slot, keep
+    /// the grant for re-checks, connect and splice in a task that owns both.
+    async fn open_local(
+        &self,
+        channel: Channel<Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        kind: ForwardKind,
+        target: Target,
+    ) {
+        let slot = match self.channel_slot(ChannelKind::Forward) {
+            Ok(s) => s,
+            Err(refusal) => return reply.reject(refusal).await,
+        };
+        let stop = self.conn_stop.child_token();
+        let hold = self.holdings.hold(Asked::Forward(kind), stop.clone());
+        tokio::spawn(async move {
+            let _kept = (slot, hold);
+            fwd::open_local(channel, reply, target, stop).await
+        });
     }
 
     fn note_user(&mut self, user: &str, method: &str) {
@@ -309,11 +365,14 @@ impl SshHandler {
             Want::Shell => "(login shell)".into(),
             Want::Sftp => "(sftp subsystem)".into(),
         };
+        // The tracing log names only the program (docs/security.md); whole command lines,
+        // which may hold anything, belong in the 0600 audit log.
+        let logged = what.split(' ').next().unwrap_or_default();
         let peer = self.ctx.peer;
         let (program, refusal) = match self.decide(&want) {
             Ok(p) => (Some(p), None),
             Err(reason) => {
-                tracing::warn!(%peer, user = %self.user, command = %what, %reason, "embedded ssh: refused");
+                tracing::warn!(%peer, user = %self.user, program = %logged, %reason, "embedded ssh: refused");
                 (None, Some((format!("malai: {reason}"), EXIT_NOT_ALLOWED)))
             }
         };
@@ -327,10 +386,21 @@ impl SshHandler {
         let newline = if pty.is_some() { "\r\n" } else { "\n" };
         let handle = session.handle();
         let input_rx = st.input_rx.take();
-        let stop = st.stop.clone();
+        let stops = Stops {
+            stop: st.stop.clone(),
+            revoked: st.revoked.clone(),
+        };
         let child = match program {
             None => None,
             Some(program) => {
+                let asked = Asked::Exec {
+                    command: match &want {
+                        Want::Exec(c) => Some(c.clone()),
+                        Want::Shell | Want::Sftp => None,
+                    },
+                    ran: program.clone(),
+                };
+                st.hold = Some(self.holdings.hold(asked, st.revoked.clone()));
                 let spec = SpawnSpec {
                     program,
                     env: st.env.clone(),
@@ -342,7 +412,7 @@ impl SshHandler {
                     Ok(c) => Some(c),
                     Err(e) => {
                         let msg = format!("malai: cannot run {what}: {e}");
-                        tracing::info!(%peer, error = %e, command = %what, "embedded ssh: spawn failed");
+                        tracing::info!(%peer, error = %e, program = %logged, "embedded ssh: spawn failed");
                         return {
                             session.channel_success(channel)?;
                             tokio::spawn(refuse(handle, channel, msg + newline, EXIT_CANNOT_RUN));
@@ -355,9 +425,9 @@ impl SshHandler {
         session.channel_success(channel)?;
         match (child, refusal, input_rx) {
             (Some(child), _, Some(rx)) => {
-                tracing::info!(%peer, user = %self.user, command = %what, pid = child.pid(), transport = self.ctx.transport, "embedded ssh: started");
+                tracing::info!(%peer, user = %self.user, program = %logged, pid = child.pid(), transport = self.ctx.transport, "embedded ssh: started");
                 st.control = Some(child.control());
-                tokio::spawn(relay(handle, channel, child, rx, stop));
+                tokio::spawn(relay(handle, channel, child, rx, stops));
             }
             (_, Some((msg, code)), _) => {
                 tokio::spawn(refuse(handle, channel, msg + newline, code));
@@ -389,32 +459,6 @@ fn sftp_server() -> Option<String> {
         .map(|p| p.to_string())
 }
 
-fn sig_name(sig: &Sig) -> &str {
-    match sig {
-        Sig::ABRT => "ABRT",
-        Sig::ALRM => "ALRM",
-        Sig::FPE => "FPE",
-        Sig::HUP => "HUP",
-        Sig::ILL => "ILL",
-        Sig::INT => "INT",
-        Sig::KILL => "KILL",
-        Sig::PIPE => "PIPE",
-        Sig::QUIT => "QUIT",
-        Sig::SEGV => "SEGV",
-        Sig::TERM => "TERM",
-        Sig::USR1 => "USR1",
-        Sig::Custom(s) => s,
-    }
-}
-
-fn clamp16(v: u32, default: u16) -> u16 {
-    match u16::try_from(v) {
-        Ok(0) => default,
-        Ok(v) => v,
-        Err(_) => u16::MAX,
-    }
-}
-
 impl russh::server::Handler for SshHandler {
     type Error = russh::Error;
 
@@ -442,7 +486,14 @@ impl russh::server::Handler for SshHandler {
         // message queue is dropped so russh never waits on it.
         let id = channel.id();
         drop(channel);
-        self.channels.insert(id, ChannelState::new());
+        let slot = match self.channel_slot(ChannelKind::Session) {
+            Ok(s) => s,
+            Err(refusal) => {
+                reply.reject(refusal).await;
+                return Ok(());
+            }
+        };
+        self.channels.insert(id, ChannelState::new(slot));
         reply.accept().await;
         Ok(())
     }
@@ -470,13 +521,8 @@ impl russh::server::Handler for SshHandler {
             reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
             return Ok(());
         };
-        let stop = self.conn_stop.child_token();
-        tokio::spawn(fwd::open_local(
-            channel,
-            reply,
-            Target::Tcp(host, port),
-            stop,
-        ));
+        self.open_local(channel, reply, ForwardKind::Local, Target::Tcp(host, port))
+            .await;
         Ok(())
     }
 
@@ -495,8 +541,8 @@ impl russh::server::Handler for SshHandler {
             reply.reject(fwd::prohibited(&reason)).await;
             return Ok(());
         }
-        let stop = self.conn_stop.child_token();
-        tokio::spawn(fwd::open_local(channel, reply, Target::Unix(path), stop));
+        self.open_local(channel, reply, ForwardKind::LocalUnix, Target::Unix(path))
+            .await;
         Ok(())
     }
 
@@ -525,6 +571,7 @@ impl russh::server::Handler for SshHandler {
                 let key = format!("tcp:{address}:{got}");
                 self.start_remote(
                     key,
+                    ForwardKind::Remote,
                     Listener::Tcp(listener, address, u32::from(got)),
                     session,
                 );
@@ -544,7 +591,7 @@ impl russh::server::Handler for SshHandler {
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
         match self.remote.remove(&format!("tcp:{address}:{port}")) {
-            Some(stop) => {
+            Some((stop, _hold)) => {
                 stop.cancel();
                 Ok(true)
             }
@@ -571,7 +618,12 @@ impl russh::server::Handler for SshHandler {
             Ok(listener) => {
                 tracing::info!(peer = %self.ctx.peer, %path, "embedded ssh: remote unix forward listening");
                 let key = format!("unix:{path}");
-                self.start_remote(key, Listener::Unix(listener, path), session);
+                self.start_remote(
+                    key,
+                    ForwardKind::RemoteUnix,
+                    Listener::Unix(listener, path),
+                    session,
+                );
                 Ok(true)
             }
             Err(e) => {
@@ -587,7 +639,7 @@ impl russh::server::Handler for SshHandler {
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
         match self.remote.remove(&format!("unix:{socket_path}")) {
-            Some(stop) => {
+            Some((stop, _hold)) => {
                 stop.cancel();
                 Ok(true)
             }
@@ -618,7 +670,12 @@ impl russh::server::Handler for SshHandler {
             return Ok(false);
         };
         st.agent = Some(fwd::agent_path(&sock).display().to_string());
-        tokio::spawn(fwd::serve_agent(session.handle(), sock, st.stop.clone()));
+        let stop = st.stop.child_token();
+        st.agent_hold = Some(
+            self.holdings
+                .hold(Asked::Forward(ForwardKind::Agent), stop.clone()),
+        );
+        tokio::spawn(fwd::serve_agent(session.handle(), sock, stop));
         Ok(true)
     }
 
@@ -779,137 +836,6 @@ impl russh::server::Handler for SshHandler {
     }
 }
 
-/// Report a refusal the way a failed command would: stderr line, exit status, EOF, close.
-async fn refuse(handle: Handle, channel: ChannelId, msg: String, code: u32) {
-    let _ = handle.extended_data(channel, 1, msg.into_bytes()).await;
-    let _ = handle.exit_status_request(channel, code).await;
-    let _ = handle.eof(channel).await;
-    let _ = handle.close(channel).await;
-}
-
-/// Move bytes between a channel and its child until the child's output ends, then send
-/// EOF, the exit status and close. `stop` (channel closed, connection gone) hangs it up.
-async fn relay(
-    handle: Handle,
-    channel: ChannelId,
-    mut child: Running,
-    mut input: mpsc::Receiver<Input>,
-    stop: CancellationToken,
-) {
-    let stdin = std::mem::replace(&mut child.stdin, ChildInput::None);
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    let finished = {
-        let output = relay_output(&handle, channel, stdout, stderr);
-        let feed = relay_input(&mut input, stdin);
-        tokio::pin!(output, feed);
-        let mut feed_done = false;
-        loop {
-            tokio::select! {
-                ok = &mut output => break ok,
-                _ = &mut feed, if !feed_done => feed_done = true,
-                _ = stop.cancelled() => break false,
-            }
-        }
-    };
-    if !finished {
-        tracing::info!(pid = child.pid(), "embedded ssh: channel gone; hanging up");
-        child.hang_up().await;
-        return;
-    }
-    let status = tokio::select! {
-        st = child.wait() => st,
-        _ = stop.cancelled() => {
-            child.hang_up().await;
-            return;
-        }
-    };
-    tracing::info!(pid = child.pid(), ?status, "embedded ssh: finished");
-    let _ = handle.eof(channel).await;
-    match status {
-        ExitStatus::Code(c) => {
-            let _ = handle.exit_status_request(channel, c as u32).await;
-        }
-        ExitStatus::Signal(name) => {
-            let _ = handle
-                .exit_signal_request(
-                    channel,
-                    Sig::Custom(name),
-                    false,
-                    String::new(),
-                    String::new(),
-                )
-                .await;
-        }
-    }
-    let _ = handle.close(channel).await;
-}
-
-/// Child stdout → channel data, stderr → extended data 1. `false` if the channel is gone.
-async fn relay_output(
-    handle: &Handle,
-    channel: ChannelId,
-    mut stdout: Option<ChildOutput>,
-    mut stderr: Option<ChildOutput>,
-) -> bool {
-    let mut b1 = vec![0u8; OUTPUT_BUF];
-    let mut b2 = vec![0u8; OUTPUT_BUF];
-    while stdout.is_some() || stderr.is_some() {
-        tokio::select! {
-            n = read_opt(&mut stdout, &mut b1), if stdout.is_some() => match n {
-                Ok(0) | Err(_) => stdout = None,
-                Ok(n) => if handle.data(channel, b1[..n].to_vec()).await.is_err() {
-                    return false;
-                },
-            },
-            n = read_opt(&mut stderr, &mut b2), if stderr.is_some() => match n {
-                Ok(0) | Err(_) => stderr = None,
-                Ok(n) => if handle.extended_data(channel, 1, b2[..n].to_vec()).await.is_err() {
-                    return false;
-                },
-            },
-        }
-    }
-    true
-}
-
-async fn read_opt(s: &mut Option<ChildOutput>, buf: &mut [u8]) -> std::io::Result<usize> {
-    match s {
-        Some(s) => s.read(buf).await,
-        None => Ok(0),
-    }
-}
-
-/// Channel data → child stdin until the client's EOF (or the channel goes away).
-async fn relay_input(input: &mut mpsc::Receiver<Input>, mut stdin: ChildInput) {
-    while let Some(msg) = input.recv().await {
-        match msg {
-            Input::Data(d) => {
-                let res = match &mut stdin {
-                    ChildInput::Pipe(p) => p.write_all(&d).await,
-                    ChildInput::Pty(p) => p.write_all(&d).await,
-                    ChildInput::None => Ok(()),
-                };
-                if res.is_err() {
-                    // The child closed its stdin: drop further input, like sshd.
-                    stdin = ChildInput::None;
-                }
-            }
-            Input::Eof => {
-                match &mut stdin {
-                    // On a pty, EOF is the terminal's EOF character.
-                    ChildInput::Pty(p) => {
-                        let _ = p.write_all(&[4]).await;
-                    }
-                    // Closing the pipe is the child's EOF.
-                    _ => drop(stdin),
-                }
-                return;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -924,12 +850,5 @@ mod tests {
         assert!(pk.starts_with("ssh-ed25519 AAAA"));
         let line = known_hosts_line(&["foo.acme".into(), "foo.x".into()], &id);
         assert!(line.starts_with("foo.acme,foo.x ssh-ed25519 "));
-    }
-
-    #[test]
-    fn window_sizes_are_clamped() {
-        assert_eq!(clamp16(0, 80), 80);
-        assert_eq!(clamp16(100, 80), 100);
-        assert_eq!(clamp16(1 << 20, 80), u16::MAX);
     }
 }

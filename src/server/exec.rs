@@ -14,6 +14,17 @@ use super::request::reply;
 use crate::protocol::Response;
 use crate::protocol::exec::{self as frames, DataKind, ExecRequest, Frame, MAX_DATA};
 
+/// Why a request naming `asked` as its user cannot run here, if it cannot: this server
+/// cannot switch users, so any name but its own is refused (never silently run as `own`).
+pub fn user_refusal(asked: Option<&str>, own: &str) -> Option<String> {
+    let asked = asked?;
+    (asked != own).then(|| {
+        format!(
+            "this server runs commands only as its own user {own:?}, not as {asked:?} (drop -l, user@ or -o User=)"
+        )
+    })
+}
+
 pub async fn serve<R, W>(
     program: Program,
     req: ExecRequest,
@@ -25,6 +36,11 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    if let Some(reason) = user_refusal(req.user.as_deref(), &super::process::own_user()) {
+        tracing::info!(%reason, "exec refused: another user asked for");
+        let _ = reply(w, &Response::Error { reason }).await;
+        return true;
+    }
     // Full access only: a forwarded agent is part of forwarding.
     let agent_socket = match &program {
         Program::Shell(_) => super::forward::agent_socket_for(&peer, &req.env),
@@ -223,11 +239,31 @@ async fn relay_input<R: AsyncRead + Unpin>(
                 }
             }
             Frame::Window { cols, rows } => child.resize(cols, rows),
-            Frame::Signal(name) => child.signal(&name),
+            Frame::Signal(name) => {
+                child.signal(&name);
+            }
             Frame::Stdout(_) | Frame::Stderr(_) | Frame::Exit(_) => {
                 tracing::info!("client sent a server-only exec frame");
                 return true;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::user_refusal;
+
+    #[test]
+    fn only_the_servers_own_user_runs() {
+        assert_eq!(user_refusal(None, "root"), None);
+        assert_eq!(user_refusal(Some("root"), "root"), None);
+        let reason = user_refusal(Some("nobody"), "root").expect("refused");
+        assert_eq!(
+            reason,
+            "this server runs commands only as its own user \"root\", not as \"nobody\" (drop -l, user@ or -o User=)"
+        );
+        // Names are compared exactly, as login names are.
+        assert!(user_refusal(Some("Root"), "root").is_some());
     }
 }

@@ -10,10 +10,21 @@
 //! - [`admit`]: a connection from an id52 the cluster file does not mention at all (not the
 //!   manager, not a member, not a raw id52 in any `allow-from`) is closed at once, before it
 //!   can open a stream, allocate a request, or take a per-peer slot (`ClusterState::admit`,
-//!   so that cap only ever counts members); known peers take one of [`MAX_CONNECTIONS`]
-//!   connection slots for the connection's life.
+//!   so that cap only ever counts members); known peers take a connection slot for the
+//!   connection's life ([`ConnSlot`]).
 //!
-//! The limits are process-wide statics: one server process serves every cluster.
+//! Connection slots (issue 19, finding 5): one member, even a device with no grants, must
+//! not be able to take them all — and so block the manager's push that would remove it.
+//! So a peer holds at most [`MAX_CONNECTIONS_PER_PEER`], a cluster at most
+//! [`MAX_CONNECTIONS_PER_CLUSTER`] (a server of several clusters stays reachable in the
+//! others), and [`MANAGER_RESERVE`] of the process-wide [`MAX_CONNECTIONS`] are kept for
+//! cluster managers, which the per-cluster ceiling does not stop either.
+//!
+//! The handshake and process-wide limits are statics: one server process serves every
+//! cluster; the per-cluster and per-peer counts live in each `ClusterState`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 
@@ -26,6 +37,13 @@ use crate::id52::Id52;
 pub const MAX_HANDSHAKES: usize = 128;
 /// Open connections from known peers, all clusters together.
 pub const MAX_CONNECTIONS: usize = 4096;
+/// Of [`MAX_CONNECTIONS`], the slots only a cluster manager may take.
+pub const MANAGER_RESERVE: usize = 32;
+/// Open connections of one cluster (managers not counted against it).
+pub const MAX_CONNECTIONS_PER_CLUSTER: usize = 2048;
+/// Open connections of one peer in one cluster: an agent keeps one per server; a client
+/// without one opens one per command (100 concurrent `scp` are 100).
+pub const MAX_CONNECTIONS_PER_PEER: usize = 256;
 
 /// Incoming connections that may wait for a handshake slot.
 pub const MAX_WAITING: usize = 1024;
@@ -33,7 +51,8 @@ pub const MAX_WAITING: usize = 1024;
 pub const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 static HANDSHAKES: Semaphore = Semaphore::const_new(MAX_HANDSHAKES);
-static CONNECTIONS: Semaphore = Semaphore::const_new(MAX_CONNECTIONS);
+static CONNECTIONS: Semaphore = Semaphore::const_new(MAX_CONNECTIONS - MANAGER_RESERVE);
+static MANAGER_SLOTS: Semaphore = Semaphore::const_new(MANAGER_RESERVE);
 static WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// A place in the handshake queue; see [`queue`].
@@ -85,15 +104,117 @@ pub enum Refusal {
     Stranger,
     #[error("too many connections")]
     Full,
+    #[error("too many connections to this cluster")]
+    ClusterFull,
+    #[error("too many connections from this machine")]
+    PeerFull,
 }
 
-/// Keep a connection from `peer` only if the cluster file knows it and a connection slot
-/// is free. The permit is held for the connection's life.
-pub fn admit(state: &ClusterState, peer: &Id52) -> Result<SemaphorePermit<'static>, Refusal> {
-    if !known(&state.current(), peer) {
+/// The ceilings [`Counts`] applies (constants in the server; small ones in tests).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub per_cluster: usize,
+    pub per_peer: usize,
+}
+
+const LIMITS: Limits = Limits {
+    per_cluster: MAX_CONNECTIONS_PER_CLUSTER,
+    per_peer: MAX_CONNECTIONS_PER_PEER,
+};
+
+/// One cluster's open connections: in all (managers excluded) and per peer.
+#[derive(Default)]
+pub struct Counts {
+    inner: Mutex<CountsInner>,
+}
+
+#[derive(Default)]
+struct CountsInner {
+    cluster: usize,
+    per_peer: HashMap<Id52, usize>,
+}
+
+impl Counts {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CountsInner> {
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Count one more connection of `peer`, or say which ceiling it hits.
+    pub fn take(&self, peer: &Id52, manager: bool, limits: Limits) -> Result<(), Refusal> {
+        let mut c = self.lock();
+        if !manager && c.cluster >= limits.per_cluster {
+            return Err(Refusal::ClusterFull);
+        }
+        let n = c.per_peer.entry(*peer).or_insert(0);
+        if *n >= limits.per_peer {
+            return Err(Refusal::PeerFull);
+        }
+        *n += 1;
+        if !manager {
+            c.cluster += 1;
+        }
+        Ok(())
+    }
+
+    /// Undo one [`Counts::take`].
+    pub fn give_back(&self, peer: &Id52, manager: bool) {
+        let mut c = self.lock();
+        if !manager {
+            c.cluster = c.cluster.saturating_sub(1);
+        }
+        if let Some(n) = c.per_peer.get_mut(peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.per_peer.remove(peer);
+            }
+        }
+    }
+}
+
+/// A known peer's connection slot; given back (all counts) when dropped.
+pub struct ConnSlot {
+    _global: SemaphorePermit<'static>,
+    state: Arc<ClusterState>,
+    peer: Id52,
+    manager: bool,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.state.connections.give_back(&self.peer, self.manager);
+    }
+}
+
+/// A process-wide slot; a manager may dip into the reserve when the rest are taken.
+fn global_slot(manager: bool) -> Option<SemaphorePermit<'static>> {
+    CONNECTIONS
+        .try_acquire()
+        .ok()
+        .or_else(|| manager.then(|| MANAGER_SLOTS.try_acquire().ok()).flatten())
+}
+
+/// Keep a connection from `peer` only if the cluster file knows it and every ceiling has
+/// room. The slot is held for the connection's life.
+pub fn admit(state: &Arc<ClusterState>, peer: &Id52) -> Result<ConnSlot, Refusal> {
+    let cfg = state.current();
+    if !known(&cfg, peer) {
         return Err(Refusal::Stranger);
     }
-    CONNECTIONS.try_acquire().map_err(|_| Refusal::Full)
+    let manager = *peer == cfg.manager;
+    state.connections.take(peer, manager, LIMITS)?;
+    let Some(global) = global_slot(manager) else {
+        state.connections.give_back(peer, manager);
+        return Err(Refusal::Full);
+    };
+    Ok(ConnSlot {
+        _global: global,
+        state: state.clone(),
+        peer: *peer,
+        manager,
+    })
 }
 
 /// Whether the file mentions `peer` anywhere it could be granted something.
@@ -131,6 +252,42 @@ mod tests {
             assert!(known(&cfg, &id(n)), "{n}");
         }
         assert!(!known(&cfg, &id(42)));
+    }
+
+    #[test]
+    fn one_peer_cannot_take_every_connection_slot() {
+        let limits = Limits {
+            per_cluster: 6,
+            per_peer: 4,
+        };
+        let counts = Counts::default();
+        let (mallory, alice, bob, manager) = (id(7), id(8), id(9), id(1));
+        for _ in 0..4 {
+            counts.take(&mallory, false, limits).unwrap();
+        }
+        // Mallory is at her own cap; others are still served.
+        assert_eq!(counts.take(&mallory, false, limits), Err(Refusal::PeerFull));
+        counts.take(&alice, false, limits).unwrap();
+        counts.take(&alice, false, limits).unwrap();
+        // The cluster is full for members…
+        assert_eq!(counts.take(&bob, false, limits), Err(Refusal::ClusterFull));
+        // …not for its manager, whose push must get through.
+        counts.take(&manager, true, limits).unwrap();
+        // Given back, a slot is free again.
+        counts.give_back(&mallory, false);
+        counts.take(&bob, false, limits).unwrap();
+    }
+
+    #[test]
+    fn the_manager_reserve_is_for_managers_only() {
+        let held: Vec<_> = std::iter::from_fn(|| global_slot(false)).collect();
+        assert_eq!(held.len(), MAX_CONNECTIONS - MANAGER_RESERVE);
+        assert!(global_slot(false).is_none(), "a member got a reserved slot");
+        let reserved: Vec<_> = std::iter::from_fn(|| global_slot(true)).collect();
+        assert_eq!(reserved.len(), MANAGER_RESERVE);
+        drop(reserved);
+        drop(held);
+        assert!(global_slot(false).is_some());
     }
 
     #[test]

@@ -22,12 +22,15 @@
 pub mod config_sync;
 pub mod embedded;
 pub mod embedded_forward;
+pub mod embedded_holdings;
+pub mod embedded_relay;
 pub mod exec;
 pub mod forward;
 pub mod guard;
 pub mod http;
 pub mod process;
 pub mod request;
+pub mod restrict;
 pub mod revoke;
 pub mod stdinserver;
 pub mod tunnel;
@@ -116,6 +119,8 @@ pub struct ClusterState {
     revision: tokio::sync::watch::Sender<u64>,
     /// Whether a [`revoke`] poller is watching the file for live requests.
     polling: std::sync::atomic::AtomicBool,
+    /// Open connections of this cluster, per peer ([`guard::admit`]).
+    connections: guard::Counts,
 }
 
 /// Default cap on one peer's concurrent requests (across all its connections and
@@ -170,6 +175,7 @@ impl ClusterState {
             active: Mutex::new(std::collections::HashMap::new()),
             revision: tokio::sync::watch::Sender::new(0),
             polling: std::sync::atomic::AtomicBool::new(false),
+            connections: guard::Counts::default(),
         }
     }
 
@@ -294,6 +300,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         stoppable: false,
         inbound: Some(inbound.clone()),
+        token: control.token.clone(),
     });
     let ctl = Ctl {
         inbound,
@@ -378,6 +385,7 @@ struct SocketGuard(std::path::PathBuf);
 impl Drop for SocketGuard {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+        crate::control::token::remove(&self.0);
     }
 }
 
@@ -385,6 +393,8 @@ struct ControlListener {
     path: std::path::PathBuf,
     listener: tokio::net::UnixListener,
     guard: SocketGuard,
+    /// What callers' hellos must carry (`control::token`).
+    token: String,
 }
 
 fn control_listener(dirs: &Dirs, managed_only: bool) -> Result<ControlListener, ServerError> {
@@ -409,12 +419,15 @@ fn control_listener(dirs: &Dirs, managed_only: bool) -> Result<ControlListener, 
         }
         let _ = std::fs::remove_file(&path);
     }
+    // The token first: no caller may read a stale one once the socket answers.
+    let token = crate::control::token::create(&path).map_err(|e| err(e.to_string()))?;
     let listener = tokio::net::UnixListener::bind(&path).map_err(|e| err(e.to_string()))?;
     let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
     Ok(ControlListener {
         guard: SocketGuard(path.clone()),
         path,
         listener,
+        token,
     })
 }
 

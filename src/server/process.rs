@@ -5,6 +5,13 @@
 //! whole tree can be signalled at once. With a pty, the slave becomes the controlling
 //! terminal (TIOCSCTTY) and stdout/stderr are merged, as with sshd. Children are always
 //! waited for (tokio reaps them), so nothing is left as a zombie.
+//!
+//! Signals never outlive the child (issue 19, finding 3): once a child is reaped its pid —
+//! and so its process-group id — may belong to anyone. So a child is first waited for
+//! *without* reaping (its pidfd turns readable at exit; the zombie keeps the pid and group
+//! id reserved), every group signal is sent under a lock while it is known unreaped, and
+//! the reap itself happens under that lock and marks the child gone. A late `signal`
+//! request or a hang-up's last SIGKILL then reaches no one.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
@@ -50,6 +57,11 @@ struct Login {
     shell: String,
 }
 
+/// The name of the user this server runs as: the only user its commands can run as.
+pub fn own_user() -> String {
+    login().user
+}
+
 fn login() -> Login {
     let uid = nix::unistd::getuid();
     match nix::unistd::User::from_uid(uid) {
@@ -80,6 +92,10 @@ pub enum ChildInput {
 pub struct Running {
     child: Child,
     pid: i32,
+    /// Whether the child is still unreaped; group signals are sent only under this lock.
+    unreaped: std::sync::Arc<std::sync::Mutex<bool>>,
+    /// Readable once the child exits (before it is reaped); `None` where pidfds are missing.
+    pidfd: Option<AsyncFd<OwnedFd>>,
     pub stdin: ChildInput,
     pub stdout: Option<ChildOutput>,
     pub stderr: Option<ChildOutput>,
@@ -110,7 +126,19 @@ impl AsyncRead for ChildOutput {
 /// Spawn `spec`. Errors are the spawn's (program not found, pty unavailable).
 pub fn spawn(spec: &SpawnSpec) -> std::io::Result<Running> {
     let who = login();
-    let mut cmd = match &spec.program {
+    let mut cmd = command_for(&spec.program, &who)?;
+    set_environment(&mut cmd, spec, &who);
+    let started = match &spec.pty {
+        None => spawn_piped(cmd)?,
+        Some(p) => spawn_with_pty(cmd, p)?,
+    };
+    Ok(Running::new(started))
+}
+
+/// Phase 1: the program and its arguments (a shell for full access, the exact argv for a
+/// command scope).
+fn command_for(program: &Program, who: &Login) -> std::io::Result<Command> {
+    Ok(match program {
         Program::Shell(Some(c)) => {
             let mut cmd = Command::new(&who.shell);
             cmd.arg("-c").arg(c);
@@ -134,7 +162,12 @@ pub fn spawn(spec: &SpawnSpec) -> std::io::Result<Running> {
             cmd.args(rest);
             cmd
         }
-    };
+    })
+}
+
+/// Phase 2: a clean environment (login facts, the allowed client variables, the agent
+/// socket) and the home directory.
+fn set_environment(cmd: &mut Command, spec: &SpawnSpec, who: &Login) {
     cmd.env_clear();
     let path = std::env::var("PATH")
         .unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin".into());
@@ -159,96 +192,118 @@ pub fn spawn(spec: &SpawnSpec) -> std::io::Result<Running> {
         std::path::Path::new("/")
     });
     cmd.kill_on_drop(false);
+}
 
-    match &spec.pty {
-        None => {
-            cmd.stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            // SAFETY: setsid is async-signal-safe.
-            unsafe {
-                cmd.pre_exec(|| {
-                    nix::unistd::setsid().map_err(std::io::Error::from)?;
-                    // The server relays this child's stdio; if the server dies (even by
-                    // SIGKILL), the session is over: hang it up rather than orphan it.
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+/// A child just started, before the reap bookkeeping is added.
+struct Started {
+    child: Child,
+    pid: i32,
+    stdin: ChildInput,
+    stdout: Option<ChildOutput>,
+    stderr: Option<ChildOutput>,
+    pty: Option<std::sync::Arc<AsyncFd<OwnedFd>>>,
+}
+
+/// Phase 3a: no pty: three pipes, a session of its own.
+fn spawn_piped(mut cmd: Command) -> std::io::Result<Started> {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: setsid and prctl are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            // The server relays this child's stdio; if the server dies (even by
+            // SIGKILL), the session is over: hang it up rather than orphan it.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP) < 0 {
+                return Err(std::io::Error::last_os_error());
             }
-            let mut child = cmd.spawn()?;
-            let pid = child.id().map(|p| p as i32).unwrap_or(0);
-            let stdin = child
-                .stdin
-                .take()
-                .map(ChildInput::Pipe)
-                .unwrap_or(ChildInput::None);
-            let stdout = child.stdout.take().map(ChildOutput::Pipe);
-            let stderr = child.stderr.take().map(ChildOutput::Err);
-            Ok(Running {
-                child,
-                pid,
-                stdin,
-                stdout,
-                stderr,
-                pty: None,
-            })
-        }
-        Some(p) => {
-            cmd.env("TERM", if p.term.is_empty() { "xterm" } else { &p.term });
-            let ws = nix::pty::Winsize {
-                ws_row: p.rows,
-                ws_col: p.cols,
-                ws_xpixel: 0,
-                ws_ypixel: 0,
-            };
-            let pair = nix::pty::openpty(Some(&ws), None).map_err(std::io::Error::from)?;
-            let slave = pair.slave;
-            cmd.stdin(Stdio::from(slave.try_clone()?))
-                .stdout(Stdio::from(slave.try_clone()?))
-                .stderr(Stdio::from(slave.try_clone()?));
-            // SAFETY: setsid and ioctl are async-signal-safe.
-            unsafe {
-                cmd.pre_exec(|| {
-                    nix::unistd::setsid().map_err(std::io::Error::from)?;
-                    // The server relays this child's stdio; if the server dies (even by
-                    // SIGKILL), the session is over: hang it up rather than orphan it.
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            let child = cmd.spawn()?;
-            drop(slave);
-            let pid = child.id().map(|p| p as i32).unwrap_or(0);
-            set_nonblocking(pair.master.as_raw_fd())?;
-            // One epoll registration shared by the reading and writing handles (epoll
-            // refuses the same fd twice).
-            // SAFETY: the OwnedFd is moved into the AsyncFd and closed only when it drops.
-            let master = std::sync::Arc::new(
-                unsafe {
-                    AsyncFd::register_with_interest(
-                        pair.master,
-                        Interest::READABLE | Interest::WRITABLE,
-                    )
-                }
-                .map_err(|e| std::io::Error::other(e.to_string()))?,
-            );
-            Ok(Running {
-                child,
-                pid,
-                stdin: ChildInput::Pty(PtyMaster { fd: master.clone() }),
-                stdout: Some(ChildOutput::Pty(PtyMaster { fd: master.clone() })),
-                stderr: None,
-                pty: Some(master),
-            })
-        }
+            Ok(())
+        });
     }
+    let mut child = cmd.spawn()?;
+    let pid = child.id().map(|p| p as i32).unwrap_or(0);
+    let stdin = child
+        .stdin
+        .take()
+        .map(ChildInput::Pipe)
+        .unwrap_or(ChildInput::None);
+    let stdout = child.stdout.take().map(ChildOutput::Pipe);
+    let stderr = child.stderr.take().map(ChildOutput::Err);
+    Ok(Started {
+        child,
+        pid,
+        stdin,
+        stdout,
+        stderr,
+        pty: None,
+    })
+}
+
+/// Phase 3b: a pty whose slave is the child's controlling terminal and all of its stdio.
+fn spawn_with_pty(mut cmd: Command, p: &PtyRequest) -> std::io::Result<Started> {
+    cmd.env("TERM", if p.term.is_empty() { "xterm" } else { &p.term });
+    let ws = nix::pty::Winsize {
+        ws_row: p.rows,
+        ws_col: p.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pair = nix::pty::openpty(Some(&ws), None).map_err(std::io::Error::from)?;
+    let slave = pair.slave;
+    cmd.stdin(Stdio::from(slave.try_clone()?))
+        .stdout(Stdio::from(slave.try_clone()?))
+        .stderr(Stdio::from(slave.try_clone()?));
+    // SAFETY: setsid, prctl and ioctl are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            // The server relays this child's stdio; if the server dies (even by
+            // SIGKILL), the session is over: hang it up rather than orphan it.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    drop(slave);
+    let pid = child.id().map(|p| p as i32).unwrap_or(0);
+    set_nonblocking(pair.master.as_raw_fd())?;
+    // One epoll registration shared by the reading and writing handles (epoll
+    // refuses the same fd twice).
+    // SAFETY: the OwnedFd is moved into the AsyncFd and closed only when it drops.
+    let master = std::sync::Arc::new(
+        unsafe {
+            AsyncFd::register_with_interest(pair.master, Interest::READABLE | Interest::WRITABLE)
+        }
+        .map_err(|e| std::io::Error::other(e.to_string()))?,
+    );
+    Ok(Started {
+        child,
+        pid,
+        stdin: ChildInput::Pty(PtyMaster { fd: master.clone() }),
+        stdout: Some(ChildOutput::Pty(PtyMaster { fd: master.clone() })),
+        stderr: None,
+        pty: Some(master),
+    })
+}
+
+/// A pidfd for `pid` (Linux ≥ 5.3), readable once the process exits.
+fn pidfd_open(pid: i32) -> Option<AsyncFd<OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open returns a new fd we then own, or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: the OwnedFd is moved into the AsyncFd and closed only when it drops.
+    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.ok()
 }
 
 fn set_nonblocking(fd: i32) -> std::io::Result<()> {
@@ -266,10 +321,24 @@ fn set_nonblocking(fd: i32) -> std::io::Result<()> {
 #[derive(Clone)]
 pub struct ChildControl {
     pid: i32,
+    unreaped: std::sync::Arc<std::sync::Mutex<bool>>,
     pty: Option<std::sync::Arc<AsyncFd<OwnedFd>>>,
 }
 
 impl Running {
+    fn new(s: Started) -> Running {
+        Running {
+            pidfd: pidfd_open(s.pid),
+            child: s.child,
+            pid: s.pid,
+            unreaped: std::sync::Arc::new(std::sync::Mutex::new(true)),
+            stdin: s.stdin,
+            stdout: s.stdout,
+            stderr: s.stderr,
+            pty: s.pty,
+        }
+    }
+
     pub fn pid(&self) -> i32 {
         self.pid
     }
@@ -277,6 +346,7 @@ impl Running {
     pub fn control(&self) -> ChildControl {
         ChildControl {
             pid: self.pid,
+            unreaped: self.unreaped.clone(),
             pty: self.pty.clone(),
         }
     }
@@ -298,32 +368,45 @@ impl ChildControl {
     }
 
     /// Send a signal by its ssh name ("INT", "TERM", …) to the child's process group.
-    pub fn signal(&self, name: &str) {
-        if let Some(sig) = signal_from_name(name) {
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid), sig);
-        }
+    /// `false` when nothing was sent (unknown name, or the child is already reaped).
+    pub fn signal(&self, name: &str) -> bool {
+        signal_from_name(name).is_some_and(|sig| self.killpg(sig))
+    }
+
+    /// `killpg` only while the child is unreaped: its zombie keeps the group id ours.
+    fn killpg(&self, sig: nix::sys::signal::Signal) -> bool {
+        let unreaped = match self.unreaped.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *unreaped && nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid), sig).is_ok()
     }
 }
 
 impl Running {
-    /// The client is gone: SIGHUP the session, then SIGKILL whatever is left.
+    /// The client is gone: SIGHUP the session, then SIGKILL whatever is left — stragglers
+    /// included, before the leader is reaped (after it, the group id is not ours).
     pub async fn hang_up(&mut self) {
-        let pg = nix::unistd::Pid::from_raw(self.pid);
-        let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGHUP);
-        if tokio::time::timeout(Duration::from_secs(2), self.child.wait())
+        use nix::sys::signal::Signal::{SIGHUP, SIGKILL};
+        let control = self.control();
+        control.killpg(SIGHUP);
+        if tokio::time::timeout(Duration::from_secs(2), self.exited())
             .await
             .is_err()
         {
-            let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL);
-            let _ = self.child.wait().await;
+            control.killpg(SIGKILL);
+            self.exited().await;
         }
         // Stragglers in the group that ignored SIGHUP.
-        let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL);
+        control.killpg(SIGKILL);
+        let _ = self.reap().await;
     }
 
-    /// Wait for the child to exit.
+    /// Wait for the child to exit (and reap it). Cancel-safe: dropped before the exit, the
+    /// child is still unreaped.
     pub async fn wait(&mut self) -> ExitStatus {
-        match self.child.wait().await {
+        self.exited().await;
+        match self.reap().await {
             Ok(st) => match (st.code(), st.signal()) {
                 (Some(c), _) => ExitStatus::Code(c),
                 (None, Some(s)) => ExitStatus::Signal(signal_name(s)),
@@ -332,6 +415,61 @@ impl Running {
             Err(_) => ExitStatus::Code(255),
         }
     }
+
+    /// Resolves once the child has exited, without reaping it.
+    async fn exited(&mut self) {
+        match &self.pidfd {
+            Some(fd) => {
+                // Level-triggered: stays readable, so every later call returns at once.
+                let _ = fd.readable().await;
+            }
+            // No pidfd (old kernel): ask without reaping, a few times a second.
+            None => loop {
+                if exited_unreaped(self.pid) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            },
+        }
+    }
+
+    /// Reap the exited child under the signal lock, marking it gone.
+    async fn reap(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        {
+            let mut unreaped = match self.unreaped.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if let Some(st) = self.child.try_wait()? {
+                *unreaped = false;
+                return Ok(st);
+            }
+        }
+        // Not exited after all (no pidfd and waitid failed): a plain wait, then mark.
+        let st = self.child.wait().await;
+        let mut unreaped = match self.unreaped.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *unreaped = false;
+        st
+    }
+}
+
+/// Whether child `pid` has exited (or cannot be asked), leaving it unreaped.
+fn exited_unreaped(pid: i32) -> bool {
+    // SAFETY: waitid with WNOWAIT only reads the child's state into `info`.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOWAIT | libc::WNOHANG,
+        )
+    };
+    // SAFETY: si_pid is set by waitid when a child changed state (0 otherwise).
+    r != 0 || unsafe { info.si_pid() } != 0
 }
 
 /// ssh's signal names (RFC 4254 §6.10): without the "SIG" prefix.
@@ -396,5 +534,80 @@ impl AsyncWrite for PtyMaster {
     }
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(words: &[&str]) -> SpawnSpec {
+        SpawnSpec {
+            program: Program::Argv(words.iter().map(|w| w.to_string()).collect()),
+            env: vec![],
+            pty: None,
+            peer: "test".into(),
+            agent_socket: None,
+        }
+    }
+
+    /// Start a new session leader (`sleep 30`) with exactly `pid`, as root through
+    /// `ns_last_pid` — a busy machine reusing the pid, on demand. `None` if not possible.
+    fn take_pid(pid: i32) -> Option<std::process::Child> {
+        use std::os::unix::process::CommandExt;
+        for _ in 0..100 {
+            std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)).ok()?;
+            let mut cmd = std::process::Command::new("sleep");
+            cmd.arg("30");
+            // SAFETY: setsid is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::setsid();
+                    Ok(())
+                });
+            }
+            let mut c = cmd.spawn().ok()?;
+            if c.id() as i32 == pid {
+                return Some(c);
+            }
+            // Another fork took it first: try again.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        None
+    }
+
+    #[tokio::test]
+    async fn a_signal_after_the_reap_reaches_no_one() {
+        let mut child = spawn(&argv(&["true"])).unwrap();
+        let control = child.control();
+        let pid = child.pid();
+        assert_eq!(child.wait().await, ExitStatus::Code(0));
+        let Some(mut stranger) = take_pid(pid) else {
+            eprintln!("skipped: cannot force pid reuse here (needs root and ns_last_pid)");
+            return;
+        };
+        // A late `signal KILL` on the finished channel, and a hang-up's last SIGKILL.
+        let _ = control.signal("KILL");
+        child.hang_up().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let alive = stranger.try_wait().unwrap().is_none();
+        let _ = stranger.kill();
+        let _ = stranger.wait();
+        assert!(
+            alive,
+            "a signal for a reaped child killed process group {pid}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_signal_before_the_exit_reaches_the_child() {
+        let mut child = spawn(&argv(&["sleep", "30"])).unwrap();
+        let control = child.control();
+        let _ = control.signal("TERM");
+        let st = tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .expect("the child outlived its SIGTERM");
+        assert_eq!(st, ExitStatus::Signal("TERM".into()));
     }
 }

@@ -10,13 +10,13 @@ use std::task::{Context as TaskContext, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::ClusterState;
 use super::process::Program;
+use super::{ClusterState, PeerPermit};
 use crate::acl::{self, Decision, Grant};
 use crate::audit;
 use crate::config::ClusterConfig;
 use crate::id52::Id52;
-use crate::protocol::{self, FrameError, HEADER_TIMEOUT, Request, Response};
+use crate::protocol::{self, FrameError, HEADER_TIMEOUT, Header, Request, Response};
 
 /// Who is asking, over what.
 pub struct Context {
@@ -29,14 +29,68 @@ pub struct Context {
 
 /// Serve one request. Returns `true` when it ended cleanly (the caller then lets the
 /// stream finish normally), `false` when it broke (the caller resets the stream).
+///
+/// The phases, in order: admit the peer (a per-peer cap), read the header, check it is for
+/// this cluster, then [`authorize`] — the choke point — and only with its grant
+/// [`serve_allowed`]. Each early phase ends the stream itself when it refuses.
 pub async fn handle<R, W>(ctx: &Context, r: &mut R, w: &mut W) -> bool
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let Some(_permit) = admit(ctx, w).await else {
+        return true;
+    };
+    let header = match read_request(ctx, r, w).await {
+        Ok(h) => h,
+        Err(ending) => return ending.is_clean(),
+    };
+    let cfg = ctx.state.current();
+    if !same_cluster(ctx, &cfg, &header, w).await {
+        return true;
+    }
+    let server = ctx.state.server_name(&cfg).unwrap_or_default();
+    let mut entry = audit_entry(ctx, &cfg, &header.request);
+    let started = std::time::Instant::now();
+    let Some(grant) = authorize(ctx, &cfg, &server, &header.request, &mut entry, w).await else {
+        return true;
+    };
+    let served = serve_allowed(ctx, &cfg, &server, grant, header.request, r, w).await;
+    entry.decision = "allow".into();
+    entry.bytes_in = served.bytes_in;
+    entry.bytes_out = served.bytes_out;
+    entry.duration_ms = started.elapsed().as_millis() as u64;
+    entry.outcome = if served.ok { "ok" } else { "broken" }.into();
+    // Allowed pings are liveness probes (one per client connection), not access: only
+    // their denials are worth an audit line.
+    if entry.kind != "ping" {
+        audit::write(&entry);
+    }
+    served.ok
+}
+
+/// How a stream that ended early should be finished by the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Answered (or closed by the peer): finish the stream normally.
+    Clean,
+    /// Broken off: reset the stream.
+    Broken,
+}
+
+impl Ending {
+    fn is_clean(self) -> bool {
+        self == Ending::Clean
+    }
+}
+
+/// The per-peer cap on concurrent requests; over it, the peer is told why. The permit is
+/// held for the whole request.
+async fn admit<W: AsyncWrite + Unpin>(ctx: &Context, w: &mut W) -> Option<PeerPermit> {
     let peer = ctx.peer;
     let cluster = &ctx.state.dir.alias;
-    let Some(_permit) = ctx.state.admit(peer) else {
+    let permit = ctx.state.admit(peer);
+    if permit.is_none() {
         tracing::warn!(%peer, %cluster, "too many concurrent requests from this peer; refused");
         let reason = "too many concurrent requests from this machine; try again when some finish";
         let _ = reply(
@@ -46,14 +100,25 @@ where
             },
         )
         .await;
-        return true;
-    };
-    let header = match tokio::time::timeout(HEADER_TIMEOUT, protocol::read_header(r)).await {
+    }
+    permit
+}
+
+/// The request header, within [`HEADER_TIMEOUT`]: a peer that sends nothing loses its
+/// stream, a malformed header is answered with the reason.
+async fn read_request<R, W>(ctx: &Context, r: &mut R, w: &mut W) -> Result<Header, Ending>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let peer = ctx.peer;
+    let cluster = &ctx.state.dir.alias;
+    match tokio::time::timeout(HEADER_TIMEOUT, protocol::read_header(r)).await {
         Err(_) => {
             tracing::info!(%peer, %cluster, "no complete header in time; dropping stream");
-            return false;
+            Err(Ending::Broken)
         }
-        Ok(Err(FrameError::Truncated)) => return true,
+        Ok(Err(FrameError::Truncated)) => Err(Ending::Clean),
         Ok(Err(e)) => {
             tracing::info!(%peer, %cluster, error = %e, "bad header");
             let _ = reply(
@@ -63,31 +128,40 @@ where
                 },
             )
             .await;
-            return true;
+            Err(Ending::Clean)
         }
-        Ok(Ok(h)) => h,
+        Ok(Ok(h)) => Ok(h),
+    }
+}
+
+/// Whether the header's cluster (when it names one) is this server's; if not, the peer is
+/// told which cluster it reached.
+async fn same_cluster<W: AsyncWrite + Unpin>(
+    ctx: &Context,
+    cfg: &ClusterConfig,
+    header: &Header,
+    w: &mut W,
+) -> bool {
+    let Some(c) = header.cluster else {
+        return true;
     };
-    let cfg = ctx.state.current();
-    let kind = header.request.kind();
-    if let Some(c) = header.cluster
-        && c != cfg.manager
-    {
-        let reason = format!(
-            "this server is in cluster {} (manager {}), not the one asked for ({})",
-            cluster,
-            cfg.manager.short(),
-            c.short()
-        );
-        let _ = reply(w, &Response::Error { reason }).await;
+    if c == cfg.manager {
         return true;
     }
-    let server = ctx.state.server_name(&cfg).unwrap_or_default();
-    let acl_req = acl_request(&header.request);
-    let who = cfg
-        .name_of(&peer)
-        .map(|(n, _)| n.to_string())
-        .unwrap_or_else(|| "-".into());
-    let detail = match &header.request {
+    let reason = format!(
+        "this server is in cluster {} (manager {}), not the one asked for ({})",
+        ctx.state.dir.alias,
+        cfg.manager.short(),
+        c.short()
+    );
+    let _ = reply(w, &Response::Error { reason }).await;
+    false
+}
+
+/// The audit line of a request, filled in before the decision; the decision and outcome
+/// are added as they become known.
+fn audit_entry(ctx: &Context, cfg: &ClusterConfig, request: &Request) -> audit::Entry {
+    let detail = match request {
         Request::Exec(e) => e.command.clone().unwrap_or_else(|| "(login shell)".into()),
         Request::Http { service } => service.clone(),
         Request::Forward { to } => to.describe().chars().take(300).collect(),
@@ -95,23 +169,45 @@ where
         Request::RemoteConnection { id } => id.to_string(),
         _ => String::new(),
     };
-    let mut entry = audit::Entry {
+    audit::Entry {
         time: audit::now_rfc3339(),
-        peer: peer.to_string(),
-        alias: who.clone(),
-        cluster: cluster.clone(),
+        peer: ctx.peer.to_string(),
+        alias: peer_name(cfg, &ctx.peer),
+        cluster: ctx.state.dir.alias.clone(),
         transport: ctx.transport.into(),
-        kind: kind.into(),
+        kind: request.kind().into(),
         detail,
         ..Default::default()
-    };
-    let started = std::time::Instant::now();
-    let grant = match acl::decide(&cfg, &server, &peer, &acl_req) {
+    }
+}
+
+/// The peer's machine name for logs, `-` for a peer the file does not name.
+fn peer_name(cfg: &ClusterConfig, peer: &Id52) -> String {
+    cfg.name_of(peer)
+        .map(|(n, _)| n.to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// THE choke point: `acl::decide` for the verified peer. A denial is logged, audited and
+/// answered here; only an `Allow` yields the grant that [`dispatch`] needs.
+async fn authorize<W: AsyncWrite + Unpin>(
+    ctx: &Context,
+    cfg: &ClusterConfig,
+    server: &str,
+    request: &Request,
+    entry: &mut audit::Entry,
+    w: &mut W,
+) -> Option<Grant> {
+    let peer = ctx.peer;
+    let who = &entry.alias;
+    let cluster = &entry.cluster;
+    let kind = request.kind();
+    let grant = match acl::decide(cfg, server, &peer, &acl_request(request)) {
         Decision::Deny(reason) => {
             tracing::warn!(%peer, %who, %cluster, kind, transport = ctx.transport, %reason, "deny");
             entry.decision = "deny".into();
             entry.reason = reason.to_string();
-            audit::write(&entry);
+            audit::write(entry);
             let _ = reply(
                 w,
                 &Response::Deny {
@@ -119,7 +215,7 @@ where
                 },
             )
             .await;
-            return true;
+            return None;
         }
         Decision::Allow(g) => g,
     };
@@ -133,16 +229,41 @@ where
         g => format!("{g:?}"),
     };
     tracing::info!(%peer, %who, %cluster, kind, transport = ctx.transport, %granted, "allow");
+    Some(grant)
+}
+
+/// What an allowed request did, for its audit line.
+struct Served {
+    /// Whether it ended cleanly and was not cut by a revocation.
+    ok: bool,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+/// Runs an allowed request while watching for its revocation: live requests are re-decided
+/// on every reload and cut when now denied (revoke.rs).
+async fn serve_allowed<R, W>(
+    ctx: &Context,
+    cfg: &ClusterConfig,
+    server: &str,
+    grant: Grant,
+    request: Request,
+    r: &mut R,
+    w: &mut W,
+) -> Served
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut r = Counting::new(r);
     let mut w = Counting::new(w);
-    // Live requests are re-decided on every reload and cut when now denied (revoke.rs).
     let cut = tokio_util::sync::CancellationToken::new();
     let done = tokio_util::sync::CancellationToken::new();
     let watch = super::revoke::revoked(
         ctx.state.clone(),
-        server.clone(),
-        peer,
-        header.request.clone(),
+        server.to_string(),
+        ctx.peer,
+        request.clone(),
     );
     let watcher = async {
         tokio::select! {
@@ -153,23 +274,16 @@ where
     let served = async {
         let mut r = super::revoke::Revocable::new(&mut r, &cut);
         let mut w = super::revoke::Revocable::new(&mut w, &cut);
-        let ok = dispatch(ctx, &cfg, &server, grant, header.request, &mut r, &mut w).await;
+        let ok = dispatch(ctx, cfg, server, grant, request, &mut r, &mut w).await;
         done.cancel();
         ok
     };
     let (ok, ()) = tokio::join!(served, watcher);
-    let ok = ok && !cut.is_cancelled();
-    entry.decision = "allow".into();
-    entry.bytes_in = r.count;
-    entry.bytes_out = w.count;
-    entry.duration_ms = started.elapsed().as_millis() as u64;
-    entry.outcome = if ok { "ok" } else { "broken" }.into();
-    // Allowed pings are liveness probes (one per client connection), not access: only
-    // their denials are worth an audit line.
-    if kind != "ping" {
-        audit::write(&entry);
+    Served {
+        ok: ok && !cut.is_cancelled(),
+        bytes_in: r.count,
+        bytes_out: w.count,
     }
-    ok
 }
 
 /// What the ACL is asked for a request: the one mapping, shared by the choke point and
@@ -198,7 +312,8 @@ pub(super) fn acl_request(request: &Request) -> acl::Request<'_> {
     }
 }
 
-/// Run an allowed request. Only `handle` calls this, after the ACL said yes.
+/// Run an allowed request. Only [`serve_allowed`] calls this, with the grant [`authorize`]
+/// returned.
 async fn dispatch<R, W>(
     ctx: &Context,
     cfg: &ClusterConfig,

@@ -60,18 +60,14 @@ pub async fn revoked(state: Arc<ClusterState>, server: String, peer: Id52, reque
         let req = super::request::acl_request(&request);
         if let Decision::Deny(reason) = acl::decide(&cfg, &me, &peer, &req) {
             tracing::warn!(%peer, cluster = %state.dir.alias, kind = request.kind(), %reason, "access revoked; cutting the live request");
-            crate::audit::write(&crate::audit::Entry {
-                time: crate::audit::now_rfc3339(),
-                peer: peer.to_string(),
-                alias: cfg
-                    .name_of(&peer)
-                    .map(|(n, _)| n.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                cluster: state.dir.alias.clone(),
-                kind: request.kind().into(),
-                decision: "revoked".into(),
-                reason: reason.to_string(),
-                ..Default::default()
+            audit_revoked(Revoked {
+                state: &state,
+                cfg: &cfg,
+                peer: &peer,
+                transport: "",
+                kind: request.kind(),
+                detail: String::new(),
+                reason: &reason.to_string(),
             });
             return;
         }
@@ -94,9 +90,40 @@ pub async fn removed(state: Arc<ClusterState>, peer: Id52) {
     }
 }
 
+/// One cut, for the audit log.
+pub(super) struct Revoked<'a> {
+    pub state: &'a ClusterState,
+    pub cfg: &'a crate::config::ClusterConfig,
+    pub peer: &'a Id52,
+    pub transport: &'static str,
+    pub kind: &'static str,
+    pub detail: String,
+    pub reason: &'a str,
+}
+
+/// The audit line of a cut: `"decision":"revoked"`.
+pub(super) fn audit_revoked(r: Revoked<'_>) {
+    crate::audit::write(&crate::audit::Entry {
+        time: crate::audit::now_rfc3339(),
+        peer: r.peer.to_string(),
+        alias: r
+            .cfg
+            .name_of(r.peer)
+            .map(|(n, _)| n.to_string())
+            .unwrap_or_else(|| "-".into()),
+        cluster: r.state.dir.alias.clone(),
+        transport: r.transport.into(),
+        kind: r.kind.into(),
+        detail: r.detail,
+        decision: "revoked".into(),
+        reason: r.reason.to_string(),
+        ..Default::default()
+    });
+}
+
 /// Start the cluster's file poller unless one runs. It re-reads the file every
 /// [`POLL_EVERY`] while anyone watches, and ends when nobody does.
-fn ensure_poller(state: &Arc<ClusterState>) {
+pub(super) fn ensure_poller(state: &Arc<ClusterState>) {
     if state.polling.swap(true, Ordering::AcqRel) {
         return;
     }

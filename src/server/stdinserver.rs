@@ -500,6 +500,11 @@ pub async fn run_forced_command(dirs: &Dirs, identity: &str) -> Result<u8, Stdin
     if let Ok(cmd) = std::env::var("SSH_ORIGINAL_COMMAND") {
         tracing::debug!(original = %cmd.chars().take(200).collect::<String>(), "SSH_ORIGINAL_COMMAND ignored");
     }
+    // Stdout is the protocol; a misconfigured key line is worth one stderr line.
+    if let Some(w) = super::restrict::warnings().first() {
+        tracing::warn!(warning = %w, "stdinserver: authorized_keys line without restrict");
+        eprintln!("malai: warning: {w}");
+    }
     let mut candidates = vec![dirs.run.join(SOCKET_NAME)];
     // A server started from a login session has XDG_RUNTIME_DIR; sshd without PAM does
     // not give it to the forced command, which then looks in the data dir's fallback.

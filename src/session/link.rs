@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::open::{Closer, Session, SessionRead, SessionWrite, request_on};
 use super::own::OwnEndpoint;
-use super::{CONNECT_TIMEOUT, LINGER, Resolved, Route, SessionError, liveness};
+use super::{LINGER, Resolved, Route, SessionError, liveness};
 use crate::config::Server;
 use crate::control::client::ControlClient;
 use crate::id52::Id52;
@@ -45,13 +45,9 @@ impl Link {
                 hints: server.addrs.clone().into(),
             }),
             Route::Own(own) => {
-                let dialed = tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    own.node.connect(&server.id52, &server.addrs),
-                )
-                .await;
-                match dialed {
-                    Ok(Ok(conn)) => Ok(Link::Own {
+                let net = super::own::net_config(Some(&resolved.config))?;
+                match super::connect::dial_server(&own.node, server.into(), &net).await {
+                    Ok(conn) => Ok(Link::Own {
                         watchdog: Arc::new(liveness::watch(
                             own.node.clone(),
                             conn.clone(),
@@ -63,13 +59,9 @@ impl Link {
                         conn,
                         cluster: resolved.config.manager,
                     }),
-                    Ok(Err(e)) => {
+                    Err(e) => {
                         own.done(LINGER).await;
-                        Err(e.into())
-                    }
-                    Err(_) => {
-                        own.done(LINGER).await;
-                        Err(SessionError::Timeout("connecting"))
+                        Err(e)
                     }
                 }
             }

@@ -8,11 +8,14 @@
 //! - [`route`]: the routing policy (one function; its order is written there).
 //! - [`open`]: a request on a route → an accepted [`open::Session`].
 //! - [`dial`]: a request from a known endpoint or holder (config sync, the pools).
+//! - [`connect`]: a command's own dial to a server, naming the relays when they are why it
+//!   fails.
 //! - [`link`]: one route kept for many requests (native forwards).
 //! - [`own`]: the endpoint a command binds itself when nobody holds the key.
 //! - [`liveness`]: noticing a restarted server (boot id probes).
 //! - [`ssh_via`]: servers reached through OpenSSH + `malai ssh stdinserver`.
 
+pub mod connect;
 pub mod dial;
 pub mod link;
 pub mod liveness;

@@ -18,7 +18,7 @@ use super::{
 use crate::config::Server;
 use crate::id52::Id52;
 use crate::protocol::{self, FrameError, Header, Request, Response};
-use crate::transport::iroh::{Node, PeerConnection, RecvHalf, SendHalf};
+use crate::transport::iroh::{NetConfig, Node, PeerConnection, RecvHalf, SendHalf};
 
 /// An accepted request: the stream is ready for payload.
 ///
@@ -158,6 +158,15 @@ impl Session {
         }
     }
 
+    /// The path of this session's own connection (direct or relayed, address, RTT);
+    /// `None` through a key holder (ask its status) or `ssh-via`.
+    pub fn path(&self) -> Option<crate::transport::iroh::PathSummary> {
+        match &self.closer {
+            Closer::Iroh { conn, .. } => conn.path(),
+            Closer::Via | Closer::Ssh(_) => None,
+        }
+    }
+
     /// Close at once (after an error).
     pub async fn abort(mut self) {
         match self.closer {
@@ -248,7 +257,8 @@ pub async fn open_on(
         cluster: Some(resolved.config.manager),
         request,
     };
-    match handshake(&own.node, server, header).await {
+    let net = super::own::net_config(Some(&resolved.config))?;
+    match handshake(&own.node, server, header, &net).await {
         Ok((conn, send, recv)) => Ok(Session {
             closer: Closer::Iroh {
                 _watchdog: std::sync::Arc::new(liveness::watch(
@@ -285,10 +295,9 @@ async fn handshake(
     node: &Node,
     server: &Server,
     header: Header,
+    net: &NetConfig,
 ) -> Result<(PeerConnection, SendHalf, RecvHalf), SessionError> {
-    let conn = tokio::time::timeout(CONNECT_TIMEOUT, node.connect(&server.id52, &server.addrs))
-        .await
-        .map_err(|_| SessionError::Timeout("connecting"))??;
+    let conn = super::connect::dial_server(node, server.into(), net).await?;
     let (mut send, mut recv) = conn.open().await?;
     match exchange(&mut send, &mut recv, header).await {
         Ok(()) => Ok((conn, send, recv)),

@@ -4,7 +4,8 @@
 //! [`Syncer`] runs inside `malai ssh server` (and `malai ssh cluster serve`) on the manager's
 //! machine, on the manager's endpoint:
 //!
-//! - every [`TICK`] it checks the manager's file (mtime and size); a change, by hand or by
+//! - every [`TICK`] it checks the manager's file (a hash of its bytes: an edit can keep the
+//!   length and the mtime, issue 19 finding 7); a change, by hand or by
 //!   `cluster add/allow/remove`, is picked up there. The file members get is
 //!   `edit::strip_secrets` of it; an invalid file is logged and the last good one kept;
 //! - per member it keeps the hash that member last acknowledged, persisted in
@@ -28,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -161,7 +163,8 @@ struct Attempts {
 
 struct Inner {
     source: Option<Source>,
-    stamp: Option<(SystemTime, u64)>,
+    /// SHA-256 of the file's bytes at the last check.
+    stamp: Option<[u8; 32]>,
     state: SyncState,
     attempts: HashMap<Id52, Attempts>,
     dirty: bool,
@@ -266,9 +269,9 @@ impl Syncer {
     /// Re-read the manager's file if it changed on disk.
     fn refresh_source(&self) {
         let path = self.cd.file_path();
-        let stamp = std::fs::metadata(&path)
+        let stamp = std::fs::read(&path)
             .ok()
-            .and_then(|m| Some((m.modified().ok()?, m.len())));
+            .map(|b| sha2::Sha256::digest(&b).into());
         if stamp == self.lock().stamp {
             return;
         }

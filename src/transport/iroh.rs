@@ -146,7 +146,7 @@ impl NetConfig {
         }
     }
 
-    fn ca_roots(&self) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+    pub(super) fn ca_roots(&self) -> Result<Vec<CertificateDer<'static>>, TransportError> {
         let Some(pem) = &self.relay_ca else {
             return Ok(vec![]);
         };
@@ -310,6 +310,11 @@ impl Node {
 
     pub fn id52(&self) -> Id52 {
         to_id52(&self.endpoint.id())
+    }
+
+    /// The iroh endpoint, for the relay probe (`transport::probe`) only.
+    pub(super) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     /// The local UDP sockets (for `addrs` hints and log lines).

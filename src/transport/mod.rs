@@ -5,11 +5,14 @@
 //! - [`stdio`]: this process's stdin/stdout as a fast non-blocking stream (ProxyCommand).
 //! - [`fdpass`]: SCM_RIGHTS over unix sockets (stdinserver, agent).
 //! - [`fdstream`]: received fds (stdinserver's stdin/stdout) as async streams.
+//! - [`probe`]: a cluster's relays probed (TCP, TLS, HTTP, address discovery), each failure
+//!   named, for `malai ssh doctor` and for a dial that timed out.
 //! - [`pump`]: moving raw bytes both ways with half-close, shared by every raw-bytes path.
 
 pub mod fdpass;
 pub mod fdstream;
 pub mod iroh;
+pub mod probe;
 pub mod pump;
 pub mod rawfd;
 pub mod stdio;

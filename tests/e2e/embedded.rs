@@ -402,3 +402,287 @@ fn refused_sshd_falls_back_to_the_embedded_server() {
         tail(&log, 40)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Security review round two (issue 19): revocation and channel caps inside a session
+// ---------------------------------------------------------------------------------------------
+
+/// `ssh <args>` as `device` with stdout piped; returns once the first line is out.
+fn start_ssh(c: &TestCluster, device: &str, args: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = ssh(c, device)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ssh");
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut reader, &mut sink);
+    });
+    (child, line)
+}
+
+fn pids_matching(marker: &str) -> bool {
+    Command::new("pgrep")
+        .args(["-f", &format!("^{marker}")])
+        .output()
+        .expect("pgrep")
+        .status
+        .success()
+}
+
+/// One line from a TCP server on foo's loopback (a remote forward's listener), if any.
+fn fetch_line(port: u16) -> Option<String> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    (n > 0).then(|| String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn revocation_reaches_every_channel_and_forward_of_an_embedded_session() {
+    use std::time::Duration;
+    let c = TestCluster::builder("acme")
+        .manager("mgr")
+        .server_with("foo", SshTarget::Embedded)
+        .device("alice")
+        .device("bob")
+        .allow("foo", &["alice", "bob"])
+        .allow("foo.ls", &["alice"])
+        .build();
+    // A target for alice's remote forward: answers "hi" to every connection.
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target_port = target.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in target.incoming().flatten() {
+            let _ = std::io::Write::write_all(&mut { s }, b"hi\n");
+        }
+    });
+    let tag = std::process::id();
+    let a_marker = format!("sleep 4{tag}1");
+    let b_marker = format!("sleep 4{tag}2");
+    let listen = free_port();
+    let rspec = format!("127.0.0.1:{listen}:127.0.0.1:{target_port}");
+    // One SSH connection of alice's: a shell command and a remote forward.
+    let (mut alice, first) = start_ssh(
+        &c,
+        "alice",
+        &["-R", &rspec, "foo.acme", &format!("echo up; {a_marker}")],
+    );
+    assert_eq!(first, "up\n");
+    let (mut bob, first) = start_ssh(&c, "bob", &["foo.acme", &format!("echo up; {b_marker}")]);
+    assert_eq!(first, "up\n");
+    let served = poll_until(Duration::from_secs(10), || fetch_line(listen));
+    assert_eq!(served.as_deref(), Some("hi\n"), "alice's -R does not serve");
+
+    // `forwarding = false`: her existing -R stops, her command in the same session goes on.
+    c.edit_manager_file(|t| set_table_keys(&t, "server.foo", &[("forwarding", "false".into())]));
+    c.import_on("foo");
+    poll_until(Duration::from_secs(10), || {
+        fetch_line(listen).is_none().then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "alice's remote forward outlived `forwarding = false` by 10 s\n{}",
+            tail(&c.machine("foo").logs(), 30)
+        )
+    });
+    assert!(
+        alice.try_wait().unwrap().is_none(),
+        "alice's command was cut with her forward"
+    );
+
+    // Demoted to an `ls` scope: her running shell command is cut, with its process.
+    c.edit_manager_file(|t| set_table_keys(&t, "server.foo", &[("allow-from", toml_str("bob"))]));
+    c.import_on("foo");
+    let received = std::time::Instant::now();
+    let st =
+        poll_until(Duration::from_secs(10), || alice.try_wait().unwrap()).unwrap_or_else(|| {
+            let _ = alice.kill();
+            panic!(
+                "alice's shell outlived her demotion by 10 s\n{}",
+                tail(&c.machine("foo").logs(), 30)
+            )
+        });
+    assert_eq!(st.code(), Some(255), "a revoked command exits 255: {st:?}");
+    eprintln!(
+        "embedded revocation: alice's shell ended {:?} after foo received the file",
+        received.elapsed()
+    );
+    poll_until(Duration::from_secs(5), || {
+        (!pids_matching(&a_marker)).then_some(())
+    })
+    .expect("alice's command still runs on foo");
+    // What she still has works: a new `ls` through the embedded server.
+    let out = run_ssh(&c, "alice", &["foo.acme", "ls /"]);
+    assert_success(&out, "alice: ls / after the demotion");
+
+    // Allowed twin: bob's session, in the same server, goes on.
+    assert!(bob.try_wait().unwrap().is_none(), "bob's session was cut");
+    assert!(pids_matching(&b_marker));
+    let _ = bob.kill();
+    let _ = bob.wait();
+    let audit =
+        fs::read_to_string(c.machine("foo").home().join("logs/ssh/audit.log")).unwrap_or_default();
+    let revoked: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("\"revoked\""))
+        .collect();
+    assert!(
+        revoked.iter().any(|l| l.contains("\"forward\""))
+            && revoked.iter().any(|l| l.contains("\"exec\"")),
+        "the audit log lacks the revoked forward and exec:\n{audit}"
+    );
+}
+
+#[test]
+fn channels_of_one_embedded_connection_count_in_the_per_peer_cap() {
+    use std::time::Duration;
+    // Small per-peer cap: the connection's `tunnel` takes one slot, each channel another.
+    const MAX: usize = 4;
+    let c = TestCluster::builder("acme")
+        .manager("mgr")
+        .server_with("foo", SshTarget::Embedded)
+        .device("bob")
+        .device("carol")
+        .allow("foo.sleep", &["bob"])
+        .allow("foo.ls", &["carol"])
+        .start_servers(false)
+        .build();
+    let bind = c.server_bind("foo");
+    let _server = c.machine("foo").spawn_server_with_args(&[
+        "--bind".to_string(),
+        bind.to_string(),
+        "--max-requests-per-peer".to_string(),
+        MAX.to_string(),
+    ]);
+    // One OpenSSH connection of bob's, multiplexed: every `ssh -S` is a channel on it.
+    let mux = c.dir().join("bob.mux");
+    let mux_s = mux.display().to_string();
+    let mut master = ssh(&c, "bob")
+        .args(["-M", "-S", &mux_s, "-N", "foo.acme"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ssh -M");
+    poll_until(Duration::from_secs(15), || mux.exists().then_some(()))
+        .expect("the control master did not come up");
+    let tag = std::process::id();
+    let marker = format!("6{tag}");
+    let mut held = vec![];
+    for _ in 0..MAX - 1 {
+        let child = ssh(&c, "bob")
+            .args(["-S", &mux_s, "foo.acme", &format!("sleep {marker}")])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        held.push(child);
+    }
+    let count = || {
+        let out = Command::new("pgrep")
+            .args(["-c", "-f", &format!("^sleep {marker}")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<usize>()
+            .unwrap_or(0)
+    };
+    poll_until(Duration::from_secs(15), || {
+        (count() == MAX - 1).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{} of {} sleeps run", count(), MAX - 1));
+    // One more channel is over bob's cap: refused, nothing runs.
+    let out = run_ssh(
+        &c,
+        "bob",
+        &["-S", &mux_s, "foo.acme", &format!("sleep {marker}")],
+    );
+    assert_ne!(out.status.code(), Some(0), "{}", fmt_output(&out));
+    assert!(
+        stderr_of(&out).contains("too many concurrent requests"),
+        "{}",
+        fmt_output(&out)
+    );
+    assert_eq!(count(), MAX - 1);
+    // Deny twin's allowed side: another peer is served meanwhile.
+    let out = run_ssh(&c, "carol", &["foo.acme", "ls /"]);
+    assert_success(&out, "carol while bob is at his cap");
+    // Freed slots are reusable.
+    for mut h in held.drain(..) {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
+    poll_until(Duration::from_secs(10), || (count() == 0).then_some(()))
+        .expect("bob's sleeps did not end with their channels");
+    let out = run_ssh(&c, "bob", &["-S", &mux_s, "foo.acme", "sleep 0"]);
+    assert_success(&out, "bob after his channels closed");
+    let _ = master.kill();
+    let _ = master.wait();
+}
+
+#[test]
+fn peer_supplied_control_characters_reach_no_log_line_and_no_terminal() {
+    let c = acme();
+    // Text a member would like to see as a line of its own in foo's logs, with an escape
+    // sequence that clears the admin's screen.
+    let forged = "FORGED-19\u{1b}[2J";
+    // Through the embedded server: a refused command (its program is logged). (OpenSSH's
+    // client refuses such SSH user names; the same one writer escapes those too.)
+    let out = run_ssh(&c, "bob", &["foo.acme", &format!("id\n{forged}")]);
+    assert_exit_code(&out, 126, "bob's refused command");
+    // Natively: a denied exec whose command line goes to the audit log.
+    let out = c.machine("eve").run([
+        "ssh",
+        "foo.acme",
+        &format!("id\r\n{forged}\u{1b}]0;pwned\u{7}"),
+    ]);
+    assert_exit_code(&out, 255, "eve is denied");
+    // Allowed twin: bob's ordinary command runs and is logged as it is.
+    assert_success(&run_ssh(&c, "bob", &["foo.acme", "ls /"]), "bob: ls /");
+
+    let logs = c.machine("foo").logs();
+    assert!(
+        logs.contains("FORGED-19"),
+        "the forged text is not logged at all"
+    );
+    let bad: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.starts_with("FORGED-19") || l.contains('\u{1b}') || l.contains('\r'))
+        .collect();
+    assert!(bad.is_empty(), "forged log lines: {bad:?}");
+    let table = c.machine("foo").run_ok(["ssh", "audit"]);
+    assert!(table.contains("FORGED-19"), "{table}");
+    assert!(
+        !table.chars().any(|ch| ch.is_control() && ch != '\n'),
+        "control characters in `malai ssh audit`: {table:?}"
+    );
+    assert!(
+        !table.lines().any(|l| l.starts_with("FORGED-19")),
+        "{table}"
+    );
+    assert_eq!(
+        table.lines().filter(|l| l.contains("FORGED-19")).count(),
+        1,
+        "eve's one denial is one row: {table}"
+    );
+}

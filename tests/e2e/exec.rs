@@ -211,7 +211,11 @@ fn stdout_and_stderr_stay_apart_and_binary_safe() {
         fmt_output(&out)
     );
 
-    // The argument shapes rsync, git and muscle memory give to ssh.
+    // The argument shapes rsync, git and muscle memory give to ssh. (Issue 24: a user
+    // other than the server's and an `-o` keyword OpenSSH does not know are refused now,
+    // see `a_user_other_than_the_servers_is_refused_by_name`; the shapes use accepted ones.)
+    let me = own_user();
+    let at_host = format!("{me}@foo.acme");
     let out = malai_ssh(
         &c,
         "alice",
@@ -219,10 +223,10 @@ fn stdout_and_stderr_stay_apart_and_binary_safe() {
             "-p",
             "22",
             "-l",
-            "nobody",
+            &me,
             "-o",
             "BatchMode=yes",
-            "-oNoSuchOption=1",
+            "-oServerAliveInterval=1",
             "-x",
             "-a",
             "-4",
@@ -230,7 +234,7 @@ fn stdout_and_stderr_stay_apart_and_binary_safe() {
             "none",
             "-T",
             "--",
-            "root@foo.acme",
+            &at_host,
             "echo",
             "shapes ok",
         ],
@@ -1033,4 +1037,143 @@ fn group_run_prefixes_output_and_fails_if_one_host_fails() {
         "expected one summary line for baz on stderr\n{}",
         fmt_output(&out)
     );
+}
+
+/// The name of the user the test (and so every simulated server) runs as.
+fn own_user() -> String {
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .expect("the test's own user has a passwd entry")
+}
+
+/// Issue 24 item 3: a user name is no longer dropped. Native exec runs commands only as
+/// the server's own user, so every spelling of another user is refused with one line
+/// naming both; the server's own name (any spelling) runs as before.
+#[test]
+fn a_user_other_than_the_servers_is_refused_by_name() {
+    let c = acme();
+    let me = own_user();
+    let spellings = |user: &str| -> Vec<Vec<String>> {
+        vec![
+            vec!["-l".into(), user.into(), "foo.acme".into()],
+            vec![format!("{user}@foo.acme")],
+            vec!["-o".into(), format!("User={user}"), "foo.acme".into()],
+        ]
+    };
+    for mut args in spellings("nobody") {
+        args.push("echo ran".into());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = malai_ssh(&c, "alice", &argv);
+        assert_one_malai_line(
+            &out,
+            &format!("only as its own user \"{me}\", not as \"nobody\""),
+            &format!("alice: malai ssh {argv:?}"),
+        );
+    }
+    for mut args in spellings(&me) {
+        args.push("echo ran as $(id -un)".into());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = malai_ssh(&c, "alice", &argv);
+        assert_success(&out, &format!("alice: malai ssh {argv:?}"));
+        assert_eq!(
+            stdout_of(&out),
+            format!("ran as {me}\n"),
+            "{}",
+            fmt_output(&out)
+        );
+    }
+}
+
+/// Issue 24 item 3: `-S`, an unknown `-o`, `-v` and `-E` are no longer accepted and
+/// ignored. `-S` (a control socket) and a keyword OpenSSH does not know are errors, their
+/// harmless twins (`-S none`, a real keyword) run; `-v` puts malai's log on stderr, `-E`
+/// puts it in the named file and keeps stderr clean; an `-E` file that cannot be opened is
+/// an error before anything runs.
+#[test]
+fn ssh_flags_once_ignored_are_honoured_or_refused() {
+    let c = acme();
+    let out = malai_ssh(&c, "alice", &["-o", "Bogus=1", "foo.acme", "echo ran"]);
+    assert_one_malai_line(&out, "unknown ssh option \"Bogus\"", "-o Bogus=1");
+    let out = malai_ssh(
+        &c,
+        "alice",
+        &["-o", "ServerAliveInterval=5", "foo.acme", "echo ran"],
+    );
+    assert_success(&out, "-o ServerAliveInterval=5");
+    assert_eq!(stdout_of(&out), "ran\n");
+
+    let out = malai_ssh(
+        &c,
+        "alice",
+        &["-S", "/tmp/ctl-sock", "foo.acme", "echo ran"],
+    );
+    assert_one_malai_line(&out, "-S is not supported", "-S /tmp/ctl-sock");
+    let out = malai_ssh(&c, "alice", &["-S", "none", "foo.acme", "echo ran"]);
+    assert_success(&out, "-S none");
+    assert_eq!(stdout_of(&out), "ran\n");
+
+    // Without -v, nothing but the command's own output.
+    let out = malai_ssh(&c, "alice", &["foo.acme", "echo ran"]);
+    assert_success(&out, "no -v");
+    assert!(out.stderr.is_empty(), "{}", fmt_output(&out));
+    let out = malai_ssh(&c, "alice", &["-v", "foo.acme", "echo ran"]);
+    assert_success(&out, "-v");
+    assert_eq!(stdout_of(&out), "ran\n", "stdout stays payload only");
+    assert!(
+        stderr_of(&out).contains("malai"),
+        "-v must put malai's log on stderr\n{}",
+        fmt_output(&out)
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("exec.log");
+    let log_s = log.to_str().expect("utf-8 path");
+    let out = malai_ssh(&c, "alice", &["-v", "-E", log_s, "foo.acme", "echo ran"]);
+    assert_success(&out, "-v -E file");
+    assert_eq!(stdout_of(&out), "ran\n");
+    assert!(
+        out.stderr.is_empty(),
+        "-E keeps stderr clean\n{}",
+        fmt_output(&out)
+    );
+    let text = fs::read_to_string(&log).expect("-E file written");
+    assert!(text.contains("malai"), "-E file holds the log: {text:?}");
+
+    let bad = dir.path().join("no-such-dir").join("x.log");
+    let out = malai_ssh(
+        &c,
+        "alice",
+        &["-E", bad.to_str().unwrap(), "foo.acme", "echo ran"],
+    );
+    assert_one_malai_line(&out, "cannot open the log file", "-E into a missing folder");
+}
+
+/// Issue 24 item 9: a mistyped subcommand is not only an "unknown host": the line says
+/// "no such command or host" and lists the commands. A real bare host name and a real
+/// subcommand still work, and a dotted name keeps the plain unknown-host message.
+#[test]
+fn a_mistyped_subcommand_says_no_such_command_or_host() {
+    let c = acme();
+    let out = malai_ssh(&c, "alice", &["stauts"]);
+    assert_one_malai_line(
+        &out,
+        "no such command or host \"stauts\"",
+        "malai ssh stauts",
+    );
+    assert!(stderr_of(&out).contains("status"), "{}", fmt_output(&out));
+    let out = malai_ssh(&c, "alice", &["nosuch.acme", "true"]);
+    assert_one_malai_line(&out, "unknown host", "malai ssh nosuch.acme");
+    assert!(
+        !stderr_of(&out).contains("no such command"),
+        "{}",
+        fmt_output(&out)
+    );
+
+    let out = malai_ssh(&c, "alice", &["foo", "echo bare-host"]);
+    assert_success(&out, "malai ssh foo (bare host name)");
+    assert_eq!(stdout_of(&out), "bare-host\n");
+    let out = malai_ssh(&c, "alice", &["status"]);
+    assert_success(&out, "malai ssh status");
 }

@@ -761,6 +761,7 @@ fn one_peer_over_its_request_cap_is_refused_while_others_are_served() {
                     command: Some("sleep 60".into()),
                     env: vec![],
                     pty: None,
+                    user: None,
                 }),
             };
             malai::protocol::write_frame(&mut frame, &h)

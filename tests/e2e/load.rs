@@ -142,6 +142,7 @@ fn thousand_concurrent_exec_true_from_fifty_peers() {
                             command: Some("true".into()),
                             env: vec![],
                             pty: None,
+                            user: None,
                         });
                         let (mut s, mut r) = malai::session::request_on(&conn, cluster, req)
                             .await

@@ -39,5 +39,9 @@ mod demo;
 mod secrets;
 // Security review (issue 12): concurrent cluster edits, revocation, strangers.
 mod security;
+// Installing like a system tool: the Debian package (cargo-deb), systemd units verified.
+mod package;
+// `malai ssh doctor`: healthy, refused peer, stopped sshd, stopped/missing holder, relay CA.
+mod doctor;
 // First use (issue 24): devices follow the manager, lockdown for every key reader, messages.
 mod firstuse;

@@ -340,3 +340,71 @@ fn a_handshake_flood_from_fresh_keys_does_not_stop_a_member() {
     let out = c.machine("alice").run(["ssh", "foo.acme", "echo", "after"]);
     assert_success(&out, "alice after the flood");
 }
+
+/// Issue 19, finding 1: a connection to the server's control socket from its own uid but
+/// without the holder's token — what sshd's `-L x.sock:<run dir>/server-control.sock`
+/// gives a key bound to `stdinserver` without `restrict` — gets a hello and nothing more.
+#[test]
+fn the_control_socket_wants_its_token_not_just_the_uid() {
+    use malai::control::protocol::{self, FromHolder, ToHolder, VERSION};
+    let c = TestCluster::builder("acme")
+        .manager("mgr")
+        .server_with("foo", SshTarget::Unset)
+        .device("alice")
+        .allow("foo", &["alice"])
+        .build();
+    let sock = c.machine("foo").home().join("run/server-control.sock");
+    assert!(sock.exists(), "no control socket at {}", sock.display());
+    let alice: malai::id52::Id52 = c.id52("alice").parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ask = |token: Option<String>, request: ToHolder| {
+        rt.block_on(async {
+            let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+            protocol::write(
+                &mut s,
+                &ToHolder::Hello {
+                    version: VERSION,
+                    token,
+                },
+            )
+            .await
+            .unwrap();
+            let hello: FromHolder = protocol::read(&mut s).await.unwrap();
+            assert!(matches!(hello, FromHolder::Hello(_)), "{hello:?}");
+            // Refused right after the hello, the socket may be closed already.
+            let _ = protocol::write(&mut s, &request).await;
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                protocol::read::<_, FromHolder>(&mut s),
+            )
+            .await
+            .expect("no answer")
+        })
+    };
+    // A `stream` needs no descriptors: without the token it must not dial anyone as foo.
+    let stream = || ToHolder::Stream {
+        cluster: "acme".into(),
+        peer: alice,
+        hints: vec![],
+        request: malai::protocol::Request::Ping,
+    };
+    for req in [ToHolder::Status, stream()] {
+        let got = ask(None, req);
+        assert!(
+            matches!(&got, Ok(FromHolder::Failed { message, .. }) if message.contains("token")),
+            "served without the token: {got:?}"
+        );
+        let got = ask(Some("0".repeat(64)), ToHolder::Status);
+        assert!(
+            matches!(&got, Ok(FromHolder::Failed { .. })),
+            "served with a wrong token: {got:?}"
+        );
+    }
+    // Allowed twin: malai's own processes read the token next to the socket.
+    let token = malai::control::token::read(&sock).expect("no token file");
+    let got = ask(Some(token), ToHolder::Status);
+    assert!(
+        matches!(got, Ok(FromHolder::Status(_))),
+        "the token's holder was refused: {got:?}"
+    );
+}

@@ -991,3 +991,36 @@ fn one_machine_in_two_clusters_serves_both_with_the_right_keys() {
         "{err}"
     );
 }
+
+/// Issue 19, finding 7: the manager's sync loop noticed a change by mtime and size, so an
+/// edit that kept both was never pushed (and the old ACL stayed in force on the members).
+#[test]
+fn a_same_length_edit_with_the_mtime_kept_is_still_pushed() {
+    let c = TestCluster::builder("acme")
+        .server_with("foo", SshTarget::Unset)
+        .device("alice")
+        .device("carol")
+        .allow("foo", &["alice"])
+        .build();
+    let (_mgr, _) = start_manager(&c);
+    wait_synced(&c, &["foo"]);
+    let path = c.manager_file();
+    let before = fs::read_to_string(&path).unwrap();
+    let mtime = fs::metadata(&path).unwrap().modified().unwrap();
+    let after = before.replacen("\"alice\"", "\"carol\"", 1);
+    assert!(
+        after != before && after.len() == before.len(),
+        "no same-length edit to make:\n{before}"
+    );
+    // Give the sync loop a tick to have seen the first version, then edit in place.
+    std::thread::sleep(Duration::from_secs(2));
+    fs::write(&path, &after).unwrap();
+    let f = fs::File::options().write(true).open(&path).unwrap();
+    f.set_times(fs::FileTimes::new().set_modified(mtime))
+        .unwrap();
+    drop(f);
+    assert_eq!(fs::metadata(&path).unwrap().modified().unwrap(), mtime);
+    wait_synced(&c, &["foo"]);
+    let got = String::from_utf8(member_file(&c, "foo")).unwrap();
+    assert!(got.contains("\"carol\""), "{got}");
+}

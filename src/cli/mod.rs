@@ -3,17 +3,21 @@
 //! Errors are mapped once, in `main`: one line on stderr prefixed `malai: `, exit 255 for
 //! malai's own failures (the OpenSSH convention), nothing ever on stdout but payload or the
 //! value a command was asked to print.
+//!
+//! The subcommand groups that need more than a line have a file each: [`cluster`] (admin
+//! commands) and [`agent`] (the agent, `status`, `curl`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::MemberKind;
 use crate::config::paths::Dirs;
-use crate::id52::Id52;
+
+mod agent;
+mod cluster;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -147,6 +151,28 @@ pub enum SshCommand {
         #[arg(long, hide = true)]
         under_lock: bool,
     },
+    /// Why can't I connect? One line per check, each ✔ or ✘ with the reason and the fix.
+    ///
+    /// Checks local files and permissions, each cluster and this machine's role in it, who holds
+    /// each key and whether it answers, each relay (TLS, latency) and QUIC address
+    /// discovery; with a host: the name, the dial (direct or relayed), the server's ACL
+    /// answer and its sshd. Exit status 0 only when every check passes.
+    Doctor {
+        /// A host to check end to end (foo.<cluster>, …).
+        host: Option<String>,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script: `malai ssh completions bash > /etc/bash_completion.d/malai`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (malai.1, malai-ssh.1, malai-ssh-<command>.1, …) into <dir>;
+    /// without one, print malai-ssh(1).
+    #[command(hide = true)]
+    Man { dir: Option<PathBuf> },
     /// Run the system curl through the agent's HTTP proxy (starting the agent if needed):
     /// `malai ssh curl http://web.foo.acme/`. curl's exit status is passed through.
     #[command(disable_help_flag = true)]
@@ -274,76 +300,15 @@ pub enum ClusterCommand {
     },
 }
 
-/// Warn (stderr) about command scopes that let their peers run any program: a program that
-/// runs others (`rsync -e`, `git -c`, `find -exec`, shells…) with no `args` pinned.
-fn warn_scopes(cd: &crate::config::store::ClusterDir) {
-    if let Ok(cfg) = cd.load() {
-        for w in cfg.scope_warnings() {
-            eprintln!("malai: warning: {w}");
-        }
-    }
-}
-
 /// A status to exit with and nothing to print: the message (if any) is already out.
 #[derive(Debug, thiserror::Error)]
 #[error("exit status {0}")]
 pub struct ExitStatus(pub u8);
 
-/// Join by domain: look the manager up in DNS, say whether DNSSEC vouched for it, and
-/// take it only if the user pinned the same id52 (`--manager`) or confirms it on a
-/// terminal. DNS is not trusted (a forged answer makes the forger the manager, who can
-/// then push an ACL giving itself a shell), so without a person or a pin this refuses.
-async fn confirm_dns_manager(domain: &str, pin: Option<Id52>) -> anyhow::Result<Id52> {
-    use crate::cluster::dns::Validation;
-    use std::io::{BufRead, IsTerminal, Write};
-    let found = crate::cluster::dns::manager_of(domain).await?;
-    let m = found.manager;
-    eprintln!(
-        "malai: {domain}: DNS names manager {m} ({})",
-        found.validation
-    );
-    if let Some(p) = pin {
-        if p != m {
-            anyhow::bail!(
-                "{domain}: DNS names manager {m}, but --manager says {p}: refusing to join (a forged DNS answer, or a stale record)"
-            );
-        }
-        return Ok(m);
-    }
-    if found.validation == Validation::Bogus {
-        anyhow::bail!(
-            "{domain}: the DNS answer failed DNSSEC validation; refusing it (pin the manager you checked with --manager <id52>, or pass it as the second argument)"
-        );
-    }
-    let hint = format!(
-        "check the id52 with the manager's admin (`malai ssh id52 {domain}` on the manager), then run `malai ssh cluster join {domain} --manager <id52>`"
-    );
-    if !(std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
-        anyhow::bail!(
-            "{domain}: not joining a manager found in DNS without confirmation (no terminal to ask on); {hint}"
-        );
-    }
-    eprint!("Is {m} the manager of {domain}? Check it with the manager's admin. Join? [y/N] ");
-    let _ = std::io::stderr().flush();
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line)?;
-    if matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
-        Ok(m)
-    } else {
-        anyhow::bail!("{domain}: not confirmed; nothing joined")
-    }
-}
-
-fn parse_id52(s: &str, what: &str) -> anyhow::Result<Id52> {
-    s.parse::<Id52>()
-        .with_context(|| format!("{what} {s:?} is not an id52"))
-}
-
 /// If `args` (the whole argv) is the ssh-like shape `malai ssh [flags] <host> [command…]`
 /// rather than a subcommand, return the part after `ssh`. Subcommand names win over host
 /// names; `malai ssh -- <host>` reaches a host that is named like a subcommand.
 pub fn exec_shape(args: &[String]) -> Option<Vec<String>> {
-    use clap::CommandFactory;
     if args.get(1).map(String::as_str) != Some("ssh") {
         return None;
     }
@@ -360,6 +325,36 @@ pub fn exec_shape(args: &[String]) -> Option<Vec<String>> {
         return None;
     }
     Some(args[2..].to_vec())
+}
+
+/// The error line for `malai ssh <word> …` when `<word>` names no host and could have been
+/// meant as a subcommand (one label, no cluster part): `malai ssh stauts` says "no such
+/// command or host" and lists the commands, instead of only "unknown host".
+pub fn mistyped_command(host: &str, e: &crate::session::SessionError) -> Option<String> {
+    use crate::config::ResolveError;
+    use crate::session::SessionError;
+    use clap::CommandFactory;
+    let unknown = matches!(
+        e,
+        SessionError::Resolve(ResolveError::NotFound { .. } | ResolveError::NoClusters(_))
+    );
+    if !unknown || host.is_empty() || host.contains('.') || host.contains(':') {
+        return None;
+    }
+    let cmd = Cli::command();
+    let commands: Vec<String> = cmd
+        .find_subcommand("ssh")?
+        .get_subcommands()
+        .filter(|c| !c.is_hide_set())
+        .map(|c| c.get_name().to_string())
+        .collect();
+    let reason = e.to_string();
+    let prefix = format!("unknown host {host:?}: ");
+    let reason = reason.strip_prefix(&prefix).unwrap_or(&reason);
+    Some(format!(
+        "no such command or host {host:?}: not a command ({}), and {reason}",
+        commands.join(", ")
+    ))
 }
 
 /// Which log file a command writes to.
@@ -386,7 +381,7 @@ pub fn log_name(cli: &Cli) -> &'static str {
 pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
     let Top::Ssh { command } = cli.command;
     match command {
-        SshCommand::Cluster { command } => cluster(command, dirs).await,
+        SshCommand::Cluster { command } => cluster::run(command, dirs).await,
         SshCommand::Id52 { cluster } => {
             let cd = match cluster {
                 Some(c) => crate::config::store::ClusterDir::open(&dirs, &c)?,
@@ -431,7 +426,7 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&holders)?);
             } else {
-                print!("{}", render_status(&holders));
+                print!("{}", agent::render_status(&holders));
             }
             Ok(())
         }
@@ -466,139 +461,36 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
             lockdown,
             http,
             under_lock,
-        } => agent(dirs, command, environment, lockdown, http, under_lock).await,
-        SshCommand::Curl { args } => curl(dirs, args).await,
-    }
-}
-
-async fn cluster(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
-    use crate::cluster as c;
-    let dirs = &dirs;
-    match cmd {
-        ClusterCommand::Init { alias } => {
-            let id = c::init(dirs, &alias)?;
-            println!("{id}");
-            eprintln!(
-                "malai: created cluster {alias}; edit {}",
-                dirs.cluster_dir(&alias)
-                    .join(crate::config::CLUSTER_FILE)
-                    .display()
-            );
-        }
-        ClusterCommand::Join {
-            alias,
-            manager,
-            pin,
-        } => {
-            let pin = pin.map(|p| parse_id52(&p, "--manager")).transpose()?;
-            let by_domain = manager.is_none();
-            let m = match manager {
-                Some(m) => {
-                    let m = parse_id52(&m, "manager")?;
-                    if let Some(p) = pin
-                        && p != m
-                    {
-                        anyhow::bail!("the manager id52 and --manager differ");
-                    }
-                    m
-                }
-                None => confirm_dns_manager(&alias, pin).await?,
-            };
-            println!("{}", c::join(dirs, &alias, &m, by_domain)?);
-        }
-        ClusterCommand::Add {
-            kind,
-            name,
-            id52,
-            cluster,
-        } => {
-            let id = parse_id52(&id52, "member")?;
-            let kind = match kind {
-                Kind::Server => MemberKind::Server,
-                Kind::Device => MemberKind::Device,
-            };
-            warn_scopes(&c::add(dirs, cluster.as_deref(), kind, &name, &id)?);
-        }
-        ClusterCommand::Allow {
-            server,
-            who,
-            cluster,
-        } => {
-            warn_scopes(&c::allow(dirs, cluster.as_deref(), &server, &who)?);
-        }
-        ClusterCommand::Import { alias, file } => {
-            c::import(dirs, &alias, &file)?;
-        }
-        ClusterCommand::Remove { name, cluster } => {
-            warn_scopes(&c::remove(dirs, cluster.as_deref(), &name)?);
-        }
-        ClusterCommand::Status { cluster, json } => {
-            if let Ok(cd) = c::pick_cluster(dirs, cluster.as_deref()) {
-                warn_scopes(&cd);
-            }
-            let s = c::status::status(dirs, cluster.as_deref()).await?;
+        } => agent::run(dirs, command, environment, lockdown, http, under_lock).await,
+        SshCommand::Curl { args } => agent::curl(dirs, args).await,
+        SshCommand::Doctor { host, json } => {
+            let report = crate::doctor::run(&dirs, host.as_deref()).await;
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!(
-                    "{}",
-                    c::status::render(&s, crate::sync::manager::unix_now())
-                );
+                print!("{}", crate::doctor::render(&report));
+            }
+            if report.ok {
+                Ok(())
+            } else {
+                Err(ExitStatus(1).into())
             }
         }
-        ClusterCommand::DnsRecord { alias } => {
-            println!("{}", c::dns_record(dirs, alias.as_deref())?);
+        SshCommand::Completions { shell } => {
+            print_bytes(&crate::manuals::completions(Cli::command(), shell))
         }
-        ClusterCommand::Serve { bind } => serve(dirs.clone(), bind, true).await?,
-        ClusterCommand::Push {
-            cluster,
-            to,
-            file,
-            dry_run,
-        } => {
-            if let Ok(cd) = c::pick_cluster(dirs, cluster.as_deref()) {
-                warn_scopes(&cd);
-            }
-            if dry_run {
-                let cd = c::pick_cluster(dirs, cluster.as_deref())?;
-                print!("{}", c::pushed_text(&cd, file.as_deref())?);
-                return Ok(());
-            }
-            let reports = c::push_now(dirs, cluster.as_deref(), &to, file.as_deref()).await?;
-            let mut failed = 0;
-            for r in &reports {
-                use crate::protocol::config::{PushAck, short_hash};
-                let line = match &r.result {
-                    Ok(PushAck::Applied { hash }) => format!("applied {}", short_hash(hash)),
-                    Ok(PushAck::Unchanged { hash }) => format!("unchanged {}", short_hash(hash)),
-                    Ok(PushAck::Refused { reason, .. }) => {
-                        failed += 1;
-                        format!("refused: {reason}")
+        SshCommand::Man { dir } => {
+            match dir {
+                Some(d) => {
+                    for name in crate::manuals::write_man_pages(Cli::command(), &d)? {
+                        eprintln!("malai: wrote {}", d.join(name).display());
                     }
-                    Err(e) => {
-                        failed += 1;
-                        format!("failed: {e}")
-                    }
-                };
-                println!("{}: {line}", r.member);
+                }
+                None => return print_bytes(&crate::manuals::ssh_man_page(Cli::command())?),
             }
-            if failed > 0 {
-                anyhow::bail!("{failed} of {} pushes did not apply", reports.len());
-            }
-        }
-        ClusterCommand::Pull { cluster, from } => {
-            let applied = c::pull(dirs, cluster.as_deref(), &from).await?;
-            let what = match &applied {
-                crate::sync::member::Applied::Replaced(_) => "updated",
-                crate::sync::member::Applied::Unchanged(_) => "already current",
-            };
-            eprintln!(
-                "malai: cluster file {what} ({})",
-                crate::protocol::config::short_hash(applied.hash())
-            );
+            Ok(())
         }
     }
-    Ok(())
 }
 
 async fn serve(dirs: Dirs, bind: Option<SocketAddr>, managed_only: bool) -> anyhow::Result<()> {
@@ -632,247 +524,11 @@ async fn serve(dirs: Dirs, bind: Option<SocketAddr>, managed_only: bool) -> anyh
     Ok(())
 }
 
-/// The agent at `path`, or `None` when none runs there (no socket file, or one nobody
-/// listens on). The trust checks come first: a socket someone else planted is an error,
-/// never connected to.
-async fn connect_agent(
-    path: &std::path::Path,
-) -> Result<Option<crate::control::client::ControlClient>, crate::control::client::ConnectError> {
-    use crate::control::client::{ConnectError, ControlClient};
-    match ControlClient::connect(path).await {
-        Ok(c) => Ok(Some(c)),
-        Err(_) if std::fs::symlink_metadata(path).is_err() => Ok(None),
-        Err(ConnectError::Unreachable { source, .. })
-            if source.kind() == std::io::ErrorKind::ConnectionRefused =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(e),
+/// Write generated text to stdout; a reader that stopped early (`| head`) is no error.
+fn print_bytes(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
-}
-
-/// `malai ssh agent …`.
-async fn agent(
-    dirs: Dirs,
-    command: Option<AgentCommand>,
-    environment: bool,
-    lockdown: bool,
-    http: bool,
-    under_lock: bool,
-) -> anyhow::Result<()> {
-    use crate::agent::launch;
-    let socket =
-        || crate::control::socket_from_env().unwrap_or_else(|| crate::control::agent_socket(&dirs));
-    match command {
-        Some(AgentCommand::Status { json }) => {
-            let path = socket();
-            let Some(client) = connect_agent(&path).await? else {
-                anyhow::bail!(
-                    "no agent is running (nothing answers on {}); start one with: eval \"$(malai ssh agent -e)\"",
-                    path.display()
-                );
-            };
-            let status = client.status().await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print!("{}", render_agent_status(&status));
-            }
-            Ok(())
-        }
-        Some(AgentCommand::Stop) => {
-            let path = socket();
-            let Some(client) = connect_agent(&path).await? else {
-                eprintln!(
-                    "malai: no agent is running (nothing answers on {}); nothing to stop",
-                    path.display()
-                );
-                return Ok(());
-            };
-            let hello = client.hello.clone();
-            client.stop().await?;
-            // Return once the socket is gone, so a following `agent -e` starts afresh; a
-            // socket still there after 5 s is a failure, not "ok".
-            for _ in 0..250 {
-                if !path.exists() {
-                    eprintln!("malai: {}", launch::stopped_line(&path, &hello));
-                    return Ok(());
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            anyhow::bail!(
-                "the agent said it is stopping, but its socket {} is still there after 5 s",
-                path.display()
-            )
-        }
-        None if environment => {
-            let running = launch::ensure_running(&dirs, http).await?;
-            let http_addr = if http { running.hello.http } else { None };
-            if http && http_addr.is_none() {
-                eprintln!(
-                    "malai: the running agent has no HTTP proxy (started with --http=false); `malai ssh agent stop` and start it again to get one"
-                );
-            }
-            print!(
-                "{}",
-                launch::export_lines(&running.socket, lockdown, http_addr)
-            );
-            Ok(())
-        }
-        None => {
-            let shutdown = CancellationToken::new();
-            let token = shutdown.clone();
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = term.recv() => {},
-                    _ = hup.recv() => {},
-                    _ = tokio::signal::ctrl_c() => {},
-                    _ = token.cancelled() => return,
-                }
-                tracing::info!("signal received; agent shutting down");
-                token.cancel();
-            });
-            let opts = crate::agent::daemon::AgentOptions { http, under_lock };
-            let result = crate::agent::daemon::run(dirs, opts, shutdown.clone(), |ready| {
-                eprintln!("malai: agent ready on {}", ready.socket.display());
-                if let Some(a) = ready.http {
-                    eprintln!("malai: HTTP proxy on http://{a}");
-                }
-            })
-            .await;
-            shutdown.cancel();
-            Ok(result?)
-        }
-    }
-}
-
-/// Human-readable `malai ssh status`.
-pub fn render_status(holders: &[crate::control::LiveHolder]) -> String {
-    if holders.is_empty() {
-        return "no malai ssh server or agent is running here; no cluster connections\n".into();
-    }
-    let mut rows = vec![[
-        "HOLDER".to_string(),
-        "CLUSTER".into(),
-        "PEER".into(),
-        "DIR".into(),
-        "PATH".into(),
-        "ADDRESS".into(),
-        "RTT".into(),
-    ]];
-    for h in holders {
-        let who = format!("{} {}", h.role, h.status.pid);
-        if h.status.connections.is_empty() {
-            rows.push([
-                who.clone(),
-                "-".into(),
-                "-".into(),
-                "".into(),
-                "".into(),
-                "".into(),
-                "".into(),
-            ]);
-        }
-        for c in &h.status.connections {
-            rows.push([
-                who.clone(),
-                c.cluster.clone(),
-                c.server.clone(),
-                c.direction.clone(),
-                if c.path.is_empty() {
-                    "-".into()
-                } else {
-                    c.path.clone()
-                },
-                c.addr.clone(),
-                c.rtt_ms.map(|r| format!("{r:.1} ms")).unwrap_or_default(),
-            ]);
-        }
-    }
-    let mut widths = [0usize; 7];
-    for r in &rows {
-        for (w, cell) in widths.iter_mut().zip(r) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut out = String::new();
-    for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    // Which clusters each holder serves, and why not the others.
-    for h in holders {
-        let serves = match h.status.clusters.is_empty() {
-            true => "(none)".to_string(),
-            false => h.status.clusters.join(", "),
-        };
-        out.push_str(&format!("{} {} serves: {serves}\n", h.role, h.status.pid));
-        for (cluster, why) in &h.status.not_served {
-            out.push_str(&format!(
-                "{} {} does not serve {cluster}: {why}\n",
-                h.role, h.status.pid
-            ));
-        }
-    }
-    out
-}
-
-/// Human-readable `agent status`.
-pub fn render_agent_status(s: &crate::control::protocol::HolderStatus) -> String {
-    let mut out = format!(
-        "agent pid {} (control protocol {}) on {}\n",
-        s.pid, s.version, s.socket
-    );
-    match s.http {
-        Some(a) => out.push_str(&format!("http proxy: http://{a}\n")),
-        None => out.push_str("http proxy: off\n"),
-    }
-    out.push_str(&format!("clusters: {}\n", s.clusters.join(", ")));
-    for (cluster, why) in &s.not_served {
-        out.push_str(&format!("not serving {cluster}: {why}\n"));
-    }
-    out.push_str(&format!("dials: {}\n", s.dials));
-    out.push_str(&format!("requests: {}\n", s.requests));
-    for c in &s.connections {
-        out.push_str(&format!(
-            "connection {}/{}: active {}, requests {}, idle {} s, {} {}\n",
-            c.cluster,
-            c.server,
-            c.active,
-            c.requests,
-            c.idle_secs,
-            if c.path.is_empty() { "-" } else { &c.path },
-            c.addr
-        ));
-    }
-    out
-}
-
-/// `malai ssh curl …`: curl with the agent's proxy in its environment. curl replaces this
-/// process, so its exit status (and signals) are the caller's to see, untouched.
-async fn curl(dirs: Dirs, args: Vec<String>) -> anyhow::Result<()> {
-    use std::os::unix::process::CommandExt;
-    let running = crate::agent::launch::ensure_running(&dirs, true).await?;
-    let Some(addr) = running.hello.http else {
-        anyhow::bail!(
-            "the running agent has no HTTP proxy (started with --http=false); `malai ssh agent stop` and retry"
-        );
-    };
-    let url = format!("http://{addr}");
-    let err = std::process::Command::new("curl")
-        .args(&args)
-        .env("http_proxy", &url)
-        .env("HTTP_PROXY", &url)
-        .env("https_proxy", &url)
-        .env("HTTPS_PROXY", &url)
-        .exec();
-    Err(anyhow::anyhow!("cannot run curl: {err}"))
 }
