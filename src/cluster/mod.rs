@@ -130,10 +130,13 @@ pub fn join(
 /// The cluster this machine manages: the one named, or the only one.
 pub fn managed_cluster(dirs: &Dirs, name: Option<&str>) -> Result<ClusterDir, ClusterError> {
     let mut managed = vec![];
+    let mut member_of = vec![];
     for cd in list_clusters(dirs)? {
         let me = keys::id52(&cd.dir).ok();
         if me.is_some() && me == cd.manager_id()? {
             managed.push(cd);
+        } else {
+            member_of.push(cd.alias);
         }
     }
     match name {
@@ -141,6 +144,11 @@ pub fn managed_cluster(dirs: &Dirs, name: Option<&str>) -> Result<ClusterDir, Cl
             ClusterError::Usage(format!("this machine is not the manager of a cluster {n:?}"))
         }),
         None => match managed.len() {
+            // A member asking a manager's question: point at the manager, not at `init`.
+            0 if !member_of.is_empty() => Err(ClusterError::Usage(format!(
+                "this machine is a member of {}, not its manager: run this on the manager (a member catches up with `malai ssh cluster pull`)",
+                member_of.join(", ")
+            ))),
             0 => Err(ClusterError::Usage(
                 "this machine manages no cluster (create one with `malai ssh cluster init <alias>`)"
                     .into(),
