@@ -231,6 +231,16 @@ fn lockdown_refuses_every_key_reader_without_an_agent_and_each_works_with_one() 
         );
     }
     drop(_hidden);
+    // Every request has ended: no pooled connection still counts one (issue 24, item 9:
+    // after a `cluster pull` one stayed "active" and was never closed).
+    let idle = poll_until(Duration::from_secs(10), || {
+        let raw = agent.status()["raw"].clone();
+        (!raw
+            .lines()
+            .any(|l| l.contains("connection ") && !l.contains("active 0")))
+        .then_some(())
+    });
+    assert!(idle.is_some(), "{}", agent.status()["raw"]);
 
     // The manager's commands, with its server (the usual key holder) stopped.
     drop(mgr);
