@@ -127,7 +127,7 @@ pub(super) async fn run(
 /// Human-readable `malai ssh status`.
 pub fn render_status(holders: &[crate::control::LiveHolder]) -> String {
     if holders.is_empty() {
-        return "no malai ssh server or agent is running here; no cluster connections\n".into();
+        return "no malai ssh server or agent is running here\n".into();
     }
     let mut table = Table::new(["HOLDER", "CLUSTER", "PEER", "DIR", "PATH", "ADDRESS", "RTT"]);
     for h in holders {

@@ -427,6 +427,15 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&holders)?);
             } else {
                 print!("{}", agent::render_status(&holders));
+                // Commands that bound a key themselves hold connections no holder lists.
+                for dir in crate::config::store::list_clusters(&dirs)? {
+                    if crate::control::lock::commands_running(&dir) {
+                        println!(
+                            "{}: commands that bound the key themselves are running (their connections are not listed; start the agent to see and share them)",
+                            dir.alias
+                        );
+                    }
+                }
             }
             Ok(())
         }

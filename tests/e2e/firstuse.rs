@@ -218,6 +218,29 @@ fn lockdown_refuses_every_key_reader_without_an_agent_and_each_works_with_one() 
         let what = format!("alice, lockdown, no agent: {}", r.args.join(" "));
         assert_refused(&run_reader(alice.cmd(Vec::<String>::new()), &r), &what);
     }
+    // A native session that bound the key itself: `malai ssh status` says one runs
+    // (issue 24, item 9: it said "no cluster connections").
+    let mut session = alice
+        .cmd(["ssh", "foo.acme", "sleep", "20"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn a native session");
+    let seen = poll_until(Duration::from_secs(15), || {
+        let out = alice.run(["ssh", "status"]);
+        stdout_of(&out)
+            .contains("acme: commands that bound the key themselves are running")
+            .then_some(())
+    });
+    let _ = session.kill();
+    let _ = session.wait();
+    assert!(
+        seen.is_some(),
+        "{}",
+        fmt_output(&alice.run(["ssh", "status"]))
+    );
+
     let agent = Agent::start(alice, &["--http=false"]);
     let _hidden = HiddenKey::new(alice);
     for r in key_readers(http.port) {
