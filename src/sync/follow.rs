@@ -7,6 +7,9 @@
 //! - and whenever it dials anyone in the cluster (a sign the user is using it), at most
 //!   once per [`NUDGE_GAP`].
 //!
+//! With neither running, a command that dials with its own endpoint asks instead
+//! ([`catch_up`], alongside its session), at most once per poll interval per machine.
+//!
 //! One check is one `config-hash` request with `fetch` and the member's own hash: the
 //! manager answers with its hash only when they match, and with the file when they differ
 //! ([`member::pull`] applies it). So a device with an agent has a file the manager changed
@@ -131,6 +134,46 @@ impl Follower {
     pub fn retain(&self, aliases: &[String]) {
         let mut all = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
         all.retain(|a, st| st.running || aliases.contains(a));
+    }
+}
+
+/// File in a member's folder: when a command last asked the manager ([`catch_up`]).
+const LAST_CHECK_FILE: &str = "last-manager-check";
+/// How long a command's check may keep the command waiting once its own work is done.
+pub const CATCH_UP_LIMIT: Duration = Duration::from_secs(2);
+
+/// Whether a command that dials with its own endpoint (no agent or server holds the key,
+/// so nothing else follows the manager for this machine) should check the manager's file:
+/// a member folder whose last check by any command is older than the poll interval.
+pub fn catch_up_due(dir: &ClusterDir) -> bool {
+    if !is_member(dir) {
+        return false;
+    }
+    let last = std::fs::metadata(dir.dir.join(LAST_CHECK_FILE))
+        .and_then(|m| m.modified())
+        .ok();
+    last.and_then(|t| t.elapsed().ok())
+        .is_none_or(|age| age >= poll_from_env())
+}
+
+/// One check of the manager's file by a command ([`catch_up_due`] said so), bounded by
+/// [`CATCH_UP_LIMIT`]: the stamp is written first, so commands started meanwhile do not
+/// all ask too; a failure only waits for the next command, agent or pull.
+pub async fn catch_up(dir: &ClusterDir, dialer: &Dialer) {
+    let stamp = dir.dir.join(LAST_CHECK_FILE);
+    if let Err(e) = crate::config::store::write_atomic(&stamp, b"", 0o644) {
+        tracing::debug!(cluster = %dir.alias, error = %e, "cannot stamp the manager check");
+    }
+    match tokio::time::timeout(CATCH_UP_LIMIT, member::pull(dir, dialer, &[])).await {
+        Ok(Ok(Applied::Replaced(h))) => tracing::info!(
+            cluster = %dir.alias, hash = crate::protocol::config::short_hash(&h),
+            "pulled the cluster file from the manager"
+        ),
+        Ok(Ok(Applied::Unchanged(_))) => {}
+        Ok(Err(e)) => {
+            tracing::info!(cluster = %dir.alias, error = %e, "cannot check the manager's file")
+        }
+        Err(_) => tracing::info!(cluster = %dir.alias, "the manager did not answer in time"),
     }
 }
 

@@ -420,3 +420,42 @@ fn agent_stop_names_the_stale_variables_and_a_new_agent_takes_the_port_back() {
     let fresh = Agent::start(alice, &[]);
     assert_eq!(fresh.exports["HTTP_PROXY"], proxy, "{:?}", fresh.exports);
 }
+
+#[test]
+fn a_command_with_no_agent_brings_the_device_up_to_date_alongside() {
+    let (c, _mgr) = acme(free_tcp_port());
+    c.manager()
+        .run_ok(["ssh", "cluster", "allow", "foo", "alice"]);
+    let alice = c.machine("alice");
+    let file = alice.cluster_file("acme");
+    let run = || {
+        let mut cmd = alice.cmd(["ssh", "foo.acme", "echo", "ok"]);
+        cmd.env("MALAI_SYNC_POLL_SECS", "1");
+        run_cmd(&mut cmd)
+    };
+    // alice's copy predates her grant: foo (pushed to) lets her in, and the command that
+    // dialed with her own key brought her copy up to date alongside.
+    let foo_file = c.machine("foo").cluster_file("acme");
+    let want = c.manager().run_ok(["ssh", "cluster", "push", "--dry-run"]);
+    poll_until(CONVERGE, || {
+        (read_lossy(&foo_file).trim() == want).then_some(())
+    })
+    .unwrap_or_else(|| panic!("foo never got the file:\n{}", c.diagnostics()));
+    assert_ne!(read_lossy(&file).trim(), want);
+    let out = run();
+    assert_success(&out, "alice's exec, no agent");
+    assert_eq!(stdout_of(&out), "ok\n");
+    assert_eq!(
+        read_lossy(&file).trim(),
+        want,
+        "alice's copy was not brought up to date"
+    );
+    // Once per poll interval: a command right after does not ask again (its own log says).
+    let stamp = alice.home().join("ssh/clusters/acme/last-manager-check");
+    let before = fs::metadata(&stamp).and_then(|m| m.modified()).ok();
+    assert!(before.is_some(), "no check stamp");
+    let mut cmd = alice.cmd(["ssh", "foo.acme", "true"]);
+    cmd.env("MALAI_SYNC_POLL_SECS", "600");
+    assert_success(&run_cmd(&mut cmd), "second exec");
+    assert_eq!(fs::metadata(&stamp).and_then(|m| m.modified()).ok(), before);
+}
