@@ -41,8 +41,6 @@ fn endpoint_err(e: crate::control::lock::LockError) -> SessionError {
 
 /// How long an unused connection is kept.
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
-/// Dialing plus TLS handshake: the CLI's bound.
-const DIAL_TIMEOUT: Duration = crate::session::CONNECT_TIMEOUT;
 
 /// Seconds an unused pooled connection is kept (default [`DEFAULT_IDLE`]).
 pub const ENV_IDLE: &str = "MALAI_AGENT_IDLE_SECS";
@@ -501,22 +499,14 @@ impl Pool {
             return Ok((l.conn.clone(), l.generation, true));
         }
         // The dial names the cluster's relays when they are why it fails (session::connect).
-        let net = crate::config::store::ClusterDir::open(&self.dirs, &slot.cluster)
-            .ok()
-            .and_then(|d| crate::session::own::net_config_of(&d).ok());
-        let conn = match net {
-            Some(net) => {
-                let target = crate::session::connect::DialTarget {
-                    peer,
-                    name: &slot.server,
-                    hints,
-                };
-                crate::session::connect::dial_server(node, target, &net).await?
-            }
-            None => tokio::time::timeout(DIAL_TIMEOUT, node.connect(&peer, hints))
-                .await
-                .map_err(|_| SessionError::Timeout("connecting"))??,
+        let target = crate::session::connect::DialTarget {
+            peer,
+            name: &slot.server,
+            hints,
         };
+        let conn =
+            crate::session::connect::dial_in_cluster(node, &self.dirs, &slot.cluster, target)
+                .await?;
         let generation = self.counters.generations.fetch_add(1, Ordering::Relaxed);
         self.counters.dials.fetch_add(1, Ordering::Relaxed);
         tracing::info!(cluster = %slot.cluster, server = %slot.server, "dialed");

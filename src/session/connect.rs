@@ -34,9 +34,11 @@ impl<'a> From<&'a Server> for DialTarget<'a> {
     }
 }
 
-/// Dial `server`. If none of the cluster's relays can work and the server has no `addrs`
-/// hint (so nothing else could reach it), fail as soon as the probe knows, one clause per
-/// relay; a dial that times out with some relay broken names those too.
+/// Dial `server`. If every relay of the cluster ruled itself out (an untrusted or
+/// wrong-name certificate, refused, denied: waiting cannot help) and the server has no
+/// `addrs` hint (so nothing else could reach it), fail as soon as the probe knows, one
+/// clause per relay. An unreachable relay may be a passing outage: the dial keeps its full
+/// time, and if it then times out, the relays' problems are named too.
 pub async fn dial_server(
     node: &Node,
     server: DialTarget<'_>,
@@ -57,7 +59,8 @@ pub async fn dial_server(
             r = &mut connect => break r,
             p = &mut check, if checking => {
                 checking = false;
-                if p.len() == relays && server.hints.is_empty() {
+                let hopeless = p.len() == relays && p.iter().all(|(_, e)| e.is_definitive());
+                if hopeless && server.hints.is_empty() {
                     return Err(relay_error(server.name, &p));
                 }
                 problems = p;
@@ -69,6 +72,21 @@ pub async fn dial_server(
         Err(_) if problems.is_empty() => Err(SessionError::Timeout("connecting")),
         Err(_) => Err(relay_error(server.name, &problems)),
     }
+}
+
+/// [`dial_server`] for a cluster known by its folder alias (the key holder's pools): the
+/// relays to name come from its file; without a usable file the dial is only bounded.
+pub async fn dial_in_cluster(
+    node: &Node,
+    dirs: &crate::config::paths::Dirs,
+    alias: &str,
+    server: DialTarget<'_>,
+) -> Result<PeerConnection, SessionError> {
+    let net = crate::config::store::ClusterDir::open(dirs, alias)
+        .ok()
+        .and_then(|d| super::own::net_config_of(&d).ok())
+        .unwrap_or_else(|| NetConfig::disabled(None));
+    dial_server(node, server, &net).await
 }
 
 fn relay_error(server: &str, problems: &[(String, RelayProblem)]) -> SessionError {

@@ -48,13 +48,7 @@ impl Link {
                 let net = super::own::net_config(Some(&resolved.config))?;
                 match super::connect::dial_server(&own.node, server.into(), &net).await {
                     Ok(conn) => Ok(Link::Own {
-                        watchdog: Arc::new(liveness::watch(
-                            own.node.clone(),
-                            conn.clone(),
-                            server.id52,
-                            server.addrs.clone(),
-                            resolved.config.manager,
-                        )),
+                        watchdog: liveness::watch_server(&own.node, &conn, server, resolved),
                         own,
                         conn,
                         cluster: resolved.config.manager,

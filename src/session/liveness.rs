@@ -88,6 +88,23 @@ pub fn watch(
     Watchdog { task, restarted }
 }
 
+/// [`watch`] a command's connection to `server` of `resolved`'s cluster, shared by the
+/// session and the link that use it.
+pub fn watch_server(
+    node: &Node,
+    conn: &PeerConnection,
+    server: &crate::config::Server,
+    resolved: &super::Resolved,
+) -> Arc<Watchdog> {
+    Arc::new(watch(
+        node.clone(),
+        conn.clone(),
+        server.id52,
+        server.addrs.clone(),
+        resolved.config.manager,
+    ))
+}
+
 /// The server's boot id, asked on `conn`; `None` if it sent none (an older server) or the
 /// ping failed.
 pub async fn boot_of(conn: &PeerConnection, cluster: Id52) -> Option<String> {

@@ -261,13 +261,7 @@ pub async fn open_on(
     match handshake(&own.node, server, header, &net).await {
         Ok((conn, send, recv)) => Ok(Session {
             closer: Closer::Iroh {
-                _watchdog: std::sync::Arc::new(liveness::watch(
-                    own.node.clone(),
-                    conn.clone(),
-                    server.id52,
-                    server.addrs.clone(),
-                    resolved.config.manager,
-                )),
+                _watchdog: liveness::watch_server(&own.node, &conn, server, resolved),
                 own,
                 conn,
             },

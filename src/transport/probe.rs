@@ -73,6 +73,16 @@ impl std::fmt::Display for RelayProblem {
 }
 
 impl RelayProblem {
+    /// Whether waiting cannot help: the relay answered, and what it said rules it out
+    /// (certificate, name, refused, denied, not a relay). An unreachable relay or a name
+    /// that does not resolve may be a passing outage, so a dial keeps trying those.
+    pub fn is_definitive(&self) -> bool {
+        !matches!(
+            self,
+            RelayProblem::Unreachable(_) | RelayProblem::Resolve(_)
+        )
+    }
+
     /// What to do about it (one clause).
     pub fn fix(&self) -> &'static str {
         match self {
@@ -233,7 +243,7 @@ async fn reach(url: &str, tls: Arc<rustls::ClientConfig>) -> Result<Duration, Re
         .map_err(|e| RelayProblem::BadUrl(e.to_string()))?;
     let connector = tokio_rustls::TlsConnector::from(tls);
     let stream = match tokio::time::timeout(STEP_TIMEOUT, connector.connect(name, tcp)).await {
-        Err(_) => return Err(RelayProblem::Tls("no TLS answer within 5 s".into())),
+        Err(_) => return Err(RelayProblem::Unreachable("no TLS answer within 5 s".into())),
         Ok(Err(e)) => return Err(tls_problem(&e)),
         Ok(Ok(s)) => s,
     };
@@ -271,9 +281,20 @@ fn tls_problem(e: &std::io::Error) -> RelayProblem {
         rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
             RelayProblem::UntrustedCertificate("signed by an unknown CA".into())
         }
-        rustls::Error::InvalidCertificate(
-            c @ (C::NotValidForName | C::NotValidForNameContext { .. }),
-        ) => RelayProblem::WrongName(format!("{c:?}")),
+        rustls::Error::InvalidCertificate(C::NotValidForNameContext {
+            expected,
+            presented,
+        }) => RelayProblem::WrongName(format!(
+            "issued for {}, not {}",
+            presented.join(", "),
+            expected.to_str()
+        )),
+        rustls::Error::InvalidCertificate(C::NotValidForName) => {
+            RelayProblem::WrongName("issued for another name".into())
+        }
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            RelayProblem::Tls("certificate expired".into())
+        }
         rustls::Error::InvalidCertificate(c) => RelayProblem::Tls(format!("certificate: {c:?}")),
         other => RelayProblem::Tls(other.to_string()),
     }
@@ -301,7 +322,11 @@ where
         .map_err(|e| RelayProblem::Http(e.to_string()))?;
     let started = Instant::now();
     let resp = match tokio::time::timeout(STEP_TIMEOUT, sender.send_request(req)).await {
-        Err(_) => return Err(RelayProblem::Http("no HTTP answer within 5 s".into())),
+        Err(_) => {
+            return Err(RelayProblem::Unreachable(
+                "no HTTP answer within 5 s".into(),
+            ));
+        }
         Ok(Err(e)) => return Err(RelayProblem::Http(e.to_string())),
         Ok(Ok(r)) => r,
     };
@@ -426,6 +451,63 @@ mod tests {
         let p = probe_one(&format!("https://127.0.0.1:{port}"), tls).await;
         assert!(matches!(p.problem, Some(RelayProblem::Tls(_))), "{p:?}");
         server.await.unwrap();
+    }
+
+    /// A TLS server on 127.0.0.1 whose certificate (for `name`, signed by a fresh test CA)
+    /// is served to one client; returns its port and the CA's PEM.
+    async fn tls_server(name: &str) -> (u16, String, tokio::task::JoinHandle<()>) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec![name.to_string()]).unwrap();
+        let cert = leaf.signed_by(&key, &issuer).unwrap();
+        let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], der)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let _ = acceptor.accept(s).await;
+        });
+        (port, ca_cert.pem(), task)
+    }
+
+    /// The CA not trusted: "untrusted certificate"; trusted but issued for another name:
+    /// "another name" — each naming the fix.
+    #[tokio::test]
+    async fn untrusted_and_wrong_name_certificates_are_named() {
+        let (port, _ca, task) = tls_server("127.0.0.1").await;
+        let tls = client_config(&NetConfig::disabled(None)).unwrap();
+        let p = probe_one(&format!("https://127.0.0.1:{port}"), tls).await;
+        assert!(
+            matches!(p.problem, Some(RelayProblem::UntrustedCertificate(_))),
+            "{p:?}"
+        );
+        task.await.unwrap();
+
+        let (port, ca, task) = tls_server("relay.example").await;
+        let mut net = NetConfig::disabled(None);
+        net.relay_ca = Some(ca);
+        let tls = client_config(&net).unwrap();
+        let p = probe_one(&format!("https://127.0.0.1:{port}"), tls).await;
+        assert!(
+            matches!(&p.problem, Some(RelayProblem::WrongName(w)) if w.contains("relay.example")),
+            "{p:?}"
+        );
+        assert!(p.problem.unwrap().fix().contains("name"));
+        task.await.unwrap();
     }
 
     #[test]

@@ -104,6 +104,19 @@ fn a_server_uses_its_own_key_through_its_server_and_stays_reachable() {
         "the agent holds acme although the server does:\n{}",
         st["raw"]
     );
+    // And both status commands say why (issue 22 item 3).
+    assert!(
+        st["raw"].contains("not serving acme: its key is held by malai ssh server (pid "),
+        "agent status does not say why acme is not served:\n{}",
+        st["raw"]
+    );
+    let out = run_cmd(&mut agent.cmd(["ssh", "status"]));
+    assert_success(&out, "malai ssh status with the agent");
+    assert!(
+        stdout_of(&out).contains("does not serve acme: its key is held by malai ssh server"),
+        "{}",
+        stdout_of(&out)
+    );
     let out = run_cmd(&mut agent.cmd(["ssh", &c.host("bar"), "echo", "agent-via-server"]));
     assert_success(
         &out,
@@ -265,4 +278,61 @@ fn an_agent_started_while_commands_bind_the_key_serves_at_once() {
         );
         assert_eq!(rest, format!("older-{}\n", i + 1));
     }
+}
+
+/// A request in flight through the agent when the server takes the key over (issue 17 item
+/// 7, the handover race): it finishes on the agent's connection, while new requests go
+/// through the server at once. Before, the handover closed the agent's connections and the
+/// exec failed with "connection closed before the command's exit status arrived".
+#[test]
+fn a_request_in_flight_through_the_agent_survives_the_handover_to_the_server() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let mut c = two_servers();
+    c.stop_server("foo");
+    let foo = c.machine("foo");
+    let agent = Agent::start(foo, &[]);
+    let agent_pid = agent.pid() as u64;
+    let took = poll_until(Duration::from_secs(10), || {
+        (holder_of(foo, "acme").and_then(|h| h["pid"].as_u64()) == Some(agent_pid)).then_some(())
+    });
+    assert!(took.is_some(), "the agent did not take foo's key");
+
+    // foo -> bar through the agent, running while the server starts.
+    let mut inflight = agent
+        .cmd(["ssh", &c.host("bar"), "echo up; sleep 3; echo finished"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the in-flight exec");
+    let mut inflight_out = std::io::BufReader::new(inflight.stdout.take().unwrap());
+    let mut first = String::new();
+    inflight_out.read_line(&mut first).expect("first line");
+    assert_eq!(first, "up\n", "the in-flight exec did not start");
+
+    c.start_server("foo");
+    let server_pid = c.server_process("foo").pid() as u64;
+    assert_eq!(
+        role_pid(c.machine("foo"), "acme"),
+        ("server".to_string(), server_pid)
+    );
+    // New requests go through the server at once, also from the agent's environment.
+    let out = run_cmd(&mut agent.cmd(["ssh", &c.host("bar"), "echo", "after"]));
+    assert_success(&out, "exec through the agent right after the handover");
+    assert_eq!(stdout_of(&out), "after\n");
+
+    // The one in flight ends as it would have.
+    let mut tail_out = String::new();
+    std::io::Read::read_to_string(&mut inflight_out, &mut tail_out).unwrap();
+    let status = inflight.wait().unwrap();
+    let mut err = String::new();
+    if let Some(mut e) = inflight.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    assert!(
+        status.success(),
+        "the in-flight exec failed: {status:?}: {err}"
+    );
+    assert_eq!(tail_out, "finished\n", "{err}");
 }
