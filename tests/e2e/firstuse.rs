@@ -459,3 +459,133 @@ fn a_command_with_no_agent_brings_the_device_up_to_date_alongside() {
     assert_success(&run_cmd(&mut cmd), "second exec");
     assert_eq!(fs::metadata(&stamp).and_then(|m| m.modified()).ok(), before);
 }
+
+/// The fenced blocks of README's walk-through, in order: (language, text).
+fn walk_through_blocks() -> Vec<(String, String)> {
+    let readme =
+        fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md");
+    let start = readme
+        .find("## Walk-through")
+        .expect("walk-through section");
+    let rest = &readme[start..];
+    let end = rest[3..].find("\n## ").map_or(rest.len(), |e| e + 3);
+    let mut blocks = vec![];
+    let mut lines = rest[..end].lines();
+    while let Some(l) = lines.next() {
+        if let Some(lang) = l.strip_prefix("```")
+            && !lang.is_empty()
+        {
+            let body: Vec<&str> = lines.by_ref().take_while(|l| *l != "```").collect();
+            blocks.push((lang.to_string(), body.join("\n")));
+        }
+    }
+    blocks
+}
+
+/// README's walk-through, run from its own text (issue 24: README and behaviour must not
+/// drift apart). Only what a test must change is changed: the folders (`/tmp/m` → a
+/// temporary one), the ports (7744 and sshd's 22 → free ones), `~/.ssh` (→ a scratch
+/// file), a wait for the server that the reader starts with `&`, and the interactive `ssh
+/// foo.acme` gets a command and the harness sshd's client key.
+#[test]
+fn readme_walk_through_runs_as_written() {
+    require_sshd();
+    let root = tempfile::tempdir().unwrap();
+    let sshd = Sshd::start(&root.path().join("sshd"));
+    let m = root.path().join("m");
+    let port = free_udp_port().to_string();
+    let ssh_config = root.path().join("ssh_config");
+    let known = root.path().join("known_hosts");
+    let blocks = walk_through_blocks();
+    let kinds: Vec<&str> = blocks.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["sh", "toml", "sh"],
+        "the walk-through's shape changed"
+    );
+    let adapt = |t: &str| {
+        t.replace("/tmp/m", &m.display().to_string())
+            .replace("7744", &port)
+    };
+    let bin = std::path::Path::new(MALAI)
+        .parent()
+        .unwrap()
+        .display()
+        .to_string();
+    let prelude = format!(
+        "set -euo pipefail\nexport PATH={bin}:$PATH MALAI_BIND=127.0.0.1:0 MALAI_USE_KEYRING=false\n\
+         trap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n"
+    );
+    let bash = |script: &str| {
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg("-c")
+            .arg(script)
+            .env_remove("MALAI_SSH_AGENT")
+            .env_remove("MALAI_LOCKDOWN_MODE")
+            .env_remove("RUST_LOG");
+        run_cmd_with(&mut cmd, None, Duration::from_secs(120))
+    };
+
+    // 1. Init, join, add, allow.
+    let first = adapt(&blocks[0].1);
+    let out = bash(&format!("{prelude}{first}\n"));
+    assert_success(&out, "README walk-through, first block");
+
+    // 2. The hand edit, from the README's TOML block (foo's id52 is already in the file).
+    let toml: toml::Table = toml::from_str(&adapt(&blocks[1].1)).expect("README's TOML block");
+    let foo = &toml["server"]["foo"];
+    let addrs = foo["addrs"].as_array().unwrap();
+    let sshd_addr = foo["ssh"]
+        .as_str()
+        .unwrap()
+        .replace(":22", &format!(":{}", sshd.port()));
+    let file = m.join("mgr/ssh/clusters/acme/cluster-manager.toml");
+    let text = fs::read_to_string(&file).unwrap();
+    let text = set_table_keys(
+        &text,
+        "server.foo",
+        &[
+            (
+                "addrs",
+                format!("[{}]", toml_str(addrs[0].as_str().unwrap())),
+            ),
+            ("ssh", toml_str(&sshd_addr)),
+        ],
+    );
+    fs::write(&file, text).unwrap();
+
+    // 3. Import, serve, exec, ssh config, OpenSSH.
+    let functions: String = first
+        .lines()
+        .filter(|l| l.starts_with("export ") || (l.contains("()") && l.contains("{")))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let mut second = String::new();
+    for line in adapt(&blocks[2].1).lines() {
+        let code = line.split(" #").next().unwrap_or(line).trim_end();
+        let code = code.replace("~/.ssh/config", &ssh_config.display().to_string());
+        if code == "ssh foo.acme" {
+            second.push_str(&format!(
+                "ssh -F {} -i {} -o BatchMode=yes -o StrictHostKeyChecking=accept-new \
+                 -o UserKnownHostsFile={} foo.acme echo through-openssh\n",
+                ssh_config.display(),
+                sshd.client_key().display(),
+                known.display()
+            ));
+            continue;
+        }
+        second.push_str(&code);
+        second.push('\n');
+        if code.ends_with('&') {
+            // The reader waits for "server ready"; the script waits for it to answer.
+            second.push_str(
+                "for i in $(seq 100); do laptop ssh foo.acme true 2>/dev/null && break; sleep 0.2; done\n",
+            );
+        }
+    }
+    let out = bash(&format!("{prelude}{functions}{second}"));
+    assert_success(&out, "README walk-through, last block");
+    let text = stdout_of(&out);
+    assert!(text.contains("Linux"), "uname -a: {text}");
+    assert!(text.ends_with("through-openssh\n"), "{text}");
+}
