@@ -22,9 +22,19 @@ impl Table {
         t
     }
 
-    /// Adds a row; a row shorter than others is padded with empty cells.
+    /// Adds a row; a row shorter than others is padded with empty cells. Control
+    /// characters in a cell are shown escaped (`logging::printable`): cells often hold
+    /// what peers said (reasons, names), and one row must stay one line on the terminal.
     pub fn row<S: Into<String>>(&mut self, cells: impl IntoIterator<Item = S>) {
-        self.rows.push(cells.into_iter().map(Into::into).collect());
+        self.rows.push(
+            cells
+                .into_iter()
+                .map(|c| {
+                    let c: String = c.into();
+                    crate::logging::printable(&c).into_owned()
+                })
+                .collect(),
+        );
     }
 
     /// The table as text, one line per row.
@@ -71,6 +81,19 @@ mod tests {
              foo           server  online\n\
              alice-laptop  device\n"
         );
+    }
+
+    #[test]
+    fn a_cell_with_control_characters_stays_on_its_row() {
+        let mut t = Table::new(["NAME", "REASON"]);
+        t.row(["foo", "refused\r\nFORGED\u{1b}[2J"]);
+        let text = t.render();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        assert!(text.contains("refused\\r\\nFORGED\\u{1b}[2J"), "{text}");
     }
 
     #[test]

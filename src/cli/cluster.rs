@@ -196,7 +196,7 @@ async fn cluster_pull(
 /// runs others (`rsync -e`, `git -c`, `find -exec`, shells…) with no `args` pinned.
 fn warn_scopes(cd: &crate::config::store::ClusterDir) {
     if let Ok(cfg) = cd.load() {
-        for w in cfg.scope_warnings() {
+        for w in cfg.scope_warnings().into_iter().chain(cfg.relay_warnings()) {
             eprintln!("malai: warning: {w}");
         }
     }

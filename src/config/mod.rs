@@ -195,6 +195,21 @@ impl ClusterConfig {
         }
         out
     }
+
+    /// One line per plain `http://` relay (issue 19, finding 10): the payload stays
+    /// end-to-end encrypted, but without the relay's TLS the network path sees which ids
+    /// connect to it and whom they send to. Allowed (a relay on a private LAN), not silent.
+    pub fn relay_warnings(&self) -> Vec<String> {
+        self.relays
+            .iter()
+            .filter(|u| u.starts_with("http://"))
+            .map(|u| {
+                format!(
+                    "cluster-manager.relays: {u} is plain http: anyone on the path sees who talks to whom through it (use https://)"
+                )
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

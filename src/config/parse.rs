@@ -109,6 +109,10 @@ members = ["bar"]
             c.relays,
             vec!["https://relay.acme.example", "http://198.18.0.1:3340"]
         );
+        // The plain-http relay is accepted but warned about; the https one is not.
+        let w = c.relay_warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("http://198.18.0.1:3340"), "{w:?}");
         assert!(c.relay_ca.unwrap().contains("BEGIN CERTIFICATE"));
         assert!(
             ClusterConfig::parse(&minimal(""))

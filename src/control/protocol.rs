@@ -41,8 +41,9 @@ use crate::transport::fdpass::{self, FdPassError};
 
 /// Version of the messages after `hello`. Bump on any incompatible change; a CLI that meets
 /// an agent of another version restarts it (`agent -e`) or falls back to a direct
-/// connection.
-pub const VERSION: u32 = 2;
+/// connection. 3: a holder serves nothing past the hello without its token
+/// (`control::token`), so an older CLI must see another version, not a refusal.
+pub const VERSION: u32 = 3;
 
 /// Hard cap on one control frame. Frames carry a host name, argv and env, never payload
 /// (payload moves over the passed descriptors); 64 KiB is far above any honest message.

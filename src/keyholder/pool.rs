@@ -256,6 +256,7 @@ impl Pool {
             drop(_claim);
             if busy {
                 tracing::info!(cluster = %alias, "released the cluster key to the server; requests in flight finish first");
+                node.leave_relays().await;
                 lock(&self.draining).push((alias.to_string(), node));
             } else {
                 node.close_within(Duration::from_secs(1)).await;

@@ -371,7 +371,9 @@ impl SshHandler {
         // which may hold anything, belong in the 0600 audit log.
         let logged = what.split(' ').next().unwrap_or_default();
         let peer = self.ctx.peer;
-        let (program, refusal) = match self.decide(&want) {
+        let decided = self.decide(&want);
+        self.holdings.audit_exec(&what, decided.as_ref().err());
+        let (program, refusal) = match decided {
             Ok(p) => (Some(p), None),
             Err(reason) => {
                 tracing::warn!(%peer, user = %self.user, program = %logged, %reason, "embedded ssh: refused");

@@ -183,6 +183,27 @@ impl Holdings {
         })
     }
 
+    /// The audit line of one session channel's decision (the `tunnel` around it has its
+    /// own): the whole command line, allow or deny and why.
+    pub fn audit_exec(&self, what: &str, denied: Option<&String>) {
+        let cfg = self.state.current();
+        crate::audit::write(&crate::audit::Entry {
+            time: crate::audit::now_rfc3339(),
+            peer: self.peer.to_string(),
+            alias: cfg
+                .name_of(&self.peer)
+                .map(|(n, _)| n.to_string())
+                .unwrap_or_else(|| "-".into()),
+            cluster: self.state.dir.alias.clone(),
+            transport: self.transport.into(),
+            kind: "exec".into(),
+            detail: what.to_string(),
+            decision: if denied.is_some() { "deny" } else { "allow" }.into(),
+            reason: denied.cloned().unwrap_or_default(),
+            ..Default::default()
+        });
+    }
+
     /// Keep `asked` for re-checks; `cut` is cancelled when it is revoked.
     pub fn hold(self: &Arc<Self>, asked: Asked, cut: CancellationToken) -> Holding {
         let id = self.next.fetch_add(1, Ordering::Relaxed);

@@ -341,12 +341,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     }
 }
 
-/// Park an accepted connection for `peer`; `None` when too many are waiting.
+/// Parked connections one peer may have waiting (issue 19, finding 10): the server-wide
+/// [`MAX_PENDING`] must not be one peer's to fill, or its listeners would starve everyone
+/// else's remote forwards.
+pub const MAX_PENDING_PER_PEER: usize = MAX_PENDING / 8;
+
+/// Park an accepted connection for `peer`; `None` when too many are waiting (for this peer
+/// or in all).
 fn park(peer: Id52, conn: Conn) -> Option<u64> {
     let mut g = lock(&PENDING);
     let map = g.get_or_insert_with(HashMap::new);
     map.retain(|_, p| p.at.elapsed() < PENDING_TTL);
-    if map.len() >= MAX_PENDING {
+    if map.len() >= MAX_PENDING
+        || map.values().filter(|p| p.peer == peer).count() >= MAX_PENDING_PER_PEER
+    {
         return None;
     }
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -621,6 +629,38 @@ mod tests {
             assert!(claim(&alice, id + 1_000_000).is_none());
             assert!(claim(&alice, id).is_some());
             assert!(claim(&alice, id).is_none(), "claimed twice");
+        });
+    }
+
+    /// One peer's listeners cannot fill the server-wide queue of parked connections.
+    #[test]
+    fn parked_connections_are_capped_per_peer() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mallory = Id52::from_bytes([8; 32]);
+            let bob = Id52::from_bytes([9; 32]);
+            let mut ids = vec![];
+            let mut keep = vec![];
+            for _ in 0..MAX_PENDING_PER_PEER {
+                let (a, b) = UnixStream::pair().unwrap();
+                keep.push(b);
+                ids.push(park(mallory, Conn::Unix(a)).expect("under the cap"));
+            }
+            let (a, _b) = UnixStream::pair().unwrap();
+            assert!(
+                park(mallory, Conn::Unix(a)).is_none(),
+                "over the per-peer cap"
+            );
+            // Allowed twin: another peer still parks.
+            let (a, _c) = UnixStream::pair().unwrap();
+            let id = park(bob, Conn::Unix(a)).expect("bob was starved");
+            assert!(claim(&bob, id).is_some());
+            for id in ids {
+                assert!(claim(&mallory, id).is_some());
+            }
         });
     }
 

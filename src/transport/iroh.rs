@@ -237,6 +237,17 @@ pub struct Node {
 }
 
 impl Node {
+    /// Stop using the cluster's relays (this endpoint is being retired while a newer one
+    /// with the same id serves: a relay delivers to the newest connection of an id, and an
+    /// old endpoint that reconnected would take that place back). Its direct paths stay;
+    /// relay-only connections of it end. With iroh's default relays there is no list to
+    /// leave (README "Known limits").
+    pub async fn leave_relays(&self) {
+        for r in &self.relay_urls {
+            let _ = self.endpoint.remove_relay(r).await;
+        }
+    }
+
     /// Bind an endpoint. `accept` = this node answers incoming connections (a server);
     /// `bind` = fixed UDP address (`--bind`), else `net.bind` (`MALAI_BIND`), else an
     /// ephemeral port on all interfaces.
@@ -258,6 +269,9 @@ impl Node {
     ) -> Result<Node, TransportError> {
         let sk = iroh::SecretKey::from_bytes(key.as_bytes());
         let relay_urls = net.relay_urls()?;
+        for u in relay_urls.iter().filter(|u| u.scheme() == "http") {
+            tracing::warn!(relay = %u, "relay over plain http: the network path sees who talks to whom through it");
+        }
         let mut b = match &net.relay {
             RelayChoice::Default => Endpoint::builder(presets::N0),
             RelayChoice::Disabled => Endpoint::builder(presets::Minimal)

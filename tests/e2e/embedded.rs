@@ -683,7 +683,9 @@ fn peer_supplied_control_characters_reach_no_log_line_and_no_terminal() {
     );
     assert_eq!(
         table.lines().filter(|l| l.contains("FORGED-19")).count(),
-        1,
-        "eve's one denial is one row: {table}"
+        2,
+        "eve's native denial and bob's embedded refusal, one row each: {table}"
     );
+    // Every embedded channel's decision is audited, the allowed one too.
+    assert!(table.contains("ls /"), "{table}");
 }

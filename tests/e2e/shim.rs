@@ -267,3 +267,98 @@ fn server_refuses_a_non_private_runtime_dir() {
     let mut p = foo.spawn_server(bind.parse().unwrap());
     assert!(p.is_running());
 }
+
+/// Issue 19, finding 1, through a real sshd: a key forced to `stdinserver` but *without*
+/// `restrict` can `ssh -N -L x.sock:<run dir>/server-control.sock` — the forced command never
+/// runs and sshd connects as the server's uid. Through that forward the key holder answers
+/// the hello and nothing more: the token is in a file the forwarding key cannot read.
+#[test]
+fn a_socket_forward_from_a_key_without_restrict_gets_nothing_from_the_holder() {
+    use malai::control::protocol::{self, FromHolder, ToHolder, VERSION};
+    use std::time::Duration;
+    let c = TestCluster::builder("acme")
+        .manager("mgr")
+        .server("foo")
+        .device("bob")
+        .allow("foo", &["bob"])
+        .build();
+    let sshd = c.sshd("foo");
+    let key = sshd.new_client_key("unrestricted_key");
+    let pubkey = fs::read_to_string(key.with_extension("pub")).expect("pubkey");
+    // The admin's mistake: no `restrict`.
+    sshd.add_authorized_key_line(&format!(
+        "command=\"{} ssh stdinserver bob@acme\" {}",
+        c.machine("foo").env_command_prefix(),
+        pubkey.trim()
+    ));
+    let remote = c.machine("foo").home().join("run/server-control.sock");
+    let local = c.dir().join("stolen-control.sock");
+    let mut fwd = Command::new("ssh")
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            c.dir().join("fwd_known_hosts").display()
+        ))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=accept-new",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .arg("-i")
+        .arg(&key)
+        .args(["-N", "-p", &sshd.port().to_string(), "-L"])
+        .arg(format!("{}:{}", local.display(), remote.display()))
+        .arg("root@127.0.0.1")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ssh -N -L");
+    poll_until(Duration::from_secs(15), || local.exists().then_some(()))
+        .expect("the socket forward did not come up");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ask = |token: Option<String>| {
+        rt.block_on(async {
+            let mut s = tokio::net::UnixStream::connect(&local).await.unwrap();
+            protocol::write(
+                &mut s,
+                &ToHolder::Hello {
+                    version: VERSION,
+                    token,
+                },
+            )
+            .await
+            .unwrap();
+            let hello: FromHolder = protocol::read(&mut s).await.expect("no hello");
+            assert!(matches!(hello, FromHolder::Hello(_)), "{hello:?}");
+            let _ = protocol::write(&mut s, &ToHolder::Status).await;
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                protocol::read::<_, FromHolder>(&mut s),
+            )
+            .await
+            .expect("no answer")
+        })
+    };
+    // What the forwarding key can do: no token.
+    let got = ask(None);
+    assert!(
+        matches!(&got, Ok(FromHolder::Failed { message, .. }) if message.contains("token")),
+        "the holder served a forwarded connection without its token: {got:?}"
+    );
+    // Control: the forward itself works (with the token, which only foo's own user can
+    // read from its file, the same path is served).
+    let token = malai::control::token::read(&remote).expect("token file");
+    let got = ask(Some(token));
+    assert!(matches!(got, Ok(FromHolder::Status(_))), "{got:?}");
+    let _ = fwd.kill();
+    let _ = fwd.wait();
+}
