@@ -139,51 +139,63 @@ pub fn read_all(dir: &Path) -> Vec<Entry> {
     out
 }
 
-/// `malai ssh audit`: a table of entries, newest last.
+/// `malai ssh audit`: a table of entries in time order, newest last (entries of several
+/// processes interleave in the file as they finish, not as they started), each column as
+/// wide as its widest cell.
 pub fn table(entries: &[Entry], since: Option<Duration>, deny_only: bool) -> String {
     let cutoff = since.map(|d| SystemTime::now() - d);
-    let mut out = format!(
-        "{:<24} {:<6} {:<12} {:<9} {:<10} {:<11} {:>10} {:>10} {:>8}  {}\n",
-        "TIME", "RESULT", "PEER", "ALIAS", "CLUSTER", "KIND", "IN", "OUT", "MS", "DETAIL / REASON"
-    );
-    for e in entries {
-        if deny_only && e.decision != "deny" {
-            continue;
-        }
-        if let Some(c) = cutoff
-            && humantime::parse_rfc3339(&e.time)
+    let mut rows: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| !deny_only || e.decision == "deny")
+        .filter(|e| match cutoff {
+            Some(c) => !humantime::parse_rfc3339(&e.time)
                 .map(|t| t < c)
-                .unwrap_or(false)
-        {
-            continue;
-        }
+                .unwrap_or(false),
+            None => true,
+        })
+        .collect();
+    // RFC 3339 UTC with fixed precision sorts as text; stable, so equal times keep file order.
+    rows.sort_by(|a, b| a.time.cmp(&b.time));
+    let mut t = crate::table::Table::new([
+        "TIME",
+        "RESULT",
+        "PEER",
+        "ALIAS",
+        "CLUSTER",
+        "KIND",
+        "IN",
+        "OUT",
+        "MS",
+        "DETAIL / REASON",
+    ]);
+    // Every field may come from a peer (or a hand-edited file): no control character
+    // reaches the admin's terminal, and one entry stays one row.
+    let p = |s: &str| crate::logging::printable(s).into_owned();
+    for e in rows {
         let detail = match (e.detail.is_empty(), e.reason.is_empty()) {
             (false, false) => format!("{} — {}", e.detail, e.reason),
             (false, true) => e.detail.clone(),
             (true, _) => e.reason.clone(),
         };
-        // Every field may come from a peer (or a hand-edited file): no control character
-        // reaches the admin's terminal, and one entry stays one row.
-        let p = |s: &str| crate::logging::printable(s).into_owned();
-        out.push_str(&format!(
-            "{:<24} {:<6} {:<12} {:<9} {:<10} {:<11} {:>10} {:>10} {:>8}  {}\n",
+        let result = if e.outcome == "broken" {
+            "broken"
+        } else {
+            &e.decision
+        };
+        t.row([
             p(&e.time),
-            p(if e.outcome == "broken" {
-                "broken"
-            } else {
-                &e.decision
-            }),
+            p(result),
             p(&e.peer.chars().take(12).collect::<String>()),
             p(&e.alias),
             p(&e.cluster),
             p(&e.kind),
-            e.bytes_in,
-            e.bytes_out,
-            e.duration_ms,
-            p(&detail)
-        ));
+            e.bytes_in.to_string(),
+            e.bytes_out.to_string(),
+            e.duration_ms.to_string(),
+            p(&detail),
+        ]);
     }
-    out
+    t.render()
 }
 
 #[cfg(test)]
@@ -214,6 +226,32 @@ mod tests {
         let t = table(&all, Some(Duration::from_secs(60)), true);
         assert_eq!(t.lines().count(), 3);
         assert!(table(&all, None, false).contains("permission denied"));
+    }
+
+    #[test]
+    fn the_table_is_in_time_order_and_aligned_for_long_kinds() {
+        let e = |time: &str, kind: &str| Entry {
+            time: time.into(),
+            peer: "p".repeat(52),
+            kind: kind.into(),
+            decision: "allow".into(),
+            ..Default::default()
+        };
+        let t = table(
+            &[
+                e("2026-12-02T10:00:02.000Z", "remote-connection"),
+                e("2026-12-02T10:00:01.000Z", "exec"),
+            ],
+            None,
+            false,
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[1].starts_with("2026-12-02T10:00:01"), "{t}");
+        assert!(lines[2].starts_with("2026-12-02T10:00:02"), "{t}");
+        // The IN column starts at the same place on every row.
+        let col = |l: &str| l.find("  0  ").unwrap_or(usize::MAX);
+        assert_eq!(col(lines[1]), col(lines[2]), "{t}");
+        assert_eq!(lines[0].find("  IN  "), Some(col(lines[1])), "{t}");
     }
 
     #[test]

@@ -241,7 +241,7 @@ fn steps(d: &Demo) -> anyhow::Result<()> {
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
     println!("(exit {})", out.status.code().unwrap_or(-1));
 
-    println!("\n# 7. OpenSSH through the cluster: ssh -o ProxyCommand=\"malai ssh proxy %h\"");
+    println!("\n# 7. OpenSSH through the cluster: ssh -o ProxyCommand=\"malai ssh proxy %h %p\"");
     let proxy = format!(
         "ProxyCommand=env MALAI_HOME={} MALAI_RELAY=disabled MALAI_BIND=127.0.0.1:0 MALAI_USE_KEYRING=false {} ssh proxy %h %p",
         laptop.home.display(),

@@ -1,4 +1,5 @@
 //! malai ssh: SSH between the machines of a cluster over the iroh peer-to-peer network.
+//! "DESIGN §n" in the module docs is a section of `docs/design.md`.
 //!
 //! ## Layers
 //!

@@ -58,8 +58,9 @@ fn main() -> ExitCode {
                 .map_or(EXIT_MALAI, |s| s.0),
         ),
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "command failed");
-            eprintln!("malai: {}", one_line(&format!("{e:#}")));
+            let msg = error_line(&e);
+            tracing::error!(error = %msg, "command failed");
+            eprintln!("malai: {msg}");
             ExitCode::from(EXIT_MALAI)
         }
     }
@@ -139,4 +140,35 @@ fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// Errors go to stderr as one line.
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// An error and its causes as one line, each text once: many errors already include their
+/// cause's text (`"…: {0}"` with a `#[source]`), which `{:#}` would print again.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !c.is_empty() && !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("agent socket not trusted: {0}")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let e = anyhow::Error::new(Outer(std::io::Error::other("dir unreadable")));
+        assert_eq!(error_line(&e), "agent socket not trusted: dir unreadable");
+        let e = anyhow::Error::new(std::io::Error::other("disk\nfull")).context("writing x");
+        assert_eq!(error_line(&e), "writing x: disk full");
+    }
 }

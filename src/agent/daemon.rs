@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
@@ -23,8 +23,10 @@ use super::launch::{Probe, StartupLock, probe};
 use super::{AgentError, lock_path};
 use crate::config::paths::Dirs;
 use crate::control::agent_socket as socket_path;
-use crate::keyholder::pool::{Pool, idle_from_env};
+use crate::keyholder::pool::{HeldCluster, Pool, idle_from_env};
 use crate::keyholder::serve::{self, HolderContext};
+use crate::session::dial::Dialer;
+use crate::sync::follow::{Follower, Trigger, is_member, poll_from_env};
 
 /// How long shutdown waits for running requests.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
@@ -120,11 +122,7 @@ pub async fn run(
         path: path.clone(),
     };
     let http = if opts.http {
-        Some(
-            TcpListener::bind(("127.0.0.1", 0))
-                .await
-                .map_err(AgentError::Http)?,
-        )
+        Some(bind_http(&dirs).await?)
     } else {
         None
     };
@@ -153,7 +151,7 @@ pub async fn run(
     if let Some(l) = http {
         tracker.spawn(super::http::serve(l, ctx.clone(), tracker.clone()));
     }
-    tracker.spawn(maintenance(ctx.clone(), socket));
+    tracker.spawn(maintenance(ctx.clone(), socket, tracker.clone()));
 
     shutdown.cancelled().await;
     tracing::info!("agent shutting down");
@@ -168,13 +166,59 @@ pub async fn run(
     Ok(())
 }
 
-/// Rescan clusters, close idle connections, and exit if our socket is gone. Owns the
-/// socket file so it is removed when this task ends (at shutdown).
-async fn maintenance(ctx: Arc<HolderContext>, socket: SocketFile) {
+/// The HTTP proxy port a spawned agent should take again (what the spawning shell's
+/// `HTTP_PROXY` advertised, `launch::advertised_http_port`).
+pub const ENV_HTTP_PORT: &str = "MALAI_AGENT_HTTP_PORT";
+/// Where the last HTTP proxy port is kept (in the private runtime dir).
+const HTTP_PORT_FILE: &str = "agent-http-port";
+
+/// The HTTP proxy's listener: on the port the environment advertised, else the last
+/// agent's, when free (shells that exported it keep working across a restart); else any.
+async fn bind_http(dirs: &Dirs) -> Result<TcpListener, AgentError> {
+    let file = dirs.run.join(HTTP_PORT_FILE);
+    let wanted = std::env::var(ENV_HTTP_PORT)
+        .ok()
+        .or_else(|| std::fs::read_to_string(&file).ok())
+        .and_then(|p| p.trim().parse::<u16>().ok())
+        .filter(|p| *p != 0);
+    let listener = match wanted {
+        Some(port) => match TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::info!(port, error = %e, "advertised HTTP proxy port not free; taking another");
+                TcpListener::bind(("127.0.0.1", 0))
+                    .await
+                    .map_err(AgentError::Http)?
+            }
+        },
+        None => TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .map_err(AgentError::Http)?,
+    };
+    if let Ok(addr) = listener.local_addr()
+        && let Err(e) = crate::config::store::write_atomic(
+            &file,
+            format!("{}\n", addr.port()).as_bytes(),
+            0o600,
+        )
+    {
+        tracing::info!(error = %e, "cannot remember the HTTP proxy port");
+    }
+    Ok(listener)
+}
+
+/// Rescan clusters, close idle connections, keep member clusters' files current
+/// (`sync::follow`), and exit if our socket is gone. Owns the socket file so it is removed
+/// when this task ends (at shutdown).
+async fn maintenance(ctx: Arc<HolderContext>, socket: SocketFile, tracker: TaskTracker) {
     let mut rescan = tokio::time::interval(RESCAN_EVERY);
     let mut reap = tokio::time::interval(ctx.pool.reap_every());
+    let follower = Follower::new(poll_from_env());
+    let mut poll = tokio::time::interval(follower.tick());
+    let mut dialed = ctx.pool.take_dial_events();
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
@@ -187,7 +231,50 @@ async fn maintenance(ctx: Arc<HolderContext>, socket: SocketFile) {
                 ctx.pool.rescan().await;
             }
             _ = reap.tick() => ctx.pool.reap().await,
+            _ = poll.tick() => {
+                let held = ctx.pool.held().await;
+                follower.retain(&held.iter().map(|h| h.dir.alias.clone()).collect::<Vec<_>>());
+                for h in held {
+                    follow(&follower, &tracker, &ctx.shutdown, h, Trigger::Scheduled);
+                }
+            }
+            Some(alias) = recv(&mut dialed) => {
+                if let Some(h) = ctx.pool.held().await.into_iter().find(|h| h.dir.alias == alias) {
+                    follow(&follower, &tracker, &ctx.shutdown, h, Trigger::Dialed);
+                }
+            }
         }
     }
     drop(socket);
+}
+
+/// The next dial event, or never (no receiver).
+async fn recv(rx: &mut Option<tokio::sync::mpsc::Receiver<String>>) -> Option<String> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Start one config-sync check of a held member cluster, if one is due.
+fn follow(
+    follower: &Arc<Follower>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+    held: HeldCluster,
+    why: Trigger,
+) {
+    if !is_member(&held.dir) || !follower.start(&held.dir.alias, why, Instant::now()) {
+        return;
+    }
+    let check = follower
+        .clone()
+        .check(held.dir, Dialer::Node(held.node), why);
+    let shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = check => {}
+        }
+    });
 }

@@ -187,6 +187,7 @@ async fn spawn(dirs: &Dirs, socket: &Path, http: bool) -> Result<HolderHello, Ag
         // The agent reads keys itself and must never route through another agent.
         .env_remove(ENV_SOCKET)
         .env_remove(ENV_LOCKDOWN)
+        .env_remove(super::daemon::ENV_HTTP_PORT)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr);
@@ -197,6 +198,9 @@ async fn spawn(dirs: &Dirs, socket: &Path, http: bool) -> Result<HolderHello, Ag
             nix::unistd::setsid().map_err(std::io::Error::from)?;
             Ok(())
         });
+    }
+    if let Some(port) = advertised_http_port() {
+        cmd.env(super::daemon::ENV_HTTP_PORT, port.to_string());
     }
     let mut child = cmd.spawn().map_err(|e| AgentError::Spawn(e.to_string()))?;
     let deadline = Instant::now() + READY_DEADLINE;
@@ -247,9 +251,63 @@ pub fn export_lines(socket: &Path, lockdown: bool, http: Option<std::net::Socket
     out
 }
 
+/// What `agent stop` says: what it stopped, and which variables of the shells that ran
+/// `eval "$(malai ssh agent -e)"` now point at nothing (the next agent comes back on the
+/// same HTTP port when it is free, `daemon`, so a restart makes them good again).
+pub fn stopped_line(socket: &Path, hello: &HolderHello) -> String {
+    let mut stale = vec![ENV_SOCKET.to_string()];
+    if let Some(addr) = hello.http {
+        stale.insert(0, format!("HTTP_PROXY/http_proxy (http://{addr})"));
+    }
+    format!(
+        "stopped the agent (pid {}) on {}; in shells that ran `eval \"$(malai ssh agent -e)\"` {} {} stale until an agent runs again (run it again, or unset them)",
+        hello.pid,
+        socket.display(),
+        stale.join(" and "),
+        if stale.len() == 1 { "is" } else { "are" },
+    )
+}
+
+/// The HTTP proxy port this environment advertises: `http_proxy`/`HTTP_PROXY` naming a
+/// loopback address in a shell that ran `agent -e` (`MALAI_SSH_AGENT` is set, so the
+/// proxy is an agent's, not some other local proxy). A newly started agent takes it again
+/// when it is free, so that shell's variables work again.
+pub fn advertised_http_port() -> Option<u16> {
+    std::env::var_os(ENV_SOCKET).filter(|v| !v.is_empty())?;
+    ["http_proxy", "HTTP_PROXY"].iter().find_map(|k| {
+        let v = std::env::var(k).ok()?;
+        let rest = v.trim().strip_prefix("http://")?;
+        let addr: std::net::SocketAddr = rest.trim_end_matches('/').parse().ok()?;
+        (addr.ip().is_loopback() && addr.port() != 0).then_some(addr.port())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stopped_line_names_the_stale_variables() {
+        let mut h = HolderHello {
+            version: VERSION,
+            pid: 42,
+            http: Some("127.0.0.1:4000".parse().unwrap()),
+        };
+        let s = stopped_line(Path::new("/run/a.sock"), &h);
+        assert!(
+            s.starts_with("stopped the agent (pid 42) on /run/a.sock;"),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "HTTP_PROXY/http_proxy (http://127.0.0.1:4000) and MALAI_SSH_AGENT are stale"
+            ),
+            "{s}"
+        );
+        h.http = None;
+        let s = stopped_line(Path::new("/run/a.sock"), &h);
+        assert!(s.contains("MALAI_SSH_AGENT is stale"), "{s}");
+    }
 
     #[test]
     fn export_lines_quote_and_follow_flags() {

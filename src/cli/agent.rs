@@ -7,6 +7,25 @@ use super::AgentCommand;
 use crate::config::paths::Dirs;
 use crate::table::Table;
 
+/// The agent at `path`, or `None` when none runs there (no socket file, or one nobody
+/// listens on). The trust checks come first: a socket someone else planted is an error,
+/// never connected to.
+async fn connect_agent(
+    path: &std::path::Path,
+) -> Result<Option<crate::control::client::ControlClient>, crate::control::client::ConnectError> {
+    use crate::control::client::{ConnectError, ControlClient};
+    match ControlClient::connect(path).await {
+        Ok(c) => Ok(Some(c)),
+        Err(_) if std::fs::symlink_metadata(path).is_err() => Ok(None),
+        Err(ConnectError::Unreachable { source, .. })
+            if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// `malai ssh agent …`.
 pub(super) async fn run(
     dirs: Dirs,
@@ -17,12 +36,18 @@ pub(super) async fn run(
     under_lock: bool,
 ) -> anyhow::Result<()> {
     use crate::agent::launch;
-    use crate::control::client::ControlClient as AgentClient;
     let socket =
         || crate::control::socket_from_env().unwrap_or_else(|| crate::control::agent_socket(&dirs));
     match command {
         Some(AgentCommand::Status { json }) => {
-            let status = AgentClient::connect(&socket()).await?.status().await?;
+            let path = socket();
+            let Some(client) = connect_agent(&path).await? else {
+                anyhow::bail!(
+                    "no agent is running (nothing answers on {}); start one with: eval \"$(malai ssh agent -e)\"",
+                    path.display()
+                );
+            };
+            let status = client.status().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -32,11 +57,20 @@ pub(super) async fn run(
         }
         Some(AgentCommand::Stop) => {
             let path = socket();
-            AgentClient::connect(&path).await?.stop().await?;
+            let Some(client) = connect_agent(&path).await? else {
+                eprintln!(
+                    "malai: no agent is running (nothing answers on {}); nothing to stop",
+                    path.display()
+                );
+                return Ok(());
+            };
+            let hello = client.hello.clone();
+            client.stop().await?;
             // Return once the socket is gone, so a following `agent -e` starts afresh; a
             // socket still there after 5 s is a failure, not "ok".
             for _ in 0..250 {
                 if !path.exists() {
+                    eprintln!("malai: {}", launch::stopped_line(&path, &hello));
                     return Ok(());
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -93,7 +127,7 @@ pub(super) async fn run(
 /// Human-readable `malai ssh status`.
 pub fn render_status(holders: &[crate::control::LiveHolder]) -> String {
     if holders.is_empty() {
-        return "no malai ssh server or agent is running here; no cluster connections\n".into();
+        return "no malai ssh server or agent is running here\n".into();
     }
     let mut table = Table::new(["HOLDER", "CLUSTER", "PEER", "DIR", "PATH", "ADDRESS", "RTT"]);
     for h in holders {

@@ -95,6 +95,7 @@ async fn cluster_join(
     pin: Option<String>,
 ) -> anyhow::Result<()> {
     let pin = pin.map(|p| parse_id52(&p, "--manager")).transpose()?;
+    let by_domain = manager.is_none();
     let m = match manager {
         Some(m) => {
             let m = parse_id52(&m, "manager")?;
@@ -107,7 +108,7 @@ async fn cluster_join(
         }
         None => confirm_dns_manager(alias, pin).await?,
     };
-    println!("{}", crate::cluster::join(dirs, alias, &m)?);
+    println!("{}", crate::cluster::join(dirs, alias, &m, by_domain)?);
     Ok(())
 }
 

@@ -73,7 +73,9 @@ pub enum SshCommand {
         /// The cluster alias (optional when this machine is in exactly one).
         cluster: Option<String>,
     },
-    /// Print an ssh_config block (Host *.<cluster> + ProxyCommand) for every cluster.
+    /// Print an ssh_config block (Host *.<cluster> + ProxyCommand) for every cluster. The
+    /// ProxyCommand pins MALAI_HOME, MALAI_RELAY, MALAI_RELAY_CA, MALAI_BIND and
+    /// MALAI_USE_KEYRING as this shell has them, so ssh from any terminal behaves the same.
     Config,
     /// Show every live cluster connection of this machine, like `tailscale status`: which
     /// process holds it (server, agent), the peer, direct or through a relay, the address
@@ -86,7 +88,8 @@ pub enum SshCommand {
     /// Serve every cluster where this machine is listed as a server.
     ///
     /// Runs in the foreground; SIGTERM or Ctrl-C drains running requests and exits 0.
-    /// Logs go to LOGDIR/ssh/server.log. MALAI_RELAY=disabled runs fully offline (peers
+    /// Logs go to LOGDIR/ssh/server.log.<date> (one file a day; README "Files and
+    /// environment" says where LOGDIR is). MALAI_RELAY=disabled runs fully offline (peers
     /// are reached only through `addrs` hints).
     Server {
         /// Fixed UDP address to listen on (e.g. 0.0.0.0:7744). With several clusters the
@@ -424,6 +427,15 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&holders)?);
             } else {
                 print!("{}", agent::render_status(&holders));
+                // Commands that bound a key themselves hold connections no holder lists.
+                for dir in crate::config::store::list_clusters(&dirs)? {
+                    if crate::control::lock::commands_running(&dir) {
+                        println!(
+                            "{}: commands that bound the key themselves are running (their connections are not listed; start the agent to see and share them)",
+                            dir.alias
+                        );
+                    }
+                }
             }
             Ok(())
         }

@@ -270,10 +270,34 @@ async fn run_parsed(
             }
             match crate::session::route(&resolved.dir, Some(&resolved.config)).await? {
                 Route::Holder(holder) => run_via_holder(holder, &args).await,
-                own => run_one(&resolved, &server, &args, Some(own)).await,
+                own => {
+                    // Nothing else follows the manager for this machine: check alongside.
+                    let check = match &own {
+                        Route::Own(o) if crate::sync::follow::catch_up_due(&resolved.dir) => {
+                            Some(tokio::spawn(catch_up(resolved.dir.clone(), o.clone())))
+                        }
+                        _ => None,
+                    };
+                    let r = run_one(&resolved, &server, &args, Some(own)).await;
+                    if let Some(c) = check {
+                        let _ = c.await;
+                    }
+                    r
+                }
             }
         }
     }
+}
+
+/// The config-sync check of a command on its own endpoint (`sync::follow::catch_up`); it
+/// keeps the endpoint open until done and then lets it go like the session does.
+async fn catch_up(
+    dir: crate::config::store::ClusterDir,
+    own: std::sync::Arc<crate::session::own::OwnEndpoint>,
+) {
+    let dialer = crate::session::dial::Dialer::Node(own.node.clone());
+    crate::sync::follow::catch_up(&dir, &dialer).await;
+    own.done(std::time::Duration::from_secs(1)).await;
 }
 
 /// [`run_one`] through a key holder (the agent, or the server): it gets our stdio and uses

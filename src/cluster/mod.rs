@@ -69,9 +69,45 @@ pub fn init(dirs: &Dirs, alias: &str) -> Result<Id52, ClusterError> {
     Ok(id)
 }
 
+/// What the ProxyCommand of `malai ssh config` depends on, pinned as this shell has it, so
+/// `ssh foo.acme` from any terminal behaves like this one: the folders and the relay choice
+/// (an unset variable stays unset; the file's `relays` then decide).
+const PINNED_ENV: [&str; 5] = [
+    "MALAI_HOME",
+    "MALAI_RELAY",
+    "MALAI_RELAY_CA",
+    "MALAI_BIND",
+    "MALAI_USE_KEYRING",
+];
+
+/// `env K=V … ` for the ProxyCommand (OpenSSH runs it through `exec`, so `VAR=x cmd` does
+/// not work), or nothing when none of [`PINNED_ENV`] is set.
+fn pinned_env_prefix() -> String {
+    let set: Vec<String> = PINNED_ENV
+        .iter()
+        .filter_map(|k| {
+            let v = std::env::var(k).ok().filter(|v| !v.is_empty())?;
+            let v = shlex::try_quote(&v).ok()?.into_owned();
+            Some(format!("{k}={v}"))
+        })
+        .collect();
+    if set.is_empty() {
+        String::new()
+    } else {
+        format!("env {} ", set.join(" "))
+    }
+}
+
 /// `cluster join <alias> <manager-id52>`: this machine's key for the cluster. Joining again
 /// with the same manager prints the same id (idempotent); a different manager is refused.
-pub fn join(dirs: &Dirs, alias: &str, manager: &Id52) -> Result<Id52, ClusterError> {
+/// `by_domain`: the manager was found in `alias`'s DNS record, so the manager's file may
+/// call the cluster something else (its names here still end in `alias`).
+pub fn join(
+    dirs: &Dirs,
+    alias: &str,
+    manager: &Id52,
+    by_domain: bool,
+) -> Result<Id52, ClusterError> {
     let cd = ClusterDir::new(dirs, alias)?;
     cd.create()?;
     if let Some(existing) = cd.manager_id()? {
@@ -84,6 +120,9 @@ pub fn join(dirs: &Dirs, alias: &str, manager: &Id52) -> Result<Id52, ClusterErr
         return Ok(keys::id52(&cd.dir)?);
     }
     let (id, _) = keys::create(&cd.dir, true)?;
+    if by_domain {
+        cd.set_joined_by_domain()?;
+    }
     cd.set_manager_id(manager)?;
     Ok(id)
 }
@@ -91,10 +130,13 @@ pub fn join(dirs: &Dirs, alias: &str, manager: &Id52) -> Result<Id52, ClusterErr
 /// The cluster this machine manages: the one named, or the only one.
 pub fn managed_cluster(dirs: &Dirs, name: Option<&str>) -> Result<ClusterDir, ClusterError> {
     let mut managed = vec![];
+    let mut member_of = vec![];
     for cd in list_clusters(dirs)? {
         let me = keys::id52(&cd.dir).ok();
         if me.is_some() && me == cd.manager_id()? {
             managed.push(cd);
+        } else {
+            member_of.push(cd.alias);
         }
     }
     match name {
@@ -102,6 +144,11 @@ pub fn managed_cluster(dirs: &Dirs, name: Option<&str>) -> Result<ClusterDir, Cl
             ClusterError::Usage(format!("this machine is not the manager of a cluster {n:?}"))
         }),
         None => match managed.len() {
+            // A member asking a manager's question: point at the manager, not at `init`.
+            0 if !member_of.is_empty() => Err(ClusterError::Usage(format!(
+                "this machine is a member of {}, not its manager: run this on the manager (a member catches up with `malai ssh cluster pull`)",
+                member_of.join(", ")
+            ))),
             0 => Err(ClusterError::Usage(
                 "this machine manages no cluster (create one with `malai ssh cluster init <alias>`)"
                     .into(),
@@ -175,12 +222,7 @@ pub fn ssh_config_blocks(dirs: &Dirs) -> Result<String, ClusterError> {
         .ok()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "malai".into());
-    let home = std::env::var("MALAI_HOME").ok().filter(|h| !h.is_empty());
-    let prefix = match &home {
-        // ProxyCommand is run through `exec`, so `VAR=x cmd` does not work: use env.
-        Some(h) => format!("env MALAI_HOME={h} "),
-        None => String::new(),
-    };
+    let prefix = pinned_env_prefix();
     let mut out = String::new();
     for cd in list_clusters(dirs)? {
         let mut names = vec![format!("*.{}", cd.alias)];

@@ -22,6 +22,10 @@ use crate::id52::Id52;
 
 /// File holding the manager id52 this machine joined.
 pub const MANAGER_ID_FILE: &str = "manager-id52";
+/// Present in a folder joined by domain (`cluster join <domain>`): the folder is named by
+/// the domain whose TXT record named the manager, so the manager's file may carry another
+/// alias (`sync::member::check_same_cluster` accepts it; the manager id52 still must match).
+pub const DOMAIN_JOIN_FILE: &str = "joined-by-domain";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -256,6 +260,16 @@ impl ClusterDir {
     pub fn set_manager_id(&self, id: &Id52) -> Result<(), StoreError> {
         let path = self.dir.join(MANAGER_ID_FILE);
         write_atomic(&path, format!("{id}\n").as_bytes(), 0o644).map_err(io_err(&path))
+    }
+
+    /// Whether this folder was joined by domain ([`DOMAIN_JOIN_FILE`]).
+    pub fn joined_by_domain(&self) -> bool {
+        self.dir.join(DOMAIN_JOIN_FILE).exists()
+    }
+
+    pub fn set_joined_by_domain(&self) -> Result<(), StoreError> {
+        let path = self.dir.join(DOMAIN_JOIN_FILE);
+        write_atomic(&path, b"", 0o644).map_err(io_err(&path))
     }
 }
 

@@ -5,6 +5,7 @@
 //! (`control::protocol`).
 //!
 //! - [`pool`]: one endpoint per cluster, one connection per peer, reused.
+//! - [`stream`]: one request's stream on a pooled connection, and its lease.
 //! - [`serve`]: one control connection: `status`, `stop`, `release`, `stream`, or `open` on
 //!   passed descriptors.
 //! - [`fds`]: the descriptors a command passed, as async streams.
@@ -16,3 +17,4 @@ pub mod fds;
 pub mod inbound;
 pub mod pool;
 pub mod serve;
+pub mod stream;

@@ -13,14 +13,11 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
+pub use super::stream::PooledStream;
 use crate::config::Server;
 use crate::config::paths::Dirs;
 use crate::config::store::{ClusterDir, list_clusters};
@@ -31,7 +28,7 @@ use crate::id52::Id52;
 use crate::keys;
 use crate::protocol::Request;
 use crate::session::dial::Dialer;
-use crate::session::{Resolved, SessionError, SessionRead, SessionWrite, request_on};
+use crate::session::{Resolved, SessionError, request_on};
 use crate::transport::iroh::{Node, PeerConnection};
 
 /// How long a cluster handed to the server is not claimed again (the server claims it
@@ -61,7 +58,7 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -75,24 +72,24 @@ struct ClusterNode {
 }
 
 /// The live connection of one slot.
-struct Live {
-    conn: PeerConnection,
+pub(super) struct Live {
+    pub(super) conn: PeerConnection,
     /// Closes `conn` when the server restarted (`client::liveness`).
-    _watchdog: crate::session::liveness::Watchdog,
+    pub(super) _watchdog: crate::session::liveness::Watchdog,
     /// Tells a lease which connection it counted on (the slot may have been re-dialed).
-    generation: u64,
-    active: u64,
+    pub(super) generation: u64,
+    pub(super) active: u64,
     requests: u64,
-    last_used: Instant,
+    pub(super) last_used: Instant,
 }
 
 /// One (cluster, server): dialing is serialized so two first requests share one dial.
-struct Slot {
+pub(super) struct Slot {
     cluster: String,
-    server: String,
+    pub(super) server: String,
     peer: Id52,
     dial: tokio::sync::Mutex<()>,
-    live: Mutex<Option<Live>>,
+    pub(super) live: Mutex<Option<Live>>,
 }
 
 #[derive(Default)]
@@ -121,7 +118,22 @@ pub struct Pool {
     /// Why each cluster found at the last rescan is not served here (for `status`).
     not_served: Mutex<BTreeMap<String, String>>,
     counters: Counters,
+    /// Aliases of clusters this pool just dialed someone in (a fresh connection): the
+    /// holder's config-sync schedule checks the manager then (`sync::follow`). Bounded; a
+    /// nudge lost to a full queue only waits for the schedule.
+    dialed: tokio::sync::mpsc::Sender<String>,
+    dialed_rx: Mutex<Option<tokio::sync::mpsc::Receiver<String>>>,
 }
+
+/// A cluster endpoint this pool holds (for the config-sync schedule).
+#[derive(Clone)]
+pub struct HeldCluster {
+    pub dir: ClusterDir,
+    pub node: Node,
+}
+
+/// How many dial nudges may wait for the schedule.
+const DIAL_QUEUE: usize = 64;
 
 impl Pool {
     /// The agent's pool: binds (claims) the clusters no server on this machine holds.
@@ -135,6 +147,7 @@ impl Pool {
     }
 
     fn with(dirs: Dirs, socket: PathBuf, idle: Duration, adopt_only: bool) -> Pool {
+        let (dialed, dialed_rx) = tokio::sync::mpsc::channel(DIAL_QUEUE);
         Pool {
             dirs,
             idle,
@@ -147,7 +160,29 @@ impl Pool {
             draining: Mutex::new(vec![]),
             not_served: Mutex::new(BTreeMap::new()),
             counters: Counters::default(),
+            dialed,
+            dialed_rx: Mutex::new(Some(dialed_rx)),
         }
+    }
+
+    /// The aliases of clusters this pool dials into, as it dials (once: the caller that
+    /// runs the config-sync schedule takes it).
+    pub fn take_dial_events(&self) -> Option<tokio::sync::mpsc::Receiver<String>> {
+        lock(&self.dialed_rx).take()
+    }
+
+    /// The cluster endpoints this pool holds now.
+    pub async fn held(&self) -> Vec<HeldCluster> {
+        let nodes = self.nodes.lock().await;
+        nodes
+            .iter()
+            .filter_map(|(alias, n)| {
+                Some(HeldCluster {
+                    dir: ClusterDir::new(&self.dirs, alias).ok()?,
+                    node: n.node.clone(),
+                })
+            })
+            .collect()
     }
 
     /// Bind endpoints for clusters not seen yet (or whose key changed). One broken cluster
@@ -401,15 +436,7 @@ impl Pool {
                         l.requests += 1;
                         l.last_used = Instant::now();
                     }
-                    return Ok(PooledStream {
-                        send: SessionWrite::Iroh(send),
-                        recv: SessionRead::Iroh(recv),
-                        server: slot.server.clone(),
-                        _lease: Some(Lease {
-                            slot: slot.clone(),
-                            generation,
-                        }),
-                    });
+                    return Ok(PooledStream::pooled(send, recv, slot.clone(), generation));
                 }
                 // The reused connection died under us (server restarted, network
                 // changed) before the server answered: forget it and dial once more.
@@ -484,6 +511,7 @@ impl Pool {
         let generation = self.counters.generations.fetch_add(1, Ordering::Relaxed);
         self.counters.dials.fetch_add(1, Ordering::Relaxed);
         tracing::info!(cluster = %slot.cluster, server = %slot.server, "dialed");
+        let _ = self.dialed.try_send(slot.cluster.clone());
         let watchdog = crate::session::liveness::watch(
             node.clone(),
             conn.clone(),
@@ -611,96 +639,5 @@ fn forget(slot: &Slot, generation: u64) {
         && let Some(l) = live.take()
     {
         l.conn.close("broken");
-    }
-}
-
-/// Marks its connection busy while alive; idle time counts from its drop.
-struct Lease {
-    slot: Arc<Slot>,
-    generation: u64,
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Some(l) = lock(&self.slot.live).as_mut()
-            && l.generation == self.generation
-        {
-            l.active = l.active.saturating_sub(1);
-            l.last_used = Instant::now();
-        }
-    }
-}
-
-/// An accepted request on a pooled connection. Dropping it finishes the stream (QUIC
-/// FIN/stop) but leaves the connection open for the next request.
-pub struct PooledStream {
-    pub send: SessionWrite,
-    pub recv: SessionRead,
-    server: String,
-    _lease: Option<Lease>,
-}
-
-impl PooledStream {
-    fn via(s: tokio::net::UnixStream, server: &str) -> PooledStream {
-        let (r, w) = s.into_split();
-        PooledStream {
-            send: SessionWrite::Via(w),
-            recv: SessionRead::Via(r),
-            server: server.to_string(),
-            _lease: None,
-        }
-    }
-
-    /// Abandon the stream (the peer sees a reset, never a clean end).
-    pub fn abort(&mut self) {
-        if let SessionWrite::Iroh(s) = &mut self.send {
-            s.reset();
-        }
-        if let SessionRead::Iroh(r) = &mut self.recv {
-            r.stop();
-        }
-        // Via another process: dropping the socket makes that one reset its stream.
-    }
-
-    /// Whether the stream broke because its server restarted (the connection's watchdog
-    /// closed it), so the error can say so.
-    pub fn server_restarted(&self) -> bool {
-        let Some(lease) = &self._lease else {
-            return false;
-        };
-        lock(&lease.slot.live)
-            .as_ref()
-            .is_some_and(|l| l.generation == lease.generation && l._watchdog.saw_restart())
-    }
-
-    /// The server this stream goes to (for logs).
-    pub fn server(&self) -> &str {
-        &self.server
-    }
-}
-
-impl AsyncRead for PooledStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().recv).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for PooledStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().send).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().send).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().send).poll_shutdown(cx)
     }
 }

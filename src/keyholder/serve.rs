@@ -404,10 +404,9 @@ async fn tunnel(
         Ok(Err(e)) => {
             stream.abort();
             FromHolder::Broken {
-                message: match stream.server_restarted() {
-                    true => format!("connection lost: {}", crate::session::liveness::RESTARTED),
-                    false => format!("connection lost: {e}"),
-                },
+                message: stream
+                    .lost_reason()
+                    .unwrap_or_else(|| format!("connection lost: {e}")),
             }
         }
         Err(Control::Finish) => {
@@ -465,10 +464,7 @@ async fn exec(
     match result {
         Ok(status) => FromHolder::Exit { status },
         Err(message) => {
-            let message = match stream.server_restarted() {
-                true => format!("connection lost: {}", crate::session::liveness::RESTARTED),
-                false => message,
-            };
+            let message = stream.lost_reason().unwrap_or(message);
             stream.abort();
             FromHolder::Broken { message }
         }

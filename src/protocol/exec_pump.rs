@@ -34,10 +34,21 @@ pub fn exit_code(st: &ExitStatus) -> i32 {
 pub enum PumpError {
     #[error("connection closed before the command's exit status arrived")]
     Closed,
-    #[error("connection lost: {0}")]
+    #[error("connection lost{}", lost_detail(.0))]
     Lost(ExecFrameError),
     #[error("server sent an unexpected frame: {0}")]
     Unexpected(String),
+}
+
+/// The cause after "connection lost", unless it only says that again (a QUIC stream of a
+/// closed connection reads as "connection lost").
+fn lost_detail(e: &ExecFrameError) -> String {
+    let text = e.to_string();
+    if text.trim_start_matches("i/o: ") == "connection lost" {
+        String::new()
+    } else {
+        format!(": {text}")
+    }
 }
 
 /// How [`run`] ended without an exit status.

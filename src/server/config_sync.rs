@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::request::{Context, reply};
 use crate::protocol::Response;
@@ -91,7 +91,7 @@ where
         let _ = ctx.state.current();
         tracing::info!(%peer, %cluster, hash = short_hash(hash), "applied a cluster file from the manager");
     }
-    write_config_frame(w, &ack).await.is_ok()
+    finish(w, &ack).await
 }
 
 /// `config-hash`: accept, read the query, answer with this machine's hash (and, on the
@@ -139,7 +139,10 @@ where
         {
             s.member_seen(&peer, query.have.as_deref());
         }
-        let fetch = query.fetch && peer != ctx.state.me;
+        // A member that already has the current file gets only the hash: that keeps the
+        // devices' scheduled checks (`sync::follow`) one small frame each.
+        let current = source.as_ref().map(|s| s.hash.as_str()) == query.have.as_deref();
+        let fetch = query.fetch && peer != ctx.state.me && !current;
         if fetch {
             tracing::info!(%peer, %cluster, "member fetched the cluster file");
         }
@@ -155,5 +158,15 @@ where
             text: None,
         }
     };
-    write_config_frame(w, &answer).await.is_ok()
+    finish(w, &answer).await
+}
+
+/// Write the answer and end our direction (FIN): through a key holder's pooled connection
+/// nothing else ends the stream (the connection stays open), so without it the holder
+/// would wait for our end and the request would count as active for ever.
+async fn finish<W: AsyncWrite + Unpin, T: serde::Serialize>(w: &mut W, answer: &T) -> bool {
+    if write_config_frame(w, answer).await.is_err() {
+        return false;
+    }
+    w.shutdown().await.is_ok()
 }

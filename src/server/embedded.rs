@@ -76,8 +76,10 @@ const SFTP_SERVER_PATHS: &[&str] = &[
     "/usr/libexec/sftp-server",
     "/usr/lib/sftp-server",
 ];
-/// Exit statuses for requests refused before anything ran (the shell's conventions).
-const EXIT_NOT_ALLOWED: u32 = 126;
+/// A command the ACL refused exits 255, as it does natively (`malai ssh foo.acme cmd`):
+/// malai refused it, and 255 is the status of ssh's (and malai's) own failures.
+const EXIT_NOT_ALLOWED: u32 = 255;
+/// A command that could not be started (the shell's convention).
 const EXIT_CANNOT_RUN: u32 = 127;
 
 /// Who the SSH session is for: the verified peer, and where its permissions come from.

@@ -96,7 +96,11 @@ pub fn try_handshake() -> Option<SemaphorePermit<'static>> {
 /// Why a connection is not kept.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error("not known to this cluster")]
+    /// Said to the peer (the connection's close reason), which prints it after the host
+    /// name: it must read as being about the peer, not the host.
+    #[error(
+        "this machine is not a member of the cluster (the server's cluster file does not list its id52); ask the cluster's manager to add it"
+    )]
     Stranger,
     #[error("too many connections")]
     Full,

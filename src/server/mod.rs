@@ -14,10 +14,10 @@
 //!
 //! Config sync (DESIGN §5): on a cluster this machine manages, the endpoint also runs the
 //! manager's sync loop (`sync::Syncer`) and answers members' pulls; on a cluster it
-//! is a member of, the server pulls the current file from the manager once at start, and
-//! takes pushes through `config_sync` at any time. A member that joined but has no file yet
-//! is served with an empty file naming only the joined manager, so the first push (the only
-//! request such a file allows) can reach it.
+//! is a member of, the server checks the manager's file at start and on a schedule
+//! (`sync::follow`), and takes pushes through `config_sync` at any time. A member that
+//! joined but has no file yet is served with an empty file naming only the joined manager,
+//! so the first push (the only request such a file allows) can reach it.
 
 pub mod config_sync;
 pub mod embedded;
@@ -48,6 +48,7 @@ use crate::config::paths::Dirs;
 use crate::config::store::{ClusterDir, list_clusters};
 use crate::id52::Id52;
 use crate::keys;
+use crate::sync::follow::{Follower, Trigger, poll_from_env};
 use crate::transport::iroh::{NetConfig, Node, PeerConnection};
 
 /// The server's control socket (in the private runtime dir): the agent's control
@@ -540,7 +541,7 @@ async fn start_new_clusters(
             let _ = state.sync.set(syncer.clone());
             tracker.spawn(syncer.run(shutdown.clone()));
         } else {
-            tracker.spawn(pull_on_start(dir.clone(), node.clone(), shutdown.clone()));
+            tracker.spawn(follow_manager(dir.clone(), node.clone(), shutdown.clone()));
         }
         tracker.spawn(accept_loop(
             node.clone(),
@@ -588,16 +589,25 @@ fn remember_port(dir: &ClusterDir, node: &Node) {
     }
 }
 
-/// A member catches up with the manager once at start (it may have missed pushes while it
-/// was down). Failing is normal (manager offline, no address hint): pushes still come.
-async fn pull_on_start(dir: ClusterDir, node: Node, shutdown: CancellationToken) {
-    let node = crate::session::dial::Dialer::Node(node);
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        r = crate::sync::member::pull(&dir, &node, &[]) => match r {
-            Ok(a) => tracing::info!(cluster = %dir.alias, ?a, "pulled the cluster file from the manager"),
-            Err(e) => tracing::info!(cluster = %dir.alias, error = %e, "no pull from the manager at start; waiting for pushes"),
-        },
+/// A member follows the manager (`sync::follow`): a check at start (it may have missed
+/// pushes while it was down), then on the schedule, so a push it missed is made up for
+/// without a restart. Failing is normal (manager offline, no address hint): pushes still
+/// come.
+async fn follow_manager(dir: ClusterDir, node: Node, shutdown: CancellationToken) {
+    let follower = Follower::new(poll_from_env());
+    let dialer = crate::session::dial::Dialer::Node(node);
+    let mut why = Trigger::Start;
+    loop {
+        if follower.start(&dir.alias, why, std::time::Instant::now()) {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = follower.clone().check(dir.clone(), dialer.clone(), why) => {}
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(follower.tick()) => why = Trigger::Scheduled,
+        }
     }
 }
 
@@ -667,7 +677,7 @@ async fn serve_connection(
         let (mut send, mut recv) = tokio::select! {
             // Stop taking new streams; running ones drain (the streams keep the connection).
             _ = shutdown.cancelled() => return,
-            _ = &mut removed => return conn.close("access revoked"),
+            _ = &mut removed => return conn.close("access revoked: this machine was removed from the cluster"),
             s = conn.accept() => match s {
                 Some(s) => s,
                 None => return,

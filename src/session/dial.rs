@@ -96,6 +96,7 @@ impl Dialer {
                         started,
                     }),
                     Err(e) => {
+                        let e = super::open::refused_by_close(&conn, e);
                         conn.close("refused");
                         Err(e)
                     }

@@ -146,9 +146,12 @@ impl Session {
     /// a server restart (the watchdog closed the connection), not just "connection lost".
     pub fn broken(&self, e: SessionError) -> SessionError {
         match &self.closer {
-            Closer::Iroh { _watchdog: w, .. } if w.saw_restart() => {
-                SessionError::Lost(format!("connection lost: {}", liveness::RESTARTED))
-            }
+            Closer::Iroh {
+                _watchdog: w, conn, ..
+            } => match lost_reason(w.saw_restart(), conn.peer_close_reason()) {
+                Some(why) => SessionError::Lost(why),
+                None => e,
+            },
             _ => e,
         }
     }
@@ -270,6 +273,16 @@ pub async fn open_on(
     }
 }
 
+/// Why a session broke, when the connection knows better than the stream's error (which
+/// reads only "connection lost"): its server restarted, or closed the connection and said
+/// why (`access revoked` when this machine was removed from the cluster).
+pub fn lost_reason(restarted: bool, peer_reason: Option<String>) -> Option<String> {
+    if restarted {
+        return Some(format!("connection lost: {}", liveness::RESTARTED));
+    }
+    peer_reason.map(|r| format!("the server closed the connection: {r}"))
+}
+
 async fn handshake(
     node: &Node,
     server: &Server,
@@ -280,11 +293,16 @@ async fn handshake(
     let (mut send, mut recv) = conn.open().await?;
     match exchange(&mut send, &mut recv, header).await {
         Ok(()) => Ok((conn, send, recv)),
-        // The server closed the whole connection instead of answering: it said why.
-        Err(e) => Err(match conn.peer_close_reason() {
-            Some(reason) => SessionError::Denied(reason),
-            None => e,
-        }),
+        Err(e) => Err(refused_by_close(&conn, e)),
+    }
+}
+
+/// The server closed the whole connection instead of answering the header: it said why
+/// (a stranger, a removed member), which says more than the stream's "connection lost".
+pub fn refused_by_close(conn: &PeerConnection, e: SessionError) -> SessionError {
+    match conn.peer_close_reason() {
+        Some(reason) => SessionError::Denied(reason),
+        None => e,
     }
 }
 
@@ -300,7 +318,9 @@ pub async fn request_on(
         cluster: Some(cluster),
         request,
     };
-    exchange(&mut send, &mut recv, header).await?;
+    exchange(&mut send, &mut recv, header)
+        .await
+        .map_err(|e| refused_by_close(conn, e))?;
     Ok((send, recv))
 }
 

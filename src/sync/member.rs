@@ -192,9 +192,16 @@ pub async fn pull(
         sync::manager::REQUEST_TIMEOUT,
     )
     .await?;
-    let text = reply.text.ok_or(PullError::NoFile)?;
+    let claimed = reply.hash.clone();
+    let text = match (reply.text, reply.hash) {
+        (Some(text), _) => text,
+        // The manager sends no file to a member that has the current one.
+        (None, Some(hash)) if query.have.as_deref() == Some(hash.as_str()) => {
+            return Ok(Applied::Unchanged(hash));
+        }
+        (None, _) => return Err(PullError::NoFile),
+    };
     let cd = cd.clone();
-    let claimed = reply.hash;
     // File IO (fsync) off the async workers.
     let applied =
         tokio::task::spawn_blocking(move || apply(&cd, &text, claimed.as_deref(), &manager))
@@ -204,7 +211,9 @@ pub async fn pull(
 }
 
 /// A member accepts a file only for the cluster it joined: same manager id52, and the same
-/// alias when the file names one.
+/// alias when the file names one — unless the folder was joined by domain (the domain's
+/// DNS record named this manager, so the domain is this machine's name for the cluster,
+/// whatever alias the manager's file carries).
 pub fn check_same_cluster(cd: &ClusterDir, cfg: &ClusterConfig) -> Result<(), String> {
     let joined = cd
         .manager_id()
@@ -218,6 +227,7 @@ pub fn check_same_cluster(cd: &ClusterDir, cfg: &ClusterConfig) -> Result<(), St
     }
     if let Some(a) = &cfg.alias
         && !a.eq_ignore_ascii_case(&cd.alias)
+        && !cd.joined_by_domain()
     {
         return Err(format!(
             "it is for cluster {a:?}, but this folder is {:?}",
@@ -301,6 +311,26 @@ mod tests {
             Applied::Replaced(_)
         ));
         assert_eq!(cd.read_text().unwrap(), next);
+    }
+
+    #[test]
+    fn a_domain_join_takes_the_managers_alias_and_still_checks_the_manager() {
+        let m = Id52::from_bytes([1; 32]);
+        let other = Id52::from_bytes([2; 32]);
+        let tmp = tempfile::tempdir().unwrap();
+        let cd = ClusterDir::new(&Dirs::under(tmp.path()), "acme.example.test").unwrap();
+        cd.create().unwrap();
+        cd.set_manager_id(&m).unwrap();
+        assert!(matches!(
+            apply(&cd, &file(&m, "acme", ""), None, &m),
+            Err(ApplyError::OtherCluster(_))
+        ));
+        cd.set_joined_by_domain().unwrap();
+        assert!(apply(&cd, &file(&m, "acme", ""), None, &m).is_ok());
+        assert!(matches!(
+            apply(&cd, &file(&other, "acme", ""), None, &m),
+            Err(ApplyError::OtherCluster(_))
+        ));
     }
 
     #[test]

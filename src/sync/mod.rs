@@ -4,8 +4,10 @@
 //!
 //! - [`manager`]: the manager's poller ([`manager::Syncer`]), run inside its server.
 //! - [`member`]: a member's side: apply a pushed file, pull one.
+//! - [`follow`]: a member's schedule of checks with the manager (devices get no pushes).
 //! - [`request`]: the `config-push` and `config-hash` requests.
 
+pub mod follow;
 pub mod manager;
 pub mod member;
 pub mod request;

@@ -43,3 +43,5 @@ mod security;
 mod package;
 // `malai ssh doctor`: healthy, refused peer, stopped sshd, stopped/missing holder, relay CA.
 mod doctor;
+// First use (issue 24): devices follow the manager, lockdown for every key reader, messages.
+mod firstuse;

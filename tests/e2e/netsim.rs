@@ -1,5 +1,5 @@
 //! Simulated networks for end-to-end tests: Linux network namespaces joined by veth pairs,
-//! made and torn down by the test itself (DESIGN.md §9), like `harness.rs` is for sshd.
+//! made and torn down by the test itself (docs/design.md §9), like `harness.rs` is for sshd.
 //!
 //! Two shapes:
 //! - [`NatNet`]: an "internet" namespace (a bridge, 198.18.0.1, where the tests' own iroh relay

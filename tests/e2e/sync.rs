@@ -181,13 +181,14 @@ fn allow_change_reaches_members_and_remove_denies_again() {
     assert_exit_code(&denied, 255, "alice after remove");
     // Removed, alice is a stranger to foo: her connection is closed right after the
     // handshake (issue 12, finding 3), before any request could be denied; the client
-    // shows the reason foo gave ("not known to this cluster"), or, when the file lands
-    // while the tunnel is up, the tunnel is cut.
+    // shows the reason foo gave ("not a member of the cluster"), or, when the file lands
+    // while the tunnel is up, the tunnel is cut and the reason said.
     let err = stderr_of(&denied).to_lowercase();
     assert!(
         err.contains("denied")
-            || err.contains("not known to this cluster")
+            || err.contains("this machine is not a member of the cluster")
             // The file can also land mid-session: the live tunnel is cut (finding 8).
+            || err.contains("access revoked")
             || err.contains("connection lost"),
         "{}",
         fmt_output(&denied)
@@ -787,6 +788,80 @@ fn join_by_domain_through_dnsmasq_then_first_push() {
             foo.logs()
         )
     });
+}
+
+/// Issue 24, item 4: a cluster whose alias is not the domain its members join by. The
+/// domain join takes the manager's file (the manager id52 is what must match), and the
+/// cluster's servers answer to both names on the member.
+#[test]
+fn a_domain_join_takes_a_file_with_another_alias() {
+    let root = tempfile::Builder::new()
+        .prefix("malai-e2e-dns-")
+        .tempdir()
+        .unwrap();
+    let mgr = Machine::new(root.path(), "mgr");
+    let mgr_id = mgr.run_ok(["ssh", "cluster", "init", "acme"]);
+    let dns = Dnsmasq::start(
+        root.path(),
+        &[("acme.example.test", format!("malai-cluster={mgr_id}"))],
+    );
+    let alice = Machine::new(root.path(), "alice");
+    let out = run_cmd(
+        alice
+            .cmd([
+                "ssh",
+                "cluster",
+                "join",
+                "acme.example.test",
+                "--manager",
+                &mgr_id,
+            ])
+            .env("MALAI_DNS_SERVER", dns.addr()),
+    );
+    assert_success(&out, "join acme.example.test by DNS --manager <mgr>");
+    let alice_id = stdout_of(&out).trim().to_string();
+    mgr.run_ok(["ssh", "cluster", "add", "device", "alice", &alice_id]);
+    let mgr_bind: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    let _mgr_server = mgr.spawn_server(mgr_bind);
+    let from = mgr_bind.to_string();
+    let out = alice.run([
+        "ssh",
+        "cluster",
+        "pull",
+        "--cluster",
+        "acme.example.test",
+        "--from",
+        &from,
+    ]);
+    assert_success(&out, "alice: first pull of a file whose alias is acme");
+    let text = read_lossy(&alice.cluster_file("acme.example.test"));
+    assert!(text.contains("alias = \"acme\""), "{text}");
+    // Both names reach the cluster here: the ssh config block lists both.
+    let cfg = alice.run_ok(["ssh", "config"]);
+    let words: Vec<&str> = cfg.split_whitespace().collect();
+    assert!(
+        words.contains(&"*.acme.example.test") && words.contains(&"*.acme"),
+        "{cfg}"
+    );
+    // A folder joined by id52 (not by domain) still refuses a file of another alias.
+    let bob = Machine::new(root.path(), "bob");
+    let bob_id = bob.run_ok(["ssh", "cluster", "join", "other.example.test", &mgr_id]);
+    mgr.run_ok(["ssh", "cluster", "add", "device", "bob", &bob_id]);
+    let out = bob.run([
+        "ssh",
+        "cluster",
+        "pull",
+        "--cluster",
+        "other.example.test",
+        "--from",
+        &from,
+    ]);
+    assert_exit_code(&out, 255, "bob: pull into a folder of another name");
+    assert!(
+        stderr_of(&out).contains("another cluster"),
+        "{}",
+        fmt_output(&out)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
