@@ -213,7 +213,9 @@ async fn stream(
     }
     let (mut r, mut w) = sock.into_split();
     let moved = tokio::select! {
-        m = pump::both_ways(&mut r, &mut s.send, &mut s.recv, &mut w) => m,
+        // The far end may stop reading before its last frames (an exec's exit status):
+        // those still reach the caller.
+        m = pump::relay(&mut r, &mut s.send, &mut s.recv, &mut w) => m,
         _ = ctx.shutdown.cancelled() => {
             s.abort();
             return;

@@ -82,9 +82,73 @@ where
     Ok(moved)
 }
 
+/// [`both_ways`] for a relay whose far end may stop reading before it has finished
+/// writing: an exec's server stops reading stdin once the command exited, then sends the
+/// exit status. An error sending up (the far end stopped or reset its receiving side) ends
+/// only the up direction; the down direction still runs to its end, so nothing the far end
+/// sent is lost. A connection that really died fails the down direction too.
+pub async fn relay<R1, W1, R2, W2>(
+    up_r: &mut R1,
+    up_w: &mut W1,
+    down_r: &mut R2,
+    down_w: &mut W2,
+) -> Result<Moved, PumpError>
+where
+    R1: AsyncRead + Unpin + ?Sized,
+    W1: AsyncWrite + Unpin + ?Sized,
+    R2: AsyncRead + Unpin + ?Sized,
+    W2: AsyncWrite + Unpin + ?Sized,
+{
+    let up = copy_half(up_r, up_w);
+    let down = copy_half(down_r, down_w);
+    tokio::pin!(up, down);
+    let mut moved = Moved::default();
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut up, if !up_done => {
+                match r {
+                    Ok(n) => moved.up = n,
+                    Err(e) => tracing::debug!(error = %e, "relay: the far end stopped reading"),
+                }
+                up_done = true;
+            }
+            r = &mut down, if !down_done => {
+                moved.down = r.map_err(PumpError::Down)?;
+                down_done = true;
+            }
+        }
+    }
+    Ok(moved)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The far end stops reading (like an exec server once the command exited) and then
+    /// sends its last bytes: the relay still delivers them.
+    #[tokio::test]
+    async fn a_relay_delivers_what_the_far_end_sends_after_it_stopped_reading() {
+        let (near, far) = tokio::io::duplex(64);
+        let (mut far_r, mut far_w) = tokio::io::split(far);
+        let (mut near_r, mut near_w) = tokio::io::split(near);
+        let peer = tokio::spawn(async move {
+            let mut first = [0u8; 4];
+            far_r.read_exact(&mut first).await.unwrap();
+            drop(far_r); // stops reading: further writes to it fail
+            far_w.write_all(b"exit-status").await.unwrap();
+            far_w.shutdown().await.unwrap();
+        });
+        // Much more to send up than the far end will read.
+        let big = vec![7u8; 1 << 20];
+        let mut src = &big[..];
+        let mut sink = vec![];
+        let r = relay(&mut src, &mut near_w, &mut near_r, &mut sink).await;
+        peer.await.unwrap();
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(sink, b"exit-status");
+    }
 
     #[tokio::test]
     async fn half_close_both_ways() {
