@@ -34,6 +34,9 @@ use crate::transport::iroh::{Node, PeerConnection};
 /// How long a cluster handed to the server is not claimed again (the server claims it
 /// within this, or it was not the server that asked).
 const RELEASE_GRACE: Duration = Duration::from_secs(10);
+/// How long (in 100 ms steps) a starting agent waits for the previous agent on the same
+/// socket path to let go of a key.
+const PREVIOUS_AGENT_TRIES: u32 = 50;
 
 fn endpoint_err(e: crate::control::lock::LockError) -> SessionError {
     SessionError::Local(e.to_string())
@@ -321,6 +324,18 @@ impl Pool {
             return Ok(Dialer::Node(n.node.clone()));
         }
         let held_elsewhere = |h: Option<crate::control::lock::Holder>| match h {
+            // Our own socket under another pid: the previous agent on this path is still
+            // shutting down (its lock outlives its socket for a moment). Going "through" it
+            // would be talking to ourselves; the claim below is retried instead.
+            Some(h)
+                if h.pid != std::process::id()
+                    && h.socket.as_deref() == Some(self.socket.as_path()) =>
+            {
+                Err(SessionError::Local(format!(
+                    "cluster {}: the previous agent (pid {}) is still shutting down",
+                    dir.alias, h.pid
+                )))
+            }
             Some(h) if h.pid != std::process::id() && h.socket.is_some() => Ok(Dialer::Holder {
                 socket: h.socket.unwrap_or_default(),
                 alias: dir.alias.clone(),
@@ -341,11 +356,21 @@ impl Pool {
         if let Some(old) = nodes.remove(&dir.alias) {
             old.node.close().await;
         }
-        let claim = match crate::control::lock::claim(dir, Role::Agent, Some(&self.socket))
-            .map_err(endpoint_err)?
-        {
-            Claimed::Mine(c) => c,
-            Claimed::Held(h) => return held_elsewhere(h),
+        let mut tries = 0;
+        let claim = loop {
+            match crate::control::lock::claim(dir, Role::Agent, Some(&self.socket))
+                .map_err(endpoint_err)?
+            {
+                Claimed::Mine(c) => break c,
+                Claimed::Held(h) => match held_elsewhere(h) {
+                    // The previous agent on our socket path is exiting: wait for its lock.
+                    Err(SessionError::Local(_)) if tries < PREVIOUS_AGENT_TRIES => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    other => return other,
+                },
+            }
         };
         let cfg = dir.has_file().then(|| dir.load().ok()).flatten();
         let node = crate::session::own::bind_key(dir, cfg.as_ref()).await?;
