@@ -62,24 +62,7 @@ where
     R2: AsyncRead + Unpin + ?Sized,
     W2: AsyncWrite + Unpin + ?Sized,
 {
-    let up = copy_half(up_r, up_w);
-    let down = copy_half(down_r, down_w);
-    tokio::pin!(up, down);
-    let mut moved = Moved::default();
-    let (mut up_done, mut down_done) = (false, false);
-    while !(up_done && down_done) {
-        tokio::select! {
-            r = &mut up, if !up_done => {
-                moved.up = r.map_err(PumpError::Up)?;
-                up_done = true;
-            }
-            r = &mut down, if !down_done => {
-                moved.down = r.map_err(PumpError::Down)?;
-                down_done = true;
-            }
-        }
-    }
-    Ok(moved)
+    run(up_r, up_w, down_r, down_w, UpError::EndsBoth).await
 }
 
 /// [`both_ways`] for a relay whose far end may stop reading before it has finished
@@ -99,6 +82,29 @@ where
     R2: AsyncRead + Unpin + ?Sized,
     W2: AsyncWrite + Unpin + ?Sized,
 {
+    run(up_r, up_w, down_r, down_w, UpError::EndsUpOnly).await
+}
+
+/// What an error in the up direction ends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UpError {
+    EndsBoth,
+    EndsUpOnly,
+}
+
+async fn run<R1, W1, R2, W2>(
+    up_r: &mut R1,
+    up_w: &mut W1,
+    down_r: &mut R2,
+    down_w: &mut W2,
+    on_up_error: UpError,
+) -> Result<Moved, PumpError>
+where
+    R1: AsyncRead + Unpin + ?Sized,
+    W1: AsyncWrite + Unpin + ?Sized,
+    R2: AsyncRead + Unpin + ?Sized,
+    W2: AsyncWrite + Unpin + ?Sized,
+{
     let up = copy_half(up_r, up_w);
     let down = copy_half(down_r, down_w);
     tokio::pin!(up, down);
@@ -109,7 +115,10 @@ where
             r = &mut up, if !up_done => {
                 match r {
                     Ok(n) => moved.up = n,
-                    Err(e) => tracing::debug!(error = %e, "relay: the far end stopped reading"),
+                    Err(e) if on_up_error == UpError::EndsUpOnly => {
+                        tracing::debug!(error = %e, "relay: the far end stopped reading");
+                    }
+                    Err(e) => return Err(PumpError::Up(e)),
                 }
                 up_done = true;
             }
