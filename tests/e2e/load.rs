@@ -147,9 +147,12 @@ fn thousand_concurrent_exec_true_from_fifty_peers() {
                         let (mut s, mut r) = malai::session::request_on(&conn, cluster, req)
                             .await
                             .map_err(|e| format!("open: {e}"))?;
-                        frames::write(&mut s, &Frame::StdinEof)
-                            .await
-                            .map_err(|e| format!("stdin eof: {e}"))?;
+                        // As the real client (protocol::exec_pump::run): a failed stdin
+                        // direction is not the end. `true` may exit, and the server stop
+                        // reading stdin (STOP_SENDING), before this write goes out; the exit
+                        // status still follows on the other direction. (Seen 3 of 1,000
+                        // times at load 15: "sending stopped by peer: error 0".)
+                        let _ = frames::write(&mut s, &Frame::StdinEof).await;
                         loop {
                             match frames::read(&mut r).await {
                                 Ok(Some(Frame::Exit(ExitStatus::Code(c)))) => return Ok(c),
