@@ -31,6 +31,8 @@ mod netsim;
 // the cluster's own relay, relay-only with UDP blocked, config sync across NATs, outages,
 // restarts, one identity per machine (issue 11).
 mod nat;
+// Long links (issue 21): a 200 ms WAN in the namespace network; the WAN benchmark.
+mod wan;
 // One endpoint per id52 per machine: the server holds the key; CLI and agent go through it.
 mod holder;
 // `malai ssh demo` end to end.
