@@ -48,6 +48,13 @@ use crate::harness::*;
 
 /// The relay's address in the internet namespace.
 pub const RELAY_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// Where a second and a third relay may run ([`NatNet::start_relay_at`]), same ports.
+pub const RELAY2_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const RELAY3_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+/// Every address a relay may have, as an nftables set (the router rules' relay traffic).
+const RELAY_SET: &str = "{ 198.18.0.1, 198.18.0.2, 198.18.0.3 }";
+/// Env var with the re-executed relay's IP.
+const RELAY_IP_ENV: &str = "MALAI_NETSIM_RELAY_IP";
 /// The relay's HTTPS port (the relay URL is `https://198.18.0.1:3340`).
 pub const RELAY_HTTPS_PORT: u16 = 3340;
 /// QUIC address discovery: iroh clients use this port unless told otherwise
@@ -298,6 +305,8 @@ pub struct NatNet {
     // Sites, relay and internet are dropped in this order.
     sites: Vec<(String, Site)>,
     relay: Option<Relay>,
+    /// Relays at [`RELAY2_IP`], [`RELAY3_IP`].
+    more_relays: Vec<Relay>,
     internet: Netns,
 }
 
@@ -320,9 +329,9 @@ table ip filter {{
     chain forward {{
         type filter hook forward priority filter; policy accept;
         iifname \"wan\" ct state new,invalid drop
-        meta l4proto udp ip saddr != {RELAY_IP} ip daddr != {RELAY_IP} counter name \"direct\"
-        ip daddr {RELAY_IP} tcp dport {RELAY_HTTPS_PORT} counter name \"relay\"
-        ip saddr {RELAY_IP} tcp sport {RELAY_HTTPS_PORT} counter name \"relay\"
+        meta l4proto udp ip saddr != {RELAY_SET} ip daddr != {RELAY_SET} counter name \"direct\"
+        ip daddr {RELAY_SET} tcp dport {RELAY_HTTPS_PORT} counter name \"relay\"
+        ip saddr {RELAY_SET} tcp sport {RELAY_HTTPS_PORT} counter name \"relay\"
     }}
     chain input {{
         type filter hook input priority filter; policy accept;
@@ -364,10 +373,14 @@ impl std::fmt::Display for Traffic {
 }
 
 fn counter_bytes(router: &Netns, name: &str) -> u64 {
+    counter_bytes_in(router, "filter", name)
+}
+
+fn counter_bytes_in(router: &Netns, table: &str, name: &str) -> u64 {
     let out = run_cmd(
         router
             .command(&program("nft"))
-            .args(["list", "counter", "ip", "filter", name]),
+            .args(["list", "counter", "ip", table, name]),
     );
     assert_success(&out, &format!("[{}] nft list counter {name}", router.name));
     let text = stdout_of(&out);
@@ -402,11 +415,26 @@ impl NatNet {
         internet.ip(&["link", "add", "br0", "type", "bridge"]);
         internet.ip(&["addr", "add", &format!("{RELAY_IP}/24"), "dev", "br0"]);
         internet.ip(&["link", "set", "br0", "up"]);
+        // Bytes sent to each relay address (`NatNet::relay_bytes`).
+        internet.nft(
+            "table ip relays {
+                counter r1 { }
+                counter r2 { }
+                counter r3 { }
+                chain input {
+                    type filter hook input priority filter; policy accept;
+                    ip daddr 198.18.0.1 counter name \"r1\"
+                    ip daddr 198.18.0.2 counter name \"r2\"
+                    ip daddr 198.18.0.3 counter name \"r3\"
+                }
+            }",
+        );
         let mut net = NatNet {
             tag: tag.clone(),
             wan,
             sites: Vec::new(),
             relay: None,
+            more_relays: Vec::new(),
             internet,
         };
         for (i, name) in names.iter().enumerate() {
@@ -560,7 +588,7 @@ impl NatNet {
                 "table ip noudp {{
                     chain forward {{
                         type filter hook forward priority -5; policy accept;
-                        meta l4proto udp ip saddr != {RELAY_IP} ip daddr != {RELAY_IP} drop
+                        meta l4proto udp ip saddr != {RELAY_SET} ip daddr != {RELAY_SET} drop
                     }}
                 }}"
             ));
@@ -590,9 +618,9 @@ impl NatNet {
                 "flush chain ip filter forward
                  table ip filter {{
                      chain forward {{
-                         meta l4proto udp ip saddr != {RELAY_IP} ip daddr != {RELAY_IP} counter name \"direct\"
-                         ip daddr {RELAY_IP} tcp dport {RELAY_HTTPS_PORT} counter name \"relay\"
-                         ip saddr {RELAY_IP} tcp sport {RELAY_HTTPS_PORT} counter name \"relay\"
+                         meta l4proto udp ip saddr != {RELAY_SET} ip daddr != {RELAY_SET} counter name \"direct\"
+                         ip daddr {RELAY_SET} tcp dport {RELAY_HTTPS_PORT} counter name \"relay\"
+                         ip saddr {RELAY_SET} tcp sport {RELAY_HTTPS_PORT} counter name \"relay\"
                      }}
                  }}"
             ));
@@ -614,6 +642,72 @@ impl NatNet {
     /// The running relay (panics if none).
     pub fn relay(&self) -> &Relay {
         self.relay.as_ref().expect("relay not started")
+    }
+
+    /// Starts another relay at `ip` ([`RELAY2_IP`] or [`RELAY3_IP`]; same ports, its own CA),
+    /// files under `dir`.
+    pub fn start_relay_at(&mut self, dir: &Path, ip: Ipv4Addr) -> &Relay {
+        assert!(
+            [RELAY2_IP, RELAY3_IP].contains(&ip),
+            "relays run at 198.18.0.2 or .3"
+        );
+        assert!(
+            self.more_relays.iter().all(|r| r.ip != ip),
+            "a relay already runs at {ip}"
+        );
+        self.internet
+            .ip(&["addr", "add", &format!("{ip}/24"), "dev", "br0"]);
+        let relay = Relay::start_at(&self.internet, dir, ip);
+        self.more_relays.push(relay);
+        self.more_relays.last().expect("just pushed")
+    }
+
+    /// The relay at `ip` (panics if none was started there).
+    pub fn relay_at(&self, ip: Ipv4Addr) -> &Relay {
+        self.relay
+            .iter()
+            .chain(&self.more_relays)
+            .find(|r| r.ip == ip)
+            .unwrap_or_else(|| panic!("no relay at {ip}"))
+    }
+
+    /// Kills the relay at `ip` (SIGKILL: its TCP connections are reset, as when a relay's
+    /// machine crashes and comes back without it).
+    pub fn kill_relay(&mut self, ip: Ipv4Addr) {
+        let r = self
+            .relay
+            .iter_mut()
+            .chain(self.more_relays.iter_mut())
+            .find(|r| r.ip == ip)
+            .unwrap_or_else(|| panic!("no relay at {ip}"));
+        r.kill();
+    }
+
+    /// Starts the relay at `ip` again after [`NatNet::kill_relay`]: same address, same
+    /// certificate.
+    pub fn restart_relay(&mut self, ip: Ipv4Addr) {
+        let internet = &self.internet;
+        let r = self
+            .relay
+            .iter_mut()
+            .chain(self.more_relays.iter_mut())
+            .find(|r| r.ip == ip)
+            .unwrap_or_else(|| panic!("no relay at {ip}"));
+        r.kill();
+        let fresh = Relay::spawn(internet, &r.dir.clone(), ip, r.ca_path.clone());
+        *r = fresh;
+    }
+
+    /// Bytes the internet namespace received for relay address `ip` so far (any protocol:
+    /// relay HTTPS, QUIC address discovery, the captive-portal probe).
+    pub fn relay_bytes(&self, ip: Ipv4Addr) -> u64 {
+        let name = match ip {
+            RELAY_IP => "r1",
+            RELAY2_IP => "r2",
+            RELAY3_IP => "r3",
+            _ => panic!("no counter for {ip}"),
+        };
+        counter_bytes_in(&self.internet, "relays", name)
     }
 
     /// What machine `name`'s router has forwarded so far, direct vs relayed (subtract two
@@ -1109,17 +1203,32 @@ pub struct Relay {
     child: Child,
     dir: PathBuf,
     ca_path: PathBuf,
+    ip: Ipv4Addr,
 }
 
 impl Relay {
     fn start(internet: &Netns, dir: &Path) -> Relay {
+        Relay::start_at(internet, dir, RELAY_IP)
+    }
+
+    fn start_at(internet: &Netns, dir: &Path, ip: Ipv4Addr) -> Relay {
         fs::create_dir_all(dir).expect("create relay dir");
-        let (ca_pem, cert_pem, key_pem) = make_certificates();
+        let (ca_pem, cert_pem, key_pem) = make_certificates(ip);
         let ca_path = dir.join("relay-ca.pem");
         fs::write(&ca_path, &ca_pem).expect("write CA");
         fs::write(dir.join("relay.crt"), cert_pem).expect("write cert");
         fs::write(dir.join("relay.key"), key_pem).expect("write key");
-        let log = fs::File::create(dir.join("relay.log")).expect("create relay log");
+        Relay::spawn(internet, dir, ip, ca_path)
+    }
+
+    /// Runs the relay process (certificates already in `dir`) and waits until it serves.
+    fn spawn(internet: &Netns, dir: &Path, ip: Ipv4Addr, ca_path: PathBuf) -> Relay {
+        let _ = fs::remove_file(dir.join("ready"));
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("relay.log"))
+            .expect("open relay log");
         let exe = std::env::current_exe().expect("current_exe");
         let mut cmd = internet.command(&exe.display().to_string());
         cmd.args([
@@ -1130,6 +1239,7 @@ impl Relay {
             "--test-threads=1",
         ])
         .env(RELAY_ENV, dir)
+        .env(RELAY_IP_ENV, ip.to_string())
         .env("RUST_LOG", "iroh_relay=info,iroh_relay::quic=debug")
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("dup log"))
@@ -1141,6 +1251,7 @@ impl Relay {
             child,
             dir: dir.to_path_buf(),
             ca_path,
+            ip,
         };
         let ready = poll_until(RELAY_READY_TIMEOUT, || {
             if dir.join("ready").exists() {
@@ -1156,9 +1267,21 @@ impl Relay {
         relay
     }
 
-    /// `https://198.18.0.1:3340`: the value for `MALAI_RELAY` and the cluster file's `relays`.
+    /// `https://198.18.0.1:3340` (or its own IP): the value for `MALAI_RELAY` and the
+    /// cluster file's `relays`.
     pub fn url(&self) -> String {
-        format!("https://{RELAY_IP}:{RELAY_HTTPS_PORT}")
+        format!("https://{}:{RELAY_HTTPS_PORT}", self.ip)
+    }
+
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+
+    /// SIGKILL (idempotent); the process is reaped.
+    pub fn kill(&mut self) {
+        // std's kill: SIGKILL, and nothing once the child was reaped (no reused pid hit).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// PEM file of the CA that signed the relay's certificate (`MALAI_RELAY_CA`).
@@ -1183,14 +1306,12 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
-/// A throwaway CA and a certificate for 198.18.0.1 signed by it: (CA PEM, cert PEM, key PEM).
-fn make_certificates() -> (String, String, String) {
+/// A throwaway CA and a certificate for `ip` signed by it: (CA PEM, cert PEM, key PEM).
+fn make_certificates(ip: Ipv4Addr) -> (String, String, String) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
     let ca_key = KeyPair::generate().expect("CA key");
     let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
@@ -1201,7 +1322,7 @@ fn make_certificates() -> (String, String, String) {
     let issuer = Issuer::new(ca, ca_key);
     let key = KeyPair::generate().expect("relay key");
     // An IP string becomes an IP SAN.
-    let mut leaf = CertificateParams::new(vec![RELAY_IP.to_string()]).expect("relay params");
+    let mut leaf = CertificateParams::new(vec![ip.to_string()]).expect("relay params");
     leaf.distinguished_name
         .push(DnType::CommonName, "malai e2e relay");
     let cert = leaf.signed_by(&key, &issuer).expect("sign relay cert");
@@ -1219,14 +1340,18 @@ fn relay_process() {
         return;
     };
     let dir = PathBuf::from(dir);
+    let ip: Ipv4Addr = std::env::var(RELAY_IP_ENV)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(RELAY_IP);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(serve_relay(&dir));
+    rt.block_on(serve_relay(&dir, ip));
 }
 
-async fn serve_relay(dir: &Path) {
+async fn serve_relay(dir: &Path, ip: Ipv4Addr) {
     use iroh_relay::server::{
         CertConfig, QuicConfig, RelayConfig, Server, ServerConfig, TlsConfig,
     };
@@ -1252,17 +1377,14 @@ async fn serve_relay(dir: &Path) {
     .with_single_cert(certs, key)
     .expect("TLS config");
 
-    let mut relay = RelayConfig::new(SocketAddr::from((RELAY_IP, 80)));
+    let mut relay = RelayConfig::new(SocketAddr::from((ip, 80)));
     relay.tls = Some(TlsConfig::new(
-        SocketAddr::from((RELAY_IP, RELAY_HTTPS_PORT)),
+        SocketAddr::from((ip, RELAY_HTTPS_PORT)),
         CertConfig::Manual { server_config: tls },
     ));
     let mut config = ServerConfig::default();
     config.relay = Some(relay);
-    config.quic = Some(QuicConfig::new(SocketAddr::from((
-        RELAY_IP,
-        RELAY_QUIC_PORT,
-    ))));
+    config.quic = Some(QuicConfig::new(SocketAddr::from((ip, RELAY_QUIC_PORT))));
     let server = Server::spawn(config).await.expect("spawn relay server");
     eprintln!(
         "relay ready: https {:?}, http {:?}, quic {:?}",
