@@ -414,7 +414,10 @@ impl Node {
             .bind()
             .await
             .map_err(|e| TransportError::Bind(e.to_string()))?;
-        let failover = (relay_urls.len() > 1).then(|| {
+        // `MALAI_RELAY_FAILOVER=off` leaves a dead home relay to iroh alone (for comparison:
+        // docs/benchmarks.md "Relay failover").
+        let watch = std::env::var("MALAI_RELAY_FAILOVER").as_deref() != Ok("off");
+        let failover = (watch && relay_urls.len() > 1).then(|| {
             let shared = std::sync::Arc::<super::failover::Shared>::default();
             let task = tokio::spawn(super::failover::watch(
                 endpoint.clone(),
