@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use iroh::{Endpoint, RelayUrl, Watcher as _};
 
-/// How long the home relay must be down (disconnected, with a connection error) before it
-/// is set aside. Long enough that one failed reconnect (a relay restarting) does not move
+/// How long the home relay must be down (not connected since a connection error, through
+/// any reconnect attempts) before it is set aside. Long enough that one failed reconnect (a relay restarting) does not move
 /// every member, short enough that new connections find members within seconds.
 pub const DOWN_AFTER: Duration = Duration::from_secs(2);
 /// How often a set-aside relay is probed.
@@ -106,14 +106,15 @@ pub async fn watch(endpoint: Endpoint, relays: Vec<RelayUrl>, shared: Arc<Shared
             return;
         }
         let status = status_w.get();
-        // The home relay, if it is down.
-        let down = status
-            .iter()
-            .find(|s| !s.is_connected() && s.last_error().is_some());
+        // The home relay, if it is not connected. A relay that dies alternates between
+        // `Disconnected` (with the error) and `Connecting` (a retry, no error): the clock
+        // starts at the first error and keeps running through retries until it connects.
+        let down = status.iter().find(|s| !s.is_connected());
         down_since = match (down, down_since.take()) {
             (None, _) => None,
             (Some(s), Some((u, t))) if &u == s.url() => Some((u, t)),
-            (Some(s), _) => Some((s.url().clone(), Instant::now())),
+            (Some(s), _) if s.last_error().is_some() => Some((s.url().clone(), Instant::now())),
+            (Some(_), _) => None,
         };
         if let Some((url, since)) = &down_since
             && since.elapsed() >= DOWN_AFTER
