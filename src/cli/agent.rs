@@ -150,6 +150,25 @@ pub fn render_status(holders: &[crate::control::LiveHolder]) -> String {
         }
     }
     let mut out = table.render();
+    // Each cluster's relays: which one is home (peers reach this machine through it when
+    // no direct path works), and any set aside after it went down.
+    for h in holders {
+        for r in &h.status.relays {
+            let state = match (r.home, r.connected, r.set_aside_secs) {
+                (_, _, Some(s)) => format!("down, set aside {s} s ago"),
+                (true, true, _) => "home, connected".into(),
+                (true, false, _) => match &r.error {
+                    Some(e) => format!("home, not connected: {e}"),
+                    None => "home, connecting".into(),
+                },
+                (false, _, _) => "standby".into(),
+            };
+            out.push_str(&format!(
+                "{} {} relay for {}: {} ({state})\n",
+                h.role, h.status.pid, r.cluster, r.url
+            ));
+        }
+    }
     // Which clusters each holder serves, and why not the others.
     for h in holders {
         let serves = match h.status.clusters.is_empty() {

@@ -192,6 +192,24 @@ pub struct HolderStatus {
     /// Requests served (open and HTTP) since start.
     pub requests: u64,
     pub connections: Vec<ConnectionInfo>,
+    /// The relays of every cluster this holder serves, as its endpoint sees them (issue 21:
+    /// which is home, which was set aside after it went down); empty from an older holder.
+    #[serde(default)]
+    pub relays: Vec<RelayInfo>,
+}
+
+/// One relay of one cluster, as a holder's endpoint sees it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    pub cluster: String,
+    pub url: String,
+    /// iroh's home relay for this endpoint now.
+    pub home: bool,
+    pub connected: bool,
+    /// Seconds since it was set aside after going down (`None`: in use).
+    pub set_aside_secs: Option<u64>,
+    /// The home relay's last connection error.
+    pub error: Option<String>,
 }
 
 /// Agent → CLI.

@@ -114,7 +114,7 @@ pub struct Pool {
     released: Mutex<BTreeMap<String, Instant>>,
     nodes: tokio::sync::Mutex<BTreeMap<String, ClusterNode>>,
     /// Aliases with a bound endpoint, readable without awaiting (for `status`).
-    loaded: Mutex<Vec<String>>,
+    loaded: Mutex<Vec<(String, Node)>>,
     slots: Mutex<BTreeMap<(String, Id52), Arc<Slot>>>,
     /// Endpoints of clusters handed to the server that still carry requests.
     draining: Mutex<Vec<(String, Node)>>,
@@ -238,7 +238,10 @@ impl Pool {
                 _claim: None,
             },
         );
-        *lock(&self.loaded) = nodes.keys().cloned().collect();
+        *lock(&self.loaded) = nodes
+            .iter()
+            .map(|(k, n)| (k.clone(), n.node.clone()))
+            .collect();
     }
 
     /// Give up `alias`'s key (the server wants it): drop the claim at once, so the server
@@ -251,7 +254,10 @@ impl Pool {
         let old = {
             let mut nodes = self.nodes.lock().await;
             let old = nodes.remove(alias);
-            *lock(&self.loaded) = nodes.keys().cloned().collect();
+            *lock(&self.loaded) = nodes
+                .iter()
+                .map(|(k, n)| (k.clone(), n.node.clone()))
+                .collect();
             old
         };
         let busy = self.close_idle_of(alias, "key handed to the server");
@@ -383,7 +389,10 @@ impl Pool {
                 _claim: Some(claim),
             },
         );
-        *lock(&self.loaded) = nodes.keys().cloned().collect();
+        *lock(&self.loaded) = nodes
+            .iter()
+            .map(|(k, n)| (k.clone(), n.node.clone()))
+            .collect();
         Ok(Dialer::Node(node))
     }
 
@@ -591,7 +600,30 @@ impl Pool {
     }
 
     pub fn clusters(&self) -> Vec<String> {
-        lock(&self.loaded).clone()
+        lock(&self.loaded).iter().map(|(k, _)| k.clone()).collect()
+    }
+
+    /// Every loaded cluster's relays as its endpoint sees them (`malai ssh status`).
+    pub fn relays(&self) -> Vec<crate::control::protocol::RelayInfo> {
+        let now = std::time::SystemTime::now();
+        lock(&self.loaded)
+            .iter()
+            .flat_map(|(cluster, node)| {
+                node.relay_states()
+                    .into_iter()
+                    .map(|r| crate::control::protocol::RelayInfo {
+                        cluster: cluster.clone(),
+                        url: r.url,
+                        home: r.home,
+                        connected: r.connected,
+                        set_aside_secs: r
+                            .set_aside
+                            .map(|t| now.duration_since(t).unwrap_or_default().as_secs()),
+                        error: r.error,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     pub fn connections(&self) -> Vec<ConnectionInfo> {

@@ -78,6 +78,7 @@ impl HolderContext {
                 }
                 c
             },
+            relays: self.pool.relays(),
         }
     }
 }

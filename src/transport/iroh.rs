@@ -187,17 +187,111 @@ fn idle_timeout() -> std::time::Duration {
         .unwrap_or(DEFAULT_IDLE_TIMEOUT)
 }
 
+/// How much one stream may have in flight unacknowledged by the reader (QUIC flow-control
+/// credit, MAX_STREAM_DATA): a stream moves at most this much per round trip, so noq's
+/// default (1.25 MB, kept here) caps one stream near 6 MB/s on a 200 ms path. Raising it was
+/// measured and rejected for now (issue 21, docs/benchmarks.md "Long links"): with 4 or
+/// 8 MiB, CUBIC or BBR, a 16 MiB native exec at 200 ms / 100 Mbit fills the link, the queue
+/// overflows, and the connection dies ~3 s in ("connection lost" on both ends), while noq's
+/// default never fills the link and survives. Credit, not allocation: a receiver buffers
+/// only what arrived and was not yet read, so this costs an idle peer nothing.
+pub const STREAM_RECEIVE_WINDOW: u64 = 1_250_000;
+/// What all streams of one connection together may have unread at the receiver: noq's
+/// default, unlimited (so 64 streams × the stream window).
+pub const CONNECTION_RECEIVE_WINDOW: u64 = (1 << 62) - 1;
+/// What one connection may have sent and not yet acknowledged, plus queued: noq's default
+/// (8 × its default stream window).
+pub const SEND_WINDOW: u64 = 10_000_000;
+
+/// The congestion controller new connections use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Congestion {
+    Cubic,
+    Bbr,
+}
+
+/// Flow control and congestion control of every connection (issue 21). The defaults are the
+/// constants above (noq's own) and CUBIC with noq's initial window; `MALAI_QUIC_STREAM_WINDOW`,
+/// `MALAI_QUIC_CONN_WINDOW`, `MALAI_QUIC_SEND_WINDOW`, `MALAI_QUIC_INITIAL_WINDOW` (bytes)
+/// and `MALAI_QUIC_CC` (`cubic`, `bbr`) change them, for benchmarks (bench/wan.sh) that
+/// compare choices with one build; a value that does not parse is ignored with a warning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Windows {
+    stream_receive: u64,
+    connection_receive: u64,
+    send: u64,
+    /// `None`: the controller's own default (14,720 bytes).
+    initial: Option<u64>,
+    congestion: Congestion,
+}
+
+impl Windows {
+    fn from_env() -> Windows {
+        fn bytes(name: &str, default: u64) -> u64 {
+            match std::env::var(name) {
+                Err(_) => default,
+                Ok(v) => match v.parse::<u64>() {
+                    Ok(n) if (1024..(1 << 62)).contains(&n) => n,
+                    _ => {
+                        tracing::warn!("ignoring {name}={v:?}: expected bytes (1024..2^62)");
+                        default
+                    }
+                },
+            }
+        }
+        let initial = std::env::var("MALAI_QUIC_INITIAL_WINDOW")
+            .is_ok()
+            .then(|| bytes("MALAI_QUIC_INITIAL_WINDOW", 14_720));
+        let congestion = match std::env::var("MALAI_QUIC_CC").as_deref() {
+            Err(_) | Ok("cubic") => Congestion::Cubic,
+            Ok("bbr") => Congestion::Bbr,
+            Ok(other) => {
+                tracing::warn!("ignoring MALAI_QUIC_CC={other:?}: expected cubic or bbr");
+                Congestion::Cubic
+            }
+        };
+        Windows {
+            stream_receive: bytes("MALAI_QUIC_STREAM_WINDOW", STREAM_RECEIVE_WINDOW),
+            connection_receive: bytes("MALAI_QUIC_CONN_WINDOW", CONNECTION_RECEIVE_WINDOW),
+            send: bytes("MALAI_QUIC_SEND_WINDOW", SEND_WINDOW),
+            initial,
+            congestion,
+        }
+    }
+}
+
 /// Direct paths keep iroh's own idle limit (15 s; relay paths 30 s). Tried and measured on
 /// the namespace network: 2 s made a restarted server's stale direct path go away sooner,
 /// but one 20 s outage in two left a connection with no path at all and a stalled scp; a
 /// restarted server now comes back on its previous port instead (`server`), which keeps
-/// peers' paths valid.
+/// peers' paths valid. Windows and congestion control: [`Windows`].
 fn transport_config() -> iroh::endpoint::QuicTransportConfig {
+    use iroh::endpoint::VarInt;
     let idle = idle_timeout();
+    let w = Windows::from_env();
+    let varint = |n: u64| VarInt::from_u64(n).unwrap_or(VarInt::MAX);
     let mut b = iroh::endpoint::QuicTransportConfig::builder()
         .keep_alive_interval(KEEP_ALIVE)
         .default_path_keep_alive_interval(KEEP_ALIVE)
-        .max_concurrent_bidi_streams(MAX_STREAMS_PER_CONNECTION.into());
+        .max_concurrent_bidi_streams(MAX_STREAMS_PER_CONNECTION.into())
+        .stream_receive_window(varint(w.stream_receive))
+        .receive_window(varint(w.connection_receive))
+        .send_window(w.send);
+    b = match w.congestion {
+        Congestion::Cubic if w.initial.is_none() => b,
+        Congestion::Cubic => {
+            let mut c = noq_proto::congestion::CubicConfig::default();
+            c.initial_window(w.initial.unwrap_or(14_720));
+            b.congestion_controller_factory(std::sync::Arc::new(c))
+        }
+        Congestion::Bbr => {
+            let mut c = noq_proto::congestion::Bbr3Config::default();
+            if let Some(i) = w.initial {
+                c.initial_window(i);
+            }
+            b.congestion_controller_factory(std::sync::Arc::new(c))
+        }
+    };
     if let Ok(t) = iroh::endpoint::IdleTimeout::try_from(idle) {
         b = b.max_idle_timeout(Some(t));
     }
@@ -234,6 +328,22 @@ pub struct Node {
     /// The cluster's relays, given to iroh with every dial (the peer's home relay is one
     /// of them: every member of the cluster uses the same list).
     relay_urls: Vec<RelayUrl>,
+    /// The home-relay watcher ([`super::failover`]) of an endpoint with two or more relays:
+    /// its shared state, and its task (stopped when the last clone of this node goes).
+    failover: Option<(
+        std::sync::Arc<super::failover::Shared>,
+        std::sync::Arc<AbortOnDrop>,
+    )>,
+}
+
+/// A task aborted when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Node {
@@ -243,6 +353,9 @@ impl Node {
     /// relay-only connections of it end. With iroh's default relays there is no list to
     /// leave (README "Known limits").
     pub async fn leave_relays(&self) {
+        if let Some((shared, _)) = &self.failover {
+            shared.leave();
+        }
         for r in &self.relay_urls {
             let _ = self.endpoint.remove_relay(r).await;
         }
@@ -302,10 +415,23 @@ impl Node {
             .bind()
             .await
             .map_err(|e| TransportError::Bind(e.to_string()))?;
+        // `MALAI_RELAY_FAILOVER=off` leaves a dead home relay to iroh alone (for comparison:
+        // docs/benchmarks.md "Relay failover").
+        let watch = std::env::var("MALAI_RELAY_FAILOVER").as_deref() != Ok("off");
+        let failover = (watch && relay_urls.len() > 1).then(|| {
+            let shared = std::sync::Arc::<super::failover::Shared>::default();
+            let task = tokio::spawn(super::failover::watch(
+                endpoint.clone(),
+                relay_urls.clone(),
+                shared.clone(),
+            ));
+            (shared, std::sync::Arc::new(AbortOnDrop(task)))
+        });
         Ok(Node {
             endpoint,
             relay: net.relay.clone(),
             relay_urls,
+            failover,
         })
     }
 
@@ -324,6 +450,15 @@ impl Node {
 
     pub fn id52(&self) -> Id52 {
         to_id52(&self.endpoint.id())
+    }
+
+    /// The cluster's relays as this endpoint sees them now: which is home, connected, set
+    /// aside after it went down (`malai ssh status`). Empty without the cluster's own relays.
+    pub fn relay_states(&self) -> Vec<super::failover::RelayState> {
+        match &self.failover {
+            Some((shared, _)) => shared.states(&self.endpoint, &self.relay_urls),
+            None => super::failover::Shared::default().states(&self.endpoint, &self.relay_urls),
+        }
     }
 
     /// The iroh endpoint, for the relay probe (`transport::probe`) only.

@@ -7,8 +7,11 @@
 //! - [`fdstream`]: received fds (stdinserver's stdin/stdout) as async streams.
 //! - [`probe`]: a cluster's relays probed (TCP, TLS, HTTP, address discovery), each failure
 //!   named, for `malai ssh doctor` and for a dial that timed out.
+//! - [`failover`]: an endpoint with several relays moves off a dead home relay within
+//!   seconds (iroh alone takes 20–26 s or longer) and back once it answers.
 //! - [`pump`]: moving raw bytes both ways with half-close, shared by every raw-bytes path.
 
+pub mod failover;
 pub mod fdpass;
 pub mod fdstream;
 pub mod iroh;

@@ -31,6 +31,11 @@ mod netsim;
 // the cluster's own relay, relay-only with UDP blocked, config sync across NATs, outages,
 // restarts, one identity per machine (issue 11).
 mod nat;
+// Long links (issue 21): a 200 ms WAN in the namespace network; the WAN benchmark.
+mod wan;
+// Several relays (issue 21): the home relay killed idle and during a session, re-homing,
+// `malai ssh status`, and a relay not in the cluster file never used.
+mod failover;
 // One endpoint per id52 per machine: the server holds the key; CLI and agent go through it.
 mod holder;
 // `malai ssh demo` end to end.

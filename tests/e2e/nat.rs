@@ -174,7 +174,22 @@ fn nat_cluster(
     foo_target: SshTarget,
     allow_alice: bool,
 ) -> (NatNet, TestCluster) {
-    let mut net = NatNet::new(&["mgr", "foo", "alice"]);
+    nat_cluster_on(
+        NatNet::new(&["mgr", "foo", "alice"]),
+        relay_dir,
+        foo_target,
+        allow_alice,
+    )
+}
+
+/// [`nat_cluster`] on a network made by the caller (machines `mgr`, `foo`, `alice`), e.g. one
+/// with long links (`NatNet::with_wan`).
+pub(crate) fn nat_cluster_on(
+    mut net: NatNet,
+    relay_dir: &tempfile::TempDir,
+    foo_target: SshTarget,
+    allow_alice: bool,
+) -> (NatNet, TestCluster) {
     let relay = net.start_relay(relay_dir.path());
     let relays = format!("[{}]", toml_str(&relay.url()));
     let ca = format!("\"\"\"\n{}\"\"\"", relay.ca_pem());
