@@ -55,7 +55,10 @@ pub(super) async fn checks(dirs: &Dirs, host: &str, relays: &[ClusterRelays]) ->
     let opened = crate::session::open(
         &resolved,
         &server,
-        crate::protocol::Request::Tunnel { port: None },
+        crate::protocol::Request::Tunnel {
+            port: None,
+            resume: false,
+        },
     )
     .await;
     let took = started.elapsed();

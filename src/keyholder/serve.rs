@@ -335,7 +335,10 @@ async fn open_stream(
         .cloned()
         .ok_or_else(|| SessionError::Local("server vanished".into()))?;
     let request = match request {
-        OpenRequest::Tunnel { port } => Request::Tunnel { port: *port },
+        OpenRequest::Tunnel { port } => Request::Tunnel {
+            port: *port,
+            resume: false,
+        },
         OpenRequest::Exec(e) => Request::Exec(e.clone()),
     };
     ctx.pool.open(&resolved, &server, request).await

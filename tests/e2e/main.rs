@@ -31,6 +31,9 @@ mod netsim;
 // the cluster's own relay, relay-only with UDP blocked, config sync across NATs, outages,
 // restarts, one identity per machine (issue 11).
 mod nat;
+// Sessions that outlive the connection (issue 18): a stopped proxy, cuts past the idle limit,
+// restarts, revocation while detached, caps.
+mod resume;
 // One endpoint per id52 per machine: the server holds the key; CLI and agent go through it.
 mod holder;
 // `malai ssh demo` end to end.
