@@ -311,7 +311,7 @@ fn resume_after_a_server_restart_says_so_in_one_line() {
     let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("malai: ")).collect();
     assert_eq!(
         ours,
-        ["malai: the server restarted; the session could not be resumed"],
+        ["malai: foo.acme: the server restarted; the session could not be resumed"],
         "stderr:\n{err}"
     );
     assert!(
