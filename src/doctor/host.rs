@@ -259,6 +259,7 @@ mod tests {
             ssh_via: None,
             ssh_identity_file: None,
             forwarding: true,
+            session_keep: None,
         };
         let tcp = server(SshTarget::Tcp("127.0.0.1:22".into()));
         assert!(sshd_check("s".into(), &tcp, Ok("SSH-2.0-OpenSSH_9.2p1".into())).ok);

@@ -45,10 +45,12 @@ pub const DEFAULT_MAX_TOTAL: usize = 256;
 /// How long a resume waits for the old stream of a still-attached session to let go.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
-/// The keep time of detached sessions (`MALAI_SESSION_KEEP` seconds, else [`DEFAULT_KEEP`]).
-pub fn keep_time() -> Duration {
+/// The keep time of detached sessions: `MALAI_SESSION_KEEP` (seconds), else the server's
+/// `session-keep` (`configured`), else [`DEFAULT_KEEP`]. Zero: no resumable sessions.
+pub fn keep_time(configured: Option<Duration>) -> Duration {
     env_num("MALAI_SESSION_KEEP")
         .map(Duration::from_secs)
+        .or(configured)
         .unwrap_or(DEFAULT_KEEP)
 }
 
@@ -155,7 +157,11 @@ impl Table {
         request: Request,
         server: &str,
         caps: (usize, usize),
+        keep: Duration,
     ) -> Option<(Arc<Slot>, Grant)> {
+        if keep.is_zero() {
+            return None;
+        }
         let mut slots = self.slots();
         let mine = slots.values().filter(|s| s.peer == peer).count();
         if mine >= caps.0 || slots.len() >= caps.1 {
@@ -169,7 +175,6 @@ impl Table {
             (Ok(i), Ok(s)) => (i, s),
             _ => return None,
         };
-        let keep = keep_time();
         let slot = Arc::new(Slot {
             id: id.clone(),
             peer,
@@ -422,7 +427,9 @@ mod tests {
     #[tokio::test]
     async fn only_the_owner_with_the_secret_resumes() {
         let t = Arc::new(Table::default());
-        let (slot, grant) = t.create(id(1), tunnel(), "foo", (4, 8)).unwrap();
+        let (slot, grant) = t
+            .create(id(1), tunnel(), "foo", (4, 8), DEFAULT_KEEP)
+            .unwrap();
         t.park(&slot, parked().await);
         let mut ask = wire::Resume {
             session: grant.session.clone(),
@@ -458,19 +465,30 @@ mod tests {
     async fn caps_per_peer_and_in_total() {
         let t = Table::default();
         let caps = (2, 3);
-        let a1 = t.create(id(1), tunnel(), "foo", caps).unwrap();
-        let _a2 = t.create(id(1), tunnel(), "foo", caps).unwrap();
+        let a1 = t
+            .create(id(1), tunnel(), "foo", caps, DEFAULT_KEEP)
+            .unwrap();
+        let _a2 = t
+            .create(id(1), tunnel(), "foo", caps, DEFAULT_KEEP)
+            .unwrap();
         assert!(
-            t.create(id(1), tunnel(), "foo", caps).is_none(),
+            t.create(id(1), tunnel(), "foo", caps, DEFAULT_KEEP)
+                .is_none(),
             "per-peer cap"
         );
-        let _b1 = t.create(id(2), tunnel(), "foo", caps).unwrap();
+        let _b1 = t
+            .create(id(2), tunnel(), "foo", caps, DEFAULT_KEEP)
+            .unwrap();
         assert!(
-            t.create(id(3), tunnel(), "foo", caps).is_none(),
+            t.create(id(3), tunnel(), "foo", caps, DEFAULT_KEEP)
+                .is_none(),
             "total cap"
         );
         t.end(&a1.0);
-        assert!(t.create(id(3), tunnel(), "foo", caps).is_some());
+        assert!(
+            t.create(id(3), tunnel(), "foo", caps, DEFAULT_KEEP)
+                .is_some()
+        );
         assert_eq!(t.len(), 3);
     }
 
@@ -478,7 +496,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn detached_sessions_expire() {
         let t = Arc::new(Table::default());
-        let (slot, _g) = t.create(id(1), tunnel(), "foo", (4, 8)).unwrap();
+        let (slot, _g) = t
+            .create(id(1), tunnel(), "foo", (4, 8), DEFAULT_KEEP)
+            .unwrap();
         t.park(&slot, parked().await);
         assert_eq!(t.len(), 1);
         tokio::time::sleep(slot.keep + Duration::from_secs(1)).await;
@@ -489,7 +509,9 @@ mod tests {
     #[tokio::test]
     async fn a_resume_takes_over_a_stream_the_server_thinks_alive() {
         let t = Arc::new(Table::default());
-        let (slot, grant) = t.create(id(1), tunnel(), "foo", (4, 8)).unwrap();
+        let (slot, grant) = t
+            .create(id(1), tunnel(), "foo", (4, 8), DEFAULT_KEEP)
+            .unwrap();
         let p = parked().await;
         let (t2, s2) = (t.clone(), slot.clone());
         let old = tokio::spawn(async move {

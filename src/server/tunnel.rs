@@ -70,7 +70,9 @@ where
     if resume && ctx.transport == "iroh" {
         let request = crate::protocol::Request::Tunnel { port: None, resume };
         let table = &ctx.state.detached;
-        if let Some((slot, grant)) = table.create(ctx.peer, request, server, resume::caps()) {
+        let cfg = ctx.state.current();
+        let keep = resume::keep_time(cfg.servers.get(server).and_then(|s| s.session_keep));
+        if let Some((slot, grant)) = table.create(ctx.peer, request, server, resume::caps(), keep) {
             let _ = tcp.set_nodelay(true);
             if reply(w, &Response::AcceptResumable(grant)).await.is_err() {
                 table.end(&slot);
