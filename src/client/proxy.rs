@@ -45,7 +45,7 @@ pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), Sessi
             Route::Holder(holder) => return super::handover::proxy(holder, host, port).await,
             Route::Own(own) if resume::enabled() => {
                 match resume::open_tunnel(own, &resolved, &server, port).await? {
-                    resume::Opened::Plain(session) => session,
+                    resume::Opened::Plain(session) => *session,
                     resume::Opened::Resumable(r) => return run_resumable(*r, host).await,
                 }
             }

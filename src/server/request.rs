@@ -81,7 +81,12 @@ where
     } else {
         "allow"
     };
-    let served = serve_allowed(ctx, &cfg, &server, grant, request, resumed, r, w).await;
+    let allowed = Allowed {
+        grant,
+        request,
+        resumed,
+    };
+    let served = serve_allowed(ctx, &cfg, &server, allowed, r, w).await;
     entry.decision = decision.into();
     entry.bytes_in = served.bytes_in;
     entry.bytes_out = served.bytes_out;
@@ -214,6 +219,13 @@ fn peer_name(cfg: &ClusterConfig, peer: &Id52) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// What [`authorize`] allowed: the grant, the request, and for a resume the session taken.
+struct Allowed {
+    grant: Grant,
+    request: Request,
+    resumed: Option<Resumed>,
+}
+
 /// A `resume` whose session this peer may take (`server::resume`): the session, its state
 /// and the peer's count. The ACL is asked next, as for the request that opened it.
 pub struct Resumed {
@@ -324,9 +336,7 @@ async fn serve_allowed<R, W>(
     ctx: &Context,
     cfg: &ClusterConfig,
     server: &str,
-    grant: Grant,
-    request: Request,
-    resumed: Option<Resumed>,
+    allowed: Allowed,
     r: &mut R,
     w: &mut W,
 ) -> Served
@@ -342,7 +352,7 @@ where
         ctx.state.clone(),
         server.to_string(),
         ctx.peer,
-        request.clone(),
+        allowed.request.clone(),
     );
     let watcher = async {
         tokio::select! {
@@ -353,7 +363,7 @@ where
     let served = async {
         let mut r = super::revoke::Revocable::new(&mut r, &cut);
         let mut w = super::revoke::Revocable::new(&mut w, &cut);
-        let ok = dispatch(ctx, cfg, server, grant, request, resumed, &mut r, &mut w).await;
+        let ok = dispatch(ctx, cfg, server, allowed, &mut r, &mut w).await;
         done.cancel();
         ok
     };
@@ -400,9 +410,7 @@ async fn dispatch<R, W>(
     ctx: &Context,
     cfg: &ClusterConfig,
     server: &str,
-    grant: Grant,
-    request: Request,
-    resumed: Option<Resumed>,
+    allowed: Allowed,
     r: &mut R,
     w: &mut W,
 ) -> bool
@@ -411,6 +419,11 @@ where
     W: AsyncWrite + Unpin,
 {
     let peer = ctx.peer;
+    let Allowed {
+        grant,
+        request,
+        resumed,
+    } = allowed;
     if let Some(res) = resumed {
         let parked = res.parked;
         let grant = res.slot.grant(parked.stream.received());

@@ -438,7 +438,7 @@ pub enum Opened {
     Resumable(Box<Resumable>),
     /// The server does not offer resume (an older server, or its caps are reached): a
     /// plain tunnel, as before.
-    Plain(Session),
+    Plain(Box<Session>),
 }
 
 /// Ask `server` for a resumable `tunnel` over `own`.
@@ -477,7 +477,7 @@ pub async fn open_tunnel(
     };
     let watchdog = liveness::watch_server(&own.node, &conn, server, resolved);
     match accepted {
-        Accepted::Plain => Ok(Opened::Plain(Session {
+        Accepted::Plain => Ok(Opened::Plain(Box::new(Session {
             closer: Closer::Iroh {
                 own,
                 conn,
@@ -485,7 +485,7 @@ pub async fn open_tunnel(
             },
             send: SessionWrite::Iroh(send),
             recv: SessionRead::Iroh(recv),
-        })),
+        }))),
         Accepted::Resumable(grant) => {
             tracing::info!(server = %server.name, session = %short(&grant.session), keep_secs = grant.keep_secs, "resumable tunnel");
             Ok(Opened::Resumable(Box::new(Resumable {
