@@ -78,6 +78,11 @@ impl HolderContext {
                 }
                 c
             },
+            sessions: self
+                .inbound
+                .as_ref()
+                .map(|i| i.sessions())
+                .unwrap_or_default(),
         }
     }
 }

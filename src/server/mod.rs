@@ -540,6 +540,7 @@ async fn start_new_clusters(
         let manages = cfg.manager == me;
         let state = Arc::new(ClusterState::new(dir.clone(), me, cfg));
         ctl.registry.add(state.clone());
+        ctl.inbound.add_sessions(resume::lister(&state));
         if manages {
             let syncer = crate::sync::manager::Syncer::new(dir.clone(), node.clone(), me);
             let _ = state.sync.set(syncer.clone());

@@ -390,6 +390,33 @@ where
     }
 }
 
+/// The `status` lister of `state`'s sessions (held weakly: a cluster no longer served lists
+/// nothing).
+pub fn lister(state: &Arc<super::ClusterState>) -> crate::keyholder::inbound::SessionLister {
+    let weak = Arc::downgrade(state);
+    Box::new(move || {
+        let Some(state) = weak.upgrade() else {
+            return vec![];
+        };
+        let cfg = state.current();
+        state
+            .detached
+            .list()
+            .into_iter()
+            .map(|s| crate::control::protocol::SessionInfo {
+                cluster: state.dir.alias.clone(),
+                peer: cfg
+                    .name_of(&s.peer)
+                    .map(|(n, _)| n.to_string())
+                    .unwrap_or_else(|| s.peer.short()),
+                age_secs: s.age.as_secs(),
+                detached_secs: s.detached.map(|d| d.as_secs()),
+                buffered: s.buffered as u64,
+            })
+            .collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,10 +50,12 @@ pub fn enabled() -> bool {
 /// overlap: one that hangs on a dead path never delays the next). Bytes flow again within
 /// about this plus one handshake of the network being back.
 pub const REDIAL_EVERY: Duration = Duration::from_millis(500);
-/// One redial attempt's connect + resume exchange.
-const REDIAL_TIMEOUT: Duration = Duration::from_secs(10);
-/// At most this many attempts in flight.
-const REDIAL_PARALLEL: usize = 4;
+/// One redial attempt's connect + resume exchange (a handshake through a relay takes well
+/// under a second; a dead path never answers).
+const REDIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most this many attempts in flight: with [`REDIAL_TIMEOUT`], a fresh one still starts
+/// about every 0.6 s through a long outage.
+const REDIAL_PARALLEL: usize = 8;
 
 /// How one attachment ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -591,6 +593,9 @@ impl Resumable {
         let mut tick = tokio::time::interval(REDIAL_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tries = 0u64;
+        // Attempts connect in parallel but resume one at a time, and none after one has
+        // succeeded: two resumes of one session would take it from each other.
+        let turn = Arc::new(tokio::sync::Mutex::new(false));
         loop {
             tokio::select! {
                 _ = close.cancelled() => return Ok(None),
@@ -610,8 +615,9 @@ impl Resumable {
                             secret: self.grant.secret.clone(),
                             received: self.stream.received(),
                         };
+                        let turn = turn.clone();
                         attempts.spawn(async move {
-                            tokio::time::timeout(REDIAL_TIMEOUT, attempt(node, peer, hints, cluster, resume))
+                            tokio::time::timeout(REDIAL_TIMEOUT, attempt(node, peer, hints, cluster, resume, turn))
                                 .await
                                 .unwrap_or(Err(Attempt::Retry("timed out".into())))
                         });
@@ -675,6 +681,7 @@ async fn attempt(
     hints: Vec<std::net::SocketAddr>,
     cluster: Id52,
     resume: wire::Resume,
+    turn: Arc<tokio::sync::Mutex<bool>>,
 ) -> Result<Attached, Attempt> {
     let retry = |e: &dyn std::fmt::Display| Attempt::Retry(e.to_string());
     let conn = node.connect(&peer, &hints).await.map_err(|e| retry(&e))?;
@@ -683,8 +690,16 @@ async fn attempt(
         cluster: Some(cluster),
         request: Request::Resume(resume),
     };
+    let mut resumed = turn.lock().await;
+    if *resumed {
+        conn.close("resumed elsewhere");
+        return Err(Attempt::Retry("another attempt resumed".into()));
+    }
     match exchange_for(&mut send, &mut recv, header).await {
-        Ok(Accepted::Resumable(g)) => Ok((conn, send, recv, g)),
+        Ok(Accepted::Resumable(g)) => {
+            *resumed = true;
+            Ok((conn, send, recv, g))
+        }
         Ok(Accepted::Plain) => Err(Attempt::Refused {
             reason: "the server answered a resume with a plain accept".into(),
             boot: None,

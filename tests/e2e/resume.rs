@@ -45,12 +45,30 @@ struct Ssh {
 
 impl Ssh {
     fn start(c: &TestCluster, device: &str, script: &str) -> Ssh {
+        Ssh::spawn(c, device, script, Stdio::null())
+    }
+
+    /// `sh` on foo reading lines from our [`Ssh::send`].
+    fn interactive(c: &TestCluster, device: &str) -> Ssh {
+        Ssh::spawn(c, device, "sh", Stdio::piped())
+    }
+
+    fn send(&mut self, line: &str) {
+        use std::io::Write;
+        let w = self.child.stdin.as_mut().expect("stdin open");
+        w.write_all(format!("{line}\n").as_bytes())
+            .expect("write to ssh");
+        w.flush().expect("flush ssh");
+    }
+
+    fn spawn(c: &TestCluster, device: &str, script: &str, stdin: Stdio) -> Ssh {
         use std::os::unix::process::CommandExt;
         let mut child = c
             .ssh_cmd(device)
+            .arg("-T")
             .arg("foo.acme")
             .arg(script)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -92,6 +110,7 @@ impl Ssh {
 
     /// Waits for the exit; returns the status and stderr.
     fn wait(mut self, timeout: Duration) -> (Option<std::process::ExitStatus>, String) {
+        self.child.stdin.take();
         let status = poll_until(timeout, || self.child.try_wait().ok().flatten());
         if status.is_none() {
             self.kill();
@@ -193,6 +212,16 @@ fn resume_ssh_survives_a_stopped_proxy_past_the_idle_limit() {
         c.diagnostics()
     );
     let pid = stop_proxy_past_the_idle_limit(&c, &mut ssh);
+    // `malai ssh status` on foo lists the detached session, its age and buffered bytes.
+    let status = c.machine("foo").run(["ssh", "status"]);
+    let shown = stdout_of(&status);
+    let listed = shown
+        .lines()
+        .any(|l| l.contains("session acme/alice: detached") && l.contains("bytes buffered"));
+    if !listed {
+        signal(pid, nix::sys::signal::Signal::SIGCONT);
+        panic!("status does not list the detached session:\n{}", fmt_output(&status));
+    }
     signal(pid, nix::sys::signal::Signal::SIGCONT);
     let resumed_at = Instant::now();
     let ok = ssh.expect_line("survived", Duration::from_secs(40));
@@ -473,4 +502,45 @@ fn nat_resume_scp_64mib_through_a_cut_past_the_idle_limit() {
         "scp through the cut corrupted the file"
     );
     assert!(c.machine("alice").logs().contains("resumed"));
+}
+
+/// An interactive ssh (ProxyCommand) through a cut past the idle limit: a line typed the
+/// moment the network is back comes back through the resumed session. Prints how long
+/// after the restore the bytes flowed again (the benchmark figure; not asserted).
+#[test]
+fn nat_resume_interactive_ssh_bytes_flow_again_after_a_cut() {
+    if !netsim::available("resume::nat_resume_interactive_ssh_bytes_flow_again_after_a_cut") {
+        return;
+    }
+    let _lock = netsim::heavy_net_lock();
+    let relay_dir = tempfile::tempdir().expect("tempdir");
+    let (net, c) = nat_cluster(&relay_dir);
+    let mut ssh = Ssh::interactive(&c, "alice");
+    ssh.send("echo before");
+    assert!(
+        ssh.expect_line("before", Duration::from_secs(30)),
+        "ssh did not start; saw {:?}\n{}",
+        ssh.seen,
+        c.diagnostics()
+    );
+    net.cut("foo");
+    std::thread::sleep(CUT);
+    net.restore("foo");
+    let restored = Instant::now();
+    ssh.send("echo after");
+    let ok = ssh.expect_line("after", Duration::from_secs(60));
+    let flowing = restored.elapsed();
+    assert!(
+        ok,
+        "the interactive session did not come back; saw {:?}\n{}\n{}",
+        ssh.seen,
+        tail(&c.machine("alice").logs(), 30),
+        tail(&c.machine("foo").logs(), 30)
+    );
+    eprintln!("resume (netsim): bytes flowed again {flowing:?} after the network was back");
+    let (status, err) = ssh.wait(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "ssh did not exit 0: {status:?}\n{err}"
+    );
 }
