@@ -220,7 +220,10 @@ fn resume_ssh_survives_a_stopped_proxy_past_the_idle_limit() {
         .any(|l| l.contains("session acme/alice: detached") && l.contains("bytes buffered"));
     if !listed {
         signal(pid, nix::sys::signal::Signal::SIGCONT);
-        panic!("status does not list the detached session:\n{}", fmt_output(&status));
+        panic!(
+            "status does not list the detached session:\n{}",
+            fmt_output(&status)
+        );
     }
     signal(pid, nix::sys::signal::Signal::SIGCONT);
     let resumed_at = Instant::now();
