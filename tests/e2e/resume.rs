@@ -382,19 +382,28 @@ const CUT: Duration = Duration::from_secs(12);
 /// The NAT'd network with its relay, foo (real sshd) and alice behind their own NATs, the
 /// idle limit shortened to [`IDLE`].
 fn nat_cluster(relay_dir: &tempfile::TempDir) -> (NatNet, TestCluster) {
+    nat_cluster_idle(relay_dir, Some(IDLE))
+}
+
+/// [`nat_cluster`] with the idle limit `idle` (seconds), or the default (60 s) for `None`.
+fn nat_cluster_idle(relay_dir: &tempfile::TempDir, idle: Option<&str>) -> (NatNet, TestCluster) {
     let mut net = NatNet::new(&["mgr", "foo", "alice"]);
     let relay = net.start_relay(relay_dir.path());
     let relays = format!("[{}]", toml_str(&relay.url()));
     let ca = format!("\"\"\"\n{}\"\"\"", relay.ca_pem());
-    let c = TestCluster::builder("acme")
+    let mut b = TestCluster::builder("acme")
         .server_with("foo", SshTarget::Sshd)
         .device("alice")
         .netns("mgr", net.ns("mgr"))
         .netns("foo", net.ns("foo"))
         .netns("alice", net.ns("alice"))
         .env_remove("MALAI_RELAY")
-        .env_remove("MALAI_BIND")
-        .env("MALAI_IDLE_TIMEOUT", IDLE)
+        .env_remove("MALAI_BIND");
+    b = match idle {
+        Some(secs) => b.env("MALAI_IDLE_TIMEOUT", secs),
+        None => b.env_remove("MALAI_IDLE_TIMEOUT"),
+    };
+    let c = b
         .server_bind("foo", None)
         .manager_key("relays", &relays)
         .manager_key("relay-ca", &ca)
@@ -445,13 +454,9 @@ fn nat_resume_ssh_sleep_through_a_cut_past_the_idle_limit() {
     assert!(c.machine("alice").logs().contains("resumed"));
 }
 
-/// A 64 MiB scp through the ProxyCommand with foo cut off mid-transfer for longer than the
-/// idle limit arrives byte-identical (sha256).
-#[test]
-fn nat_resume_scp_64mib_through_a_cut_past_the_idle_limit() {
-    if !netsim::available("resume::nat_resume_scp_64mib_through_a_cut_past_the_idle_limit") {
-        return;
-    }
+/// 64 MiB up through the ProxyCommand by `tool` (`scp` or `rsync`) with foo cut off
+/// mid-transfer for longer than the idle limit: it arrives byte-identical (sha256).
+fn transfer_through_a_cut(tool: &str) {
     let _lock = netsim::heavy_net_lock();
     let relay_dir = tempfile::tempdir().expect("tempdir");
     let (net, c) = nat_cluster(&relay_dir);
@@ -459,52 +464,83 @@ fn nat_resume_scp_64mib_through_a_cut_past_the_idle_limit() {
     let local = c.scratch("local");
     let remote = c.scratch("remote");
     let src = local.join("cut.bin");
-    write_random_file(&src, BIG, 0x7265_7375_6d65);
+    write_random_file(&src, BIG, 0x7265_7375_6d65 ^ tool.len() as u64);
     let want = sha256_file(&src);
     let dst = remote.join("cut.bin");
-    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    // rsync writes a temporary file first: count every file in the folder.
+    let arrived = || -> u64 {
+        std::fs::read_dir(&remote)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
     std::thread::scope(|s| {
-        let scp = s.spawn(|| {
+        let run = s.spawn(|| {
             let t0 = Instant::now();
-            let out = c.scp(
-                "alice",
-                &[
-                    src.display().to_string(),
-                    format!("foo.acme:{}", dst.display()),
-                ],
-            );
+            let args = [
+                src.display().to_string(),
+                format!("foo.acme:{}", dst.display()),
+            ];
+            let out = match tool {
+                "rsync" => c.rsync("alice", &args),
+                _ => c.scp("alice", &args),
+            };
             (out, t0.elapsed())
         });
-        let started = poll_until(Duration::from_secs(60), || (size(&dst) > 0).then_some(()));
-        assert!(started.is_some(), "scp never started\n{}", c.diagnostics());
+        let started = poll_until(Duration::from_secs(60), || (arrived() > 0).then_some(()));
+        assert!(
+            started.is_some(),
+            "{tool} never started\n{}",
+            c.diagnostics()
+        );
         net.cut("foo");
-        let at_cut = size(&dst);
+        let at_cut = arrived();
         std::thread::sleep(CUT);
         net.restore("foo");
         assert!(
             (at_cut as usize) < BIG,
-            "the scp finished before the cut: nothing was tested"
+            "the {tool} finished before the cut: nothing was tested"
         );
-        let (out, took) = scp.join().expect("scp thread");
+        let (out, took) = run.join().expect("transfer thread");
         if !out.status.success() {
             panic!(
-                "scp through a {CUT:?} cut\n{}\n{}\n{}",
+                "{tool} through a {CUT:?} cut\n{}\n{}\n{}",
                 fmt_output(&out),
                 tail(&c.machine("alice").logs(), 30),
                 tail(&c.machine("foo").logs(), 30)
             );
         }
         eprintln!(
-            "resume (netsim): scp 64 MiB with a {CUT:?} cut at {:.1} MiB took {took:?}",
+            "resume (netsim): {tool} 64 MiB with a {CUT:?} cut at {:.1} MiB took {took:?}",
             at_cut as f64 / 1048576.0
         );
     });
     assert_eq!(
         sha256_file(&dst),
         want,
-        "scp through the cut corrupted the file"
+        "{tool} through the cut corrupted the file"
     );
     assert!(c.machine("alice").logs().contains("resumed"));
+}
+
+#[test]
+fn nat_resume_scp_64mib_through_a_cut_past_the_idle_limit() {
+    if !netsim::available("resume::nat_resume_scp_64mib_through_a_cut_past_the_idle_limit") {
+        return;
+    }
+    transfer_through_a_cut("scp");
+}
+
+#[test]
+fn nat_resume_rsync_64mib_through_a_cut_past_the_idle_limit() {
+    if !netsim::available("resume::nat_resume_rsync_64mib_through_a_cut_past_the_idle_limit") {
+        return;
+    }
+    transfer_through_a_cut("rsync");
 }
 
 /// An interactive ssh (ProxyCommand) through a cut past the idle limit: a line typed the
@@ -515,9 +551,22 @@ fn nat_resume_interactive_ssh_bytes_flow_again_after_a_cut() {
     if !netsim::available("resume::nat_resume_interactive_ssh_bytes_flow_again_after_a_cut") {
         return;
     }
+    interactive_through_a_cut(Some(IDLE), CUT);
+}
+
+/// The same with the default settings (60 s idle limit) and a 70 s cut: what a user gets.
+#[test]
+fn nat_resume_interactive_ssh_with_defaults_through_a_70s_cut() {
+    if !netsim::available("resume::nat_resume_interactive_ssh_with_defaults_through_a_70s_cut") {
+        return;
+    }
+    interactive_through_a_cut(None, Duration::from_secs(70));
+}
+
+fn interactive_through_a_cut(idle: Option<&str>, cut: Duration) {
     let _lock = netsim::heavy_net_lock();
     let relay_dir = tempfile::tempdir().expect("tempdir");
-    let (net, c) = nat_cluster(&relay_dir);
+    let (net, c) = nat_cluster_idle(&relay_dir, idle);
     let mut ssh = Ssh::interactive(&c, "alice");
     ssh.send("echo before");
     assert!(
@@ -527,7 +576,7 @@ fn nat_resume_interactive_ssh_bytes_flow_again_after_a_cut() {
         c.diagnostics()
     );
     net.cut("foo");
-    std::thread::sleep(CUT);
+    std::thread::sleep(cut);
     net.restore("foo");
     let restored = Instant::now();
     ssh.send("echo after");
@@ -540,7 +589,14 @@ fn nat_resume_interactive_ssh_bytes_flow_again_after_a_cut() {
         tail(&c.machine("alice").logs(), 30),
         tail(&c.machine("foo").logs(), 30)
     );
-    eprintln!("resume (netsim): bytes flowed again {flowing:?} after the network was back");
+    eprintln!(
+        "resume (netsim, idle {}, cut {cut:?}): bytes flowed again {flowing:?} after the network was back",
+        idle.unwrap_or("default")
+    );
+    assert!(
+        c.machine("alice").logs().contains("resumed"),
+        "the cut did not outlast the connection: nothing was resumed"
+    );
     let (status, err) = ssh.wait(Duration::from_secs(20));
     assert!(
         status.is_some_and(|s| s.success()),
