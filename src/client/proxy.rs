@@ -55,6 +55,9 @@ pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), Sessi
     run_plain(session, host).await
 }
 
+/// How long a signalled resumable proxy may take to tell the server the session is over.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A resumable tunnel (`session::resume`) on our stdio: it outlives lost connections.
 async fn run_resumable(r: resume::Resumable, host: &str) -> Result<(), SessionError> {
     let mut stdin = stdio::stdin();
@@ -65,8 +68,19 @@ async fn run_resumable(r: resume::Resumable, host: &str) -> Result<(), SessionEr
     let run = r.run(&mut stdin, &mut stdout, &close);
     tokio::pin!(run);
     let mut signalled = None;
+    // After a signal the session gets this long to tell the server (its stream may be
+    // blocked behind a full window); then we go, as the plain tunnel does.
+    let grace = tokio::time::sleep(std::time::Duration::from_secs(86400 * 365));
+    tokio::pin!(grace);
     loop {
         tokio::select! {
+            _ = &mut grace => {
+                tracing::info!(%host, "the session did not close in time after the signal; leaving");
+                return match signalled {
+                    Some(15) => Err(SessionError::Killed(15)),
+                    _ => Ok(()),
+                };
+            }
             res = &mut run => {
                 tracing::info!(%host, end = ?res, "resumable proxy done");
                 return match (res, signalled) {
@@ -81,10 +95,12 @@ async fn run_resumable(r: resume::Resumable, host: &str) -> Result<(), SessionEr
                 tracing::info!(%host, "SIGHUP from ssh: closing the session");
                 signalled = Some(1);
                 close.cancel();
+                grace.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
             }
             _ = term.recv(), if signalled.is_none() => {
                 signalled = Some(15);
                 close.cancel();
+                grace.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
             }
         }
     }

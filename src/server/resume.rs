@@ -390,6 +390,43 @@ where
     }
 }
 
+/// While `slot` stays detached, end it as soon as the ACL would deny its request (a peer
+/// removed or narrowed while away): its sshd leg is not kept for a peer that may no longer
+/// have it. A resume meanwhile is asked of the ACL anyway; this only frees it sooner.
+pub fn watch_detached(state: Arc<super::ClusterState>, slot: Arc<Slot>) {
+    let generation = slot.lock().generation;
+    let still_detached = move |slot: &Slot| {
+        let st = slot.lock();
+        st.generation == generation && st.parked.is_some()
+    };
+    tokio::spawn(async move {
+        let revoked = super::revoke::revoked(
+            state.clone(),
+            slot.server.clone(),
+            slot.peer,
+            slot.request.clone(),
+        );
+        tokio::pin!(revoked);
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = &mut revoked => {
+                    if still_detached(&slot) {
+                        tracing::warn!(peer = %slot.peer, session = %short(&slot.id), "access revoked while detached: the session is ended");
+                        state.detached.end(&slot);
+                    }
+                    return;
+                }
+                _ = tick.tick() => {
+                    if !still_detached(&slot) {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// The `status` lister of `state`'s sessions (held weakly: a cluster no longer served lists
 /// nothing).
 pub fn lister(state: &Arc<super::ClusterState>) -> crate::keyholder::inbound::SessionLister {

@@ -124,6 +124,9 @@ where
         still_allowed,
     )
     .await;
+    if served == resume::Served::Detached {
+        resume::watch_detached(ctx.state.clone(), slot.clone());
+    }
     matches!(served, resume::Served::Ended { clean: true })
 }
 
