@@ -39,6 +39,32 @@ pub(super) async fn run(cmd: ClusterCommand, dirs: Dirs) -> anyhow::Result<()> {
             who,
             cluster,
         } => warn_scopes(&c::allow(dirs, cluster.as_deref(), &server, &who)?),
+        ClusterCommand::Group {
+            group,
+            members,
+            cluster,
+        } => warn_scopes(&c::group(dirs, cluster.as_deref(), &group, &members)?),
+        ClusterCommand::Service {
+            server,
+            service,
+            port,
+            cluster,
+        } => warn_scopes(&c::service(
+            dirs,
+            cluster.as_deref(),
+            &server,
+            &service,
+            port,
+        )?),
+        ClusterCommand::Args {
+            scope,
+            patterns,
+            any,
+            cluster,
+        } => {
+            let patterns = (!any).then_some(patterns.as_slice());
+            warn_scopes(&c::args(dirs, cluster.as_deref(), &scope, patterns)?)
+        }
         ClusterCommand::Import { alias, file } => {
             c::import(dirs, &alias, &file)?;
         }

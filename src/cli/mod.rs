@@ -244,10 +244,48 @@ pub enum ClusterCommand {
         #[arg(long)]
         cluster: Option<String>,
     },
+    /// Make a group or add members to one: `group admins alice bob`. A group may name
+    /// servers, devices, other groups and id52s, and is usable wherever a name is
+    /// (`allow foo admins`; `malai ssh admins.<cluster> uptime` runs on its servers).
+    Group {
+        group: String,
+        #[arg(required = true, value_name = "MEMBER")]
+        members: Vec<String>,
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    /// Publish an HTTP service of a server: `service foo web 8000` makes
+    /// web.foo.<cluster> reach 127.0.0.1:8000 on foo (through `malai ssh curl` or the
+    /// agent's HTTP proxy). Full-access peers of foo may use it; grant others with
+    /// `allow foo.service.web <who>`. On an existing service this changes its port.
+    Service {
+        server: String,
+        service: String,
+        /// The port on the server's 127.0.0.1 (1-65535).
+        port: u16,
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    /// Pin the arguments a command scope allows: `args foo.rsync '--server *'`. Words are
+    /// matched one for one and a last `*` matches any rest; several patterns are
+    /// alternatives; `''` allows no arguments; `--any` removes the pin (any arguments).
+    /// The scope must exist (`allow foo.rsync <who>` makes it).
+    Args {
+        /// <server>.<command>
+        scope: String,
+        #[arg(value_name = "PATTERN", required_unless_present = "any")]
+        patterns: Vec<String>,
+        /// Allow any arguments again (removes `args`).
+        #[arg(long, conflicts_with = "patterns")]
+        any: bool,
+        #[arg(long)]
+        cluster: Option<String>,
+    },
     /// Place a cluster file from the manager on this member (checked against what was joined).
     Import { alias: String, file: PathBuf },
-    /// Remove a server or device (and every mention of it) from the cluster file; once
-    /// synced, its id52 is denied everywhere.
+    /// Remove a server, device or group and every mention of it from the cluster file
+    /// (once synced, a removed machine's id52 is denied everywhere), or one command scope
+    /// (`foo.ls`) or service (`foo.service.web`) of a server.
     Remove {
         name: String,
         #[arg(long)]

@@ -174,11 +174,7 @@ pub fn add(
     name: &str,
     id: &Id52,
 ) -> Result<ClusterDir, ClusterError> {
-    let cd = managed_cluster(dirs, cluster)?;
-    let _lock = edit_lock(&cd)?;
-    let text = cd.read_text()?;
-    cd.save_text(&edit::add_member(&text, kind, name, id)?)?;
-    Ok(cd)
+    edit_file(dirs, cluster, |text| edit::add_member(text, kind, name, id))
 }
 
 /// `cluster allow <server> <who…>`.
@@ -188,11 +184,7 @@ pub fn allow(
     server: &str,
     who: &[String],
 ) -> Result<ClusterDir, ClusterError> {
-    let cd = managed_cluster(dirs, cluster)?;
-    let _lock = edit_lock(&cd)?;
-    let text = cd.read_text()?;
-    cd.save_text(&edit::allow(&text, server, who)?)?;
-    Ok(cd)
+    edit_file(dirs, cluster, |text| edit::allow(text, server, who))
 }
 
 /// `cluster import <alias> <file>`: place a file given by the manager, after checking that
@@ -267,10 +259,52 @@ pub fn pick_cluster(dirs: &Dirs, name: Option<&str>) -> Result<ClusterDir, Clust
 /// `cluster remove <name>`: the member and every mention of it go; the sync loop then
 /// pushes the new file, after which the removed id52 is denied everywhere.
 pub fn remove(dirs: &Dirs, cluster: Option<&str>, name: &str) -> Result<ClusterDir, ClusterError> {
+    edit_file(dirs, cluster, |text| edit::remove(text, name))
+}
+
+/// `cluster group <group> <member…>`.
+pub fn group(
+    dirs: &Dirs,
+    cluster: Option<&str>,
+    group: &str,
+    members: &[String],
+) -> Result<ClusterDir, ClusterError> {
+    edit_file(dirs, cluster, |text| edit::group(text, group, members))
+}
+
+/// `cluster service <server> <service> <port>`.
+pub fn service(
+    dirs: &Dirs,
+    cluster: Option<&str>,
+    server: &str,
+    service: &str,
+    port: u16,
+) -> Result<ClusterDir, ClusterError> {
+    edit_file(dirs, cluster, |text| {
+        edit::service(text, server, service, port)
+    })
+}
+
+/// `cluster args <server>.<command> <pattern…>` (`None`: `--any`).
+pub fn args(
+    dirs: &Dirs,
+    cluster: Option<&str>,
+    scope: &str,
+    patterns: Option<&[String]>,
+) -> Result<ClusterDir, ClusterError> {
+    edit_file(dirs, cluster, |text| edit::set_args(text, scope, patterns))
+}
+
+/// One read-edit-write of a managed cluster's file under [`edit_lock`].
+fn edit_file(
+    dirs: &Dirs,
+    cluster: Option<&str>,
+    edit: impl FnOnce(&str) -> Result<String, edit::EditError>,
+) -> Result<ClusterDir, ClusterError> {
     let cd = managed_cluster(dirs, cluster)?;
     let _lock = edit_lock(&cd)?;
     let text = cd.read_text()?;
-    cd.save_text(&edit::remove_member(&text, name)?)?;
+    cd.save_text(&edit(&text)?)?;
     Ok(cd)
 }
 

@@ -41,6 +41,24 @@ pub enum EditError {
     BadPath(String),
     #[error("nothing to allow: give at least one name, group or id52")]
     NothingToAllow,
+    #[error(
+        "cannot remove {0:?}: expected a name, <server>.<command> or <server>.service.<service>"
+    )]
+    BadRemove(String),
+    #[error("no members: give at least one name, group or id52")]
+    NoMembers,
+    #[error("expected <server>.<command>, got {0:?}")]
+    BadScope(String),
+    #[error(
+        "no command scope {command:?} on server {server}: make it with `cluster allow {server}.{command} <who>` first"
+    )]
+    NoCommand { server: String, command: String },
+    #[error("give at least one pattern (\"\" allows no arguments), or --any")]
+    NoPattern,
+    #[error("port must be between 1 and 65535")]
+    BadPort,
+    #[error("no group, server or device {0:?} in the cluster file")]
+    NothingToRemove(String),
     #[error("{key} is written in a form this tool does not edit ({found}); edit it by hand")]
     Unsupported { key: String, found: &'static str },
 }
@@ -122,15 +140,7 @@ pub fn add_member(
 /// stays an array, and names already present are not repeated.
 pub fn allow(text: &str, target: &str, who: &[String]) -> Result<String, EditError> {
     let cfg = before(text)?;
-    let mut names: Vec<String> = Vec::new();
-    for w in who.iter().flat_map(|w| w.split(',')).map(str::trim) {
-        if !w.is_empty() && !names.iter().any(|n| n.eq_ignore_ascii_case(w)) {
-            names.push(w.to_string());
-        }
-    }
-    if names.is_empty() {
-        return Err(EditError::NothingToAllow);
-    }
+    let names = name_list(who)?;
     let parts: Vec<&str> = target.split('.').collect();
     let (server, sub) = match parts.as_slice() {
         [s] => (*s, Sub::Full),
@@ -183,6 +193,161 @@ pub fn allow(text: &str, target: &str, who: &[String]) -> Result<String, EditErr
     after(doc)
 }
 
+/// Makes `[group.<group>]` or adds names to its `members`, so a set of people or machines
+/// can be granted access once and named everywhere a name is (`allow foo admins`).
+pub fn group(text: &str, group: &str, members: &[String]) -> Result<String, EditError> {
+    let cfg = before(text)?;
+    let names = name_list(members).map_err(|_| EditError::NoMembers)?;
+    let existing = cfg.groups.keys().find(|k| k.eq_ignore_ascii_case(group));
+    let mut doc = load(text)?;
+    match existing {
+        Some(g) => {
+            let key = format!("group.{g}");
+            let groups = child_table(doc.as_table_mut(), "group", "group")?;
+            let t = child_table(groups, g, &key)?;
+            match t.get_mut("members") {
+                None => {
+                    t.insert("members", toml_edit::value(names.join(", ")));
+                }
+                Some(item) => append_names(item, &format!("{key}.members"), &names)?,
+            }
+        }
+        None => {
+            check_new_name(group)?;
+            if let Some(by) = name_user(&cfg, group) {
+                return Err(EditError::NameTaken {
+                    name: group.to_string(),
+                    by,
+                });
+            }
+            let parent = section_table(&mut doc, "group")?;
+            let mut t = Table::new();
+            t.insert("members", toml_edit::value(names.join(", ")));
+            parent.insert(group, Item::Table(t));
+        }
+    }
+    after(doc)
+}
+
+/// Makes `[server.<server>.service.<service>]` with `http = <port>`, or changes the port of
+/// an existing one (its `allow-from` and comments stay). Access is granted separately
+/// (`allow <server>.service.<service> …`): a new service is reachable by the server's
+/// full-access peers only, as the cluster file says of any service.
+pub fn service(text: &str, server: &str, service: &str, port: u16) -> Result<String, EditError> {
+    let cfg = before(text)?;
+    if port == 0 {
+        return Err(EditError::BadPort);
+    }
+    let server = server_name(&cfg, server)?;
+    let existing = cfg.servers[&server]
+        .services
+        .keys()
+        .find(|k| k.eq_ignore_ascii_case(service))
+        .cloned();
+    if existing.is_none() {
+        check_new_name(service)?;
+    }
+    let mut doc = load(text)?;
+    let key = format!("server.{server}");
+    let server_t = child_table(doc.as_table_mut(), "server", "server")?;
+    let server_t = child_table(server_t, &server, &key)?;
+    let services = server_t.entry("service").or_insert_with(|| {
+        let mut t = Table::new();
+        t.set_implicit(true);
+        Item::Table(t)
+    });
+    let found = services.type_name();
+    let services = services.as_table_mut().ok_or(EditError::Unsupported {
+        key: format!("{key}.service"),
+        found,
+    })?;
+    match existing {
+        Some(svc) => {
+            let t = child_table(services, &svc, &format!("{key}.service.{svc}"))?;
+            match t.get_mut("http").and_then(Item::as_value_mut) {
+                Some(v) => {
+                    let decor = v.decor().clone();
+                    *v = Value::from(i64::from(port));
+                    *v.decor_mut() = decor;
+                }
+                None => {
+                    t.insert("http", toml_edit::value(i64::from(port)));
+                }
+            }
+        }
+        None => {
+            let mut t = Table::new();
+            t.insert("http", toml_edit::value(i64::from(port)));
+            services.insert(service, Item::Table(t));
+        }
+    }
+    after(doc)
+}
+
+/// Sets (`Some`) or removes (`None`: any arguments) the `args` of the existing command scope
+/// `<server>.<command>`. One pattern stays a string, alternatives become an array; `""`
+/// allows no arguments at all.
+pub fn set_args(text: &str, scope: &str, patterns: Option<&[String]>) -> Result<String, EditError> {
+    let cfg = before(text)?;
+    let (server, command) = match scope.split('.').collect::<Vec<_>>().as_slice() {
+        [s, c] if !c.is_empty() && !SERVER_KEYS.contains(c) => (s.to_string(), c.to_string()),
+        _ => return Err(EditError::BadScope(scope.to_string())),
+    };
+    let server = server_name(&cfg, &server)?;
+    let command = cfg.servers[&server]
+        .commands
+        .keys()
+        .find(|k| **k == command)
+        .cloned()
+        .ok_or_else(|| EditError::NoCommand {
+            server: server.clone(),
+            command: command.clone(),
+        })?;
+    let mut doc = load(text)?;
+    let key = format!("server.{server}");
+    let server_t = child_table(doc.as_table_mut(), "server", "server")?;
+    let server_t = child_table(server_t, &server, &key)?;
+    let t = child_table(server_t, &command, &format!("{key}.{command}"))?;
+    match patterns {
+        None => {
+            t.remove("args");
+        }
+        Some([]) => return Err(EditError::NoPattern),
+        Some([one]) => {
+            t.insert("args", toml_edit::value(one.as_str()));
+        }
+        Some(many) => {
+            let arr: Array = many.iter().map(String::as_str).collect();
+            t.insert("args", toml_edit::value(arr));
+        }
+    }
+    after(doc)
+}
+
+/// The names of a `who`/`members` argument list: split on commas, trimmed, deduplicated
+/// (case-insensitively), at least one.
+fn name_list(who: &[String]) -> Result<Vec<String>, EditError> {
+    let mut names: Vec<String> = Vec::new();
+    for w in who.iter().flat_map(|w| w.split(',')).map(str::trim) {
+        if !w.is_empty() && !names.iter().any(|n| n.eq_ignore_ascii_case(w)) {
+            names.push(w.to_string());
+        }
+    }
+    if names.is_empty() {
+        return Err(EditError::NothingToAllow);
+    }
+    Ok(names)
+}
+
+/// The server's name as the file spells it.
+fn server_name(cfg: &ClusterConfig, server: &str) -> Result<String, EditError> {
+    cfg.servers
+        .keys()
+        .find(|k| k.eq_ignore_ascii_case(server))
+        .cloned()
+        .ok_or_else(|| EditError::NoServer(server.to_string()))
+}
+
 /// Keys of a server table that are not command entries, so `foo.<key>` cannot name one.
 const SERVER_KEYS: [&str; 7] = [
     "id52",
@@ -200,6 +365,79 @@ enum Sub<'a> {
     Command(&'a str),
 }
 
+/// Removes what `cluster remove` names: a server or device and every mention of it (by name
+/// or id52), a group and every mention of it, so no stale grant outlives it; or one command
+/// scope (`foo.ls`) or service (`foo.service.web`) of a server.
+pub fn remove(text: &str, name: &str) -> Result<String, EditError> {
+    let cfg = before(text)?;
+    if name.contains('.') {
+        return remove_entry(&cfg, text, name);
+    }
+    if cfg
+        .members()
+        .iter()
+        .any(|(n, _, _)| n.eq_ignore_ascii_case(name))
+    {
+        return remove_member(text, name);
+    }
+    let group = cfg
+        .groups
+        .keys()
+        .find(|k| k.eq_ignore_ascii_case(name))
+        .cloned()
+        .ok_or_else(|| EditError::NothingToRemove(name.to_string()))?;
+    let mut doc = load(text)?;
+    if let Some(t) = doc.get_mut("group").and_then(Item::as_table_like_mut) {
+        t.remove(&group);
+    }
+    remove_mentions(&mut doc, &|entry: &str| entry.eq_ignore_ascii_case(&group));
+    after(doc)
+}
+
+/// `foo.ls` or `foo.service.web`: that table goes, the rest of the server stays.
+fn remove_entry(cfg: &ClusterConfig, text: &str, path: &str) -> Result<String, EditError> {
+    let parts: Vec<&str> = path.split('.').collect();
+    let (server, sub) = match parts.as_slice() {
+        [s, "service", svc] => (*s, Sub::Service(svc)),
+        [s, cmd] if !cmd.is_empty() && !SERVER_KEYS.contains(cmd) => (*s, Sub::Command(cmd)),
+        _ => return Err(EditError::BadRemove(path.to_string())),
+    };
+    let server = server_name(cfg, server)?;
+    let s = &cfg.servers[&server];
+    let mut doc = load(text)?;
+    let key = format!("server.{server}");
+    let server_t = child_table(doc.as_table_mut(), "server", "server")?;
+    let server_t = child_table(server_t, &server, &key)?;
+    match sub {
+        Sub::Service(svc) => {
+            let svc = s
+                .services
+                .keys()
+                .find(|k| k.eq_ignore_ascii_case(svc))
+                .ok_or_else(|| EditError::NoService {
+                    server: server.clone(),
+                    service: svc.to_string(),
+                })?;
+            let services = child_table(server_t, "service", &format!("{key}.service"))?;
+            services.remove(svc);
+            if services.is_empty() {
+                server_t.remove("service");
+            }
+        }
+        Sub::Command(cmd) => {
+            if !s.commands.contains_key(cmd) {
+                return Err(EditError::NoCommand {
+                    server: server.clone(),
+                    command: cmd.to_string(),
+                });
+            }
+            server_t.remove(cmd);
+        }
+        Sub::Full => unreachable!("a path with a dot names a command or a service"),
+    }
+    after(doc)
+}
+
 /// Removes a server or device and every mention of it (by name or id52) from `allow-from`
 /// lists and group `members`, so no stale grant outlives the machine.
 pub fn remove_member(text: &str, name: &str) -> Result<String, EditError> {
@@ -215,8 +453,15 @@ pub fn remove_member(text: &str, name: &str) -> Result<String, EditError> {
         t.remove(&name);
     }
     let id = id.to_string();
-    let gone = |entry: &str| entry.eq_ignore_ascii_case(&name) || entry == id;
+    remove_mentions(&mut doc, &|entry: &str| {
+        entry.eq_ignore_ascii_case(&name) || entry == id
+    });
+    after(doc)
+}
 
+/// Drops the entries `gone` matches from every `allow-from` list (server, command scope,
+/// service) and every group's `members`.
+fn remove_mentions(doc: &mut DocumentMut, gone: &dyn Fn(&str) -> bool) {
     if let Some(servers) = doc.get_mut("server").and_then(Item::as_table_like_mut) {
         for (_, server) in servers.iter_mut() {
             let Some(server) = server.as_table_like_mut() else {
@@ -224,7 +469,7 @@ pub fn remove_member(text: &str, name: &str) -> Result<String, EditError> {
             };
             for (k, item) in server.iter_mut() {
                 if k.get() == "allow-from" {
-                    remove_names(item, &gone);
+                    remove_names(item, gone);
                 } else if k.get() == "service" {
                     if let Some(services) = item.as_table_like_mut() {
                         for (_, svc) in services.iter_mut() {
@@ -232,7 +477,7 @@ pub fn remove_member(text: &str, name: &str) -> Result<String, EditError> {
                                 .as_table_like_mut()
                                 .and_then(|t| t.get_mut("allow-from"))
                             {
-                                remove_names(list, &gone);
+                                remove_names(list, gone);
                             }
                         }
                     }
@@ -240,7 +485,7 @@ pub fn remove_member(text: &str, name: &str) -> Result<String, EditError> {
                     .as_table_like_mut()
                     .and_then(|t| t.get_mut("allow-from"))
                 {
-                    remove_names(list, &gone);
+                    remove_names(list, gone);
                 }
             }
         }
@@ -248,11 +493,10 @@ pub fn remove_member(text: &str, name: &str) -> Result<String, EditError> {
     if let Some(groups) = doc.get_mut("group").and_then(Item::as_table_like_mut) {
         for (_, group) in groups.iter_mut() {
             if let Some(list) = group.as_table_like_mut().and_then(|t| t.get_mut("members")) {
-                remove_names(list, &gone);
+                remove_names(list, gone);
             }
         }
     }
-    after(doc)
 }
 
 /// The file as pushed to members: without the manager's key settings, which say where the
@@ -881,6 +1125,168 @@ members = "alice, bob" # people
             remove_member("[x", "a").unwrap_err(),
             EditError::Before(_)
         ));
+    }
+
+    #[test]
+    fn group_extends_an_existing_group_in_its_own_form() {
+        let text = group(&sample(), "Admins", &["foo, alice".into(), "bob".into()]).unwrap();
+        assert!(
+            text.contains("members = \"alice, bob, foo\" # people"),
+            "{text}"
+        );
+        assert_eq!(cfg(&text).groups["admins"].members, ["alice", "bob", "foo"]);
+        assert_comments_kept(&text);
+    }
+
+    #[test]
+    fn group_makes_a_new_group_that_can_name_groups() {
+        let text = group(&sample(), "ops", &["admins".into(), "foo".into()]).unwrap();
+        assert!(
+            text.contains("[group.ops]\nmembers = \"admins, foo\"\n"),
+            "{text}"
+        );
+        assert_eq!(cfg(&text).groups["ops"].members, ["alice", "bob", "foo"]);
+        assert_comments_kept(&text);
+        let text = allow(&text, "foo", &["ops".into()]).unwrap();
+        assert!(
+            text.contains("allow-from = \"alice, admins, ops\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn group_errors() {
+        let s = sample();
+        let e = |g: &str, m: &[&str]| {
+            let m: Vec<String> = m.iter().map(|w| w.to_string()).collect();
+            group(&s, g, &m).unwrap_err().to_string()
+        };
+        assert_eq!(
+            e("foo", &["bob"]),
+            "name \"foo\" is already used by server.foo"
+        );
+        assert!(e("Ops", &["bob"]).starts_with("invalid name \"Ops\""));
+        assert_eq!(
+            e("ops", &[","]),
+            "no members: give at least one name, group or id52"
+        );
+        assert!(
+            e("ops", &["carol"]).contains("group.ops.members: unknown name \"carol\""),
+            "{}",
+            e("ops", &["carol"])
+        );
+    }
+
+    #[test]
+    fn service_adds_one_and_changes_a_port() {
+        let text = service(&sample(), "foo", "web", 8080).unwrap();
+        assert!(
+            text.contains("[server.foo.service.web]\nhttp = 8080\n"),
+            "{text}"
+        );
+        let c = cfg(&text);
+        assert_eq!(c.servers["foo"].services["web"].http_port, 8080);
+        assert_eq!(c.servers["foo"].services["django"].http_port, 8000);
+        assert_comments_kept(&text);
+        let text = service(&text, "foo", "django", 9000).unwrap();
+        let c = cfg(&text);
+        assert_eq!(c.servers["foo"].services["django"].http_port, 9000);
+        assert_eq!(c.servers["foo"].services["django"].allow_from, vec![id(4)]);
+        // A server with no service yet gets its first one.
+        let bare = format!(
+            "[cluster-manager]\nid52 = \"{}\"\n[server.s]\nid52 = \"{}\"\n",
+            id(1),
+            id(2)
+        );
+        let text = service(&bare, "s", "api", 3000).unwrap();
+        assert_eq!(cfg(&text).servers["s"].services["api"].http_port, 3000);
+        assert!(
+            text.ends_with("[server.s.service.api]\nhttp = 3000\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn service_errors() {
+        let s = sample();
+        let e = |srv: &str, svc: &str, port| service(&s, srv, svc, port).unwrap_err().to_string();
+        assert_eq!(
+            e("nope", "web", 80),
+            "no server \"nope\" in the cluster file"
+        );
+        assert_eq!(
+            e("alice", "web", 80),
+            "no server \"alice\" in the cluster file"
+        );
+        assert_eq!(e("foo", "web", 0), "port must be between 1 and 65535");
+        assert!(e("foo", "We b", 80).starts_with("invalid name \"We b\""));
+    }
+
+    #[test]
+    fn args_pins_clears_and_takes_alternatives() {
+        let text = set_args(&sample(), "foo.ls", Some(&["-l *".into()])).unwrap();
+        assert!(text.contains("args = \"-l *\""), "{text}");
+        assert_eq!(
+            cfg(&text).servers["foo"].commands["ls"].args,
+            Some(vec![vec!["-l".to_string(), "*".to_string()]])
+        );
+        let text = set_args(&text, "foo.ls", Some(&["-a".into(), "".into()])).unwrap();
+        assert!(text.contains("args = [\"-a\", \"\"]"), "{text}");
+        assert_eq!(
+            cfg(&text).servers["foo"].commands["ls"].args,
+            Some(vec![vec!["-a".to_string()], vec![]])
+        );
+        let text = set_args(&text, "foo.ls", None).unwrap();
+        assert!(!text.contains("args"), "{text}");
+        assert_eq!(cfg(&text).servers["foo"].commands["ls"].args, None);
+        assert_comments_kept(&text);
+    }
+
+    #[test]
+    fn args_errors() {
+        let s = sample();
+        let e = |scope: &str, p: Option<&[String]>| set_args(&s, scope, p).unwrap_err().to_string();
+        assert_eq!(
+            e("foo.rsync", Some(&["--server *".into()])),
+            "no command scope \"rsync\" on server foo: make it with `cluster allow foo.rsync <who>` first"
+        );
+        assert_eq!(e("foo", None), "expected <server>.<command>, got \"foo\"");
+        assert_eq!(
+            e("foo.service", None),
+            "expected <server>.<command>, got \"foo.service\""
+        );
+        assert_eq!(e("bar.ls", None), "no server \"bar\" in the cluster file");
+        assert_eq!(
+            e("foo.ls", Some(&[])),
+            "give at least one pattern (\"\" allows no arguments), or --any"
+        );
+    }
+
+    #[test]
+    fn remove_takes_groups_scopes_and_services() {
+        let text = remove(&sample(), "admins").unwrap();
+        assert!(!text.contains("[group.admins]"), "{text}");
+        assert!(
+            text.contains("allow-from = \"alice\" # full access"),
+            "{text}"
+        );
+        assert!(cfg(&text).groups.is_empty());
+        let text = remove(&sample(), "foo.ls").unwrap();
+        assert!(!text.contains("[server.foo.ls]"), "{text}");
+        assert!(cfg(&text).servers["foo"].commands.is_empty());
+        let text = remove(&sample(), "foo.service.django").unwrap();
+        assert!(!text.contains("django"), "{text}");
+        assert!(cfg(&text).servers["foo"].services.is_empty());
+        let text = remove(&sample(), "bob").unwrap();
+        assert!(!text.contains("[device.bob]"));
+        let e = |n: &str| remove(&sample(), n).unwrap_err().to_string();
+        assert_eq!(
+            e("zed"),
+            "no group, server or device \"zed\" in the cluster file"
+        );
+        assert_eq!(e("foo.service.web"), "no service \"web\" on server foo");
+        assert!(e("foo.rsync").starts_with("no command scope \"rsync\" on server foo"));
+        assert!(e("foo.a.b").starts_with("cannot remove \"foo.a.b\""));
     }
 
     #[test]

@@ -589,3 +589,105 @@ fn readme_walk_through_runs_as_written() {
     assert!(text.contains("Linux"), "uname -a: {text}");
     assert!(text.ends_with("through-openssh\n"), "{text}");
 }
+
+/// The admin commands for what used to need a hand edit (issue 24 item 9): `cluster group`,
+/// `cluster allow <server>.<command>`, `cluster args`, `cluster service`, `cluster allow
+/// <server>.service.<service>` and `cluster remove` of a group, each taking effect on a
+/// running cluster, with the deny twin of every grant.
+#[test]
+fn groups_services_and_args_from_the_command_line_take_effect() {
+    let www = tempfile::tempdir().unwrap();
+    fs::write(www.path().join("index.html"), "hello from api\n").unwrap();
+    let http = HttpServer::start(www.path());
+    let mut c = TestCluster::builder("acme")
+        .manager("mgr")
+        .server_with("foo", SshTarget::Embedded)
+        .device("alice")
+        .device("bob")
+        .start_servers(false)
+        .build();
+    let port = http.port.to_string();
+    for args in [
+        vec!["group", "ops", "alice"],
+        vec!["allow", "foo.echo", "ops"],
+        vec!["args", "foo.echo", "hi *", "ok"],
+        vec!["service", "foo", "api", &port],
+        vec!["allow", "foo.service.api", "bob"],
+    ] {
+        let mut full = vec!["ssh", "cluster"];
+        full.extend(args.iter().copied());
+        c.manager().run_ok(full);
+    }
+    let text = read_lossy(&c.manager_file());
+    assert!(
+        text.contains("[group.ops]\nmembers = \"alice\"\n"),
+        "{text}"
+    );
+    assert!(text.contains("args = [\"hi *\", \"ok\"]"), "{text}");
+    assert!(
+        text.contains(&format!("[server.foo.service.api]\nhttp = {port}\n")),
+        "{text}"
+    );
+    c.distribute();
+    c.start_server("foo");
+
+    let exec = |who: &str, words: &[&str]| {
+        let mut full = vec!["ssh", "foo.acme"];
+        full.extend_from_slice(words);
+        c.machine(who).run(full)
+    };
+    // alice is in ops, which may run `echo` with the pinned arguments only.
+    let out = exec("alice", &["echo", "hi", "there"]);
+    assert_success(&out, "alice: echo hi there");
+    assert_eq!(stdout_of(&out), "hi there\n");
+    assert_success(&exec("alice", &["echo", "ok"]), "alice: echo ok");
+    let denied = exec("alice", &["echo", "bye"]);
+    assert_exit_code(&denied, 255, "alice: echo bye (arguments not pinned)");
+    assert!(
+        stderr_of(&denied).contains("arguments not allowed for echo"),
+        "{}",
+        fmt_output(&denied)
+    );
+    // bob is not in ops.
+    let denied = exec("bob", &["echo", "hi"]);
+    assert_exit_code(&denied, 255, "bob: echo hi (not in the group)");
+
+    // bob may use the service, alice (not a full-access peer of foo) may not.
+    let get = |who: &str| {
+        let mut cmd = c
+            .machine(who)
+            .cmd(["ssh", "curl", "-sS", "http://api.foo.acme/index.html"]);
+        for k in ["http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"] {
+            cmd.env_remove(k);
+        }
+        let out = run_cmd(&mut cmd);
+        let _ = run_cmd_with(
+            &mut c.machine(who).cmd(["ssh", "agent", "stop"]),
+            None,
+            Duration::from_secs(20),
+        );
+        out
+    };
+    let out = get("bob");
+    assert_success(&out, "bob: curl api");
+    assert_eq!(stdout_of(&out), "hello from api\n");
+    let out = get("alice");
+    assert!(
+        !stdout_of(&out).contains("hello from api"),
+        "alice must not reach api: {}",
+        fmt_output(&out)
+    );
+
+    // Removing the group takes every grant made through it.
+    c.manager().run_ok(["ssh", "cluster", "remove", "ops"]);
+    let text = read_lossy(&c.manager_file());
+    assert!(!text.contains("ops"), "{text}");
+    c.manager()
+        .run_ok(["ssh", "cluster", "args", "foo.echo", "--any"]);
+    assert!(!read_lossy(&c.manager_file()).contains("args ="));
+    c.distribute();
+    poll_until(CONVERGE, || {
+        (exec("alice", &["echo", "hi"]).status.code() == Some(255)).then_some(())
+    })
+    .expect("alice is denied once the group is gone");
+}
