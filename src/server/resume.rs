@@ -594,4 +594,116 @@ mod tests {
         assert_eq!(old.await.unwrap(), Served::Detached);
         assert_eq!(s.id, slot.id);
     }
+
+    /// Through the choke point (`request::handle`), as a peer would: alice's resumable
+    /// tunnel detaches when her stream goes; carol (allowed on foo too) presenting alice's
+    /// session id and secret is refused, and so is alice with a wrong secret; alice with
+    /// hers resumes; once the file drops alice, her resume is refused and the session ended.
+    #[tokio::test]
+    async fn resume_through_the_choke_point_is_bound_to_the_peer_and_the_acl() {
+        use crate::protocol::{self, Header, Response};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = crate::config::store::ClusterDir {
+            alias: "acme".into(),
+            dir: tmp.path().to_path_buf(),
+        };
+        let sshd = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = sshd.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = vec![];
+            while let Ok((c, _)) = sshd.accept().await {
+                held.push(c);
+            }
+        });
+        let text = |who: &str| {
+            format!(
+                "[cluster-manager]\nid52 = \"{}\"\n\n[server.foo]\nid52 = \"{}\"\nallow-from = \"{who}\"\nssh = \"127.0.0.1:{port}\"\n\n[device.alice]\nid52 = \"{}\"\n\n[device.carol]\nid52 = \"{}\"\n",
+                id(1),
+                id(2),
+                id(3),
+                id(4)
+            )
+        };
+        std::fs::write(dir.file_path(), text("alice, carol")).unwrap();
+        let state = Arc::new(super::super::ClusterState::new(
+            dir.clone(),
+            id(2),
+            dir.load().unwrap(),
+        ));
+        // One request from `peer`: the answer, and the server's task (its end of the stream
+        // is dropped with `client` when the caller lets go).
+        let ask = |peer: Id52, request: Request| {
+            let state = state.clone();
+            async move {
+                let (mut client, server) = tokio::io::duplex(64 * 1024);
+                let task = tokio::spawn(async move {
+                    let ctx = super::super::request::Context {
+                        state,
+                        peer,
+                        transport: "iroh",
+                    };
+                    let (mut r, mut w) = tokio::io::split(server);
+                    super::super::request::handle(&ctx, &mut r, &mut w).await
+                });
+                let header = Header {
+                    cluster: None,
+                    request,
+                };
+                protocol::write_frame(&mut client, &header).await.unwrap();
+                let answer = protocol::read_response(&mut client).await.unwrap();
+                (answer, client, task)
+            }
+        };
+        let (answer, client, task) = ask(id(3), tunnel()).await;
+        let Response::AcceptResumable(grant) = answer else {
+            panic!("not resumable: {answer:?}");
+        };
+        drop(client);
+        task.await.unwrap();
+        assert!(state.detached.list()[0].detached.is_some());
+        let resume = |secret: &str| {
+            Request::Resume(wire::Resume {
+                session: grant.session.clone(),
+                secret: secret.to_string(),
+                received: 0,
+            })
+        };
+        // Deny twins: another machine with the stolen id and secret; the owner, wrong secret.
+        let (answer, _c, _t) = ask(id(4), resume(&grant.secret)).await;
+        assert!(matches!(answer, Response::Deny { .. }), "{answer:?}");
+        let wrong = wire::random_hex::<SECRET_LEN>().unwrap();
+        let (answer, _c, _t) = ask(id(3), resume(&wrong)).await;
+        assert!(matches!(answer, Response::Deny { .. }), "{answer:?}");
+        assert_eq!(
+            state.detached.len(),
+            1,
+            "a refused resume ended the session"
+        );
+        // Allowed twin: the owner with her secret.
+        let (answer, client, task) = ask(id(3), resume(&grant.secret)).await;
+        assert!(
+            matches!(&answer, Response::AcceptResumable(g) if g.session == grant.session),
+            "{answer:?}"
+        );
+        drop(client);
+        task.await.unwrap();
+        // Revoked while detached: refused, and the session is gone.
+        std::fs::write(dir.file_path(), text("carol")).unwrap();
+        let (answer, _c, _t) = ask(id(3), resume(&grant.secret)).await;
+        assert!(matches!(answer, Response::Deny { .. }), "{answer:?}");
+        assert!(
+            poll(|| state.detached.is_empty()).await,
+            "the revoked session was kept"
+        );
+    }
+
+    async fn poll(f: impl Fn() -> bool) -> bool {
+        for _ in 0..100 {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
 }
