@@ -685,7 +685,22 @@ async fn attempt(
 ) -> Result<Attached, Attempt> {
     let retry = |e: &dyn std::fmt::Display| Attempt::Retry(e.to_string());
     let conn = node.connect(&peer, &hints).await.map_err(|e| retry(&e))?;
-    let (mut send, mut recv) = conn.open().await.map_err(|e| retry(&e))?;
+    // A server that will not talk to us at all (we were removed from the cluster) closes
+    // the connection right after the handshake and says why: that is an answer, not a
+    // reason to try again.
+    let closed_by_server =
+        |conn: &PeerConnection, e: &dyn std::fmt::Display| match conn.peer_close_reason() {
+            Some(reason) => Attempt::Refused { reason, boot: None },
+            None => retry(e),
+        };
+    let (mut send, mut recv) = match conn.open().await {
+        Ok(s) => s,
+        Err(e) => {
+            // The close may trail the failed open by a moment.
+            let _ = tokio::time::timeout(Duration::from_millis(300), conn.closed()).await;
+            return Err(closed_by_server(&conn, &e));
+        }
+    };
     let header = Header {
         cluster: Some(cluster),
         request: Request::Resume(resume),
@@ -714,12 +729,10 @@ async fn attempt(
             Err(Attempt::Refused { reason, boot })
         }
         Err(e) => {
+            let _ = tokio::time::timeout(Duration::from_millis(300), conn.closed()).await;
+            let refused = closed_by_server(&conn, &e);
             conn.close("resume failed");
-            // A whole connection refused (removed from the cluster) says why in its close.
-            match super::open::refused_by_close(&conn, e) {
-                SessionError::Denied(reason) => Err(Attempt::Refused { reason, boot: None }),
-                e => Err(retry(&e)),
-            }
+            Err(refused)
         }
     }
 }
