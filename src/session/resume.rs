@@ -556,6 +556,21 @@ impl Resumable {
                     };
                 }
                 Err(AttachError::Net(why)) => {
+                    // A server that closed the connection on purpose (it is shutting down,
+                    // or refuses us) has ended its sessions: nothing to resume.
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(300), self.conn.closed()).await;
+                    if self.conn.closed_by_peer() && !self.watchdog.saw_restart() {
+                        let reason = self
+                            .conn
+                            .peer_close_reason()
+                            .unwrap_or_else(|| "it is shutting down".into());
+                        tracing::info!(server = %self.server.name, %reason, "the server closed the connection; not resuming");
+                        self.own.done(ABORT_CLOSE).await;
+                        return Err(SessionError::Lost(format!(
+                            "the server closed the connection ({reason}); the session could not be resumed"
+                        )));
+                    }
                     tracing::info!(server = %self.server.name, %why, received = self.stream.received(), buffered = self.stream.buffered(), "connection lost; resuming");
                     self.conn.close("resuming elsewhere");
                     match self.redial(close).await {
