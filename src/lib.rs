@@ -36,11 +36,12 @@
 //! - L4 [`session`]: how every command reaches a peer — `session::resolve`,
 //!   `session::route` (the routing policy), `session::open`, `session::link` (forwards),
 //!   `session::dial`, `session::own` (a command's own endpoint), `session::liveness`,
+//!   `session::resume` (the resumable byte stream: both ends' engine, the client's redial),
 //!   `session::ssh_via`, and `SessionError`.
 //! - L5 [`sync`]: config sync (the manager's poller, a member's apply and pull, the requests).
 //!   [`keyholder`]: the pool and control server both the agent and the server run.
 //! - L6 [`server`]: `malai ssh server`: accept loop, the ACL choke point, request handlers,
-//!   the embedded SSH server, stdinserver. [`agent`]: `malai ssh agent` and its HTTP proxy.
+//!   the embedded SSH server, stdinserver, `server::resume` (detached resumable sessions). [`agent`]: `malai ssh agent` and its HTTP proxy.
 //! - L7 [`client`]: native exec, groups, forwards, `proxy`, the stdio handover to a holder.
 //!   [`cluster`]: `malai ssh cluster …` (init, join, add, allow, remove, import, push, pull,
 //!   status). [`demo`]: a throwaway cluster on one machine. [`doctor`]: `malai ssh doctor`.

@@ -102,6 +102,7 @@ fn build(s: &Shape) -> ClusterConfig {
                 ssh_via: None,
                 ssh_identity_file: None,
                 forwarding: true,
+                session_keep: None,
             },
         );
     }

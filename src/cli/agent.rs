@@ -169,6 +169,25 @@ pub fn render_status(holders: &[crate::control::LiveHolder]) -> String {
             ));
         }
     }
+    // Resumable sessions a server keeps (issue 18): attached, or detached awaiting their
+    // client.
+    for h in holders {
+        for s in &h.status.sessions {
+            let state = match s.detached_secs {
+                Some(d) => format!("detached {}", secs(d)),
+                None => "attached".to_string(),
+            };
+            out.push_str(&format!(
+                "{} {} session {}/{}: {state}, age {}, {} bytes buffered\n",
+                h.role,
+                h.status.pid,
+                s.cluster,
+                s.peer,
+                secs(s.age_secs),
+                s.buffered
+            ));
+        }
+    }
     // Which clusters each holder serves, and why not the others.
     for h in holders {
         let serves = match h.status.clusters.is_empty() {
@@ -184,6 +203,11 @@ pub fn render_status(holders: &[crate::control::LiveHolder]) -> String {
         }
     }
     out
+}
+
+/// `90` → `1m 30s`.
+fn secs(n: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(n)).to_string()
 }
 
 /// Human-readable `agent status`.

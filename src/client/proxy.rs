@@ -4,6 +4,12 @@
 //! `main`) and the exit code is 255, like ssh's own failures. Bytes move with no framing
 //! and large buffers; EOF from ssh is passed on as a QUIC FIN and the server's FIN ends our
 //! stdout, so scp/rsync/git see proper half-closes.
+//!
+//! Over this process's own endpoint the tunnel is resumable (`session::resume`) when the
+//! server offers it: a lost connection is redialled and the same byte stream goes on, so
+//! ssh, scp, rsync and git above it ride out outages longer than the QUIC idle limit.
+//! `MALAI_RESUME=off` turns it off (benchmarks); through a key holder (the agent) and
+//! `ssh-via` the tunnel is not resumable yet.
 
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{SignalKind, signal};
@@ -11,7 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::config::names::TargetKind;
 use crate::config::paths::Dirs;
 use crate::protocol::Request;
-use crate::session::{Route, SessionError, open, open_on, resolve, route};
+use crate::session::{Route, Session, SessionError, open, open_on, resolve, resume, route};
 use crate::transport::{pump, stdio};
 
 pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), SessionError> {
@@ -28,15 +34,80 @@ pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), Sessi
     let server = server.ok_or_else(|| SessionError::Local("server vanished".into()))?;
     // ssh-via servers need no malai key: always direct. Otherwise the routing policy: a
     // key holder gets our stdio (handover), or this process dials itself.
-    let request = Request::Tunnel { port };
-    let mut session = if server.ssh_via.is_some() {
+    let request = Request::Tunnel {
+        port,
+        resume: false,
+    };
+    let session = if server.ssh_via.is_some() {
         open(&resolved, &server, request).await?
     } else {
         match route(&resolved.dir, Some(&resolved.config)).await? {
             Route::Holder(holder) => return super::handover::proxy(holder, host, port).await,
+            Route::Own(own) if resume::enabled() => {
+                match resume::open_tunnel(own, &resolved, &server, port).await? {
+                    resume::Opened::Plain(session) => *session,
+                    resume::Opened::Resumable(r) => return run_resumable(*r, host).await,
+                }
+            }
             own => open_on(own, &resolved, &server, request).await?,
         }
     };
+    run_plain(session, host).await
+}
+
+/// How long a signalled resumable proxy may take to tell the server the session is over.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A resumable tunnel (`session::resume`) on our stdio: it outlives lost connections.
+async fn run_resumable(r: resume::Resumable, host: &str) -> Result<(), SessionError> {
+    let mut stdin = stdio::stdin();
+    let mut stdout = stdio::stdout();
+    let mut hup = signal(SignalKind::hangup()).map_err(local)?;
+    let mut term = signal(SignalKind::terminate()).map_err(local)?;
+    let close = tokio_util::sync::CancellationToken::new();
+    let run = r.run(&mut stdin, &mut stdout, &close);
+    tokio::pin!(run);
+    let mut signalled = None;
+    // After a signal the session gets this long to tell the server (its stream may be
+    // blocked behind a full window); then we go, as the plain tunnel does.
+    let grace = tokio::time::sleep(std::time::Duration::from_secs(86400 * 365));
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            _ = &mut grace => {
+                tracing::info!(%host, "the session did not close in time after the signal; leaving");
+                return match signalled {
+                    Some(15) => Err(SessionError::Killed(15)),
+                    _ => Ok(()),
+                };
+            }
+            res = &mut run => {
+                tracing::info!(%host, end = ?res, "resumable proxy done");
+                return match (res, signalled) {
+                    (_, Some(15)) => Err(SessionError::Killed(15)),
+                    (Ok(_), _) => Ok(()),
+                    (Err(e), _) => Err(e),
+                };
+            }
+            // OpenSSH's SIGHUP at the end of its session (see `run_plain`): the session is
+            // over, so tell the server to end its side rather than keep it detached.
+            _ = hup.recv(), if signalled.is_none() => {
+                tracing::info!(%host, "SIGHUP from ssh: closing the session");
+                signalled = Some(1);
+                close.cancel();
+                grace.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
+            }
+            _ = term.recv(), if signalled.is_none() => {
+                signalled = Some(15);
+                close.cancel();
+                grace.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
+            }
+        }
+    }
+}
+
+/// A plain tunnel (no resume): the session ends with its connection.
+async fn run_plain(mut session: Session, host: &str) -> Result<(), SessionError> {
     let mut stdin = stdio::stdin();
     let mut stdout = stdio::stdout();
     // OpenSSH sends its ProxyCommand SIGHUP as soon as the session is over, often before

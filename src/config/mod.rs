@@ -87,6 +87,10 @@ pub struct Server {
     /// `forwarding = false`: no port/agent forwarding for anyone, even full-access peers
     /// (default `true`, as sshd's `AllowTcpForwarding yes`).
     pub forwarding: bool,
+    /// `session-keep = "12h"`: how long this server keeps a resumable tunnel whose client
+    /// lost its connection (`server::resume`; default 12 h, `"0s"`: tunnels are not
+    /// resumable). `MALAI_SESSION_KEEP` (seconds) overrides it.
+    pub session_keep: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

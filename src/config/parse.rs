@@ -488,6 +488,22 @@ members = ["bar"]
         )))
         .unwrap();
         assert!(!off.servers["foo"].forwarding);
+        // `session-keep`: a duration; a bad one names the key.
+        assert_eq!(on.servers["foo"].session_keep, None);
+        let keep = ClusterConfig::parse(&minimal(&format!(
+            "[server.foo]\nid52 = \"{}\"\nsession-keep = \"8h 30m\"\n",
+            id(2)
+        )))
+        .unwrap();
+        assert_eq!(
+            keep.servers["foo"].session_keep,
+            Some(std::time::Duration::from_secs(8 * 3600 + 1800))
+        );
+        let e = err(&minimal(&format!(
+            "[server.foo]\nid52 = \"{}\"\nsession-keep = \"all night\"\n",
+            id(2)
+        )));
+        assert!(e.starts_with("server.foo.session-keep"), "{e}");
         let e = err(&minimal(&format!(
             "[server.foo]\nid52 = \"{}\"\nallow-from = 3\n",
             id(2)

@@ -381,6 +381,7 @@ impl Parser {
         let mut ssh_via = None;
         let mut ssh_identity_file = None;
         let mut forwarding = true;
+        let mut session_keep = None;
         let mut commands = Vec::new();
         let mut services = Vec::new();
         for (k, v) in t.iter() {
@@ -398,6 +399,13 @@ impl Parser {
                 }
                 "ssh-identity-file" => ssh_identity_file = self.opt_string(&key, v)?,
                 "forwarding" => forwarding = self.boolean(&key, v)?,
+                "session-keep" => {
+                    let text = self.string(&key, v)?;
+                    let d = humantime::parse_duration(text.trim()).map_err(|e| {
+                        self.bad(&key, v, format!("expected a duration like \"12h\" or \"30m\" (\"0s\": no resume): {e}"))
+                    })?;
+                    session_keep = Some(d);
+                }
                 "service" => {
                     for (sk, sv) in self.table(&key, v)?.iter() {
                         services.push(self.service(&key, sk, sv)?);
@@ -424,6 +432,7 @@ impl Parser {
                 ssh_via,
                 ssh_identity_file,
                 forwarding,
+                session_keep,
             },
             line: header_line,
             allow_from,

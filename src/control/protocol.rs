@@ -196,6 +196,10 @@ pub struct HolderStatus {
     /// which is home, which was set aside after it went down); empty from an older holder.
     #[serde(default)]
     pub relays: Vec<RelayInfo>,
+    /// The server's resumable tunnels (issue 18), attached or detached; empty from an agent
+    /// or a holder older than this field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sessions: Vec<SessionInfo>,
 }
 
 /// One relay of one cluster, as a holder's endpoint sees it.
@@ -210,6 +214,20 @@ pub struct RelayInfo {
     pub set_aside_secs: Option<u64>,
     /// The home relay's last connection error.
     pub error: Option<String>,
+}
+
+/// One resumable tunnel a server keeps, for `malai ssh status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub cluster: String,
+    /// The peer's name in the cluster file (or its short id52).
+    pub peer: String,
+    pub age_secs: u64,
+    /// Seconds since its connection was lost; `None` while attached.
+    #[serde(default)]
+    pub detached_secs: Option<u64>,
+    /// Bytes sent to the peer and not yet acknowledged.
+    pub buffered: u64,
 }
 
 /// Agent → CLI.

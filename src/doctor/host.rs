@@ -55,7 +55,10 @@ pub(super) async fn checks(dirs: &Dirs, host: &str, relays: &[ClusterRelays]) ->
     let opened = crate::session::open(
         &resolved,
         &server,
-        crate::protocol::Request::Tunnel { port: None },
+        crate::protocol::Request::Tunnel {
+            port: None,
+            resume: false,
+        },
     )
     .await;
     let took = started.elapsed();
@@ -256,6 +259,7 @@ mod tests {
             ssh_via: None,
             ssh_identity_file: None,
             forwarding: true,
+            session_keep: None,
         };
         let tcp = server(SshTarget::Tcp("127.0.0.1:22".into()));
         assert!(sshd_check("s".into(), &tcp, Ok("SSH-2.0-OpenSSH_9.2p1".into())).ok);

@@ -1,11 +1,12 @@
 //! The connections a server accepted, for `malai ssh status` (path, address, RTT): the
-//! key holder's `status` lists them beside the pool's outgoing ones.
+//! key holder's `status` lists them beside the pool's outgoing ones, and the server's
+//! resumable sessions (attached or detached) after them.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::control::protocol::ConnectionInfo;
+use crate::control::protocol::{ConnectionInfo, SessionInfo};
 use crate::id52::Id52;
 use crate::transport::iroh::PeerConnection;
 
@@ -18,10 +19,14 @@ struct Accepted {
     conn: PeerConnection,
 }
 
+/// Lists one cluster's resumable sessions (the server registers one per cluster it serves).
+pub type SessionLister = Box<dyn Fn() -> Vec<SessionInfo> + Send + Sync>;
+
 #[derive(Default)]
 pub struct Inbound {
     next: AtomicU64,
     live: Mutex<BTreeMap<u64, Accepted>>,
+    sessions: Mutex<Vec<SessionLister>>,
 }
 
 /// Removes its connection from [`Inbound`] when the connection's task ends.
@@ -52,6 +57,20 @@ impl Inbound {
             },
         );
         Listed { inbound: self, id }
+    }
+
+    /// List the sessions `lister` reports in `status` from now on.
+    pub fn add_sessions(&self, lister: SessionLister) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(lister);
+    }
+
+    /// Every resumable session of every cluster served.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let l = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        l.iter().flat_map(|f| f()).collect()
     }
 
     /// Every live accepted connection.

@@ -79,6 +79,11 @@ impl HolderContext {
                 c
             },
             relays: self.pool.relays(),
+            sessions: self
+                .inbound
+                .as_ref()
+                .map(|i| i.sessions())
+                .unwrap_or_default(),
         }
     }
 }
@@ -336,7 +341,10 @@ async fn open_stream(
         .cloned()
         .ok_or_else(|| SessionError::Local("server vanished".into()))?;
     let request = match request {
-        OpenRequest::Tunnel { port } => Request::Tunnel { port: *port },
+        OpenRequest::Tunnel { port } => Request::Tunnel {
+            port: *port,
+            resume: false,
+        },
         OpenRequest::Exec(e) => Request::Exec(e.clone()),
     };
     ctx.pool.open(&resolved, &server, request).await

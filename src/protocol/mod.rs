@@ -11,6 +11,8 @@
 //!      its direction by closing its write half (QUIC FIN / EOF); the other direction goes on
 //!      until its own EOF (half-close, which scp/rsync/git need).
 //!    - `exec`: multiplexed frames (`protocol::exec`).
+//!    - a `tunnel` with `"resume": true` answered `accept-resumable`, and `resume`:
+//!      resumable-stream frames (`protocol::resume`: who writes first, sizes, fallback).
 //!    - `ping`: one frame from the server, [`PingInfo`]: its boot id, random per server
 //!      process. A client that finds it changed knows the server restarted and that its old
 //!      connection is dead (`client::liveness`). Older servers send nothing (EOF).
@@ -30,6 +32,7 @@ pub mod config;
 pub mod exec;
 pub mod exec_pump;
 pub mod forward;
+pub mod resume;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -63,6 +66,7 @@ pub const KINDS: &[&str] = &[
     "forward",
     "remote-forward",
     "remote-connection",
+    "resume",
 ];
 
 /// The first frame of every stream.
@@ -85,6 +89,9 @@ pub enum Request {
     Tunnel {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         port: Option<u16>,
+        /// Ask for a resumable stream (`protocol::resume`); older servers ignore it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resume: bool,
     },
     Exec(exec::ExecRequest),
     /// Raw bytes to a named HTTP service of the server.
@@ -110,6 +117,8 @@ pub enum Request {
     RemoteConnection {
         id: u64,
     },
+    /// Pick up a detached resumable session on a new connection (`protocol::resume`).
+    Resume(resume::Resume),
 }
 
 impl Request {
@@ -124,6 +133,7 @@ impl Request {
             Request::Forward { .. } => "forward",
             Request::RemoteForward { .. } => "remote-forward",
             Request::RemoteConnection { .. } => "remote-connection",
+            Request::Resume(_) => "resume",
         }
     }
 }
@@ -161,6 +171,9 @@ pub enum Response {
     Error {
         reason: String,
     },
+    /// `accept` of a resumable stream, or of a `resume` (`protocol::resume::Grant`); only
+    /// sent to a client that asked for resume.
+    AcceptResumable(resume::Grant),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -224,7 +237,10 @@ const BODY_CHUNK: usize = 1024;
 
 /// Read exactly `len` body bytes into a buffer that grows with the data received: a peer
 /// that announces a large frame and sends nothing costs [`BODY_CHUNK`], not `len`.
-pub async fn read_body<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> Result<Vec<u8>, FrameError> {
+pub async fn read_body<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    len: usize,
+) -> Result<Vec<u8>, FrameError> {
     let mut body = Vec::with_capacity(len.min(BODY_CHUNK));
     (&mut *r).take(len as u64).read_to_end(&mut body).await?;
     if body.len() != len {
@@ -353,8 +369,19 @@ mod tests {
     #[tokio::test]
     async fn round_trip_every_kind() {
         let reqs = vec![
-            Request::Tunnel { port: Some(22) },
-            Request::Tunnel { port: None },
+            Request::Tunnel {
+                port: Some(22),
+                resume: false,
+            },
+            Request::Tunnel {
+                port: None,
+                resume: true,
+            },
+            Request::Resume(resume::Resume {
+                session: "ab".into(),
+                secret: "cd".into(),
+                received: 7,
+            }),
             Request::Http {
                 service: "web".into(),
             },

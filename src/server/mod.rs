@@ -31,6 +31,7 @@ pub mod http;
 pub mod process;
 pub mod request;
 pub mod restrict;
+pub mod resume;
 pub mod revoke;
 pub mod stdinserver;
 pub mod tunnel;
@@ -121,6 +122,8 @@ pub struct ClusterState {
     polling: std::sync::atomic::AtomicBool,
     /// Open connections of this cluster, per peer ([`guard::admit`]).
     connections: guard::Counts,
+    /// Resumable tunnels, attached or detached (`resume`).
+    pub detached: Arc<resume::Table>,
 }
 
 /// Default cap on one peer's concurrent requests (across all its connections and
@@ -176,6 +179,7 @@ impl ClusterState {
             revision: tokio::sync::watch::Sender::new(0),
             polling: std::sync::atomic::AtomicBool::new(false),
             connections: guard::Counts::default(),
+            detached: Arc::default(),
         }
     }
 
@@ -536,6 +540,7 @@ async fn start_new_clusters(
         let manages = cfg.manager == me;
         let state = Arc::new(ClusterState::new(dir.clone(), me, cfg));
         ctl.registry.add(state.clone());
+        ctl.inbound.add_sessions(resume::lister(&state));
         if manages {
             let syncer = crate::sync::manager::Syncer::new(dir.clone(), node.clone(), me);
             let _ = state.sync.set(syncer.clone());

@@ -50,13 +50,44 @@ where
         return true;
     }
     let server = ctx.state.server_name(&cfg).unwrap_or_default();
-    let mut entry = audit_entry(ctx, &cfg, &header.request);
+    let (request, resumed) = match header.request {
+        Request::Resume(resume) => match claim(ctx, &cfg, &resume, w).await {
+            Some(res) => (res.slot.request.clone(), Some(res)),
+            None => return true,
+        },
+        request => (request, None),
+    };
+    let mut entry = audit_entry(ctx, &cfg, &request);
     let started = std::time::Instant::now();
-    let Some(grant) = authorize(ctx, &cfg, &server, &header.request, &mut entry, w).await else {
+    let deny_label = if resumed.is_some() {
+        "resume-denied"
+    } else {
+        "deny"
+    };
+    let Some(grant) = authorize(ctx, &cfg, &server, &request, &mut entry, w, deny_label).await
+    else {
+        // Revoked while detached: the session ends with the refusal.
+        if let Some(res) = resumed {
+            tracing::warn!(peer = %ctx.peer, session = %res.slot.id.get(..8).unwrap_or_default(), "access revoked while detached: the session is ended");
+            ctx.state.detached.end(&res.slot);
+        }
         return true;
     };
-    let served = serve_allowed(ctx, &cfg, &server, grant, header.request, r, w).await;
-    entry.decision = "allow".into();
+    let decision = if let Some(res) = &resumed {
+        entry.decision = "resumed".into();
+        entry.detail = format!("session {}", res.slot.id.get(..8).unwrap_or_default());
+        audit::write(&entry);
+        "resumed"
+    } else {
+        "allow"
+    };
+    let allowed = Allowed {
+        grant,
+        request,
+        resumed,
+    };
+    let served = serve_allowed(ctx, &cfg, &server, allowed, r, w).await;
+    entry.decision = decision.into();
     entry.bytes_in = served.bytes_in;
     entry.bytes_out = served.bytes_out;
     entry.duration_ms = started.elapsed().as_millis() as u64;
@@ -188,8 +219,66 @@ fn peer_name(cfg: &ClusterConfig, peer: &Id52) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-/// THE choke point: `acl::decide` for the verified peer. A denial is logged, audited and
-/// answered here; only an `Allow` yields the grant that [`dispatch`] needs.
+/// What [`authorize`] allowed: the grant, the request, and for a resume the session taken.
+struct Allowed {
+    grant: Grant,
+    request: Request,
+    resumed: Option<Resumed>,
+}
+
+/// A `resume` whose session this peer may take (`server::resume`): the session, its state
+/// and the peer's count. The ACL is asked next, as for the request that opened it.
+pub struct Resumed {
+    pub slot: Arc<super::resume::Slot>,
+    pub parked: super::resume::Parked,
+    pub peer_received: u64,
+}
+
+/// Take the session a `resume` names, if it is this peer's and the secret matches;
+/// otherwise audit `resume-denied` and refuse (the peer learns only "unknown session").
+async fn claim<W: AsyncWrite + Unpin>(
+    ctx: &Context,
+    cfg: &ClusterConfig,
+    resume: &protocol::resume::Resume,
+    w: &mut W,
+) -> Option<Resumed> {
+    let peer = ctx.peer;
+    let short = resume.session.chars().take(8).collect::<String>();
+    match ctx.state.detached.claim(resume, peer).await {
+        Ok((slot, parked)) => Some(Resumed {
+            slot,
+            parked,
+            peer_received: resume.received,
+        }),
+        Err(why) => {
+            tracing::warn!(%peer, session = %short, reason = %why, "resume denied");
+            let mut entry = audit_entry(
+                ctx,
+                cfg,
+                &Request::Tunnel {
+                    port: None,
+                    resume: true,
+                },
+            );
+            entry.detail = format!("session {short}");
+            entry.decision = "resume-denied".into();
+            entry.reason = why.to_string();
+            audit::write(&entry);
+            let _ = reply(
+                w,
+                &Response::Deny {
+                    reason: why.public().into(),
+                },
+            )
+            .await;
+            None
+        }
+    }
+}
+
+/// THE choke point: `acl::decide` for the verified peer. A denial is logged, audited (as
+/// `deny_label`: `deny`, or `resume-denied` for a resume) and answered here; only an
+/// `Allow` yields the grant that [`dispatch`] needs.
 async fn authorize<W: AsyncWrite + Unpin>(
     ctx: &Context,
     cfg: &ClusterConfig,
@@ -197,6 +286,7 @@ async fn authorize<W: AsyncWrite + Unpin>(
     request: &Request,
     entry: &mut audit::Entry,
     w: &mut W,
+    deny_label: &str,
 ) -> Option<Grant> {
     let peer = ctx.peer;
     let who = &entry.alias;
@@ -205,7 +295,7 @@ async fn authorize<W: AsyncWrite + Unpin>(
     let grant = match acl::decide(cfg, server, &peer, &acl_request(request)) {
         Decision::Deny(reason) => {
             tracing::warn!(%peer, %who, %cluster, kind, transport = ctx.transport, %reason, "deny");
-            entry.decision = "deny".into();
+            entry.decision = deny_label.into();
             entry.reason = reason.to_string();
             audit::write(entry);
             let _ = reply(
@@ -246,8 +336,7 @@ async fn serve_allowed<R, W>(
     ctx: &Context,
     cfg: &ClusterConfig,
     server: &str,
-    grant: Grant,
-    request: Request,
+    allowed: Allowed,
     r: &mut R,
     w: &mut W,
 ) -> Served
@@ -263,7 +352,7 @@ where
         ctx.state.clone(),
         server.to_string(),
         ctx.peer,
-        request.clone(),
+        allowed.request.clone(),
     );
     let watcher = async {
         tokio::select! {
@@ -274,7 +363,7 @@ where
     let served = async {
         let mut r = super::revoke::Revocable::new(&mut r, &cut);
         let mut w = super::revoke::Revocable::new(&mut w, &cut);
-        let ok = dispatch(ctx, cfg, server, grant, request, &mut r, &mut w).await;
+        let ok = dispatch(ctx, cfg, server, allowed, &mut r, &mut w).await;
         done.cancel();
         ok
     };
@@ -309,6 +398,9 @@ pub(super) fn acl_request(request: &Request) -> acl::Request<'_> {
         Request::RemoteConnection { .. } => acl::Request::Forward {
             kind: acl::ForwardKind::Remote,
         },
+        // Only tunnels are resumable, and `handle` decides a resume as the request that
+        // opened its session before it reaches the choke point; a resume is that right.
+        Request::Resume(_) => acl::Request::Tunnel,
     }
 }
 
@@ -318,8 +410,7 @@ async fn dispatch<R, W>(
     ctx: &Context,
     cfg: &ClusterConfig,
     server: &str,
-    grant: Grant,
-    request: Request,
+    allowed: Allowed,
     r: &mut R,
     w: &mut W,
 ) -> bool
@@ -328,9 +419,25 @@ where
     W: AsyncWrite + Unpin,
 {
     let peer = ctx.peer;
+    let Allowed {
+        grant,
+        request,
+        resumed,
+    } = allowed;
+    if let Some(res) = resumed {
+        let parked = res.parked;
+        let grant = res.slot.grant(parked.stream.received());
+        if reply(w, &Response::AcceptResumable(grant)).await.is_err() {
+            // Lost again at once: park it for the next try.
+            ctx.state.detached.park(&res.slot, parked);
+            return false;
+        }
+        return super::tunnel::serve_resumable(ctx, &res.slot, parked, res.peer_received, r, w)
+            .await;
+    }
     match (grant, request) {
-        (Grant::Tunnel, Request::Tunnel { .. }) => match cfg.servers.get(server) {
-            Some(entry) => super::tunnel::serve(ctx, server, &entry.ssh, r, w).await,
+        (Grant::Tunnel, Request::Tunnel { resume, .. }) => match cfg.servers.get(server) {
+            Some(entry) => super::tunnel::serve(ctx, server, &entry.ssh, resume, r, w).await,
             None => true,
         },
         (Grant::Shell, Request::Exec(e)) => {

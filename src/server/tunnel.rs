@@ -5,6 +5,10 @@
 //! `"embedded"`, or the configured sshd actively refuses the connection (nothing listens
 //! there: a machine without sshd), the stream is served by the in-process SSH server
 //! (`server::embedded`) instead.
+//!
+//! A tunnel that asked for resume (`protocol::resume`) to a TCP target gets a resumable
+//! session (`server::resume`) when the caps allow: its sshd leg then outlives the stream.
+//! The embedded server's tunnels are not resumable (yet): they are served as before.
 
 use std::time::Duration;
 
@@ -13,6 +17,7 @@ use tokio::net::TcpStream;
 
 use super::embedded::{self, EmbeddedContext};
 use super::request::{Context, reply};
+use super::resume;
 use crate::config::SshTarget;
 use crate::protocol::Response;
 use crate::transport::pump;
@@ -25,6 +30,7 @@ pub async fn serve<R, W>(
     ctx: &Context,
     server: &str,
     target: &SshTarget,
+    resume: bool,
     r: &mut R,
     w: &mut W,
 ) -> bool
@@ -60,7 +66,68 @@ where
             return true;
         }
     };
+    // Only an iroh peer can come back on another connection to this same process.
+    if resume && ctx.transport == "iroh" {
+        let request = crate::protocol::Request::Tunnel { port: None, resume };
+        let table = &ctx.state.detached;
+        let cfg = ctx.state.current();
+        let keep = resume::keep_time(cfg.servers.get(server).and_then(|s| s.session_keep));
+        if let Some((slot, grant)) = table.create(ctx.peer, request, server, resume::caps(), keep) {
+            let _ = tcp.set_nodelay(true);
+            if reply(w, &Response::AcceptResumable(grant)).await.is_err() {
+                table.end(&slot);
+                return false;
+            }
+            let (tcp_r, tcp_w) = tcp.into_split();
+            let parked = resume::Parked {
+                stream: crate::session::resume::Stream::new(),
+                tcp_r,
+                tcp_w,
+            };
+            return serve_resumable(ctx, &slot, parked, 0, r, w).await;
+        }
+    }
     relay_tcp(tcp, &format!("ssh at {addr}"), r, w).await
+}
+
+/// Serve a resumable session on this stream (its first, or a resumed one): `true` when the
+/// session ended cleanly; `false` when it broke or was detached (the caller resets the
+/// stream; a detached session waits in the table for its client).
+pub(super) async fn serve_resumable<R, W>(
+    ctx: &Context,
+    slot: &std::sync::Arc<resume::Slot>,
+    parked: resume::Parked,
+    peer_received: u64,
+    r: &mut R,
+    w: &mut W,
+) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let still_allowed = || {
+        let cfg = ctx.state.current();
+        let me = ctx.state.server_name(&cfg).unwrap_or(slot.server.clone());
+        let req = super::request::acl_request(&slot.request);
+        matches!(
+            crate::acl::decide(&cfg, &me, &ctx.peer, &req),
+            crate::acl::Decision::Allow(_)
+        )
+    };
+    let served = resume::serve_stream(
+        &ctx.state.detached,
+        slot,
+        parked,
+        peer_received,
+        r,
+        w,
+        still_allowed,
+    )
+    .await;
+    if served == resume::Served::Detached {
+        resume::watch_detached(ctx.state.clone(), slot.clone());
+    }
+    matches!(served, resume::Served::Ended { clean: true })
 }
 
 /// Answer `accept` and move raw bytes between the peer and a local TCP connection already

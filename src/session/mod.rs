@@ -13,6 +13,7 @@
 //! - [`link`]: one route kept for many requests (native forwards).
 //! - [`own`]: the endpoint a command binds itself when nobody holds the key.
 //! - [`liveness`]: noticing a restarted server (boot id probes).
+//! - [`resume`]: the resumable byte stream (both ends' engine) and the client's redial.
 //! - [`ssh_via`]: servers reached through OpenSSH + `malai ssh stdinserver`.
 
 pub mod connect;
@@ -22,6 +23,7 @@ pub mod liveness;
 pub mod open;
 pub mod own;
 pub mod resolve;
+pub mod resume;
 pub mod route;
 pub mod ssh_via;
 

@@ -331,13 +331,41 @@ where
     W: AsyncWrite + Unpin,
     R: AsyncRead + Unpin,
 {
+    match exchange_for(send, recv, header).await? {
+        Accepted::Plain => Ok(()),
+        Accepted::Resumable(_) => Err(SessionError::Protocol(FrameError::Malformed(
+            "accept-resumable to a request that did not ask for resume".into(),
+        ))),
+    }
+}
+
+/// How a server accepted a request.
+#[derive(Debug)]
+pub enum Accepted {
+    /// `accept`.
+    Plain,
+    /// `accept-resumable` (`protocol::resume`): only to a request that asked for it.
+    Resumable(protocol::resume::Grant),
+}
+
+/// [`exchange`] for a request that may be accepted as resumable.
+pub async fn exchange_for<W, R>(
+    send: &mut W,
+    recv: &mut R,
+    header: Header,
+) -> Result<Accepted, SessionError>
+where
+    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+{
     protocol::write_frame(send, &header).await?;
     send.flush().await.map_err(FrameError::from)?;
     let resp = tokio::time::timeout(super::ANSWER_TIMEOUT, protocol::read_response(recv))
         .await
         .map_err(|_| SessionError::Timeout("waiting for the server's answer"))?;
     match resp {
-        Ok(Response::Accept) => Ok(()),
+        Ok(Response::Accept) => Ok(Accepted::Plain),
+        Ok(Response::AcceptResumable(g)) => Ok(Accepted::Resumable(g)),
         Ok(Response::Deny { reason }) => Err(SessionError::Denied(reason)),
         Ok(Response::Error { reason }) => Err(SessionError::Refused(reason)),
         Err(FrameError::Truncated) => Err(SessionError::NoAnswer),

@@ -610,6 +610,15 @@ impl PeerConnection {
         }
     }
 
+    /// Whether the *peer* closed the connection on purpose (a server shutting down, or
+    /// refusing us), as opposed to a timeout or a lost path.
+    pub fn closed_by_peer(&self) -> bool {
+        matches!(
+            self.conn.close_reason(),
+            Some(iroh::endpoint::ConnectionError::ApplicationClosed(_))
+        )
+    }
+
     /// Whether the connection is gone (closed by either side, or timed out): a pool must
     /// dial a new one instead of opening streams on it.
     pub fn is_closed(&self) -> bool {

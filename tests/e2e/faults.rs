@@ -179,7 +179,11 @@ fn assert_one_clear_line(out: &Output, what: &str) {
     );
     let l = lines[0].to_lowercase();
     assert!(
-        l.contains("lost") || l.contains("closed") || l.contains("timed out"),
+        // A resumable tunnel (issue 18) words it as the session it could not resume.
+        l.contains("lost")
+            || l.contains("closed")
+            || l.contains("timed out")
+            || l.contains("could not be resumed"),
         "{what}: the line does not say the connection was lost: {:?}",
         lines[0]
     );

@@ -36,6 +36,9 @@ mod wan;
 // Several relays (issue 21): the home relay killed idle and during a session, re-homing,
 // `malai ssh status`, and a relay not in the cluster file never used.
 mod failover;
+// Sessions that outlive the connection (issue 18): a stopped proxy, cuts past the idle limit,
+// restarts, revocation while detached, caps.
+mod resume;
 // One endpoint per id52 per machine: the server holds the key; CLI and agent go through it.
 mod holder;
 // `malai ssh demo` end to end.

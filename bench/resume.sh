@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Benchmark: the cost of the resumable tunnel (issue 18) on a bulk scp, on loopback.
+#
+#   bash bench/resume.sh            # builds the release binary if needed
+#   SIZE_MIB=256 RUNS=5 bash bench/resume.sh
+#
+# scp of SIZE_MIB up through `malai ssh proxy`, RUNS times each, alternating the same build
+# with the resumable layer on (default) and off (`MALAI_RESUME=off`: the plain tunnel), and
+# direct OpenSSH for reference. Prints median throughput and CPU seconds of all processes
+# (client, both malai ends, sshd) per variant, and the ratio on/off (goal: ≤ 3 % slower).
+# Needs root (its own sshd on a high loopback port). Nothing leaves 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+SIZE_MIB=${SIZE_MIB:-512}
+RUNS=${RUNS:-5}
+. bench/lib.sh
+bench_init resume
+start_sshd
+
+# --- cluster: manager, server foo, device alice --------------------------------------------
+export MALAI_RELAY=disabled MALAI_USE_KEYRING=false
+m() { local h=$1; shift; MALAI_HOME="$W/$h" "$MALAI" "$@"; }
+MGR=$(m mgr ssh cluster init bench 2>/dev/null)
+FOO=$(m foo ssh cluster join bench "$MGR")
+ALICE=$(m alice ssh cluster join bench "$MGR")
+m mgr ssh cluster add server foo "$FOO"
+m mgr ssh cluster add device alice "$ALICE"
+m mgr ssh cluster allow foo alice
+UDP=$(free_port udp)
+F="$W/mgr/ssh/clusters/bench/cluster-manager.toml"
+sed -i "s|^\[server.foo\]$|[server.foo]\nssh = \"127.0.0.1:$SSHD_PORT\"\naddrs = [\"127.0.0.1:$UDP\"]|" "$F"
+m foo ssh cluster import bench "$F"
+m alice ssh cluster import bench "$F"
+MALAI_HOME="$W/foo" "$MALAI" ssh server --bind "127.0.0.1:$UDP" 2>"$W/server.err" &
+SERVER_PID=$!
+PIDS+=("$SERVER_PID")
+for _ in $(seq 100); do grep -q "server ready" "$W/server.err" 2>/dev/null && break; sleep 0.1; done
+
+COMMON=(-o BatchMode=yes -o IdentitiesOnly=yes -i "$W/client_key" -o UserKnownHostsFile="$W/known_hosts" -o StrictHostKeyChecking=accept-new -o LogLevel=ERROR)
+DIRECT=(ssh "${COMMON[@]}" -p "$SSHD_PORT" root@127.0.0.1)
+PROXY=(ssh "${COMMON[@]}" -o "ProxyCommand=env MALAI_HOME=$W/alice MALAI_RELAY=disabled MALAI_USE_KEYRING=false $MALAI ssh proxy %h %p" root@foo.bench)
+NATIVE=(env MALAI_HOME="$W/alice" "$MALAI" ssh foo.bench)
+SCP_DIRECT=(scp -q "${COMMON[@]}" -P "$SSHD_PORT")
+SCP_ON=(scp -q "${COMMON[@]}" -o "ProxyCommand=env MALAI_HOME=$W/alice MALAI_RELAY=disabled MALAI_USE_KEYRING=false $MALAI ssh proxy %h %p")
+SCP_OFF=(scp -q "${COMMON[@]}" -o "ProxyCommand=env MALAI_RESUME=off MALAI_HOME=$W/alice MALAI_RELAY=disabled MALAI_USE_KEYRING=false $MALAI ssh proxy %h %p")
+
+"${DIRECT[@]}" true
+"${PROXY[@]}" true
+
+cpu_now() { python3 - "$SSHD_PID" "$SERVER_PID" <<'PY'
+import os, sys
+t = os.times()
+tot = t.children_user + t.children_system
+hz = os.sysconf("SC_CLK_TCK")
+for pid in sys.argv[1:]:
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        tot += sum(int(x) for x in f[11:15]) / hz
+    except OSError:
+        pass
+print(f"{tot:.3f}")
+PY
+}
+timed() {
+    local c0 c1 t0 t1
+    c0=$(cpu_now); t0=$(date +%s.%N)
+    "$@"
+    t1=$(date +%s.%N); c1=$(cpu_now)
+    awk -v a="$t0" -v b="$t1" -v c="$c0" -v d="$c1" 'BEGIN { printf "%.3f %.3f\n", b - a, d - c }'
+}
+
+head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom > "$W/blob"
+: > "$W/direct"; : > "$W/on"; : > "$W/off"
+for i in $(seq "$RUNS"); do
+    timed "${SCP_DIRECT[@]}" "$W/blob" root@127.0.0.1:"$W/up" >> "$W/direct"
+    timed "${SCP_ON[@]}" "$W/blob" root@foo.bench:"$W/up" >> "$W/on"
+    cmp -s "$W/blob" "$W/up" || { echo "resumable scp corrupted the file" >&2; exit 1; }
+    timed "${SCP_OFF[@]}" "$W/blob" root@foo.bench:"$W/up" >> "$W/off"
+    cmp -s "$W/blob" "$W/up" || { echo "plain scp corrupted the file" >&2; exit 1; }
+    rm -f "$W/up"
+done
+grep -q "resumable tunnel" "$W/alice/logs/ssh/"proxy.log* || { echo "the proxy never got a resumable tunnel" >&2; exit 1; }
+
+echo
+echo "malai resume bench — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $("$MALAI" --version)"
+python3 - "$SIZE_MIB" "$W/direct" "$W/off" "$W/on" <<'PY'
+import statistics, sys
+size = float(sys.argv[1])
+def load(p):
+    rows = [tuple(map(float, l.split())) for l in open(p) if l.strip()]
+    return statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
+d, off, on = load(sys.argv[2]), load(sys.argv[3]), load(sys.argv[4])
+print(f"{'scp ' + str(int(size)) + ' MiB up, median':34} {'MiB/s':>8} {'CPU s':>8}")
+for name, (w, c) in [("direct OpenSSH", d), ("malai, plain tunnel (off)", off), ("malai, resumable (on)", on)]:
+    print(f"{name:34} {size / w:8.0f} {c:8.2f}")
+print(f"resumable vs plain: throughput {off[0] / on[0] * 100 - 100:+.1f} %, CPU {on[1] / off[1] * 100 - 100:+.1f} %")
+PY

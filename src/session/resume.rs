@@ -1,0 +1,853 @@
+//! The resumable byte stream (issue 18; wire format in `protocol::resume`): a tunnel that
+//! outlives its QUIC connection.
+//!
+//! Both ends run the same engine, [`Stream`]: it counts the positions it sent and received,
+//! keeps what it sent until the peer acknowledges it (at most `REPLAY_CAP`; then the local
+//! reader waits: backpressure, nothing is dropped), and acknowledges what it received.
+//! [`Stream::attach`] runs it over one network stream until that stream breaks; the local
+//! side (the ProxyCommand's stdio, the server's sshd socket) stays open across attachments,
+//! so a new connection picks up the same byte stream where the old one stopped and OpenSSH
+//! above it never notices.
+//!
+//! The client's side is [`Resumable`]: when an attachment breaks it redials (overlapping
+//! attempts, [`REDIAL_EVERY`]) until the server takes the session back or says it cannot
+//! (a restarted server, an expired session, a revoked peer), or the server's keep time is
+//! over. The server's side (its detached-session table) is `server::resume`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::open::{Accepted, Closer, Session, SessionRead, SessionWrite, exchange_for};
+use super::own::OwnEndpoint;
+use super::{ABORT_CLOSE, ENDPOINT_CLOSE, Resolved, SessionError, liveness};
+use crate::config::Server;
+use crate::id52::Id52;
+use crate::protocol::resume::{
+    self as wire, ACK_DELAY, ACK_EVERY, Frame, Grant, MAX_DATA, REPLAY_CAP,
+};
+use crate::protocol::{Header, Request};
+use crate::transport::iroh::{Node, PeerConnection, RecvHalf, SendHalf};
+
+/// What the client says when the server no longer knows its session because it restarted.
+pub const RESTARTED: &str = "the server restarted; the session could not be resumed";
+
+/// Whether commands ask for resumable streams: yes unless `MALAI_RESUME` is `off`/`0`/
+/// `false` (to compare against the same build without the layer).
+pub fn enabled() -> bool {
+    !matches!(
+        std::env::var("MALAI_RESUME").as_deref(),
+        Ok("off") | Ok("0") | Ok("false") | Ok("no")
+    )
+}
+
+/// A new redial attempt starts this often while the session is detached (attempts
+/// overlap: one that hangs on a dead path never delays the next). Bytes flow again within
+/// about this plus one handshake of the network being back.
+pub const REDIAL_EVERY: Duration = Duration::from_millis(500);
+/// One redial attempt's connect + resume exchange (a handshake through a relay takes well
+/// under a second; a dead path never answers).
+const REDIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most this many attempts in flight: with [`REDIAL_TIMEOUT`], a fresh one still starts
+/// about every 0.6 s through a long outage.
+const REDIAL_PARALLEL: usize = 8;
+
+/// How one attachment ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both directions ended and were acknowledged: the session is over.
+    Finished,
+    /// We sent `close` (our user went away).
+    ClosedByUs,
+    /// The peer sent `close`.
+    ClosedByPeer,
+}
+
+/// Why an attachment ended without [`End`].
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The network stream broke: detach and resume on another.
+    #[error("connection lost: {0}")]
+    Net(String),
+    /// The local side failed (stdout closed, sshd's socket reset): the session is over (the
+    /// peer was sent `close`).
+    #[error("local i/o: {0}")]
+    Local(std::io::Error),
+    /// The peer broke the protocol (counts it cannot have): the session cannot go on.
+    #[error("protocol error on the resumable stream: {0}")]
+    Protocol(String),
+}
+
+/// One side of a resumable stream: its replay buffer and counts. Lives as long as the
+/// session; each network stream it runs over is one [`Stream::attach`].
+pub struct Stream {
+    inner: Mutex<Inner>,
+    wake: Notify,
+    started: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Sent and not yet acknowledged; `buf[0]` is position `base`.
+    buf: VecDeque<u8>,
+    base: u64,
+    /// Our local reader reached EOF: position `base + buf.len()` is our `eof`.
+    local_eof: bool,
+    eof_acked: bool,
+    /// Positions of the peer's direction delivered to our local writer.
+    received: u64,
+    peer_eof: bool,
+    /// The last count we acknowledged on the current attachment.
+    ack_sent: u64,
+    /// The local side failed: the attachment sends `close` and ends.
+    local_failed: Option<std::io::ErrorKind>,
+}
+
+impl Inner {
+    fn data_end(&self) -> u64 {
+        self.base + self.buf.len() as u64
+    }
+    fn end(&self) -> u64 {
+        self.data_end() + u64::from(self.local_eof)
+    }
+    /// The peer has received `n` positions of our direction.
+    fn ack(&mut self, n: u64) -> Result<(), AttachError> {
+        if n > self.end() {
+            return Err(AttachError::Protocol(format!(
+                "the peer acknowledged {n} positions, only {} were sent",
+                self.end()
+            )));
+        }
+        if n < self.base {
+            // An older count (the handshake's, after later acks): nothing to drop.
+            return Ok(());
+        }
+        let drop = (n.min(self.data_end()) - self.base) as usize;
+        self.buf.drain(..drop);
+        self.base += drop as u64;
+        if self.local_eof && n == self.end() {
+            self.eof_acked = true;
+        }
+        Ok(())
+    }
+    fn finished(&self) -> bool {
+        self.eof_acked && self.peer_eof && self.ack_sent == self.received
+    }
+}
+
+/// What the sending half does next.
+enum Next {
+    Data(Vec<u8>),
+    Eof,
+    Ack(u64),
+    Close,
+    Fin,
+    Wait { read: usize, ack_due: bool },
+}
+
+impl Default for Stream {
+    fn default() -> Self {
+        Stream::new()
+    }
+}
+
+impl Stream {
+    pub fn new() -> Stream {
+        Stream {
+            inner: Mutex::new(Inner::default()),
+            wake: Notify::new(),
+            started: Instant::now(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Positions of the peer's direction received so far (what a resume handshake says).
+    pub fn received(&self) -> u64 {
+        self.lock().received
+    }
+
+    /// Bytes sent and not yet acknowledged (for status).
+    pub fn buffered(&self) -> usize {
+        self.lock().buf.len()
+    }
+
+    /// When the session started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Run the stream over one network stream (`net_r`/`net_w`), the peer having said it
+    /// received `peer_received` positions of ours: replay what it lacks, then go on, until
+    /// the session ends ([`End`]) or this network stream breaks ([`AttachError::Net`]; call
+    /// again on the next one). `close` makes us send `close` and end.
+    ///
+    /// Every future awaited here can be dropped at any point without losing or doubling a
+    /// byte: counts move only with bytes that really reached the local writer.
+    pub async fn attach<LR, LW, NR, NW>(
+        &self,
+        peer_received: u64,
+        local_r: &mut LR,
+        local_w: &mut LW,
+        net_r: &mut NR,
+        net_w: &mut NW,
+        close: &CancellationToken,
+    ) -> Result<End, AttachError>
+    where
+        LR: AsyncRead + Unpin + ?Sized,
+        LW: AsyncWrite + Unpin + ?Sized,
+        NR: AsyncRead + Unpin + ?Sized,
+        NW: AsyncWrite + Unpin + ?Sized,
+    {
+        {
+            let mut i = self.lock();
+            if peer_received < i.base {
+                return Err(AttachError::Protocol(format!(
+                    "the peer has only {peer_received} positions, {} were already acknowledged",
+                    i.base
+                )));
+            }
+            i.ack(peer_received)?;
+            i.ack_sent = i.received;
+        }
+        let up = self.send_half(peer_received, local_r, net_w, close);
+        let down = self.receive_half(local_w, net_r);
+        let (end, ()) = tokio::try_join!(up, down)?;
+        Ok(end)
+    }
+
+    /// Local reads and everything we send: data (from `cursor` on), eof, acks, close, FIN.
+    async fn send_half<LR, NW>(
+        &self,
+        mut cursor: u64,
+        local_r: &mut LR,
+        net_w: &mut NW,
+        close: &CancellationToken,
+    ) -> Result<End, AttachError>
+    where
+        LR: AsyncRead + Unpin + ?Sized,
+        NW: AsyncWrite + Unpin + ?Sized,
+    {
+        let net = |e: std::io::Error| AttachError::Net(e.to_string());
+        let mut rbuf = vec![0u8; MAX_DATA];
+        let mut ack_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let next = {
+                let mut i = self.lock();
+                let due = ack_deadline.is_some_and(|d| d <= tokio::time::Instant::now());
+                if close.is_cancelled() || i.local_failed.is_some() {
+                    Next::Close
+                } else if cursor < i.data_end() {
+                    let from = (cursor - i.base) as usize;
+                    let to = (from + MAX_DATA).min(i.buf.len());
+                    Next::Data(i.buf.range(from..to).copied().collect())
+                } else if i.local_eof && cursor == i.data_end() {
+                    Next::Eof
+                } else if i.received > i.ack_sent
+                    && (due || i.peer_eof || i.received - i.ack_sent >= ACK_EVERY)
+                {
+                    i.ack_sent = i.received;
+                    Next::Ack(i.received)
+                } else if i.finished() {
+                    Next::Fin
+                } else {
+                    let read = if i.local_eof {
+                        0
+                    } else {
+                        MAX_DATA.min(REPLAY_CAP.saturating_sub(i.buf.len()))
+                    };
+                    Next::Wait {
+                        read,
+                        ack_due: i.received > i.ack_sent,
+                    }
+                }
+            };
+            match next {
+                Next::Data(d) => {
+                    let n = d.len() as u64;
+                    wire::write(net_w, &Frame::Data(d)).await.map_err(net)?;
+                    cursor += n;
+                }
+                Next::Eof => {
+                    wire::write(net_w, &Frame::Eof).await.map_err(net)?;
+                    cursor += 1;
+                }
+                Next::Ack(n) => {
+                    ack_deadline = None;
+                    wire::write(net_w, &Frame::Ack(n)).await.map_err(net)?;
+                }
+                Next::Close => {
+                    wire::write(net_w, &Frame::Close).await.map_err(net)?;
+                    let _ = net_w.flush().await;
+                    let _ = net_w.shutdown().await;
+                    if let Some(kind) = self.lock().local_failed {
+                        return Err(AttachError::Local(kind.into()));
+                    }
+                    return Ok(End::ClosedByUs);
+                }
+                Next::Fin => {
+                    // The receiving half ends at the peer's FIN.
+                    let _ = net_w.flush().await;
+                    net_w.shutdown().await.map_err(net)?;
+                    return Ok(End::Finished);
+                }
+                Next::Wait { read, ack_due } => {
+                    if ack_due && ack_deadline.is_none() {
+                        ack_deadline = Some(tokio::time::Instant::now() + ACK_DELAY);
+                    }
+                    let timer = async {
+                        match ack_deadline {
+                            Some(d) => tokio::time::sleep_until(d).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        r = local_r.read(&mut rbuf[..read]), if read > 0 => {
+                            let mut i = self.lock();
+                            match r {
+                                Ok(0) => i.local_eof = true,
+                                Ok(n) => i.buf.extend(&rbuf[..n]),
+                                Err(e) => i.local_failed = Some(e.kind()),
+                            }
+                        }
+                        _ = self.wake.notified() => {}
+                        _ = timer => {}
+                        _ = close.cancelled() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Frames from the peer: data to the local writer, acks into the replay buffer.
+    async fn receive_half<LW, NR>(
+        &self,
+        local_w: &mut LW,
+        net_r: &mut NR,
+    ) -> Result<(), AttachError>
+    where
+        LW: AsyncWrite + Unpin + ?Sized,
+        NR: AsyncRead + Unpin + ?Sized,
+    {
+        loop {
+            let frame = wire::read(net_r)
+                .await
+                .map_err(|e| AttachError::Net(e.to_string()))?;
+            match frame {
+                None => {
+                    let i = self.lock();
+                    // The peer ends its half only once the session is over (its eof
+                    // acknowledged, ours received): anything else is a broken stream.
+                    return if i.eof_acked && i.peer_eof {
+                        drop(i);
+                        self.wake.notify_one();
+                        Ok(())
+                    } else {
+                        Err(AttachError::Net("the stream ended early".into()))
+                    };
+                }
+                Some(Frame::Data(d)) => {
+                    if self.lock().peer_eof {
+                        return Err(AttachError::Protocol("data after eof".into()));
+                    }
+                    let mut off = 0;
+                    while off < d.len() {
+                        match local_w.write(&d[off..]).await {
+                            Ok(0) | Err(_) => {
+                                return self.local_failed(std::io::ErrorKind::BrokenPipe).await;
+                            }
+                            Ok(n) => {
+                                off += n;
+                                self.lock().received += n as u64;
+                            }
+                        }
+                    }
+                    if let Err(e) = local_w.flush().await {
+                        return self.local_failed(e.kind()).await;
+                    }
+                    self.wake.notify_one();
+                }
+                Some(Frame::Ack(n)) => {
+                    self.lock().ack(n)?;
+                    self.wake.notify_one();
+                }
+                Some(Frame::Eof) => {
+                    if self.lock().peer_eof {
+                        return Err(AttachError::Protocol("a second eof".into()));
+                    }
+                    // Shutting down a writer whose reader already left is no error for us.
+                    let _ = local_w.shutdown().await;
+                    let mut i = self.lock();
+                    i.peer_eof = true;
+                    i.received += 1;
+                    drop(i);
+                    self.wake.notify_one();
+                }
+                Some(Frame::Close) => return Err(AttachError::Net(PEER_CLOSED.into())),
+            }
+        }
+    }
+
+    /// Our local writer failed: let the sending half send `close`, and wait for it.
+    async fn local_failed(&self, kind: std::io::ErrorKind) -> Result<(), AttachError> {
+        self.lock().local_failed = Some(kind);
+        self.wake.notify_one();
+        std::future::pending().await
+    }
+}
+
+/// The marker the receiving half ends with on the peer's `close` (mapped to
+/// [`End::ClosedByPeer`] by [`attach_end`]).
+const PEER_CLOSED: &str = "\u{0}peer-closed";
+
+/// [`Stream::attach`]'s result with the peer's `close` as [`End::ClosedByPeer`].
+pub fn attach_end(r: Result<End, AttachError>) -> Result<End, AttachError> {
+    match r {
+        Err(AttachError::Net(m)) if m == PEER_CLOSED => Ok(End::ClosedByPeer),
+        other => other,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The client's side.
+// ---------------------------------------------------------------------------------------
+
+/// A resumable tunnel to a server over this process's own endpoint.
+pub struct Resumable {
+    own: Arc<OwnEndpoint>,
+    peer: Id52,
+    hints: Vec<std::net::SocketAddr>,
+    cluster: Id52,
+    server: Server,
+    resolved_manager: Id52,
+    grant: Grant,
+    stream: Stream,
+    conn: PeerConnection,
+    watchdog: Arc<liveness::Watchdog>,
+    send: SendHalf,
+    recv: RecvHalf,
+}
+
+/// What asking for a resumable tunnel gave.
+pub enum Opened {
+    Resumable(Box<Resumable>),
+    /// The server does not offer resume (an older server, or its caps are reached): a
+    /// plain tunnel, as before.
+    Plain(Box<Session>),
+}
+
+/// Ask `server` for a resumable `tunnel` over `own`.
+pub async fn open_tunnel(
+    own: Arc<OwnEndpoint>,
+    resolved: &Resolved,
+    server: &Server,
+    port: Option<u16>,
+) -> Result<Opened, SessionError> {
+    let net = super::own::net_config(Some(&resolved.config))?;
+    let header = Header {
+        cluster: Some(resolved.config.manager),
+        request: Request::Tunnel { port, resume: true },
+    };
+    let conn = match super::connect::dial_server(&own.node, server.into(), &net).await {
+        Ok(c) => c,
+        Err(e) => {
+            own.done(ABORT_CLOSE).await;
+            return Err(e);
+        }
+    };
+    let opened = async {
+        let (mut send, mut recv) = conn.open().await?;
+        let accepted = exchange_for(&mut send, &mut recv, header)
+            .await
+            .map_err(|e| super::open::refused_by_close(&conn, e))?;
+        Ok::<_, SessionError>((send, recv, accepted))
+    }
+    .await;
+    let (send, recv, accepted) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            own.done(ABORT_CLOSE).await;
+            return Err(e);
+        }
+    };
+    let watchdog = liveness::watch_server(&own.node, &conn, server, resolved);
+    match accepted {
+        Accepted::Plain => Ok(Opened::Plain(Box::new(Session {
+            closer: Closer::Iroh {
+                own,
+                conn,
+                _watchdog: watchdog,
+            },
+            send: SessionWrite::Iroh(send),
+            recv: SessionRead::Iroh(recv),
+        }))),
+        Accepted::Resumable(grant) => {
+            tracing::info!(server = %server.name, session = %short(&grant.session), keep_secs = grant.keep_secs, "resumable tunnel");
+            Ok(Opened::Resumable(Box::new(Resumable {
+                peer: server.id52,
+                hints: server.addrs.clone(),
+                cluster: resolved.config.manager,
+                resolved_manager: resolved.config.manager,
+                server: server.clone(),
+                own,
+                grant,
+                stream: Stream::new(),
+                conn,
+                watchdog,
+                send,
+                recv,
+            })))
+        }
+    }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
+impl Resumable {
+    /// Run the session on `local_r`/`local_w` until it ends. `close` (a signal: ssh went
+    /// away) ends it now and tells the server to end its side too.
+    pub async fn run<LR, LW>(
+        mut self,
+        local_r: &mut LR,
+        local_w: &mut LW,
+        close: &CancellationToken,
+    ) -> Result<End, SessionError>
+    where
+        LR: AsyncRead + Unpin + ?Sized,
+        LW: AsyncWrite + Unpin + ?Sized,
+    {
+        let mut peer_received = self.grant.received;
+        loop {
+            let r = self
+                .stream
+                .attach(
+                    peer_received,
+                    local_r,
+                    local_w,
+                    &mut self.recv,
+                    &mut self.send,
+                    close,
+                )
+                .await;
+            match attach_end(r) {
+                Ok(end) => {
+                    let wait = if end == End::Finished {
+                        super::LINGER
+                    } else {
+                        Duration::from_millis(500)
+                    };
+                    let _ = tokio::time::timeout(wait, self.send.acknowledged()).await;
+                    self.conn.close("done");
+                    self.own.done(ENDPOINT_CLOSE).await;
+                    return match end {
+                        End::ClosedByPeer => {
+                            Err(SessionError::Lost("the server ended the session".into()))
+                        }
+                        e => Ok(e),
+                    };
+                }
+                Err(AttachError::Net(why)) => {
+                    // A server that closed the connection on purpose (it is shutting down,
+                    // or refuses us) has ended its sessions: nothing to resume.
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(300), self.conn.closed()).await;
+                    if self.conn.closed_by_peer() && !self.watchdog.saw_restart() {
+                        let reason = self
+                            .conn
+                            .peer_close_reason()
+                            .unwrap_or_else(|| "it is shutting down".into());
+                        tracing::info!(server = %self.server.name, %reason, "the server closed the connection; not resuming");
+                        self.own.done(ABORT_CLOSE).await;
+                        return Err(SessionError::Lost(format!(
+                            "the server closed the connection ({reason}); the session could not be resumed"
+                        )));
+                    }
+                    tracing::info!(server = %self.server.name, %why, received = self.stream.received(), buffered = self.stream.buffered(), "connection lost; resuming");
+                    self.conn.close("resuming elsewhere");
+                    match self.redial(close).await {
+                        Ok(Some(n)) => peer_received = n,
+                        Ok(None) => {
+                            self.own.done(ABORT_CLOSE).await;
+                            return Ok(End::ClosedByUs);
+                        }
+                        Err(e) => {
+                            self.own.done(ABORT_CLOSE).await;
+                            return Err(e);
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.send.reset();
+                    self.conn.close("aborted");
+                    self.own.done(ABORT_CLOSE).await;
+                    return Err(SessionError::Lost(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Dial again until the server takes the session back: `Ok(Some(its count))`;
+    /// `Ok(None)` when `close` fired meanwhile; an error when the server cannot resume it
+    /// (or its keep time is over).
+    async fn redial(&mut self, close: &CancellationToken) -> Result<Option<u64>, SessionError> {
+        if self.watchdog.saw_restart() {
+            return Err(SessionError::Lost(RESTARTED.into()));
+        }
+        let detached = Instant::now();
+        let give_up = Duration::from_secs(self.grant.keep_secs) + Duration::from_secs(60);
+        let mut attempts = tokio::task::JoinSet::new();
+        let mut tick = tokio::time::interval(REDIAL_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tries = 0u64;
+        // Attempts connect in parallel but resume one at a time, and none after one has
+        // succeeded: two resumes of one session would take it from each other.
+        let turn = Arc::new(tokio::sync::Mutex::new(false));
+        loop {
+            tokio::select! {
+                _ = close.cancelled() => return Ok(None),
+                _ = tick.tick() => {
+                    if detached.elapsed() > give_up {
+                        return Err(SessionError::Lost(format!(
+                            "the session could not be resumed: the server was unreachable for {}",
+                            humantime::format_duration(Duration::from_secs(detached.elapsed().as_secs()))
+                        )));
+                    }
+                    if attempts.len() < REDIAL_PARALLEL {
+                        tries += 1;
+                        let node = self.own.node.clone();
+                        let (peer, hints, cluster) = (self.peer, self.hints.clone(), self.cluster);
+                        let resume = wire::Resume {
+                            session: self.grant.session.clone(),
+                            secret: self.grant.secret.clone(),
+                            received: self.stream.received(),
+                        };
+                        let turn = turn.clone();
+                        attempts.spawn(async move {
+                            tokio::time::timeout(REDIAL_TIMEOUT, attempt(node, peer, hints, cluster, resume, turn))
+                                .await
+                                .unwrap_or(Err(Attempt::Retry("timed out".into())))
+                        });
+                    }
+                }
+                Some(done) = attempts.join_next(), if !attempts.is_empty() => {
+                    match done {
+                        Ok(Ok((conn, send, recv, grant))) => {
+                            attempts.abort_all();
+                            tracing::info!(server = %self.server.name, session = %short(&grant.session), after = ?detached.elapsed(), tries, replay = self.stream.buffered(), "resumed");
+                            self.watchdog = liveness::watch(
+                                self.own.node.clone(),
+                                conn.clone(),
+                                self.peer,
+                                self.hints.clone(),
+                                self.resolved_manager,
+                            )
+                            .into();
+                            self.conn = conn;
+                            self.send = send;
+                            self.recv = recv;
+                            return Ok(Some(grant.received));
+                        }
+                        Ok(Err(Attempt::Retry(why))) => {
+                            tracing::debug!(server = %self.server.name, %why, "redial failed; trying again");
+                        }
+                        Ok(Err(Attempt::Refused { reason, boot })) => {
+                            attempts.abort_all();
+                            tracing::warn!(server = %self.server.name, %reason, "the server refused to resume the session");
+                            if boot.is_some_and(|b| b != self.grant.boot) {
+                                return Err(SessionError::Lost(RESTARTED.into()));
+                            }
+                            return Err(SessionError::Lost(format!(
+                                "the session could not be resumed: {reason}"
+                            )));
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How one redial attempt failed.
+enum Attempt {
+    /// Not reached (yet): try again.
+    Retry(String),
+    /// The server answered and will not resume; `boot` is its boot id when it told us.
+    Refused {
+        reason: String,
+        boot: Option<String>,
+    },
+}
+
+type Attached = (PeerConnection, SendHalf, RecvHalf, Grant);
+
+async fn attempt(
+    node: Node,
+    peer: Id52,
+    hints: Vec<std::net::SocketAddr>,
+    cluster: Id52,
+    resume: wire::Resume,
+    turn: Arc<tokio::sync::Mutex<bool>>,
+) -> Result<Attached, Attempt> {
+    let retry = |e: &dyn std::fmt::Display| Attempt::Retry(e.to_string());
+    let conn = node.connect(&peer, &hints).await.map_err(|e| retry(&e))?;
+    // A server that will not talk to us at all (we were removed from the cluster) closes
+    // the connection right after the handshake and says why: that is an answer, not a
+    // reason to try again.
+    let closed_by_server =
+        |conn: &PeerConnection, e: &dyn std::fmt::Display| match conn.peer_close_reason() {
+            Some(reason) => Attempt::Refused { reason, boot: None },
+            None => retry(e),
+        };
+    let (mut send, mut recv) = match conn.open().await {
+        Ok(s) => s,
+        Err(e) => {
+            // The close may trail the failed open by a moment.
+            let _ = tokio::time::timeout(Duration::from_millis(300), conn.closed()).await;
+            return Err(closed_by_server(&conn, &e));
+        }
+    };
+    let header = Header {
+        cluster: Some(cluster),
+        request: Request::Resume(resume),
+    };
+    let mut resumed = turn.lock().await;
+    if *resumed {
+        conn.close("resumed elsewhere");
+        return Err(Attempt::Retry("another attempt resumed".into()));
+    }
+    match exchange_for(&mut send, &mut recv, header).await {
+        Ok(Accepted::Resumable(g)) => {
+            *resumed = true;
+            Ok((conn, send, recv, g))
+        }
+        Ok(Accepted::Plain) => Err(Attempt::Refused {
+            reason: "the server answered a resume with a plain accept".into(),
+            boot: None,
+        }),
+        Err(SessionError::Denied(reason)) | Err(SessionError::Refused(reason)) => {
+            let boot =
+                tokio::time::timeout(Duration::from_secs(3), liveness::boot_of(&conn, cluster))
+                    .await
+                    .ok()
+                    .flatten();
+            conn.close("not resumed");
+            Err(Attempt::Refused { reason, boot })
+        }
+        Err(e) => {
+            let _ = tokio::time::timeout(Duration::from_millis(300), conn.closed()).await;
+            let refused = closed_by_server(&conn, &e);
+            conn.close("resume failed");
+            Err(refused)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two engines joined by in-memory pipes; the "network" between them is replaced
+    /// mid-transfer (dropped attachments), and every byte arrives once, in order.
+    #[tokio::test]
+    async fn bytes_survive_broken_attachments() {
+        let a = Arc::new(Stream::new());
+        let b = Arc::new(Stream::new());
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let back: Vec<u8> = (0..1_000_000u32).map(|i| (i * 13) as u8).collect();
+        let (mut a_local, a_app) = tokio::io::duplex(64 * 1024);
+        let (mut b_local, b_app) = tokio::io::duplex(64 * 1024);
+        let (data2, back2) = (data.clone(), back.clone());
+        // The "applications": a writes data and reads back; b echoes its own stream.
+        let app_a = tokio::spawn(async move {
+            let (mut r, mut w) = tokio::io::split(a_app);
+            let wr = async {
+                w.write_all(&data2).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut got = vec![];
+            let rd = async { r.read_to_end(&mut got).await.unwrap() };
+            tokio::join!(wr, rd);
+            got
+        });
+        let app_b = tokio::spawn(async move {
+            let (mut r, mut w) = tokio::io::split(b_app);
+            let wr = async {
+                w.write_all(&back2).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut got = vec![];
+            let rd = async { r.read_to_end(&mut got).await.unwrap() };
+            tokio::join!(wr, rd);
+            got
+        });
+        let never = CancellationToken::new();
+        let mut round = 0;
+        let mut broke_mid_stream = 0;
+        let (ea, eb) = loop {
+            round += 1;
+            let (na, nb) = tokio::io::duplex(4 * 1024);
+            let (mut nar, mut naw) = tokio::io::split(na);
+            let (mut nbr, mut nbw) = tokio::io::split(nb);
+            let (ra, rb) = (b.received(), a.received());
+            let (mut alr, mut alw) = tokio::io::split(&mut a_local);
+            let (mut blr, mut blw) = tokio::io::split(&mut b_local);
+            let run = async {
+                tokio::join!(
+                    async {
+                        attach_end(
+                            a.attach(ra, &mut alr, &mut alw, &mut nar, &mut naw, &never)
+                                .await,
+                        )
+                    },
+                    async {
+                        attach_end(
+                            b.attach(rb, &mut blr, &mut blw, &mut nbr, &mut nbw, &never)
+                                .await,
+                        )
+                    },
+                )
+            };
+            if round < 8 {
+                // Break the network after a while, mid-frame as it happens.
+                let _ = tokio::time::timeout(Duration::from_millis(20), run).await;
+                if b.received() < data.len() as u64 {
+                    broke_mid_stream += 1;
+                }
+                continue;
+            }
+            break run.await;
+        };
+        assert!(
+            broke_mid_stream >= 3,
+            "only {broke_mid_stream} breaks mid-stream"
+        );
+        assert_eq!(ea.unwrap(), End::Finished);
+        assert_eq!(eb.unwrap(), End::Finished);
+        assert_eq!(app_b.await.unwrap(), data);
+        assert_eq!(app_a.await.unwrap(), back);
+    }
+
+    #[test]
+    fn acks_outside_what_was_sent_are_protocol_errors() {
+        let mut i = Inner::default();
+        i.buf.extend(b"hello");
+        assert!(i.ack(6).is_err());
+        i.ack(2).unwrap();
+        assert_eq!(i.base, 2);
+        assert_eq!(i.buf.len(), 3);
+        i.ack(1).unwrap(); // stale: ignored
+        i.local_eof = true;
+        i.ack(6).unwrap();
+        assert!(i.eof_acked && i.buf.is_empty());
+    }
+}
