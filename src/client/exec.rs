@@ -63,10 +63,11 @@ pub async fn run_one(
     route: Option<Route>,
 ) -> Result<i32, SessionError> {
     let pty = want_pty(args);
-    let req = Request::Exec(exec_request(args, pty));
     // Before anything starts remotely: a signal from here on ends the session cleanly
-    // (and, once raw mode is on, with the terminal restored) instead of killing us.
+    // (and, once raw mode is on, with the terminal restored) instead of killing us; and a
+    // window change from here on is sent, since the size in the request is read after.
     let mut interrupts = Interrupts::install()?;
+    let req = Request::Exec(exec_request(args, pty));
     // `-o` options reach the ssh child when the server is reached `ssh-via`.
     let session = tokio::select! {
         s = async {
@@ -113,10 +114,22 @@ pub(crate) async fn run_session(
 /// before opening the session: a signal that arrives while connecting, or between raw mode
 /// and the relay loop, then ends the session like ssh ("Killed by signal N.", exit 255, the
 /// terminal restored) instead of killing the process with its default action.
+///
+/// SIGWINCH is caught from then on too: a window change between the request (which carries
+/// the size) and the start of the relay loop is kept by the listener and sent when the loop
+/// starts. Listening only once the loop ran lost it (the signal's default action ignores
+/// it): a resize right after the remote command started never reached its pty.
 pub struct Interrupts {
     term: Signal,
     int: Signal,
     hup: Signal,
+    winch: Signal,
+}
+
+/// What [`Interrupts::next`] saw.
+enum Interrupt {
+    Signal(i32),
+    WindowChanged,
 }
 
 impl Interrupts {
@@ -125,7 +138,18 @@ impl Interrupts {
             term: signal(SignalKind::terminate()).map_err(io_err)?,
             int: signal(SignalKind::interrupt()).map_err(io_err)?,
             hup: signal(SignalKind::hangup()).map_err(io_err)?,
+            winch: signal(SignalKind::window_change()).map_err(io_err)?,
         })
+    }
+
+    /// The next ending signal, or a window change when `winch` (a pty session).
+    async fn next(&mut self, winch: bool) -> Interrupt {
+        tokio::select! {
+            _ = self.term.recv() => Interrupt::Signal(15),
+            _ = self.int.recv() => Interrupt::Signal(2),
+            _ = self.hup.recv() => Interrupt::Signal(1),
+            Some(()) = self.winch.recv(), if winch => Interrupt::WindowChanged,
+        }
     }
 
     /// The next of these signals, as its number.
@@ -156,14 +180,10 @@ where
     let (win_tx, win_rx) = tokio::sync::mpsc::channel(8);
     let win_tx = pty.then_some(win_tx);
     let stop = async {
-        let mut winch = match &win_tx {
-            Some(_) => signal(SignalKind::window_change()).ok(),
-            None => None,
-        };
         loop {
-            tokio::select! {
-                n = interrupts.recv() => return n,
-                Some(()) = async { match winch.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
+            match interrupts.next(win_tx.is_some()).await {
+                Interrupt::Signal(n) => return n,
+                Interrupt::WindowChanged => {
                     if let (Some(tx), Some(size)) = (&win_tx, window_size()) {
                         let _ = tx.try_send(size);
                     }

@@ -100,12 +100,25 @@ pub async fn exec<G>(
     on_opened: impl FnOnce() -> G,
 ) -> Result<i32, SessionError> {
     let pty = request.pty.is_some();
+    let sent = request.pty.as_ref().map(|p| (p.cols, p.rows));
     let mut term = signal(SignalKind::terminate()).map_err(local)?;
     let mut int = signal(SignalKind::interrupt()).map_err(local)?;
     let mut hup = signal(SignalKind::hangup()).map_err(local)?;
     let mut winch = signal(SignalKind::window_change()).map_err(local)?;
     open_stdio(&mut holder, host, OpenRequest::Exec(request), stdin).await?;
     let _guard = on_opened();
+    // A resize between reading the size for the request and listening for SIGWINCH.
+    if let (Some(sent), Some(now)) = (sent, window_size())
+        && now != sent
+    {
+        holder
+            .send(&ToHolder::Window {
+                cols: now.0,
+                rows: now.1,
+            })
+            .await
+            .map_err(|e| SessionError::Holder(e.to_string()))?;
+    }
     loop {
         let end = tokio::select! {
             r = next(&mut holder) => r?,
