@@ -44,7 +44,28 @@ fn original_flags(fd: RawFd) -> libc::c_int {
     all.get(fd as usize).copied().unwrap_or(-1)
 }
 
+/// Pipe capacity asked for on stdin and stdout when they are pipes (the ProxyCommand's, or
+/// `cmd | malai ssh host …`): 1 MiB, the default `/proc/sys/fs/pipe-max-size` any user may
+/// set. A pipe holds 64 KiB by default, so ssh and the proxy took turns every 64 KiB —
+/// each turn a wake-up, a read and a write on both sides; with 1 MiB each read moves up
+/// to the pump's whole buffer. Measured in docs/benchmarks.md (issue 23).
+const PIPE_CAPACITY: libc::c_int = 1 << 20;
+
+/// Grow `fd`'s pipe to [`PIPE_CAPACITY`] if it is a smaller pipe. Anything else (a socket,
+/// a terminal, a file) refuses `F_GETPIPE_SZ`, and a user over the kernel's per-user pipe
+/// budget gets EPERM: either way the fd is left as it was.
+fn grow_pipe(fd: RawFd) {
+    // SAFETY: F_GETPIPE_SZ/F_SETPIPE_SZ on an inherited fd only read or resize its buffer.
+    unsafe {
+        let size = libc::fcntl(fd, libc::F_GETPIPE_SZ);
+        if (0..PIPE_CAPACITY).contains(&size) {
+            libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_CAPACITY);
+        }
+    }
+}
+
 fn nonblocking(fd: RawFd, interest: Interest) -> Option<AsyncFd<Fd>> {
+    grow_pipe(fd);
     let flags = original_flags(fd);
     if flags < 0 {
         return None;
