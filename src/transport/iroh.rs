@@ -298,6 +298,20 @@ fn transport_config() -> iroh::endpoint::QuicTransportConfig {
     b.build()
 }
 
+/// iroh's rustls provider (ring) with AES-128-GCM first. rustls lists AES-256-GCM first, so
+/// two malai ends negotiate it and encrypt every QUIC packet with 14 AES rounds; with
+/// AES-NI/VAES (most x86 since 2010, ARMv8 crypto extensions) AES-128-GCM does 10 for the
+/// 128-bit level the X25519 key exchange gives anyway. ChaCha20 stays in the list (a CPU
+/// without AES instructions, or an older peer, still finds a common suite), only the order
+/// changes; the server follows the client's order. Measured in docs/benchmarks.md (issue 23).
+fn crypto_provider() -> std::sync::Arc<tokio_rustls::rustls::crypto::CryptoProvider> {
+    use tokio_rustls::rustls::CipherSuite;
+    let mut p = (*iroh::tls::default_provider()).clone();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != CipherSuite::TLS13_AES_128_GCM_SHA256);
+    std::sync::Arc::new(p)
+}
+
 /// Generate a new ed25519 secret.
 pub fn generate_secret() -> SecretKey {
     SecretKey::from_bytes(iroh::SecretKey::generate().to_bytes())
@@ -399,7 +413,10 @@ impl Node {
         if !roots.is_empty() {
             b = b.ca_tls_config(iroh::tls::CaTlsConfig::embedded().with_extra_roots(roots));
         }
-        b = b.secret_key(sk).transport_config(transport_config());
+        b = b
+            .secret_key(sk)
+            .transport_config(transport_config())
+            .crypto_provider(crypto_provider());
         if accept {
             b = b.alpns(vec![ALPN.to_vec()]);
         }

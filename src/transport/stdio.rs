@@ -44,6 +44,26 @@ fn original_flags(fd: RawFd) -> libc::c_int {
     all.get(fd as usize).copied().unwrap_or(-1)
 }
 
+/// Pipe capacity asked for on stdin and stdout when they are pipes (the ProxyCommand's, or
+/// `cmd | malai ssh host …`): the pump's buffer size. A pipe holds 64 KiB by default, so ssh
+/// and the proxy took turns every 64 KiB, each turn a wake-up and a syscall on both sides.
+/// Measured with 1 MiB during one scp (docs/benchmarks.md, issue 23): the proxy's stdin
+/// reads fell from 28 to 8 per MiB, its `epoll_wait`s from 17 to 7. Not more than 256 KiB:
+/// an unprivileged user's pipes share a budget (`/proc/sys/fs/pipe-user-pages-soft`,
+/// 64 MiB), and past it the kernel gives that user's new pipes only two pages — 128
+/// ProxyCommands at 2 × 256 KiB fit in it, 32 at 2 × 1 MiB would already not.
+const PIPE_CAPACITY: libc::c_int = 256 * 1024;
+
+fn grow_pipe(fd: RawFd) {
+    // SAFETY: F_GETPIPE_SZ/F_SETPIPE_SZ on an inherited fd only read or resize its buffer.
+    unsafe {
+        let size = libc::fcntl(fd, libc::F_GETPIPE_SZ);
+        if (0..PIPE_CAPACITY).contains(&size) {
+            libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_CAPACITY);
+        }
+    }
+}
+
 fn nonblocking(fd: RawFd, interest: Interest) -> Option<AsyncFd<Fd>> {
     let flags = original_flags(fd);
     if flags < 0 {
@@ -94,6 +114,7 @@ impl Fallback {
 }
 
 pub fn stdin() -> Stdin {
+    grow_pipe(0);
     Stdin(match nonblocking(0, Interest::READABLE) {
         Some(fd) => Inner::Polled(fd),
         None => Inner::Fallback(tokio::io::stdin()),
@@ -101,6 +122,7 @@ pub fn stdin() -> Stdin {
 }
 
 pub fn stdout() -> Stdout {
+    grow_pipe(1);
     Stdout(match nonblocking(1, Interest::WRITABLE) {
         Some(fd) => Inner::Polled(fd),
         None => Inner::Fallback(Fallback::Out(tokio::io::stdout())),
