@@ -18,31 +18,8 @@ RUNS=${RUNS:-5}
 bench_init resume
 start_sshd
 
-# --- cluster: manager, server foo, device alice --------------------------------------------
-export MALAI_RELAY=disabled MALAI_USE_KEYRING=false
-m() { local h=$1; shift; MALAI_HOME="$W/$h" "$MALAI" "$@"; }
-MGR=$(m mgr ssh cluster init bench 2>/dev/null)
-FOO=$(m foo ssh cluster join bench "$MGR")
-ALICE=$(m alice ssh cluster join bench "$MGR")
-m mgr ssh cluster add server foo "$FOO"
-m mgr ssh cluster add device alice "$ALICE"
-m mgr ssh cluster allow foo alice
-UDP=$(free_port udp)
-F="$W/mgr/ssh/clusters/bench/cluster-manager.toml"
-sed -i "s|^\[server.foo\]$|[server.foo]\nssh = \"127.0.0.1:$SSHD_PORT\"\naddrs = [\"127.0.0.1:$UDP\"]|" "$F"
-m foo ssh cluster import bench "$F"
-m alice ssh cluster import bench "$F"
-MALAI_HOME="$W/foo" "$MALAI" ssh server --bind "127.0.0.1:$UDP" 2>"$W/server.err" &
-SERVER_PID=$!
-PIDS+=("$SERVER_PID")
-for _ in $(seq 100); do grep -q "server ready" "$W/server.err" 2>/dev/null && break; sleep 0.1; done
-
-COMMON=(-o BatchMode=yes -o IdentitiesOnly=yes -i "$W/client_key" -o UserKnownHostsFile="$W/known_hosts" -o StrictHostKeyChecking=accept-new -o LogLevel=ERROR)
-DIRECT=(ssh "${COMMON[@]}" -p "$SSHD_PORT" root@127.0.0.1)
-PROXY=(ssh "${COMMON[@]}" -o "ProxyCommand=env MALAI_HOME=$W/alice MALAI_RELAY=disabled MALAI_USE_KEYRING=false $MALAI ssh proxy %h %p" root@foo.bench)
-NATIVE=(env MALAI_HOME="$W/alice" "$MALAI" ssh foo.bench)
-SCP_DIRECT=(scp -q "${COMMON[@]}" -P "$SSHD_PORT")
-SCP_ON=(scp -q "${COMMON[@]}" -o "ProxyCommand=env MALAI_HOME=$W/alice MALAI_RELAY=disabled MALAI_USE_KEYRING=false $MALAI ssh proxy %h %p")
+start_cluster
+SCP_ON=("${SCP_PROXY[@]}")
 SCP_OFF=(scp -q "${COMMON[@]}" -o "ProxyCommand=env MALAI_RESUME=off MALAI_HOME=$W/alice MALAI_RELAY=disabled MALAI_USE_KEYRING=false $MALAI ssh proxy %h %p")
 
 "${DIRECT[@]}" true
