@@ -818,8 +818,21 @@ mod tests {
                 )
             };
             if round < 8 {
-                // Break the network after a while, mid-frame as it happens.
-                let _ = tokio::time::timeout(Duration::from_millis(20), run).await;
+                // Break the network once another 300 kB got through, mid-frame as it
+                // happens. By bytes, not by time: a fast machine moved all 3 MB within two
+                // 20 ms rounds, a loaded one may move nothing in 20 ms.
+                let target = b.received() + 300_000;
+                let progressed = async {
+                    while b.received() < target {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                };
+                tokio::select! {
+                    _ = run => panic!("the stream ended before round {round}'s break"),
+                    r = tokio::time::timeout(Duration::from_secs(60), progressed) => {
+                        r.expect("no progress for 60 s");
+                    }
+                }
                 if b.received() < data.len() as u64 {
                     broke_mid_stream += 1;
                 }
@@ -827,10 +840,7 @@ mod tests {
             }
             break run.await;
         };
-        assert!(
-            broke_mid_stream >= 3,
-            "only {broke_mid_stream} breaks mid-stream"
-        );
+        assert_eq!(broke_mid_stream, 7, "every break falls mid-stream");
         assert_eq!(ea.unwrap(), End::Finished);
         assert_eq!(eb.unwrap(), End::Finished);
         assert_eq!(app_b.await.unwrap(), data);
