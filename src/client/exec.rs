@@ -6,8 +6,11 @@
 //! raw mode restored on every exit, SIGWINCH forwarded. A local SIGINT/SIGTERM/SIGHUP
 //! closes the connection at once, so the server hangs up the remote command.
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 
 use super::ssh_args::{SshArgs, TtyChoice};
 use super::tty::{RawMode, is_tty, window_size};
@@ -16,7 +19,7 @@ use crate::control::client::ControlClient;
 use crate::protocol::Request;
 use crate::protocol::exec::{ExecRequest, PtyRequest};
 use crate::protocol::exec_pump::{self, PumpEnd, env_allowed, exit_code};
-use crate::session::{Resolved, Route, Session, SessionError, open_on, open_with};
+use crate::session::{Resolved, Route, Session, SessionError, open_on, open_with, resume};
 use crate::transport::stdio;
 
 /// Whether to ask for a pty, as ssh decides, plus ssh's warning when it can't.
@@ -52,6 +55,8 @@ pub fn exec_request(args: &SshArgs, pty: bool) -> ExecRequest {
         }),
         // The server checks it: only its own user can run commands there.
         user: args.user.clone(),
+        // Set by the caller that can resume (its own endpoint).
+        resume: false,
     }
 }
 
@@ -67,18 +72,36 @@ pub async fn run_one(
     // (and, once raw mode is on, with the terminal restored) instead of killing us; and a
     // window change from here on is sent, since the size in the request is read after.
     let mut interrupts = Interrupts::install()?;
-    let req = Request::Exec(exec_request(args, pty));
-    // `-o` options reach the ssh child when the server is reached `ssh-via`.
-    let session = tokio::select! {
+    let mut req = exec_request(args, pty);
+    // `-o` options reach the ssh child when the server is reached `ssh-via`. Over our own
+    // endpoint the session is resumable when the server offers it (`session::resume`).
+    let opened = tokio::select! {
         s = async {
             match route {
-                Some(route) => open_on(route, resolved, server, req).await,
-                None => open_with(resolved, server, req, &args.options).await,
+                Some(Route::Own(own)) if resume::enabled() => {
+                    req.resume = true;
+                    resume::open(own, resolved, server, Request::Exec(req)).await
+                }
+                Some(route) => open_on(route, resolved, server, Request::Exec(req))
+                    .await
+                    .map(|s| resume::Opened::Plain(Box::new(s))),
+                None => open_with(resolved, server, Request::Exec(req), &args.options)
+                    .await
+                    .map(|s| resume::Opened::Plain(Box::new(s))),
             }
         } => s?,
         n = interrupts.recv() => return Err(SessionError::Killed(n)),
     };
-    run_session(session, args, pty, &mut interrupts).await
+    match opened {
+        resume::Opened::Plain(session) => run_session(*session, args, pty, &mut interrupts).await,
+        resume::Opened::Resumable(r) => {
+            let mut t = Terminal::enter(args, pty);
+            let stdin = t.stdin.take();
+            let r = drive_resumable(*r, stdin, &mut t.out, &mut t.err, pty, &mut interrupts).await;
+            t.leave(args, pty, &r);
+            r
+        }
+    }
 }
 
 /// The exec part of [`run_one`] on an opened session (also used by `client::forward`,
@@ -89,25 +112,54 @@ pub(crate) async fn run_session(
     pty: bool,
     interrupts: &mut Interrupts,
 ) -> Result<i32, SessionError> {
-    let _raw = if pty && is_tty(0) {
-        RawMode::enter()
-    } else {
-        None
-    };
-    let stdin: Option<Box<dyn AsyncRead + Unpin + Send>> = if args.no_stdin {
-        None
-    } else {
-        Some(Box::new(stdio::stdin()))
-    };
-    let mut out = stdio::stdout();
-    let mut err = stdio::stderr();
-    let r = drive(session, stdin, &mut out, &mut err, pty, interrupts).await;
-    drop(_raw);
-    if pty && !args.quiet && r.is_ok() {
-        // ssh's closing line for interactive sessions.
-        eprintln!("Connection to {} closed.\r", args.host);
-    }
+    let mut t = Terminal::enter(args, pty);
+    let r = drive(
+        session,
+        t.stdin.take(),
+        &mut t.out,
+        &mut t.err,
+        pty,
+        interrupts,
+    )
+    .await;
+    t.leave(args, pty, &r);
     r
+}
+
+/// This process's stdio with the terminal as ssh keeps it for a session: raw mode for a
+/// pty on a terminal (restored on every exit, [`Terminal::leave`] or drop).
+struct Terminal {
+    raw: Option<RawMode>,
+    stdin: Option<Box<dyn AsyncRead + Unpin + Send>>,
+    out: stdio::Stdout,
+    err: stdio::Stdout,
+}
+
+impl Terminal {
+    fn enter(args: &SshArgs, pty: bool) -> Terminal {
+        Terminal {
+            raw: if pty && is_tty(0) {
+                RawMode::enter()
+            } else {
+                None
+            },
+            stdin: if args.no_stdin {
+                None
+            } else {
+                Some(Box::new(stdio::stdin()))
+            },
+            out: stdio::stdout(),
+            err: stdio::stderr(),
+        }
+    }
+
+    /// Restore the terminal, then ssh's closing line after an interactive session.
+    fn leave(mut self, args: &SshArgs, pty: bool, r: &Result<i32, SessionError>) {
+        drop(self.raw.take());
+        if pty && !args.quiet && r.is_ok() {
+            eprintln!("Connection to {} closed.\r", args.host);
+        }
+    }
 }
 
 /// SIGTERM, SIGINT and SIGHUP, caught from the moment [`Interrupts::install`] runs. Install
@@ -175,22 +227,7 @@ where
     O: AsyncWrite + Unpin,
     E: AsyncWrite + Unpin,
 {
-    // Window changes reach the input direction through a channel, as they do in the key
-    // holder (whose come from the CLI); without a pty the sender is dropped at once.
-    let (win_tx, win_rx) = tokio::sync::mpsc::channel(8);
-    let win_tx = pty.then_some(win_tx);
-    let stop = async {
-        loop {
-            match interrupts.next(win_tx.is_some()).await {
-                Interrupt::Signal(n) => return n,
-                Interrupt::WindowChanged => {
-                    if let (Some(tx), Some(size)) = (&win_tx, window_size()) {
-                        let _ = tx.try_send(size);
-                    }
-                }
-            }
-        }
-    };
+    let (stop, win_rx) = until_signal(interrupts, pty);
     let result = {
         let (send, recv) = (&mut session.send, &mut session.recv);
         exec_pump::run(recv, send, stdin, win_rx, out, err, stop).await
@@ -209,6 +246,117 @@ where
             session.abort().await;
             Err(e)
         }
+    }
+}
+
+/// The next ending signal, window changes meanwhile sent on the channel returned (a pty
+/// session's; without a pty its sender is dropped at once). Window changes reach the input
+/// direction through a channel, as they do in the key holder (whose come from the CLI).
+fn until_signal(
+    interrupts: &mut Interrupts,
+    pty: bool,
+) -> (
+    impl std::future::Future<Output = i32> + '_,
+    tokio::sync::mpsc::Receiver<(u16, u16)>,
+) {
+    let (win_tx, win_rx) = tokio::sync::mpsc::channel(8);
+    let win_tx = pty.then_some(win_tx);
+    let stop = async move {
+        loop {
+            match interrupts.next(win_tx.is_some()).await {
+                Interrupt::Signal(n) => return n,
+                Interrupt::WindowChanged => {
+                    if let (Some(tx), Some(size)) = (&win_tx, window_size()) {
+                        let _ = tx.try_send(size);
+                    }
+                }
+            }
+        }
+    };
+    (stop, win_rx)
+}
+
+/// Bytes the pipe between the exec frames and a resumable session's engine holds.
+const SESSION_PIPE: usize = 256 * 1024;
+/// After `Exit`, how long the session gets to finish (both ends' last bytes acknowledged)
+/// before we close it: the server then drops its side at once instead of keeping it.
+const FINISH_WITHIN: Duration = Duration::from_secs(10);
+/// After [`FINISH_WITHIN`], how long the session gets to tell the server it is over.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// After a signal, how long the session gets to tell the server it is over (ssh exits at
+/// once on one: this is a user waiting).
+const STOP_GRACE: Duration = Duration::from_millis(300);
+
+/// [`drive`] on a resumable session (`session::resume`): the exec frames run over an
+/// in-process pipe whose other end is the resumable stream, so a lost connection is
+/// redialled and the command's stdio goes on where it stopped. A signal closes the session
+/// (the server hangs the command up); the server restarting, or refusing the resume, ends
+/// it with that error.
+pub async fn drive_resumable<O, E>(
+    session: resume::Resumable,
+    stdin: Option<Box<dyn AsyncRead + Unpin + Send>>,
+    out: &mut O,
+    err: &mut E,
+    pty: bool,
+    interrupts: &mut Interrupts,
+) -> Result<i32, SessionError>
+where
+    O: AsyncWrite + Unpin,
+    E: AsyncWrite + Unpin,
+{
+    let (frames, leg) = tokio::io::duplex(SESSION_PIPE);
+    let (mut leg_r, mut leg_w) = tokio::io::split(leg);
+    let (mut frames_r, mut frames_w) = tokio::io::split(frames);
+    let close = CancellationToken::new();
+    let run = session.run(&mut leg_r, &mut leg_w, &close);
+    tokio::pin!(run);
+    let mut ran = None;
+    let pumped = {
+        let (stop, win_rx) = until_signal(interrupts, pty);
+        let pump = exec_pump::run(&mut frames_r, &mut frames_w, stdin, win_rx, out, err, stop);
+        tokio::pin!(pump);
+        loop {
+            tokio::select! {
+                p = &mut pump => break p,
+                r = &mut run, if ran.is_none() => match r {
+                    // Everything the server sent is in the pipe: the pump reads it on.
+                    Ok(end) => ran = Some(end),
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+    };
+    match pumped {
+        Ok(status) => {
+            // Our side ends: the stream sends its eof and finishes (what may follow `Exit`
+            // is read and dropped, as a plain stream's rest is).
+            let _ = frames_w.shutdown().await;
+            if ran.is_none() {
+                let finish = async {
+                    let mut sink = tokio::io::sink();
+                    let drain = tokio::io::copy(&mut frames_r, &mut sink);
+                    let (_, r) = tokio::join!(drain, &mut run);
+                    r
+                };
+                if tokio::time::timeout(FINISH_WITHIN, finish).await.is_err() {
+                    close.cancel();
+                    let _ = tokio::time::timeout(CLOSE_GRACE, &mut run).await;
+                }
+            }
+            Ok(exit_code(&status))
+        }
+        Err(PumpEnd::Stopped(n)) => {
+            // Tell the server the session is over; a stream blocked behind a full window
+            // cannot, and then our connection's close (`exec::run`) tells it.
+            close.cancel();
+            if ran.is_none() {
+                let _ = tokio::time::timeout(STOP_GRACE, &mut run).await;
+            }
+            Err(SessionError::Killed(n))
+        }
+        Err(PumpEnd::Broken(e)) => Err(SessionError::Lost(format!(
+            "the session ended before the command's exit status arrived: {e}"
+        ))),
     }
 }
 
@@ -232,9 +380,11 @@ fn print_config(args: &SshArgs) {
 /// `malai ssh [flags] <host> [command …]`: one server or a group.
 pub async fn run(dirs: &crate::config::paths::Dirs, argv: &[String]) -> Result<i32, SessionError> {
     let r = run_parsed(dirs, argv).await;
-    if matches!(r, Err(SessionError::Killed(_))) {
+    if r.is_err() {
         // A signal may have come while a request was opening (the server may already have
-        // started the command): close our connections now, not at the server's idle limit.
+        // started the command), or a session failed: close our connections now, not at the
+        // server's idle limit. A resumable session's server ends it on this close rather
+        // than keep it detached for a client that is gone.
         crate::session::own::close_all(crate::session::ABORT_CLOSE).await;
     }
     r

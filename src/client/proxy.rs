@@ -44,7 +44,8 @@ pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), Sessi
         match route(&resolved.dir, Some(&resolved.config)).await? {
             Route::Holder(holder) => return super::handover::proxy(holder, host, port).await,
             Route::Own(own) if resume::enabled() => {
-                match resume::open_tunnel(own, &resolved, &server, port).await? {
+                let request = Request::Tunnel { port, resume: true };
+                match resume::open(own, &resolved, &server, request).await? {
                     resume::Opened::Plain(session) => *session,
                     resume::Opened::Resumable(r) => return run_resumable(*r, host).await,
                 }

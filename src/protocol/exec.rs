@@ -21,6 +21,11 @@ pub struct ExecRequest {
     /// out of the frame when unset, so older servers see the header they know.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Ask for a resumable session (`protocol::resume`): the server answers
+    /// `accept-resumable` and the frames below then ride the resumable stream. Older
+    /// servers ignore it and answer `accept` (the client falls back); left out when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resume: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -403,12 +403,14 @@ mod tests {
                     rows: 24,
                 }),
                 user: None,
+                resume: false,
             }),
             Request::Exec(exec::ExecRequest {
                 command: None,
                 env: vec![],
                 pty: None,
                 user: Some("nobody".into()),
+                resume: true,
             }),
         ];
         for request in reqs {

@@ -9,10 +9,11 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::process::{ChildControl, ChildInput, ChildOutput, Program, SpawnSpec, spawn};
-use super::request::reply;
-use crate::protocol::Response;
+use super::process::{ChildControl, ChildInput, ChildOutput, Program, Running, SpawnSpec, spawn};
+use super::request::{Context, reply};
+use super::resume;
 use crate::protocol::exec::{self as frames, DataKind, ExecRequest, Frame, MAX_DATA};
+use crate::protocol::{Request, Response};
 
 /// Why a request naming `asked` as its user cannot run here, if it cannot: this server
 /// cannot switch users, so any name but its own is refused (never silently run as `own`).
@@ -25,10 +26,15 @@ pub fn user_refusal(asked: Option<&str>, own: &str) -> Option<String> {
     })
 }
 
+/// Serve an allowed `exec` for `ctx.peer` on this machine, known as `server` in the cluster
+/// file: spawn, answer, relay. A request that asked for resume over iroh gets a resumable
+/// session when the caps allow ([`serve_resumable`]); otherwise the command lives as long as
+/// this stream.
 pub async fn serve<R, W>(
+    ctx: &Context,
+    server: &str,
     program: Program,
     req: ExecRequest,
-    peer: String,
     r: &mut R,
     w: &mut W,
 ) -> bool
@@ -36,10 +42,73 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let resume = req.resume && ctx.transport == "iroh";
+    let asked = Request::Exec(req.clone());
+    let Some(mut child) = start(program, req, ctx.peer.to_string(), w).await else {
+        return true;
+    };
+    if resume {
+        let table = &ctx.state.detached;
+        let cfg = ctx.state.current();
+        let keep = resume::keep_time(cfg.servers.get(server).and_then(|s| s.session_keep));
+        if let Some((slot, grant)) = table.create(ctx.peer, asked, server, resume::caps(), keep) {
+            if reply(w, &Response::AcceptResumable(grant)).await.is_err() {
+                table.end(&slot);
+                child.hang_up().await;
+                return false;
+            }
+            return serve_resumable(ctx, &slot, child, r, w).await;
+        }
+    }
+    if reply(w, &Response::Accept).await.is_err() {
+        child.hang_up().await;
+        return false;
+    }
+    relay(child, r, w).await
+}
+
+/// Bytes the pipe between a resumable exec's command and its session's engine holds.
+const SESSION_PIPE: usize = 256 * 1024;
+
+/// A resumable exec: the command's frames run over an in-process pipe whose other end is the
+/// session's local leg (`server::resume`), so the command outlives this stream. The relay
+/// runs in a task of its own; it ends as the command does, or hangs the command up when the
+/// session ends without it (expired, revoked, closed by the client): the leg then closes.
+async fn serve_resumable<R, W>(
+    ctx: &Context,
+    slot: &std::sync::Arc<resume::Slot>,
+    child: Running,
+    r: &mut R,
+    w: &mut W,
+) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (leg, command) = tokio::io::duplex(SESSION_PIPE);
+    tokio::spawn(async move {
+        let (mut cr, mut cw) = tokio::io::split(command);
+        relay(child, &mut cr, &mut cw).await;
+        // The client's last frames (its stdin's end, a window change) may still be on
+        // their way after `Exit`: read them to the session's end, as a stream's unread
+        // rest is dropped, so the engine never finds its leg broken.
+        let _ = tokio::io::copy(&mut cr, &mut tokio::io::sink()).await;
+    });
+    let (lr, lw) = tokio::io::split(leg);
+    resume::serve(ctx, slot, resume::Parked::new(lr, lw), 0, r, w).await
+}
+
+/// Check the user and spawn the command; on failure the client has been answered.
+async fn start<W: AsyncWrite + Unpin>(
+    program: Program,
+    req: ExecRequest,
+    peer: String,
+    w: &mut W,
+) -> Option<Running> {
     if let Some(reason) = user_refusal(req.user.as_deref(), &super::process::own_user()) {
         tracing::info!(%reason, "exec refused: another user asked for");
         let _ = reply(w, &Response::Error { reason }).await;
-        return true;
+        return None;
     }
     // Full access only: a forwarded agent is part of forwarding.
     let agent_socket = match &program {
@@ -53,8 +122,11 @@ where
         peer,
         agent_socket,
     };
-    let mut child = match spawn(&spec) {
-        Ok(c) => c,
+    match spawn(&spec) {
+        Ok(c) => {
+            tracing::info!(pid = c.pid(), "exec started");
+            Some(c)
+        }
         Err(e) => {
             let what = match &spec.program {
                 Program::Argv(a) => a.first().cloned().unwrap_or_default(),
@@ -63,14 +135,18 @@ where
             let reason = format!("cannot run {what}: {e}");
             tracing::info!(%reason, "exec spawn failed");
             let _ = reply(w, &Response::Error { reason }).await;
-            return true;
+            None
         }
-    };
-    tracing::info!(pid = child.pid(), "exec started");
-    if reply(w, &Response::Accept).await.is_err() {
-        child.hang_up().await;
-        return false;
     }
+}
+
+/// Relay an accepted command's stdio as frames on `r`/`w` until it exits (then `Exit`) or
+/// the client goes away (then it is hung up).
+async fn relay<R, W>(mut child: Running, r: &mut R, w: &mut W) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let stdin = std::mem::replace(&mut child.stdin, ChildInput::None);
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();

@@ -688,12 +688,13 @@ async fn serve_connection(
                 None => return,
             },
         };
-        let state = state.clone();
+        let (state, conn) = (state.clone(), conn.clone());
         tracker.spawn(async move {
             let ctx = request::Context {
                 state,
                 peer,
                 transport: "iroh",
+                conn: Some(conn),
             };
             let ok = request::handle(&ctx, &mut recv, &mut send).await;
             if ok {

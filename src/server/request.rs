@@ -17,6 +17,7 @@ use crate::audit;
 use crate::config::ClusterConfig;
 use crate::id52::Id52;
 use crate::protocol::{self, FrameError, HEADER_TIMEOUT, Header, Request, Response};
+use crate::transport::iroh::PeerConnection;
 
 /// Who is asking, over what.
 pub struct Context {
@@ -25,6 +26,9 @@ pub struct Context {
     pub peer: Id52,
     /// For logs: "iroh" or "stdinserver".
     pub transport: &'static str,
+    /// The iroh connection the request came on (`None` on stdinserver): a resumable
+    /// session asks it why its stream broke (`server::resume::serve_stream`).
+    pub conn: Option<PeerConnection>,
 }
 
 /// Serve one request. Returns `true` when it ended cleanly (the caller then lets the
@@ -398,8 +402,8 @@ pub(super) fn acl_request(request: &Request) -> acl::Request<'_> {
         Request::RemoteConnection { .. } => acl::Request::Forward {
             kind: acl::ForwardKind::Remote,
         },
-        // Only tunnels are resumable, and `handle` decides a resume as the request that
-        // opened its session before it reaches the choke point; a resume is that right.
+        // `handle` decides a resume as the request that opened its session (a tunnel or an
+        // exec) before it reaches the choke point; this arm is never asked.
         Request::Resume(_) => acl::Request::Tunnel,
     }
 }
@@ -432,8 +436,7 @@ where
             ctx.state.detached.park(&res.slot, parked);
             return false;
         }
-        return super::tunnel::serve_resumable(ctx, &res.slot, parked, res.peer_received, r, w)
-            .await;
+        return super::resume::serve(ctx, &res.slot, parked, res.peer_received, r, w).await;
     }
     match (grant, request) {
         (Grant::Tunnel, Request::Tunnel { resume, .. }) => match cfg.servers.get(server) {
@@ -442,10 +445,10 @@ where
         },
         (Grant::Shell, Request::Exec(e)) => {
             let program = Program::Shell(e.command.clone());
-            super::exec::serve(program, e, peer.to_string(), r, w).await
+            super::exec::serve(ctx, server, program, e, r, w).await
         }
         (Grant::Argv(argv), Request::Exec(e)) => {
-            super::exec::serve(Program::Argv(argv), e, peer.to_string(), r, w).await
+            super::exec::serve(ctx, server, Program::Argv(argv), e, r, w).await
         }
         (Grant::Ping, Request::Ping) => {
             let info = protocol::PingInfo {

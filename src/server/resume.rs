@@ -1,14 +1,17 @@
-//! The server's resumable tunnels (issue 18; wire format in `protocol::resume`, the shared
-//! engine in `session::resume`): the sshd leg of a tunnel whose connection was lost is kept,
-//! detached, until its client comes back on a new connection or its keep time is over.
+//! The server's resumable sessions (issue 18; wire format in `protocol::resume`, the shared
+//! engine in `session::resume`): the local leg of a session whose connection was lost — a
+//! tunnel's sshd socket, or a native exec's pipe to its running command (`server::exec`) —
+//! is kept, detached, until its client comes back on a new connection or its keep time is
+//! over.
 //!
 //! - A resumable tunnel is a [`Slot`] in this cluster's [`Table`], bound to the peer's
 //!   verified id52 and a random per-session secret (both checked on resume, the secret in
 //!   constant time). Whoever serves its current stream holds its [`Parked`] state (the
 //!   engine and the sshd socket); a stream that breaks puts it back and starts the keep
 //!   timer ([`keep_time`]).
-//! - While detached nobody reads sshd's socket: sshd's own writes then block (backpressure),
-//!   nothing is dropped, and the replay buffer never grows past its cap.
+//! - While detached nobody reads the local leg: sshd's own writes (or the command's output)
+//!   then block (backpressure), nothing is dropped, and the replay buffer never grows past
+//!   its cap.
 //! - A resume of a session whose old stream the server still thinks alive takes it over
 //!   (the old stream lets go at once).
 //! - Caps ([`caps`]): per peer and in total, on resumable sessions (attached or detached),
@@ -16,22 +19,22 @@
 //!   `max_total × REPLAY_CAP` bytes buffered for a cluster, `max_per_peer × REPLAY_CAP` for
 //!   one peer. A tunnel asked over a cap is served as before, without resume (the client
 //!   falls back; logged), never refused.
-//! - An expired session is ended as a lost tunnel is today: its sshd socket is closed (sshd
-//!   then ends the session, SIGHUP to the command).
+//! - An expired session is ended as a lost one is without resume: its local leg is closed
+//!   (sshd then ends the session, SIGHUP to the command; an exec's command is hung up).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::id52::Id52;
 use crate::protocol::Request;
 use crate::protocol::resume::{self as wire, Grant, ID_LEN, SECRET_LEN};
-use crate::session::resume::{AttachError, End, Stream, attach_end};
+use crate::session::resume::{AttachError, End, RESUMING_ELSEWHERE, Stream, attach_end};
+use crate::transport::iroh::PeerConnection;
 
 /// How long a detached session is kept by default: 12 hours, a night's sleep with margin
 /// (a laptop closed in the evening and opened the next morning picks up its sessions).
@@ -70,11 +73,26 @@ fn env_num(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
 
-/// The state that moves between streams: the engine and the sshd socket.
+/// The state that moves between streams: the engine and the session's local leg (the sshd
+/// socket's halves, or an exec's pipe). Dropping it closes the leg: that ends the session.
 pub struct Parked {
     pub stream: Stream,
-    pub tcp_r: OwnedReadHalf,
-    pub tcp_w: OwnedWriteHalf,
+    pub local_r: Box<dyn AsyncRead + Send + Unpin>,
+    pub local_w: Box<dyn AsyncWrite + Send + Unpin>,
+}
+
+impl Parked {
+    /// A fresh session's state on `local_r`/`local_w`.
+    pub fn new(
+        local_r: impl AsyncRead + Send + Unpin + 'static,
+        local_w: impl AsyncWrite + Send + Unpin + 'static,
+    ) -> Parked {
+        Parked {
+            stream: Stream::new(),
+            local_r: Box::new(local_r),
+            local_w: Box::new(local_w),
+        }
+    }
 }
 
 /// One resumable session.
@@ -337,16 +355,24 @@ pub enum Served {
     Detached,
 }
 
-/// Serve `slot` on one stream (`r`/`w`) whose peer said it has `peer_received` positions:
-/// until the session ends or this stream breaks. `still_allowed` is asked before parking
-/// (a stream cut because access was revoked must end the session, not park it).
+/// The network stream a session is served on now.
+pub struct Attachment<'a, R, W> {
+    pub r: &'a mut R,
+    pub w: &'a mut W,
+    /// The positions the peer said it has received.
+    pub peer_received: u64,
+    /// The connection the stream came on (`None` in tests): asked why the stream broke.
+    pub conn: Option<&'a PeerConnection>,
+}
+
+/// Serve `slot` on one stream until the session ends or this stream breaks.
+/// `still_allowed` is asked before parking (a stream cut because access was revoked must
+/// end the session, not park it), and so is the connection ([`left_for_good`]).
 pub async fn serve_stream<R, W>(
     table: &Arc<Table>,
     slot: &Arc<Slot>,
     mut parked: Parked,
-    peer_received: u64,
-    r: &mut R,
-    w: &mut W,
+    net: Attachment<'_, R, W>,
     still_allowed: impl FnOnce() -> bool,
 ) -> Served
 where
@@ -355,8 +381,14 @@ where
 {
     let kick = slot.kick();
     let never = CancellationToken::new();
+    let Attachment {
+        r,
+        w,
+        peer_received,
+        conn,
+    } = net;
     let result = tokio::select! {
-        r = parked.stream.attach(peer_received, &mut parked.tcp_r, &mut parked.tcp_w, r, w, &never) => attach_end(r),
+        r = parked.stream.attach(peer_received, &mut parked.local_r, &mut parked.local_w, r, w, &never) => attach_end(r),
         _ = kick.cancelled() => Err(AttachError::Net("taken over by a newer stream".into())),
     };
     {
@@ -365,7 +397,7 @@ where
     }
     match result {
         Ok(end) => {
-            tracing::info!(peer = %slot.peer, session = %short(&slot.id), ?end, "resumable tunnel ended");
+            tracing::info!(peer = %slot.peer, session = %short(&slot.id), ?end, "resumable session ended");
             table.end(slot);
             drop(parked);
             Served::Ended {
@@ -378,15 +410,79 @@ where
                 table.end(slot);
                 return Served::Ended { clean: false };
             }
+            if let Some(reason) = left_for_good(conn).await {
+                tracing::info!(peer = %slot.peer, session = %short(&slot.id), %reason, "the client closed its connection: ending the session");
+                table.end(slot);
+                return Served::Ended { clean: false };
+            }
             tracing::info!(peer = %slot.peer, session = %short(&slot.id), %why, buffered = parked.stream.buffered(), "stream lost; session detached");
             table.park(slot, parked);
             Served::Detached
         }
         Err(e) => {
-            tracing::info!(peer = %slot.peer, session = %short(&slot.id), error = %e, "resumable tunnel failed");
+            tracing::info!(peer = %slot.peer, session = %short(&slot.id), error = %e, "resumable session failed");
             table.end(slot);
             Served::Ended { clean: false }
         }
+    }
+}
+
+/// Serve a resumable session (a tunnel's or an exec's) on this stream (its first, or a
+/// resumed one): `true` when the session ended cleanly; `false` when it broke or was detached (the caller resets the
+/// stream; a detached session waits in the table for its client).
+pub(crate) async fn serve<R, W>(
+    ctx: &super::request::Context,
+    slot: &Arc<Slot>,
+    parked: Parked,
+    peer_received: u64,
+    r: &mut R,
+    w: &mut W,
+) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let still_allowed = || {
+        let cfg = ctx.state.current();
+        let me = ctx.state.server_name(&cfg).unwrap_or(slot.server.clone());
+        let req = super::request::acl_request(&slot.request);
+        matches!(
+            crate::acl::decide(&cfg, &me, &ctx.peer, &req),
+            crate::acl::Decision::Allow(_)
+        )
+    };
+    let net = Attachment {
+        r,
+        w,
+        peer_received,
+        conn: ctx.conn.as_ref(),
+    };
+    let served = serve_stream(&ctx.state.detached, slot, parked, net, still_allowed).await;
+    if served == Served::Detached {
+        watch_detached(ctx.state.clone(), slot.clone());
+    }
+    matches!(served, Served::Ended { clean: true })
+}
+
+/// How long a broken stream waits for its connection's close to say why it broke.
+const CLOSE_WAIT: Duration = Duration::from_millis(300);
+
+/// Whether the client closed the connection a session's stream broke with on purpose, and
+/// why: a client process that closes its connection (it exited, was signalled, or gave
+/// up) never comes back for the session, so keeping it detached would only keep its
+/// command running for nothing. Only a connection that timed out or lost its path, or that
+/// the client left to resume on another ([`RESUMING_ELSEWHERE`]), detaches the session.
+async fn left_for_good(conn: Option<&PeerConnection>) -> Option<String> {
+    let conn = conn?;
+    // The stream's error may come a moment before the connection's close.
+    let _ = tokio::time::timeout(CLOSE_WAIT, conn.closed()).await;
+    if !conn.closed_by_peer() {
+        return None;
+    }
+    match conn.peer_close_reason() {
+        Some(r) if r == RESUMING_ELSEWHERE => None,
+        Some(r) => Some(r),
+        None => Some("closed".into()),
     }
 }
 
@@ -472,11 +568,7 @@ mod tests {
         let (sshd, _) = l.accept().await.unwrap();
         std::mem::forget(sshd);
         let (r, w) = c.into_split();
-        Parked {
-            stream: Stream::new(),
-            tcp_r: r,
-            tcp_w: w,
-        }
+        Parked::new(r, w)
     }
 
     fn tunnel() -> Request {
@@ -582,7 +674,13 @@ mod tests {
             let (mut a, mut b) = tokio::io::duplex(1024);
             let (mut r, mut w) = tokio::io::split(&mut a);
             let _keep = &mut b;
-            serve_stream(&t2, &s2, p, 0, &mut r, &mut w, || true).await
+            let net = Attachment {
+                r: &mut r,
+                w: &mut w,
+                peer_received: 0,
+                conn: None,
+            };
+            serve_stream(&t2, &s2, p, net, || true).await
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         let ask = wire::Resume {
@@ -641,6 +739,7 @@ mod tests {
                         state,
                         peer,
                         transport: "iroh",
+                        conn: None,
                     };
                     let (mut r, mut w) = tokio::io::split(server);
                     super::super::request::handle(&ctx, &mut r, &mut w).await

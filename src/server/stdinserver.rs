@@ -302,6 +302,7 @@ where
         state,
         peer,
         transport: "stdinserver",
+        conn: None,
     };
     let mut w = FirstFrame::new(w);
     let ok = request::handle(&ctx, &mut replayed, &mut w).await;

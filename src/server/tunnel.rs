@@ -79,55 +79,11 @@ where
                 return false;
             }
             let (tcp_r, tcp_w) = tcp.into_split();
-            let parked = resume::Parked {
-                stream: crate::session::resume::Stream::new(),
-                tcp_r,
-                tcp_w,
-            };
-            return serve_resumable(ctx, &slot, parked, 0, r, w).await;
+            let parked = resume::Parked::new(tcp_r, tcp_w);
+            return resume::serve(ctx, &slot, parked, 0, r, w).await;
         }
     }
     relay_tcp(tcp, &format!("ssh at {addr}"), r, w).await
-}
-
-/// Serve a resumable session on this stream (its first, or a resumed one): `true` when the
-/// session ended cleanly; `false` when it broke or was detached (the caller resets the
-/// stream; a detached session waits in the table for its client).
-pub(super) async fn serve_resumable<R, W>(
-    ctx: &Context,
-    slot: &std::sync::Arc<resume::Slot>,
-    parked: resume::Parked,
-    peer_received: u64,
-    r: &mut R,
-    w: &mut W,
-) -> bool
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let still_allowed = || {
-        let cfg = ctx.state.current();
-        let me = ctx.state.server_name(&cfg).unwrap_or(slot.server.clone());
-        let req = super::request::acl_request(&slot.request);
-        matches!(
-            crate::acl::decide(&cfg, &me, &ctx.peer, &req),
-            crate::acl::Decision::Allow(_)
-        )
-    };
-    let served = resume::serve_stream(
-        &ctx.state.detached,
-        slot,
-        parked,
-        peer_received,
-        r,
-        w,
-        still_allowed,
-    )
-    .await;
-    if served == resume::Served::Detached {
-        resume::watch_detached(ctx.state.clone(), slot.clone());
-    }
-    matches!(served, resume::Served::Ended { clean: true })
 }
 
 /// Answer `accept` and move raw bytes between the peer and a local TCP connection already

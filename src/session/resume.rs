@@ -34,6 +34,10 @@ use crate::protocol::resume::{
 use crate::protocol::{Header, Request};
 use crate::transport::iroh::{Node, PeerConnection, RecvHalf, SendHalf};
 
+/// The reason a client closes a connection it leaves to resume the session on another: the
+/// server keeps the session detached. Any other close by the client ends it there.
+pub const RESUMING_ELSEWHERE: &str = "resuming elsewhere";
+
 /// What the client says when the server no longer knows its session because it restarted.
 pub const RESTARTED: &str = "the server restarted; the session could not be resumed";
 
@@ -56,6 +60,10 @@ const REDIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// At most this many attempts in flight: with [`REDIAL_TIMEOUT`], a fresh one still starts
 /// about every 0.6 s through a long outage.
 const REDIAL_PARALLEL: usize = 8;
+
+/// How often a waiting attachment checks that its network stream is still there (an empty
+/// write: it fails once the connection is closed or timed out; elsewhere a no-op).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// How one attachment ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,6 +246,9 @@ impl Stream {
         let net = |e: std::io::Error| AttachError::Net(e.to_string());
         let mut rbuf = vec![0u8; MAX_DATA];
         let mut ack_deadline: Option<tokio::time::Instant> = None;
+        let mut probe = tokio::time::interval(PROBE_EVERY);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        probe.reset();
         loop {
             let next = {
                 let mut i = self.lock();
@@ -320,6 +331,10 @@ impl Stream {
                         _ = self.wake.notified() => {}
                         _ = timer => {}
                         _ = close.cancelled() => {}
+                        // Both halves may wait on the local side (a command that reads
+                        // nothing, a reader that stalled) and so never touch the network:
+                        // this notices a connection gone meanwhile.
+                        _ = probe.tick() => net_w.write(&[]).await.map(drop).map_err(net)?,
                     }
                 }
             }
@@ -419,7 +434,8 @@ pub fn attach_end(r: Result<End, AttachError>) -> Result<End, AttachError> {
 // The client's side.
 // ---------------------------------------------------------------------------------------
 
-/// A resumable tunnel to a server over this process's own endpoint.
+/// A resumable session (a tunnel's bytes, or an exec's frames) to a server over this
+/// process's own endpoint.
 pub struct Resumable {
     own: Arc<OwnEndpoint>,
     peer: Id52,
@@ -435,25 +451,27 @@ pub struct Resumable {
     recv: RecvHalf,
 }
 
-/// What asking for a resumable tunnel gave.
+/// What asking for a resumable session gave.
 pub enum Opened {
     Resumable(Box<Resumable>),
     /// The server does not offer resume (an older server, or its caps are reached): a
-    /// plain tunnel, as before.
+    /// plain session, as before.
     Plain(Box<Session>),
 }
 
-/// Ask `server` for a resumable `tunnel` over `own`.
-pub async fn open_tunnel(
+/// Ask `server` over `own` for `request` — a `tunnel` or an `exec` that asks for resume —
+/// as a resumable session.
+pub async fn open(
     own: Arc<OwnEndpoint>,
     resolved: &Resolved,
     server: &Server,
-    port: Option<u16>,
+    request: Request,
 ) -> Result<Opened, SessionError> {
     let net = super::own::net_config(Some(&resolved.config))?;
+    let kind = request.kind();
     let header = Header {
         cluster: Some(resolved.config.manager),
-        request: Request::Tunnel { port, resume: true },
+        request,
     };
     let conn = match super::connect::dial_server(&own.node, server.into(), &net).await {
         Ok(c) => c,
@@ -489,7 +507,7 @@ pub async fn open_tunnel(
             recv: SessionRead::Iroh(recv),
         }))),
         Accepted::Resumable(grant) => {
-            tracing::info!(server = %server.name, session = %short(&grant.session), keep_secs = grant.keep_secs, "resumable tunnel");
+            tracing::info!(server = %server.name, kind, session = %short(&grant.session), keep_secs = grant.keep_secs, "resumable {kind}");
             Ok(Opened::Resumable(Box::new(Resumable {
                 peer: server.id52,
                 hints: server.addrs.clone(),
@@ -572,7 +590,7 @@ impl Resumable {
                         )));
                     }
                     tracing::info!(server = %self.server.name, %why, received = self.stream.received(), buffered = self.stream.buffered(), "connection lost; resuming");
-                    self.conn.close("resuming elsewhere");
+                    self.conn.close(RESUMING_ELSEWHERE);
                     match self.redial(close).await {
                         Ok(Some(n)) => peer_received = n,
                         Ok(None) => {

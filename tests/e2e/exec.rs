@@ -701,6 +701,10 @@ fn kill_client_and_watch_remote(
         // A SIGKILLed client says nothing: the server notices by the idle limit, which both
         // ends negotiate down to the smaller one. The 60 s default would only slow CI.
         cmd.env("MALAI_IDLE_TIMEOUT", "5");
+        // A resumable session (the default) is kept detached on purpose when its client
+        // vanishes without a word, as an outage looks the same (README, known limits):
+        // this is the plain session's promise.
+        cmd.env("MALAI_RESUME", "off");
     }
     cmd.process_group(0)
         .stdin(Stdio::null())

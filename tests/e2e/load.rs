@@ -143,6 +143,7 @@ fn thousand_concurrent_exec_true_from_fifty_peers() {
                             env: vec![],
                             pty: None,
                             user: None,
+                            resume: false,
                         });
                         let (mut s, mut r) = malai::session::request_on(&conn, cluster, req)
                             .await

@@ -1,6 +1,6 @@
-//! Sessions that outlive their connection (issue 18): the ProxyCommand tunnel is a
-//! resumable stream, so ssh and scp through `malai ssh proxy` ride out a stopped client or a
-//! network cut longer than the QUIC idle limit; a restarted server is said so in one line;
+//! Sessions that outlive their connection (issue 18): the ProxyCommand tunnel and native
+//! exec are resumable streams, so ssh and scp through `malai ssh proxy`, and `malai ssh foo
+//! <command>`, ride out a stopped client or a network cut longer than the QUIC idle limit; a restarted server is said so in one line;
 //! a peer revoked while detached is refused; at the caps tunnels work as before.
 //!
 //! The idle limit is shortened by `MALAI_IDLE_TIMEOUT` to keep these fast; the mechanism is
@@ -36,7 +36,17 @@ fn cluster(env: &[(&str, &str)]) -> TestCluster {
     b.build()
 }
 
-/// `ssh foo.acme <script>` through the ProxyCommand, stdout lines on a channel.
+/// How a test's session reaches foo.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    /// OpenSSH's `ssh` through `malai ssh proxy` (the ProxyCommand).
+    Proxy,
+    /// Native exec: `malai ssh -T foo.acme <script>`.
+    Native,
+}
+
+/// `ssh foo.acme <script>` through the ProxyCommand (or natively), stdout lines on a
+/// channel.
 struct Ssh {
     child: Child,
     lines: Receiver<String>,
@@ -45,12 +55,16 @@ struct Ssh {
 
 impl Ssh {
     fn start(c: &TestCluster, device: &str, script: &str) -> Ssh {
-        Ssh::spawn(c, device, script, Stdio::null())
+        Ssh::spawn(c, device, Via::Proxy, script, Stdio::null())
+    }
+
+    fn start_via(c: &TestCluster, device: &str, via: Via, script: &str) -> Ssh {
+        Ssh::spawn(c, device, via, script, Stdio::null())
     }
 
     /// `sh` on foo reading lines from our [`Ssh::send`].
     fn interactive(c: &TestCluster, device: &str) -> Ssh {
-        Ssh::spawn(c, device, "sh", Stdio::piped())
+        Ssh::spawn(c, device, Via::Proxy, "sh", Stdio::piped())
     }
 
     fn send(&mut self, line: &str) {
@@ -61,10 +75,13 @@ impl Ssh {
         w.flush().expect("flush ssh");
     }
 
-    fn spawn(c: &TestCluster, device: &str, script: &str, stdin: Stdio) -> Ssh {
+    fn spawn(c: &TestCluster, device: &str, via: Via, script: &str, stdin: Stdio) -> Ssh {
         use std::os::unix::process::CommandExt;
-        let mut child = c
-            .ssh_cmd(device)
+        let mut cmd = match via {
+            Via::Proxy => c.ssh_cmd(device),
+            Via::Native => c.machine(device).cmd(["ssh"]),
+        };
+        let mut child = cmd
             .arg("-T")
             .arg("foo.acme")
             .arg(script)
@@ -139,16 +156,21 @@ impl Drop for Ssh {
     }
 }
 
-/// The pid of `device`'s running `malai ssh proxy` (its `MALAI_HOME` says whose).
-fn proxy_pid(c: &TestCluster, device: &str) -> Option<i32> {
+/// The pid of `device`'s running malai client of a [`Via`] session: `malai ssh proxy`, or
+/// `malai ssh -T` (its `MALAI_HOME` says whose).
+fn client_pid(c: &TestCluster, device: &str, via: Via) -> Option<i32> {
     let home = format!("MALAI_HOME={}", c.machine(device).home().display());
+    let sub: &[u8] = match via {
+        Via::Proxy => b"proxy",
+        Via::Native => b"-T",
+    };
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
         let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_proxy = args.windows(2).any(|w| w[0] == b"ssh" && w[1] == b"proxy")
+        let is_proxy = args.windows(2).any(|w| w[0] == b"ssh" && w[1] == sub)
             && !args.first().is_some_and(|a| a.ends_with(b"env"));
         if !is_proxy {
             continue;
@@ -176,8 +198,13 @@ fn audit_of_foo(c: &TestCluster) -> String {
 /// Stops alice's proxy (SIGSTOP) until foo has detached the session (its connection timed
 /// out), then waits `PAST_IDLE` in all; returns the stopped pid.
 fn stop_proxy_past_the_idle_limit(c: &TestCluster, ssh: &mut Ssh) -> i32 {
-    let pid = poll_until(Duration::from_secs(10), || proxy_pid(c, "alice"))
-        .unwrap_or_else(|| panic!("no proxy process of alice's found"));
+    stop_client_past_the_idle_limit(c, ssh, Via::Proxy)
+}
+
+/// [`stop_proxy_past_the_idle_limit`] for the malai client of a [`Via`] session.
+fn stop_client_past_the_idle_limit(c: &TestCluster, ssh: &mut Ssh, via: Via) -> i32 {
+    let pid = poll_until(Duration::from_secs(10), || client_pid(c, "alice", via))
+        .unwrap_or_else(|| panic!("no {via:?} client process of alice's found"));
     let t0 = Instant::now();
     signal(pid, nix::sys::signal::Signal::SIGSTOP);
     let detached = poll_until(Duration::from_secs(30), || {
@@ -257,7 +284,7 @@ fn resume_ssh_survives_a_stopped_proxy_past_the_idle_limit() {
     assert!(
         poll_until(Duration::from_secs(10), || foo_log_has(
             &c,
-            "resumable tunnel ended"
+            "resumable session ended"
         )
         .then_some(()))
         .is_some(),
@@ -370,6 +397,170 @@ fn resume_at_the_caps_tunnels_work_as_before() {
     let out = c.ssh("alice", "foo.acme", "echo ok");
     assert_success(&out, "ssh under the caps");
     assert!(c.machine("alice").logs().contains("resumable tunnel"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Native exec (`malai ssh foo.acme <command>`) on the same resumable stream
+// ---------------------------------------------------------------------------------------------
+
+/// Whether a process whose command line contains `marker` runs on this machine (foo's
+/// commands are its server's children here).
+fn running(marker: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten().any(|e| {
+                let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                String::from_utf8_lossy(&cmdline).contains(marker)
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Native exec, its client stopped (SIGSTOP) past the idle limit while the command prints
+/// 200,000 lines: after SIGCONT every line arrives once and in order, stderr stays apart,
+/// the command's exit code (7) is ours; alice's log says it resumed, foo audits `resumed`
+/// and ends the session cleanly.
+#[test]
+fn resume_native_exec_survives_a_stopped_client_past_the_idle_limit() {
+    let c = cluster(&[]);
+    let script =
+        "echo up; sleep 4; seq 1 200000; echo to-stderr >&2; sleep 6; echo survived; exit 7";
+    let mut ssh = Ssh::start_via(&c, "alice", Via::Native, script);
+    assert!(
+        ssh.expect_line("up", Duration::from_secs(30)),
+        "malai ssh did not start; saw {:?}\n{}",
+        ssh.seen,
+        c.diagnostics()
+    );
+    let pid = stop_client_past_the_idle_limit(&c, &mut ssh, Via::Native);
+    signal(pid, nix::sys::signal::Signal::SIGCONT);
+    let ok = ssh.expect_line("survived", Duration::from_secs(60));
+    let seen = std::mem::take(&mut ssh.seen);
+    let (status, err) = ssh.wait(Duration::from_secs(20));
+    assert!(
+        ok,
+        "the session did not survive; stderr: {err}\n{}\n{}",
+        tail(&c.machine("alice").logs(), 30),
+        tail(&c.machine("foo").logs(), 30)
+    );
+    let want: String = (1..=200_000).map(|n| format!("{n}\n")).collect();
+    assert!(
+        seen == format!("up\n{want}survived\n"),
+        "stdout lost or doubled bytes across the resume ({} bytes, want {})",
+        seen.len(),
+        want.len() + "up\nsurvived\n".len()
+    );
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(7),
+        "the remote exit code is not ours: {status:?}\n{err}"
+    );
+    assert!(
+        err.lines().any(|l| l == "to-stderr"),
+        "stderr lost its line:\n{err}"
+    );
+    assert!(
+        c.machine("alice").logs().contains("resumed"),
+        "alice's log does not say it resumed"
+    );
+    assert!(
+        audit_of_foo(&c).contains("\"resumed\""),
+        "no resumed line in foo's audit log"
+    );
+    assert!(
+        poll_until(Duration::from_secs(10), || foo_log_has(
+            &c,
+            "resumable session ended"
+        )
+        .then_some(()))
+        .is_some(),
+        "foo did not end the session\n{}",
+        tail(&c.machine("foo").logs(), 20)
+    );
+}
+
+/// Deny twin of the native resume: alice is dropped from `allow-from` while her exec is
+/// detached; her client exits 255 with one line, foo audits `resume-denied`, and the
+/// command is hung up on foo.
+#[test]
+fn resume_native_exec_refused_after_revocation_while_detached() {
+    let c = cluster(&[]);
+    let marker = format!("sleep 4{}3", std::process::id());
+    let mut ssh = Ssh::start_via(&c, "alice", Via::Native, &format!("echo up; {marker}"));
+    assert!(
+        ssh.expect_line("up", Duration::from_secs(30)),
+        "malai ssh did not start; saw {:?}\n{}",
+        ssh.seen,
+        c.diagnostics()
+    );
+    let pid = stop_client_past_the_idle_limit(&c, &mut ssh, Via::Native);
+    assert!(running(&marker), "the command ended while detached");
+    c.edit_manager_file(|t| set_table_keys(&t, "server.foo", &[("allow-from", toml_str("bob"))]));
+    c.import_on("foo");
+    signal(pid, nix::sys::signal::Signal::SIGCONT);
+    let (status, err) = ssh.wait(Duration::from_secs(40));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(255),
+        "a revoked resume must fail with 255: {status:?}\n{err}"
+    );
+    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("malai: ")).collect();
+    assert!(
+        ours.len() == 1 && ours[0].contains("could not be resumed"),
+        "stderr does not say in one line that the session could not be resumed:\n{err}"
+    );
+    assert!(
+        audit_of_foo(&c).contains("\"resume-denied\""),
+        "no resume-denied line in foo's audit log"
+    );
+    assert!(
+        poll_until(Duration::from_secs(10), || (!running(&marker))
+            .then_some(()))
+        .is_some(),
+        "the revoked peer's command still runs on foo\n{}",
+        tail(&c.machine("foo").logs(), 20)
+    );
+}
+
+/// A restarted server has lost the command too: native exec says so in one line and exits
+/// 255 within 2 s of the server being back.
+#[test]
+fn resume_native_exec_after_a_server_restart_says_so_in_one_line() {
+    let mut c = cluster(&[]);
+    let mut ssh = Ssh::start_via(&c, "alice", Via::Native, "echo up; sleep 60");
+    assert!(
+        ssh.expect_line("up", Duration::from_secs(30)),
+        "malai ssh did not start; saw {:?}\n{}",
+        ssh.seen,
+        c.diagnostics()
+    );
+    let p = c.server_process("foo");
+    let pid = nix::unistd::Pid::from_raw(p.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL foo");
+    assert!(
+        poll_until(Duration::from_secs(10), || (!p.is_running()).then_some(())).is_some(),
+        "foo's server survived SIGKILL"
+    );
+    c.start_server("foo");
+    let back = Instant::now();
+    let (status, err) = ssh.wait(Duration::from_secs(40));
+    let took = back.elapsed();
+    eprintln!("resume: native exec gave up {took:?} after foo's server was back");
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(255),
+        "expected 255: {status:?}\n{err}"
+    );
+    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("malai: ")).collect();
+    assert_eq!(
+        ours,
+        ["malai: foo.acme: the server restarted; the session could not be resumed"],
+        "stderr:\n{err}"
+    );
+    assert!(
+        took <= RESTART_NOTICE + ROOM,
+        "native exec noticed the restart only {took:?} after foo was back"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -541,6 +732,69 @@ fn nat_resume_rsync_64mib_through_a_cut_past_the_idle_limit() {
         return;
     }
     transfer_through_a_cut("rsync");
+}
+
+/// 64 MiB up by native exec (`malai ssh foo.acme 'cat > f' < f`) with foo cut off
+/// mid-transfer for longer than the idle limit: it arrives byte-identical and the command's
+/// exit status comes back.
+#[test]
+fn nat_resume_native_exec_64mib_upload_through_a_cut() {
+    if !netsim::available("resume::nat_resume_native_exec_64mib_upload_through_a_cut") {
+        return;
+    }
+    let _lock = netsim::heavy_net_lock();
+    let relay_dir = tempfile::tempdir().expect("tempdir");
+    let (net, c) = nat_cluster(&relay_dir);
+    const BIG: usize = 64 << 20;
+    let src = c.scratch("local").join("cut.bin");
+    write_random_file(&src, BIG, 0x6e61_7469_7665);
+    let want = sha256_file(&src);
+    let dst = c.scratch("remote").join("cut.bin");
+    let script = format!("cat > {} && echo stored", dst.display());
+    let mut child = c
+        .machine("alice")
+        .cmd(["ssh", "foo.acme", &script])
+        .stdin(std::fs::File::open(&src).expect("open the source"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn malai ssh");
+    let arrived = || std::fs::metadata(&dst).map(|m| m.len()).unwrap_or(0);
+    let started = poll_until(Duration::from_secs(60), || (arrived() > 0).then_some(()));
+    if started.is_none() {
+        let _ = child.kill();
+        panic!("the upload never started\n{}", c.diagnostics());
+    }
+    net.cut("foo");
+    let at_cut = arrived();
+    std::thread::sleep(CUT);
+    net.restore("foo");
+    let status = poll_until(Duration::from_secs(180), || child.try_wait().ok().flatten());
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("malai ssh output");
+    assert!(
+        status.is_some_and(|s| s.success()) && stdout_of(&out) == "stored\n",
+        "native upload through a {CUT:?} cut: {status:?}\n{}\n{}\n{}",
+        fmt_output(&out),
+        tail(&c.machine("alice").logs(), 30),
+        tail(&c.machine("foo").logs(), 30)
+    );
+    assert!(
+        (at_cut as usize) < BIG,
+        "the upload finished before the cut: nothing was tested"
+    );
+    assert_eq!(
+        sha256_file(&dst),
+        want,
+        "the upload through the cut corrupted the file"
+    );
+    assert!(c.machine("alice").logs().contains("resumed"));
+    eprintln!(
+        "resume (netsim): native exec 64 MiB up with a {CUT:?} cut at {:.1} MiB",
+        at_cut as f64 / 1048576.0
+    );
 }
 
 /// An interactive ssh (ProxyCommand) through a cut past the idle limit: a line typed the
