@@ -37,6 +37,7 @@
 //!   `session::route` (the routing policy), `session::open`, `session::link` (forwards),
 //!   `session::dial`, `session::own` (a command's own endpoint), `session::liveness`,
 //!   `session::resume` (the resumable byte stream: both ends' engine, the client's redial),
+//!   `session::registry` (this machine's resumable client sessions, for status),
 //!   `session::ssh_via`, and `SessionError`.
 //! - L5 [`sync`]: config sync (the manager's poller, a member's apply and pull, the requests).
 //!   [`keyholder`]: the pool and control server both the agent and the server run.

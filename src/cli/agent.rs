@@ -206,6 +206,36 @@ pub fn render_status(holders: &[crate::control::LiveHolder]) -> String {
 }
 
 /// `90` → `1m 30s`.
+/// This machine's resumable client sessions (`session::registry`): attached, or
+/// reconnecting since when.
+pub fn render_client_sessions(records: &[crate::session::registry::Record]) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut out = String::new();
+    for r in records {
+        let state = match r.reconnecting_since {
+            Some(t) => format!("reconnecting for {}", secs(now.saturating_sub(t))),
+            None => "attached".to_string(),
+        };
+        let what = if r.kind == "tunnel" {
+            "malai ssh proxy"
+        } else {
+            "malai ssh"
+        };
+        out.push_str(&format!(
+            "client {} session {}/{} ({what}): {state}, age {}, {} bytes buffered\n",
+            r.pid,
+            r.cluster,
+            r.server,
+            secs(now.saturating_sub(r.started)),
+            r.buffered
+        ));
+    }
+    out
+}
+
 fn secs(n: u64) -> String {
     humantime::format_duration(std::time::Duration::from_secs(n)).to_string()
 }

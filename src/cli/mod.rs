@@ -467,6 +467,10 @@ pub async fn dispatch(cli: Cli, dirs: Dirs) -> anyhow::Result<()> {
                 print!("{}", agent::render_status(&holders));
                 // Commands that bound a key themselves hold connections no holder lists.
                 for dir in crate::config::store::list_clusters(&dirs)? {
+                    print!(
+                        "{}",
+                        agent::render_client_sessions(&crate::session::registry::list(&dir))
+                    );
                     if crate::control::lock::commands_running(&dir) {
                         println!(
                             "{}: commands that bound the key themselves are running (their connections are not listed; start the agent to see and share them)",

@@ -14,6 +14,7 @@
 //! - [`own`]: the endpoint a command binds itself when nobody holds the key.
 //! - [`liveness`]: noticing a restarted server (boot id probes).
 //! - [`resume`]: the resumable byte stream (both ends' engine) and the client's redial.
+//! - [`registry`]: this machine's resumable client sessions, for status.
 //! - [`ssh_via`]: servers reached through OpenSSH + `malai ssh stdinserver`.
 
 pub mod connect;
@@ -22,6 +23,7 @@ pub mod link;
 pub mod liveness;
 pub mod open;
 pub mod own;
+pub mod registry;
 pub mod resolve;
 pub mod resume;
 pub mod route;

@@ -449,6 +449,8 @@ pub struct Resumable {
     watchdog: Arc<liveness::Watchdog>,
     send: SendHalf,
     recv: RecvHalf,
+    /// What `malai ssh status` shows of it (`session::registry`).
+    record: super::registry::Registered,
 }
 
 /// What asking for a resumable session gave.
@@ -521,6 +523,7 @@ pub async fn open(
                 watchdog,
                 send,
                 recv,
+                record: super::registry::register(&resolved.dir, &server.name, kind),
             })))
         }
     }
@@ -590,9 +593,13 @@ impl Resumable {
                         )));
                     }
                     tracing::info!(server = %self.server.name, %why, received = self.stream.received(), buffered = self.stream.buffered(), "connection lost; resuming");
+                    self.record.reconnecting(self.stream.buffered());
                     self.conn.close(RESUMING_ELSEWHERE);
                     match self.redial(close).await {
-                        Ok(Some(n)) => peer_received = n,
+                        Ok(Some(n)) => {
+                            peer_received = n;
+                            self.record.attached(self.stream.buffered());
+                        }
                         Ok(None) => {
                             self.own.done(ABORT_CLOSE).await;
                             return Ok(End::ClosedByUs);

@@ -766,8 +766,20 @@ fn nat_resume_native_exec_64mib_upload_through_a_cut() {
         panic!("the upload never started\n{}", c.diagnostics());
     }
     net.cut("foo");
+    let cut_at = Instant::now();
     let at_cut = arrived();
-    std::thread::sleep(CUT);
+    // `malai ssh status` on alice lists the session as reconnecting once its connection
+    // timed out (the cut lasts until it does, and at least CUT).
+    let status_line = poll_until(Duration::from_secs(30), || {
+        let out = c.machine("alice").run(["ssh", "status"]);
+        stdout_of(&out)
+            .lines()
+            .find(|l| l.contains("session acme/foo (malai ssh): reconnecting for"))
+            .map(str::to_string)
+    });
+    if let Some(left) = CUT.checked_sub(cut_at.elapsed()) {
+        std::thread::sleep(left);
+    }
     net.restore("foo");
     let status = poll_until(Duration::from_secs(180), || child.try_wait().ok().flatten());
     if status.is_none() {
@@ -790,6 +802,11 @@ fn nat_resume_native_exec_64mib_upload_through_a_cut() {
         want,
         "the upload through the cut corrupted the file"
     );
+    let line = status_line.expect("alice's status never listed the session as reconnecting");
+    assert!(line.contains("bytes buffered"), "{line}");
+    // Over, the session leaves no record behind.
+    let after = stdout_of(&c.machine("alice").run(["ssh", "status"]));
+    assert!(!after.contains("session acme/foo"), "{after}");
     assert!(c.machine("alice").logs().contains("resumed"));
     eprintln!(
         "resume (netsim): native exec 64 MiB up with a {CUT:?} cut at {:.1} MiB",
