@@ -73,7 +73,7 @@ where
         // Revoked while detached: the session ends with the refusal.
         if let Some(res) = resumed {
             tracing::warn!(peer = %ctx.peer, session = %res.slot.id.get(..8).unwrap_or_default(), "access revoked while detached: the session is ended");
-            ctx.state.detached.end(&res.slot);
+            ctx.state.detached.end_revoked(&res.slot);
         }
         return true;
     };

@@ -144,6 +144,9 @@ pub enum ResumeDenied {
     WrongSecret,
     #[error("the session's old stream did not let go")]
     Busy,
+    /// Its peer's access was revoked and the session ended (told only to that peer).
+    #[error("access revoked; the session was ended")]
+    Revoked,
 }
 
 impl ResumeDenied {
@@ -151,15 +154,22 @@ impl ResumeDenied {
     pub fn public(&self) -> &'static str {
         match self {
             ResumeDenied::Busy => "the session is busy; try again",
+            ResumeDenied::Revoked => "access revoked",
             _ => "unknown session (it expired, or the server restarted)",
         }
     }
 }
 
+/// How many sessions ended by a revocation are remembered, so their peer's resume is
+/// told why rather than "unknown session".
+const REVOKED_KEPT: usize = 256;
+
 /// One cluster's resumable sessions.
 #[derive(Default)]
 pub struct Table {
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// Sessions ended because their peer's access was revoked, newest last (id, peer).
+    revoked: Mutex<std::collections::VecDeque<(String, Id52)>>,
 }
 
 impl Table {
@@ -228,11 +238,18 @@ impl Table {
         resume: &wire::Resume,
         peer: Id52,
     ) -> Result<(Arc<Slot>, Parked), ResumeDenied> {
-        let slot = self
-            .slots()
-            .get(&resume.session)
-            .cloned()
-            .ok_or(ResumeDenied::Unknown)?;
+        let Some(slot) = self.slots().get(&resume.session).cloned() else {
+            let revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+            return Err(
+                match revoked
+                    .iter()
+                    .any(|(id, p)| *id == resume.session && *p == peer)
+                {
+                    true => ResumeDenied::Revoked,
+                    false => ResumeDenied::Unknown,
+                },
+            );
+        };
         if slot.peer != peer {
             return Err(ResumeDenied::OtherPeer);
         }
@@ -267,6 +284,19 @@ impl Table {
         self.slots().remove(&slot.id);
         let p = slot.lock().parked.take();
         drop(p);
+    }
+
+    /// End a session because its peer's access was revoked; a resume by that peer is then
+    /// told so.
+    pub fn end_revoked(&self, slot: &Slot) {
+        {
+            let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+            if revoked.len() >= REVOKED_KEPT {
+                revoked.pop_front();
+            }
+            revoked.push_back((slot.id.clone(), slot.peer));
+        }
+        self.end(slot);
     }
 
     /// Put a session whose stream broke back, detached, and start its keep timer.
@@ -407,7 +437,7 @@ where
         Err(AttachError::Net(why)) => {
             if !still_allowed() {
                 tracing::info!(peer = %slot.peer, session = %short(&slot.id), "stream cut and access revoked: ending the session");
-                table.end(slot);
+                table.end_revoked(slot);
                 return Served::Ended { clean: false };
             }
             if let Some(reason) = left_for_good(conn).await {
@@ -509,7 +539,7 @@ pub fn watch_detached(state: Arc<super::ClusterState>, slot: Arc<Slot>) {
                 _ = &mut revoked => {
                     if still_detached(&slot) {
                         tracing::warn!(peer = %slot.peer, session = %short(&slot.id), "access revoked while detached: the session is ended");
-                        state.detached.end(&slot);
+                        state.detached.end_revoked(&slot);
                     }
                     return;
                 }
@@ -576,6 +606,30 @@ mod tests {
             port: None,
             resume: true,
         }
+    }
+
+    /// A session ended by a revocation tells its own peer so on resume; anyone else
+    /// presenting its id learns only "unknown session".
+    #[tokio::test]
+    async fn a_revoked_sessions_peer_is_told_why() {
+        let t = Arc::new(Table::default());
+        let (slot, grant) = t
+            .create(id(1), tunnel(), "foo", (4, 8), DEFAULT_KEEP)
+            .unwrap();
+        t.park(&slot, parked().await);
+        t.end_revoked(&slot);
+        let ask = wire::Resume {
+            session: grant.session.clone(),
+            secret: grant.secret.clone(),
+            received: 0,
+        };
+        let denied = t.claim(&ask, id(1)).await.err();
+        assert_eq!(denied, Some(ResumeDenied::Revoked));
+        assert_eq!(denied.unwrap().public(), "access revoked");
+        assert_eq!(
+            t.claim(&ask, id(2)).await.err(),
+            Some(ResumeDenied::Unknown)
+        );
     }
 
     /// Only the session's own peer with its own secret takes it; a stranger with the

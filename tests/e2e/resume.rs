@@ -522,6 +522,42 @@ fn resume_native_exec_refused_after_revocation_while_detached() {
     );
 }
 
+/// A live native exec whose peer is dropped from `allow-from` is cut at once (not kept
+/// detached): the client's resume is told why, it exits 255 with one line saying access
+/// was revoked, and the command is hung up on foo.
+#[test]
+fn resume_native_exec_revoked_while_attached_says_access_revoked() {
+    let c = cluster(&[]);
+    let marker = format!("sleep 4{}5", std::process::id());
+    let mut ssh = Ssh::start_via(&c, "alice", Via::Native, &format!("echo up; {marker}"));
+    assert!(
+        ssh.expect_line("up", Duration::from_secs(30)),
+        "malai ssh did not start; saw {:?}\n{}",
+        ssh.seen,
+        c.diagnostics()
+    );
+    c.edit_manager_file(|t| set_table_keys(&t, "server.foo", &[("allow-from", toml_str("bob"))]));
+    c.import_on("foo");
+    let (status, err) = ssh.wait(Duration::from_secs(30));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(255),
+        "a revoked session must fail with 255: {status:?}\n{err}"
+    );
+    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("malai: ")).collect();
+    assert!(
+        ours.len() == 1 && ours[0].contains("access revoked"),
+        "stderr does not say in one line that access was revoked:\n{err}"
+    );
+    assert!(
+        poll_until(Duration::from_secs(10), || (!running(&marker))
+            .then_some(()))
+        .is_some(),
+        "the revoked peer's command still runs on foo\n{}",
+        tail(&c.machine("foo").logs(), 20)
+    );
+}
+
 /// A restarted server has lost the command too: native exec says so in one line and exits
 /// 255 within 2 s of the server being back.
 #[test]
