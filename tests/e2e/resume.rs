@@ -770,6 +770,84 @@ fn nat_resume_rsync_64mib_through_a_cut_past_the_idle_limit() {
     transfer_through_a_cut("rsync");
 }
 
+/// Bytes under `dir`, all files at any depth (a clone in progress writes a temporary pack).
+fn bytes_under(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => bytes_under(&e.path()),
+            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+        })
+        .sum()
+}
+
+/// `git clone` of a repository holding a 64 MiB file, through the ProxyCommand, with foo
+/// cut off mid-download for longer than the idle limit: the clone completes and the file
+/// is byte-identical (the download direction, where scp and rsync above upload).
+#[test]
+fn nat_resume_git_clone_64mib_through_a_cut_past_the_idle_limit() {
+    if !netsim::available("resume::nat_resume_git_clone_64mib_through_a_cut_past_the_idle_limit") {
+        return;
+    }
+    let _lock = netsim::heavy_net_lock();
+    let relay_dir = tempfile::tempdir().expect("tempdir");
+    let (net, c) = nat_cluster(&relay_dir);
+    const BIG: usize = 64 << 20;
+    let repo = c.scratch("remote").join("repo");
+    std::fs::create_dir_all(&repo).expect("repo folder");
+    let git = |cwd: &std::path::Path, args: &[&str]| {
+        let out = run_cmd(git_command(cwd).args(args));
+        assert_success(&out, &format!("git {args:?}"));
+    };
+    git(&repo, &["init", "-q", "-b", "main"]);
+    write_random_file(&repo.join("big.bin"), BIG, 0x6769_7421);
+    let want = sha256_file(&repo.join("big.bin"));
+    git(&repo, &["add", "big.bin"]);
+    git(&repo, &["commit", "-q", "-m", "big"]);
+    let work = c.scratch("work");
+    let url = format!("foo.acme:{}", repo.display());
+    std::thread::scope(|s| {
+        let run = s.spawn(|| c.git("alice", &work, &["clone", "-q", &url, "clone"]));
+        let started = poll_until(Duration::from_secs(60), || {
+            (bytes_under(&work) > 1 << 20).then_some(())
+        });
+        assert!(
+            started.is_some(),
+            "the clone never started\n{}",
+            c.diagnostics()
+        );
+        net.cut("foo");
+        let at_cut = bytes_under(&work);
+        std::thread::sleep(CUT);
+        net.restore("foo");
+        let out = run.join().expect("clone thread");
+        assert!(
+            out.status.success(),
+            "git clone through a {CUT:?} cut\n{}\n{}\n{}",
+            fmt_output(&out),
+            tail(&c.machine("alice").logs(), 30),
+            tail(&c.machine("foo").logs(), 30)
+        );
+        assert!(
+            (at_cut as usize) < BIG,
+            "the clone finished before the cut: nothing was tested"
+        );
+        eprintln!(
+            "resume (netsim): git clone 64 MiB with a {CUT:?} cut at {:.1} MiB",
+            at_cut as f64 / 1048576.0
+        );
+    });
+    assert_eq!(
+        sha256_file(&work.join("clone/big.bin")),
+        want,
+        "the clone through the cut corrupted the file"
+    );
+    assert!(c.machine("alice").logs().contains("resumed"));
+}
+
 /// 64 MiB up by native exec (`malai ssh foo.acme 'cat > f' < f`) with foo cut off
 /// mid-transfer for longer than the idle limit: it arrives byte-identical and the command's
 /// exit status comes back.
