@@ -936,7 +936,17 @@ fn nat_resume_interactive_ssh_bytes_flow_again_after_a_cut() {
     if !netsim::available("resume::nat_resume_interactive_ssh_bytes_flow_again_after_a_cut") {
         return;
     }
-    interactive_through_a_cut(Some(IDLE), CUT);
+    interactive_through_a_cut(Some(IDLE), CUT, false);
+}
+
+/// The same with no direct path at all (UDP between the NATs blocked): the session, and
+/// every redial, goes through the cluster's relay.
+#[test]
+fn nat_resume_interactive_ssh_relay_only_through_a_cut() {
+    if !netsim::available("resume::nat_resume_interactive_ssh_relay_only_through_a_cut") {
+        return;
+    }
+    interactive_through_a_cut(Some(IDLE), CUT, true);
 }
 
 /// The same with the default settings (60 s idle limit) and a 70 s cut: what a user gets.
@@ -945,13 +955,16 @@ fn nat_resume_interactive_ssh_with_defaults_through_a_70s_cut() {
     if !netsim::available("resume::nat_resume_interactive_ssh_with_defaults_through_a_70s_cut") {
         return;
     }
-    interactive_through_a_cut(None, Duration::from_secs(70));
+    interactive_through_a_cut(None, Duration::from_secs(70), false);
 }
 
-fn interactive_through_a_cut(idle: Option<&str>, cut: Duration) {
+fn interactive_through_a_cut(idle: Option<&str>, cut: Duration, relay_only: bool) {
     let _lock = netsim::heavy_net_lock();
     let relay_dir = tempfile::tempdir().expect("tempdir");
     let (net, c) = nat_cluster_idle(&relay_dir, idle);
+    if relay_only {
+        net.block_udp_between_nats();
+    }
     let mut ssh = Ssh::interactive(&c, "alice");
     ssh.send("echo before");
     assert!(
@@ -975,7 +988,7 @@ fn interactive_through_a_cut(idle: Option<&str>, cut: Duration) {
         tail(&c.machine("foo").logs(), 30)
     );
     eprintln!(
-        "resume (netsim, idle {}, cut {cut:?}): bytes flowed again {flowing:?} after the network was back",
+        "resume (netsim, idle {}, cut {cut:?}, relay only: {relay_only}): bytes flowed again {flowing:?} after the network was back",
         idle.unwrap_or("default")
     );
     assert!(
