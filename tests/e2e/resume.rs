@@ -298,15 +298,24 @@ fn resume_ssh_survives_a_stopped_proxy_past_the_idle_limit() {
 /// one clear line, foo audits `resume-denied` and ends the detached session.
 #[test]
 fn resume_refused_after_revocation_while_detached() {
+    refused_after_revocation_while_detached(Via::Proxy);
+}
+
+/// Alice's client of a [`Via`] session, stopped past the idle limit, is dropped from
+/// foo's `allow-from` meanwhile: when it comes back the resume is refused, it exits 255
+/// with one line, foo audits `resume-denied`, ends the session and its command.
+fn refused_after_revocation_while_detached(via: Via) {
     let c = cluster(&[]);
-    let mut ssh = Ssh::start(&c, "alice", "echo up; sleep 30; echo survived");
+    let marker = format!("sleep 4{}{}", std::process::id(), via as u8);
+    let mut ssh = Ssh::start_via(&c, "alice", via, &format!("echo up; {marker}"));
     assert!(
         ssh.expect_line("up", Duration::from_secs(30)),
-        "ssh did not start; saw {:?}\n{}",
+        "{via:?} did not start; saw {:?}\n{}",
         ssh.seen,
         c.diagnostics()
     );
-    let pid = stop_proxy_past_the_idle_limit(&c, &mut ssh);
+    let pid = stop_client_past_the_idle_limit(&c, &mut ssh, via);
+    assert!(running(&marker), "the command ended while detached");
     c.edit_manager_file(|t| set_table_keys(&t, "server.foo", &[("allow-from", toml_str("bob"))]));
     c.import_on("foo");
     signal(pid, nix::sys::signal::Signal::SIGCONT);
@@ -316,10 +325,10 @@ fn resume_refused_after_revocation_while_detached() {
         Some(255),
         "a revoked resume must fail with 255: {status:?}\n{err}"
     );
+    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("malai: ")).collect();
     assert!(
-        err.lines()
-            .any(|l| l.starts_with("malai: ") && l.contains("could not be resumed")),
-        "stderr does not say the session could not be resumed:\n{err}"
+        ours.len() == 1 && ours[0].contains("could not be resumed"),
+        "stderr does not say in one line that the session could not be resumed:\n{err}"
     );
     let audit = audit_of_foo(&c);
     assert!(
@@ -336,17 +345,30 @@ fn resume_refused_after_revocation_while_detached() {
         "foo kept the revoked session\n{}",
         tail(&c.machine("foo").logs(), 20)
     );
+    assert!(
+        poll_until(Duration::from_secs(10), || (!running(&marker))
+            .then_some(()))
+        .is_some(),
+        "the revoked peer's command still runs on foo\n{}",
+        tail(&c.machine("foo").logs(), 20)
+    );
 }
 
 /// A server killed and started again has lost its sessions: the ProxyCommand says so in
 /// one line and exits 255 within 2 s of the server being back.
 #[test]
 fn resume_after_a_server_restart_says_so_in_one_line() {
+    restart_says_so_in_one_line(Via::Proxy);
+}
+
+/// Foo's server killed and started again under a [`Via`] session: the client says in one
+/// line that the server restarted and exits 255 within 2 s of the server being back.
+fn restart_says_so_in_one_line(via: Via) {
     let mut c = cluster(&[]);
-    let mut ssh = Ssh::start(&c, "alice", "echo up; sleep 60");
+    let mut ssh = Ssh::start_via(&c, "alice", via, "echo up; sleep 60");
     assert!(
         ssh.expect_line("up", Duration::from_secs(30)),
-        "ssh did not start; saw {:?}\n{}",
+        "{via:?} did not start; saw {:?}\n{}",
         ssh.seen,
         c.diagnostics()
     );
@@ -361,7 +383,7 @@ fn resume_after_a_server_restart_says_so_in_one_line() {
     let back = Instant::now();
     let (status, err) = ssh.wait(Duration::from_secs(40));
     let took = back.elapsed();
-    eprintln!("resume: the proxy gave up {took:?} after foo's server was back");
+    eprintln!("resume: {via:?} gave up {took:?} after foo's server was back");
     assert_eq!(
         status.and_then(|s| s.code()),
         Some(255),
@@ -375,7 +397,7 @@ fn resume_after_a_server_restart_says_so_in_one_line() {
     );
     assert!(
         took <= RESTART_NOTICE + ROOM,
-        "the proxy noticed the restart only {took:?} after foo was back"
+        "{via:?} noticed the restart only {took:?} after foo was back"
     );
 }
 
@@ -484,42 +506,7 @@ fn resume_native_exec_survives_a_stopped_client_past_the_idle_limit() {
 /// command is hung up on foo.
 #[test]
 fn resume_native_exec_refused_after_revocation_while_detached() {
-    let c = cluster(&[]);
-    let marker = format!("sleep 4{}3", std::process::id());
-    let mut ssh = Ssh::start_via(&c, "alice", Via::Native, &format!("echo up; {marker}"));
-    assert!(
-        ssh.expect_line("up", Duration::from_secs(30)),
-        "malai ssh did not start; saw {:?}\n{}",
-        ssh.seen,
-        c.diagnostics()
-    );
-    let pid = stop_client_past_the_idle_limit(&c, &mut ssh, Via::Native);
-    assert!(running(&marker), "the command ended while detached");
-    c.edit_manager_file(|t| set_table_keys(&t, "server.foo", &[("allow-from", toml_str("bob"))]));
-    c.import_on("foo");
-    signal(pid, nix::sys::signal::Signal::SIGCONT);
-    let (status, err) = ssh.wait(Duration::from_secs(40));
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(255),
-        "a revoked resume must fail with 255: {status:?}\n{err}"
-    );
-    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("malai: ")).collect();
-    assert!(
-        ours.len() == 1 && ours[0].contains("could not be resumed"),
-        "stderr does not say in one line that the session could not be resumed:\n{err}"
-    );
-    assert!(
-        audit_of_foo(&c).contains("\"resume-denied\""),
-        "no resume-denied line in foo's audit log"
-    );
-    assert!(
-        poll_until(Duration::from_secs(10), || (!running(&marker))
-            .then_some(()))
-        .is_some(),
-        "the revoked peer's command still runs on foo\n{}",
-        tail(&c.machine("foo").logs(), 20)
-    );
+    refused_after_revocation_while_detached(Via::Native);
 }
 
 /// A live native exec whose peer is dropped from `allow-from` is cut at once (not kept
@@ -562,41 +549,7 @@ fn resume_native_exec_revoked_while_attached_says_access_revoked() {
 /// 255 within 2 s of the server being back.
 #[test]
 fn resume_native_exec_after_a_server_restart_says_so_in_one_line() {
-    let mut c = cluster(&[]);
-    let mut ssh = Ssh::start_via(&c, "alice", Via::Native, "echo up; sleep 60");
-    assert!(
-        ssh.expect_line("up", Duration::from_secs(30)),
-        "malai ssh did not start; saw {:?}\n{}",
-        ssh.seen,
-        c.diagnostics()
-    );
-    let p = c.server_process("foo");
-    let pid = nix::unistd::Pid::from_raw(p.pid() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL foo");
-    assert!(
-        poll_until(Duration::from_secs(10), || (!p.is_running()).then_some(())).is_some(),
-        "foo's server survived SIGKILL"
-    );
-    c.start_server("foo");
-    let back = Instant::now();
-    let (status, err) = ssh.wait(Duration::from_secs(40));
-    let took = back.elapsed();
-    eprintln!("resume: native exec gave up {took:?} after foo's server was back");
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(255),
-        "expected 255: {status:?}\n{err}"
-    );
-    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("malai: ")).collect();
-    assert_eq!(
-        ours,
-        ["malai: foo.acme: the server restarted; the session could not be resumed"],
-        "stderr:\n{err}"
-    );
-    assert!(
-        took <= RESTART_NOTICE + ROOM,
-        "native exec noticed the restart only {took:?} after foo was back"
-    );
+    restart_says_so_in_one_line(Via::Native);
 }
 
 // ---------------------------------------------------------------------------------------------
