@@ -178,6 +178,43 @@ where
     pumped.is_ok()
 }
 
+/// The embedded SSH server for a resumable tunnel (`server::resume`): it runs on an
+/// in-process pipe whose other end, returned, becomes the session's local leg. It runs in
+/// a task of its own that outlives the stream (its channels and forwards re-decided on
+/// every reload while it runs, attached or detached) and ends when the leg closes (the
+/// session ended: finished, expired, revoked). Fails only when the host key cannot be
+/// loaded (the reason for the client).
+pub fn start_detachable(ctx: EmbeddedContext) -> Result<tokio::io::DuplexStream, String> {
+    let key = match keys::load(&ctx.state.dir.dir) {
+        Ok(k) => host_key(&k),
+        Err(e) => {
+            tracing::error!(error = %e, "embedded ssh: cannot load the host key");
+            return Err(format!("the server cannot load its host key: {e}"));
+        }
+    };
+    let peer = ctx.peer;
+    let holdings = Holdings::new(ctx.state.clone(), ctx.server.clone(), peer, ctx.transport);
+    let (ours, theirs) = tokio::io::duplex(pump::PUMP_BUF);
+    let handler = SshHandler::new(Arc::new(ctx), holdings.clone());
+    tokio::spawn(async move {
+        let ssh = async {
+            match russh::server::run_stream(Arc::new(config(key)), theirs, handler).await {
+                Ok(session) => session.await,
+                Err(e) => Err(e),
+            }
+        };
+        let ended = tokio::select! {
+            r = ssh => r,
+            _ = holdings.watch() => unreachable!("the watcher never returns"),
+        };
+        match ended {
+            Ok(()) => tracing::info!(%peer, "embedded ssh session closed (resumable)"),
+            Err(e) => tracing::info!(%peer, error = %e, "embedded ssh session ended (resumable)"),
+        }
+    });
+    Ok(ours)
+}
+
 /// One session channel's state, kept by the handler.
 struct ChannelState {
     /// Its place under the channel caps.

@@ -47,18 +47,13 @@ where
     let Some(mut child) = start(program, req, ctx.peer.to_string(), w).await else {
         return true;
     };
-    if resume {
-        let table = &ctx.state.detached;
-        let cfg = ctx.state.current();
-        let keep = resume::keep_time(cfg.servers.get(server).and_then(|s| s.session_keep));
-        if let Some((slot, grant)) = table.create(ctx.peer, asked, server, resume::caps(), keep) {
-            if reply(w, &Response::AcceptResumable(grant)).await.is_err() {
-                table.end(&slot);
-                child.hang_up().await;
-                return false;
-            }
-            return serve_resumable(ctx, &slot, child, r, w).await;
+    if resume && let Some((slot, grant)) = resume::new_slot(ctx, server, asked) {
+        if reply(w, &Response::AcceptResumable(grant)).await.is_err() {
+            ctx.state.detached.end(&slot);
+            child.hang_up().await;
+            return false;
         }
+        return serve_resumable(ctx, &slot, child, r, w).await;
     }
     if reply(w, &Response::Accept).await.is_err() {
         child.hang_up().await;

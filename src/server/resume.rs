@@ -385,6 +385,21 @@ pub enum Served {
     Detached,
 }
 
+/// A new resumable session for `ctx.peer`'s `request` on this server (known as `server`
+/// in the cluster file), with its keep time and the caps in force; `None` over a cap or
+/// with resume turned off (`session-keep = "0s"`): the request is then served without.
+pub fn new_slot(
+    ctx: &super::request::Context,
+    server: &str,
+    request: Request,
+) -> Option<(Arc<Slot>, Grant)> {
+    let cfg = ctx.state.current();
+    let keep = keep_time(cfg.servers.get(server).and_then(|s| s.session_keep));
+    ctx.state
+        .detached
+        .create(ctx.peer, request, server, caps(), keep)
+}
+
 /// The network stream a session is served on now.
 pub struct Attachment<'a, R, W> {
     pub r: &'a mut R,

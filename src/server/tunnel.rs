@@ -6,9 +6,9 @@
 //! there: a machine without sshd), the stream is served by the in-process SSH server
 //! (`server::embedded`) instead.
 //!
-//! A tunnel that asked for resume (`protocol::resume`) to a TCP target gets a resumable
-//! session (`server::resume`) when the caps allow: its sshd leg then outlives the stream.
-//! The embedded server's tunnels are not resumable (yet): they are served as before.
+//! A tunnel that asked for resume (`protocol::resume`) gets a resumable session
+//! (`server::resume`) when the caps allow: its sshd leg, or the embedded server's SSH
+//! session, then outlives the stream.
 
 use std::time::Duration;
 
@@ -44,15 +44,19 @@ where
         server: server.to_string(),
         transport: ctx.transport,
     };
+    // Only an iroh peer can come back on another connection to this same process.
+    let resume = resume && ctx.transport == "iroh";
     let addr = match target {
         SshTarget::Tcp(a) => a.clone(),
-        SshTarget::Embedded => return embedded::serve(embedded_ctx(), r, w).await,
+        SshTarget::Embedded => {
+            return serve_embedded(ctx, server, embedded_ctx(), resume, r, w).await;
+        }
     };
     let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
             tracing::warn!(%addr, "ssh target refused the connection; serving the embedded ssh server instead");
-            return embedded::serve(embedded_ctx(), r, w).await;
+            return serve_embedded(ctx, server, embedded_ctx(), resume, r, w).await;
         }
         Ok(Err(e)) => {
             tracing::error!(%addr, error = %e, "cannot reach ssh target");
@@ -66,16 +70,12 @@ where
             return true;
         }
     };
-    // Only an iroh peer can come back on another connection to this same process.
-    if resume && ctx.transport == "iroh" {
+    if resume {
         let request = crate::protocol::Request::Tunnel { port: None, resume };
-        let table = &ctx.state.detached;
-        let cfg = ctx.state.current();
-        let keep = resume::keep_time(cfg.servers.get(server).and_then(|s| s.session_keep));
-        if let Some((slot, grant)) = table.create(ctx.peer, request, server, resume::caps(), keep) {
+        if let Some((slot, grant)) = resume::new_slot(ctx, server, request) {
             let _ = tcp.set_nodelay(true);
             if reply(w, &Response::AcceptResumable(grant)).await.is_err() {
-                table.end(&slot);
+                ctx.state.detached.end(&slot);
                 return false;
             }
             let (tcp_r, tcp_w) = tcp.into_split();
@@ -84,6 +84,42 @@ where
         }
     }
     relay_tcp(tcp, &format!("ssh at {addr}"), r, w).await
+}
+
+/// A tunnel served by the in-process SSH server: resumable (its SSH session then lives in
+/// a task of its own, `embedded::start_detachable`) when asked and the caps allow.
+async fn serve_embedded<R, W>(
+    ctx: &Context,
+    server: &str,
+    embedded_ctx: EmbeddedContext,
+    resume: bool,
+    r: &mut R,
+    w: &mut W,
+) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if resume {
+        let request = crate::protocol::Request::Tunnel { port: None, resume };
+        if let Some((slot, grant)) = resume::new_slot(ctx, server, request) {
+            let leg = match embedded::start_detachable(embedded_ctx) {
+                Ok(l) => l,
+                Err(reason) => {
+                    ctx.state.detached.end(&slot);
+                    let _ = reply(w, &Response::Error { reason }).await;
+                    return true;
+                }
+            };
+            if reply(w, &Response::AcceptResumable(grant)).await.is_err() {
+                ctx.state.detached.end(&slot);
+                return false;
+            }
+            let (lr, lw) = tokio::io::split(leg);
+            return resume::serve(ctx, &slot, resume::Parked::new(lr, lw), 0, r, w).await;
+        }
+    }
+    embedded::serve(embedded_ctx, r, w).await
 }
 
 /// Answer `accept` and move raw bytes between the peer and a local TCP connection already

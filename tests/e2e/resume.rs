@@ -24,8 +24,13 @@ const RESTART_NOTICE: Duration = Duration::from_secs(2);
 const ROOM: Duration = Duration::from_secs(4);
 
 fn cluster(env: &[(&str, &str)]) -> TestCluster {
+    cluster_with(SshTarget::Sshd, env)
+}
+
+/// [`cluster`] with foo's ssh target `target`.
+fn cluster_with(target: SshTarget, env: &[(&str, &str)]) -> TestCluster {
     let mut b = TestCluster::builder("acme")
-        .server_with("foo", SshTarget::Sshd)
+        .server_with("foo", target)
         .device("alice")
         .device("bob")
         .allow("foo", &["alice", "bob"])
@@ -281,6 +286,46 @@ fn resume_ssh_survives_a_stopped_proxy_past_the_idle_limit() {
         "no resumed line in foo's audit log:\n{audit}"
     );
     // A clean end removes the session (nothing stays detached on foo).
+    assert!(
+        poll_until(Duration::from_secs(10), || foo_log_has(
+            &c,
+            "resumable session ended"
+        )
+        .then_some(()))
+        .is_some(),
+        "foo did not end the session\n{}",
+        tail(&c.machine("foo").logs(), 20)
+    );
+}
+
+/// A tunnel to the embedded SSH server (foo has no sshd) is resumable too: ssh through the
+/// ProxyCommand, its proxy stopped past the idle limit, goes on after SIGCONT and exits 0.
+#[test]
+fn resume_ssh_to_the_embedded_server_survives_a_stopped_proxy() {
+    let c = cluster_with(SshTarget::Embedded, &[]);
+    let mut ssh = Ssh::start(&c, "alice", "echo up; sleep 14; echo survived");
+    assert!(
+        ssh.expect_line("up", Duration::from_secs(30)),
+        "ssh did not start; saw {:?}\n{}",
+        ssh.seen,
+        c.diagnostics()
+    );
+    let pid = stop_proxy_past_the_idle_limit(&c, &mut ssh);
+    signal(pid, nix::sys::signal::Signal::SIGCONT);
+    let ok = ssh.expect_line("survived", Duration::from_secs(40));
+    let seen = ssh.seen.clone();
+    let (status, err) = ssh.wait(Duration::from_secs(20));
+    assert!(
+        ok,
+        "the embedded session did not survive; saw {seen:?}\nstderr: {err}\n{}\n{}",
+        tail(&c.machine("alice").logs(), 30),
+        tail(&c.machine("foo").logs(), 30)
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "ssh did not exit 0 after resuming: {status:?}\n{err}"
+    );
+    assert!(c.machine("alice").logs().contains("resumed"));
     assert!(
         poll_until(Duration::from_secs(10), || foo_log_has(
             &c,
