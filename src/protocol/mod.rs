@@ -381,6 +381,7 @@ mod tests {
                 session: "ab".into(),
                 secret: "cd".into(),
                 received: 7,
+                close: true,
             }),
             Request::Http {
                 service: "web".into(),

@@ -91,6 +91,11 @@ pub struct Resume {
     pub secret: String,
     /// Positions of the server's direction the client has received.
     pub received: u64,
+    /// End the session instead of resuming it: sent for a session whose client process is
+    /// gone (`session::registry`), so the server does not keep it for `session-keep`.
+    /// Older servers ignore it (and end the session on the count they cannot use).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub close: bool,
 }
 
 /// One frame of a resumable stream.

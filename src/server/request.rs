@@ -56,6 +56,8 @@ where
     let server = ctx.state.server_name(&cfg).unwrap_or_default();
     let (request, resumed) = match header.request {
         Request::Resume(resume) => match claim(ctx, &cfg, &resume, w).await {
+            // Its client process is gone: end it (no right is needed to end one's own).
+            Some(res) if resume.close => return close_session(ctx, &cfg, res, w).await,
             Some(res) => (res.slot.request.clone(), Some(res)),
             None => return true,
         },
@@ -236,6 +238,25 @@ pub struct Resumed {
     pub slot: Arc<super::resume::Slot>,
     pub parked: super::resume::Parked,
     pub peer_received: u64,
+}
+
+/// A `resume` with `close`: the session's client process is gone, and another process of
+/// the same machine asks to end it. Audited as `closed`; answered `accept`.
+async fn close_session<W: AsyncWrite + Unpin>(
+    ctx: &Context,
+    cfg: &ClusterConfig,
+    res: Resumed,
+    w: &mut W,
+) -> bool {
+    let short = res.slot.id.chars().take(8).collect::<String>();
+    tracing::info!(peer = %ctx.peer, session = %short, "the client's machine asked to end its session (its process is gone)");
+    ctx.state.detached.end(&res.slot);
+    drop(res.parked);
+    let mut entry = audit_entry(ctx, cfg, &res.slot.request);
+    entry.detail = format!("session {short}");
+    entry.decision = "closed".into();
+    audit::write(&entry);
+    reply(w, &Response::Accept).await.is_ok()
 }
 
 /// Take the session a `resume` names, if it is this peer's and the secret matches;

@@ -637,6 +637,7 @@ mod tests {
             session: grant.session.clone(),
             secret: grant.secret.clone(),
             received: 0,
+            close: false,
         };
         let denied = t.claim(&ask, id(1)).await.err();
         assert_eq!(denied, Some(ResumeDenied::Revoked));
@@ -660,6 +661,7 @@ mod tests {
             session: grant.session.clone(),
             secret: grant.secret.clone(),
             received: 0,
+            close: false,
         };
         assert_eq!(
             t.claim(&ask, id(2)).await.err(),
@@ -756,6 +758,7 @@ mod tests {
             session: grant.session,
             secret: grant.secret,
             received: 0,
+            close: false,
         };
         let (s, _p) = t.claim(&ask, id(1)).await.unwrap();
         assert_eq!(old.await.unwrap(), Served::Detached);
@@ -834,6 +837,7 @@ mod tests {
                 session: grant.session.clone(),
                 secret: secret.to_string(),
                 received: 0,
+                close: false,
             })
         };
         // Deny twins: another machine with the stolen id and secret; the owner, wrong secret.

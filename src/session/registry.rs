@@ -6,9 +6,12 @@
 //! The records are files `sessions/<pid>.<n>.json` (written atomically: a temporary file,
 //! then a rename) beside a lock file `sessions/<pid>.<n>.lock` the process holds
 //! (`flock`) for its session's life. A record whose lock nobody holds belongs to a process
-//! that is gone (SIGKILL leaves it behind): [`list`] removes it instead of showing it. The
-//! record holds nothing secret (no session secret, no key); the folder is the cluster's own
-//! private one.
+//! that is gone (SIGKILL leaves it behind): [`list`] does not show it, and [`orphans`]
+//! hands it to the next resumable session of this cluster, which asks the server to end
+//! that session (a `resume` with `close`) instead of keeping it, and its command, for
+//! `session-keep`. A record holds its session's id and per-session secret (never a key):
+//! the folder is the cluster's own private one, the file 0600, and the server takes the
+//! secret only from this machine's id52.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +38,14 @@ pub struct Record {
     pub reconnecting_since: Option<u64>,
     /// Bytes sent and not yet acknowledged by the server (at the last change).
     pub buffered: u64,
+    /// The session's id and secret, to end it when this process is gone ([`orphans`]).
+    #[serde(default)]
+    pub session: String,
+    #[serde(default)]
+    pub secret: String,
+    /// How long the server keeps it detached: past that a left record is only removed.
+    #[serde(default)]
+    pub keep_secs: u64,
 }
 
 fn now() -> u64 {
@@ -54,9 +65,16 @@ pub struct Registered {
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
+/// The session a record is for, as the server granted it.
+pub struct Granted<'a> {
+    pub session: &'a str,
+    pub secret: &'a str,
+    pub keep_secs: u64,
+}
+
 /// Leave a record for a new attached session of `kind` to `server`. Best effort: a record
 /// that cannot be written is logged and the session goes on without one.
-pub fn register(dir: &ClusterDir, server: &str, kind: &str) -> Registered {
+pub fn register(dir: &ClusterDir, server: &str, kind: &str, granted: Granted<'_>) -> Registered {
     let pid = std::process::id();
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let folder = dir.dir.join(FOLDER);
@@ -73,6 +91,9 @@ pub fn register(dir: &ClusterDir, server: &str, kind: &str) -> Registered {
             started: now(),
             reconnecting_since: None,
             buffered: 0,
+            session: granted.session.to_string(),
+            secret: granted.secret.to_string(),
+            keep_secs: granted.keep_secs,
         },
     };
     match hold(&folder, &r.lock) {
@@ -142,8 +163,8 @@ impl Drop for Registered {
     }
 }
 
-/// The records of `dir`'s live sessions, oldest first; those of processes that are gone are
-/// removed.
+/// The records of `dir`'s live sessions, oldest first (not those of processes that are
+/// gone: they are [`orphans`]).
 pub fn list(dir: &ClusterDir) -> Vec<Record> {
     let folder = dir.dir.join(FOLDER);
     let Ok(entries) = std::fs::read_dir(&folder) else {
@@ -157,8 +178,6 @@ pub fn list(dir: &ClusterDir) -> Vec<Record> {
         }
         let lock = path.with_extension("lock");
         if !held_by_someone(&lock) {
-            let _ = std::fs::remove_file(&path);
-            let _ = std::fs::remove_file(&lock);
             continue;
         }
         let record = std::fs::read(&path)
@@ -169,6 +188,63 @@ pub fn list(dir: &ClusterDir) -> Vec<Record> {
         }
     }
     out.sort_by_key(|r| (r.started, r.pid));
+    out
+}
+
+/// A record left by a process that is gone: its session may still be detached on the
+/// server. [`Orphan::forget`] removes the record.
+pub struct Orphan {
+    pub record: Record,
+    json: PathBuf,
+}
+
+impl Orphan {
+    pub fn forget(self) {
+        let _ = std::fs::remove_file(&self.json);
+        let _ = std::fs::remove_file(self.json.with_extension("lock"));
+    }
+}
+
+/// `dir`'s records whose process is gone and whose session the server may still keep;
+/// records past their keep time (or unreadable) are removed here.
+pub fn orphans(dir: &ClusterDir) -> Vec<Orphan> {
+    let Ok(entries) = std::fs::read_dir(dir.dir.join(FOLDER)) else {
+        return vec![];
+    };
+    let mut out = vec![];
+    for e in entries.flatten() {
+        let json = e.path();
+        if json.extension().and_then(|x| x.to_str()) != Some("json") {
+            continue;
+        }
+        let lock = json.with_extension("lock");
+        if held_by_someone(&lock) {
+            continue;
+        }
+        let record = std::fs::read(&json)
+            .ok()
+            .and_then(|t| serde_json::from_slice::<Record>(&t).ok());
+        let gone = Orphan {
+            record: match record {
+                Some(r) => r,
+                None => {
+                    let _ = std::fs::remove_file(&json);
+                    let _ = std::fs::remove_file(&lock);
+                    continue;
+                }
+            },
+            json,
+        };
+        let last = gone
+            .record
+            .reconnecting_since
+            .unwrap_or(gone.record.started);
+        if gone.record.session.is_empty() || now() > last.saturating_add(gone.record.keep_secs) {
+            gone.forget();
+            continue;
+        }
+        out.push(gone);
+    }
     out
 }
 
@@ -184,13 +260,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_record_lives_with_its_session_and_a_dead_ones_is_removed() {
+    fn a_record_lives_with_its_session_and_a_dead_ones_is_an_orphan() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = ClusterDir {
             alias: "acme".into(),
             dir: tmp.path().to_path_buf(),
         };
-        let mut r = register(&dir, "foo", "exec");
+        let granted = Granted {
+            session: "ab",
+            secret: "cd",
+            keep_secs: 3600,
+        };
+        let mut r = register(&dir, "foo", "exec", granted);
         let listed = list(&dir);
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].server, "foo");
@@ -204,21 +285,37 @@ mod tests {
         drop(r);
         assert!(list(&dir).is_empty());
 
-        // A record left by a process that is gone (nobody holds its lock) is not listed,
-        // and is removed.
+        // A record left by a process that is gone (nobody holds its lock) is not listed; it
+        // is an orphan until forgotten, or until its keep time is over.
         let folder = tmp.path().join(FOLDER);
-        let stale = Record {
+        let mut left = Record {
             cluster: "acme".into(),
             server: "foo".into(),
             kind: "tunnel".into(),
             pid: 1,
-            started: 1,
-            reconnecting_since: Some(2),
+            started: now(),
+            reconnecting_since: None,
             buffered: 0,
+            session: "ab".into(),
+            secret: "cd".into(),
+            keep_secs: 3600,
         };
-        std::fs::write(folder.join("1.0.json"), serde_json::to_vec(&stale).unwrap()).unwrap();
-        std::fs::write(folder.join("1.0.lock"), b"").unwrap();
+        let leave = |r: &Record| {
+            std::fs::write(folder.join("1.0.json"), serde_json::to_vec(r).unwrap()).unwrap();
+            std::fs::write(folder.join("1.0.lock"), b"").unwrap();
+        };
+        leave(&left);
         assert!(list(&dir).is_empty());
+        let found = orphans(&dir);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].record.session, "ab");
+        found.into_iter().for_each(Orphan::forget);
+        assert!(orphans(&dir).is_empty());
+        assert!(!folder.join("1.0.json").exists());
+        // Past its keep time the server has ended it anyway: removed, not handed out.
+        left.started = 1;
+        leave(&left);
+        assert!(orphans(&dir).is_empty());
         assert!(!folder.join("1.0.json").exists());
     }
 }

@@ -451,6 +451,62 @@ pub struct Resumable {
     recv: RecvHalf,
     /// What `malai ssh status` shows of it (`session::registry`).
     record: super::registry::Registered,
+    /// Ends the sessions this machine's gone processes left (runs alongside; stops with us).
+    _reaper: Reaper,
+}
+
+/// The task of [`reap_orphans`], aborted when the session that started it ends.
+struct Reaper(tokio::task::JoinHandle<()>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How long asking a server to end one left session may take.
+const REAP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sessions of this cluster left by processes of this machine that are gone (SIGKILL, a
+/// crash: `session::registry::orphans`): their servers keep them detached, commands
+/// running, for `session-keep`. Ask each server to end them (a `resume` with `close`),
+/// then forget the record, whatever the answer (a server that does not know the session
+/// any more has ended it already; one unreachable now ends it at its keep time).
+async fn reap_orphans(
+    node: Node,
+    dir: crate::config::store::ClusterDir,
+    cfg: crate::config::ClusterConfig,
+) {
+    for orphan in super::registry::orphans(&dir) {
+        let r = &orphan.record;
+        let Some(server) = cfg.servers.get(&r.server) else {
+            orphan.forget();
+            continue;
+        };
+        let close = wire::Resume {
+            session: r.session.clone(),
+            secret: r.secret.clone(),
+            received: 0,
+            close: true,
+        };
+        let asked = async {
+            let conn = node.connect(&server.id52, &server.addrs).await.ok()?;
+            let (mut send, mut recv) = conn.open().await.ok()?;
+            let header = Header {
+                cluster: Some(cfg.manager),
+                request: Request::Resume(close),
+            };
+            let answer = exchange_for(&mut send, &mut recv, header).await;
+            conn.close("done");
+            Some(answer.is_ok())
+        };
+        let ended = tokio::time::timeout(REAP_TIMEOUT, asked)
+            .await
+            .ok()
+            .flatten();
+        tracing::info!(server = %r.server, session = %short(&r.session), pid = r.pid, ?ended, "asked the server to end a session whose process is gone");
+        orphan.forget();
+    }
 }
 
 /// What asking for a resumable session gave.
@@ -510,6 +566,21 @@ pub async fn open(
         }))),
         Accepted::Resumable(grant) => {
             tracing::info!(server = %server.name, kind, session = %short(&grant.session), keep_secs = grant.keep_secs, "resumable {kind}");
+            let record = super::registry::register(
+                &resolved.dir,
+                &server.name,
+                kind,
+                super::registry::Granted {
+                    session: &grant.session,
+                    secret: &grant.secret,
+                    keep_secs: grant.keep_secs,
+                },
+            );
+            let reaper = Reaper(tokio::spawn(reap_orphans(
+                own.node.clone(),
+                resolved.dir.clone(),
+                resolved.config.clone(),
+            )));
             Ok(Opened::Resumable(Box::new(Resumable {
                 peer: server.id52,
                 hints: server.addrs.clone(),
@@ -523,7 +594,8 @@ pub async fn open(
                 watchdog,
                 send,
                 recv,
-                record: super::registry::register(&resolved.dir, &server.name, kind),
+                record,
+                _reaper: reaper,
             })))
         }
     }
@@ -568,6 +640,8 @@ impl Resumable {
                     };
                     let _ = tokio::time::timeout(wait, self.send.acknowledged()).await;
                     self.conn.close("done");
+                    // A short session would otherwise cut its reaper off mid-request.
+                    let _ = tokio::time::timeout(REAP_TIMEOUT, &mut self._reaper.0).await;
                     self.own.done(ENDPOINT_CLOSE).await;
                     return match end {
                         End::ClosedByPeer => {
@@ -654,6 +728,7 @@ impl Resumable {
                             session: self.grant.session.clone(),
                             secret: self.grant.secret.clone(),
                             received: self.stream.received(),
+                            close: false,
                         };
                         let turn = turn.clone();
                         attempts.spawn(async move {
