@@ -100,7 +100,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    if resume {
+    // Off unless MALAI_RESUME_EMBEDDED=on: a load run lost 6 of 100 concurrent `-L`
+    // connections through a resumable embedded tunnel (not yet understood).
+    if resume && std::env::var("MALAI_RESUME_EMBEDDED").as_deref() == Ok("on") {
         let request = crate::protocol::Request::Tunnel { port: None, resume };
         if let Some((slot, grant)) = resume::new_slot(ctx, server, request) {
             let leg = match embedded::start_detachable(embedded_ctx) {
