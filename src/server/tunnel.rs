@@ -100,9 +100,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    // Off unless MALAI_RESUME_EMBEDDED=on: a load run lost 6 of 100 concurrent `-L`
-    // connections through a resumable embedded tunnel (not yet understood).
-    if resume && std::env::var("MALAI_RESUME_EMBEDDED").as_deref() == Ok("on") {
+    if resume {
         let request = crate::protocol::Request::Tunnel { port: None, resume };
         if let Some((slot, grant)) = resume::new_slot(ctx, server, request) {
             let leg = match embedded::start_detachable(embedded_ctx) {

@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -342,6 +343,15 @@ impl Stream {
     }
 
     /// Frames from the peer: data to the local writer, acks into the replay buffer.
+    ///
+    /// The network is read eagerly, never waiting on the local writer: the peer's acks of
+    /// our direction ride behind its data on the same stream, so a receiver that stopped
+    /// reading while its local side is slow would stop them too — and a local side that
+    /// stops reading while it cannot write (an SSH server does) would then wait on our
+    /// full replay buffer for ever, both directions stuck. What is read and not yet
+    /// delivered waits here; it is never more than the peer may send unacknowledged
+    /// ([`REPLAY_CAP`]), since we acknowledge only what was delivered. It belongs to this
+    /// attachment: dropped with it, it is sent again (it was never acknowledged).
     async fn receive_half<LW, NR>(
         &self,
         local_w: &mut LW,
@@ -351,63 +361,100 @@ impl Stream {
         LW: AsyncWrite + Unpin + ?Sized,
         NR: AsyncRead + Unpin + ?Sized,
     {
-        loop {
-            let frame = wire::read(net_r)
-                .await
-                .map_err(|e| AttachError::Net(e.to_string()))?;
-            match frame {
-                None => {
-                    let i = self.lock();
-                    // The peer ends its half only once the session is over (its eof
-                    // acknowledged, ours received): anything else is a broken stream.
-                    return if i.eof_acked && i.peer_eof {
-                        drop(i);
-                        self.wake.notify_one();
-                        Ok(())
-                    } else {
-                        Err(AttachError::Net("the stream ended early".into()))
-                    };
-                }
-                Some(Frame::Data(d)) => {
-                    if self.lock().peer_eof {
-                        return Err(AttachError::Protocol("data after eof".into()));
+        let (queue, mut delivery) = tokio::sync::mpsc::unbounded_channel::<Inbound>();
+        let pending = std::sync::atomic::AtomicUsize::new(0);
+        let read = async {
+            let mut eof_seen = self.lock().peer_eof;
+            loop {
+                let frame = wire::read(net_r)
+                    .await
+                    .map_err(|e| AttachError::Net(e.to_string()))?;
+                let item = match frame {
+                    None => Inbound::Fin,
+                    Some(Frame::Data(d)) => {
+                        if eof_seen {
+                            return Err(AttachError::Protocol("data after eof".into()));
+                        }
+                        let held = pending.fetch_add(d.len(), Ordering::SeqCst) + d.len();
+                        if held > REPLAY_CAP {
+                            return Err(AttachError::Protocol(format!(
+                                "the peer sent {held} bytes beyond what we acknowledged \
+                                 (at most {REPLAY_CAP})"
+                            )));
+                        }
+                        Inbound::Data(d)
                     }
-                    let mut off = 0;
-                    while off < d.len() {
-                        match local_w.write(&d[off..]).await {
-                            Ok(0) | Err(_) => {
-                                return self.local_failed(std::io::ErrorKind::BrokenPipe).await;
-                            }
-                            Ok(n) => {
-                                off += n;
-                                self.lock().received += n as u64;
+                    Some(Frame::Ack(n)) => {
+                        self.lock().ack(n)?;
+                        self.wake.notify_one();
+                        continue;
+                    }
+                    Some(Frame::Eof) => {
+                        if eof_seen {
+                            return Err(AttachError::Protocol("a second eof".into()));
+                        }
+                        eof_seen = true;
+                        Inbound::Eof
+                    }
+                    Some(Frame::Close) => return Err(AttachError::Net(PEER_CLOSED.into())),
+                };
+                let fin = matches!(item, Inbound::Fin);
+                // The receiver lives as long as this future (joined below).
+                let _ = queue.send(item);
+                if fin {
+                    return Ok(());
+                }
+            }
+        };
+        let deliver = async {
+            while let Some(item) = delivery.recv().await {
+                match item {
+                    Inbound::Fin => {
+                        let i = self.lock();
+                        // The peer ends its half only once the session is over (its eof
+                        // acknowledged, ours received): anything else is a broken stream.
+                        return if i.eof_acked && i.peer_eof {
+                            drop(i);
+                            self.wake.notify_one();
+                            Ok(())
+                        } else {
+                            Err(AttachError::Net("the stream ended early".into()))
+                        };
+                    }
+                    Inbound::Data(d) => {
+                        let mut off = 0;
+                        while off < d.len() {
+                            match local_w.write(&d[off..]).await {
+                                Ok(0) | Err(_) => {
+                                    return self.local_failed(std::io::ErrorKind::BrokenPipe).await;
+                                }
+                                Ok(n) => {
+                                    off += n;
+                                    self.lock().received += n as u64;
+                                }
                             }
                         }
+                        pending.fetch_sub(d.len(), Ordering::SeqCst);
+                        if let Err(e) = local_w.flush().await {
+                            return self.local_failed(e.kind()).await;
+                        }
+                        self.wake.notify_one();
                     }
-                    if let Err(e) = local_w.flush().await {
-                        return self.local_failed(e.kind()).await;
+                    Inbound::Eof => {
+                        // Shutting down a writer whose reader already left is no error for us.
+                        let _ = local_w.shutdown().await;
+                        let mut i = self.lock();
+                        i.peer_eof = true;
+                        i.received += 1;
+                        drop(i);
+                        self.wake.notify_one();
                     }
-                    self.wake.notify_one();
                 }
-                Some(Frame::Ack(n)) => {
-                    self.lock().ack(n)?;
-                    self.wake.notify_one();
-                }
-                Some(Frame::Eof) => {
-                    if self.lock().peer_eof {
-                        return Err(AttachError::Protocol("a second eof".into()));
-                    }
-                    // Shutting down a writer whose reader already left is no error for us.
-                    let _ = local_w.shutdown().await;
-                    let mut i = self.lock();
-                    i.peer_eof = true;
-                    i.received += 1;
-                    drop(i);
-                    self.wake.notify_one();
-                }
-                Some(Frame::Close) => return Err(AttachError::Net(PEER_CLOSED.into())),
             }
-        }
+            // The reading half ended without a FIN: it returned its error first.
+            Ok(())
+        };
+        tokio::try_join!(read, deliver).map(drop)
     }
 
     /// Our local writer failed: let the sending half send `close`, and wait for it.
@@ -416,6 +463,14 @@ impl Stream {
         self.wake.notify_one();
         std::future::pending().await
     }
+}
+
+/// What the receiving half read and its delivery has yet to hand to the local writer.
+enum Inbound {
+    Data(Vec<u8>),
+    Eof,
+    /// The peer ended its half (QUIC FIN).
+    Fin,
 }
 
 /// The marker the receiving half ends with on the peer's `close` (mapped to
@@ -945,6 +1000,65 @@ mod tests {
         assert_eq!(eb.unwrap(), End::Finished);
         assert_eq!(app_b.await.unwrap(), data);
         assert_eq!(app_a.await.unwrap(), back);
+    }
+
+    /// The far side's application echoes and reads only while it can write (as an SSH
+    /// server does), and more than both replay buffers flows both ways at once: the
+    /// engines must not deadlock (acks ride behind data, so a receiver must keep reading
+    /// its network while its local writer waits). Load run 3's embedded `-L` stall.
+    #[tokio::test]
+    async fn an_echo_that_reads_only_while_it_can_write_does_not_stall() {
+        let a = Arc::new(Stream::new());
+        let b = Arc::new(Stream::new());
+        let data: Vec<u8> = (0..(4 * REPLAY_CAP) as u32)
+            .map(|i| (i * 31 + i / 97) as u8)
+            .collect();
+        let (mut a_local, a_app) = tokio::io::duplex(64 * 1024);
+        let (mut b_local, b_app) = tokio::io::duplex(64 * 1024);
+        let data2 = data.clone();
+        let app_a = tokio::spawn(async move {
+            let (mut r, mut w) = tokio::io::split(a_app);
+            let wr = async {
+                w.write_all(&data2).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut got = vec![];
+            let rd = async { r.read_to_end(&mut got).await.unwrap() };
+            tokio::join!(wr, rd);
+            got
+        });
+        let echo = tokio::spawn(async move {
+            let (mut r, mut w) = tokio::io::split(b_app);
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                let n = r.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    w.shutdown().await.unwrap();
+                    return;
+                }
+                w.write_all(&buf[..n]).await.unwrap();
+            }
+        });
+        let never = CancellationToken::new();
+        // A small network window, as QUIC's flow control is to 2 MiB buffers.
+        let (na, nb) = tokio::io::duplex(64 * 1024);
+        let (mut nar, mut naw) = tokio::io::split(na);
+        let (mut nbr, mut nbw) = tokio::io::split(nb);
+        let (mut alr, mut alw) = tokio::io::split(&mut a_local);
+        let (mut blr, mut blw) = tokio::io::split(&mut b_local);
+        let run = async {
+            tokio::join!(
+                a.attach(0, &mut alr, &mut alw, &mut nar, &mut naw, &never),
+                b.attach(0, &mut blr, &mut blw, &mut nbr, &mut nbw, &never),
+            )
+        };
+        let (ea, eb) = tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("the streams stalled");
+        assert_eq!(ea.unwrap(), End::Finished);
+        assert_eq!(eb.unwrap(), End::Finished);
+        echo.await.unwrap();
+        assert_eq!(app_a.await.unwrap(), data);
     }
 
     #[test]

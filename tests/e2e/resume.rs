@@ -302,7 +302,7 @@ fn resume_ssh_survives_a_stopped_proxy_past_the_idle_limit() {
 /// ProxyCommand, its proxy stopped past the idle limit, goes on after SIGCONT and exits 0.
 #[test]
 fn resume_ssh_to_the_embedded_server_survives_a_stopped_proxy() {
-    let c = cluster_with(SshTarget::Embedded, &[("MALAI_RESUME_EMBEDDED", "on")]);
+    let c = cluster_with(SshTarget::Embedded, &[]);
     let mut ssh = Ssh::start(&c, "alice", "echo up; sleep 14; echo survived");
     assert!(
         ssh.expect_line("up", Duration::from_secs(30)),
