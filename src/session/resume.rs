@@ -430,11 +430,14 @@ impl Stream {
                                 }
                                 Ok(n) => {
                                     off += n;
+                                    // Before the count moves: an ack of these bytes lets
+                                    // the peer send as many again, and they must not be
+                                    // found still held.
+                                    pending.fetch_sub(n, Ordering::SeqCst);
                                     self.lock().received += n as u64;
                                 }
                             }
                         }
-                        pending.fetch_sub(d.len(), Ordering::SeqCst);
                         if let Err(e) = local_w.flush().await {
                             return self.local_failed(e.kind()).await;
                         }
@@ -1059,6 +1062,65 @@ mod tests {
         assert_eq!(eb.unwrap(), End::Finished);
         echo.await.unwrap();
         assert_eq!(app_a.await.unwrap(), data);
+    }
+
+    /// A local reader slower than the network, taking a chunk in small pieces (a child's
+    /// 64 KiB pipe under `cat > f`): each piece is acknowledged as it is delivered, and the
+    /// peer's next bytes must not be taken for more than it may send. The bench's 512 MiB
+    /// upload broke on this ("2097172 bytes beyond what we acknowledged").
+    #[tokio::test]
+    async fn a_slow_reader_taking_chunks_in_pieces_is_no_protocol_error() {
+        let a = Arc::new(Stream::new());
+        let b = Arc::new(Stream::new());
+        let data: Vec<u8> = (0..(3 * REPLAY_CAP) as u32)
+            .map(|i| (i * 7) as u8)
+            .collect();
+        let (mut a_local, a_app) = tokio::io::duplex(256 * 1024);
+        let (mut b_local, b_app) = tokio::io::duplex(4000);
+        let data2 = data.clone();
+        let writer = tokio::spawn(async move {
+            let (_r, mut w) = tokio::io::split(a_app);
+            w.write_all(&data2).await.unwrap();
+            w.shutdown().await.unwrap();
+        });
+        let reader = tokio::spawn(async move {
+            let (mut r, _w) = tokio::io::split(b_app);
+            let mut got = vec![];
+            let mut buf = vec![0u8; 4000];
+            loop {
+                let n = r.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return got;
+                }
+                got.extend_from_slice(&buf[..n]);
+                tokio::time::sleep(Duration::from_micros(300)).await;
+            }
+        });
+        let never = CancellationToken::new();
+        let (na, nb) = tokio::io::duplex(256 * 1024);
+        let (mut nar, mut naw) = tokio::io::split(na);
+        let (mut nbr, mut nbw) = tokio::io::split(nb);
+        let (mut alr, mut alw) = tokio::io::split(&mut a_local);
+        let (mut blr, mut blw) = tokio::io::split(&mut b_local);
+        let run = async {
+            tokio::join!(
+                a.attach(0, &mut alr, &mut alw, &mut nar, &mut naw, &never),
+                async {
+                    let end = b
+                        .attach(0, &mut blr, &mut blw, &mut nbr, &mut nbw, &never)
+                        .await;
+                    drop(blw);
+                    end
+                },
+            )
+        };
+        let (ea, eb) = tokio::time::timeout(Duration::from_secs(120), run)
+            .await
+            .expect("the streams stalled");
+        assert!(eb.is_ok(), "receiver: {eb:?}");
+        assert!(ea.is_ok(), "sender: {ea:?}");
+        writer.await.unwrap();
+        assert_eq!(reader.await.unwrap(), data);
     }
 
     #[test]
