@@ -914,6 +914,25 @@ async fn attempt(
 mod tests {
     use super::*;
 
+    /// An "application" on one end: writes `data` and ends its side, reading all it is
+    /// sent meanwhile; the task returns what it read.
+    fn write_and_read_all(
+        app: tokio::io::DuplexStream,
+        data: Vec<u8>,
+    ) -> tokio::task::JoinHandle<Vec<u8>> {
+        tokio::spawn(async move {
+            let (mut r, mut w) = tokio::io::split(app);
+            let wr = async {
+                w.write_all(&data).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut got = vec![];
+            let rd = async { r.read_to_end(&mut got).await.unwrap() };
+            tokio::join!(wr, rd);
+            got
+        })
+    }
+
     /// Two engines joined by in-memory pipes; the "network" between them is replaced
     /// mid-transfer (dropped attachments), and every byte arrives once, in order.
     #[tokio::test]
@@ -926,28 +945,8 @@ mod tests {
         let (mut b_local, b_app) = tokio::io::duplex(64 * 1024);
         let (data2, back2) = (data.clone(), back.clone());
         // The "applications": a writes data and reads back; b echoes its own stream.
-        let app_a = tokio::spawn(async move {
-            let (mut r, mut w) = tokio::io::split(a_app);
-            let wr = async {
-                w.write_all(&data2).await.unwrap();
-                w.shutdown().await.unwrap();
-            };
-            let mut got = vec![];
-            let rd = async { r.read_to_end(&mut got).await.unwrap() };
-            tokio::join!(wr, rd);
-            got
-        });
-        let app_b = tokio::spawn(async move {
-            let (mut r, mut w) = tokio::io::split(b_app);
-            let wr = async {
-                w.write_all(&back2).await.unwrap();
-                w.shutdown().await.unwrap();
-            };
-            let mut got = vec![];
-            let rd = async { r.read_to_end(&mut got).await.unwrap() };
-            tokio::join!(wr, rd);
-            got
-        });
+        let app_a = write_and_read_all(a_app, data2);
+        let app_b = write_and_read_all(b_app, back2);
         let never = CancellationToken::new();
         let mut round = 0;
         let mut broke_mid_stream = 0;
@@ -1019,17 +1018,7 @@ mod tests {
         let (mut a_local, a_app) = tokio::io::duplex(64 * 1024);
         let (mut b_local, b_app) = tokio::io::duplex(64 * 1024);
         let data2 = data.clone();
-        let app_a = tokio::spawn(async move {
-            let (mut r, mut w) = tokio::io::split(a_app);
-            let wr = async {
-                w.write_all(&data2).await.unwrap();
-                w.shutdown().await.unwrap();
-            };
-            let mut got = vec![];
-            let rd = async { r.read_to_end(&mut got).await.unwrap() };
-            tokio::join!(wr, rd);
-            got
-        });
+        let app_a = write_and_read_all(a_app, data2);
         let echo = tokio::spawn(async move {
             let (mut r, mut w) = tokio::io::split(b_app);
             let mut buf = vec![0u8; 32 * 1024];
