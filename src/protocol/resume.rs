@@ -42,6 +42,7 @@
 //! and go on with frames. Counts outside what a side still holds are a protocol error that
 //! ends the session.
 
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -101,7 +102,9 @@ pub struct Resume {
 /// One frame of a resumable stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    Data(Vec<u8>),
+    /// `Bytes`: a sender frames slices of its replay buffer and a receiver hands on what it
+    /// read, neither copying (the layer's cost on a bulk transfer is its copies).
+    Data(Bytes),
     Ack(u64),
     Eof,
     Close,
@@ -121,26 +124,38 @@ pub enum ResumeFrameError {
     Io(#[from] std::io::Error),
 }
 
-/// Write one frame (header and payload in one write, so a frame is never half-sent by us
-/// without an error).
+/// Payloads up to this size go out in one write with their header (keystrokes: one
+/// piece for QUIC to packetize); larger ones as header, then the payload as it is (no copy).
+const COALESCE_BELOW: usize = 4096;
+
+/// Write one frame. Cancelling it may leave a frame half-written: only when the stream is
+/// being abandoned anyway (an attachment ends as a whole).
 pub async fn write<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, f: &Frame) -> std::io::Result<()> {
     let mut buf;
     match f {
         Frame::Data(d) => {
+            let head = head(T_DATA, d.len());
+            if d.len() >= COALESCE_BELOW {
+                w.write_all(&head).await?;
+                return w.write_all(d).await;
+            }
             buf = Vec::with_capacity(5 + d.len());
-            buf.push(T_DATA);
-            buf.extend_from_slice(&(d.len() as u32).to_be_bytes());
+            buf.extend_from_slice(&head);
             buf.extend_from_slice(d);
         }
         Frame::Ack(n) => {
-            buf = vec![T_ACK];
-            buf.extend_from_slice(&8u32.to_be_bytes());
+            buf = head(T_ACK, 8).to_vec();
             buf.extend_from_slice(&n.to_be_bytes());
         }
-        Frame::Eof => buf = vec![T_EOF, 0, 0, 0, 0],
-        Frame::Close => buf = vec![T_CLOSE, 0, 0, 0, 0],
+        Frame::Eof => buf = head(T_EOF, 0).to_vec(),
+        Frame::Close => buf = head(T_CLOSE, 0).to_vec(),
     }
     w.write_all(&buf).await
+}
+
+fn head(t: u8, len: usize) -> [u8; 5] {
+    let l = (len as u32).to_be_bytes();
+    [t, l[0], l[1], l[2], l[3]]
 }
 
 /// Read one frame; `Ok(None)` on a clean end of the stream between frames.
@@ -164,17 +179,19 @@ pub async fn read<R: AsyncRead + Unpin + ?Sized>(
     if len > MAX_FRAME {
         return Err(ResumeFrameError::TooLarge(len));
     }
-    let body = match super::read_body(r, len as usize).await {
-        Ok(b) => b,
-        Err(super::FrameError::Io(e)) => return Err(ResumeFrameError::Io(e)),
-        Err(_) => return Err(ResumeFrameError::Truncated),
-    };
+    // `len` is at most MAX_FRAME (checked above), so the buffer is sized once, not grown.
+    let mut body = BytesMut::with_capacity(len as usize);
+    while body.len() < len as usize {
+        let want = len as usize - body.len();
+        if r.read_buf(&mut (&mut body).limit(want)).await? == 0 {
+            return Err(ResumeFrameError::Truncated);
+        }
+    }
     let frame = match head[0] {
-        T_DATA if !body.is_empty() => Frame::Data(body),
+        T_DATA if !body.is_empty() => Frame::Data(body.freeze()),
         T_DATA => return Err(ResumeFrameError::Malformed("empty data")),
         T_ACK => {
-            let b: [u8; 8] = body
-                .as_slice()
+            let b: [u8; 8] = body[..]
                 .try_into()
                 .map_err(|_| ResumeFrameError::Malformed("ack"))?;
             Frame::Ack(u64::from_be_bytes(b))
@@ -212,8 +229,8 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip() {
         let frames = [
-            Frame::Data(b"hello".to_vec()),
-            Frame::Data(vec![7; MAX_DATA]),
+            Frame::Data(Bytes::from_static(b"hello")),
+            Frame::Data(vec![7; MAX_DATA].into()),
             Frame::Ack(u64::MAX - 3),
             Frame::Eof,
             Frame::Close,
@@ -232,7 +249,7 @@ mod tests {
     #[tokio::test]
     async fn bad_frames_are_errors_not_panics() {
         let mut good = vec![];
-        write(&mut good, &Frame::Data(b"abc".to_vec()))
+        write(&mut good, &Frame::Data(Bytes::from_static(b"abc")))
             .await
             .unwrap();
         for n in 1..good.len() {

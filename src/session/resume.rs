@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -100,12 +101,26 @@ pub struct Stream {
     started: Instant,
 }
 
+/// A local read goes into a block of this size, which the next reads fill on; the reads
+/// become the replay buffer's chunks as they are (sharing the block), and frames are
+/// slices of them: no byte is copied between the local read and the network write.
+const READ_BLOCK: usize = 2 * MAX_DATA;
+/// ... and a fresh block is taken once less than this is left in the current one.
+const READ_MIN: usize = 16 * 1024;
+/// A chunk this small is merged into the previous one when that stays this small (typing:
+/// a chunk per keystroke would make the buffer's bookkeeping, not its bytes, the memory
+/// a detached session holds). Adjacent chunks then sum to more than this, so the buffer
+/// has at most `2 * REPLAY_CAP / MERGE_BELOW + 1` chunks.
+const MERGE_BELOW: usize = 4096;
+
 #[derive(Default)]
 struct Inner {
-    /// Sent and not yet acknowledged; `buf[0]` is position `base`.
-    buf: VecDeque<u8>,
+    /// Sent and not yet acknowledged, as the chunks read; the first byte is position `base`.
+    buf: VecDeque<Bytes>,
+    /// Bytes in `buf`.
+    buffered: usize,
     base: u64,
-    /// Our local reader reached EOF: position `base + buf.len()` is our `eof`.
+    /// Our local reader reached EOF: position `base + buffered` is our `eof`.
     local_eof: bool,
     eof_acked: bool,
     /// Positions of the peer's direction delivered to our local writer.
@@ -119,7 +134,36 @@ struct Inner {
 
 impl Inner {
     fn data_end(&self) -> u64 {
-        self.base + self.buf.len() as u64
+        self.base + self.buffered as u64
+    }
+    /// Keep `chunk` (just read locally) until the peer acknowledges it.
+    fn push(&mut self, chunk: Bytes) {
+        self.buffered += chunk.len();
+        if let Some(last) = self.buf.back_mut()
+            && last.len() + chunk.len() <= MERGE_BELOW
+        {
+            let mut merged = BytesMut::with_capacity(last.len() + chunk.len());
+            merged.extend_from_slice(last);
+            merged.extend_from_slice(&chunk);
+            *last = merged.freeze();
+            return;
+        }
+        self.buf.push_back(chunk);
+    }
+    /// Up to [`MAX_DATA`] bytes from position `at` (`base <= at < data_end`) on, from one
+    /// chunk: a slice of it, not a copy. Searched from the newest chunk, where the sender
+    /// usually is.
+    fn slice_at(&self, at: u64) -> Bytes {
+        let mut end = self.data_end();
+        for c in self.buf.iter().rev() {
+            let start = end - c.len() as u64;
+            if at >= start {
+                let off = (at - start) as usize;
+                return c.slice(off..(off + MAX_DATA).min(c.len()));
+            }
+            end = start;
+        }
+        Bytes::new()
     }
     fn end(&self) -> u64 {
         self.data_end() + u64::from(self.local_eof)
@@ -137,7 +181,20 @@ impl Inner {
             return Ok(());
         }
         let drop = (n.min(self.data_end()) - self.base) as usize;
-        self.buf.drain(..drop);
+        let mut left = drop;
+        while left > 0 {
+            let Some(front) = self.buf.front_mut() else {
+                break;
+            };
+            if front.len() <= left {
+                left -= front.len();
+                self.buf.pop_front();
+            } else {
+                front.advance(left);
+                left = 0;
+            }
+        }
+        self.buffered -= drop;
         self.base += drop as u64;
         if self.local_eof && n == self.end() {
             self.eof_acked = true;
@@ -151,7 +208,7 @@ impl Inner {
 
 /// What the sending half does next.
 enum Next {
-    Data(Vec<u8>),
+    Data(Bytes),
     Eof,
     Ack(u64),
     Close,
@@ -185,7 +242,7 @@ impl Stream {
 
     /// Bytes sent and not yet acknowledged (for status).
     pub fn buffered(&self) -> usize {
-        self.lock().buf.len()
+        self.lock().buffered
     }
 
     /// When the session started.
@@ -245,7 +302,7 @@ impl Stream {
         NW: AsyncWrite + Unpin + ?Sized,
     {
         let net = |e: std::io::Error| AttachError::Net(e.to_string());
-        let mut rbuf = vec![0u8; MAX_DATA];
+        let mut rbuf = BytesMut::new();
         let mut ack_deadline: Option<tokio::time::Instant> = None;
         let mut probe = tokio::time::interval(PROBE_EVERY);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -257,9 +314,7 @@ impl Stream {
                 if close.is_cancelled() || i.local_failed.is_some() {
                     Next::Close
                 } else if cursor < i.data_end() {
-                    let from = (cursor - i.base) as usize;
-                    let to = (from + MAX_DATA).min(i.buf.len());
-                    Next::Data(i.buf.range(from..to).copied().collect())
+                    Next::Data(i.slice_at(cursor))
                 } else if i.local_eof && cursor == i.data_end() {
                     Next::Eof
                 } else if i.received > i.ack_sent
@@ -273,7 +328,7 @@ impl Stream {
                     let read = if i.local_eof {
                         0
                     } else {
-                        MAX_DATA.min(REPLAY_CAP.saturating_sub(i.buf.len()))
+                        MAX_DATA.min(REPLAY_CAP.saturating_sub(i.buffered))
                     };
                     Next::Wait {
                         read,
@@ -311,6 +366,12 @@ impl Stream {
                     return Ok(End::Finished);
                 }
                 Next::Wait { read, ack_due } => {
+                    if rbuf.capacity() < READ_MIN {
+                        // The chunks read so far keep the old block alive; this is a new one.
+                        rbuf.reserve(READ_BLOCK);
+                    }
+                    let read = read.min(rbuf.capacity());
+                    let mut room = (&mut rbuf).limit(read);
                     if ack_due && ack_deadline.is_none() {
                         ack_deadline = Some(tokio::time::Instant::now() + ACK_DELAY);
                     }
@@ -321,11 +382,11 @@ impl Stream {
                         }
                     };
                     tokio::select! {
-                        r = local_r.read(&mut rbuf[..read]), if read > 0 => {
+                        r = local_r.read_buf(&mut room), if read > 0 => {
                             let mut i = self.lock();
                             match r {
                                 Ok(0) => i.local_eof = true,
-                                Ok(n) => i.buf.extend(&rbuf[..n]),
+                                Ok(_) => i.push(rbuf.split().freeze()),
                                 Err(e) => i.local_failed = Some(e.kind()),
                             }
                         }
@@ -470,7 +531,7 @@ impl Stream {
 
 /// What the receiving half read and its delivery has yet to hand to the local writer.
 enum Inbound {
-    Data(Vec<u8>),
+    Data(Bytes),
     Eof,
     /// The peer ended its half (QUIC FIN).
     Fin,
@@ -759,76 +820,124 @@ impl Resumable {
         if self.watchdog.saw_restart() {
             return Err(SessionError::Lost(RESTARTED.into()));
         }
-        let detached = Instant::now();
-        let give_up = Duration::from_secs(self.grant.keep_secs) + Duration::from_secs(60);
-        let mut attempts = tokio::task::JoinSet::new();
-        let mut tick = tokio::time::interval(REDIAL_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut tries = 0u64;
-        // Attempts connect in parallel but resume one at a time, and none after one has
-        // succeeded: two resumes of one session would take it from each other.
-        let turn = Arc::new(tokio::sync::Mutex::new(false));
-        loop {
-            tokio::select! {
-                _ = close.cancelled() => return Ok(None),
-                _ = tick.tick() => {
-                    if detached.elapsed() > give_up {
-                        return Err(SessionError::Lost(format!(
-                            "the session could not be resumed: the server was unreachable for {}",
-                            humantime::format_duration(Duration::from_secs(detached.elapsed().as_secs()))
-                        )));
-                    }
-                    if attempts.len() < REDIAL_PARALLEL {
-                        tries += 1;
-                        let node = self.own.node.clone();
-                        let (peer, hints, cluster) = (self.peer, self.hints.clone(), self.cluster);
-                        let resume = wire::Resume {
-                            session: self.grant.session.clone(),
-                            secret: self.grant.secret.clone(),
-                            received: self.stream.received(),
-                            close: false,
-                        };
-                        let turn = turn.clone();
-                        attempts.spawn(async move {
-                            tokio::time::timeout(REDIAL_TIMEOUT, attempt(node, peer, hints, cluster, resume, turn))
-                                .await
-                                .unwrap_or(Err(Attempt::Retry("timed out".into())))
-                        });
+        let (node, peer, hints, cluster) = (
+            self.own.node.clone(),
+            self.peer,
+            self.hints.clone(),
+            self.cluster,
+        );
+        let attempt = move |resume, turn| {
+            let (node, hints) = (node.clone(), hints.clone());
+            async move {
+                let conn = node
+                    .connect(&peer, &hints)
+                    .await
+                    .map_err(|e| Attempt::Retry(e.to_string()))?;
+                match resume_on(&conn, cluster, resume, turn).await {
+                    Ok((send, recv, grant)) => Ok((conn, send, recv, grant)),
+                    Err(e) => {
+                        // Ours alone: no session rides on it.
+                        conn.close("not resumed");
+                        Err(e)
                     }
                 }
-                Some(done) = attempts.join_next(), if !attempts.is_empty() => {
-                    match done {
-                        Ok(Ok((conn, send, recv, grant))) => {
-                            attempts.abort_all();
-                            tracing::info!(server = %self.server.name, session = %short(&grant.session), after = ?detached.elapsed(), tries, replay = self.stream.buffered(), "resumed");
-                            self.watchdog = liveness::watch(
-                                self.own.node.clone(),
-                                conn.clone(),
-                                self.peer,
-                                self.hints.clone(),
-                                self.resolved_manager,
-                            )
-                            .into();
-                            self.conn = conn;
-                            self.send = send;
-                            self.recv = recv;
-                            return Ok(Some(grant.received));
-                        }
-                        Ok(Err(Attempt::Retry(why))) => {
-                            tracing::debug!(server = %self.server.name, %why, "redial failed; trying again");
-                        }
-                        Ok(Err(Attempt::Refused { reason, boot })) => {
-                            attempts.abort_all();
-                            tracing::warn!(server = %self.server.name, %reason, "the server refused to resume the session");
-                            if boot.is_some_and(|b| b != self.grant.boot) {
-                                return Err(SessionError::Lost(RESTARTED.into()));
-                            }
-                            return Err(SessionError::Lost(format!(
-                                "the session could not be resumed: {reason}"
-                            )));
-                        }
-                        Err(_) => {}
+            }
+        };
+        let Some((conn, send, recv, grant)) =
+            redial_until(&self.stream, &self.grant, &self.server.name, close, attempt).await?
+        else {
+            return Ok(None);
+        };
+        self.watchdog = liveness::watch(
+            self.own.node.clone(),
+            conn.clone(),
+            self.peer,
+            self.hints.clone(),
+            self.resolved_manager,
+        )
+        .into();
+        self.conn = conn;
+        self.send = send;
+        self.recv = recv;
+        Ok(Some(grant.received))
+    }
+}
+
+/// Whose turn it is to resume: attempts connect in parallel but resume one at a time, and
+/// none after one has succeeded (two resumes of one session would take it from each other).
+pub type Turn = Arc<tokio::sync::Mutex<bool>>;
+
+/// Start a redial attempt ([`REDIAL_EVERY`], at most [`REDIAL_PARALLEL`] at once, each
+/// bounded by [`REDIAL_TIMEOUT`]) until one takes the session back (`Ok(Some(what it
+/// returned))`), `close` fires (`Ok(None)`), the server refuses (an error, naming a restart
+/// when its boot id changed), or the server's keep time is over. The one redial loop of
+/// both clients: a command's own endpoint, and a key holder's pool.
+pub async fn redial_until<T, F, Fut>(
+    stream: &Stream,
+    grant: &Grant,
+    server: &str,
+    close: &CancellationToken,
+    mut attempt: F,
+) -> Result<Option<T>, SessionError>
+where
+    F: FnMut(wire::Resume, Turn) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Attempt>> + Send + 'static,
+    T: Send + 'static,
+{
+    let detached = Instant::now();
+    let give_up = Duration::from_secs(grant.keep_secs) + Duration::from_secs(60);
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut tick = tokio::time::interval(REDIAL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tries = 0u64;
+    let turn: Turn = Arc::new(tokio::sync::Mutex::new(false));
+    loop {
+        tokio::select! {
+            _ = close.cancelled() => return Ok(None),
+            _ = tick.tick() => {
+                if detached.elapsed() > give_up {
+                    return Err(SessionError::Lost(format!(
+                        "the session could not be resumed: the server was unreachable for {}",
+                        humantime::format_duration(Duration::from_secs(detached.elapsed().as_secs()))
+                    )));
+                }
+                if attempts.len() < REDIAL_PARALLEL {
+                    tries += 1;
+                    let resume = wire::Resume {
+                        session: grant.session.clone(),
+                        secret: grant.secret.clone(),
+                        received: stream.received(),
+                        close: false,
+                    };
+                    let one = attempt(resume, turn.clone());
+                    attempts.spawn(async move {
+                        tokio::time::timeout(REDIAL_TIMEOUT, one)
+                            .await
+                            .unwrap_or(Err(Attempt::Retry("timed out".into())))
+                    });
+                }
+            }
+            Some(done) = attempts.join_next(), if !attempts.is_empty() => {
+                match done {
+                    Ok(Ok(resumed)) => {
+                        attempts.abort_all();
+                        tracing::info!(%server, session = %short(&grant.session), after = ?detached.elapsed(), tries, replay = stream.buffered(), "resumed");
+                        return Ok(Some(resumed));
                     }
+                    Ok(Err(Attempt::Retry(why))) => {
+                        tracing::debug!(%server, %why, "redial failed; trying again");
+                    }
+                    Ok(Err(Attempt::Refused { reason, boot })) => {
+                        attempts.abort_all();
+                        tracing::warn!(%server, %reason, "the server refused to resume the session");
+                        if boot.is_some_and(|b| b != grant.boot) {
+                            return Err(SessionError::Lost(RESTARTED.into()));
+                        }
+                        return Err(SessionError::Lost(format!(
+                            "the session could not be resumed: {reason}"
+                        )));
+                    }
+                    Err(_) => {}
                 }
             }
         }
@@ -836,7 +945,7 @@ impl Resumable {
 }
 
 /// How one redial attempt failed.
-enum Attempt {
+pub enum Attempt {
     /// Not reached (yet): try again.
     Retry(String),
     /// The server answered and will not resume; `boot` is its boot id when it told us.
@@ -846,18 +955,15 @@ enum Attempt {
     },
 }
 
-type Attached = (PeerConnection, SendHalf, RecvHalf, Grant);
-
-async fn attempt(
-    node: Node,
-    peer: Id52,
-    hints: Vec<std::net::SocketAddr>,
+/// One resume of `resume`'s session on `conn` (a fresh connection of ours, or a key
+/// holder's pooled one), when it is our `turn`: the new stream and the server's grant.
+pub async fn resume_on(
+    conn: &PeerConnection,
     cluster: Id52,
     resume: wire::Resume,
-    turn: Arc<tokio::sync::Mutex<bool>>,
-) -> Result<Attached, Attempt> {
+    turn: Turn,
+) -> Result<(SendHalf, RecvHalf, Grant), Attempt> {
     let retry = |e: &dyn std::fmt::Display| Attempt::Retry(e.to_string());
-    let conn = node.connect(&peer, &hints).await.map_err(|e| retry(&e))?;
     // A server that will not talk to us at all (we were removed from the cluster) closes
     // the connection right after the handshake and says why: that is an answer, not a
     // reason to try again.
@@ -871,7 +977,7 @@ async fn attempt(
         Err(e) => {
             // The close may trail the failed open by a moment.
             let _ = tokio::time::timeout(Duration::from_millis(300), conn.closed()).await;
-            return Err(closed_by_server(&conn, &e));
+            return Err(closed_by_server(conn, &e));
         }
     };
     let header = Header {
@@ -880,13 +986,12 @@ async fn attempt(
     };
     let mut resumed = turn.lock().await;
     if *resumed {
-        conn.close("resumed elsewhere");
         return Err(Attempt::Retry("another attempt resumed".into()));
     }
     match exchange_for(&mut send, &mut recv, header).await {
         Ok(Accepted::Resumable(g)) => {
             *resumed = true;
-            Ok((conn, send, recv, g))
+            Ok((send, recv, g))
         }
         Ok(Accepted::Plain) => Err(Attempt::Refused {
             reason: "the server answered a resume with a plain accept".into(),
@@ -894,18 +999,15 @@ async fn attempt(
         }),
         Err(SessionError::Denied(reason)) | Err(SessionError::Refused(reason)) => {
             let boot =
-                tokio::time::timeout(Duration::from_secs(3), liveness::boot_of(&conn, cluster))
+                tokio::time::timeout(Duration::from_secs(3), liveness::boot_of(conn, cluster))
                     .await
                     .ok()
                     .flatten();
-            conn.close("not resumed");
             Err(Attempt::Refused { reason, boot })
         }
         Err(e) => {
             let _ = tokio::time::timeout(Duration::from_millis(300), conn.closed()).await;
-            let refused = closed_by_server(&conn, &e);
-            conn.close("resume failed");
-            Err(refused)
+            Err(closed_by_server(conn, &e))
         }
     }
 }
@@ -1115,14 +1217,59 @@ mod tests {
     #[test]
     fn acks_outside_what_was_sent_are_protocol_errors() {
         let mut i = Inner::default();
-        i.buf.extend(b"hello");
+        i.push(Bytes::from_static(b"hello"));
         assert!(i.ack(6).is_err());
         i.ack(2).unwrap();
         assert_eq!(i.base, 2);
-        assert_eq!(i.buf.len(), 3);
+        assert_eq!(i.buffered, 3);
+        assert_eq!(&i.slice_at(2)[..], b"llo");
         i.ack(1).unwrap(); // stale: ignored
         i.local_eof = true;
         i.ack(6).unwrap();
-        assert!(i.eof_acked && i.buf.is_empty());
+        assert!(i.eof_acked && i.buf.is_empty() && i.buffered == 0);
+    }
+
+    #[test]
+    fn the_replay_buffer_keeps_positions_across_chunks_and_merges_small_ones() {
+        let mut i = Inner::default();
+        // Keystrokes: merged into one chunk while it stays small.
+        for b in b"typing" {
+            i.push(Bytes::copy_from_slice(&[*b]));
+        }
+        assert_eq!(i.buf.len(), 1);
+        // Bulk reads stay chunks of their own, framed without copying.
+        let big = Bytes::from(vec![7u8; MAX_DATA]);
+        i.push(big.clone());
+        i.push(Bytes::from(vec![8u8; 10_000]));
+        assert_eq!((i.buf.len(), i.buffered), (3, 6 + MAX_DATA + 10_000));
+        assert_eq!(&i.slice_at(2)[..], b"ping");
+        let framed = i.slice_at(6);
+        assert_eq!(framed.len(), MAX_DATA);
+        assert_eq!(
+            framed.as_ptr(),
+            big.as_ptr(),
+            "a slice of the chunk, not a copy"
+        );
+        assert_eq!(i.slice_at(6 + MAX_DATA as u64 + 9_999)[..], [8]);
+        // An ack in the middle of a chunk keeps its rest at the same positions.
+        i.ack(100).unwrap();
+        assert_eq!((i.base, i.buf.len()), (100, 2));
+        assert_eq!(i.slice_at(100).len(), MAX_DATA + 6 - 100);
+        i.ack(6 + MAX_DATA as u64 + 5_000).unwrap();
+        assert_eq!((i.buf.len(), i.buffered), (1, 5_000));
+        assert_eq!(
+            i.slice_at(6 + MAX_DATA as u64 + 5_000)[..],
+            [8u8; 5_000][..]
+        );
+        // Many tiny reads: bounded bookkeeping.
+        let mut j = Inner::default();
+        for _ in 0..100_000 {
+            j.push(Bytes::from_static(b"x"));
+        }
+        assert!(
+            j.buf.len() <= 2 * 100_000 / MERGE_BELOW + 1,
+            "{}",
+            j.buf.len()
+        );
     }
 }
