@@ -128,7 +128,7 @@ pub async fn run(
     };
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
     let ctx = Arc::new(HolderContext {
-        pool: Pool::new(dirs.clone(), path.clone(), idle_from_env()),
+        pool: Arc::new(Pool::new(dirs.clone(), path.clone(), idle_from_env())),
         dirs,
         socket: path.clone(),
         http: http_addr,

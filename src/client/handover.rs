@@ -67,7 +67,11 @@ pub async fn proxy(
     // Signals first, so none arriving after the handover kills us before we pass it on.
     let mut hup = signal(SignalKind::hangup()).map_err(local)?;
     let mut term = signal(SignalKind::terminate()).map_err(local)?;
-    open_stdio(&mut holder, host, OpenRequest::Tunnel { port }, true).await?;
+    let tunnel = OpenRequest::Tunnel {
+        port,
+        resume: crate::session::resume::enabled(),
+    };
+    open_stdio(&mut holder, host, tunnel, true).await?;
     give_up_stdio();
     let end = tokio::select! {
         r = next(&mut holder) => r?,

@@ -99,7 +99,14 @@ pub enum ToHolder {
 #[serde(rename_all = "kebab-case")]
 pub enum OpenRequest {
     /// `malai ssh proxy`: raw bytes to the server's ssh (fds: stdin, stdout).
-    Tunnel { port: Option<u16> },
+    Tunnel {
+        port: Option<u16>,
+        /// Ask the server for a resumable tunnel, which the holder then runs
+        /// (`keyholder::resume`); `MALAI_RESUME=off` in the command turns it off (default:
+        /// on).
+        #[serde(default = "yes")]
+        resume: bool,
+    },
     /// Native exec (fds: stdin, stdout, stderr).
     Exec(ExecRequest),
 }
@@ -112,6 +119,10 @@ impl OpenRequest {
             OpenRequest::Exec(_) => 2,
         }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The agent's hello: enough to decide whether to use, restart, or report it.
@@ -429,7 +440,10 @@ mod tests {
         let (r, w) = std::io::pipe().unwrap();
         let open = ToHolder::Open {
             host: "foo.acme".into(),
-            request: OpenRequest::Tunnel { port: Some(22) },
+            request: OpenRequest::Tunnel {
+                port: Some(22),
+                resume: true,
+            },
             stdin: true,
         };
         write_with_fds(&a_r, &open, &[r.as_raw_fd(), w.as_raw_fd()])
@@ -555,7 +569,7 @@ mod tests {
             rt.block_on(async {
                 let msgs = vec![
                     ToHolder::Window { cols, rows },
-                    ToHolder::Open { host: host.clone(), request: OpenRequest::Tunnel { port: None }, stdin: false },
+                    ToHolder::Open { host: host.clone(), request: OpenRequest::Tunnel { port: None, resume: true }, stdin: false },
                     ToHolder::Finish,
                 ];
                 let mut bytes = vec![];

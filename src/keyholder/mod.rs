@@ -6,6 +6,8 @@
 //!
 //! - [`pool`]: one endpoint per cluster, one connection per peer, reused.
 //! - [`stream`]: one request's stream on a pooled connection, and its lease.
+//! - [`resume`]: a resumable session the holder runs for a command, redialled through the
+//!   pool.
 //! - [`serve`]: one control connection: `status`, `stop`, `release`, `stream`, or `open` on
 //!   passed descriptors.
 //! - [`fds`]: the descriptors a command passed, as async streams.
@@ -16,5 +18,6 @@ pub mod accept;
 pub mod fds;
 pub mod inbound;
 pub mod pool;
+pub mod resume;
 pub mod serve;
 pub mod stream;

@@ -27,8 +27,11 @@ use crate::control::protocol::ConnectionInfo;
 use crate::id52::Id52;
 use crate::keys;
 use crate::protocol::Request;
+use crate::protocol::resume::{Grant, Resume};
 use crate::session::dial::Dialer;
-use crate::session::{Resolved, SessionError, request_on};
+use crate::session::open::{Accepted, request_on_for};
+use crate::session::resume::{Attempt, Turn, resume_on};
+use crate::session::{Resolved, SessionError};
 use crate::transport::iroh::{Node, PeerConnection};
 
 /// How long a cluster handed to the server is not claimed again (the server claims it
@@ -403,6 +406,18 @@ impl Pool {
         server: &Server,
         request: Request,
     ) -> Result<PooledStream, SessionError> {
+        plain(self.open_accepted(resolved, server, request).await?)
+    }
+
+    /// [`Pool::open`] for a request that may be accepted as resumable (`session::resume`):
+    /// the stream and how the server accepted it. Through another key holder (the server
+    /// holds the key) it goes as a plain request: that holder hands back no grant.
+    pub async fn open_accepted(
+        &self,
+        resolved: &Resolved,
+        server: &Server,
+        request: Request,
+    ) -> Result<(PooledStream, Accepted), SessionError> {
         self.open_to(
             &resolved.dir,
             resolved.config.manager,
@@ -435,8 +450,10 @@ impl Pool {
             .ok()
             .and_then(|c| c.name_of(&peer).map(|(n, _)| n.to_string()))
             .unwrap_or_else(|| peer.short());
-        self.open_to(&dir, manager, peer, &name, hints, request)
-            .await
+        plain(
+            self.open_to(&dir, manager, peer, &name, hints, request)
+                .await?,
+        )
     }
 
     async fn open_to(
@@ -447,13 +464,16 @@ impl Pool {
         name: &str,
         hints: &[std::net::SocketAddr],
         request: Request,
-    ) -> Result<PooledStream, SessionError> {
+    ) -> Result<(PooledStream, Accepted), SessionError> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let node = match self.access(dir).await? {
             Dialer::Node(n) => n,
             Dialer::Holder { socket, alias } => {
-                return via_holder(&socket, &alias, peer, hints, request, name).await;
+                let request = without_resume(request)?;
+                return via_holder(&socket, &alias, peer, hints, request, name)
+                    .await
+                    .map(|s| (s, Accepted::Plain));
             }
         };
         let slot = self.slot(&dir.alias, peer, name);
@@ -461,16 +481,10 @@ impl Pool {
         loop {
             let (conn, generation, reused) =
                 self.connection(&slot, &node, peer, hints, manager).await?;
-            match request_on(&conn, manager, request.clone()).await {
-                Ok((send, recv)) => {
-                    if let Some(l) = lock(&slot.live).as_mut()
-                        && l.generation == generation
-                    {
-                        l.active += 1;
-                        l.requests += 1;
-                        l.last_used = Instant::now();
-                    }
-                    return Ok(PooledStream::pooled(send, recv, slot.clone(), generation));
+            match request_on_for(&conn, manager, request.clone()).await {
+                Ok((send, recv, accepted)) => {
+                    let stream = self.leased(&slot, generation, &conn, send, recv);
+                    return Ok((stream, accepted));
                 }
                 // The reused connection died under us (server restarted, network
                 // changed) before the server answered: forget it and dial once more.
@@ -490,11 +504,87 @@ impl Pool {
                     else {
                         return Err(e);
                     };
-                    return via_holder(&socket, &dir.alias, peer, hints, request, name).await;
+                    let request = without_resume(request)?;
+                    return via_holder(&socket, &dir.alias, peer, hints, request, name)
+                        .await
+                        .map(|s| (s, Accepted::Plain));
                 }
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Count a new request on the slot's connection `generation` and wrap its stream.
+    fn leased(
+        &self,
+        slot: &Arc<Slot>,
+        generation: u64,
+        conn: &PeerConnection,
+        send: crate::transport::iroh::SendHalf,
+        recv: crate::transport::iroh::RecvHalf,
+    ) -> PooledStream {
+        if let Some(l) = lock(&slot.live).as_mut()
+            && l.generation == generation
+        {
+            l.active += 1;
+            l.requests += 1;
+            l.last_used = Instant::now();
+        }
+        PooledStream::pooled(send, recv, slot.clone(), generation, conn.clone())
+    }
+
+    /// One attempt to resume a resumable session (`session::resume`) of `alias`'s cluster
+    /// with `peer`: on the slot's live connection, else on a fresh one dialed at once. Not
+    /// behind the slot's dial lock: redial attempts overlap, and one stuck on a dead path
+    /// must not hold up the next (the pool's own requests dial behind it as before).
+    pub async fn resume(
+        &self,
+        alias: &str,
+        peer: Id52,
+        hints: &[std::net::SocketAddr],
+        resume: Resume,
+        turn: Turn,
+    ) -> Result<(PooledStream, Grant), Attempt> {
+        let retry = |e: SessionError| Attempt::Retry(e.to_string());
+        let dir = ClusterDir::new(&self.dirs, alias).map_err(|e| retry(e.into()))?;
+        let cfg = dir.load().map_err(|e| retry(e.into()))?;
+        let manager = cfg.manager;
+        let name = cfg
+            .name_of(&peer)
+            .map(|(n, _)| n.to_string())
+            .unwrap_or_else(|| peer.short());
+        let node = match self.access(&dir).await.map_err(retry)? {
+            Dialer::Node(n) => n,
+            Dialer::Holder { .. } => {
+                return Err(Attempt::Refused {
+                    reason: "the cluster's key was handed to the server on this machine".into(),
+                    boot: None,
+                });
+            }
+        };
+        let slot = self.slot(alias, peer, &name);
+        let live = lock(&slot.live)
+            .as_ref()
+            .filter(|l| !l.conn.is_closed())
+            .map(|l| (l.conn.clone(), l.generation));
+        let (conn, generation) = match live {
+            Some(l) => l,
+            None => {
+                let target = crate::session::connect::DialTarget {
+                    peer,
+                    name: &name,
+                    hints,
+                };
+                let conn =
+                    crate::session::connect::dial_in_cluster(&node, &self.dirs, alias, target)
+                        .await
+                        .map_err(retry)?;
+                self.install(&slot, &node, conn, peer, hints, manager)
+            }
+        };
+        let (send, recv, grant) = resume_on(&conn, manager, resume, turn).await?;
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        Ok((self.leased(&slot, generation, &conn, send, recv), grant))
     }
 
     /// Whether `alias`'s key was handed to the server after `since`.
@@ -542,6 +632,29 @@ impl Pool {
         let conn =
             crate::session::connect::dial_in_cluster(node, &self.dirs, &slot.cluster, target)
                 .await?;
+        let (conn, generation) = self.install(slot, node, conn, peer, hints, manager);
+        Ok((conn, generation, false))
+    }
+
+    /// Make a freshly dialed `conn` the slot's live connection, unless a live one got
+    /// there first (a resume dials outside the slot's lock): then that one is used and
+    /// ours closed. Returns the connection to use and its generation.
+    fn install(
+        &self,
+        slot: &Slot,
+        node: &Node,
+        conn: PeerConnection,
+        peer: Id52,
+        hints: &[std::net::SocketAddr],
+        manager: Id52,
+    ) -> (PeerConnection, u64) {
+        let mut live = lock(&slot.live);
+        if let Some(l) = live.as_ref()
+            && !l.conn.is_closed()
+        {
+            conn.close("another connection is live");
+            return (l.conn.clone(), l.generation);
+        }
         let generation = self.counters.generations.fetch_add(1, Ordering::Relaxed);
         self.counters.dials.fetch_add(1, Ordering::Relaxed);
         tracing::info!(cluster = %slot.cluster, server = %slot.server, "dialed");
@@ -553,7 +666,7 @@ impl Pool {
             hints.to_vec(),
             manager,
         );
-        let old = lock(&slot.live).replace(Live {
+        let old = live.replace(Live {
             conn: conn.clone(),
             _watchdog: watchdog,
             generation,
@@ -561,10 +674,11 @@ impl Pool {
             requests: 0,
             last_used: Instant::now(),
         });
+        drop(live);
         if let Some(old) = old {
             old.conn.close("replaced");
         }
-        Ok((conn, generation, false))
+        (conn, generation)
     }
 
     /// Close connections idle for longer than the idle time, forget closed ones, and close
@@ -688,6 +802,37 @@ async fn via_holder(
         .await
         .map_err(SessionError::from_holder)?;
     Ok(PooledStream::via(s, name))
+}
+
+/// A stream of a request that cannot have been accepted as resumable (it did not ask).
+fn plain((stream, accepted): (PooledStream, Accepted)) -> Result<PooledStream, SessionError> {
+    match accepted {
+        Accepted::Plain => Ok(stream),
+        Accepted::Resumable(_) => Err(SessionError::Protocol(
+            crate::protocol::FrameError::Malformed(
+                "accept-resumable to a request that did not ask for resume".into(),
+            ),
+        )),
+    }
+}
+
+/// `request` as it goes through another key holder, whose `stream` hands back no grant:
+/// asking for resume there would get frames we could not resume.
+fn without_resume(request: Request) -> Result<Request, SessionError> {
+    match request {
+        Request::Tunnel { port, .. } => Ok(Request::Tunnel {
+            port,
+            resume: false,
+        }),
+        Request::Exec(mut e) => {
+            e.resume = false;
+            Ok(Request::Exec(e))
+        }
+        Request::Resume(_) => Err(SessionError::Refused(
+            "a session cannot be resumed through another key holder".into(),
+        )),
+        other => Ok(other),
+    }
 }
 
 fn forget(slot: &Slot, generation: u64) {

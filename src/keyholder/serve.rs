@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use super::fds::{self, PassedReader, PassedWriter};
 use super::pool::{Pool, PooledStream};
+use super::resume::{HolderResumable, Target};
 use crate::config::names::TargetKind;
 use crate::config::paths::Dirs;
 use crate::control::protocol::{
@@ -28,6 +29,8 @@ use crate::control::protocol::{
 use crate::protocol::Request;
 use crate::protocol::exec::ExitStatus;
 use crate::protocol::exec_pump::{self, PumpEnd};
+use crate::session::open::Accepted;
+use crate::session::resume::End;
 use crate::session::{SessionError, resolve};
 use crate::transport::pump;
 
@@ -39,7 +42,7 @@ const LINGER: Duration = Duration::from_secs(5);
 /// What every control connection shares.
 pub struct HolderContext {
     pub dirs: Dirs,
-    pub pool: Pool,
+    pub pool: Arc<Pool>,
     pub socket: std::path::PathBuf,
     pub http: Option<std::net::SocketAddr>,
     /// Cancelled by `stop` or a signal: the whole agent shuts down.
@@ -297,7 +300,7 @@ async fn open(
             return;
         }
     };
-    let stream = match open_stream(ctx, &host, &request).await {
+    let (stream, accepted, target) = match open_stream(ctx, &host, &request).await {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(%host, error = %e, "open failed");
@@ -311,9 +314,15 @@ async fn open(
     {
         return; // the CLI is gone; dropping the stream ends the request
     }
-    let end = match request {
-        OpenRequest::Tunnel { .. } => tunnel(ctx, &sock, &mut reader, stream, passed, &host).await,
-        OpenRequest::Exec(e) => {
+    let end = match (request, accepted) {
+        (OpenRequest::Tunnel { .. }, Accepted::Resumable(grant)) => {
+            let r = HolderResumable::new(ctx.pool.clone(), target, "tunnel", stream, grant);
+            tunnel_resumable(ctx, &sock, &mut reader, r, passed, &host).await
+        }
+        (OpenRequest::Tunnel { .. }, _) => {
+            tunnel(ctx, &sock, &mut reader, stream, passed, &host).await
+        }
+        (OpenRequest::Exec(e), _) => {
             exec(ctx, &sock, &mut reader, stream, passed, e.pty.is_some()).await
         }
     };
@@ -325,7 +334,7 @@ async fn open_stream(
     ctx: &HolderContext,
     host: &str,
     request: &OpenRequest,
-) -> Result<PooledStream, SessionError> {
+) -> Result<(PooledStream, Accepted, Target), SessionError> {
     let resolved = resolve(&ctx.dirs, host)?;
     match &resolved.target.kind {
         TargetKind::Server { .. } => {}
@@ -341,13 +350,20 @@ async fn open_stream(
         .cloned()
         .ok_or_else(|| SessionError::Local("server vanished".into()))?;
     let request = match request {
-        OpenRequest::Tunnel { port } => Request::Tunnel {
+        OpenRequest::Tunnel { port, resume } => Request::Tunnel {
             port: *port,
-            resume: false,
+            resume: *resume,
         },
         OpenRequest::Exec(e) => Request::Exec(e.clone()),
     };
-    ctx.pool.open(&resolved, &server, request).await
+    let (stream, accepted) = ctx.pool.open_accepted(&resolved, &server, request).await?;
+    let target = Target {
+        dir: resolved.dir.clone(),
+        peer: server.id52,
+        server: server.name.clone(),
+        hints: server.addrs.clone(),
+    };
+    Ok((stream, accepted, target))
 }
 
 /// Why the request stopped early, from the control socket's point of view.
@@ -431,6 +447,77 @@ async fn tunnel(
             stream.abort();
             FromHolder::Broken {
                 message: "abandoned".into(),
+            }
+        }
+    }
+}
+
+/// How long a session closed by the command (or the holder stopping) may take to tell the
+/// server; then it is dropped (the server ends it at its keep time).
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// [`tunnel`] on a resumable session: a lost connection is redialled through the pool and
+/// the bytes go on where they stopped; the command waits on its socket meanwhile. Its
+/// `finish` (ssh's SIGHUP: the session is over), its going away and the holder stopping
+/// all close the session, so the server ends its side instead of keeping it detached.
+async fn tunnel_resumable(
+    ctx: &HolderContext,
+    sock: &UnixStream,
+    reader: &mut FrameReader,
+    session: HolderResumable,
+    passed: Passed,
+    host: &str,
+) -> FromHolder {
+    let Some(stdin) = passed.stdin else {
+        return FromHolder::Broken {
+            message: "a tunnel needs stdin".into(),
+        };
+    };
+    let mut input: PassedReader = fds::reader(stdin);
+    let mut output: PassedWriter = fds::writer(passed.stdout);
+    let close = CancellationToken::new();
+    let result = {
+        let run = session.run(&mut input, &mut output, &close);
+        tokio::pin!(run);
+        let watch = watch_control(sock, reader, None);
+        tokio::pin!(watch);
+        let mut asked = None;
+        let grace = tokio::time::sleep(Duration::from_secs(86400 * 365));
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                r = &mut run => break Some(r),
+                _ = &mut grace => break None,
+                c = &mut watch, if asked.is_none() => {
+                    asked = Some(matches!(c, Control::Finish));
+                    close.cancel();
+                    grace.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
+                }
+                _ = ctx.shutdown.cancelled(), if asked.is_none() => {
+                    asked = Some(false);
+                    close.cancel();
+                    grace.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
+                }
+            }
+        }
+        .map(|r| (r, asked))
+    };
+    // Close our copies before answering: EOF for the caller's reader.
+    drop(input);
+    drop(output);
+    match result {
+        Some((Ok(End::Finished), _)) => {
+            tracing::info!(%host, "resumable tunnel done");
+            FromHolder::Done
+        }
+        Some((Ok(_), Some(true))) => FromHolder::Done,
+        Some((Ok(_), _)) | None => FromHolder::Broken {
+            message: "abandoned".into(),
+        },
+        Some((Err(e), _)) => {
+            tracing::info!(%host, error = %e, "resumable tunnel ended");
+            FromHolder::Broken {
+                message: e.to_string(),
             }
         }
     }

@@ -35,6 +35,8 @@ pub struct PooledStream {
     pub send: SessionWrite,
     pub recv: SessionRead,
     server: String,
+    /// The pooled connection it rides on (none through another holder).
+    conn: Option<crate::transport::iroh::PeerConnection>,
     _lease: Option<Lease>,
 }
 
@@ -44,11 +46,13 @@ impl PooledStream {
         recv: crate::transport::iroh::RecvHalf,
         slot: Arc<Slot>,
         generation: u64,
+        conn: crate::transport::iroh::PeerConnection,
     ) -> PooledStream {
         PooledStream {
             send: SessionWrite::Iroh(send),
             recv: SessionRead::Iroh(recv),
             server: slot.server.clone(),
+            conn: Some(conn),
             _lease: Some(Lease { slot, generation }),
         }
     }
@@ -59,6 +63,7 @@ impl PooledStream {
             send: SessionWrite::Via(w),
             recv: SessionRead::Via(r),
             server: server.to_string(),
+            conn: None,
             _lease: None,
         }
     }
@@ -80,6 +85,21 @@ impl PooledStream {
         let live = lock(&lease.slot.live);
         let l = live.as_ref().filter(|l| l.generation == lease.generation)?;
         crate::session::open::lost_reason(l._watchdog.saw_restart(), l.conn.peer_close_reason())
+    }
+
+    /// The server closed the stream's connection on purpose (it is shutting down, or
+    /// refuses us) and why: it has ended its sessions, nothing to resume. Waits a moment
+    /// for the close, which may trail the stream's error.
+    pub async fn closed_by_server(&self) -> Option<String> {
+        let conn = self.conn.as_ref()?;
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(300), conn.closed()).await;
+        let restarted = self
+            .lost_reason()
+            .is_some_and(|r| r.contains(crate::session::liveness::RESTARTED));
+        (conn.closed_by_peer() && !restarted).then(|| {
+            conn.peer_close_reason()
+                .unwrap_or_else(|| "it is shutting down".into())
+        })
     }
 
     /// The server this stream goes to (for logs).

@@ -293,11 +293,11 @@ pub async fn run(
     let control = control_listener(&dirs, opts.managed_only)?;
     let inbound = Arc::new(crate::keyholder::inbound::Inbound::default());
     let holder = Arc::new(crate::keyholder::serve::HolderContext {
-        pool: crate::keyholder::pool::Pool::for_server(
+        pool: Arc::new(crate::keyholder::pool::Pool::for_server(
             dirs.clone(),
             control.path.clone(),
             crate::keyholder::pool::idle_from_env(),
-        ),
+        )),
         dirs: dirs.clone(),
         socket: control.path.clone(),
         http: None,

@@ -313,15 +313,30 @@ pub async fn request_on(
     cluster: Id52,
     request: Request,
 ) -> Result<(SendHalf, RecvHalf), SessionError> {
+    match request_on_for(conn, cluster, request).await? {
+        (send, recv, Accepted::Plain) => Ok((send, recv)),
+        (..) => Err(SessionError::Protocol(FrameError::Malformed(
+            "accept-resumable to a request that did not ask for resume".into(),
+        ))),
+    }
+}
+
+/// [`request_on`] for a request that may be accepted as resumable (a key holder's
+/// resumable tunnel, a resume on its pooled connection).
+pub async fn request_on_for(
+    conn: &PeerConnection,
+    cluster: Id52,
+    request: Request,
+) -> Result<(SendHalf, RecvHalf, Accepted), SessionError> {
     let (mut send, mut recv) = conn.open().await?;
     let header = Header {
         cluster: Some(cluster),
         request,
     };
-    exchange(&mut send, &mut recv, header)
+    let accepted = exchange_for(&mut send, &mut recv, header)
         .await
         .map_err(|e| refused_by_close(conn, e))?;
-    Ok((send, recv))
+    Ok((send, recv, accepted))
 }
 
 /// Send the header and wait for the server's answer; `Ok` only on `accept`. The one

@@ -11,6 +11,7 @@ use std::process::{Child, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
+use crate::agent::Agent;
 use crate::harness::*;
 use crate::netsim::{self, NatNet};
 
@@ -48,6 +49,10 @@ enum Via {
     Proxy,
     /// Native exec: `malai ssh -T foo.acme <script>`.
     Native,
+    /// `ssh` through the ProxyCommand with alice's agent holding the key: the proxy hands
+    /// its stdio to the agent, which runs the resumable session on its pool. The client
+    /// process stopped is the agent.
+    Agent,
 }
 
 /// `ssh foo.acme <script>` through the ProxyCommand (or natively), stdout lines on a
@@ -83,7 +88,7 @@ impl Ssh {
     fn spawn(c: &TestCluster, device: &str, via: Via, script: &str, stdin: Stdio) -> Ssh {
         use std::os::unix::process::CommandExt;
         let mut cmd = match via {
-            Via::Proxy => c.ssh_cmd(device),
+            Via::Proxy | Via::Agent => c.ssh_cmd(device),
             Via::Native => c.machine(device).cmd(["ssh"]),
         };
         let mut child = cmd
@@ -168,6 +173,7 @@ fn client_pid(c: &TestCluster, device: &str, via: Via) -> Option<i32> {
     let sub: &[u8] = match via {
         Via::Proxy => b"proxy",
         Via::Native => b"-T",
+        Via::Agent => b"agent",
     };
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
@@ -298,6 +304,78 @@ fn resume_ssh_survives_a_stopped_proxy_past_the_idle_limit() {
     );
 }
 
+/// With alice's agent holding the key, the ProxyCommand hands its stdio to the agent,
+/// which runs the resumable session on its pooled connection (issue 18's agent path). The
+/// agent stopped past the idle limit (its connection timed out on both ends): after
+/// SIGCONT it redials through its pool and the session goes on; ssh exits 0, the agent's
+/// log says it resumed, foo audits `resumed`.
+#[test]
+fn resume_ssh_through_the_agent_survives_a_stopped_agent_past_the_idle_limit() {
+    let c = cluster(&[]);
+    let _agent = Agent::start(c.machine("alice"), &[]);
+    let mut ssh = Ssh::start_via(&c, "alice", Via::Agent, "echo up; sleep 14; echo survived");
+    assert!(
+        ssh.expect_line("up", Duration::from_secs(30)),
+        "ssh did not start; saw {:?}\n{}",
+        ssh.seen,
+        c.diagnostics()
+    );
+    assert!(
+        c.machine("alice")
+            .logs()
+            .contains("resumable tunnel through the pool"),
+        "the agent did not run the tunnel as a resumable session\n{}",
+        tail(&c.machine("alice").logs(), 30)
+    );
+    let pid = stop_client_past_the_idle_limit(&c, &mut ssh, Via::Agent);
+    signal(pid, nix::sys::signal::Signal::SIGCONT);
+    let ok = ssh.expect_line("survived", Duration::from_secs(40));
+    let seen = ssh.seen.clone();
+    let (status, err) = ssh.wait(Duration::from_secs(20));
+    assert!(
+        ok,
+        "the session did not survive; saw {seen:?}\nstderr: {err}\n{}\n{}",
+        tail(&c.machine("alice").logs(), 30),
+        tail(&c.machine("foo").logs(), 30)
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "ssh did not exit 0 after resuming: {status:?}\n{err}"
+    );
+    assert!(
+        c.machine("alice").logs().contains("resumed"),
+        "the agent's log does not say it resumed"
+    );
+    let audit = audit_of_foo(&c);
+    assert!(
+        audit.contains("\"resumed\""),
+        "no resumed line in foo's audit log:\n{audit}"
+    );
+    assert!(
+        poll_until(Duration::from_secs(10), || foo_log_has(
+            &c,
+            "resumable session ended"
+        )
+        .then_some(()))
+        .is_some(),
+        "foo did not end the session\n{}",
+        tail(&c.machine("foo").logs(), 20)
+    );
+}
+
+/// The deny twin of the agent path: revoked while detached, the agent's resume is refused
+/// and ssh's ProxyCommand exits 255 with one line.
+#[test]
+fn resume_through_the_agent_refused_after_revocation_while_detached() {
+    refused_after_revocation_while_detached(Via::Agent);
+}
+
+/// Foo restarted under a session the agent runs: one line, within 2 s of foo being back.
+#[test]
+fn resume_through_the_agent_after_a_server_restart_says_so_in_one_line() {
+    restart_says_so_in_one_line(Via::Agent);
+}
+
 /// A tunnel to the embedded SSH server (foo has no sshd) is resumable too: ssh through the
 /// ProxyCommand, its proxy stopped past the idle limit, goes on after SIGCONT and exits 0.
 #[test]
@@ -351,6 +429,7 @@ fn resume_refused_after_revocation_while_detached() {
 /// with one line, foo audits `resume-denied` and ends the session (natively, its command).
 fn refused_after_revocation_while_detached(via: Via) {
     let c = cluster(&[]);
+    let _agent = (via == Via::Agent).then(|| Agent::start(c.machine("alice"), &[]));
     let marker = format!("sleep 4{}{}", std::process::id(), via as u8);
     let mut ssh = Ssh::start_via(&c, "alice", via, &format!("echo up; {marker}"));
     assert!(
@@ -361,7 +440,7 @@ fn refused_after_revocation_while_detached(via: Via) {
     );
     let pid = stop_client_past_the_idle_limit(&c, &mut ssh, via);
     assert!(
-        via == Via::Proxy || running(&marker),
+        via != Via::Native || running(&marker),
         "the command ended while detached"
     );
     c.edit_manager_file(|t| set_table_keys(&t, "server.foo", &[("allow-from", toml_str("bob"))]));
@@ -396,7 +475,7 @@ fn refused_after_revocation_while_detached(via: Via) {
     // Through sshd the command is sshd's: without a pty, sshd leaves a command that never
     // writes running when its connection closes (OpenSSH's own behaviour). Natively, malai
     // hangs it up.
-    if via == Via::Proxy {
+    if via != Via::Native {
         return;
     }
     assert!(
@@ -419,6 +498,7 @@ fn resume_after_a_server_restart_says_so_in_one_line() {
 /// line that the server restarted and exits 255 within 2 s of the server being back.
 fn restart_says_so_in_one_line(via: Via) {
     let mut c = cluster(&[]);
+    let _agent = (via == Via::Agent).then(|| Agent::start(c.machine("alice"), &[]));
     let mut ssh = Ssh::start_via(&c, "alice", via, "echo up; sleep 60");
     assert!(
         ssh.expect_line("up", Duration::from_secs(30)),
