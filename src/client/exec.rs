@@ -6,11 +6,8 @@
 //! raw mode restored on every exit, SIGWINCH forwarded. A local SIGINT/SIGTERM/SIGHUP
 //! closes the connection at once, so the server hangs up the remote command.
 
-use std::time::Duration;
-
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tokio_util::sync::CancellationToken;
 
 use super::ssh_args::{SshArgs, TtyChoice};
 use super::tty::{RawMode, is_tty, window_size};
@@ -19,6 +16,7 @@ use crate::control::client::ControlClient;
 use crate::protocol::Request;
 use crate::protocol::exec::{ExecRequest, PtyRequest};
 use crate::protocol::exec_pump::{self, PumpEnd, env_allowed, exit_code};
+use crate::session::exec_resume::{self, ExecEnd};
 use crate::session::{Resolved, Route, Session, SessionError, open_on, open_with, resume};
 use crate::transport::stdio;
 
@@ -276,19 +274,7 @@ fn until_signal(
     (stop, win_rx)
 }
 
-/// Bytes the pipe between the exec frames and a resumable session's engine holds.
-const SESSION_PIPE: usize = 256 * 1024;
-/// After `Exit`, how long the session gets to finish (both ends' last bytes acknowledged)
-/// before we close it: the server then drops its side at once instead of keeping it.
-const FINISH_WITHIN: Duration = Duration::from_secs(10);
-/// After [`FINISH_WITHIN`], how long the session gets to tell the server it is over.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
-/// After a signal, how long the session gets to tell the server it is over (ssh exits at
-/// once on one: this is a user waiting).
-const STOP_GRACE: Duration = Duration::from_millis(300);
-
-/// [`drive`] on a resumable session (`session::resume`): the exec frames run over an
-/// in-process pipe whose other end is the resumable stream, so a lost connection is
+/// [`drive`] on a resumable session (`session::exec_resume`): a lost connection is
 /// redialled and the command's stdio goes on where it stopped. A signal closes the session
 /// (the server hangs the command up); the server restarting, or refusing the resume, ends
 /// it with that error.
@@ -304,59 +290,14 @@ where
     O: AsyncWrite + Unpin,
     E: AsyncWrite + Unpin,
 {
-    let (frames, leg) = tokio::io::duplex(SESSION_PIPE);
-    let (mut leg_r, mut leg_w) = tokio::io::split(leg);
-    let (mut frames_r, mut frames_w) = tokio::io::split(frames);
-    let close = CancellationToken::new();
-    let run = session.run(&mut leg_r, &mut leg_w, &close);
-    tokio::pin!(run);
-    let mut ran = None;
-    let pumped = {
-        let (stop, win_rx) = until_signal(interrupts, pty);
-        let pump = exec_pump::run(&mut frames_r, &mut frames_w, stdin, win_rx, out, err, stop);
-        tokio::pin!(pump);
-        loop {
-            tokio::select! {
-                p = &mut pump => break p,
-                r = &mut run, if ran.is_none() => match r {
-                    // Everything the server sent is in the pipe: the pump reads it on.
-                    Ok(end) => ran = Some(end),
-                    Err(e) => return Err(e),
-                },
-            }
-        }
-    };
-    match pumped {
-        Ok(status) => {
-            // Our side ends: the stream sends its eof and finishes (what may follow `Exit`
-            // is read and dropped, as a plain stream's rest is).
-            let _ = frames_w.shutdown().await;
-            if ran.is_none() {
-                let finish = async {
-                    let mut sink = tokio::io::sink();
-                    let drain = tokio::io::copy(&mut frames_r, &mut sink);
-                    let (_, r) = tokio::join!(drain, &mut run);
-                    r
-                };
-                if tokio::time::timeout(FINISH_WITHIN, finish).await.is_err() {
-                    close.cancel();
-                    let _ = tokio::time::timeout(CLOSE_GRACE, &mut run).await;
-                }
-            }
-            Ok(exit_code(&status))
-        }
-        Err(PumpEnd::Stopped(n)) => {
-            // Tell the server the session is over; a stream blocked behind a full window
-            // cannot, and then our connection's close (`exec::run`) tells it.
-            close.cancel();
-            if ran.is_none() {
-                let _ = tokio::time::timeout(STOP_GRACE, &mut run).await;
-            }
-            Err(SessionError::Killed(n))
-        }
-        Err(PumpEnd::Broken(e)) => Err(SessionError::Lost(format!(
+    let (stop, win_rx) = until_signal(interrupts, pty);
+    match exec_resume::drive(session, stdin, win_rx, out, err, stop).await {
+        Ok(status) => Ok(exit_code(&status)),
+        Err(ExecEnd::Stopped(n)) => Err(SessionError::Killed(n)),
+        Err(ExecEnd::Broken(e)) => Err(SessionError::Lost(format!(
             "the session ended before the command's exit status arrived: {e}"
         ))),
+        Err(ExecEnd::Session(e)) => Err(e),
     }
 }
 
@@ -474,7 +415,9 @@ async fn catch_up(
 /// its pooled connection; we keep the terminal (raw mode, window size) and the exit status.
 async fn run_via_holder(holder: ControlClient, args: &SshArgs) -> Result<i32, SessionError> {
     let pty = want_pty(args);
-    let req = exec_request(args, pty);
+    let mut req = exec_request(args, pty);
+    // The holder runs it resumable when the server offers it (`keyholder::resume`).
+    req.resume = resume::enabled();
     let r = super::handover::exec(holder, &args.host, req, !args.no_stdin, || {
         if pty && is_tty(0) {
             RawMode::enter()

@@ -196,3 +196,18 @@ impl HolderResumable {
         tracing::info!(server = %self.target.server, answered, "abandoned while detached; asked the server to end the session");
     }
 }
+
+impl crate::session::exec_resume::RunResumable for HolderResumable {
+    async fn run<LR, LW>(
+        self,
+        local_r: &mut LR,
+        local_w: &mut LW,
+        close: &CancellationToken,
+    ) -> Result<End, SessionError>
+    where
+        LR: AsyncRead + Unpin + ?Sized,
+        LW: AsyncWrite + Unpin + ?Sized,
+    {
+        HolderResumable::run(self, local_r, local_w, close).await
+    }
+}

@@ -29,6 +29,7 @@ use crate::control::protocol::{
 use crate::protocol::Request;
 use crate::protocol::exec::ExitStatus;
 use crate::protocol::exec_pump::{self, PumpEnd};
+use crate::session::exec_resume::{self, ExecEnd};
 use crate::session::open::Accepted;
 use crate::session::resume::End;
 use crate::session::{SessionError, resolve};
@@ -322,6 +323,10 @@ async fn open(
         (OpenRequest::Tunnel { .. }, _) => {
             tunnel(ctx, &sock, &mut reader, stream, passed, &host).await
         }
+        (OpenRequest::Exec(e), Accepted::Resumable(grant)) => {
+            let r = HolderResumable::new(ctx.pool.clone(), target, "exec", stream, grant);
+            exec_resumable(ctx, &sock, &mut reader, r, passed, e.pty.is_some()).await
+        }
         (OpenRequest::Exec(e), _) => {
             exec(ctx, &sock, &mut reader, stream, passed, e.pty.is_some()).await
         }
@@ -566,5 +571,48 @@ async fn exec(
             stream.abort();
             FromHolder::Broken { message }
         }
+    }
+}
+
+/// [`exec`] on a resumable session (`session::exec_resume`): a lost connection is
+/// redialled through the pool and the command's stdio goes on where it stopped. The
+/// command going away, or the holder stopping, closes the session (the server hangs the
+/// command up).
+async fn exec_resumable(
+    ctx: &HolderContext,
+    sock: &UnixStream,
+    reader: &mut FrameReader,
+    session: HolderResumable,
+    passed: Passed,
+    pty: bool,
+) -> FromHolder {
+    let Some(stderr) = passed.stderr else {
+        return FromHolder::Broken {
+            message: "exec needs stderr".into(),
+        };
+    };
+    let stdin = passed.stdin.map(fds::reader);
+    let mut out = fds::writer(passed.stdout);
+    let mut err = fds::writer(stderr);
+    let (win_tx, win_rx) = mpsc::channel(8);
+    let stop = async {
+        tokio::select! {
+            _ = watch_control(sock, reader, pty.then_some(win_tx)) => "abandoned".to_string(),
+            _ = ctx.shutdown.cancelled() => "the agent is shutting down".to_string(),
+        }
+    };
+    let result = exec_resume::drive(session, stdin, win_rx, &mut out, &mut err, stop).await;
+    // Close our copies (restoring their flags) before the CLI hears the end.
+    drop(out);
+    drop(err);
+    match result {
+        Ok(status) => FromHolder::Exit { status },
+        Err(ExecEnd::Stopped(message)) => FromHolder::Broken { message },
+        Err(ExecEnd::Broken(e)) => FromHolder::Broken {
+            message: format!("the session ended before the command's exit status arrived: {e}"),
+        },
+        Err(ExecEnd::Session(e)) => FromHolder::Broken {
+            message: e.to_string(),
+        },
     }
 }

@@ -14,11 +14,13 @@
 //! - [`own`]: the endpoint a command binds itself when nobody holds the key.
 //! - [`liveness`]: noticing a restarted server (boot id probes).
 //! - [`resume`]: the resumable byte stream (both ends' engine) and the client's redial.
+//! - [`exec_resume`]: native exec's frames over a resumable session (both clients').
 //! - [`registry`]: this machine's resumable client sessions, for status.
 //! - [`ssh_via`]: servers reached through OpenSSH + `malai ssh stdinserver`.
 
 pub mod connect;
 pub mod dial;
+pub mod exec_resume;
 pub mod link;
 pub mod liveness;
 pub mod open;

@@ -53,6 +53,18 @@ enum Via {
     /// its stdio to the agent, which runs the resumable session on its pool. The client
     /// process stopped is the agent.
     Agent,
+    /// Native exec with alice's agent holding the key (the agent runs the session).
+    AgentNative,
+}
+
+impl Via {
+    fn through_agent(self) -> bool {
+        matches!(self, Via::Agent | Via::AgentNative)
+    }
+    /// Whether the command on foo is malai's own child (native), not sshd's.
+    fn native(self) -> bool {
+        matches!(self, Via::Native | Via::AgentNative)
+    }
 }
 
 /// `ssh foo.acme <script>` through the ProxyCommand (or natively), stdout lines on a
@@ -89,7 +101,7 @@ impl Ssh {
         use std::os::unix::process::CommandExt;
         let mut cmd = match via {
             Via::Proxy | Via::Agent => c.ssh_cmd(device),
-            Via::Native => c.machine(device).cmd(["ssh"]),
+            Via::Native | Via::AgentNative => c.machine(device).cmd(["ssh"]),
         };
         let mut child = cmd
             .arg("-T")
@@ -173,7 +185,7 @@ fn client_pid(c: &TestCluster, device: &str, via: Via) -> Option<i32> {
     let sub: &[u8] = match via {
         Via::Proxy => b"proxy",
         Via::Native => b"-T",
-        Via::Agent => b"agent",
+        Via::Agent | Via::AgentNative => b"agent",
     };
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
@@ -429,7 +441,9 @@ fn resume_refused_after_revocation_while_detached() {
 /// with one line, foo audits `resume-denied` and ends the session (natively, its command).
 fn refused_after_revocation_while_detached(via: Via) {
     let c = cluster(&[]);
-    let _agent = (via == Via::Agent).then(|| Agent::start(c.machine("alice"), &[]));
+    let _agent = via
+        .through_agent()
+        .then(|| Agent::start(c.machine("alice"), &[]));
     let marker = format!("sleep 4{}{}", std::process::id(), via as u8);
     let mut ssh = Ssh::start_via(&c, "alice", via, &format!("echo up; {marker}"));
     assert!(
@@ -440,7 +454,7 @@ fn refused_after_revocation_while_detached(via: Via) {
     );
     let pid = stop_client_past_the_idle_limit(&c, &mut ssh, via);
     assert!(
-        via != Via::Native || running(&marker),
+        !via.native() || running(&marker),
         "the command ended while detached"
     );
     c.edit_manager_file(|t| set_table_keys(&t, "server.foo", &[("allow-from", toml_str("bob"))]));
@@ -475,7 +489,7 @@ fn refused_after_revocation_while_detached(via: Via) {
     // Through sshd the command is sshd's: without a pty, sshd leaves a command that never
     // writes running when its connection closes (OpenSSH's own behaviour). Natively, malai
     // hangs it up.
-    if via != Via::Native {
+    if !via.native() {
         return;
     }
     assert!(
@@ -498,7 +512,9 @@ fn resume_after_a_server_restart_says_so_in_one_line() {
 /// line that the server restarted and exits 255 within 2 s of the server being back.
 fn restart_says_so_in_one_line(via: Via) {
     let mut c = cluster(&[]);
-    let _agent = (via == Via::Agent).then(|| Agent::start(c.machine("alice"), &[]));
+    let _agent = via
+        .through_agent()
+        .then(|| Agent::start(c.machine("alice"), &[]));
     let mut ssh = Ssh::start_via(&c, "alice", via, "echo up; sleep 60");
     assert!(
         ssh.expect_line("up", Duration::from_secs(30)),
@@ -581,17 +597,115 @@ fn running(marker: &str) -> bool {
 /// and ends the session cleanly.
 #[test]
 fn resume_native_exec_survives_a_stopped_client_past_the_idle_limit() {
+    native_exec_survives_a_stopped_client(Via::Native);
+}
+
+/// The same with alice's agent holding the key: the agent runs the resumable exec for the
+/// command and is the process stopped.
+#[test]
+fn resume_native_exec_through_the_agent_survives_a_stopped_agent() {
+    native_exec_survives_a_stopped_client(Via::AgentNative);
+}
+
+/// A machine that is a server and a client: foo's own commands go through foo's server
+/// (it holds the key), which runs the resumable session on its pool. Foo's server stopped
+/// past the idle limit (bar detaches the session): after SIGCONT the exec from foo to bar
+/// goes on and its output arrives whole.
+#[test]
+fn resume_native_exec_through_the_local_server_survives_a_stopped_server() {
+    let mut c = TestCluster::builder("acme")
+        .server("foo")
+        .server("bar")
+        .allow("bar", &["foo"])
+        .env("MALAI_IDLE_TIMEOUT", IDLE)
+        .build();
+    let mut child = c
+        .machine("foo")
+        .cmd([
+            "ssh",
+            "-T",
+            "bar.acme",
+            "echo up; sleep 6; seq 1 50000; echo survived",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn malai ssh");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    out.read_line(&mut first).expect("first line");
+    assert_eq!(first, "up\n", "exec did not start\n{}", c.diagnostics());
+    assert!(
+        c.machine("foo")
+            .logs()
+            .contains("resumable exec through the pool"),
+        "foo's server did not run the exec as a resumable session\n{}",
+        tail(&c.machine("foo").logs(), 30)
+    );
+    let pid = c.server_process("foo").pid() as i32;
+    let t0 = Instant::now();
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    let detached = poll_until(Duration::from_secs(30), || {
+        c.machine("bar")
+            .logs()
+            .contains("session detached")
+            .then_some(())
+    });
+    if let Some(left) = PAST_IDLE.checked_sub(t0.elapsed()) {
+        std::thread::sleep(left);
+    }
+    signal(pid, nix::sys::signal::Signal::SIGCONT);
+    assert!(
+        detached.is_some(),
+        "bar never detached the session\n{}",
+        tail(&c.machine("bar").logs(), 30)
+    );
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).expect("read the rest");
+    let status = poll_until(Duration::from_secs(30), || child.try_wait().ok().flatten());
+    let want: String = (1..=50_000).map(|n| format!("{n}\n")).collect();
+    assert!(
+        rest == format!("{want}survived\n"),
+        "stdout lost or doubled bytes across the resume ({} bytes, want {})\n{}",
+        rest.len(),
+        want.len() + 9,
+        tail(&c.machine("foo").logs(), 30)
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "malai ssh did not exit 0: {status:?}"
+    );
+    assert!(
+        c.machine("foo").logs().contains("resumed"),
+        "foo's server does not say it resumed"
+    );
+}
+
+/// Deny twin of the agent's resumable exec: revoked while detached, refused in one line,
+/// the command hung up on foo.
+#[test]
+fn resume_native_exec_through_the_agent_refused_after_revocation_while_detached() {
+    refused_after_revocation_while_detached(Via::AgentNative);
+}
+
+/// Native exec whose client (`via`) is stopped past the idle limit: stdout, stderr and
+/// the exit code arrive whole after SIGCONT.
+fn native_exec_survives_a_stopped_client(via: Via) {
     let c = cluster(&[]);
+    let _agent = via
+        .through_agent()
+        .then(|| Agent::start(c.machine("alice"), &[]));
     let script =
         "echo up; sleep 4; seq 1 200000; echo to-stderr >&2; sleep 6; echo survived; exit 7";
-    let mut ssh = Ssh::start_via(&c, "alice", Via::Native, script);
+    let mut ssh = Ssh::start_via(&c, "alice", via, script);
     assert!(
         ssh.expect_line("up", Duration::from_secs(30)),
         "malai ssh did not start; saw {:?}\n{}",
         ssh.seen,
         c.diagnostics()
     );
-    let pid = stop_client_past_the_idle_limit(&c, &mut ssh, Via::Native);
+    let pid = stop_client_past_the_idle_limit(&c, &mut ssh, via);
     signal(pid, nix::sys::signal::Signal::SIGCONT);
     let ok = ssh.expect_line("survived", Duration::from_secs(60));
     let seen = std::mem::take(&mut ssh.seen);
