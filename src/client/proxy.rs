@@ -56,8 +56,9 @@ pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), Sessi
     run_plain(session, host).await
 }
 
-/// How long a signalled resumable proxy may take to tell the server the session is over.
-const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a signalled resumable proxy may take to tell the server the session is over
+/// (the session bounds its own close by `resume::CLOSE_GRACE`; this is the backstop).
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A resumable tunnel (`session::resume`) on our stdio: it outlives lost connections.
 async fn run_resumable(r: resume::Resumable, host: &str) -> Result<(), SessionError> {

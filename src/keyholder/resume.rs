@@ -17,7 +17,9 @@ use crate::id52::Id52;
 use crate::protocol::resume::{Grant, Resume};
 use crate::session::SessionError;
 use crate::session::registry::{self, Registered};
-use crate::session::resume::{AttachError, End, RESTARTED, Stream, attach_end, redial_until};
+use crate::session::resume::{
+    AttachError, End, RESTARTED, Stream, abandoned, attach_end, redial_until,
+};
 
 /// How long telling the server that a session abandoned while detached is over may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -39,6 +41,33 @@ pub struct HolderResumable {
     net: PooledStream,
     /// What `malai ssh status` shows of it (`session::registry`).
     record: Registered,
+    /// [`HolderResumable::run`] returned: the server was told how the session ended.
+    ended: bool,
+}
+
+impl Drop for HolderResumable {
+    /// Dropped before it ended (the caller stopped waiting for its close): tell the server
+    /// in the background, so it does not keep the session detached for its keep time.
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (pool, alias) = (self.pool.clone(), self.target.dir.alias.clone());
+        let (peer, hints, resume) = (
+            self.target.peer,
+            self.target.hints.clone(),
+            self.resume(true),
+        );
+        // Bounded by CLOSE_TIMEOUT; the holder's runtime outlives it or ends it.
+        rt.spawn(async move {
+            let turn = Arc::new(tokio::sync::Mutex::new(false));
+            let asked = pool.resume(&alias, peer, &hints, resume, turn);
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, asked).await;
+        });
+    }
 }
 
 impl HolderResumable {
@@ -68,6 +97,7 @@ impl HolderResumable {
             stream: Stream::new(),
             net,
             record,
+            ended: false,
         }
     }
 
@@ -84,19 +114,49 @@ impl HolderResumable {
         LR: AsyncRead + Unpin + ?Sized,
         LW: AsyncWrite + Unpin + ?Sized,
     {
+        let r = self.run_attached(local_r, local_w, close).await;
+        self.ended = true;
+        r
+    }
+
+    async fn run_attached<LR, LW>(
+        &mut self,
+        local_r: &mut LR,
+        local_w: &mut LW,
+        close: &CancellationToken,
+    ) -> Result<End, SessionError>
+    where
+        LR: AsyncRead + Unpin + ?Sized,
+        LW: AsyncWrite + Unpin + ?Sized,
+    {
         let mut peer_received = self.grant.received;
         loop {
-            let r = self
-                .stream
-                .attach(
+            let r = {
+                let attach = self.stream.attach(
                     peer_received,
                     local_r,
                     local_w,
                     &mut self.net.recv,
                     &mut self.net.send,
                     close,
-                )
-                .await;
+                );
+                tokio::select! {
+                    r = attach => Some(r),
+                    _ = abandoned(close) => None,
+                }
+            };
+            let Some(r) = r else {
+                // Our `close` could not get out in time (a stream blocked behind a full
+                // window, a loaded machine): say it on a stream of its own.
+                tracing::info!(server = %self.target.server, "the session's close did not get out in time; ending it by a resume with close");
+                self.net.abort();
+                self.tell_closed().await;
+                return Ok(End::ClosedByUs);
+            };
+            if close.is_cancelled() && matches!(r, Err(AttachError::Net(_))) {
+                // Our close raced the server's end of the stream: the session is over.
+                return Ok(End::ClosedByUs);
+            }
             match attach_end(r) {
                 Ok(end) => {
                     let wait = if end == End::Finished {

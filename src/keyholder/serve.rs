@@ -457,9 +457,10 @@ async fn tunnel(
     }
 }
 
-/// How long a session closed by the command (or the holder stopping) may take to tell the
-/// server; then it is dropped (the server ends it at its keep time).
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long a session closed by the command (or the holder stopping) may take to end; the
+/// session bounds its own close (`session::resume::CLOSE_GRACE`), this is the backstop
+/// (dropped, it still tells the server in the background).
+const CLOSE_GRACE: Duration = Duration::from_secs(8);
 
 /// [`tunnel`] on a resumable session: a lost connection is redialled through the pool and
 /// the bytes go on where they stopped; the command waits on its socket meanwhile. Its

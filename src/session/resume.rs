@@ -572,6 +572,7 @@ pub struct Resumable {
     record: super::registry::Registered,
     /// Ends the sessions this machine's gone processes left (runs alongside; stops with us).
     _reaper: Reaper,
+    _close_on_drop: CloseOnDrop,
 }
 
 /// The task of [`reap_orphans`], aborted when the session that started it ends.
@@ -709,6 +710,7 @@ pub async fn open(
                 own,
                 grant,
                 stream: Stream::new(),
+                _close_on_drop: CloseOnDrop(conn.clone()),
                 conn,
                 watchdog,
                 send,
@@ -739,17 +741,37 @@ impl Resumable {
     {
         let mut peer_received = self.grant.received;
         loop {
-            let r = self
-                .stream
-                .attach(
+            let r = {
+                let attach = self.stream.attach(
                     peer_received,
                     local_r,
                     local_w,
                     &mut self.recv,
                     &mut self.send,
                     close,
-                )
-                .await;
+                );
+                tokio::select! {
+                    r = attach => Some(r),
+                    _ = abandoned(close) => None,
+                }
+            };
+            let Some(r) = r else {
+                // Our `close` could not get out in time (a stream blocked behind a full
+                // window, a loaded machine): closing the connection (any reason but
+                // RESUMING_ELSEWHERE) ends the session on the server instead of leaving
+                // it detached there for its keep time.
+                tracing::info!(server = %self.server.name, "the session's close did not get out in time; closing the connection");
+                self.send.reset();
+                self.conn.close("closed");
+                self.own.done(ABORT_CLOSE).await;
+                return Ok(End::ClosedByUs);
+            };
+            if close.is_cancelled() && matches!(r, Err(AttachError::Net(_))) {
+                // Our close raced the server's end of the stream: the session is over.
+                self.conn.close("closed");
+                self.own.done(ABORT_CLOSE).await;
+                return Ok(End::ClosedByUs);
+            }
             match attach_end(r) {
                 Ok(end) => {
                     let wait = if end == End::Finished {
@@ -856,10 +878,32 @@ impl Resumable {
             self.resolved_manager,
         )
         .into();
+        self._close_on_drop = CloseOnDrop(conn.clone());
         self.conn = conn;
         self.send = send;
         self.recv = recv;
         Ok(Some(grant.received))
+    }
+}
+
+/// How long a session closed by its user may take to tell the server (its `close` frame);
+/// then the connection is closed, which tells it too.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Resolves [`CLOSE_GRACE`] after `close` fired.
+pub async fn abandoned(close: &CancellationToken) {
+    close.cancelled().await;
+    tokio::time::sleep(CLOSE_GRACE).await;
+}
+
+/// Closes its connection when dropped: a session dropped before it ended (its caller gave
+/// up waiting after a signal) closes its connection, so the server ends the session
+/// instead of keeping it detached (a no-op when the connection was closed already).
+struct CloseOnDrop(PeerConnection);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close("closed");
     }
 }
 

@@ -1436,27 +1436,51 @@ impl TestCluster {
 
     /// `scp -F <cfg> <args…>` as `device`.
     pub fn scp<S: AsRef<OsStr>>(&self, device: &str, args: &[S]) -> Output {
+        self.scp_within(device, args, CHILD_TIMEOUT)
+    }
+
+    /// [`TestCluster::scp`], killed after `timeout`.
+    pub fn scp_within<S: AsRef<OsStr>>(
+        &self,
+        device: &str,
+        args: &[S],
+        timeout: Duration,
+    ) -> Output {
         require_program("scp", "openssh-client");
         let cfg = self.ssh_config(device);
-        run_cmd(
+        run_cmd_with(
             Command::new("scp")
                 .env_remove("RUST_LOG")
                 .arg("-F")
                 .arg(cfg)
                 .args(args),
+            None,
+            timeout,
         )
     }
 
     /// `rsync -e "ssh -F <cfg>" <args…>` as `device`.
     pub fn rsync<S: AsRef<OsStr>>(&self, device: &str, args: &[S]) -> Output {
+        self.rsync_within(device, args, CHILD_TIMEOUT)
+    }
+
+    /// [`TestCluster::rsync`], killed after `timeout`.
+    pub fn rsync_within<S: AsRef<OsStr>>(
+        &self,
+        device: &str,
+        args: &[S],
+        timeout: Duration,
+    ) -> Output {
         require_program("rsync", "rsync");
         let cfg = self.ssh_config(device);
-        run_cmd(
+        run_cmd_with(
             Command::new("rsync")
                 .env_remove("RUST_LOG")
                 .arg("-e")
                 .arg(format!("ssh -F {}", cfg.display()))
                 .args(args),
+            None,
+            timeout,
         )
     }
 

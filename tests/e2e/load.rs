@@ -15,6 +15,13 @@ use crate::harness::*;
 const TRANSFERS: usize = 100;
 /// Bytes per transfer (small: the point is concurrency, not throughput, on 2 cores).
 const TRANSFER_BYTES: usize = 256 << 10;
+/// A hang guard per transfer, not a speed goal. The 100 run at once, so the last ends when
+/// the whole batch does: measured 106–116 s on this 2-core machine under `stress-ng --cpu 4`
+/// with the debug build, the same with the resumable layer off (109 s) — about 2 CPU
+/// seconds per transfer (ssh, the proxy's own endpoint, the server, russh), all of it
+/// waiting for a core. The default 120 s left no room; a stalled transfer (what this
+/// catches) still fails.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(360);
 
 /// 100 concurrent transfers (half `scp`, half `rsync`, both through `malai ssh proxy`) to one
 /// server, every file checked by sha256 on arrival. The server's SSH endpoint is the embedded
@@ -47,10 +54,11 @@ fn hundred_concurrent_scp_and_rsync_transfers_all_arrive_intact() {
             let (src, dst) = (src.join(format!("f{i}")), dst.join(format!("f{i}")));
             thread::spawn(move || {
                 let to = format!("{}:{}", c.host("foo"), dst.display());
+                let args = [src.display().to_string(), to];
                 let out = if i % 2 == 0 {
-                    c.scp("alice", &[src.display().to_string(), to])
+                    c.scp_within("alice", &args, TRANSFER_TIMEOUT)
                 } else {
-                    c.rsync("alice", &[src.display().to_string(), to])
+                    c.rsync_within("alice", &args, TRANSFER_TIMEOUT)
                 };
                 (i, out)
             })
@@ -58,7 +66,12 @@ fn hundred_concurrent_scp_and_rsync_transfers_all_arrive_intact() {
         .collect();
     let mut failed = vec![];
     for h in handles {
-        let (i, out) = h.join().expect("transfer thread");
+        // Join every thread before judging: one that panicked (its transfer timed out)
+        // must not leave the others holding the cluster, and its servers, alive.
+        let Ok((i, out)) = h.join() else {
+            failed.push("a transfer timed out (its thread panicked)".to_string());
+            continue;
+        };
         if !out.status.success() {
             failed.push(format!("#{i}: {}", fmt_output(&out)));
         }
