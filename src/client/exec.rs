@@ -92,13 +92,7 @@ pub async fn run_one(
     };
     match opened {
         resume::Opened::Plain(session) => run_session(*session, args, pty, &mut interrupts).await,
-        resume::Opened::Resumable(r) => {
-            let mut t = Terminal::enter(args, pty);
-            let stdin = t.stdin.take();
-            let r = drive_resumable(*r, stdin, &mut t.out, &mut t.err, pty, &mut interrupts).await;
-            t.leave(args, pty, &r);
-            r
-        }
+        resume::Opened::Resumable(r) => run_resumable_session(*r, args, pty, &mut interrupts).await,
     }
 }
 
@@ -120,6 +114,21 @@ pub(crate) async fn run_session(
         interrupts,
     )
     .await;
+    t.leave(args, pty, &r);
+    r
+}
+
+/// [`run_session`] for a resumable session (`client::forward`'s remote command on its own
+/// pool).
+pub(crate) async fn run_resumable_session<S: exec_resume::RunResumable>(
+    session: S,
+    args: &SshArgs,
+    pty: bool,
+    interrupts: &mut Interrupts,
+) -> Result<i32, SessionError> {
+    let mut t = Terminal::enter(args, pty);
+    let stdin = t.stdin.take();
+    let r = drive_resumable(session, stdin, &mut t.out, &mut t.err, pty, interrupts).await;
     t.leave(args, pty, &r);
     r
 }
@@ -278,8 +287,8 @@ fn until_signal(
 /// redialled and the command's stdio goes on where it stopped. A signal closes the session
 /// (the server hangs the command up); the server restarting, or refusing the resume, ends
 /// it with that error.
-pub async fn drive_resumable<O, E>(
-    session: resume::Resumable,
+pub(crate) async fn drive_resumable<S, O, E>(
+    session: S,
     stdin: Option<Box<dyn AsyncRead + Unpin + Send>>,
     out: &mut O,
     err: &mut E,
@@ -287,6 +296,7 @@ pub async fn drive_resumable<O, E>(
     interrupts: &mut Interrupts,
 ) -> Result<i32, SessionError>
 where
+    S: exec_resume::RunResumable,
     O: AsyncWrite + Unpin,
     E: AsyncWrite + Unpin,
 {
@@ -372,7 +382,7 @@ async fn run_parsed(
                 .cloned()
                 .ok_or_else(|| SessionError::Local("server vanished".into()))?;
             if args.forwards() {
-                return super::forward::run(&resolved, &server, &args).await;
+                return super::forward::run(dirs, &resolved, &server, &args).await;
             }
             // ssh-via servers need no malai key: always direct. Otherwise the routing
             // policy: a key holder gets our stdio (handover), or this process dials.

@@ -34,10 +34,12 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::exec::{Interrupts, exec_request, run_session, want_pty};
+use super::exec::{Interrupts, exec_request, run_resumable_session, run_session, want_pty};
+use super::forward_resume::{Channel, Command, Opener, reset};
 use super::socks;
 use super::ssh_args::SshArgs;
 use crate::config::Server;
+use crate::config::paths::Dirs;
 use crate::protocol::Request;
 use crate::protocol::forward::{ForwardTarget, RemoteEvent, RemoteListen};
 use crate::session::link::Link;
@@ -212,15 +214,9 @@ enum Kind {
     Socks,
 }
 
-/// Abort a stream's sending side (QUIC reset; through a holder, dropping does it).
-fn reset(w: &mut SessionWrite) {
-    if let SessionWrite::Iroh(s) = w {
-        s.reset();
-    }
-}
-
 /// `malai ssh` with forwards: see the module header.
 pub async fn run(
+    dirs: &Dirs,
     resolved: &Resolved,
     server: &Server,
     args: &SshArgs,
@@ -236,13 +232,15 @@ pub async fn run(
         c = Link::connect(resolved, server) => c?,
         n = interrupts.recv() => return Err(SessionError::Killed(n)),
     };
+    let opener = Opener::new(dirs, &link, resolved, server).await;
     if let Some(to) = plan.stdio_to {
-        let r = stdio_forward(&link, to, &mut interrupts).await;
+        let r = stdio_forward(&opener, to, &mut interrupts).await;
         link.close().await;
         return r;
     }
     let forwards = Forwards {
         link: link.clone(),
+        opener,
         stop: CancellationToken::new(),
         tasks: TaskTracker::new(),
     };
@@ -318,6 +316,8 @@ impl Plan {
 /// The running forwards of one `malai ssh` and the tasks that serve them.
 struct Forwards {
     link: Link,
+    /// Opens the `-L`/`-D` channels and the remote command (`client::forward_resume`).
+    opener: Opener,
     /// Ends every forward's task.
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -353,7 +353,7 @@ impl Forwards {
             self.tasks.spawn(serve_listener(
                 b,
                 kind,
-                self.link.clone(),
+                self.opener.clone(),
                 self.stop.clone(),
                 self.tasks.clone(),
             ));
@@ -435,9 +435,13 @@ impl Forwards {
     ) -> Result<i32, SessionError> {
         if args.no_command {
             background::signal_ready(ready.take());
+            // Resumable channels outlive the connection (new ones redial); `-R` and `-A`
+            // listeners on the server do not, so with them a lost connection ends the run.
+            let remote = !args.remote_forwards.is_empty() || args.forward_agent;
+            let ends_with_the_connection = remote || !self.opener.outlives_the_connection();
             return tokio::select! {
                 n = interrupts.recv() => Err(SessionError::Killed(n)),
-                _ = self.link.lost() => Err(SessionError::Lost("the connection to the server was lost".into())),
+                _ = self.link.lost(), if ends_with_the_connection => Err(SessionError::Lost("the connection to the server was lost".into())),
             };
         }
         let pty = want_pty(args);
@@ -446,13 +450,18 @@ impl Forwards {
             req.env.push(("SSH_AUTH_SOCK".into(), path));
         }
         let opened = tokio::select! {
-            s = self.link.open_session(Request::Exec(req)) => s,
+            s = self.opener.command(req) => s,
             n = interrupts.recv() => Err(SessionError::Killed(n)),
         };
         if opened.is_ok() {
             background::signal_ready(ready.take());
         }
-        run_session(opened?, args, pty, interrupts).await
+        match opened? {
+            Command::Plain(session) => run_session(*session, args, pty, interrupts).await,
+            Command::Resumable(session) => {
+                run_resumable_session(*session, args, pty, interrupts).await
+            }
+        }
     }
 
     /// Every task ends on `stop`; they hold the link, and the last holder closes the
@@ -628,16 +637,33 @@ mod background {
 
 /// `-W`: our stdin/stdout are the forwarded connection.
 async fn stdio_forward(
-    link: &Link,
+    opener: &Opener,
     to: ForwardTarget,
     interrupts: &mut Interrupts,
 ) -> Result<i32, SessionError> {
-    let (mut send, mut recv) = tokio::select! {
-        s = link.open(Request::Forward { to }) => s?,
+    let channel = tokio::select! {
+        s = opener.forward(to) => s?,
         n = interrupts.recv() => return Err(SessionError::Killed(n)),
     };
     let mut stdin = stdio::stdin();
     let mut stdout = stdio::stdout();
+    let (mut send, mut recv) = match channel {
+        Channel::Plain(send, recv) => (send, recv),
+        Channel::Resumable(session) => {
+            let close = CancellationToken::new();
+            let run = session.run(&mut stdin, &mut stdout, &close);
+            tokio::pin!(run);
+            return tokio::select! {
+                r = &mut run => r.map(|_| 0),
+                n = interrupts.recv() => {
+                    close.cancel();
+                    // The session bounds its close by `session::resume::CLOSE_GRACE`.
+                    let _ = tokio::time::timeout(LINGER, run).await;
+                    Err(SessionError::Killed(n))
+                }
+            };
+        }
+    };
     tokio::select! {
         r = pump::both_ways(&mut stdin, &mut send, &mut recv, &mut stdout) => match r {
             Ok(_) => {
@@ -656,7 +682,7 @@ async fn stdio_forward(
 async fn serve_listener(
     bound: Bound,
     kind: Kind,
-    link: Link,
+    opener: Opener,
     stop: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -682,13 +708,9 @@ async fn serve_listener(
                 continue;
             }
         };
-        let (link, kind, stop) = (link.clone(), kind.clone(), stop.clone());
-        tasks.spawn(async move {
-            tokio::select! {
-                _ = one_connection(local, kind, &link) => {}
-                _ = stop.cancelled() => {}
-            }
-        });
+        let (opener, kind, stop) = (opener.clone(), kind.clone(), stop.clone());
+        // Ends on `stop` by itself (a resumable channel tells the server first).
+        tasks.spawn(async move { one_connection(local, kind, &opener, &stop).await });
     }
     if let Bound::Unix(_, path) = &bound {
         let _ = std::fs::remove_file(path);
@@ -700,67 +722,71 @@ enum Local {
     Unix(tokio::net::UnixStream),
 }
 
-async fn one_connection(local: Local, kind: Kind, link: &Link) {
+async fn one_connection(local: Local, kind: Kind, opener: &Opener, stop: &CancellationToken) {
     match local {
         Local::Tcp(mut s, from) => {
             tracing::debug!(?from, "forwarded connection");
-            forward_stream(&mut s, kind, link).await
+            forward_stream(&mut s, kind, opener, stop).await
         }
-        Local::Unix(mut s) => forward_stream(&mut s, kind, link).await,
+        Local::Unix(mut s) => forward_stream(&mut s, kind, opener, stop).await,
     }
 }
 
-async fn forward_stream<S>(local: &mut S, kind: Kind, link: &Link)
+async fn forward_stream<S>(local: &mut S, kind: Kind, opener: &Opener, stop: &CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (to, socks_version) = match kind {
-        Kind::Fixed(to) => (to, None),
-        Kind::Socks => match socks::accept(local).await {
-            Ok(c) => (
-                ForwardTarget::Tcp {
-                    host: c.host,
-                    port: c.port,
-                },
-                Some(c.version),
-            ),
+    let opening = async {
+        let (to, socks_version) = match kind {
+            Kind::Fixed(to) => (to, None),
+            Kind::Socks => match socks::accept(local).await {
+                Ok(c) => (
+                    ForwardTarget::Tcp {
+                        host: c.host,
+                        port: c.port,
+                    },
+                    Some(c.version),
+                ),
+                Err(e) => {
+                    tracing::info!(error = %e, "SOCKS request refused");
+                    return None;
+                }
+            },
+        };
+        let what = to.describe();
+        let channel = match opener.forward(to).await {
+            Ok(c) => c,
             Err(e) => {
-                tracing::info!(error = %e, "SOCKS request refused");
-                return;
+                // ssh's wording for a refused channel, so users recognise it.
+                eprintln!("malai: channel to {what}: open failed: {e}");
+                if let Some(v) = socks_version {
+                    let why = match e {
+                        SessionError::Denied(_) => socks::Failure::NotAllowed,
+                        SessionError::Refused(_) => socks::Failure::Unreachable,
+                        _ => socks::Failure::General,
+                    };
+                    let _ = socks::reply_failed(local, v, why).await;
+                }
+                return None;
             }
-        },
-    };
-    let what = to.describe();
-    let (mut send, mut recv) = match link.open(Request::Forward { to }).await {
-        Ok(s) => s,
-        Err(e) => {
-            // ssh's wording for a refused channel, so users recognise it.
-            eprintln!("malai: channel to {what}: open failed: {e}");
-            if let Some(v) = socks_version {
-                let why = match e {
-                    SessionError::Denied(_) => socks::Failure::NotAllowed,
-                    SessionError::Refused(_) => socks::Failure::Unreachable,
-                    _ => socks::Failure::General,
-                };
-                let _ = socks::reply_failed(local, v, why).await;
-            }
-            return;
+        };
+        if let Some(v) = socks_version
+            && socks::reply_ok(local, v).await.is_err()
+        {
+            channel.abort();
+            return None;
         }
+        Some((channel, what))
     };
-    if let Some(v) = socks_version
-        && socks::reply_ok(local, v).await.is_err()
-    {
-        reset(&mut send);
+    let opened = tokio::select! {
+        o = opening => o,
+        _ = stop.cancelled() => None,
+    };
+    let Some((channel, what)) = opened else {
         return;
-    }
+    };
     let (mut lr, mut lw) = tokio::io::split(local);
-    match pump::both_ways(&mut lr, &mut send, &mut recv, &mut lw).await {
-        Ok(m) => tracing::debug!(target = %what, up = m.up, down = m.down, "forward closed"),
-        Err(e) => {
-            tracing::info!(target = %what, error = %e, "forward broke");
-            reset(&mut send);
-        }
-    }
+    channel.run(&mut lr, &mut lw, stop, &what).await;
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 
 pub mod exec;
 pub mod forward;
+pub mod forward_resume;
 pub mod group;
 pub mod handover;
 pub mod known_hosts;

@@ -247,6 +247,25 @@ impl Pool {
             .collect();
     }
 
+    /// Make `conn` (dialed by the caller on the node it [`Pool::adopt`]ed for `alias`) the
+    /// live connection to `peer`, so requests through the pool share it instead of dialing
+    /// another (a command's own pool: `client::forward_resume`).
+    pub async fn seed(
+        &self,
+        alias: &str,
+        peer: Id52,
+        name: &str,
+        hints: &[std::net::SocketAddr],
+        manager: Id52,
+        conn: PeerConnection,
+    ) {
+        let Some(node) = self.nodes.lock().await.get(alias).map(|n| n.node.clone()) else {
+            return;
+        };
+        let slot = self.slot(alias, peer, name);
+        self.install(&slot, &node, conn, peer, hints, manager);
+    }
+
     /// Give up `alias`'s key (the server wants it): drop the claim at once, so the server
     /// can take it, and send every new request through the server. Idle connections close
     /// now; a connection still carrying a request keeps it to its end (the rule for every
@@ -438,22 +457,41 @@ impl Pool {
         hints: &[std::net::SocketAddr],
         request: Request,
     ) -> Result<PooledStream, SessionError> {
+        let (stream, accepted, _) = self.open_raw_accepted(alias, peer, hints, request).await?;
+        plain((stream, accepted))
+    }
+
+    /// [`Pool::open_raw`] for a request that may ask for resume: the server's answer, and
+    /// where a redial of that session goes.
+    pub async fn open_raw_accepted(
+        &self,
+        alias: &str,
+        peer: Id52,
+        hints: &[std::net::SocketAddr],
+        request: Request,
+    ) -> Result<(PooledStream, Accepted, super::resume::Target), SessionError> {
         let dir = ClusterDir::new(&self.dirs, alias)?;
-        let manager = match dir.load() {
-            Ok(cfg) => cfg.manager,
-            Err(_) => dir
+        let cfg = dir.load().ok();
+        let manager = match &cfg {
+            Some(cfg) => cfg.manager,
+            None => dir
                 .manager_id()?
                 .ok_or_else(|| SessionError::Local(format!("cluster {alias} is not joined")))?,
         };
-        let name = dir
-            .load()
-            .ok()
+        let name = cfg
+            .as_ref()
             .and_then(|c| c.name_of(&peer).map(|(n, _)| n.to_string()))
             .unwrap_or_else(|| peer.short());
-        plain(
-            self.open_to(&dir, manager, peer, &name, hints, request)
-                .await?,
-        )
+        let (stream, accepted) = self
+            .open_to(&dir, manager, peer, &name, hints, request)
+            .await?;
+        let target = super::resume::Target {
+            dir,
+            peer,
+            server: name,
+            hints: hints.to_vec(),
+        };
+        Ok((stream, accepted, target))
     }
 
     async fn open_to(
@@ -828,6 +866,7 @@ fn without_resume(request: Request) -> Result<Request, SessionError> {
             e.resume = false;
             Ok(Request::Exec(e))
         }
+        Request::Forward { to, .. } => Ok(Request::Forward { to, resume: false }),
         Request::Resume(_) => Err(SessionError::Refused(
             "a session cannot be resumed through another key holder".into(),
         )),

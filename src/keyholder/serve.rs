@@ -198,7 +198,9 @@ pub async fn connection(ctx: Arc<HolderContext>, mut sock: UnixStream) {
 }
 
 /// `stream`: one request to a peer on the key we hold, its raw bytes relayed over the
-/// control socket until both directions end (or either side breaks).
+/// control socket until both directions end (or either side breaks). A `forward` that asks
+/// for resume and gets it is run here as a resumable session (`keyholder::resume`): the
+/// caller (a native `-L`/`-D`/`-W` channel) relays plain bytes and never sees an outage.
 async fn stream(
     ctx: &HolderContext,
     mut sock: UnixStream,
@@ -207,7 +209,24 @@ async fn stream(
     hints: Vec<std::net::SocketAddr>,
     request: Request,
 ) {
-    let mut s = match ctx.pool.open_raw(&cluster, peer, &hints, request).await {
+    // Only a forward may ask for resume here: its bytes are raw both ways, so the holder
+    // can run the resumable session and relay plain bytes to the caller.
+    let request = match request {
+        Request::Tunnel { port, .. } => Request::Tunnel {
+            port,
+            resume: false,
+        },
+        Request::Exec(mut e) => {
+            e.resume = false;
+            Request::Exec(e)
+        }
+        other => other,
+    };
+    let opened = ctx
+        .pool
+        .open_raw_accepted(&cluster, peer, &hints, request)
+        .await;
+    let (mut s, accepted, target) = match opened {
         Ok(s) => s,
         Err(e) => {
             let _ = reply_failed(&mut sock, fail_kind(&e), e.to_string()).await;
@@ -222,6 +241,27 @@ async fn stream(
         return;
     }
     let (mut r, mut w) = sock.into_split();
+    if let Accepted::Resumable(grant) = accepted {
+        let session = HolderResumable::new(ctx.pool.clone(), target, "forward", s, grant);
+        let close = CancellationToken::new();
+        let run = session.run(&mut r, &mut w, &close);
+        tokio::pin!(run);
+        let ended = tokio::select! {
+            e = &mut run => Some(e),
+            _ = ctx.shutdown.cancelled() => None,
+        };
+        let ended = match ended {
+            Some(e) => e,
+            None => {
+                close.cancel();
+                tokio::time::timeout(CLOSE_GRACE, run)
+                    .await
+                    .unwrap_or(Ok(End::ClosedByUs))
+            }
+        };
+        tracing::debug!(%cluster, %peer, end = ?ended, "resumable forward done");
+        return;
+    }
     let moved = tokio::select! {
         // The far end may stop reading before its last frames (an exec's exit status):
         // those still reach the caller.

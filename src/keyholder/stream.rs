@@ -102,6 +102,12 @@ impl PooledStream {
         })
     }
 
+    /// The stream's halves, for a caller that runs it as a plain session (a command's own
+    /// pool, `client::forward_resume`, which keeps no idle count).
+    pub fn into_halves(self) -> (SessionWrite, SessionRead) {
+        (self.send, self.recv)
+    }
+
     /// The server this stream goes to (for logs).
     pub fn server(&self) -> &str {
         &self.server

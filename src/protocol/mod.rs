@@ -108,6 +108,10 @@ pub enum Request {
     /// One forwarded connection (`protocol::forward`): raw bytes to `to` on the server.
     Forward {
         to: forward::ForwardTarget,
+        /// Ask for a resumable stream (`protocol::resume`), as `tunnel` does; older
+        /// servers ignore it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resume: bool,
     },
     /// The server listens (`-R`, `-A`) and announces each connection (`protocol::forward`).
     RemoteForward {
@@ -394,6 +398,13 @@ mod tests {
                     host: "localhost".into(),
                     port: 80,
                 },
+                resume: false,
+            },
+            Request::Forward {
+                to: forward::ForwardTarget::Unix {
+                    path: "/run/x.sock".into(),
+                },
+                resume: true,
             },
             Request::Exec(exec::ExecRequest {
                 command: Some("ls -la".into()),

@@ -44,9 +44,19 @@ pub fn kind_of(to: &ForwardTarget) -> ForwardKind {
     }
 }
 
-/// Serve an allowed `forward` stream: connect first, answer `accept` or `error`, then move
-/// bytes both ways. Returns `true` when the stream ended cleanly.
-pub async fn serve<R, W>(to: &ForwardTarget, r: &mut R, w: &mut W) -> bool
+/// Serve an allowed `forward` stream for `ctx.peer` on this machine (known as `server` in
+/// the cluster file): connect first, answer `accept` or `error`, then move bytes both ways.
+/// A forward that asked for resume gets a resumable session (`server::resume`) when the
+/// caps allow: its connection to the target then outlives the stream, as a tunnel's sshd
+/// leg does. Returns `true` when the stream ended cleanly.
+pub async fn serve<R, W>(
+    ctx: &super::request::Context,
+    server: &str,
+    to: &ForwardTarget,
+    resume: bool,
+    r: &mut R,
+    w: &mut W,
+) -> bool
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -66,6 +76,30 @@ where
             return reply(w, &Response::Error { reason }).await.is_ok();
         }
     };
+    // Only an iroh peer can come back on another connection to this same process.
+    if resume && ctx.transport == "iroh" {
+        let request = crate::protocol::Request::Forward {
+            to: to.clone(),
+            resume,
+        };
+        if let Some((slot, grant)) = super::resume::new_slot(ctx, server, request) {
+            if reply(w, &Response::AcceptResumable(grant)).await.is_err() {
+                ctx.state.detached.end(&slot);
+                return false;
+            }
+            let parked = match conn {
+                Conn::Tcp(s) => {
+                    let (sr, sw) = s.into_split();
+                    super::resume::Parked::new(sr, sw)
+                }
+                Conn::Unix(s) => {
+                    let (sr, sw) = s.into_split();
+                    super::resume::Parked::new(sr, sw)
+                }
+            };
+            return super::resume::serve(ctx, &slot, parked, 0, r, w).await;
+        }
+    }
     if reply(w, &Response::Accept).await.is_err() {
         return false;
     }

@@ -201,7 +201,7 @@ fn audit_entry(ctx: &Context, cfg: &ClusterConfig, request: &Request) -> audit::
     let detail = match request {
         Request::Exec(e) => e.command.clone().unwrap_or_else(|| "(login shell)".into()),
         Request::Http { service } => service.clone(),
-        Request::Forward { to } => to.describe().chars().take(300).collect(),
+        Request::Forward { to, .. } => to.describe().chars().take(300).collect(),
         Request::RemoteForward { listen } => super::forward::describe_listen(listen),
         Request::RemoteConnection { id } => id.to_string(),
         _ => String::new(),
@@ -412,7 +412,7 @@ pub(super) fn acl_request(request: &Request) -> acl::Request<'_> {
         Request::ConfigPush { .. } => acl::Request::ConfigPush,
         Request::ConfigHash => acl::Request::ConfigHash,
         Request::Ping => acl::Request::Ping,
-        Request::Forward { to } => acl::Request::Forward {
+        Request::Forward { to, .. } => acl::Request::Forward {
             kind: super::forward::kind_of(to),
         },
         Request::RemoteForward { listen } => acl::Request::Forward {
@@ -485,7 +485,9 @@ where
             super::config_sync::serve_push(ctx, hash, r, w).await
         }
         (Grant::ConfigHash, Request::ConfigHash) => super::config_sync::serve_hash(ctx, r, w).await,
-        (Grant::Forward, Request::Forward { to }) => super::forward::serve(&to, r, w).await,
+        (Grant::Forward, Request::Forward { to, resume }) => {
+            super::forward::serve(ctx, server, &to, resume, r, w).await
+        }
         (Grant::Forward, Request::RemoteForward { listen }) => {
             super::forward::serve_remote(peer, &listen, r, w).await
         }
