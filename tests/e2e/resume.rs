@@ -1,5 +1,5 @@
-//! Sessions that outlive their connection (issue 18): the ProxyCommand tunnel and native
-//! exec are resumable streams, so ssh and scp through `malai ssh proxy`, and `malai ssh foo
+//! Sessions that outlive their connection (issue 18): the ProxyCommand tunnel, native
+//! exec and native `-L` channels are resumable streams, so ssh and scp through `malai ssh proxy`, and `malai ssh foo
 //! <command>`, ride out a stopped client or a network cut longer than the QUIC idle limit; a restarted server is said so in one line;
 //! a peer revoked while detached is refused; at the caps tunnels work as before.
 //!
@@ -1252,5 +1252,170 @@ fn interactive_through_a_cut(idle: Option<&str>, cut: Duration, relay_only: bool
     assert!(
         status.is_some_and(|s| s.success()),
         "ssh did not exit 0: {status:?}\n{err}"
+    );
+}
+
+/// The `malai ssh -N` process of `device` (a forwarding run), if it runs.
+fn forwarding_pid(c: &TestCluster, device: &str) -> Option<i32> {
+    let home = format!("MALAI_HOME={}", c.machine(device).home().display());
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if !args.windows(2).any(|w| w[0] == b"ssh" && w[1] == b"-N") {
+            continue;
+        }
+        let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        if environ.split(|b| *b == 0).any(|v| v == home.as_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// A download through `malai ssh -N -L`: a TCP source on foo's side sends 16 MiB, the
+/// forwarding process is stopped (SIGSTOP) for longer than the idle limit after the first
+/// MiB arrived, and after SIGCONT the rest arrives byte-identical on the same local TCP
+/// connection (the server kept the forward's target connection detached).
+#[test]
+fn resume_forward_download_survives_a_stopped_client_past_the_idle_limit() {
+    forward_download_through_a_stop(false, false);
+}
+
+/// The same through alice's agent: the agent runs the forward's resumable session on its
+/// pool (`keyholder::serve`'s `stream`) and is the process stopped; the forwarding process
+/// relays plain bytes to it and never notices the outage.
+#[test]
+fn resume_forward_download_through_the_agent_survives_a_stopped_agent() {
+    forward_download_through_a_stop(false, true);
+}
+
+/// Deny twin: alice is dropped from `allow-from` while her forward is detached; after
+/// SIGCONT the download ends short, foo audits `resume-denied` and drops the forward's
+/// target connection, and the forwarding process says in one line that the channel could
+/// not be resumed.
+#[test]
+fn resume_forward_refused_after_revocation_while_detached() {
+    forward_download_through_a_stop(true, false);
+}
+
+fn forward_download_through_a_stop(revoke: bool, agent: bool) {
+    use std::io::{Read, Write};
+    const LEN: usize = 16 << 20;
+    let c = cluster(&[]);
+    let _agent = agent.then(|| Agent::start(c.machine("alice"), &[]));
+    let pattern = |i: usize| (i * 7 + i / 4093) as u8;
+    let source = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the source");
+    let source_port = source.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = source.accept() {
+            let data: Vec<u8> = (0..LEN).map(pattern).collect();
+            let _ = s.write_all(&data);
+        }
+    });
+    let lport = free_tcp_port();
+    let mut cmd = c.machine("alice").cmd([
+        "ssh",
+        "-N",
+        "-L",
+        &format!("{lport}:127.0.0.1:{source_port}"),
+        "foo.acme",
+    ]);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut fwd = cmd.spawn().expect("malai ssh -N -L");
+    let mut local = poll_until(Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", lport)).ok()
+    })
+    .expect("the forward never listened");
+    local
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    local.read_exact(&mut got).expect("the first MiB");
+    let pid = poll_until(Duration::from_secs(10), || {
+        if agent {
+            client_pid(&c, "alice", Via::Agent)
+        } else {
+            forwarding_pid(&c, "alice")
+        }
+    })
+    .expect("no forwarding process (or agent) of alice's found");
+    let t0 = Instant::now();
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    let detached = poll_until(Duration::from_secs(30), || {
+        foo_log_has(&c, "session detached").then_some(())
+    });
+    if let Some(left) = PAST_IDLE.checked_sub(t0.elapsed()) {
+        std::thread::sleep(left);
+    }
+    if revoke && detached.is_some() {
+        c.edit_manager_file(|t| {
+            set_table_keys(&t, "server.foo", &[("allow-from", toml_str("bob"))])
+        });
+        c.import_on("foo");
+    }
+    signal(pid, nix::sys::signal::Signal::SIGCONT);
+    assert!(
+        detached.is_some(),
+        "foo never detached the forward of a stopped client\n{}",
+        tail(&c.machine("foo").logs(), 40)
+    );
+    let mut rest = Vec::new();
+    let read = local.read_to_end(&mut rest);
+    got.extend_from_slice(&rest);
+    if revoke {
+        assert!(
+            got.len() < LEN,
+            "a revoked peer's forward went on after the outage"
+        );
+        let audit = audit_of_foo(&c);
+        assert!(
+            audit.contains("\"resume-denied\""),
+            "no resume-denied line in foo's audit log:\n{audit}"
+        );
+        assert!(
+            poll_until(Duration::from_secs(10), || foo_log_has(
+                &c,
+                "revoked while detached"
+            )
+            .then_some(()))
+            .is_some(),
+            "foo kept the revoked forward\n{}",
+            tail(&c.machine("foo").logs(), 20)
+        );
+        let _ = fwd.kill();
+        let out = fwd.wait_with_output().expect("wait for the forward");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("malai: ")).collect();
+        assert!(
+            ours.len() == 1 && ours[0].contains("could not be resumed"),
+            "stderr does not say in one line that the channel could not be resumed:\n{err}"
+        );
+        return;
+    }
+    let _ = fwd.kill();
+    let _ = fwd.wait();
+    assert!(
+        read.is_ok() && got.len() == LEN,
+        "the download broke after the outage ({read:?}, {} of {LEN} bytes)\n{}\n{}",
+        got.len(),
+        tail(&c.machine("alice").logs(), 30),
+        tail(&c.machine("foo").logs(), 30)
+    );
+    assert!(
+        got.iter().enumerate().all(|(i, b)| *b == pattern(i)),
+        "the download lost or doubled bytes across the resume"
+    );
+    assert!(
+        c.machine("alice").logs().contains("resumed"),
+        "alice's log does not say it resumed"
+    );
+    assert!(
+        audit_of_foo(&c).contains("\"resumed\""),
+        "no resumed line in foo's audit log"
     );
 }
