@@ -1079,10 +1079,53 @@ mod tests {
         })
     }
 
+    /// A network writer that takes `left` more bytes and then stalls for good, as a path
+    /// that died mid-transfer: a round of the test below can move at most that much, on
+    /// a fast machine or a loaded one alike.
+    struct Stalls<W> {
+        inner: W,
+        left: usize,
+    }
+
+    impl<W: AsyncWrite + Unpin> AsyncWrite for Stalls<W> {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            if self.left == 0 {
+                return std::task::Poll::Pending;
+            }
+            let n = buf.len().min(self.left);
+            let this = &mut *self;
+            let r = std::pin::Pin::new(&mut this.inner).poll_write(cx, &buf[..n]);
+            if let std::task::Poll::Ready(Ok(k)) = r {
+                this.left -= k;
+            }
+            r
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            if self.left == 0 {
+                return std::task::Poll::Pending;
+            }
+            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
     /// Two engines joined by in-memory pipes; the "network" between them is replaced
     /// mid-transfer (dropped attachments), and every byte arrives once, in order.
     #[tokio::test]
     async fn bytes_survive_broken_attachments() {
+        const ROUND: usize = 300_000;
         let a = Arc::new(Stream::new());
         let b = Arc::new(Stream::new());
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
@@ -1099,8 +1142,14 @@ mod tests {
         let (ea, eb) = loop {
             round += 1;
             let (na, nb) = tokio::io::duplex(4 * 1024);
-            let (mut nar, mut naw) = tokio::io::split(na);
+            let (mut nar, naw) = tokio::io::split(na);
             let (mut nbr, mut nbw) = tokio::io::split(nb);
+            // Rounds 1–7 carry at most 300 kB of a's bytes each (7 × 300 kB < 3 MB: every
+            // break falls mid-stream, however far a loaded machine lets a round run).
+            let mut naw = Stalls {
+                inner: naw,
+                left: if round < 8 { ROUND } else { usize::MAX },
+            };
             let (ra, rb) = (b.received(), a.received());
             let (mut alr, mut alw) = tokio::io::split(&mut a_local);
             let (mut blr, mut blw) = tokio::io::split(&mut b_local);
@@ -1121,10 +1170,13 @@ mod tests {
                 )
             };
             if round < 8 {
-                // Break the network once another 300 kB got through, mid-frame as it
-                // happens. By bytes, not by time: a fast machine moved all 3 MB within two
-                // 20 ms rounds, a loaded one may move nothing in 20 ms.
-                let target = b.received() + 300_000;
+                // Break the network once another 200 kB got through (of the at most
+                // 300 kB it can carry this round), mid-frame as it happens. By bytes, not
+                // by time: a fast machine moved all 3 MB within two 20 ms rounds, a loaded
+                // one may move nothing in 20 ms; and the cap, not this poll, bounds how far
+                // a round gets (a loaded machine polled late here once let round 7 finish
+                // the whole transfer).
+                let target = b.received() + 200_000;
                 let progressed = async {
                     while b.received() < target {
                         tokio::time::sleep(Duration::from_millis(1)).await;
