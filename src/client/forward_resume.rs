@@ -120,24 +120,8 @@ impl Opener {
             let (send, recv) = self.link.open(Request::Forward { to, resume }).await?;
             return Ok(Channel::Plain(send, recv));
         };
-        let request = Request::Forward { to, resume: true };
-        let (stream, accepted, target) = own
-            .pool
-            .open_raw_accepted(&own.alias, own.peer, &own.hints, request)
-            .await?;
-        Ok(match accepted {
-            Accepted::Resumable(grant) => Channel::Resumable(Box::new(HolderResumable::new(
-                own.pool.clone(),
-                target,
-                "forward",
-                stream,
-                grant,
-            ))),
-            Accepted::Plain => {
-                let (send, recv) = stream.into_halves();
-                Channel::Plain(send, recv)
-            }
-        })
+        own.open(Request::Forward { to, resume: true }, "forward")
+            .await
     }
 
     /// Open the remote command (`exec`) beside the forwards.
@@ -148,25 +132,36 @@ impl Opener {
             )));
         };
         req.resume = true;
-        let (stream, accepted, target) = own
+        Ok(match own.open(Request::Exec(req), "exec").await? {
+            Channel::Resumable(r) => Command::Resumable(r),
+            Channel::Plain(send, recv) => Command::Plain(Box::new(Session {
+                closer: Closer::Via,
+                send,
+                recv,
+            })),
+        })
+    }
+}
+
+impl OwnPool {
+    /// Send `request` (which asks for resume) on our pool; a resumable session (`kind` in
+    /// logs) when the server grants one, plain halves when it answers a plain `accept`.
+    async fn open(&self, request: Request, kind: &'static str) -> Result<Channel, SessionError> {
+        let (stream, accepted, target) = self
             .pool
-            .open_raw_accepted(&own.alias, own.peer, &own.hints, Request::Exec(req))
+            .open_raw_accepted(&self.alias, self.peer, &self.hints, request)
             .await?;
         Ok(match accepted {
-            Accepted::Resumable(grant) => Command::Resumable(Box::new(HolderResumable::new(
-                own.pool.clone(),
+            Accepted::Resumable(grant) => Channel::Resumable(Box::new(HolderResumable::new(
+                self.pool.clone(),
                 target,
-                "exec",
+                kind,
                 stream,
                 grant,
             ))),
             Accepted::Plain => {
                 let (send, recv) = stream.into_halves();
-                Command::Plain(Box::new(Session {
-                    closer: Closer::Via,
-                    send,
-                    recv,
-                }))
+                Channel::Plain(send, recv)
             }
         })
     }

@@ -218,6 +218,50 @@ fn audit_of_foo(c: &TestCluster) -> String {
     std::fs::read_to_string(c.machine("foo").home().join("logs/ssh/audit.log")).unwrap_or_default()
 }
 
+/// Both ends say the session resumed: alice's log (her client's or her agent's) and foo's
+/// audit log.
+fn assert_resumed(c: &TestCluster) {
+    assert!(
+        c.machine("alice").logs().contains("resumed"),
+        "alice's log does not say it resumed"
+    );
+    let audit = audit_of_foo(c);
+    assert!(
+        audit.contains("\"resumed\""),
+        "no resumed line in foo's audit log:\n{audit}"
+    );
+}
+
+/// The deny side of a resume after revocation: foo audited `resume-denied` and ended the
+/// revoked peer's detached `what` (session, forward) within 10 s.
+fn assert_denied_while_detached(c: &TestCluster, what: &str) {
+    let audit = audit_of_foo(c);
+    assert!(
+        audit.contains("\"resume-denied\""),
+        "no resume-denied line in foo's audit log:\n{audit}"
+    );
+    assert!(
+        poll_until(Duration::from_secs(10), || foo_log_has(
+            c,
+            "revoked while detached"
+        )
+        .then_some(()))
+        .is_some(),
+        "foo kept the revoked {what}\n{}",
+        tail(&c.machine("foo").logs(), 20)
+    );
+}
+
+/// The client's stderr says in exactly one `malai:` line that its `what` could not be
+/// resumed.
+fn assert_one_line_not_resumed(err: &str, what: &str) {
+    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("malai: ")).collect();
+    assert!(
+        ours.len() == 1 && ours[0].contains("could not be resumed"),
+        "stderr does not say in one line that the {what} could not be resumed:\n{err}"
+    );
+}
+
 /// Stops alice's proxy (SIGSTOP) until foo has detached the session (its connection timed
 /// out), then waits `PAST_IDLE` in all; returns the stopped pid.
 fn stop_proxy_past_the_idle_limit(c: &TestCluster, ssh: &mut Ssh) -> i32 {
@@ -294,15 +338,7 @@ fn resume_ssh_survives_a_stopped_proxy_past_the_idle_limit() {
         "resume: session resumed; survived {:?} after SIGCONT",
         resumed_at.elapsed()
     );
-    assert!(
-        c.machine("alice").logs().contains("resumed"),
-        "alice's log does not say it resumed"
-    );
-    let audit = audit_of_foo(&c);
-    assert!(
-        audit.contains("\"resumed\""),
-        "no resumed line in foo's audit log:\n{audit}"
-    );
+    assert_resumed(&c);
     // A clean end removes the session (nothing stays detached on foo).
     assert!(
         poll_until(Duration::from_secs(10), || foo_log_has(
@@ -354,15 +390,7 @@ fn resume_ssh_through_the_agent_survives_a_stopped_agent_past_the_idle_limit() {
         status.is_some_and(|s| s.success()),
         "ssh did not exit 0 after resuming: {status:?}\n{err}"
     );
-    assert!(
-        c.machine("alice").logs().contains("resumed"),
-        "the agent's log does not say it resumed"
-    );
-    let audit = audit_of_foo(&c);
-    assert!(
-        audit.contains("\"resumed\""),
-        "no resumed line in foo's audit log:\n{audit}"
-    );
+    assert_resumed(&c);
     assert!(
         poll_until(Duration::from_secs(10), || foo_log_has(
             &c,
@@ -466,26 +494,8 @@ fn refused_after_revocation_while_detached(via: Via) {
         Some(255),
         "a revoked resume must fail with 255: {status:?}\n{err}"
     );
-    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("malai: ")).collect();
-    assert!(
-        ours.len() == 1 && ours[0].contains("could not be resumed"),
-        "stderr does not say in one line that the session could not be resumed:\n{err}"
-    );
-    let audit = audit_of_foo(&c);
-    assert!(
-        audit.contains("\"resume-denied\""),
-        "no resume-denied line in foo's audit log:\n{audit}"
-    );
-    assert!(
-        poll_until(Duration::from_secs(10), || foo_log_has(
-            &c,
-            "revoked while detached"
-        )
-        .then_some(()))
-        .is_some(),
-        "foo kept the revoked session\n{}",
-        tail(&c.machine("foo").logs(), 20)
-    );
+    assert_one_line_not_resumed(&err, "session");
+    assert_denied_while_detached(&c, "session");
     // Through sshd the command is sshd's: without a pty, sshd leaves a command that never
     // writes running when its connection closes (OpenSSH's own behaviour). Natively, malai
     // hangs it up.
@@ -732,14 +742,7 @@ fn native_exec_survives_a_stopped_client(via: Via) {
         err.lines().any(|l| l == "to-stderr"),
         "stderr lost its line:\n{err}"
     );
-    assert!(
-        c.machine("alice").logs().contains("resumed"),
-        "alice's log does not say it resumed"
-    );
-    assert!(
-        audit_of_foo(&c).contains("\"resumed\""),
-        "no resumed line in foo's audit log"
-    );
+    assert_resumed(&c);
     assert!(
         poll_until(Duration::from_secs(10), || foo_log_has(
             &c,
@@ -1372,29 +1375,11 @@ fn forward_download_through_a_stop(revoke: bool, agent: bool) {
             got.len() < LEN,
             "a revoked peer's forward went on after the outage"
         );
-        let audit = audit_of_foo(&c);
-        assert!(
-            audit.contains("\"resume-denied\""),
-            "no resume-denied line in foo's audit log:\n{audit}"
-        );
-        assert!(
-            poll_until(Duration::from_secs(10), || foo_log_has(
-                &c,
-                "revoked while detached"
-            )
-            .then_some(()))
-            .is_some(),
-            "foo kept the revoked forward\n{}",
-            tail(&c.machine("foo").logs(), 20)
-        );
+        assert_denied_while_detached(&c, "forward");
         let _ = fwd.kill();
         let out = fwd.wait_with_output().expect("wait for the forward");
         let err = String::from_utf8_lossy(&out.stderr);
-        let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("malai: ")).collect();
-        assert!(
-            ours.len() == 1 && ours[0].contains("could not be resumed"),
-            "stderr does not say in one line that the channel could not be resumed:\n{err}"
-        );
+        assert_one_line_not_resumed(&err, "channel");
         return;
     }
     let _ = fwd.kill();
@@ -1410,12 +1395,5 @@ fn forward_download_through_a_stop(revoke: bool, agent: bool) {
         got.iter().enumerate().all(|(i, b)| *b == pattern(i)),
         "the download lost or doubled bytes across the resume"
     );
-    assert!(
-        c.machine("alice").logs().contains("resumed"),
-        "alice's log does not say it resumed"
-    );
-    assert!(
-        audit_of_foo(&c).contains("\"resumed\""),
-        "no resumed line in foo's audit log"
-    );
+    assert_resumed(&c);
 }
