@@ -19,6 +19,15 @@
 //!      the old connection will resume; keep it;
 //!    - an answer with another boot id: the server restarted and the old connection is
 //!      dead. Close it with [`RESTARTED`], so every stream on it fails at once.
+//! 4. when the counter moves again after a silence of [`OUTAGE`] or more, the network came
+//!    back after a real outage: [`Watchdog::outages`] counts it, and a resumable session
+//!    moves to a fresh connection (`session::resume`). The old connection lives, but may
+//!    not carry bytes for a long time: measured on the NAT namespaces, a 20 s cut of the
+//!    server during a 64 MiB scp left it standing still for 40–80 s after the network was
+//!    back in 7 runs of 12 — iroh abandons a direct path silent for 15 s, and the bytes
+//!    that were in flight on it are given up for lost only when the peer's PATH_ABANDON
+//!    gets through a relay path whose loss timers backed off through the outage. A fresh
+//!    connection has none of that state.
 //!
 //! A server too old to send a boot id (EOF after `accept`) gets no watchdog: the idle
 //! limit alone applies, as before.
@@ -43,6 +52,11 @@ pub const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// One probe's handshake + ping; probes overlap, so this bounds only how many are in
 /// flight (`PROBE_TIMEOUT / PROBE_EVERY`).
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// A silence this long, once it ends, counts as an outage (step 4). Longer than a loaded
+/// machine's pause or a Wi-Fi blip, which the old connection rides out by itself; short
+/// enough that QUIC's loss timers, doubling through the silence, have not yet backed off
+/// far past it.
+pub const OUTAGE: Duration = Duration::from_secs(5);
 /// How often the counter is read.
 const TICK: Duration = Duration::from_millis(250);
 /// The close reason the client's streams report.
@@ -53,6 +67,7 @@ pub const RESTARTED: &str = "the server restarted and no longer knows this conne
 pub struct Watchdog {
     task: JoinHandle<()>,
     restarted: Arc<AtomicBool>,
+    outages: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Watchdog {
@@ -60,6 +75,14 @@ impl Watchdog {
     /// error can say so instead of a bare "connection lost").
     pub fn saw_restart(&self) -> bool {
         self.restarted.load(Ordering::Relaxed)
+    }
+
+    /// How many outages of [`OUTAGE`] or more the connection came back from; `changed()`
+    /// on it wakes at the next. It closes when the watch ends (the connection closed).
+    pub fn outages(&self) -> tokio::sync::watch::Receiver<u64> {
+        let mut rx = self.outages.clone();
+        rx.mark_unchanged();
+        rx
     }
 }
 
@@ -79,13 +102,18 @@ pub fn watch(
 ) -> Watchdog {
     let restarted = Arc::new(AtomicBool::new(false));
     let flag = restarted.clone();
+    let (outages_tx, outages) = tokio::sync::watch::channel(0);
     let task = tokio::spawn(async move {
         tokio::select! {
             _ = conn.closed() => {}
-            _ = run(&node, &conn, &peer, &hints, cluster, &flag) => {}
+            _ = run(&node, &conn, &peer, &hints, cluster, &flag, &outages_tx) => {}
         }
     });
-    Watchdog { task, restarted }
+    Watchdog {
+        task,
+        restarted,
+        outages,
+    }
 }
 
 /// [`watch`] a command's connection to `server` of `resolved`'s cluster, shared by the
@@ -121,6 +149,7 @@ async fn run(
     hints: &[SocketAddr],
     cluster: Id52,
     restarted: &AtomicBool,
+    outages: &tokio::sync::watch::Sender<u64>,
 ) {
     let Some(boot) = tokio::time::timeout(Duration::from_secs(30), boot_of(conn, cluster))
         .await
@@ -153,6 +182,10 @@ async fn run(
         let now = conn.received_datagrams();
         if now != seen {
             seen = now;
+            if heard.elapsed() >= OUTAGE {
+                tracing::info!(%peer, silent_ms = heard.elapsed().as_millis() as u64, "connection heard again after an outage");
+                outages.send_modify(|n| *n += 1);
+            }
             heard = Instant::now();
             probes.abort_all();
             continue;

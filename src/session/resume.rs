@@ -40,6 +40,10 @@ use crate::transport::iroh::{Node, PeerConnection, RecvHalf, SendHalf};
 /// server keeps the session detached. Any other close by the client ends it there.
 pub const RESUMING_ELSEWHERE: &str = "resuming elsewhere";
 
+/// Why a session left a connection that came back from an outage (`liveness::OUTAGE`).
+pub const AFTER_OUTAGE: &str =
+    "the network came back after an outage; moving to a fresh connection";
+
 /// What the client says when the server no longer knows its session because it restarted.
 pub const RESTARTED: &str = "the server restarted; the session could not be resumed";
 
@@ -742,6 +746,9 @@ impl Resumable {
         let mut peer_received = self.grant.received;
         loop {
             let r = {
+                // This connection came back from an outage: move to a fresh one (see
+                // `liveness` step 4) rather than wait for the old one to carry bytes again.
+                let mut outages = self.watchdog.outages();
                 let attach = self.stream.attach(
                     peer_received,
                     local_r,
@@ -752,6 +759,9 @@ impl Resumable {
                 );
                 tokio::select! {
                     r = attach => Some(r),
+                    Ok(()) = outages.changed(), if !close.is_cancelled() => {
+                        Some(Err(AttachError::Net(AFTER_OUTAGE.into())))
+                    }
                     _ = abandoned(close) => None,
                 }
             };
@@ -794,8 +804,11 @@ impl Resumable {
                 Err(AttachError::Net(why)) => {
                     // A server that closed the connection on purpose (it is shutting down,
                     // or refuses us) has ended its sessions: nothing to resume.
-                    let _ =
-                        tokio::time::timeout(Duration::from_millis(300), self.conn.closed()).await;
+                    if why != AFTER_OUTAGE {
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(300), self.conn.closed())
+                                .await;
+                    }
                     if self.conn.closed_by_peer() && !self.watchdog.saw_restart() {
                         let reason = self
                             .conn
