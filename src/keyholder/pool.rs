@@ -89,6 +89,14 @@ pub(super) struct Live {
     pub(super) last_used: Instant,
 }
 
+impl Live {
+    /// Good for new requests and resumes: open, and not back from an outage (it may stand
+    /// still for a long time then: `session::liveness` step 4; a fresh one is dialed).
+    fn usable(&self) -> bool {
+        !self.conn.is_closed() && !self._watchdog.saw_outage()
+    }
+}
+
 /// One (cluster, server): dialing is serialized so two first requests share one dial.
 pub(super) struct Slot {
     cluster: String,
@@ -603,7 +611,7 @@ impl Pool {
         let slot = self.slot(alias, peer, &name);
         let live = lock(&slot.live)
             .as_ref()
-            .filter(|l| !l.conn.is_closed())
+            .filter(|l| l.usable())
             .map(|l| (l.conn.clone(), l.generation));
         let (conn, generation) = match live {
             Some(l) => l,
@@ -657,7 +665,7 @@ impl Pool {
     ) -> Result<(PeerConnection, u64, bool), SessionError> {
         let _dialing = slot.dial.lock().await;
         if let Some(l) = lock(&slot.live).as_ref()
-            && !l.conn.is_closed()
+            && l.usable()
         {
             return Ok((l.conn.clone(), l.generation, true));
         }
@@ -688,7 +696,7 @@ impl Pool {
     ) -> (PeerConnection, u64) {
         let mut live = lock(&slot.live);
         if let Some(l) = live.as_ref()
-            && !l.conn.is_closed()
+            && l.usable()
         {
             conn.close("another connection is live");
             return (l.conn.clone(), l.generation);
@@ -714,7 +722,13 @@ impl Pool {
         });
         drop(live);
         if let Some(old) = old {
-            old.conn.close("replaced");
+            if old.conn.is_closed() || !old._watchdog.saw_outage() {
+                old.conn.close("replaced");
+            } else {
+                // Back from an outage: its resumable sessions move here, and what cannot
+                // move (a plain stream) keeps it until it ends; closed with its last one.
+                tracing::info!(cluster = %slot.cluster, server = %slot.server, "replaced a connection back from an outage");
+            }
         }
         (conn, generation)
     }

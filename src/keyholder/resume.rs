@@ -18,7 +18,7 @@ use crate::protocol::resume::{Grant, Resume};
 use crate::session::SessionError;
 use crate::session::registry::{self, Registered};
 use crate::session::resume::{
-    AttachError, End, RESTARTED, Stream, abandoned, attach_end, redial_until,
+    AFTER_OUTAGE, AttachError, End, RESTARTED, Stream, abandoned, attach_end, redial_until,
 };
 
 /// How long telling the server that a session abandoned while detached is over may take.
@@ -132,6 +132,15 @@ impl HolderResumable {
         let mut peer_received = self.grant.received;
         loop {
             let r = {
+                // Its connection came back from an outage: move to a fresh one
+                // (`session::liveness` step 4; the pool dials it).
+                let mut outages = self.net.outages();
+                let after_outage = async {
+                    match outages.as_mut() {
+                        Some(o) => o.changed().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let attach = self.stream.attach(
                     peer_received,
                     local_r,
@@ -142,6 +151,9 @@ impl HolderResumable {
                 );
                 tokio::select! {
                     r = attach => Some(r),
+                    Ok(()) = after_outage, if !close.is_cancelled() => {
+                        Some(Err(AttachError::Net(AFTER_OUTAGE.into())))
+                    }
                     _ = abandoned(close) => None,
                 }
             };
@@ -173,7 +185,9 @@ impl HolderResumable {
                     };
                 }
                 Err(AttachError::Net(why)) => {
-                    if let Some(reason) = self.net.closed_by_server().await {
+                    if why != AFTER_OUTAGE
+                        && let Some(reason) = self.net.closed_by_server().await
+                    {
                         tracing::info!(server = %self.target.server, %reason, "the server closed the connection; not resuming");
                         return Err(SessionError::Lost(format!(
                             "the server closed the connection ({reason}); the session could not be resumed"

@@ -87,6 +87,15 @@ impl PooledStream {
         crate::session::open::lost_reason(l._watchdog.saw_restart(), l.conn.peer_close_reason())
     }
 
+    /// Outages the stream's connection came back from (`session::liveness::Watchdog::outages`);
+    /// `None` when its connection is no longer the pool's live one, or not the pool's.
+    pub fn outages(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        let lease = self._lease.as_ref()?;
+        let live = lock(&lease.slot.live);
+        let l = live.as_ref().filter(|l| l.generation == lease.generation)?;
+        Some(l._watchdog.outages())
+    }
+
     /// The server closed the stream's connection on purpose (it is shutting down, or
     /// refuses us) and why: it has ended its sessions, nothing to resume. Waits a moment
     /// for the close, which may trail the stream's error.

@@ -80,6 +80,16 @@ impl Watchdog {
     /// How many outages of [`OUTAGE`] or more the connection came back from; `changed()`
     /// on it wakes at the next. It closes when the watch ends (the connection closed).
     pub fn outages(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.outages_receiver()
+    }
+
+    /// Whether the connection came back from an outage: a pool dials a fresh one for what
+    /// comes next.
+    pub fn saw_outage(&self) -> bool {
+        *self.outages.borrow() > 0
+    }
+
+    fn outages_receiver(&self) -> tokio::sync::watch::Receiver<u64> {
         let mut rx = self.outages.clone();
         rx.mark_unchanged();
         rx

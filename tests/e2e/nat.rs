@@ -611,13 +611,28 @@ fn nat_outage_20s_interactive_session_and_exec_continue() {
 /// step 4). The limit leaves a loaded machine room for the transfer itself.
 #[test]
 fn nat_outage_20s_during_scp_64mib_completes() {
-    if !netsim::available("nat::nat_outage_20s_during_scp_64mib_completes") {
+    scp_through_a_20s_outage("nat::nat_outage_20s_during_scp_64mib_completes", false);
+}
+
+/// The same with alice's agent holding the key: the agent runs the session on its pooled
+/// connection, and dials a fresh one for it after the outage.
+#[test]
+fn nat_outage_20s_during_scp_64mib_through_the_agent_completes() {
+    scp_through_a_20s_outage(
+        "nat::nat_outage_20s_during_scp_64mib_through_the_agent_completes",
+        true,
+    );
+}
+
+fn scp_through_a_20s_outage(name: &str, agent: bool) {
+    if !netsim::available(name) {
         return;
     }
     let _lock = netsim::heavy_net_lock();
     let relay_dir = tempfile::tempdir().expect("tempdir");
     let (net, c) = nat_cluster(&relay_dir, SshTarget::Sshd, true);
     let relay_log = || format!("relay log:\n{}", tail(&net.relay().log(), 50));
+    let _agent = agent.then(|| crate::agent::Agent::start(c.machine("alice"), &[]));
 
     let local = c.scratch("local");
     let remote = c.scratch("remote");
