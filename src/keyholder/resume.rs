@@ -135,12 +135,6 @@ impl HolderResumable {
                 // Its connection came back from an outage: move to a fresh one
                 // (`session::liveness` step 4; the pool dials it).
                 let mut outages = self.net.outages();
-                let after_outage = async {
-                    match outages.as_mut() {
-                        Some(o) => o.changed().await,
-                        None => std::future::pending().await,
-                    }
-                };
                 let attach = self.stream.attach(
                     peer_received,
                     local_r,
@@ -151,7 +145,7 @@ impl HolderResumable {
                 );
                 tokio::select! {
                     r = attach => Some(r),
-                    Ok(()) = after_outage, if !close.is_cancelled() => {
+                    _ = self.stream.stalled_after_outage(outages.as_mut()), if !close.is_cancelled() => {
                         Some(Err(AttachError::Net(AFTER_OUTAGE.into())))
                     }
                     _ = abandoned(close) => None,

@@ -21,7 +21,8 @@
 //!      dead. Close it with [`RESTARTED`], so every stream on it fails at once.
 //! 4. when the counter moves again after a silence of [`OUTAGE`] or more, the network came
 //!    back after a real outage: [`Watchdog::outages`] counts it, and a resumable session
-//!    moves to a fresh connection (`session::resume`). The old connection lives, but may
+//!    whose stream then stands still moves to a fresh connection (`session::resume`).
+//!    The old connection lives, but may
 //!    not carry bytes for a long time: measured on the NAT namespaces, a 20 s cut of the
 //!    server during a 64 MiB scp left it standing still for 40–80 s after the network was
 //!    back in 7 runs of 12 — iroh abandons a direct path silent for 15 s, and the bytes
@@ -52,11 +53,12 @@ pub const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// One probe's handshake + ping; probes overlap, so this bounds only how many are in
 /// flight (`PROBE_TIMEOUT / PROBE_EVERY`).
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
-/// A silence this long, once it ends, counts as an outage (step 4). Longer than a loaded
-/// machine's pause or a Wi-Fi blip, which the old connection rides out by itself; short
-/// enough that QUIC's loss timers, doubling through the silence, have not yet backed off
-/// far past it.
-pub const OUTAGE: Duration = Duration::from_secs(5);
+/// A silence this long, once it ends, counts as an outage (step 4). Longer than a Wi-Fi
+/// blip, which the old connection rides out by itself; shorter than iroh's 15 s direct-path
+/// idle limit, past which the old connection can be stuck. A peer that was only slow (its
+/// machine loaded) looks the same here: a session moves only if its stream then stands
+/// still too (`session::resume::Stream::stalled_after_outage`).
+pub const OUTAGE: Duration = Duration::from_secs(10);
 /// How often the counter is read.
 const TICK: Duration = Duration::from_millis(250);
 /// The close reason the client's streams report.

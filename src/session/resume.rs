@@ -40,9 +40,15 @@ use crate::transport::iroh::{Node, PeerConnection, RecvHalf, SendHalf};
 /// server keeps the session detached. Any other close by the client ends it there.
 pub const RESUMING_ELSEWHERE: &str = "resuming elsewhere";
 
+/// How long a stream may stand still after its connection came back from an outage before
+/// the session moves ([`Stream::stalled_after_outage`]).
+pub const STALL_AFTER_OUTAGE: Duration = Duration::from_secs(5);
+/// How long after an outage a stream is watched for standing still.
+const WATCH_AFTER_OUTAGE: Duration = Duration::from_secs(30);
+
 /// Why a session left a connection that came back from an outage (`liveness::OUTAGE`).
 pub const AFTER_OUTAGE: &str =
-    "the network came back after an outage; moving to a fresh connection";
+    "the connection stood still after an outage; moving to a fresh connection";
 
 /// What the client says when the server no longer knows its session because it restarted.
 pub const RESTARTED: &str = "the server restarted; the session could not be resumed";
@@ -242,6 +248,44 @@ impl Stream {
     /// Positions of the peer's direction received so far (what a resume handshake says).
     pub fn received(&self) -> u64 {
         self.lock().received
+    }
+
+    /// Where the stream stands: positions received, and positions of ours the peer
+    /// acknowledged. Either moving is the stream making progress.
+    fn positions(&self) -> (u64, u64) {
+        let i = self.lock();
+        (i.received, i.base)
+    }
+
+    /// Resolves when the connection under an attachment came back from an outage
+    /// (`outages`, `liveness` step 4) and the stream then made no progress for
+    /// [`STALL_AFTER_OUTAGE`]: the old connection is stuck, and the session should move to
+    /// a fresh one. A peer that was only slow (a loaded machine: silences of 15–20 s were
+    /// seen with 100 transfers under stress) catches up within that time, and its sessions
+    /// stay where they are — a hundred of them moving at once only loads it more. Never
+    /// resolves without `outages` (or once it closes).
+    pub async fn stalled_after_outage(
+        &self,
+        outages: Option<&mut tokio::sync::watch::Receiver<u64>>,
+    ) {
+        let Some(outages) = outages else {
+            return std::future::pending().await;
+        };
+        loop {
+            if outages.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            // The stuck connection may still carry a little first (what fits beside the
+            // hole in the peer's window), so watch a while, not once.
+            let back = Instant::now();
+            while back.elapsed() < WATCH_AFTER_OUTAGE {
+                let before = self.positions();
+                tokio::time::sleep(STALL_AFTER_OUTAGE).await;
+                if self.positions() == before {
+                    return;
+                }
+            }
+        }
     }
 
     /// Bytes sent and not yet acknowledged (for status).
@@ -759,7 +803,7 @@ impl Resumable {
                 );
                 tokio::select! {
                     r = attach => Some(r),
-                    Ok(()) = outages.changed(), if !close.is_cancelled() => {
+                    _ = self.stream.stalled_after_outage(Some(&mut outages)), if !close.is_cancelled() => {
                         Some(Err(AttachError::Net(AFTER_OUTAGE.into())))
                     }
                     _ = abandoned(close) => None,
