@@ -912,14 +912,15 @@ impl Resumable {
                     .connect(&peer, &hints)
                     .await
                     .map_err(|e| Attempt::Retry(e.to_string()))?;
-                match resume_on(&conn, cluster, resume, turn).await {
-                    Ok((send, recv, grant)) => Ok((conn, send, recv, grant)),
-                    Err(e) => {
-                        // Ours alone: no session rides on it.
-                        conn.close("not resumed");
-                        Err(e)
-                    }
-                }
+                // Dropped (the attempt timed out, or lost to another) or failed, this
+                // connection is closed as one we left to resume elsewhere: the server may
+                // have taken the session onto it already, and any other close would end it
+                // there (seen under load: an attempt timing out after the server's grant
+                // left every later one "unknown session").
+                let guard = LeftToResume(Some(conn));
+                let conn = guard.0.as_ref().expect("set above");
+                let (send, recv, grant) = resume_on(conn, cluster, resume, turn).await?;
+                Ok((guard.keep(), send, recv, grant))
             }
         };
         let Some((conn, send, recv, grant)) =
@@ -957,6 +958,24 @@ pub async fn abandoned(close: &CancellationToken) {
 /// up waiting after a signal) closes its connection, so the server ends the session
 /// instead of keeping it detached (a no-op when the connection was closed already).
 struct CloseOnDrop(PeerConnection);
+
+/// A redial attempt's connection until the attempt succeeds ([`LeftToResume::keep`]);
+/// dropped before that, it is closed with [`RESUMING_ELSEWHERE`].
+struct LeftToResume(Option<PeerConnection>);
+
+impl LeftToResume {
+    fn keep(mut self) -> PeerConnection {
+        self.0.take().expect("kept once")
+    }
+}
+
+impl Drop for LeftToResume {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.close(RESUMING_ELSEWHERE);
+        }
+    }
+}
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
