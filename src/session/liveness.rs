@@ -27,8 +27,9 @@
 //!    server during a 64 MiB scp left it standing still for 40–80 s after the network was
 //!    back in 7 runs of 12 — iroh abandons a direct path silent for 15 s, and the bytes
 //!    that were in flight on it are given up for lost only when the peer's PATH_ABANDON
-//!    gets through a relay path whose loss timers backed off through the outage. A fresh
-//!    connection has none of that state.
+//!    gets through a relay path whose loss timers backed off through the outage (noq
+//!    issue #516, open: a broken path's packets are declared lost only when it closes). A
+//!    fresh connection has none of that state.
 //!
 //! A server too old to send a boot id (EOF after `accept`) gets no watchdog: the idle
 //! limit alone applies, as before.
