@@ -22,14 +22,13 @@
 //! 4. when the counter moves again after a silence of [`OUTAGE`] or more, the network came
 //!    back after a real outage: [`Watchdog::outages`] counts it, and a resumable session
 //!    whose stream then stands still moves to a fresh connection (`session::resume`).
-//!    The old connection lives, but may
-//!    not carry bytes for a long time: measured on the NAT namespaces, a 20 s cut of the
-//!    server during a 64 MiB scp left it standing still for 40–80 s after the network was
-//!    back in 7 runs of 12 — iroh abandons a direct path silent for 15 s, and the bytes
-//!    that were in flight on it are given up for lost only when the peer's PATH_ABANDON
-//!    gets through a relay path whose loss timers backed off through the outage (noq
-//!    issue #516, open: a broken path's packets are declared lost only when it closes). A
-//!    fresh connection has none of that state.
+//!    The old connection lives, but may not carry bytes for a long time: measured on the
+//!    NAT namespaces, a 20 s cut of the server during a 64 MiB scp left it standing still
+//!    for 40–80 s after the network was back in 7 runs of 12 — iroh abandons a direct
+//!    path silent for 15 s, and the bytes that were in flight on it are given up for lost
+//!    only when the peer's PATH_ABANDON gets through a relay path whose loss timers backed
+//!    off through the outage (noq issue #516, open: a broken path's packets are declared
+//!    lost only when it closes). A fresh connection has none of that state.
 //!
 //! A server too old to send a boot id (EOF after `accept`) gets no watchdog: the idle
 //! limit alone applies, as before.
@@ -83,19 +82,15 @@ impl Watchdog {
     /// How many outages of [`OUTAGE`] or more the connection came back from; `changed()`
     /// on it wakes at the next. It closes when the watch ends (the connection closed).
     pub fn outages(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.outages_receiver()
+        let mut rx = self.outages.clone();
+        rx.mark_unchanged();
+        rx
     }
 
     /// Whether the connection came back from an outage: a pool dials a fresh one for what
     /// comes next.
     pub fn saw_outage(&self) -> bool {
         *self.outages.borrow() > 0
-    }
-
-    fn outages_receiver(&self) -> tokio::sync::watch::Receiver<u64> {
-        let mut rx = self.outages.clone();
-        rx.mark_unchanged();
-        rx
     }
 }
 
