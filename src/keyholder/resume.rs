@@ -179,9 +179,7 @@ impl HolderResumable {
                     };
                 }
                 Err(AttachError::Net(why)) => {
-                    if why != AFTER_OUTAGE
-                        && let Some(reason) = self.net.closed_by_server().await
-                    {
+                    if let Some(reason) = self.net.closed_by_server().await {
                         tracing::info!(server = %self.target.server, %reason, "the server closed the connection; not resuming");
                         return Err(SessionError::Lost(format!(
                             "the server closed the connection ({reason}); the session could not be resumed"

@@ -81,19 +81,25 @@ impl PooledStream {
 
     /// Why the stream broke, when its connection knows ([`crate::session::open::lost_reason`]).
     pub fn lost_reason(&self) -> Option<String> {
-        let lease = self._lease.as_ref()?;
-        let live = lock(&lease.slot.live);
-        let l = live.as_ref().filter(|l| l.generation == lease.generation)?;
-        crate::session::open::lost_reason(l._watchdog.saw_restart(), l.conn.peer_close_reason())
+        self.on_live(|l| {
+            crate::session::open::lost_reason(l._watchdog.saw_restart(), l.conn.peer_close_reason())
+        })
+        .flatten()
     }
 
     /// Outages the stream's connection came back from (`session::liveness::Watchdog::outages`);
     /// `None` when its connection is no longer the pool's live one, or not the pool's.
     pub fn outages(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.on_live(|l| l._watchdog.outages())
+    }
+
+    /// `f` of the pool's live connection, when it is still the one this stream rides on.
+    fn on_live<R>(&self, f: impl FnOnce(&super::pool::Live) -> R) -> Option<R> {
         let lease = self._lease.as_ref()?;
         let live = lock(&lease.slot.live);
-        let l = live.as_ref().filter(|l| l.generation == lease.generation)?;
-        Some(l._watchdog.outages())
+        live.as_ref()
+            .filter(|l| l.generation == lease.generation)
+            .map(f)
     }
 
     /// The server closed the stream's connection on purpose (it is shutting down, or

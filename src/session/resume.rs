@@ -848,11 +848,8 @@ impl Resumable {
                 Err(AttachError::Net(why)) => {
                     // A server that closed the connection on purpose (it is shutting down,
                     // or refuses us) has ended its sessions: nothing to resume.
-                    if why != AFTER_OUTAGE {
-                        let _ =
-                            tokio::time::timeout(Duration::from_millis(300), self.conn.closed())
-                                .await;
-                    }
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(300), self.conn.closed()).await;
                     if self.conn.closed_by_peer() && !self.watchdog.saw_restart() {
                         let reason = self
                             .conn
@@ -917,9 +914,8 @@ impl Resumable {
                 // have taken the session onto it already, and any other close would end it
                 // there (seen under load: an attempt timing out after the server's grant
                 // left every later one "unknown session").
-                let guard = LeftToResume(Some(conn));
-                let conn = guard.0.as_ref().expect("set above");
-                let (send, recv, grant) = resume_on(conn, cluster, resume, turn).await?;
+                let guard = LeftToResume { conn, kept: false };
+                let (send, recv, grant) = resume_on(&guard.conn, cluster, resume, turn).await?;
                 Ok((guard.keep(), send, recv, grant))
             }
         };
@@ -961,18 +957,22 @@ struct CloseOnDrop(PeerConnection);
 
 /// A redial attempt's connection until the attempt succeeds ([`LeftToResume::keep`]);
 /// dropped before that, it is closed with [`RESUMING_ELSEWHERE`].
-struct LeftToResume(Option<PeerConnection>);
+struct LeftToResume {
+    conn: PeerConnection,
+    kept: bool,
+}
 
 impl LeftToResume {
     fn keep(mut self) -> PeerConnection {
-        self.0.take().expect("kept once")
+        self.kept = true;
+        self.conn.clone()
     }
 }
 
 impl Drop for LeftToResume {
     fn drop(&mut self) {
-        if let Some(c) = self.0.take() {
-            c.close(RESUMING_ELSEWHERE);
+        if !self.kept {
+            self.conn.close(RESUMING_ELSEWHERE);
         }
     }
 }
