@@ -50,9 +50,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const MAX_DATA: usize = 64 * 1024;
 /// Largest frame a receiver accepts (a larger one is a protocol error).
 pub const MAX_FRAME: u32 = MAX_DATA as u32;
-/// Bytes a side keeps unacknowledged per direction (Teleport's RFD 0150 uses 2 MiB). More
-/// than a QUIC stream window (1.25 MB), so the replay buffer never throttles a live path;
-/// small enough that [`crate::protocol`]'s caps on sessions bound the memory.
+/// Bytes a side keeps unacknowledged per direction (Teleport's RFD 0150 uses 2 MiB). As
+/// much as a QUIC stream window (`transport::iroh::STREAM_RECEIVE_WINDOW`), so on a long
+/// path the two bound a session alike (~2 MiB per round trip, issue 21); small enough that
+/// [`crate::protocol`]'s caps on sessions bound the memory. Part of the protocol: a
+/// receiver refuses data past it, so a larger cap would have to be negotiated.
 pub const REPLAY_CAP: usize = 2 * 1024 * 1024;
 /// A receiver acknowledges at least this often (in positions): an eighth of the buffer,
 /// so a sender never waits for an ack on a live path.

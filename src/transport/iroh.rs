@@ -188,16 +188,26 @@ fn idle_timeout() -> std::time::Duration {
 }
 
 /// How much one stream may have in flight unacknowledged by the reader (QUIC flow-control
-/// credit, MAX_STREAM_DATA): a stream moves at most this much per round trip, so noq's
-/// default (1.25 MB, kept here) caps one stream near 6 MB/s on a 200 ms path. Raising it was
-/// measured and rejected for now (issue 21, docs/benchmarks.md "Long links"): with 4 or
-/// 8 MiB, CUBIC or BBR, a 16 MiB native exec at 200 ms / 100 Mbit fills the link, the queue
-/// overflows, and the connection dies ~3 s in ("connection lost" on both ends), while noq's
-/// default never fills the link and survives. Credit, not allocation: a receiver buffers
-/// only what arrived and was not yet read, so this costs an idle peer nothing.
-pub const STREAM_RECEIVE_WINDOW: u64 = 1_250_000;
+/// credit, MAX_STREAM_DATA): a stream moves at most this much per round trip. 2 MiB, up from
+/// noq's 1.25 MB (issue 21, docs/benchmarks.md "Long links"): at 200 ms / 100 Mbit native
+/// exec went from 4.4 to 6.1 MiB/s and scp through the ProxyCommand from 0.69× to 0.91× of
+/// direct OpenSSH, whose own channel window is also 2 MiB. The resumable layer's replay
+/// buffer (`protocol::resume::REPLAY_CAP`, 2 MiB) bounds a resumable session the same way.
+///
+/// Not more, because of noq-proto 1.4: a receiver that holds more than 1,024 separate spans
+/// of one stream (data after a gap, waiting for a retransmission) closes the *connection*
+/// ("too many gaps in stream buffer", `assembler.rs` `MAX_CHUNKS`). A queue that overflows
+/// in slow start drops about every other packet, so a window of W leaves up to
+/// W / (2 × ~1,150 bytes) spans: 2 MiB stays under 1,024 (≈ 910), 8 MiB does not — measured,
+/// a 64 MiB exec at 200 ms with an 8 MiB window lost its connection 3 s in, every time. The
+/// fix belongs upstream (docs/upstream/noq-proto-gap-limit.patch: the limit scaled with the
+/// window). Credit, not allocation: a receiver buffers only what arrived and was not yet
+/// read, so this costs an idle peer nothing.
+pub const STREAM_RECEIVE_WINDOW: u64 = 2 * 1024 * 1024;
 /// What all streams of one connection together may have unread at the receiver: noq's
-/// default, unlimited (so 64 streams × the stream window).
+/// default, unlimited, so at most 64 streams × the stream window (128 MiB) per connection.
+/// A connection-wide limit below that would let a few streams whose readers stall (a
+/// forwarded socket nobody reads) stop every other stream on the connection.
 pub const CONNECTION_RECEIVE_WINDOW: u64 = (1 << 62) - 1;
 /// What one connection may have sent and not yet acknowledged, plus queued: noq's default
 /// (8 × its default stream window).

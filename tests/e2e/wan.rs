@@ -59,6 +59,18 @@ fn exec_cat(c: &TestCluster, data: &[u8], dst: &std::path::Path) -> Duration {
     took
 }
 
+/// The NAT'd cluster of `nat.rs` (mgr, foo with sshd, alice) with every uplink `wan`,
+/// the link measured and printed first; hold the lock and the relay's folder for the test.
+fn wan_cluster(wan: Wan) -> (impl Sized, tempfile::TempDir, NatNet, TestCluster) {
+    let lock = netsim::heavy_net_lock();
+    let relay_dir = tempfile::tempdir().expect("tempdir");
+    let net = NatNet::with_wan(&["mgr", "foo", "alice"], wan);
+    let fig = net.measure_wan("alice", "foo");
+    eprintln!("WAN {fig}");
+    let (net, c) = nat_cluster_on(net, &relay_dir, SshTarget::Sshd, true);
+    (lock, relay_dir, net, c)
+}
+
 /// Over a 200 ms / 100 Mbit link, both machines behind NAT with the cluster's relay: scp
 /// through the ProxyCommand and native exec `cat > f` deliver a few MiB intact, on the
 /// hole-punched path and relay-only. No speed is asserted; the times are printed.
@@ -67,12 +79,7 @@ fn wan_200ms_scp_and_native_exec_arrive_intact() {
     if !netsim::available("wan::wan_200ms_scp_and_native_exec_arrive_intact") {
         return;
     }
-    let _lock = netsim::heavy_net_lock();
-    let relay_dir = tempfile::tempdir().expect("tempdir");
-    let net = NatNet::with_wan(&["mgr", "foo", "alice"], Wan::new(200, 100));
-    let fig = net.measure_wan("alice", "foo");
-    eprintln!("WAN {fig}");
-    let (net, c) = nat_cluster_on(net, &relay_dir, SshTarget::Sshd, true);
+    let (_lock, _relay_dir, net, c) = wan_cluster(Wan::new(200, 100));
 
     let src = c.scratch("local").join("wan.bin");
     write_random_file(&src, SMALL, 0x7761_6e00);
@@ -106,6 +113,52 @@ fn wan_200ms_scp_and_native_exec_arrive_intact() {
             net.traffic("alice") - before
         );
     }
+}
+
+/// One stream filling its whole flow-control window over a 200 ms / 100 Mbit link keeps its
+/// connection. noq-proto 1.4 closes a connection whose receiver holds more than 1,024
+/// separate spans of one stream ("too many gaps in stream buffer"), and a window larger than
+/// the link's queue can hold gets there when the queue overflows: with an 8 MiB window this
+/// transfer lost its connection ~3 s in, every time. `transport::iroh::STREAM_RECEIVE_WINDOW`
+/// is sized below that. Native exec with the resumable layer off, so nothing but the one
+/// QUIC connection carries the bytes (the resumable layer would hide a lost connection).
+#[test]
+fn wan_window_filling_exec_keeps_the_connection() {
+    if !netsim::available("wan::wan_window_filling_exec_keeps_the_connection") {
+        return;
+    }
+    let (_lock, _relay_dir, net, c) = wan_cluster(Wan::new(200, 100));
+
+    // Past the ~8 MiB an 8 MiB window had moved when its connection was lost.
+    const SIZE: usize = 16 << 20;
+    let src = c.scratch("local").join("window.bin");
+    write_random_file(&src, SIZE, 0x7761_6e01);
+    let data = fs::read(&src).expect("read source");
+    let dst = c.scratch("remote").join("window.bin");
+    let before = net.traffic("alice");
+    let t0 = Instant::now();
+    let mut cmd = c
+        .machine("alice")
+        .cmd(["ssh", "foo.acme", &format!("cat > {}", dst.display())]);
+    cmd.env("MALAI_RESUME", "off");
+    let out = run_cmd_with(&mut cmd, Some(&data), Duration::from_secs(300));
+    assert!(
+        out.status.success(),
+        "native exec filling its window lost its connection\n{}\n{}",
+        fmt_output(&out),
+        c.diagnostics()
+    );
+    assert_eq!(
+        fs::read(&dst).expect("read the upload"),
+        data,
+        "the upload arrived corrupted"
+    );
+    eprintln!(
+        "WAN {} MiB by native exec (resumable layer off) in {:.2?} ({})",
+        SIZE >> 20,
+        t0.elapsed(),
+        net.traffic("alice") - before
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
