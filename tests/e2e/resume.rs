@@ -214,6 +214,16 @@ fn foo_log_has(c: &TestCluster, what: &str) -> bool {
     c.machine("foo").logs().contains(what)
 }
 
+/// Whether a running process of `machine` logs `what` soon: its log file is written by a
+/// background thread (`tracing_appender::non_blocking`), so a line logged before the bytes
+/// the test just read can still be on its way to the file on a loaded machine.
+fn log_shows(c: &TestCluster, machine: &str, what: &str) -> bool {
+    poll_until(Duration::from_secs(10), || {
+        c.machine(machine).logs().contains(what).then_some(())
+    })
+    .is_some()
+}
+
 fn audit_of_foo(c: &TestCluster) -> String {
     std::fs::read_to_string(c.machine("foo").home().join("logs/ssh/audit.log")).unwrap_or_default()
 }
@@ -369,9 +379,7 @@ fn resume_ssh_through_the_agent_survives_a_stopped_agent_past_the_idle_limit() {
         c.diagnostics()
     );
     assert!(
-        c.machine("alice")
-            .logs()
-            .contains("resumable tunnel through the pool"),
+        log_shows(&c, "alice", "resumable tunnel through the pool"),
         "the agent did not run the tunnel as a resumable session\n{}",
         tail(&c.machine("alice").logs(), 30)
     );
@@ -570,7 +578,7 @@ fn resume_at_the_caps_tunnels_work_as_before() {
     assert_success(&out, "ssh at the resume caps");
     assert_eq!(stdout_of(&out).trim(), "ok");
     assert!(
-        foo_log_has(&c, "caps reached"),
+        log_shows(&c, "foo", "caps reached"),
         "foo does not say the caps were reached\n{}",
         tail(&c.machine("foo").logs(), 20)
     );
@@ -647,9 +655,7 @@ fn resume_native_exec_through_the_local_server_survives_a_stopped_server() {
     out.read_line(&mut first).expect("first line");
     assert_eq!(first, "up\n", "exec did not start\n{}", c.diagnostics());
     assert!(
-        c.machine("foo")
-            .logs()
-            .contains("resumable exec through the pool"),
+        log_shows(&c, "foo", "resumable exec through the pool"),
         "foo's server did not run the exec as a resumable session\n{}",
         tail(&c.machine("foo").logs(), 30)
     );
