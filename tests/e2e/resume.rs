@@ -251,12 +251,7 @@ fn assert_denied_while_detached(c: &TestCluster, what: &str) {
         "no resume-denied line in foo's audit log:\n{audit}"
     );
     assert!(
-        poll_until(Duration::from_secs(10), || foo_log_has(
-            c,
-            "revoked while detached"
-        )
-        .then_some(()))
-        .is_some(),
+        log_shows(c, "foo", "revoked while detached"),
         "foo kept the revoked {what}\n{}",
         tail(&c.machine("foo").logs(), 20)
     );
@@ -351,12 +346,7 @@ fn resume_ssh_survives_a_stopped_proxy_past_the_idle_limit() {
     assert_resumed(&c);
     // A clean end removes the session (nothing stays detached on foo).
     assert!(
-        poll_until(Duration::from_secs(10), || foo_log_has(
-            &c,
-            "resumable session ended"
-        )
-        .then_some(()))
-        .is_some(),
+        log_shows(&c, "foo", "resumable session ended"),
         "foo did not end the session\n{}",
         tail(&c.machine("foo").logs(), 20)
     );
@@ -400,12 +390,7 @@ fn resume_ssh_through_the_agent_survives_a_stopped_agent_past_the_idle_limit() {
     );
     assert_resumed(&c);
     assert!(
-        poll_until(Duration::from_secs(10), || foo_log_has(
-            &c,
-            "resumable session ended"
-        )
-        .then_some(()))
-        .is_some(),
+        log_shows(&c, "foo", "resumable session ended"),
         "foo did not end the session\n{}",
         tail(&c.machine("foo").logs(), 20)
     );
@@ -453,12 +438,7 @@ fn resume_ssh_to_the_embedded_server_survives_a_stopped_proxy() {
     );
     assert!(c.machine("alice").logs().contains("resumed"));
     assert!(
-        poll_until(Duration::from_secs(10), || foo_log_has(
-            &c,
-            "resumable session ended"
-        )
-        .then_some(()))
-        .is_some(),
+        log_shows(&c, "foo", "resumable session ended"),
         "foo did not end the session\n{}",
         tail(&c.machine("foo").logs(), 20)
     );
@@ -750,12 +730,7 @@ fn native_exec_survives_a_stopped_client(via: Via) {
     );
     assert_resumed(&c);
     assert!(
-        poll_until(Duration::from_secs(10), || foo_log_has(
-            &c,
-            "resumable session ended"
-        )
-        .then_some(()))
-        .is_some(),
+        log_shows(&c, "foo", "resumable session ended"),
         "foo did not end the session\n{}",
         tail(&c.machine("foo").logs(), 20)
     );
