@@ -5,7 +5,9 @@
 //! different hosts never interleave mid-line. A summary line per failed host goes to
 //! stderr; the exit code is 0 only if every host succeeded (255 if any failed to connect,
 //! else the highest remote exit code). SIGINT/SIGTERM/SIGHUP end the running hosts like
-//! ssh and start no more.
+//! ssh and start no more. Each member's exec is resumable when its server offers it (on
+//! the group's one endpoint, or run by the key holder), so a lost connection stalls that
+//! member's output instead of ending it; a member refused on resume fails alone.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -13,10 +15,11 @@ use std::task::{Context, Poll};
 
 use tokio::io::AsyncWrite;
 
-use super::exec::{Interrupts, drive, exec_request};
+use super::exec::{Interrupts, drive, drive_resumable, exec_request};
 use super::ssh_args::SshArgs;
 use crate::protocol::Request;
-use crate::session::{Resolved, SessionError, open};
+use crate::session::own::OwnEndpoint;
+use crate::session::{Resolved, Route, SessionError, open, open_on, resume};
 
 pub const DEFAULT_PARALLEL: usize = 8;
 
@@ -44,10 +47,11 @@ pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32
     }
     // Through the agent when one is set (each member its own request on its pooled
     // connection); required under lockdown.
-    let agent: Option<Arc<std::path::Path>> =
+    // Over our own endpoint, one for all members, kept until the last has ended.
+    let (agent, own): (Option<Arc<std::path::Path>>, _) =
         match crate::session::route(&resolved.dir, Some(&resolved.config)).await? {
-            crate::session::Route::Holder(a) => Some(Arc::from(a.path())),
-            crate::session::Route::Own(_) => None,
+            Route::Holder(a) => (Some(Arc::from(a.path())), None),
+            Route::Own(own) => (None, Some(own)),
         };
     // A signal stops the hosts still waiting for a slot; the running ones end on it too.
     let mut interrupts = Interrupts::install()?;
@@ -63,8 +67,12 @@ pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32
             config: resolved.config.clone(),
             target: resolved.target.clone(),
         };
-        let req = exec_request(args, false);
+        let mut req = exec_request(args, false);
+        // Resumable when the server offers it, like one host's exec: a member's command
+        // outlives a lost connection (the holder, or `run_member`, redials).
+        req.resume = resume::enabled() && server.ssh_via.is_none();
         let agent = agent.clone().filter(|_| server.ssh_via.is_none());
+        let own = own.clone().filter(|_| server.ssh_via.is_none());
         tasks.spawn(async move {
             let Ok(permit) = sem.acquire_owned().await else {
                 let e = SessionError::Local("not started: interrupted".into());
@@ -78,7 +86,7 @@ pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32
                 let host = format!("{}.{}", server.id52, resolved.config.manager);
                 crate::client::handover::exec_into(&path, &host, req, &mut out, &mut err).await
             } else {
-                run_member(&resolved, &server, req, &mut out, &mut err).await
+                run_member(&resolved, &server, own, req, &mut out, &mut err).await
             };
             if matches!(r, Err(SessionError::Killed(_))) {
                 // Before our slot is free: hosts still waiting for one must not start.
@@ -101,6 +109,9 @@ pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32
             _ = interrupts.recv(), if !sem.is_closed() => sem.close(),
         }
     }
+    if let Some(own) = own {
+        own.done(std::time::Duration::from_secs(1)).await;
+    }
     results.sort_by(|a, b| a.0.cmp(&b.0));
     let mut code = 0;
     for (name, r) in results {
@@ -121,20 +132,38 @@ pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32
     Ok(code)
 }
 
-/// One member, directly: a signal while connecting or running ends it like ssh.
+/// One member, directly: a signal while connecting or running ends it like ssh. On the
+/// group's own endpoint (`own`) a request that asks for resume is opened resumable; an
+/// `ssh-via` member has no endpoint and stays plain.
 async fn run_member(
     resolved: &Resolved,
     server: &crate::config::Server,
+    own: Option<Arc<OwnEndpoint>>,
     req: crate::protocol::exec::ExecRequest,
     out: &mut Prefixed,
     err: &mut Prefixed,
 ) -> Result<i32, SessionError> {
     let mut interrupts = Interrupts::install()?;
-    let session = tokio::select! {
-        s = open(resolved, server, Request::Exec(req)) => s?,
+    let opened = tokio::select! {
+        s = async {
+            match own {
+                Some(own) if req.resume => resume::open(own, resolved, server, Request::Exec(req)).await,
+                Some(own) => open_on(Route::Own(own), resolved, server, Request::Exec(req))
+                    .await
+                    .map(|s| resume::Opened::Plain(Box::new(s))),
+                None => open(resolved, server, Request::Exec(req))
+                    .await
+                    .map(|s| resume::Opened::Plain(Box::new(s))),
+            }
+        } => s?,
         n = interrupts.recv() => return Err(SessionError::Killed(n)),
     };
-    drive(session, None, out, err, false, &mut interrupts).await
+    match opened {
+        resume::Opened::Plain(s) => drive(*s, None, out, err, false, &mut interrupts).await,
+        resume::Opened::Resumable(r) => {
+            drive_resumable(*r, None, out, err, false, &mut interrupts).await
+        }
+    }
 }
 
 #[derive(Clone, Copy)]

@@ -1378,3 +1378,143 @@ fn forward_download_through_a_stop(revoke: bool, agent: bool) {
     );
     assert_resumed(&c);
 }
+
+/// A group command (`malai ssh -T web.acme …`: one native exec per member, all on one
+/// endpoint), its client stopped past the idle limit: foo's output arrives whole, once and
+/// in order after SIGCONT, and foo audits `resumed`. Deny twin in the same run: bar drops
+/// alice from its `allow-from` while she is detached, so bar's resume is refused (bar
+/// audits `resume-denied`, one summary line on stderr) and the group exits 255.
+#[test]
+fn resume_group_exec_survives_a_stopped_client_and_a_revoked_member_is_refused() {
+    group_exec_through_a_stop(false);
+}
+
+/// The same with alice's agent holding the key: it runs each member's resumable exec on
+/// its pool and is the process stopped.
+#[test]
+fn resume_group_exec_through_the_agent_survives_a_stopped_agent() {
+    group_exec_through_a_stop(true);
+}
+
+fn group_exec_through_a_stop(agent: bool) {
+    let c = TestCluster::builder("acme")
+        .server("foo")
+        .server("bar")
+        .device("alice")
+        .device("bob")
+        .allow("foo", &["alice"])
+        .allow("bar", &["alice"])
+        .group("web", &["foo", "bar"])
+        .env("MALAI_IDLE_TIMEOUT", IDLE)
+        .build();
+    let _agent = agent.then(|| Agent::start(c.machine("alice"), &[]));
+    let via = if agent { Via::AgentNative } else { Via::Native };
+    let script = "echo up; sleep 4; seq 1 20000; sleep 4; echo survived";
+    use std::os::unix::process::CommandExt;
+    let mut child = c
+        .machine("alice")
+        .cmd(["ssh", "-T", "web.acme", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("spawn malai ssh web.acme");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        let mut lines = std::io::BufReader::new(out).lines();
+        let mut ups = 0;
+        while let Some(Ok(l)) = lines.next() {
+            if l.ends_with(": up") {
+                ups += 1;
+                if ups == 2 {
+                    let _ = tx.send(());
+                }
+            }
+            all.push_str(&l);
+            all.push('\n');
+        }
+        all
+    });
+    let ssh = Ssh {
+        child,
+        lines: std::sync::mpsc::channel().1,
+        seen: String::new(),
+    };
+    assert!(
+        rx.recv_timeout(Duration::from_secs(30)).is_ok(),
+        "the group did not start on both members\n{}",
+        c.diagnostics()
+    );
+    let pid = poll_until(Duration::from_secs(10), || client_pid(&c, "alice", via))
+        .expect("alice's client process");
+    let t0 = Instant::now();
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    let detached = poll_until(Duration::from_secs(30), || {
+        ["foo", "bar"]
+            .iter()
+            .all(|m| c.machine(m).logs().contains("session detached"))
+            .then_some(())
+    });
+    if detached.is_none() {
+        signal(pid, nix::sys::signal::Signal::SIGCONT);
+        panic!(
+            "foo and bar did not both detach the sessions of a stopped client\n{}\n{}",
+            tail(&c.machine("foo").logs(), 20),
+            tail(&c.machine("bar").logs(), 20)
+        );
+    }
+    if let Some(left) = PAST_IDLE.checked_sub(t0.elapsed()) {
+        std::thread::sleep(left);
+    }
+    c.edit_manager_file(|t| set_table_keys(&t, "server.bar", &[("allow-from", toml_str("bob"))]));
+    c.import_on("bar");
+    signal(pid, nix::sys::signal::Signal::SIGCONT);
+    let (status, err) = ssh.wait(Duration::from_secs(60));
+    let seen = reader.join().expect("stdout reader");
+    let foo: Vec<&str> = seen.lines().filter(|l| l.starts_with("foo: ")).collect();
+    let want: Vec<String> = std::iter::once("foo: up".to_string())
+        .chain((1..=20_000).map(|n| format!("foo: {n}")))
+        .chain(std::iter::once("foo: survived".to_string()))
+        .collect();
+    assert!(
+        foo == want,
+        "foo's output lost or doubled lines across the resume ({} lines, want {}); stderr: {err}\n{}\n{}",
+        foo.len(),
+        want.len(),
+        tail(&c.machine("alice").logs(), 30),
+        tail(&c.machine("foo").logs(), 30)
+    );
+    assert_eq!(
+        seen.lines()
+            .filter(|l| l.starts_with("bar: "))
+            .collect::<Vec<_>>(),
+        ["bar: up"],
+        "bar, revoked while detached, must not go on"
+    );
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(255),
+        "a group with a refused member must exit 255: {status:?}\n{err}"
+    );
+    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("malai: ")).collect();
+    assert!(
+        ours.len() == 1
+            && ours[0].starts_with("malai: bar: ")
+            && ours[0].contains("could not be resumed"),
+        "stderr does not say in one line that bar's session could not be resumed:\n{err}"
+    );
+    assert!(
+        audit_of_foo(&c).contains("\"resumed\""),
+        "no resumed line in foo's audit log:\n{}",
+        audit_of_foo(&c)
+    );
+    let bar_audit = std::fs::read_to_string(c.machine("bar").home().join("logs/ssh/audit.log"))
+        .unwrap_or_default();
+    assert!(
+        bar_audit.contains("\"resume-denied\""),
+        "no resume-denied line in bar's audit log:\n{bar_audit}"
+    );
+}
