@@ -426,6 +426,16 @@ impl Pool {
         Ok(Dialer::Node(node))
     }
 
+    /// The control socket of the process that holds `dir`'s key when that is not us (an
+    /// agent's view while this machine's server holds it), else `None` (we bind it,
+    /// claiming it first if nobody holds it).
+    pub async fn held_by(&self, dir: &ClusterDir) -> Result<Option<PathBuf>, SessionError> {
+        match self.access(dir).await? {
+            Dialer::Node(_) => Ok(None),
+            Dialer::Holder { socket, .. } => Ok(Some(socket)),
+        }
+    }
+
     /// A stream to `server` carrying `request`, accepted by the server.
     pub async fn open(
         &self,

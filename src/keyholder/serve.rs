@@ -6,6 +6,8 @@
 //! native exec. The passed descriptors are closed before the final message (`exit`,
 //! `done`, `broken`), so whoever reads the caller's stdout sees EOF as soon as the CLI
 //! exits. If the CLI disappears mid-request (killed), the request is abandoned at once.
+//! An `open` for a cluster whose key another process holds (an agent's, while this
+//! machine's server holds the key) is passed on to that holder whole ([`pass_on`]).
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -341,6 +343,9 @@ async fn open(
             return;
         }
     };
+    if let Some(holder) = held_elsewhere(ctx, &host).await {
+        return pass_on(ctx, sock, reader, &holder, &host, request, passed).await;
+    }
     let (stream, accepted, target) = match open_stream(ctx, &host, &request).await {
         Ok(s) => s,
         Err(e) => {
@@ -372,6 +377,102 @@ async fn open(
         }
     };
     let _ = protocol::write(&mut sock, &end).await;
+    let _ = sock.shutdown().await;
+}
+
+/// The control socket of the process holding the key of `host`'s cluster, when that is
+/// not us (this machine's server, for an agent). `None` also when `host` does not resolve
+/// to a server: [`open_stream`] says why.
+async fn held_elsewhere(ctx: &HolderContext, host: &str) -> Option<std::path::PathBuf> {
+    let resolved = resolve(&ctx.dirs, host).ok()?;
+    if !matches!(resolved.target.kind, TargetKind::Server { .. }) {
+        return None;
+    }
+    ctx.pool.held_by(&resolved.dir).await.ok().flatten()
+}
+
+/// An `open` for a cluster whose key another holder on this machine has (an agent asked
+/// while the server holds the key): the request and the caller's descriptors go on to
+/// that holder whole, and its frames come back to the caller. So it runs the session as if
+/// the command had asked it directly: resumable on its pool, with its own end lines
+/// (`the server restarted; …`), where relaying the stream's bytes could only be plain.
+async fn pass_on(
+    ctx: &HolderContext,
+    mut sock: UnixStream,
+    mut reader: FrameReader,
+    holder: &std::path::Path,
+    host: &str,
+    request: OpenRequest,
+    passed: Passed,
+) {
+    use std::os::fd::AsRawFd;
+    let stdin = passed.stdin.is_some();
+    let fds: Vec<std::os::fd::RawFd> = passed
+        .stdin
+        .iter()
+        .chain(std::iter::once(&passed.stdout))
+        .chain(passed.stderr.iter())
+        .map(|f| f.as_raw_fd())
+        .collect();
+    let up = async {
+        let mut c = crate::control::client::ControlClient::connect(holder)
+            .await
+            .map_err(|e| (FailKind::Refused, e.to_string()))?;
+        match c.open(host, request, stdin, &fds).await {
+            Ok(()) => Ok(c),
+            Err(crate::control::client::RequestError::Failed { kind, message }) => {
+                Err((kind, message))
+            }
+            Err(e) => Err((FailKind::Refused, e.to_string())),
+        }
+    }
+    .await;
+    // Our copies: the holder has its own now, and the caller's reader must see EOF when
+    // the holder closes them, not when we do.
+    drop(passed);
+    let up = match up {
+        Ok(c) => c,
+        Err((kind, message)) => {
+            tracing::info!(%host, error = %message, "open passed on to the key's holder failed");
+            let _ = reply_failed(&mut sock, kind, message).await;
+            return;
+        }
+    };
+    tracing::info!(%host, holder = %holder.display(), "open passed on to the key's holder");
+    if protocol::write(&mut sock, &FromHolder::Opened)
+        .await
+        .is_err()
+    {
+        return; // the CLI is gone; closing our socket to the holder abandons it there
+    }
+    let mut up = up.into_socket();
+    let mut up_reader = FrameReader::new();
+    loop {
+        tokio::select! {
+            m = reader.next::<ToHolder>(&sock) => match m {
+                Ok((m @ (ToHolder::Window { .. } | ToHolder::Finish), _)) => {
+                    if protocol::write(&mut up, &m).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                // The CLI is gone: closing our socket to the holder abandons it there.
+                Err(_) => return,
+            },
+            m = up_reader.next::<FromHolder>(&up) => {
+                let end = match m {
+                    Ok((m, _)) => m,
+                    Err(_) => FromHolder::Broken {
+                        message: format!("the key's holder ({}) went away", holder.display()),
+                    },
+                };
+                // Every frame after `opened` is the last (`exit`, `done`, `broken`).
+                let _ = protocol::write(&mut sock, &end).await;
+                break;
+            }
+            _ = ctx.shutdown.cancelled() => return,
+        }
+    }
     let _ = sock.shutdown().await;
 }
 

@@ -43,6 +43,8 @@ fn two_servers() -> TestCluster {
         .device("alice")
         .allow("foo", &["alice"])
         .allow("bar", &["foo", "alice"])
+        .server("baz")
+        .allow("baz", &["alice"])
         .build()
 }
 
@@ -123,6 +125,38 @@ fn a_server_uses_its_own_key_through_its_server_and_stays_reachable() {
         "exec through foo's agent while foo's server holds the key",
     );
     assert_eq!(stdout_of(&out), "agent-via-server\n");
+    // The agent passes such a request on to the server whole (descriptors and all), so
+    // the server runs it on its pool (resumable when bar offers it).
+    assert!(
+        foo.logs().contains("open passed on to the key's holder"),
+        "the agent did not pass the exec on to foo's server\n{}",
+        tail(&foo.logs(), 30)
+    );
+    // ssh through the ProxyCommand with the agent set: the tunnel goes the same way.
+    let out = run_cmd(
+        c.ssh_cmd("foo")
+            .env("MALAI_SSH_AGENT", agent.socket())
+            .arg(c.host("bar"))
+            .arg("echo tunnel-via-agent-and-server"),
+    );
+    assert_success(&out, "ssh foo -> bar through the agent and foo's server");
+    assert_eq!(stdout_of(&out), "tunnel-via-agent-and-server\n");
+    // Deny twin: a request baz refuses (foo is not in its `allow-from`) fails through the
+    // agent with the same line and exit code as straight through foo's server.
+    let direct = foo.run(["ssh", &c.host("baz"), "true"]);
+    let passed_on = run_cmd(&mut agent.cmd(["ssh", &c.host("baz"), "true"]));
+    assert_exit_code(&direct, 255, "foo -> baz, not allowed");
+    assert!(
+        stderr_of(&direct).contains("not allowed") || stderr_of(&direct).contains("denied"),
+        "foo -> baz must be a refusal: {}",
+        stderr_of(&direct)
+    );
+    assert_exit_code(&passed_on, 255, "foo -> baz through the agent, not allowed");
+    assert_eq!(
+        stderr_of(&passed_on),
+        stderr_of(&direct),
+        "a refusal passed on through the agent must read as the server's own"
+    );
 
     // The server stops: the agent takes the key (its next rescan) and keeps working.
     c.stop_server("foo");

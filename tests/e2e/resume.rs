@@ -611,20 +611,37 @@ fn resume_native_exec_through_the_agent_survives_a_stopped_agent() {
 /// goes on and its output arrives whole.
 #[test]
 fn resume_native_exec_through_the_local_server_survives_a_stopped_server() {
+    exec_through_the_local_server_survives_a_stopped_server(false);
+}
+
+/// The same asked of foo's agent, started while foo's server holds the key: the agent
+/// passes the request and the command's descriptors on to the server, which runs the
+/// resumable session (before, the agent relayed a plain stream that ended with its
+/// connection).
+#[test]
+fn resume_native_exec_through_an_agent_beside_the_server_survives_a_stopped_server() {
+    exec_through_the_local_server_survives_a_stopped_server(true);
+}
+
+fn exec_through_the_local_server_survives_a_stopped_server(agent: bool) {
     let mut c = TestCluster::builder("acme")
         .server("foo")
         .server("bar")
         .allow("bar", &["foo"])
         .env("MALAI_IDLE_TIMEOUT", IDLE)
         .build();
-    let mut child = c
-        .machine("foo")
-        .cmd([
-            "ssh",
-            "-T",
-            "bar.acme",
-            "echo up; sleep 6; seq 1 50000; echo survived",
-        ])
+    let agent = agent.then(|| Agent::start(c.machine("foo"), &[]));
+    let args = [
+        "ssh",
+        "-T",
+        "bar.acme",
+        "echo up; sleep 6; seq 1 50000; echo survived",
+    ];
+    let mut cmd = match &agent {
+        Some(a) => a.cmd(args),
+        None => c.machine("foo").cmd(args),
+    };
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -637,6 +654,11 @@ fn resume_native_exec_through_the_local_server_survives_a_stopped_server() {
     assert!(
         log_shows(&c, "foo", "resumable exec through the pool"),
         "foo's server did not run the exec as a resumable session\n{}",
+        tail(&c.machine("foo").logs(), 30)
+    );
+    assert!(
+        agent.is_none() || log_shows(&c, "foo", "open passed on to the key's holder"),
+        "foo's agent did not pass the request on to foo's server\n{}",
         tail(&c.machine("foo").logs(), 30)
     );
     let pid = c.server_process("foo").pid() as i32;
