@@ -72,12 +72,18 @@ impl Shared {
         relays
             .iter()
             .map(|u| {
-                let home = status.iter().find(|s| s.url() == u);
+                // The home relay may be in the map under an alias (`relay_rejoin`).
+                let home = status
+                    .iter()
+                    .find(|s| super::relay_rejoin::canonical(s.url()) == *u);
                 RelayState {
                     url: u.to_string(),
                     home: home.is_some(),
                     connected: home.is_some_and(|s| s.is_connected()),
-                    set_aside: aside.iter().find(|(a, _, _)| a == u).map(|(_, _, t)| *t),
+                    set_aside: aside
+                        .iter()
+                        .find(|(a, _, _)| super::relay_rejoin::canonical(a) == *u)
+                        .map(|(_, _, t)| *t),
                     error: home.and_then(|s| s.last_error().map(|e| e.to_string())),
                 }
             })
@@ -161,18 +167,5 @@ pub async fn watch(endpoint: Endpoint, relays: Vec<RelayUrl>, shared: Arc<Shared
 
 /// Whether something accepts TCP connections at the relay's host and port.
 async fn answers(url: &RelayUrl) -> bool {
-    let Some(host) = url.host_str() else {
-        return false;
-    };
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let port = url
-        .port_or_known_default()
-        .unwrap_or(if url.scheme() == "http" { 80 } else { 443 });
-    matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect((host, port))).await,
-        Ok(Ok(_))
-    )
+    super::relay_rejoin::answers_within(url, PROBE_TIMEOUT).await
 }

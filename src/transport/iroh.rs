@@ -358,6 +358,12 @@ pub struct Node {
         std::sync::Arc<super::failover::Shared>,
         std::sync::Arc<AbortOnDrop>,
     )>,
+    /// The relay rejoiner ([`super::relay_rejoin`]) of an endpoint with the cluster's own
+    /// relays: told of every timed-out connection and dial, and its task.
+    rejoin: Option<(
+        std::sync::Arc<super::relay_rejoin::Rejoin>,
+        std::sync::Arc<AbortOnDrop>,
+    )>,
 }
 
 /// A task aborted when dropped.
@@ -380,7 +386,11 @@ impl Node {
         if let Some((shared, _)) = &self.failover {
             shared.leave();
         }
-        for r in &self.relay_urls {
+        let aliases = match &self.rejoin {
+            Some((rejoin, _)) => rejoin.leave(),
+            None => Vec::new(),
+        };
+        for r in self.relay_urls.iter().chain(&aliases) {
             let _ = self.endpoint.remove_relay(r).await;
         }
     }
@@ -454,11 +464,20 @@ impl Node {
             ));
             (shared, std::sync::Arc::new(AbortOnDrop(task)))
         });
+        // `MALAI_RELAY_REJOIN=off` leaves a relay connection cut by an outage to the
+        // kernel's retransmission backoff (for comparison: docs/benchmarks.md).
+        let rejoin_on = std::env::var("MALAI_RELAY_REJOIN").as_deref() != Ok("off");
+        let rejoin = (rejoin_on && !relay_urls.is_empty()).then(|| {
+            let shared = std::sync::Arc::<super::relay_rejoin::Rejoin>::default();
+            let task = tokio::spawn(super::relay_rejoin::watch(endpoint.clone(), shared.clone()));
+            (shared, std::sync::Arc::new(AbortOnDrop(task)))
+        });
         Ok(Node {
             endpoint,
             relay: net.relay.clone(),
             relay_urls,
             failover,
+            rejoin,
         })
     }
 
@@ -512,17 +531,29 @@ impl Node {
             addr = addr.with_ip_addr(*h);
         }
         for r in &self.relay_urls {
-            addr = addr.with_relay_url(r.clone());
+            let r = match &self.rejoin {
+                Some((rejoin, _)) => rejoin.current(r),
+                None => r.clone(),
+            };
+            addr = addr.with_relay_url(r);
         }
-        let conn =
-            self.endpoint
-                .connect(addr, ALPN)
-                .await
-                .map_err(|e| TransportError::Connect {
+        let conn = match self.endpoint.connect(addr, ALPN).await {
+            Ok(c) => c,
+            Err(e) => {
+                // A dial that timed out may be this machine's network being down.
+                if let Some((rejoin, _)) = &self.rejoin {
+                    rejoin.suspect();
+                }
+                return Err(TransportError::Connect {
                     peer: *peer,
                     msg: e.to_string(),
-                })?;
-        Ok(PeerConnection { conn })
+                });
+            }
+        };
+        Ok(PeerConnection {
+            conn,
+            rejoin: self.rejoiner(),
+        })
     }
 
     /// The next incoming connection, or `None` once the endpoint is closed. A handshake
@@ -544,7 +575,12 @@ impl Node {
     /// stalls mid-handshake) keeps every other client waiting until its QUIC idle timeout
     /// fails the handshake — measured: 45 of 100 concurrent scp clients timed out that way.
     pub async fn accept_incoming(&self) -> Option<Incoming> {
-        self.endpoint.accept().await.map(Incoming)
+        let rejoin = self.rejoiner();
+        self.endpoint.accept().await.map(|i| Incoming(i, rejoin))
+    }
+
+    fn rejoiner(&self) -> Option<std::sync::Arc<super::relay_rejoin::Rejoin>> {
+        self.rejoin.as_ref().map(|(r, _)| r.clone())
     }
 
     /// Close gracefully (iroh logs an error when an endpoint is dropped unclosed).
@@ -566,13 +602,19 @@ impl Node {
 }
 
 /// A connection attempt whose handshake has not completed.
-pub struct Incoming(iroh::endpoint::Incoming);
+pub struct Incoming(
+    iroh::endpoint::Incoming,
+    Option<std::sync::Arc<super::relay_rejoin::Rejoin>>,
+);
 
 impl Incoming {
     /// Complete the handshake; `None` (logged) when it fails or times out.
     pub async fn handshake(self) -> Option<PeerConnection> {
         match self.0.await {
-            Ok(conn) => Some(PeerConnection { conn }),
+            Ok(conn) => Some(PeerConnection {
+                conn,
+                rejoin: self.1,
+            }),
             Err(e) => {
                 tracing::info!(error = %e, "incoming handshake failed");
                 None
@@ -585,6 +627,8 @@ impl Incoming {
 #[derive(Debug, Clone)]
 pub struct PeerConnection {
     conn: Connection,
+    /// Told when this connection times out (`super::relay_rejoin`).
+    rejoin: Option<std::sync::Arc<super::relay_rejoin::Rejoin>>,
 }
 
 impl PeerConnection {
@@ -612,6 +656,7 @@ impl PeerConnection {
             Ok((s, r)) => Some((SendHalf(s), RecvHalf(r))),
             Err(e) => {
                 tracing::debug!(error = %e, "connection ended");
+                self.note_end(&e);
                 None
             }
         }
@@ -623,7 +668,18 @@ impl PeerConnection {
 
     /// Resolves when the connection is closed (by either side or by a timeout).
     pub async fn closed(&self) {
-        self.conn.closed().await;
+        let e = self.conn.closed().await;
+        self.note_end(&e);
+    }
+
+    /// A connection that timed out may mean this machine's network is down: the relay
+    /// rejoiner looks.
+    fn note_end(&self, e: &iroh::endpoint::ConnectionError) {
+        if matches!(e, iroh::endpoint::ConnectionError::TimedOut)
+            && let Some(r) = &self.rejoin
+        {
+            r.suspect();
+        }
     }
 
     /// The reason the *peer* gave when it closed the connection (a server closing a
@@ -669,7 +725,7 @@ impl PeerConnection {
             .or_else(|| paths.iter().next())?;
         let (direct, addr) = match p.remote_addr() {
             iroh::TransportAddr::Ip(a) => (true, a.to_string()),
-            iroh::TransportAddr::Relay(u) => (false, u.to_string()),
+            iroh::TransportAddr::Relay(u) => (false, super::relay_rejoin::canonical(u).to_string()),
             other => (false, format!("{other:?}")),
         };
         Some(PathSummary {

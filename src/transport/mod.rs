@@ -9,6 +9,8 @@
 //!   named, for `malai ssh doctor` and for a dial that timed out.
 //! - [`failover`]: an endpoint with several relays moves off a dead home relay within
 //!   seconds (iroh alone takes 20–26 s or longer) and back once it answers.
+//! - [`relay_rejoin`]: after an outage of this machine's own network, a fresh relay
+//!   connection at once instead of the kernel's retransmission backoff (seconds, growing).
 //! - [`pump`]: moving raw bytes both ways with half-close, shared by every raw-bytes path.
 
 pub mod failover;
@@ -18,4 +20,5 @@ pub mod iroh;
 pub mod probe;
 pub mod pump;
 pub mod rawfd;
+pub mod relay_rejoin;
 pub mod stdio;

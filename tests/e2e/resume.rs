@@ -1208,6 +1208,44 @@ fn nat_resume_interactive_ssh_relay_only_through_a_cut() {
     interactive_through_a_cut(Some(IDLE), CUT, true);
 }
 
+/// Relay only, a 12 s cut inside the default 60 s idle limit: the connection itself lives
+/// through it (nothing to resume), and foo's relay connection, whose TCP retransmissions
+/// back off through the cut, is replaced once the network is back
+/// (`transport::relay_rejoin`) instead of waiting for the kernel's next retry.
+#[test]
+fn nat_relay_only_interactive_ssh_through_a_cut_within_the_idle_limit() {
+    if !netsim::available(
+        "resume::nat_relay_only_interactive_ssh_through_a_cut_within_the_idle_limit",
+    ) {
+        return;
+    }
+    interactive_through_a_cut(None, CUT, true);
+}
+
+/// The same with alice's network cut (the client's): her live connection's relay path
+/// moves to her fresh relay connection.
+#[test]
+fn nat_relay_only_interactive_ssh_through_a_client_cut_within_the_idle_limit() {
+    if !netsim::available(
+        "resume::nat_relay_only_interactive_ssh_through_a_client_cut_within_the_idle_limit",
+    ) {
+        return;
+    }
+    interactive_cut_of(None, CUT, true, "alice");
+}
+
+/// Relay only, and the cut is alice's (the client's network: a laptop in a tunnel) past
+/// the idle limit: alice's redials fail until her relay connection is replaced.
+#[test]
+fn nat_resume_interactive_ssh_relay_only_through_a_cut_of_the_client() {
+    if !netsim::available(
+        "resume::nat_resume_interactive_ssh_relay_only_through_a_cut_of_the_client",
+    ) {
+        return;
+    }
+    interactive_cut_of(Some(IDLE), CUT, true, "alice");
+}
+
 /// The same with the default settings (60 s idle limit) and a 70 s cut: what a user gets.
 #[test]
 fn nat_resume_interactive_ssh_with_defaults_through_a_70s_cut() {
@@ -1218,6 +1256,11 @@ fn nat_resume_interactive_ssh_with_defaults_through_a_70s_cut() {
 }
 
 fn interactive_through_a_cut(idle: Option<&str>, cut: Duration, relay_only: bool) {
+    interactive_cut_of(idle, cut, relay_only, "foo");
+}
+
+/// Interactive ssh through the ProxyCommand while `who`'s network is cut for `cut`.
+fn interactive_cut_of(idle: Option<&str>, cut: Duration, relay_only: bool, who: &str) {
     let _lock = netsim::heavy_net_lock();
     let relay_dir = tempfile::tempdir().expect("tempdir");
     let (net, c) = nat_cluster_idle(&relay_dir, idle);
@@ -1232,9 +1275,9 @@ fn interactive_through_a_cut(idle: Option<&str>, cut: Duration, relay_only: bool
         ssh.seen,
         c.diagnostics()
     );
-    net.cut("foo");
+    net.cut(who);
     std::thread::sleep(cut);
-    net.restore("foo");
+    net.restore(who);
     let restored = Instant::now();
     ssh.send("echo after");
     let ok = ssh.expect_line("after", Duration::from_secs(60));
@@ -1247,13 +1290,25 @@ fn interactive_through_a_cut(idle: Option<&str>, cut: Duration, relay_only: bool
         tail(&c.machine("foo").logs(), 30)
     );
     eprintln!(
-        "resume (netsim, idle {}, cut {cut:?}, relay only: {relay_only}): bytes flowed again {flowing:?} after the network was back",
+        "resume (netsim, idle {}, {who}'s network cut {cut:?}, relay only: {relay_only}): bytes flowed again {flowing:?} after the network was back",
         idle.unwrap_or("default")
     );
-    assert!(
-        c.machine("alice").logs().contains("resumed"),
-        "the cut did not outlast the connection: nothing was resumed"
-    );
+    let past_idle = idle.map_or(cut > Duration::from_secs(60), |i| {
+        cut > Duration::from_secs(i.parse().expect("idle seconds"))
+    });
+    if past_idle {
+        assert!(
+            c.machine("alice").logs().contains("resumed"),
+            "the cut did not outlast the connection: nothing was resumed"
+        );
+    }
+    if relay_only {
+        assert!(
+            log_shows(&c, who, "reconnecting to it now"),
+            "{who} did not rejoin its relay after the cut:\n{}",
+            tail(&c.machine(who).logs(), 30)
+        );
+    }
     let (status, err) = ssh.wait(Duration::from_secs(20));
     assert!(
         status.is_some_and(|s| s.success()),
