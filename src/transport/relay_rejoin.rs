@@ -117,19 +117,11 @@ pub async fn watch(endpoint: Endpoint, shared: std::sync::Arc<Rejoin>) {
                 tracing::debug!("sending through the relay without an answer for {SILENCE:?}: probing it");
             }
         }
-        let Some(home) = endpoint
-            .home_relay_status()
-            .get()
-            .first()
-            .map(|s| s.url().clone())
-        else {
-            continue;
-        };
         let outage = tokio::select! {
             _ = &mut closed => return,
-            o = back_after_outage(&home) => o,
+            o = back_after_outage(&endpoint) => o,
         };
-        if let Some(down_for) = outage {
+        if let Some((home, down_for)) = outage {
             rejoin(&endpoint, &home, &shared, down_for).await;
         }
     }
@@ -170,9 +162,19 @@ impl Silence {
     }
 }
 
-/// Probe `relay` until it answers. `None` if the first answer came before any probe
-/// failed (the network was fine); else how long the relay did not answer.
-async fn back_after_outage(relay: &RelayUrl) -> Option<Duration> {
+fn home(endpoint: &Endpoint) -> Option<RelayUrl> {
+    endpoint
+        .home_relay_status()
+        .get()
+        .first()
+        .map(|s| s.url().clone())
+}
+
+/// Probe the home relay until it answers (the home read again for every probe: relay
+/// failover may move it meanwhile). `None` if the first answer came before any probe
+/// failed (the network was fine), or there is no home; else the relay that answered and
+/// how long it had not.
+async fn back_after_outage(endpoint: &Endpoint) -> Option<(RelayUrl, Duration)> {
     let mut probes = tokio::task::JoinSet::new();
     let mut tick = tokio::time::interval(PROBE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -180,11 +182,11 @@ async fn back_after_outage(relay: &RelayUrl) -> Option<Duration> {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let relay = relay.clone();
-                probes.spawn(async move { answers(&relay).await });
+                let relay = home(endpoint)?;
+                probes.spawn(async move { answers(&relay).await.then_some(relay) });
             }
             Some(r) = probes.join_next() => match r {
-                Ok(true) => return first_failure.map(|t| t.elapsed()),
+                Ok(Some(relay)) => return first_failure.map(|t| (relay, t.elapsed())),
                 _ => {
                     first_failure.get_or_insert_with(tokio::time::Instant::now);
                 }
