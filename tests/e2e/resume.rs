@@ -1456,6 +1456,83 @@ fn forward_download_through_a_stop(revoke: bool, agent: bool) {
     assert_resumed(&c);
 }
 
+/// A `-L` forward carrying a 64 MiB download across the namespace network while foo's
+/// network is cut past the idle limit (`malai ssh -N -L`, own endpoint): the download goes
+/// on after the cut, byte for byte, and both ends say the channel resumed.
+#[test]
+fn nat_resume_forward_download_64mib_through_a_cut() {
+    if !netsim::available("resume::nat_resume_forward_download_64mib_through_a_cut") {
+        return;
+    }
+    use std::io::{Read, Write};
+    const LEN: usize = 64 << 20;
+    let _lock = netsim::heavy_net_lock();
+    let relay_dir = tempfile::tempdir().expect("tempdir");
+    let (net, c) = nat_cluster(&relay_dir);
+    let pattern = |i: usize| (i * 7 + i / 4093) as u8;
+    // The source listens in foo's namespace: the forward's target is foo's own loopback.
+    let source = netsim::in_netns_thread(net.ns("foo"), || {
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind the source")
+    });
+    let source_port = source.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = source.accept() {
+            let data: Vec<u8> = (0..LEN).map(pattern).collect();
+            let _ = s.write_all(&data);
+        }
+    });
+    let lport = free_tcp_port();
+    let mut fwd = c
+        .machine("alice")
+        .cmd([
+            "ssh",
+            "-N",
+            "-L",
+            &format!("{lport}:127.0.0.1:{source_port}"),
+            "foo.acme",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("malai ssh -N -L");
+    let alice_ns = net.ns("alice").to_string();
+    let local = poll_until(Duration::from_secs(60), || {
+        netsim::in_netns_thread(&alice_ns, move || {
+            std::net::TcpStream::connect(("127.0.0.1", lport)).ok()
+        })
+    });
+    let Some(mut local) = local else {
+        let _ = fwd.kill();
+        panic!("the forward never listened\n{}", c.diagnostics());
+    };
+    local
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    local.read_exact(&mut got).expect("the first MiB");
+    net.cut("foo");
+    std::thread::sleep(CUT);
+    net.restore("foo");
+    let mut rest = Vec::new();
+    let read = local.read_to_end(&mut rest);
+    got.extend_from_slice(&rest);
+    let _ = fwd.kill();
+    let _ = fwd.wait();
+    assert!(
+        read.is_ok() && got.len() == LEN,
+        "the download broke across the cut ({read:?}, {} of {LEN} bytes)\n{}\n{}",
+        got.len(),
+        tail(&c.machine("alice").logs(), 30),
+        tail(&c.machine("foo").logs(), 30)
+    );
+    assert!(
+        got.iter().enumerate().all(|(i, b)| *b == pattern(i)),
+        "the download lost or doubled bytes across the resume"
+    );
+    assert_resumed(&c);
+}
+
 /// A group command (`malai ssh -T web.acme …`: one native exec per member, all on one
 /// endpoint), its client stopped past the idle limit: foo's output arrives whole, once and
 /// in order after SIGCONT, and foo audits `resumed`. Deny twin in the same run: bar drops
