@@ -35,12 +35,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::exec::{Interrupts, exec_request, run_resumable_session, run_session, want_pty};
-use super::forward_resume::{Channel, Command, Opener, reset};
+use super::forward_resume::{Channel, Command, Opener};
 use super::socks;
 use super::ssh_args::SshArgs;
 use crate::config::Server;
 use crate::config::paths::Dirs;
-use crate::protocol::Request;
 use crate::protocol::forward::{ForwardTarget, RemoteEvent, RemoteListen};
 use crate::session::link::Link;
 use crate::session::{LINGER, Resolved, SessionError, SessionWrite};
@@ -243,6 +242,7 @@ pub async fn run(
         opener,
         stop: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        remote: RemoteState::default(),
     };
     let result = match forwards.set_up(plan.locals, plan.remotes, args).await {
         Ok(agent_env) => forwards.main(args, agent_env, ready, &mut interrupts).await,
@@ -321,6 +321,7 @@ struct Forwards {
     /// Ends every forward's task.
     stop: CancellationToken,
     tasks: TaskTracker,
+    remote: RemoteState,
 }
 
 impl Forwards {
@@ -377,7 +378,16 @@ impl Forwards {
                 path: p.display().to_string(),
             },
         };
-        match start_remote(&self.link, listen, f.to.clone(), &self.stop, &self.tasks).await {
+        match start_remote(
+            &self.opener,
+            listen,
+            f.to.clone(),
+            &self.stop,
+            &self.tasks,
+            &self.remote,
+        )
+        .await
+        {
             Ok((Some(port), _)) if matches!(f.listen, Listen::Tcp { port: 0, .. }) => {
                 // ssh's line, so scripts that parse it keep working.
                 eprintln!(
@@ -406,11 +416,12 @@ impl Forwards {
             path: sock.to_string_lossy().into_owned(),
         };
         match start_remote(
-            &self.link,
+            &self.opener,
             RemoteListen::Agent {},
             to,
             &self.stop,
             &self.tasks,
+            &self.remote,
         )
         .await
         {
@@ -435,15 +446,23 @@ impl Forwards {
     ) -> Result<i32, SessionError> {
         if args.no_command {
             background::signal_ready(ready.take());
-            // Resumable channels outlive the connection (new ones redial); `-R` and `-A`
-            // listeners on the server do not, so with them a lost connection ends the run.
-            let remote = !args.remote_forwards.is_empty() || args.forward_agent;
-            let ends_with_the_connection = remote || !self.opener.outlives_the_connection();
+            // Resumable channels outlive the connection (new ones redial), and so do `-R`
+            // and `-A` listeners on a resumable stream; one on a plain stream does not, so
+            // with it a lost connection ends the run, as does a remote forward that could
+            // not be resumed.
+            let plain_remote = self.remote.plain.load(std::sync::atomic::Ordering::SeqCst);
+            let ends_with_the_connection = plain_remote || !self.opener.outlives_the_connection();
             return tokio::select! {
                 n = interrupts.recv() => Err(SessionError::Killed(n)),
                 _ = self.link.lost(), if ends_with_the_connection => Err(SessionError::Lost("the connection to the server was lost".into())),
+                why = self.remote.lost.fired() => Err(SessionError::Lost(why)),
             };
         }
+        // Beside a command, a remote forward that cannot be resumed says so at once.
+        self.remote
+            .lost
+            .say
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let pty = want_pty(args);
         let mut req = exec_request(args, pty);
         if let Some(path) = agent_env {
@@ -473,16 +492,44 @@ impl Forwards {
     }
 }
 
-/// Open a `remote-forward` stream and wait for the server's `listening`; then serve its
-/// announcements in a task until `stop`. Returns the port / path the server listens on.
+/// Ask the server to listen for one `-R`/`-A`; `Ok` once it does (with the port it got,
+/// or the agent socket's path). A task then claims each connection it announces. A
+/// resumable one (issue 18) outlives the connection; when it cannot be resumed (revoked,
+/// the server restarted) `remote.lost` fires with the reason, which ends a `-N` run.
 async fn start_remote(
-    link: &Link,
+    opener: &Opener,
     listen: RemoteListen,
     local: ForwardTarget,
     stop: &CancellationToken,
     tasks: &TaskTracker,
+    remote: &RemoteState,
 ) -> Result<(Option<u16>, Option<String>), SessionError> {
-    let (send, mut recv) = link.open(Request::RemoteForward { listen }).await?;
+    let what = crate::server::forward::describe_listen(&listen);
+    let (send, mut recv): (
+        Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+        Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    ) = match opener.remote_forward(listen).await? {
+        Channel::Plain(send, recv) => {
+            remote
+                .plain
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            (Box::new(send), Box::new(recv))
+        }
+        resumable => {
+            // The session runs on one end of a pipe; the events are read from the other.
+            let (ours, theirs) = tokio::io::duplex(pump::PUMP_BUF);
+            let (stop2, lost) = (stop.clone(), remote.lost.clone());
+            tasks.spawn(async move {
+                let (mut tr, mut tw) = tokio::io::split(theirs);
+                if let Err(e) = resumable.run_reporting(&mut tr, &mut tw, &stop2).await {
+                    tracing::info!(listen = %what, error = %e, "resumable remote forward ended");
+                    lost.fire(format!("remote forward {what}: {e}"));
+                }
+            });
+            let (r, w) = tokio::io::split(ours);
+            (Box::new(w), Box::new(r))
+        }
+    };
     let first = tokio::time::timeout(
         crate::session::CONNECT_TIMEOUT,
         crate::protocol::read_json(&mut recv),
@@ -494,7 +541,8 @@ async fn start_remote(
             "server sent a connection before listening".into(),
         ));
     };
-    let (link, stop2, tasks2) = (link.clone(), stop.clone(), tasks.clone());
+    let (opener, stop2, tasks2) = (opener.clone(), stop.clone(), tasks.clone());
+    let lost2 = remote.lost.clone();
     tasks.spawn(async move {
         // Holding `send` keeps the server's listener open; dropping it closes it.
         let _send = send;
@@ -505,10 +553,11 @@ async fn start_remote(
             };
             match ev {
                 Ok(RemoteEvent::Connection { id }) => {
-                    let (link, local, stop3) = (link.clone(), local.clone(), stop2.clone());
+                    let (opener, local, stop3) = (opener.clone(), local.clone(), stop2.clone());
+                    let lost = lost2.clone();
                     tasks2.spawn(async move {
                         tokio::select! {
-                            _ = claim(&link, id, &local) => {}
+                            _ = claim(&opener, id, &local, &stop3, &lost) => {}
                             _ = stop3.cancelled() => {}
                         }
                     });
@@ -524,45 +573,102 @@ async fn start_remote(
     Ok((port, path))
 }
 
+/// Move one claimed connection's bytes; a resumable one that cannot be resumed fires `lost`.
+async fn carry<R, W>(
+    channel: Channel,
+    r: &mut R,
+    w: &mut W,
+    stop: &CancellationToken,
+    what: &str,
+    lost: &Lost,
+) where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(e) = channel.run_reporting(r, w, stop).await {
+        tracing::info!(target = %what, error = %e, "resumable remote-forward connection ended");
+        lost.fire(format!("remote-forward connection to {what}: {e}"));
+    }
+}
+
+/// What the remote forwards of one run share with its main loop.
+#[derive(Default)]
+struct RemoteState {
+    /// A remote forward got a plain stream (the server is older, or at its caps): it ends
+    /// with the connection, and so must a `-N` run.
+    plain: std::sync::atomic::AtomicBool,
+    lost: Lost,
+}
+
+/// Fired (once, with the first reason) when a resumable remote forward, or a connection it
+/// carried, could not be resumed: a `-N` run then ends with that one line; beside a
+/// command (`say`) the line goes to stderr at once and the command runs on.
+#[derive(Clone, Default)]
+struct Lost {
+    token: CancellationToken,
+    why: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    say: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Lost {
+    fn fire(&self, why: String) {
+        let mut g = self.why.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_some() {
+            return;
+        }
+        if self.say.load(std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("malai: {why}");
+        }
+        *g = Some(why);
+        self.token.cancel();
+    }
+
+    async fn fired(&self) -> String {
+        self.token.cancelled().await;
+        let g = self.why.lock().unwrap_or_else(|e| e.into_inner());
+        g.clone().unwrap_or_default()
+    }
+}
+
 /// Claim a connection the server announced and connect it to `local`.
-async fn claim(link: &Link, id: u64, local: &ForwardTarget) {
-    let (mut send, mut recv) = match link.open(Request::RemoteConnection { id }).await {
-        Ok(s) => s,
+async fn claim(
+    opener: &Opener,
+    id: u64,
+    local: &ForwardTarget,
+    stop: &CancellationToken,
+    lost: &Lost,
+) {
+    let channel = match opener.remote_connection(id).await {
+        Ok(c) => c,
         Err(e) => {
             tracing::info!(error = %e, id, "cannot claim a remote-forward connection");
             return;
         }
     };
     let what = local.describe();
-    let moved = match local {
+    match local {
         ForwardTarget::Tcp { host, port } => {
             match crate::server::forward::connect_tcp(host, *port).await {
                 Ok(s) => {
                     let (mut r, mut w) = s.into_split();
-                    pump::both_ways(&mut r, &mut send, &mut recv, &mut w).await
+                    carry(channel, &mut r, &mut w, stop, &what, lost).await;
                 }
                 Err(e) => {
                     eprintln!("malai: connect to {what} failed: {e}");
-                    reset(&mut send);
-                    return;
+                    channel.abort();
                 }
             }
         }
         ForwardTarget::Unix { path } => match crate::server::forward::connect_unix(path).await {
             Ok(s) => {
                 let (mut r, mut w) = s.into_split();
-                pump::both_ways(&mut r, &mut send, &mut recv, &mut w).await
+                carry(channel, &mut r, &mut w, stop, &what, lost).await;
             }
             Err(e) => {
                 eprintln!("malai: connect to {what} failed: {e}");
-                reset(&mut send);
-                return;
+                channel.abort();
             }
         },
-    };
-    if let Err(e) = moved {
-        tracing::info!(target = %what, error = %e, "remote forward connection broke");
-        reset(&mut send);
     }
 }
 

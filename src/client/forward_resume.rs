@@ -11,8 +11,9 @@
 //! agent, this machine's server) the holder runs each channel resumable itself and relays
 //! plain bytes to us (`keyholder::serve`'s `stream`).
 //!
-//! `-R` and `-A` are not resumable: the server's listener goes with the connection, so a
-//! run with them still ends when the connection is lost (README, "Known limits").
+//! `-R` and `-A` are too: the `remote-forward` stream (the server's listener and its
+//! announcements) is a resumable session whose listener the server keeps while it is
+//! detached, and each `remote-connection` claim is one as a `-L` channel is.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,7 +28,7 @@ use crate::keyholder::pool::Pool;
 use crate::keyholder::resume::HolderResumable;
 use crate::protocol::Request;
 use crate::protocol::exec::ExecRequest;
-use crate::protocol::forward::ForwardTarget;
+use crate::protocol::forward::{ForwardTarget, RemoteListen};
 use crate::session::link::Link;
 use crate::session::open::{Accepted, Closer};
 use crate::session::{Resolved, Session, SessionError, SessionRead, SessionWrite, resume};
@@ -114,14 +115,41 @@ impl Opener {
 
     /// Open one `forward` to `to`; `Ok` only after the server's `accept`.
     pub async fn forward(&self, to: ForwardTarget) -> Result<Channel, SessionError> {
+        self.channel(|resume| Request::Forward { to, resume }, "forward")
+            .await
+    }
+
+    /// Open one `remote-forward` (`-R`, `-A`): the server listens; its events ride the channel.
+    pub async fn remote_forward(&self, listen: RemoteListen) -> Result<Channel, SessionError> {
+        self.channel(
+            |resume| Request::RemoteForward { listen, resume },
+            "remote-forward",
+        )
+        .await
+    }
+
+    /// Claim connection `id` a `remote-forward` announced.
+    pub async fn remote_connection(&self, id: u64) -> Result<Channel, SessionError> {
+        self.channel(
+            |resume| Request::RemoteConnection { id, resume },
+            "remote-connection",
+        )
+        .await
+    }
+
+    /// Open the stream `request(resume)` asks for: on our pool with resume (`kind` in logs),
+    /// or plain on the link, where a holder makes it resumable when asked.
+    async fn channel(
+        &self,
+        request: impl FnOnce(bool) -> Request,
+        kind: &'static str,
+    ) -> Result<Channel, SessionError> {
         let Some(own) = &self.own else {
-            // Through a holder, the holder makes it resumable.
             let resume = matches!(self.link, Link::Via { .. }) && resume::enabled();
-            let (send, recv) = self.link.open(Request::Forward { to, resume }).await?;
+            let (send, recv) = self.link.open(request(resume)).await?;
             return Ok(Channel::Plain(send, recv));
         };
-        own.open(Request::Forward { to, resume: true }, "forward")
-            .await
+        own.open(request(true), kind).await
     }
 
     /// Open the remote command (`exec`) beside the forwards.
@@ -202,6 +230,29 @@ impl Channel {
                     eprintln!("malai: channel to {what}: {e}");
                 }
             },
+        }
+    }
+
+    /// Like [`Channel::run`] for a channel whose end the caller reports itself: a
+    /// resumable session's error comes back instead of going to stderr.
+    pub async fn run_reporting<LR, LW>(
+        self,
+        lr: &mut LR,
+        lw: &mut LW,
+        stop: &CancellationToken,
+    ) -> Result<(), SessionError>
+    where
+        LR: AsyncRead + Unpin + ?Sized,
+        LW: AsyncWrite + Unpin + ?Sized,
+    {
+        match self {
+            Channel::Resumable(session) => session.run(lr, lw, stop).await.map(|end| {
+                tracing::debug!(?end, "resumable channel done");
+            }),
+            plain => {
+                plain.run(lr, lw, stop, "the server").await;
+                Ok(())
+            }
         }
     }
 

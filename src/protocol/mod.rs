@@ -116,10 +116,16 @@ pub enum Request {
     /// The server listens (`-R`, `-A`) and announces each connection (`protocol::forward`).
     RemoteForward {
         listen: forward::RemoteListen,
+        /// Ask for a resumable stream (its frames then ride it); older servers ignore it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resume: bool,
     },
     /// Claim one connection a `remote-forward` announced; then raw bytes both ways.
     RemoteConnection {
         id: u64,
+        /// Ask for a resumable stream, as `forward` does; older servers ignore it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resume: bool,
     },
     /// Pick up a detached resumable session on a new connection (`protocol::resume`).
     Resume(resume::Resume),

@@ -76,29 +76,16 @@ where
             return reply(w, &Response::Error { reason }).await.is_ok();
         }
     };
-    // Only an iroh peer can come back on another connection to this same process.
-    if resume && ctx.transport == "iroh" {
-        let request = crate::protocol::Request::Forward {
-            to: to.clone(),
-            resume,
-        };
-        if let Some((slot, grant)) = super::resume::new_slot(ctx, server, request) {
-            if reply(w, &Response::AcceptResumable(grant)).await.is_err() {
-                ctx.state.detached.end(&slot);
-                return false;
-            }
-            let parked = match conn {
-                Conn::Tcp(s) => {
-                    let (sr, sw) = s.into_split();
-                    super::resume::Parked::new(sr, sw)
-                }
-                Conn::Unix(s) => {
-                    let (sr, sw) = s.into_split();
-                    super::resume::Parked::new(sr, sw)
-                }
-            };
-            return super::resume::serve(ctx, &slot, parked, 0, r, w).await;
+    let request = || crate::protocol::Request::Forward {
+        to: to.clone(),
+        resume,
+    };
+    match offer_resume(ctx, server, resume, request, w).await {
+        Offer::Resumable(slot) => {
+            return super::resume::serve(ctx, &slot, conn.parked(), 0, r, w).await;
         }
+        Offer::Broken => return false,
+        Offer::Plain => {}
     }
     if reply(w, &Response::Accept).await.is_err() {
         return false;
@@ -125,9 +112,57 @@ where
     }
 }
 
+/// What a stream that may have asked for resume gets.
+enum Offer {
+    /// Answered `accept-resumable`: serve the slot.
+    Resumable(std::sync::Arc<super::resume::Slot>),
+    /// Not asked, not possible (stdinserver), or over the caps: answer `accept` as before.
+    Plain,
+    /// The answer could not be written.
+    Broken,
+}
+
+/// Offer a resumable session for `request` when it asked (`resume`) and the caps allow.
+/// Only an iroh peer can come back on another connection to this same process.
+async fn offer_resume<W: AsyncWrite + Unpin>(
+    ctx: &super::request::Context,
+    server: &str,
+    resume: bool,
+    request: impl FnOnce() -> crate::protocol::Request,
+    w: &mut W,
+) -> Offer {
+    if !resume || ctx.transport != "iroh" {
+        return Offer::Plain;
+    }
+    let Some((slot, grant)) = super::resume::new_slot(ctx, server, request()) else {
+        return Offer::Plain;
+    };
+    if reply(w, &Response::AcceptResumable(grant)).await.is_err() {
+        ctx.state.detached.end(&slot);
+        return Offer::Broken;
+    }
+    Offer::Resumable(slot)
+}
+
 enum Conn {
     Tcp(TcpStream),
     Unix(UnixStream),
+}
+
+impl Conn {
+    /// A fresh resumable session's local leg on this connection.
+    fn parked(self) -> super::resume::Parked {
+        match self {
+            Conn::Tcp(s) => {
+                let (sr, sw) = s.into_split();
+                super::resume::Parked::new(sr, sw)
+            }
+            Conn::Unix(s) => {
+                let (sr, sw) = s.into_split();
+                super::resume::Parked::new(sr, sw)
+            }
+        }
+    }
 }
 
 /// How long the server tries to reach a forward's target before reporting failure.
@@ -471,13 +506,64 @@ impl Drop for RemoteListener {
 }
 
 /// Serve an allowed `remote-forward` stream: listen, announce, park each connection for
-/// the peer's `remote-connection` stream; stop when the client ends the stream.
-pub async fn serve_remote<R, W>(peer: Id52, listen: &RemoteListen, r: &mut R, w: &mut W) -> bool
+/// the peer's `remote-connection` stream; stop when the client ends the stream. One that
+/// asked for resume gets a resumable session when the caps allow (issue 18): the listener
+/// then lives in a task of its own on an in-process pipe whose other end is the session's
+/// local leg, so it outlives this connection, as a resumable exec's command does, and ends
+/// with the session (closed, expired, revoked).
+pub async fn serve_remote<R, W>(
+    ctx: &super::request::Context,
+    server: &str,
+    listen: &RemoteListen,
+    resume: bool,
+    r: &mut R,
+    w: &mut W,
+) -> bool
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    use tokio::io::AsyncReadExt;
+    let peer = ctx.peer;
+    let bound = match bind_remote(peer, listen) {
+        Ok(b) => b,
+        Err(e) => {
+            let reason = e.to_string();
+            return reply(w, &Response::Error { reason }).await.is_ok();
+        }
+    };
+    let request = || crate::protocol::Request::RemoteForward {
+        listen: listen.clone(),
+        resume,
+    };
+    match offer_resume(ctx, server, resume, request, w).await {
+        Offer::Resumable(slot) => {
+            let (leg, announcer) = tokio::io::duplex(pump::PUMP_BUF);
+            let listen = listen.clone();
+            tokio::spawn(async move {
+                let (mut ar, mut aw) = tokio::io::split(announcer);
+                announce(peer, &listen, bound, &mut ar, &mut aw).await;
+            });
+            let (lr, lw) = tokio::io::split(leg);
+            return super::resume::serve(ctx, &slot, super::resume::Parked::new(lr, lw), 0, r, w)
+                .await;
+        }
+        Offer::Broken => return false,
+        Offer::Plain => {}
+    }
+    if reply(w, &Response::Accept).await.is_err() {
+        return false;
+    }
+    announce(peer, listen, bound, r, w).await
+}
+
+/// A remote forward's listener, bound, with what [`RemoteEvent::Listening`] tells.
+struct Bound {
+    listener: RemoteListener,
+    port: Option<u16>,
+    path: Option<String>,
+}
+
+fn bind_remote(peer: Id52, listen: &RemoteListen) -> Result<Bound, ForwardError> {
     let bound = match listen {
         RemoteListen::Tcp { address, port } => {
             listen_tcp(address, *port).map(|(l, p)| (RemoteListener::Tcp(l), Some(p), None))
@@ -503,17 +589,34 @@ where
                     Some(path),
                 )
             }),
-    };
-    let (listener, port, path) = match bound {
-        Ok(b) => b,
-        Err(e) => {
-            let reason = e.to_string();
-            return reply(w, &Response::Error { reason }).await.is_ok();
-        }
-    };
-    if reply(w, &Response::Accept).await.is_err() {
-        return false;
-    }
+    }?;
+    let (listener, port, path) = bound;
+    Ok(Bound {
+        listener,
+        port,
+        path,
+    })
+}
+
+/// Say where `bound` listens, then announce each connection it accepts (parked for the
+/// peer's claim) until the client ends the stream (EOF or an error on `r`).
+async fn announce<R, W>(
+    peer: Id52,
+    listen: &RemoteListen,
+    bound: Bound,
+    r: &mut R,
+    w: &mut W,
+) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let Bound {
+        listener,
+        port,
+        path,
+    } = bound;
     if crate::protocol::write_frame(w, &RemoteEvent::Listening { port, path })
         .await
         .is_err()
@@ -547,16 +650,33 @@ where
     true
 }
 
-/// Serve an allowed `remote-connection` stream: splice the parked connection `id`.
-pub async fn serve_claim<R, W>(peer: Id52, id: u64, r: &mut R, w: &mut W) -> bool
+/// Serve an allowed `remote-connection` stream: splice the parked connection `id`. One
+/// that asked for resume gets a resumable session when the caps allow, as a `forward` does:
+/// the accepted connection then outlives the stream.
+pub async fn serve_claim<R, W>(
+    ctx: &super::request::Context,
+    server: &str,
+    id: u64,
+    resume: bool,
+    r: &mut R,
+    w: &mut W,
+) -> bool
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let Some(conn) = claim(&peer, id) else {
+    let Some(conn) = claim(&ctx.peer, id) else {
         let reason = format!("no pending remote-forward connection {id}");
         return reply(w, &Response::Error { reason }).await.is_ok();
     };
+    let request = || crate::protocol::Request::RemoteConnection { id, resume };
+    match offer_resume(ctx, server, resume, request, w).await {
+        Offer::Resumable(slot) => {
+            return super::resume::serve(ctx, &slot, conn.parked(), 0, r, w).await;
+        }
+        Offer::Broken => return false,
+        Offer::Plain => {}
+    }
     if reply(w, &Response::Accept).await.is_err() {
         return false;
     }

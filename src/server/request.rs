@@ -202,8 +202,8 @@ fn audit_entry(ctx: &Context, cfg: &ClusterConfig, request: &Request) -> audit::
         Request::Exec(e) => e.command.clone().unwrap_or_else(|| "(login shell)".into()),
         Request::Http { service } => service.clone(),
         Request::Forward { to, .. } => to.describe().chars().take(300).collect(),
-        Request::RemoteForward { listen } => super::forward::describe_listen(listen),
-        Request::RemoteConnection { id } => id.to_string(),
+        Request::RemoteForward { listen, .. } => super::forward::describe_listen(listen),
+        Request::RemoteConnection { id, .. } => id.to_string(),
         _ => String::new(),
     };
     audit::Entry {
@@ -415,7 +415,7 @@ pub(super) fn acl_request(request: &Request) -> acl::Request<'_> {
         Request::Forward { to, .. } => acl::Request::Forward {
             kind: super::forward::kind_of(to),
         },
-        Request::RemoteForward { listen } => acl::Request::Forward {
+        Request::RemoteForward { listen, .. } => acl::Request::Forward {
             kind: super::forward::remote_kind_of(listen),
         },
         // Claiming a connection of one's own remote forward: asked again, so a peer whose
@@ -443,7 +443,6 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let peer = ctx.peer;
     let Allowed {
         grant,
         request,
@@ -488,11 +487,11 @@ where
         (Grant::Forward, Request::Forward { to, resume }) => {
             super::forward::serve(ctx, server, &to, resume, r, w).await
         }
-        (Grant::Forward, Request::RemoteForward { listen }) => {
-            super::forward::serve_remote(peer, &listen, r, w).await
+        (Grant::Forward, Request::RemoteForward { listen, resume }) => {
+            super::forward::serve_remote(ctx, server, &listen, resume, r, w).await
         }
-        (Grant::Forward, Request::RemoteConnection { id }) => {
-            super::forward::serve_claim(peer, id, r, w).await
+        (Grant::Forward, Request::RemoteConnection { id, resume }) => {
+            super::forward::serve_claim(ctx, server, id, resume, r, w).await
         }
         (_, request) => {
             let reason = format!("{} is not supported by this server yet", request.kind());

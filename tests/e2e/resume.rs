@@ -1362,6 +1362,36 @@ fn resume_forward_refused_after_revocation_while_detached() {
     forward_download_through_a_stop(true, false);
 }
 
+/// Stops alice's forwarding process (or her agent) until foo has detached a session of it,
+/// then waits `PAST_IDLE` in all; with `revoke`, drops alice from foo's `allow-from`
+/// meanwhile; then SIGCONT. Whether foo detached anything.
+fn stop_forwarder_past_the_idle_limit(c: &TestCluster, agent: bool, revoke: bool) -> bool {
+    let pid = poll_until(Duration::from_secs(10), || {
+        if agent {
+            client_pid(c, "alice", Via::Agent)
+        } else {
+            forwarding_pid(c, "alice")
+        }
+    })
+    .expect("no forwarding process (or agent) of alice's found");
+    let t0 = Instant::now();
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    let detached = poll_until(Duration::from_secs(30), || {
+        foo_log_has(c, "session detached").then_some(())
+    });
+    if let Some(left) = PAST_IDLE.checked_sub(t0.elapsed()) {
+        std::thread::sleep(left);
+    }
+    if revoke && detached.is_some() {
+        c.edit_manager_file(|t| {
+            set_table_keys(&t, "server.foo", &[("allow-from", toml_str("bob"))])
+        });
+        c.import_on("foo");
+    }
+    signal(pid, nix::sys::signal::Signal::SIGCONT);
+    detached.is_some()
+}
+
 fn forward_download_through_a_stop(revoke: bool, agent: bool) {
     use std::io::{Read, Write};
     const LEN: usize = 16 << 20;
@@ -1397,31 +1427,9 @@ fn forward_download_through_a_stop(revoke: bool, agent: bool) {
         .unwrap();
     let mut got = vec![0u8; 1 << 20];
     local.read_exact(&mut got).expect("the first MiB");
-    let pid = poll_until(Duration::from_secs(10), || {
-        if agent {
-            client_pid(&c, "alice", Via::Agent)
-        } else {
-            forwarding_pid(&c, "alice")
-        }
-    })
-    .expect("no forwarding process (or agent) of alice's found");
-    let t0 = Instant::now();
-    signal(pid, nix::sys::signal::Signal::SIGSTOP);
-    let detached = poll_until(Duration::from_secs(30), || {
-        foo_log_has(&c, "session detached").then_some(())
-    });
-    if let Some(left) = PAST_IDLE.checked_sub(t0.elapsed()) {
-        std::thread::sleep(left);
-    }
-    if revoke && detached.is_some() {
-        c.edit_manager_file(|t| {
-            set_table_keys(&t, "server.foo", &[("allow-from", toml_str("bob"))])
-        });
-        c.import_on("foo");
-    }
-    signal(pid, nix::sys::signal::Signal::SIGCONT);
+    let detached = stop_forwarder_past_the_idle_limit(&c, agent, revoke);
     assert!(
-        detached.is_some(),
+        detached,
         "foo never detached the forward of a stopped client\n{}",
         tail(&c.machine("foo").logs(), 40)
     );
@@ -1452,6 +1460,140 @@ fn forward_download_through_a_stop(revoke: bool, agent: bool) {
     assert!(
         got.iter().enumerate().all(|(i, b)| *b == pattern(i)),
         "the download lost or doubled bytes across the resume"
+    );
+    assert_resumed(&c);
+}
+
+/// `-R`: foo listens for alice (`malai ssh -N -R`), and a download from alice's side through
+/// foo's listener is in flight when alice's forwarding process is stopped past the idle
+/// limit. After SIGCONT the download goes on byte for byte, foo's listener is still there
+/// (a new connection through it reaches alice), and both ends say they resumed.
+#[test]
+fn resume_remote_forward_survives_a_stopped_client_past_the_idle_limit() {
+    remote_forward_through_a_stop(false, false);
+}
+
+/// The same through alice's agent: it runs the `-R` stream and each connection's stream
+/// resumable on its pool and is the process stopped; the forwarding process relays plain
+/// bytes to it.
+#[test]
+fn resume_remote_forward_through_the_agent_survives_a_stopped_agent() {
+    remote_forward_through_a_stop(false, true);
+}
+
+/// Deny twin: alice is dropped from `allow-from` while her `-R` is detached: after SIGCONT
+/// the download ends short, foo audits `resume-denied` and closes its listener, and the
+/// `-N` run exits 255 with one line saying it could not be resumed.
+#[test]
+fn resume_remote_forward_refused_after_revocation_while_detached() {
+    remote_forward_through_a_stop(true, false);
+}
+
+fn remote_forward_through_a_stop(revoke: bool, agent: bool) {
+    use std::io::{Read, Write};
+    const LEN: usize = 16 << 20;
+    let c = cluster(&[]);
+    let _agent = agent.then(|| Agent::start(c.machine("alice"), &[]));
+    let pattern = |i: usize| (i * 7 + i / 4093) as u8;
+    // Alice's side: the first connection gets the download, later ones a short line.
+    let source = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the source");
+    let source_port = source.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for (n, s) in source.incoming().enumerate() {
+            let Ok(mut s) = s else { continue };
+            if n == 0 {
+                std::thread::spawn(move || {
+                    let data: Vec<u8> = (0..LEN).map(pattern).collect();
+                    let _ = s.write_all(&data);
+                });
+            } else {
+                let _ = s.write_all(b"again\n");
+            }
+        }
+    });
+    let rport = free_tcp_port();
+    let mut fwd = c
+        .machine("alice")
+        .cmd([
+            "ssh",
+            "-N",
+            "-R",
+            &format!("{rport}:127.0.0.1:{source_port}"),
+            "foo.acme",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("malai ssh -N -R");
+    let connect = || std::net::TcpStream::connect(("127.0.0.1", rport)).ok();
+    let Some(mut remote) = poll_until(Duration::from_secs(30), connect) else {
+        let _ = fwd.kill();
+        panic!("foo never listened for the -R\n{}", c.diagnostics());
+    };
+    remote
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    remote.read_exact(&mut got).expect("the first MiB");
+    let detached = stop_forwarder_past_the_idle_limit(&c, agent, revoke);
+    assert!(
+        detached,
+        "foo never detached the -R of a stopped client\n{}",
+        tail(&c.machine("foo").logs(), 40)
+    );
+    let mut rest = Vec::new();
+    let read = remote.read_to_end(&mut rest);
+    got.extend_from_slice(&rest);
+    if revoke {
+        assert!(
+            got.len() < LEN,
+            "a revoked peer's remote forward went on after the outage"
+        );
+        assert_denied_while_detached(&c, "remote forward");
+        let status = poll_until(Duration::from_secs(30), || fwd.try_wait().ok().flatten());
+        if status.is_none() {
+            let _ = fwd.kill();
+        }
+        let out = fwd.wait_with_output().expect("wait for the -R run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(255),
+            "the -N -R run did not end 255 once its forward was refused:\n{err}"
+        );
+        assert_one_line_not_resumed(&err, "remote forward");
+        assert!(
+            poll_until(Duration::from_secs(10), || connect()
+                .is_none()
+                .then_some(()))
+            .is_some(),
+            "foo still listens for a revoked peer's -R"
+        );
+        return;
+    }
+    assert!(
+        read.is_ok() && got.len() == LEN,
+        "the download through -R broke after the outage ({read:?}, {} of {LEN} bytes)\n{}\n{}",
+        got.len(),
+        tail(&c.machine("alice").logs(), 30),
+        tail(&c.machine("foo").logs(), 30)
+    );
+    assert!(
+        got.iter().enumerate().all(|(i, b)| *b == pattern(i)),
+        "the download through -R lost or doubled bytes across the resume"
+    );
+    let mut again = String::new();
+    let mut second = connect().expect("foo's -R listener is gone after the resume");
+    second
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let _ = second.read_to_string(&mut again);
+    let _ = fwd.kill();
+    let _ = fwd.wait();
+    assert_eq!(
+        again, "again\n",
+        "a new connection through -R after the resume"
     );
     assert_resumed(&c);
 }
