@@ -573,6 +573,42 @@ impl NatNet {
         );
     }
 
+    /// Machine `name` roams to another network: its NAT router's public address moves from
+    /// 198.18.0.(10+i) to 198.18.0.(110+i) and its own from 198.19.i.2 to 198.19.i.3 (and
+    /// back on the next call), as a laptop's do from one Wi-Fi to another. Removing the old
+    /// addresses drops the router's NAT mappings made with them and the machine's sockets
+    /// bound to its old address, so every flow of the machine comes out from the new ones.
+    pub fn roam(&self, name: &str) {
+        let site = self.site(name);
+        let (a, b) = (10 + u16::from(site.index), 110 + u16::from(site.index));
+        let has_a = site
+            .router
+            .sh("ip -4 addr show dev wan")
+            .contains(&format!("198.18.0.{a}/"));
+        let (from, to) = if has_a { (a, b) } else { (b, a) };
+        // Else deleting the primary address takes the new (secondary) one with it.
+        site.router
+            .sh("echo 1 > /proc/sys/net/ipv4/conf/wan/promote_secondaries");
+        site.router
+            .ip(&["addr", "add", &format!("198.18.0.{to}/24"), "dev", "wan"]);
+        site.router
+            .ip(&["addr", "del", &format!("198.18.0.{from}/24"), "dev", "wan"]);
+        // The machine itself gets another address on the new network too.
+        let i = site.index;
+        let (from, to) = if has_a { (2, 3) } else { (3, 2) };
+        site.machine
+            .sh("echo 1 > /proc/sys/net/ipv4/conf/eth0/promote_secondaries");
+        site.machine
+            .ip(&["addr", "add", &format!("198.19.{i}.{to}/24"), "dev", "eth0"]);
+        site.machine.ip(&[
+            "addr",
+            "del",
+            &format!("198.19.{i}.{from}/24"),
+            "dev",
+            "eth0",
+        ]);
+    }
+
     /// Ends an outage started by [`NatNet::cut`].
     pub fn restore(&self, name: &str) {
         self.site(name).router.nft("delete table ip outage");

@@ -1246,6 +1246,78 @@ fn nat_resume_interactive_ssh_relay_only_through_a_cut_of_the_client() {
     interactive_cut_of(Some(IDLE), CUT, true, "alice");
 }
 
+/// Roaming: alice's network goes away past the idle limit and she comes back from another
+/// public address (her NAT router's address changed, its mappings gone): the session
+/// resumes from the new address (it is bound to her id52 and the session's secret, never
+/// to an address).
+#[test]
+fn nat_resume_interactive_ssh_after_the_client_roams_during_a_cut() {
+    if !netsim::available("resume::nat_resume_interactive_ssh_after_the_client_roams_during_a_cut")
+    {
+        return;
+    }
+    roaming_interactive(Some(IDLE), Some(CUT));
+}
+
+/// Roaming with no outage to speak of, default settings: alice's public address changes
+/// under a live session (a Wi-Fi to LTE hand-over); the session goes on.
+#[test]
+fn nat_interactive_ssh_survives_the_client_roaming() {
+    if !netsim::available("resume::nat_interactive_ssh_survives_the_client_roaming") {
+        return;
+    }
+    roaming_interactive(None, None);
+}
+
+fn roaming_interactive(idle: Option<&str>, cut: Option<Duration>) {
+    let _lock = netsim::heavy_net_lock();
+    let relay_dir = tempfile::tempdir().expect("tempdir");
+    let (net, c) = nat_cluster_idle(&relay_dir, idle);
+    let mut ssh = Ssh::interactive(&c, "alice");
+    ssh.send("echo before");
+    assert!(
+        ssh.expect_line("before", Duration::from_secs(30)),
+        "ssh did not start; saw {:?}\n{}",
+        ssh.seen,
+        c.diagnostics()
+    );
+    if let Some(cut) = cut {
+        net.cut("alice");
+        std::thread::sleep(cut / 2);
+        net.roam("alice");
+        std::thread::sleep(cut / 2);
+        net.restore("alice");
+    } else {
+        net.roam("alice");
+    }
+    let back = Instant::now();
+    ssh.send("echo after");
+    let ok = ssh.expect_line("after", Duration::from_secs(60));
+    let flowing = back.elapsed();
+    assert!(
+        ok,
+        "the interactive session did not survive alice roaming; saw {:?}\n{}\n{}",
+        ssh.seen,
+        tail(&c.machine("alice").logs(), 30),
+        tail(&c.machine("foo").logs(), 30)
+    );
+    eprintln!(
+        "roaming (netsim, idle {}, cut {cut:?}): bytes flowed again {flowing:?} after alice came back from her new address",
+        idle.unwrap_or("default")
+    );
+    if cut.is_some() {
+        assert!(
+            c.machine("alice").logs().contains("resumed"),
+            "the cut did not outlast the connection: nothing was resumed"
+        );
+    }
+    let (status, err) = ssh.wait(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "ssh did not exit 0: {status:?}\n{err}"
+    );
+}
+
 /// The same with the default settings (60 s idle limit) and a 70 s cut: what a user gets.
 #[test]
 fn nat_resume_interactive_ssh_with_defaults_through_a_70s_cut() {
