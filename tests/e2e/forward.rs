@@ -50,7 +50,7 @@ fn web_root(c: &TestCluster) -> (PathBuf, String) {
 }
 
 /// A background `ssh` (a forward), killed with its process group on drop.
-struct Bg {
+pub(crate) struct Bg {
     child: Child,
     err: PathBuf,
 }
@@ -162,10 +162,10 @@ fn fetch_sum(c: &TestCluster, url: &str, socks: Option<u16>, tag: &str) -> Strin
 }
 
 /// A short directory for unix sockets (sun_path is 108 bytes; test dirs can be longer).
-struct SockDir(PathBuf);
+pub(crate) struct SockDir(pub(crate) PathBuf);
 
 impl SockDir {
-    fn new(tag: &str) -> SockDir {
+    pub(crate) fn new(tag: &str) -> SockDir {
         let p = std::env::temp_dir().join(format!("mf-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&p);
         fs::create_dir_all(&p).unwrap();
@@ -209,7 +209,7 @@ fn unix_roundtrip(path: &Path, msg: &str) -> String {
 
 /// A running `ssh-agent -D` on a socket in `d`, holding one key commented
 /// `forwarded-key`; returns its socket (and the agent, killed on drop).
-fn ssh_agent_with_key(c: &TestCluster, d: &SockDir) -> (PathBuf, Bg) {
+pub(crate) fn ssh_agent_with_key(c: &TestCluster, d: &SockDir) -> (PathBuf, Bg) {
     let sock = d.0.join("agent.sock");
     let mut agent = Bg::spawn(
         {

@@ -1670,6 +1670,79 @@ fn remote_forward_through_a_stop(revoke: bool, agent: bool) {
     assert_resumed(&c);
 }
 
+/// `-A` beside a native command, its client stopped past the idle limit: the forwarded
+/// agent's socket on foo outlives the outage (the `remote-forward` behind it resumes with
+/// the exec), so `ssh-add -l` run after it lists alice's key.
+#[test]
+fn resume_forwarded_agent_survives_a_stopped_client_past_the_idle_limit() {
+    let c = cluster(&[]);
+    let ad = crate::forward::SockDir::new("resume-agent");
+    let (sock, _ssh_agent) = crate::forward::ssh_agent_with_key(&c, &ad);
+    let flag = ad.0.join("go");
+    let script = format!(
+        "while [ ! -e {} ]; do sleep 0.2; done; ssh-add -l",
+        flag.display()
+    );
+    let child = c
+        .machine("alice")
+        .cmd(["ssh", "-T", "-A", "foo.acme", &script])
+        .env("SSH_AUTH_SOCK", &sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("malai ssh -T -A");
+    let listening =
+        log_shows(&c, "foo", "remote forward listening") && log_shows(&c, "foo", "exec started");
+    let pid = client_pid(&c, "alice", Via::Native);
+    let (true, Some(pid)) = (listening, pid) else {
+        let out = child.wait_with_output().expect("malai ssh output");
+        panic!(
+            "the -A run did not start\n{}\n{}",
+            fmt_output(&out),
+            c.diagnostics()
+        );
+    };
+    let t0 = Instant::now();
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    let detached = poll_until(Duration::from_secs(30), || {
+        foo_log_has(&c, "session detached").then_some(())
+    });
+    if let Some(left) = PAST_IDLE.checked_sub(t0.elapsed()) {
+        std::thread::sleep(left);
+    }
+    signal(pid, nix::sys::signal::Signal::SIGCONT);
+    assert!(
+        detached.is_some(),
+        "foo never detached the -A run's sessions"
+    );
+    // Both the exec and the agent's remote forward resume before the command goes on.
+    let both = poll_until(Duration::from_secs(30), || {
+        (audit_of_foo(&c).matches("\"resumed\"").count() >= 2).then_some(())
+    });
+    std::fs::write(&flag, b"").expect("write the flag");
+    let status = {
+        let mut child = child;
+        let s = poll_until(Duration::from_secs(60), || child.try_wait().ok().flatten());
+        if s.is_none() {
+            let _ = child.kill();
+        }
+        (s, child.wait_with_output().expect("malai ssh output"))
+    };
+    let (status, out) = status;
+    assert!(
+        both.is_some(),
+        "foo did not resume both the exec and the -A forward:\n{}",
+        audit_of_foo(&c)
+    );
+    assert!(
+        status.is_some_and(|s| s.success()) && stdout_of(&out).contains("forwarded-key"),
+        "ssh-add -l through the forwarded agent after the resume: {status:?}\n{}\n{}",
+        fmt_output(&out),
+        tail(&c.machine("alice").logs(), 30)
+    );
+}
+
 /// A `-L` forward carrying a 64 MiB download across the namespace network while foo's
 /// network is cut past the idle limit (`malai ssh -N -L`, own endpoint): the download goes
 /// on after the cut, byte for byte, and both ends say the channel resumed.
