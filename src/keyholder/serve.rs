@@ -200,9 +200,10 @@ pub async fn connection(ctx: Arc<HolderContext>, mut sock: UnixStream) {
 }
 
 /// `stream`: one request to a peer on the key we hold, its raw bytes relayed over the
-/// control socket until both directions end (or either side breaks). A `forward` that asks
-/// for resume and gets it is run here as a resumable session (`keyholder::resume`): the
-/// caller (a native `-L`/`-D`/`-W` channel) relays plain bytes and never sees an outage.
+/// control socket until both directions end (or either side breaks). A `forward`,
+/// `remote-forward` or `remote-connection` that asks for resume and gets it is run here as a
+/// resumable session (`keyholder::resume`): the caller (a native `-L`/`-D`/`-W`/`-R`/`-A`
+/// channel) relays plain bytes and never sees an outage.
 async fn stream(
     ctx: &HolderContext,
     mut sock: UnixStream,
@@ -211,8 +212,9 @@ async fn stream(
     hints: Vec<std::net::SocketAddr>,
     request: Request,
 ) {
-    // Only a forward may ask for resume here: its bytes are raw both ways, so the holder
-    // can run the resumable session and relay plain bytes to the caller.
+    // Only forwarding streams may ask for resume here: their bytes (a remote forward's
+    // event frames included) pass the caller unchanged, so the holder can run the
+    // resumable session and relay plain bytes to it.
     let request = match request {
         Request::Tunnel { port, .. } => Request::Tunnel {
             port,
