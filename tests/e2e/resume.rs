@@ -1722,19 +1722,20 @@ fn resume_forwarded_agent_survives_a_stopped_client_past_the_idle_limit() {
         detached.is_some(),
         "foo never detached the -A run's sessions"
     );
-    // Both the exec and the agent's remote forward resume before the command goes on.
-    let both = poll_until(Duration::from_secs(30), || {
-        (audit_of_foo(&c).matches("\"resumed\"").count() >= 2).then_some(())
-    });
+    // The command goes on now: a connection ssh-add makes before the agent's forward has
+    // resumed waits on foo's listener (kept while detached) until it is announced.
     std::fs::write(&flag, b"").expect("write the flag");
     let status = {
         let mut child = child;
-        let s = poll_until(Duration::from_secs(60), || child.try_wait().ok().flatten());
+        let s = poll_until(Duration::from_secs(90), || child.try_wait().ok().flatten());
         if s.is_none() {
             let _ = child.kill();
         }
         (s, child.wait_with_output().expect("malai ssh output"))
     };
+    let both = poll_until(Duration::from_secs(30), || {
+        (audit_of_foo(&c).matches("\"resumed\"").count() >= 2).then_some(())
+    });
     let (status, out) = status;
     assert!(
         both.is_some(),
