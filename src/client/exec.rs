@@ -17,7 +17,9 @@ use crate::protocol::Request;
 use crate::protocol::exec::{ExecRequest, PtyRequest};
 use crate::protocol::exec_pump::{self, PumpEnd, env_allowed, exit_code};
 use crate::session::exec_resume::{self, ExecEnd};
-use crate::session::{Resolved, Route, Session, SessionError, open_on, open_with, resume};
+use crate::session::{
+    Resolved, Route, Session, SessionError, open_on, open_with, resume, via_resume,
+};
 use crate::transport::stdio;
 
 /// Whether to ask for a pty, as ssh decides, plus ssh's warning when it can't.
@@ -83,6 +85,11 @@ pub async fn run_one(
                 Some(route) => open_on(route, resolved, server, Request::Exec(req))
                     .await
                     .map(|s| resume::Opened::Plain(Box::new(s))),
+                // ssh-via: resumable too (a fresh ssh resumes it, `session::via_resume`).
+                None if resume::enabled() => {
+                    req.resume = true;
+                    via_resume::open(resolved, server, Request::Exec(req), &args.options).await
+                }
                 None => open_with(resolved, server, Request::Exec(req), &args.options)
                     .await
                     .map(|s| resume::Opened::Plain(Box::new(s))),
@@ -93,6 +100,7 @@ pub async fn run_one(
     match opened {
         resume::Opened::Plain(session) => run_session(*session, args, pty, &mut interrupts).await,
         resume::Opened::Resumable(r) => run_resumable_session(*r, args, pty, &mut interrupts).await,
+        resume::Opened::Via(r) => run_resumable_session(*r, args, pty, &mut interrupts).await,
     }
 }
 

@@ -19,7 +19,7 @@ use super::exec::{Interrupts, drive, drive_resumable, exec_request};
 use super::ssh_args::SshArgs;
 use crate::protocol::Request;
 use crate::session::own::OwnEndpoint;
-use crate::session::{Resolved, Route, SessionError, open, open_on, resume};
+use crate::session::{Resolved, Route, SessionError, open, open_on, resume, via_resume};
 
 pub const DEFAULT_PARALLEL: usize = 8;
 
@@ -70,7 +70,7 @@ pub async fn run(resolved: &Resolved, group: &str, args: &SshArgs) -> Result<i32
         let mut req = exec_request(args, false);
         // Resumable when the server offers it, like one host's exec: a member's command
         // outlives a lost connection (the holder, or `run_member`, redials).
-        req.resume = resume::enabled() && server.ssh_via.is_none();
+        req.resume = resume::enabled();
         let agent = agent.clone().filter(|_| server.ssh_via.is_none());
         let own = own.clone().filter(|_| server.ssh_via.is_none());
         tasks.spawn(async move {
@@ -151,6 +151,9 @@ async fn run_member(
                 Some(own) => open_on(Route::Own(own), resolved, server, Request::Exec(req))
                     .await
                     .map(|s| resume::Opened::Plain(Box::new(s))),
+                None if req.resume && server.ssh_via.is_some() => {
+                    via_resume::open(resolved, server, Request::Exec(req), &[]).await
+                }
                 None => open(resolved, server, Request::Exec(req))
                     .await
                     .map(|s| resume::Opened::Plain(Box::new(s))),
@@ -163,6 +166,7 @@ async fn run_member(
         resume::Opened::Resumable(r) => {
             drive_resumable(*r, None, out, err, false, &mut interrupts).await
         }
+        resume::Opened::Via(r) => drive_resumable(*r, None, out, err, false, &mut interrupts).await,
     }
 }
 

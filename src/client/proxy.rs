@@ -8,8 +8,9 @@
 //! Over this process's own endpoint the tunnel is resumable (`session::resume`) when the
 //! server offers it: a lost connection is redialled and the same byte stream goes on, so
 //! ssh, scp, rsync and git above it ride out outages longer than the QUIC idle limit.
-//! `MALAI_RESUME=off` turns it off (benchmarks); through a key holder (the agent) and
-//! `ssh-via` the tunnel is not resumable yet.
+//! Through `ssh-via` a fresh ssh resumes it (`session::via_resume`); through a key holder
+//! (the agent) the handover makes the holder run it resumable. `MALAI_RESUME=off` turns it
+//! off (benchmarks).
 
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{SignalKind, signal};
@@ -17,7 +18,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::config::names::TargetKind;
 use crate::config::paths::Dirs;
 use crate::protocol::Request;
-use crate::session::{Route, Session, SessionError, open, open_on, resolve, resume, route};
+use crate::session::{
+    Route, Session, SessionError, open, open_on, resolve, resume, route, via_resume,
+};
 use crate::transport::{pump, stdio};
 
 pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), SessionError> {
@@ -39,7 +42,17 @@ pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), Sessi
         resume: false,
     };
     let session = if server.ssh_via.is_some() {
-        open(&resolved, &server, request).await?
+        if resume::enabled() {
+            // Through ssh, resumable too: a fresh ssh resumes it (`session::via_resume`).
+            let request = Request::Tunnel { port, resume: true };
+            match via_resume::open(&resolved, &server, request, &[]).await? {
+                resume::Opened::Plain(session) => *session,
+                resume::Opened::Resumable(r) => return run_resumable(*r, host).await,
+                resume::Opened::Via(r) => return run_resumable(*r, host).await,
+            }
+        } else {
+            open(&resolved, &server, request).await?
+        }
     } else {
         match route(&resolved.dir, Some(&resolved.config)).await? {
             Route::Holder(holder) => return super::handover::proxy(holder, host, port).await,
@@ -48,6 +61,7 @@ pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), Sessi
                 match resume::open(own, &resolved, &server, request).await? {
                     resume::Opened::Plain(session) => *session,
                     resume::Opened::Resumable(r) => return run_resumable(*r, host).await,
+                    resume::Opened::Via(r) => return run_resumable(*r, host).await,
                 }
             }
             own => open_on(own, &resolved, &server, request).await?,
@@ -61,7 +75,10 @@ pub async fn run(dirs: &Dirs, host: &str, port: Option<u16>) -> Result<(), Sessi
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A resumable tunnel (`session::resume`) on our stdio: it outlives lost connections.
-async fn run_resumable(r: resume::Resumable, host: &str) -> Result<(), SessionError> {
+async fn run_resumable<C: resume::Carrier>(
+    r: resume::Resumable<C>,
+    host: &str,
+) -> Result<(), SessionError> {
     let mut stdin = stdio::stdin();
     let mut stdout = stdio::stdout();
     let mut hup = signal(SignalKind::hangup()).map_err(local)?;

@@ -16,10 +16,7 @@ use crate::config::store::ClusterDir;
 use crate::id52::Id52;
 use crate::protocol::resume::{Grant, Resume};
 use crate::session::SessionError;
-use crate::session::registry::{self, Registered};
-use crate::session::resume::{
-    AFTER_OUTAGE, AttachError, End, RESTARTED, Stream, abandoned, attach_end, redial_until,
-};
+use crate::session::resume::{Carrier, End, Pace, RESTARTED, Resumable, Stream, redial_until};
 
 /// How long telling the server that a session abandoned while detached is over may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -34,15 +31,17 @@ pub struct Target {
 
 /// One resumable session on the holder's pool.
 pub struct HolderResumable {
-    pool: Arc<Pool>,
-    target: Target,
-    grant: Grant,
-    stream: Stream,
-    net: PooledStream,
-    /// What `malai ssh status` shows of it (`session::registry`).
-    record: Registered,
+    session: Resumable<PoolNet>,
     /// [`HolderResumable::run`] returned: the server was told how the session ended.
     ended: bool,
+}
+
+/// A resumable session's carrier on the holder's pool: a pooled stream, redialled
+/// through the pool.
+pub struct PoolNet {
+    pool: Arc<Pool>,
+    target: Target,
+    net: PooledStream,
 }
 
 impl Drop for HolderResumable {
@@ -55,12 +54,10 @@ impl Drop for HolderResumable {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (pool, alias) = (self.pool.clone(), self.target.dir.alias.clone());
-        let (peer, hints, resume) = (
-            self.target.peer,
-            self.target.hints.clone(),
-            self.resume(true),
-        );
+        let resume = self.session.resume(true);
+        let carrier = self.session.carrier();
+        let (pool, alias) = (carrier.pool.clone(), carrier.target.dir.alias.clone());
+        let (peer, hints) = (carrier.target.peer, carrier.target.hints.clone());
         // Bounded by CLOSE_TIMEOUT; the holder's runtime outlives it or ends it.
         rt.spawn(async move {
             let turn = Arc::new(tokio::sync::Mutex::new(false));
@@ -80,23 +77,10 @@ impl HolderResumable {
         grant: Grant,
     ) -> HolderResumable {
         tracing::info!(server = %target.server, kind, keep_secs = grant.keep_secs, "resumable {kind} through the pool");
-        let record = registry::register(
-            &target.dir,
-            &target.server,
-            kind,
-            registry::Granted {
-                session: &grant.session,
-                secret: &grant.secret,
-                keep_secs: grant.keep_secs,
-            },
-        );
+        let dir = target.dir.clone();
+        let carrier = PoolNet { pool, target, net };
         HolderResumable {
-            pool,
-            target,
-            grant,
-            stream: Stream::new(),
-            net,
-            record,
+            session: Resumable::new(carrier, &dir, kind, grant),
             ended: false,
         }
     }
@@ -114,152 +98,121 @@ impl HolderResumable {
         LR: AsyncRead + Unpin + ?Sized,
         LW: AsyncWrite + Unpin + ?Sized,
     {
-        let r = self.run_attached(local_r, local_w, close).await;
+        let r = self.session.carry(local_r, local_w, close).await;
         self.ended = true;
         r
     }
+}
 
-    async fn run_attached<LR, LW>(
-        &mut self,
-        local_r: &mut LR,
-        local_w: &mut LW,
-        close: &CancellationToken,
-    ) -> Result<End, SessionError>
-    where
-        LR: AsyncRead + Unpin + ?Sized,
-        LW: AsyncWrite + Unpin + ?Sized,
-    {
-        let mut peer_received = self.grant.received;
-        loop {
-            let r = {
-                // Its connection came back from an outage: move to a fresh one
-                // (`session::liveness` step 4; the pool dials it).
-                let mut outages = self.net.outages();
-                let attach = self.stream.attach(
-                    peer_received,
-                    local_r,
-                    local_w,
-                    &mut self.net.recv,
-                    &mut self.net.send,
-                    close,
-                );
-                tokio::select! {
-                    r = attach => Some(r),
-                    _ = self.stream.stalled_after_outage(outages.as_mut()), if !close.is_cancelled() => {
-                        Some(Err(AttachError::Net(AFTER_OUTAGE.into())))
-                    }
-                    _ = abandoned(close) => None,
-                }
-            };
-            let Some(r) = r else {
-                // Our `close` could not get out in time (a stream blocked behind a full
-                // window, a loaded machine): say it on a stream of its own.
-                tracing::info!(server = %self.target.server, "the session's close did not get out in time; ending it by a resume with close");
-                self.net.abort();
-                self.tell_closed().await;
-                return Ok(End::ClosedByUs);
-            };
-            if close.is_cancelled() && matches!(r, Err(AttachError::Net(_))) {
-                // Our close raced the server's end of the stream: the session is over.
-                return Ok(End::ClosedByUs);
-            }
-            match attach_end(r) {
-                Ok(end) => {
-                    let wait = if end == End::Finished {
-                        crate::session::LINGER
-                    } else {
-                        Duration::from_millis(500)
-                    };
-                    let _ = tokio::time::timeout(wait, self.net.send.acknowledged()).await;
-                    return match end {
-                        End::ClosedByPeer => {
-                            Err(SessionError::Lost("the server ended the session".into()))
-                        }
-                        e => Ok(e),
-                    };
-                }
-                Err(AttachError::Net(why)) => {
-                    if let Some(reason) = self.net.closed_by_server().await {
-                        tracing::info!(server = %self.target.server, %reason, "the server closed the connection; not resuming");
-                        return Err(SessionError::Lost(format!(
-                            "the server closed the connection ({reason}); the session could not be resumed"
-                        )));
-                    }
-                    if self
-                        .net
-                        .lost_reason()
-                        .is_some_and(|r| r.contains(crate::session::liveness::RESTARTED))
-                    {
-                        return Err(SessionError::Lost(RESTARTED.into()));
-                    }
-                    tracing::info!(server = %self.target.server, %why, received = self.stream.received(), buffered = self.stream.buffered(), "connection lost; resuming through the pool");
-                    self.record.reconnecting(self.stream.buffered());
-                    // Our stream only: the connection is the pool's (other requests may
-                    // ride on it; a dead one is replaced on the next dial).
-                    self.net.abort();
-                    match self.redial(close).await {
-                        Ok(Some((net, grant))) => {
-                            self.net = net;
-                            peer_received = grant.received;
-                            self.record.attached(self.stream.buffered());
-                        }
-                        Ok(None) => {
-                            self.tell_closed().await;
-                            return Ok(End::ClosedByUs);
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                Err(e) => {
-                    self.net.abort();
-                    return Err(SessionError::Lost(e.to_string()));
-                }
-            }
-        }
+impl PoolNet {
+    /// The session was abandoned while detached: ask the server to end it now rather than
+    /// keep it for its keep time (best effort: unreachable, it ends at that time).
+    async fn tell_closed(&self, close: Resume) {
+        let turn = Arc::new(tokio::sync::Mutex::new(false));
+        let asked = self.pool.resume(
+            &self.target.dir.alias,
+            self.target.peer,
+            &self.target.hints,
+            close,
+            turn,
+        );
+        let answered = tokio::time::timeout(CLOSE_TIMEOUT, asked).await.is_ok();
+        tracing::info!(server = %self.target.server, answered, "abandoned while detached; asked the server to end the session");
+    }
+}
+
+impl Carrier for PoolNet {
+    type R = crate::session::SessionRead;
+    type W = crate::session::SessionWrite;
+
+    fn server(&self) -> &str {
+        &self.target.server
     }
 
-    fn resume(&self, close: bool) -> Resume {
-        Resume {
-            session: self.grant.session.clone(),
-            secret: self.grant.secret.clone(),
-            received: self.stream.received(),
-            close,
+    fn net(&mut self) -> (&mut Self::R, &mut Self::W) {
+        (&mut self.net.recv, &mut self.net.send)
+    }
+
+    fn outages(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        // Its connection came back from an outage: move to a fresh one (the pool dials it).
+        self.net.outages()
+    }
+
+    async fn abandon(&mut self, close: Resume) {
+        // Our `close` could not get out in time: say it on a stream of its own.
+        self.net.abort();
+        self.tell_closed(close).await;
+    }
+
+    async fn closed(&mut self) {}
+
+    async fn ended(&mut self, end: End) {
+        let wait = if end == End::Finished {
+            crate::session::LINGER
+        } else {
+            Duration::from_millis(500)
+        };
+        let _ = tokio::time::timeout(wait, self.net.send.acknowledged()).await;
+    }
+
+    async fn broken(&mut self) -> Result<(), SessionError> {
+        if let Some(reason) = self.net.closed_by_server().await {
+            tracing::info!(server = %self.target.server, %reason, "the server closed the connection; not resuming");
+            return Err(SessionError::Lost(format!(
+                "the server closed the connection ({reason}); the session could not be resumed"
+            )));
         }
+        if self
+            .net
+            .lost_reason()
+            .is_some_and(|r| r.contains(crate::session::liveness::RESTARTED))
+        {
+            return Err(SessionError::Lost(RESTARTED.into()));
+        }
+        Ok(())
+    }
+
+    fn detach(&mut self) {
+        // Our stream only: the connection is the pool's (other requests may ride on it; a
+        // dead one is replaced on the next dial).
+        self.net.abort();
     }
 
     async fn redial(
-        &self,
+        &mut self,
+        stream: &Stream,
+        grant: &Grant,
         close: &CancellationToken,
-    ) -> Result<Option<(PooledStream, Grant)>, SessionError> {
+    ) -> Result<Option<u64>, SessionError> {
         let (pool, alias) = (self.pool.clone(), self.target.dir.alias.clone());
         let (peer, hints) = (self.target.peer, self.target.hints.clone());
         let attempt = move |resume, turn| {
             let (pool, alias, hints) = (pool.clone(), alias.clone(), hints.clone());
             async move { pool.resume(&alias, peer, &hints, resume, turn).await }
         };
-        redial_until(
-            &self.stream,
-            &self.grant,
+        let resumed = redial_until(
+            stream,
+            grant,
             &self.target.server,
             close,
+            Pace::QUIC,
             attempt,
         )
-        .await
+        .await?;
+        Ok(resumed.map(|(net, grant)| {
+            self.net = net;
+            grant.received
+        }))
     }
 
-    /// The session was abandoned while detached: ask the server to end it now rather than
-    /// keep it for its keep time (best effort: unreachable, it ends at that time).
-    async fn tell_closed(&self) {
-        let turn = Arc::new(tokio::sync::Mutex::new(false));
-        let asked = self.pool.resume(
-            &self.target.dir.alias,
-            self.target.peer,
-            &self.target.hints,
-            self.resume(true),
-            turn,
-        );
-        let answered = tokio::time::timeout(CLOSE_TIMEOUT, asked).await.is_ok();
-        tracing::info!(server = %self.target.server, answered, "abandoned while detached; asked the server to end the session");
+    async fn gave_up(&mut self, closed: Option<Resume>) {
+        if let Some(close) = closed {
+            self.tell_closed(close).await;
+        }
+    }
+
+    async fn failed(&mut self) {
+        self.net.abort();
     }
 }
 

@@ -42,7 +42,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let resume = req.resume && ctx.transport == "iroh";
+    let resume = req.resume;
     let asked = Request::Exec(req.clone());
     let Some(mut child) = start(program, req, ctx.peer.to_string(), w).await else {
         return true;

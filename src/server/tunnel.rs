@@ -44,8 +44,8 @@ where
         server: server.to_string(),
         transport: ctx.transport,
     };
-    // Only an iroh peer can come back on another connection to this same process.
-    let resume = resume && ctx.transport == "iroh";
+    // An iroh peer comes back on another connection to this same process; a stdinserver
+    // client (`ssh-via`) on another ssh, whose forced command hands its stdio to it too.
     let addr = match target {
         SshTarget::Tcp(a) => a.clone(),
         SshTarget::Embedded => {

@@ -40,7 +40,7 @@ pub(crate) trait RunResumable {
         LW: AsyncWrite + Unpin + ?Sized;
 }
 
-impl RunResumable for super::resume::Resumable {
+impl<C: super::resume::Carrier> RunResumable for super::resume::Resumable<C> {
     async fn run<LR, LW>(
         self,
         local_r: &mut LR,

@@ -17,6 +17,7 @@
 //! - [`exec_resume`]: native exec's frames over a resumable session (both clients').
 //! - [`registry`]: this machine's resumable client sessions, for status.
 //! - [`ssh_via`]: servers reached through OpenSSH + `malai ssh stdinserver`.
+//! - [`via_resume`]: a resumable session carried by `ssh-via` (redials spawn a new ssh).
 
 pub mod connect;
 pub mod dial;
@@ -30,6 +31,7 @@ pub mod resolve;
 pub mod resume;
 pub mod route;
 pub mod ssh_via;
+pub mod via_resume;
 
 use std::time::Duration;
 

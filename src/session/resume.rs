@@ -601,25 +601,212 @@ pub fn attach_end(r: Result<End, AttachError>) -> Result<End, AttachError> {
 // The client's side.
 // ---------------------------------------------------------------------------------------
 
-/// A resumable session (a tunnel's bytes, or an exec's frames) to a server over this
-/// process's own endpoint.
-pub struct Resumable {
+/// What carries a resumable session's network streams, one attachment at a time: this
+/// process's own endpoint ([`OwnNet`]), a key holder's pool (`keyholder::resume`), or an
+/// `ssh` child (`session::via_resume`). The run loop ([`Resumable::run`]) is one for all;
+/// how a carrier attaches, notices that the server ended the session on purpose, redials
+/// and closes is its own.
+///
+/// (`async fn` without `Send` bounds: every carrier's futures are `Send` and the compiler
+/// sees it through the concrete types; none is used as `dyn`.)
+#[allow(async_fn_in_trait)]
+pub trait Carrier {
+    type R: AsyncRead + Unpin;
+    type W: AsyncWrite + Unpin;
+    /// The server's name, for logs.
+    fn server(&self) -> &str;
+    /// The network stream the session is attached to now.
+    fn net(&mut self) -> (&mut Self::R, &mut Self::W);
+    /// Outages of the connection under it (`liveness` step 4), when it has a watchdog.
+    fn outages(&self) -> Option<tokio::sync::watch::Receiver<u64>>;
+    /// Our `close` did not get out within [`CLOSE_GRACE`]: end the session on the server
+    /// some other way (instead of leaving it detached there for its keep time), such as
+    /// `close`, a resume that ends it.
+    async fn abandon(&mut self, close: wire::Resume);
+    /// Our `close` raced the server's end of the stream: the session is over.
+    async fn closed(&mut self);
+    /// The session ended (`end`): let the last bytes reach the server, release the carrier.
+    async fn ended(&mut self, end: End);
+    /// The attachment broke: `Err` when the server ended the session on purpose (it shut
+    /// down, restarted, or refuses us), so there is nothing to resume.
+    async fn broken(&mut self) -> Result<(), SessionError>;
+    /// Leave the broken attachment (the server keeps the session detached).
+    fn detach(&mut self);
+    /// Dial again until the server takes the session back, attaching to the new stream:
+    /// `Ok(Some(the count it received))`; `Ok(None)` when `close` fired meanwhile; an error
+    /// when the server cannot resume it (or its keep time is over).
+    async fn redial(
+        &mut self,
+        stream: &Stream,
+        grant: &Grant,
+        close: &CancellationToken,
+    ) -> Result<Option<u64>, SessionError>;
+    /// The redial ended without a resume; `closed` (a resume that ends the session) when
+    /// the user closed it meanwhile: tell the server, best effort.
+    async fn gave_up(&mut self, closed: Option<wire::Resume>);
+    /// The session failed (local i/o, a protocol error): tear the attachment down.
+    async fn failed(&mut self);
+}
+
+/// A resumable session (a tunnel's bytes, or an exec's frames) on a [`Carrier`]: the
+/// engine, the server's grant and the record `malai ssh status` shows.
+pub struct Resumable<C = OwnNet> {
+    carrier: C,
+    grant: Grant,
+    stream: Stream,
+    record: super::registry::Registered,
+}
+
+impl<C: Carrier> Resumable<C> {
+    /// A session `carrier` was granted as resumable (`grant`); `kind` is the request's.
+    pub(crate) fn new(
+        carrier: C,
+        dir: &crate::config::store::ClusterDir,
+        kind: &str,
+        grant: Grant,
+    ) -> Resumable<C> {
+        let record = super::registry::register(
+            dir,
+            carrier.server(),
+            kind,
+            super::registry::Granted {
+                session: &grant.session,
+                secret: &grant.secret,
+                keep_secs: grant.keep_secs,
+            },
+        );
+        Resumable {
+            carrier,
+            grant,
+            stream: Stream::new(),
+            record,
+        }
+    }
+
+    /// Its carrier.
+    pub(crate) fn carrier(&self) -> &C {
+        &self.carrier
+    }
+
+    /// What a resume (or a resume with `close`) of this session presents now.
+    pub(crate) fn resume(&self, close: bool) -> wire::Resume {
+        wire::Resume {
+            session: self.grant.session.clone(),
+            secret: self.grant.secret.clone(),
+            received: self.stream.received(),
+            close,
+        }
+    }
+
+    /// Run the session on `local_r`/`local_w` until it ends. `close` (a signal: ssh went
+    /// away) ends it now and tells the server to end its side too.
+    pub async fn run<LR, LW>(
+        mut self,
+        local_r: &mut LR,
+        local_w: &mut LW,
+        close: &CancellationToken,
+    ) -> Result<End, SessionError>
+    where
+        LR: AsyncRead + Unpin + ?Sized,
+        LW: AsyncWrite + Unpin + ?Sized,
+    {
+        self.carry(local_r, local_w, close).await
+    }
+
+    /// [`Resumable::run`], keeping the session (a key holder's says, when it is dropped,
+    /// whether the run had ended).
+    pub(crate) async fn carry<LR, LW>(
+        &mut self,
+        local_r: &mut LR,
+        local_w: &mut LW,
+        close: &CancellationToken,
+    ) -> Result<End, SessionError>
+    where
+        LR: AsyncRead + Unpin + ?Sized,
+        LW: AsyncWrite + Unpin + ?Sized,
+    {
+        let mut peer_received = self.grant.received;
+        loop {
+            let r = {
+                // This connection came back from an outage: move to a fresh one (see
+                // `liveness` step 4) rather than wait for the old one to carry bytes again.
+                let mut outages = self.carrier.outages();
+                let (net_r, net_w) = self.carrier.net();
+                let attach =
+                    self.stream
+                        .attach(peer_received, local_r, local_w, net_r, net_w, close);
+                tokio::select! {
+                    r = attach => Some(r),
+                    _ = self.stream.stalled_after_outage(outages.as_mut()), if !close.is_cancelled() => {
+                        Some(Err(AttachError::Net(AFTER_OUTAGE.into())))
+                    }
+                    _ = abandoned(close) => None,
+                }
+            };
+            let server = self.carrier.server().to_string();
+            let Some(r) = r else {
+                tracing::info!(%server, "the session's close did not get out in time; ending it another way");
+                let bye = self.resume(true);
+                self.carrier.abandon(bye).await;
+                return Ok(End::ClosedByUs);
+            };
+            if close.is_cancelled() && matches!(r, Err(AttachError::Net(_))) {
+                self.carrier.closed().await;
+                return Ok(End::ClosedByUs);
+            }
+            match attach_end(r) {
+                Ok(end) => {
+                    self.carrier.ended(end).await;
+                    return match end {
+                        End::ClosedByPeer => {
+                            Err(SessionError::Lost("the server ended the session".into()))
+                        }
+                        e => Ok(e),
+                    };
+                }
+                Err(AttachError::Net(why)) => {
+                    self.carrier.broken().await?;
+                    tracing::info!(%server, %why, received = self.stream.received(), buffered = self.stream.buffered(), "connection lost; resuming");
+                    self.record.reconnecting(self.stream.buffered());
+                    self.carrier.detach();
+                    match self.carrier.redial(&self.stream, &self.grant, close).await {
+                        Ok(Some(n)) => {
+                            peer_received = n;
+                            self.record.attached(self.stream.buffered());
+                        }
+                        Ok(None) => {
+                            let bye = self.resume(true);
+                            self.carrier.gave_up(Some(bye)).await;
+                            return Ok(End::ClosedByUs);
+                        }
+                        Err(e) => {
+                            self.carrier.gave_up(None).await;
+                            return Err(e);
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.carrier.failed().await;
+                    return Err(SessionError::Lost(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// A resumable session's carrier over this process's own endpoint.
+pub struct OwnNet {
     own: Arc<OwnEndpoint>,
     peer: Id52,
     hints: Vec<std::net::SocketAddr>,
     cluster: Id52,
     server: Server,
-    resolved_manager: Id52,
-    grant: Grant,
-    stream: Stream,
     conn: PeerConnection,
     watchdog: Arc<liveness::Watchdog>,
     send: SendHalf,
     recv: RecvHalf,
-    /// What `malai ssh status` shows of it (`session::registry`).
-    record: super::registry::Registered,
     /// Ends the sessions this machine's gone processes left (runs alongside; stops with us).
-    _reaper: Reaper,
+    reaper: Reaper,
     _close_on_drop: CloseOnDrop,
 }
 
@@ -658,6 +845,9 @@ async fn reap_orphans(
             close: true,
         };
         let asked = async {
+            if server.ssh_via.is_some() {
+                return Some(super::via_resume::tell_closed(server, cfg.manager, close).await);
+            }
             let conn = node.connect(&server.id52, &server.addrs).await.ok()?;
             let (mut send, mut recv) = conn.open().await.ok()?;
             let header = Header {
@@ -680,6 +870,8 @@ async fn reap_orphans(
 /// What asking for a resumable session gave.
 pub enum Opened {
     Resumable(Box<Resumable>),
+    /// Through an `ssh` child (`ssh-via`).
+    Via(Box<Resumable<super::via_resume::ViaNet>>),
     /// The server does not offer resume (an older server, or its caps are reached): a
     /// plain session, as before.
     Plain(Box<Session>),
@@ -734,165 +926,109 @@ pub async fn open(
         }))),
         Accepted::Resumable(grant) => {
             tracing::info!(server = %server.name, kind, session = %short(&grant.session), keep_secs = grant.keep_secs, "resumable {kind}");
-            let record = super::registry::register(
-                &resolved.dir,
-                &server.name,
-                kind,
-                super::registry::Granted {
-                    session: &grant.session,
-                    secret: &grant.secret,
-                    keep_secs: grant.keep_secs,
-                },
-            );
             let reaper = Reaper(tokio::spawn(reap_orphans(
                 own.node.clone(),
                 resolved.dir.clone(),
                 resolved.config.clone(),
             )));
-            Ok(Opened::Resumable(Box::new(Resumable {
+            let carrier = OwnNet {
                 peer: server.id52,
                 hints: server.addrs.clone(),
                 cluster: resolved.config.manager,
-                resolved_manager: resolved.config.manager,
                 server: server.clone(),
                 own,
-                grant,
-                stream: Stream::new(),
                 _close_on_drop: CloseOnDrop(conn.clone()),
                 conn,
                 watchdog,
                 send,
                 recv,
-                record,
-                _reaper: reaper,
-            })))
+                reaper,
+            };
+            Ok(Opened::Resumable(Box::new(Resumable::new(
+                carrier,
+                &resolved.dir,
+                kind,
+                grant,
+            ))))
         }
     }
 }
 
-fn short(id: &str) -> &str {
+pub(crate) fn short(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
 }
 
-impl Resumable {
-    /// Run the session on `local_r`/`local_w` until it ends. `close` (a signal: ssh went
-    /// away) ends it now and tells the server to end its side too.
-    pub async fn run<LR, LW>(
-        mut self,
-        local_r: &mut LR,
-        local_w: &mut LW,
-        close: &CancellationToken,
-    ) -> Result<End, SessionError>
-    where
-        LR: AsyncRead + Unpin + ?Sized,
-        LW: AsyncWrite + Unpin + ?Sized,
-    {
-        let mut peer_received = self.grant.received;
-        loop {
-            let r = {
-                // This connection came back from an outage: move to a fresh one (see
-                // `liveness` step 4) rather than wait for the old one to carry bytes again.
-                let mut outages = self.watchdog.outages();
-                let attach = self.stream.attach(
-                    peer_received,
-                    local_r,
-                    local_w,
-                    &mut self.recv,
-                    &mut self.send,
-                    close,
-                );
-                tokio::select! {
-                    r = attach => Some(r),
-                    _ = self.stream.stalled_after_outage(Some(&mut outages)), if !close.is_cancelled() => {
-                        Some(Err(AttachError::Net(AFTER_OUTAGE.into())))
-                    }
-                    _ = abandoned(close) => None,
-                }
-            };
-            let Some(r) = r else {
-                // Our `close` could not get out in time (a stream blocked behind a full
-                // window, a loaded machine): closing the connection (any reason but
-                // RESUMING_ELSEWHERE) ends the session on the server instead of leaving
-                // it detached there for its keep time.
-                tracing::info!(server = %self.server.name, "the session's close did not get out in time; closing the connection");
-                self.send.reset();
-                self.conn.close("closed");
-                self.own.done(ABORT_CLOSE).await;
-                return Ok(End::ClosedByUs);
-            };
-            if close.is_cancelled() && matches!(r, Err(AttachError::Net(_))) {
-                // Our close raced the server's end of the stream: the session is over.
-                self.conn.close("closed");
-                self.own.done(ABORT_CLOSE).await;
-                return Ok(End::ClosedByUs);
-            }
-            match attach_end(r) {
-                Ok(end) => {
-                    let wait = if end == End::Finished {
-                        super::LINGER
-                    } else {
-                        Duration::from_millis(500)
-                    };
-                    let _ = tokio::time::timeout(wait, self.send.acknowledged()).await;
-                    self.conn.close("done");
-                    // A short session would otherwise cut its reaper off mid-request.
-                    let _ = tokio::time::timeout(REAP_TIMEOUT, &mut self._reaper.0).await;
-                    self.own.done(ENDPOINT_CLOSE).await;
-                    return match end {
-                        End::ClosedByPeer => {
-                            Err(SessionError::Lost("the server ended the session".into()))
-                        }
-                        e => Ok(e),
-                    };
-                }
-                Err(AttachError::Net(why)) => {
-                    // A server that closed the connection on purpose (it is shutting down,
-                    // or refuses us) has ended its sessions: nothing to resume.
-                    let _ =
-                        tokio::time::timeout(Duration::from_millis(300), self.conn.closed()).await;
-                    if self.conn.closed_by_peer() && !self.watchdog.saw_restart() {
-                        let reason = self
-                            .conn
-                            .peer_close_reason()
-                            .unwrap_or_else(|| "it is shutting down".into());
-                        tracing::info!(server = %self.server.name, %reason, "the server closed the connection; not resuming");
-                        self.own.done(ABORT_CLOSE).await;
-                        return Err(SessionError::Lost(format!(
-                            "the server closed the connection ({reason}); the session could not be resumed"
-                        )));
-                    }
-                    tracing::info!(server = %self.server.name, %why, received = self.stream.received(), buffered = self.stream.buffered(), "connection lost; resuming");
-                    self.record.reconnecting(self.stream.buffered());
-                    self.conn.close(RESUMING_ELSEWHERE);
-                    match self.redial(close).await {
-                        Ok(Some(n)) => {
-                            peer_received = n;
-                            self.record.attached(self.stream.buffered());
-                        }
-                        Ok(None) => {
-                            self.own.done(ABORT_CLOSE).await;
-                            return Ok(End::ClosedByUs);
-                        }
-                        Err(e) => {
-                            self.own.done(ABORT_CLOSE).await;
-                            return Err(e);
-                        }
-                    }
-                }
-                Err(e) => {
-                    self.send.reset();
-                    self.conn.close("aborted");
-                    self.own.done(ABORT_CLOSE).await;
-                    return Err(SessionError::Lost(e.to_string()));
-                }
-            }
-        }
+impl Carrier for OwnNet {
+    type R = RecvHalf;
+    type W = SendHalf;
+
+    fn server(&self) -> &str {
+        &self.server.name
     }
 
-    /// Dial again until the server takes the session back: `Ok(Some(its count))`;
-    /// `Ok(None)` when `close` fired meanwhile; an error when the server cannot resume it
-    /// (or its keep time is over).
-    async fn redial(&mut self, close: &CancellationToken) -> Result<Option<u64>, SessionError> {
+    fn net(&mut self) -> (&mut RecvHalf, &mut SendHalf) {
+        (&mut self.recv, &mut self.send)
+    }
+
+    fn outages(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.watchdog.outages())
+    }
+
+    async fn abandon(&mut self, _close: wire::Resume) {
+        // Our `close` could not get out in time (a stream blocked behind a full window, a
+        // loaded machine): closing the connection (any reason but RESUMING_ELSEWHERE)
+        // ends the session on the server instead of leaving it detached there.
+        self.send.reset();
+        self.conn.close("closed");
+        self.own.clone().done(ABORT_CLOSE).await;
+    }
+
+    async fn closed(&mut self) {
+        self.conn.close("closed");
+        self.own.clone().done(ABORT_CLOSE).await;
+    }
+
+    async fn ended(&mut self, end: End) {
+        let wait = if end == End::Finished {
+            super::LINGER
+        } else {
+            Duration::from_millis(500)
+        };
+        let _ = tokio::time::timeout(wait, self.send.acknowledged()).await;
+        self.conn.close("done");
+        // A short session would otherwise cut its reaper off mid-request.
+        let _ = tokio::time::timeout(REAP_TIMEOUT, &mut self.reaper.0).await;
+        self.own.clone().done(ENDPOINT_CLOSE).await;
+    }
+
+    async fn broken(&mut self) -> Result<(), SessionError> {
+        // A server that closed the connection on purpose (it is shutting down, or refuses
+        // us) has ended its sessions: nothing to resume.
+        let _ = tokio::time::timeout(Duration::from_millis(300), self.conn.closed()).await;
+        if self.conn.closed_by_peer() && !self.watchdog.saw_restart() {
+            let reason = self
+                .conn
+                .peer_close_reason()
+                .unwrap_or_else(|| "it is shutting down".into());
+            tracing::info!(server = %self.server.name, %reason, "the server closed the connection; not resuming");
+            self.own.clone().done(ABORT_CLOSE).await;
+            return Err(SessionError::Lost(format!(
+                "the server closed the connection ({reason}); the session could not be resumed"
+            )));
+        }
+        Ok(())
+    }
+
+    fn detach(&mut self) {
+        self.conn.close(RESUMING_ELSEWHERE);
+    }
+
+    async fn redial(
+        &mut self,
+        stream: &Stream,
+        grant: &Grant,
+        close: &CancellationToken,
+    ) -> Result<Option<u64>, SessionError> {
         if self.watchdog.saw_restart() {
             return Err(SessionError::Lost(RESTARTED.into()));
         }
@@ -920,7 +1056,7 @@ impl Resumable {
             }
         };
         let Some((conn, send, recv, grant)) =
-            redial_until(&self.stream, &self.grant, &self.server.name, close, attempt).await?
+            redial_until(stream, grant, &self.server.name, close, Pace::QUIC, attempt).await?
         else {
             return Ok(None);
         };
@@ -929,7 +1065,7 @@ impl Resumable {
             conn.clone(),
             self.peer,
             self.hints.clone(),
-            self.resolved_manager,
+            self.cluster,
         )
         .into();
         self._close_on_drop = CloseOnDrop(conn.clone());
@@ -937,6 +1073,16 @@ impl Resumable {
         self.send = send;
         self.recv = recv;
         Ok(Some(grant.received))
+    }
+
+    async fn gave_up(&mut self, _closed: Option<wire::Resume>) {
+        self.own.clone().done(ABORT_CLOSE).await;
+    }
+
+    async fn failed(&mut self) {
+        self.send.reset();
+        self.conn.close("aborted");
+        self.own.clone().done(ABORT_CLOSE).await;
     }
 }
 
@@ -987,8 +1133,8 @@ impl Drop for CloseOnDrop {
 /// none after one has succeeded (two resumes of one session would take it from each other).
 pub type Turn = Arc<tokio::sync::Mutex<bool>>;
 
-/// Start a redial attempt ([`REDIAL_EVERY`], at most [`REDIAL_PARALLEL`] at once, each
-/// bounded by [`REDIAL_TIMEOUT`]) until one takes the session back (`Ok(Some(what it
+/// Start a redial attempt (every `pace.every`, at most `pace.parallel` at once, each
+/// bounded by `pace.timeout`; [`Pace::QUIC`] over iroh) until one takes the session back (`Ok(Some(what it
 /// returned))`), `close` fires (`Ok(None)`), the server refuses (an error, naming a restart
 /// when its boot id changed), or the server's keep time is over. The one redial loop of
 /// both clients: a command's own endpoint, and a key holder's pool.
@@ -997,6 +1143,7 @@ pub async fn redial_until<T, F, Fut>(
     grant: &Grant,
     server: &str,
     close: &CancellationToken,
+    pace: Pace,
     mut attempt: F,
 ) -> Result<Option<T>, SessionError>
 where
@@ -1007,7 +1154,7 @@ where
     let detached = Instant::now();
     let give_up = Duration::from_secs(grant.keep_secs) + Duration::from_secs(60);
     let mut attempts = tokio::task::JoinSet::new();
-    let mut tick = tokio::time::interval(REDIAL_EVERY);
+    let mut tick = tokio::time::interval(pace.every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tries = 0u64;
     let turn: Turn = Arc::new(tokio::sync::Mutex::new(false));
@@ -1021,7 +1168,7 @@ where
                         humantime::format_duration(Duration::from_secs(detached.elapsed().as_secs()))
                     )));
                 }
-                if attempts.len() < REDIAL_PARALLEL {
+                if attempts.len() < pace.parallel {
                     tries += 1;
                     let resume = wire::Resume {
                         session: grant.session.clone(),
@@ -1031,7 +1178,7 @@ where
                     };
                     let one = attempt(resume, turn.clone());
                     attempts.spawn(async move {
-                        tokio::time::timeout(REDIAL_TIMEOUT, one)
+                        tokio::time::timeout(pace.timeout, one)
                             .await
                             .unwrap_or(Err(Attempt::Retry("timed out".into())))
                     });
@@ -1062,6 +1209,23 @@ where
             }
         }
     }
+}
+
+/// How often redial attempts start, how many run at once, and how long each may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    pub every: Duration,
+    pub parallel: usize,
+    pub timeout: Duration,
+}
+
+impl Pace {
+    /// Over iroh: [`REDIAL_EVERY`], [`REDIAL_PARALLEL`], [`REDIAL_TIMEOUT`].
+    pub const QUIC: Pace = Pace {
+        every: REDIAL_EVERY,
+        parallel: REDIAL_PARALLEL,
+        timeout: REDIAL_TIMEOUT,
+    };
 }
 
 /// How one redial attempt failed.

@@ -12,6 +12,8 @@
 //! which key reaches the forced command, not whatever an agent happens to offer first.
 
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
@@ -124,12 +126,46 @@ impl SshChild {
     }
 }
 
+/// Where the ssh child's stderr goes.
+#[derive(Debug, Clone)]
+pub enum Stderr {
+    /// Ours: ssh's own errors (host key, auth) reach the user verbatim.
+    Inherit,
+    /// Our log file, line by line: a resumable session's redials, which the user must not
+    /// see (one "connection refused" line per attempt through an outage).
+    Log,
+    /// Ours until the flag is set (the session was accepted: a host key or auth error
+    /// before it still reaches the user verbatim), then the log: what the far end says as
+    /// its ssh dies under a resumable session (the forced command's last words) is no news
+    /// to a user whose session resumes.
+    UntilAccepted(Arc<AtomicBool>),
+}
+
+impl Stderr {
+    fn stdio(&self) -> Stdio {
+        match self {
+            Stderr::Inherit => Stdio::inherit(),
+            Stderr::Log | Stderr::UntilAccepted(_) => Stdio::piped(),
+        }
+    }
+}
+
 /// Start `ssh` to `via`. Its stderr is ours: ssh's own errors (host key, auth) reach the
 /// user verbatim.
 pub fn spawn(
     via: &str,
     identity: Option<&str>,
     options: &[String],
+) -> Result<(SshChild, ChildStdin, ChildStdout), SshViaError> {
+    spawn_with(via, identity, options, Stderr::Inherit)
+}
+
+/// [`spawn`], with ssh's stderr going to `stderr`.
+pub fn spawn_with(
+    via: &str,
+    identity: Option<&str>,
+    options: &[String],
+    stderr: Stderr,
 ) -> Result<(SshChild, ChildStdin, ChildStdout), SshViaError> {
     let target = parse_target(via)?;
     let mut argv = ssh_program()?;
@@ -141,13 +177,31 @@ pub fn spawn(
         .env_remove("SSH_AUTH_SOCK")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr.stdio())
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| SshViaError::Spawn {
             program: program.clone(),
             source,
         })?;
+    if let Some(err) = child.stderr.take() {
+        // Ends with the child (its stderr closes).
+        let target = via.to_string();
+        let shown = match stderr {
+            Stderr::UntilAccepted(accepted) => Some(accepted),
+            _ => None,
+        };
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(err).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                match &shown {
+                    Some(accepted) if !accepted.load(Ordering::SeqCst) => eprintln!("{line}"),
+                    _ => tracing::info!(%target, "ssh: {line}"),
+                }
+            }
+        });
+    }
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         // Unreachable with Stdio::piped(), but never panic over it.
         return Err(SshViaError::Spawn {

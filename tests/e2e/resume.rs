@@ -98,11 +98,23 @@ impl Ssh {
     }
 
     fn spawn(c: &TestCluster, device: &str, via: Via, script: &str, stdin: Stdio) -> Ssh {
+        Ssh::spawn_env(c, device, via, script, stdin, &[])
+    }
+
+    fn spawn_env(
+        c: &TestCluster,
+        device: &str,
+        via: Via,
+        script: &str,
+        stdin: Stdio,
+        env: &[(&str, &str)],
+    ) -> Ssh {
         use std::os::unix::process::CommandExt;
         let mut cmd = match via {
             Via::Proxy | Via::Agent => c.ssh_cmd(device),
             Via::Native | Via::AgentNative => c.machine(device).cmd(["ssh"]),
         };
+        cmd.envs(env.iter().copied());
         let mut child = cmd
             .arg("-T")
             .arg("foo.acme")
@@ -526,6 +538,13 @@ fn restart_says_so_in_one_line(via: Via) {
         ssh.seen,
         c.diagnostics()
     );
+    restart_foo_and_expect_one_line(&mut c, ssh, &format!("{via:?}"));
+}
+
+/// SIGKILL foo's server and start it again under `ssh`'s session: the client exits 255
+/// with exactly the "server restarted" line, within [`RESTART_NOTICE`] (and room) of foo
+/// being back.
+fn restart_foo_and_expect_one_line(c: &mut TestCluster, ssh: Ssh, what: &str) {
     let p = c.server_process("foo");
     let pid = nix::unistd::Pid::from_raw(p.pid() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL foo");
@@ -535,9 +554,9 @@ fn restart_says_so_in_one_line(via: Via) {
     );
     c.start_server("foo");
     let back = Instant::now();
-    let (status, err) = ssh.wait(Duration::from_secs(40));
+    let (status, err) = ssh.wait(Duration::from_secs(60));
     let took = back.elapsed();
-    eprintln!("resume: {via:?} gave up {took:?} after foo's server was back");
+    eprintln!("resume: {what} gave up {took:?} after foo's server was back");
     assert_eq!(
         status.and_then(|s| s.code()),
         Some(255),
@@ -551,7 +570,7 @@ fn restart_says_so_in_one_line(via: Via) {
     );
     assert!(
         took <= RESTART_NOTICE + ROOM,
-        "{via:?} noticed the restart only {took:?} after foo was back"
+        "{what} noticed the restart only {took:?} after foo was back"
     );
 }
 
@@ -1965,4 +1984,255 @@ fn group_exec_through_a_stop(agent: bool) {
         bar_audit.contains("\"resume-denied\""),
         "no resume-denied line in bar's audit log:\n{bar_audit}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through ssh-via: the session is carried by an `ssh` child to foo's sshd, whose forced
+// command is `malai ssh stdinserver`; a fresh ssh resumes it.
+// ---------------------------------------------------------------------------------------------
+
+/// An ssh-via cluster (`shim`) whose `ssh` fails at once while `block` exists: an outage of
+/// any length for new ssh connections. Returns the shim and the wrapper's command.
+fn via_with_block(block: &std::path::Path) -> (crate::shim::Shim, String) {
+    let s = crate::shim::shim();
+    let cmd = format!(
+        "sh -c 'test -e {} && exit 255; exec \"$@\"' sh {}",
+        block.display(),
+        s.ssh_command
+    );
+    (s, cmd)
+}
+
+/// SIGKILL every `ssh` carrying a malai session to the sshd on `port` (its argv names the
+/// port and the forced command's fallback): the connection under the session dies.
+fn kill_via_ssh(port: u16) -> usize {
+    let port = port.to_string();
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let ours = args.first().is_some_and(|a| a.ends_with(b"ssh"))
+            && args
+                .windows(2)
+                .any(|w| w[0] == b"-p" && w[1] == port.as_bytes())
+            && args
+                .iter()
+                .any(|a| a.windows(11).any(|w| w == b"stdinserver"));
+        if ours {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            n += 1;
+        }
+    }
+    n
+}
+
+/// A session to foo through ssh-via ([`Via::Proxy`]: OpenSSH through the ProxyCommand;
+/// [`Via::Native`]: native exec) whose ssh is killed while new ones fail for 4 s: the
+/// command goes on and its output arrives after the outage; both ends say it resumed.
+/// With `revoke`, alice loses foo meanwhile: one line, 255, `resume-denied` on foo.
+fn via_session_through_an_outage(via: Via, revoke: bool) {
+    let block = tempfile::NamedTempFile::new().expect("block file");
+    let (s, ssh_command) = via_with_block(block.path());
+    let c = &s.c;
+    let port = c.sshd("foo").port();
+    // Removed at once; created again for the outage.
+    let block_path = block.into_temp_path();
+    std::fs::remove_file(&block_path).expect("unblock");
+    let env = [("MALAI_SSH_COMMAND", ssh_command.as_str())];
+    let mut ssh = Ssh::spawn_env(
+        c,
+        "alice",
+        via,
+        "echo up; sleep 8; echo survived",
+        Stdio::null(),
+        &env,
+    );
+    assert!(
+        ssh.expect_line("up", Duration::from_secs(30)),
+        "{via:?} over ssh-via did not start; saw {:?}\n{}",
+        ssh.seen,
+        c.diagnostics()
+    );
+    std::fs::write(&block_path, b"").expect("block");
+    assert!(kill_via_ssh(port) >= 1, "no ssh-via process found to kill");
+    std::thread::sleep(Duration::from_secs(2));
+    if revoke {
+        c.edit_manager_file(|t| {
+            set_table_keys(&t, "server.foo", &[("allow-from", toml_str("eve"))])
+        });
+        c.import_on("foo");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::remove_file(&block_path).expect("unblock");
+    if revoke {
+        let (status, err) = ssh.wait(Duration::from_secs(60));
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(255),
+            "a revoked resume must fail with 255: {status:?}\n{err}"
+        );
+        assert_one_line_not_resumed(&err, "session");
+        let denied = poll_until(Duration::from_secs(10), || {
+            audit_of_foo(c).contains("\"resume-denied\"").then_some(())
+        });
+        assert!(
+            denied.is_some(),
+            "no resume-denied line in foo's audit log:\n{}",
+            audit_of_foo(c)
+        );
+        return;
+    }
+    assert!(
+        ssh.expect_line("survived", Duration::from_secs(60)),
+        "the session did not survive its ssh; saw {:?}\n{}",
+        ssh.seen,
+        c.diagnostics()
+    );
+    let (status, err) = ssh.wait(Duration::from_secs(30));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{err}");
+    assert!(
+        !err.contains("malai:"),
+        "the resume showed on stderr (only the log may say it):\n{err}"
+    );
+    assert!(
+        log_shows(c, "alice", "resumed"),
+        "alice's log does not say it resumed\n{}",
+        tail(&c.machine("alice").logs(), 30)
+    );
+    assert!(
+        audit_of_foo(c).contains("\"resumed\""),
+        "no resumed line in foo's audit log:\n{}",
+        audit_of_foo(c)
+    );
+}
+
+#[test]
+fn resume_over_ssh_via_proxy_survives_its_ssh_dying_through_an_outage() {
+    via_session_through_an_outage(Via::Proxy, false);
+}
+
+#[test]
+fn resume_over_ssh_via_native_exec_survives_its_ssh_dying_through_an_outage() {
+    via_session_through_an_outage(Via::Native, false);
+}
+
+#[test]
+fn resume_over_ssh_via_refused_after_revocation_while_detached() {
+    via_session_through_an_outage(Via::Native, true);
+}
+
+/// Native exec's stdin through ssh-via, 16 MiB streamed while its ssh is killed twice:
+/// `sha256sum` on foo sees exactly the bytes sent, none lost, none twice.
+#[test]
+fn resume_over_ssh_via_native_exec_stdin_is_byte_exact_through_killed_ssh() {
+    use std::io::Write;
+    use std::os::unix::process::CommandExt;
+    let s = crate::shim::shim();
+    let c = &s.c;
+    let port = c.sshd("foo").port();
+    let src = c.dir().join("upload.bin");
+    write_random_file(&src, 16 << 20, 18);
+    let want = sha256_file(&src);
+    let mut cmd = c.machine("alice").cmd(["ssh", "foo.acme", "sha256sum"]);
+    let mut child = cmd
+        .env("MALAI_SSH_COMMAND", &s.ssh_command)
+        .process_group(0)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn malai ssh");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let data = std::fs::read(&src).expect("read source");
+    let writer = std::thread::spawn(move || {
+        // 64 chunks of 256 KiB, paced over ~3 s so the kills fall mid-stream.
+        for (i, chunk) in data.chunks(256 << 10).enumerate() {
+            if stdin.write_all(chunk).is_err() {
+                return Err(i);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    });
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(1000));
+        kill_via_ssh(port);
+    }
+    let wrote = writer.join().expect("writer");
+    let out = wait_small_output(child, Duration::from_secs(120));
+    assert!(
+        wrote.is_ok(),
+        "malai stopped reading stdin at chunk {wrote:?}\n{}",
+        fmt_output(&out)
+    );
+    assert_success(&out, "sha256sum through killed ssh-via connections");
+    let got = stdout_of(&out);
+    assert_eq!(
+        got.split_whitespace().next(),
+        Some(want.as_str()),
+        "foo received other bytes\n{}",
+        fmt_output(&out)
+    );
+    assert!(
+        log_shows(c, "alice", "resumed"),
+        "alice's log does not say it resumed (were the kills too late?)\n{}",
+        tail(&c.machine("alice").logs(), 30)
+    );
+}
+
+/// Waits up to `timeout` for `child` (its own process group) to exit, killing the group
+/// past it, then reads its output (small: it cannot fill a pipe meanwhile).
+fn wait_small_output(mut child: Child, timeout: Duration) -> std::process::Output {
+    use std::io::Read;
+    let status = poll_until(timeout, || child.try_wait().ok().flatten()).unwrap_or_else(|| {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        child.wait().expect("wait")
+    });
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_end(&mut stdout);
+    }
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_end(&mut stderr);
+    }
+    std::process::Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// Foo's server killed and started again under a native exec through ssh-via: its ssh
+/// ends with it, the fresh one's resume finds no session and a new boot id, and the client
+/// says in one line that the server restarted (exit 255), soon after it is back.
+#[test]
+fn resume_over_ssh_via_after_a_server_restart_says_so_in_one_line() {
+    let mut s = crate::shim::shim();
+    let ssh_command = s.ssh_command.clone();
+    let env = [("MALAI_SSH_COMMAND", ssh_command.as_str())];
+    let mut ssh = Ssh::spawn_env(
+        &s.c,
+        "alice",
+        Via::Native,
+        "echo up; sleep 60",
+        Stdio::null(),
+        &env,
+    );
+    assert!(
+        ssh.expect_line("up", Duration::from_secs(30)),
+        "native exec over ssh-via did not start; saw {:?}\n{}",
+        ssh.seen,
+        s.c.diagnostics()
+    );
+    // Two ssh logins (the resume, then the ping for the boot id) after a redial tick.
+    restart_foo_and_expect_one_line(&mut s.c, ssh, "ssh-via");
 }

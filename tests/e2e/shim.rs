@@ -13,12 +13,12 @@ use std::process::{Command, Output};
 
 use crate::harness::*;
 
-struct Shim {
-    c: TestCluster,
+pub(crate) struct Shim {
+    pub(crate) c: TestCluster,
     /// The key bound to the forced command.
     key: PathBuf,
     /// `MALAI_SSH_COMMAND`: ssh with test options (no user config, own known_hosts).
-    ssh_command: String,
+    pub(crate) ssh_command: String,
 }
 
 /// The `authorized_keys` line binding `key` to `stdinserver <identity>` on foo.
@@ -31,7 +31,7 @@ fn forced_line(c: &TestCluster, key: &std::path::Path, identity: &str) -> String
     )
 }
 
-fn shim() -> Shim {
+pub(crate) fn shim() -> Shim {
     let c = TestCluster::builder("acme")
         .manager("mgr")
         .server("foo")
