@@ -138,6 +138,10 @@ impl Carrier for PoolNet {
         self.net.outages()
     }
 
+    fn relay_renewals(&self) -> Option<crate::transport::iroh::RelayRenewals> {
+        self.net.relay_renewals()
+    }
+
     async fn abandon(&mut self, close: Resume) {
         // Our `close` could not get out in time: say it on a stream of its own.
         self.net.abort();

@@ -93,6 +93,12 @@ impl PooledStream {
         self.on_live(|l| l._watchdog.outages())
     }
 
+    /// Renewals of the holder's relay connection while the stream's connection goes
+    /// through the relay (`PeerConnection::relay_renewals`).
+    pub fn relay_renewals(&self) -> Option<crate::transport::iroh::RelayRenewals> {
+        self.conn.as_ref()?.relay_renewals()
+    }
+
     /// `f` of the pool's live connection, when it is still the one this stream rides on.
     fn on_live<R>(&self, f: impl FnOnce(&super::pool::Live) -> R) -> Option<R> {
         let lease = self._lease.as_ref()?;

@@ -34,7 +34,7 @@ use crate::protocol::resume::{
     self as wire, ACK_DELAY, ACK_EVERY, Frame, Grant, MAX_DATA, REPLAY_CAP,
 };
 use crate::protocol::{Header, Request};
-use crate::transport::iroh::{Node, PeerConnection, RecvHalf, SendHalf};
+use crate::transport::iroh::{Node, PeerConnection, RecvHalf, RelayRenewals, SendHalf};
 
 /// The reason a client closes a connection it leaves to resume the session on another: the
 /// server keeps the session detached. Any other close by the client ends it there.
@@ -49,6 +49,21 @@ const WATCH_AFTER_OUTAGE: Duration = Duration::from_secs(30);
 /// Why a session left a connection that came back from an outage (`liveness::OUTAGE`).
 pub const AFTER_OUTAGE: &str =
     "the connection stood still after an outage; moving to a fresh connection";
+
+/// Why a session left a relayed connection when this machine's relay connection was
+/// renewed after an outage of its own network: the old connection's packets still go
+/// through the old relay connection, which waits out the kernel's TCP backoff (measured:
+/// bytes again 1.9 s after the network was back, against 0.8 s on a fresh connection).
+pub const RELAY_RENEWED: &str =
+    "this machine's relay connection was renewed after an outage; moving to a fresh connection";
+
+/// Resolves at a relay renewal under a relayed connection; never without `renewals`.
+async fn relayed_renewal(renewals: Option<&mut RelayRenewals>) {
+    match renewals {
+        Some(r) => r.relayed().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// What the client says when the server no longer knows its session because it restarted.
 pub const RESTARTED: &str = "the server restarted; the session could not be resumed";
@@ -619,6 +634,11 @@ pub trait Carrier {
     fn net(&mut self) -> (&mut Self::R, &mut Self::W);
     /// Outages of the connection under it (`liveness` step 4), when it has a watchdog.
     fn outages(&self) -> Option<tokio::sync::watch::Receiver<u64>>;
+    /// Renewals of this machine's relay connection while the connection under it goes
+    /// through the relay (`transport::relay_rejoin`), when it is an iroh one.
+    fn relay_renewals(&self) -> Option<RelayRenewals> {
+        None
+    }
     /// Our `close` did not get out within [`CLOSE_GRACE`]: end the session on the server
     /// some other way (instead of leaving it detached there for its keep time), such as
     /// `close`, a resume that ends it.
@@ -731,6 +751,7 @@ impl<C: Carrier> Resumable<C> {
                 // This connection came back from an outage: move to a fresh one (see
                 // `liveness` step 4) rather than wait for the old one to carry bytes again.
                 let mut outages = self.carrier.outages();
+                let mut renewals = self.carrier.relay_renewals();
                 let (net_r, net_w) = self.carrier.net();
                 let attach =
                     self.stream
@@ -739,6 +760,9 @@ impl<C: Carrier> Resumable<C> {
                     r = attach => Some(r),
                     _ = self.stream.stalled_after_outage(outages.as_mut()), if !close.is_cancelled() => {
                         Some(Err(AttachError::Net(AFTER_OUTAGE.into())))
+                    }
+                    _ = relayed_renewal(renewals.as_mut()), if !close.is_cancelled() => {
+                        Some(Err(AttachError::Net(RELAY_RENEWED.into())))
                     }
                     _ = abandoned(close) => None,
                 }
@@ -972,6 +996,10 @@ impl Carrier for OwnNet {
 
     fn outages(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.watchdog.outages())
+    }
+
+    fn relay_renewals(&self) -> Option<RelayRenewals> {
+        self.conn.relay_renewals()
     }
 
     async fn abandon(&mut self, _close: wire::Resume) {

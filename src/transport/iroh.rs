@@ -736,6 +736,17 @@ impl PeerConnection {
         })
     }
 
+    /// Watches for this machine's relay connection being renewed after its network came
+    /// back (`relay_rejoin`) while this connection goes through a relay; `None` without
+    /// a rejoiner (no relays, or `MALAI_RELAY_REJOIN=off`).
+    pub fn relay_renewals(&self) -> Option<RelayRenewals> {
+        let rx = self.rejoin.as_ref()?.renewals();
+        Some(RelayRenewals {
+            conn: self.clone(),
+            rx,
+        })
+    }
+
     /// Round-trip time estimate (for `cluster status`).
     pub fn rtt(&self) -> std::time::Duration {
         self.conn
@@ -754,6 +765,27 @@ pub struct PathSummary {
     pub rtt: std::time::Duration,
     /// Open paths (a relay path usually stays open beside a direct one).
     pub paths: usize,
+}
+
+/// See [`PeerConnection::relay_renewals`].
+pub struct RelayRenewals {
+    conn: PeerConnection,
+    rx: tokio::sync::watch::Receiver<u64>,
+}
+
+impl RelayRenewals {
+    /// Resolves at the first renewal after which the connection's path is still a relay
+    /// one (a hole-punched path is not held up by the relay connection's backoff).
+    pub async fn relayed(&mut self) {
+        loop {
+            if self.rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if self.conn.path().is_some_and(|p| !p.direct) {
+                return;
+            }
+        }
+    }
 }
 
 /// The sending half of a bi-stream. `shutdown` sends FIN (the peer reads EOF).

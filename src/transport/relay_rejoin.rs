@@ -57,6 +57,9 @@ pub struct Rejoin {
     aliases: Mutex<Vec<RelayUrl>>,
     /// Set once the endpoint leaves its relays for good: nothing is put back after that.
     left: std::sync::atomic::AtomicBool,
+    /// The generation of the newest rejoin, for connections that should move off the old
+    /// relay connection ([`Rejoin::renewals`]).
+    renewed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Rejoin {
@@ -74,6 +77,14 @@ impl Rejoin {
             .find(|a| canonical(a) == *relay)
             .cloned()
             .unwrap_or_else(|| relay.clone())
+    }
+
+    /// Told each time a relay connection is renewed from now on. A connection that lived
+    /// through the outage goes on sending through the old relay connection (iroh keeps the
+    /// relay actor of the URL its path names), which waits out the kernel's backoff: a
+    /// session that can move to a fresh connection should, at once.
+    pub fn renewals(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.renewed.subscribe()
     }
 
     /// Stop rejoining for good (`Node::leave_relays`); the aliases in use, to remove.
@@ -219,6 +230,7 @@ async fn rejoin(endpoint: &Endpoint, home: &RelayUrl, shared: &Rejoin, down_for:
         a.retain(|u| canonical(u) != canon);
         a.push(alias);
     }
+    shared.renewed.send_replace(n);
     tracing::info!(
         relay = %canon,
         ?down_for,
