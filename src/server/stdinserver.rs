@@ -535,7 +535,17 @@ pub async fn run_forced_command(dirs: &Dirs, identity: &str) -> Result<u8, Stdin
     let Some(mut sock) = sock else {
         let (path, source) =
             last.unwrap_or_else(|| (String::new(), std::io::ErrorKind::NotFound.into()));
-        return Err(StdinServerError::NoServer { path, source });
+        let e = StdinServerError::NoServer { path, source };
+        // Said in-band, where a malai client reads its answer: a resumable session through
+        // ssh-via then knows the server is gone (its sessions with it), not unreachable,
+        // and stops redialling. On stderr it would only be said twice.
+        let reason = e.to_string();
+        tracing::warn!(%reason, "stdinserver: no server to hand the channel to");
+        let mut out = tokio::io::stdout();
+        if reply(&mut out, &Response::Error { reason }).await.is_ok() && out.flush().await.is_ok() {
+            return Ok(255);
+        }
+        return Err(e);
     };
     let hello = serde_json::to_vec(&Hello {
         identity: identity.to_string(),

@@ -1182,14 +1182,15 @@ where
     let detached = Instant::now();
     let give_up = Duration::from_secs(grant.keep_secs) + Duration::from_secs(60);
     let mut attempts = tokio::task::JoinSet::new();
-    let mut tick = tokio::time::interval(pace.every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let tick = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(tick);
     let mut tries = 0u64;
     let turn: Turn = Arc::new(tokio::sync::Mutex::new(false));
     loop {
         tokio::select! {
             _ = close.cancelled() => return Ok(None),
-            _ = tick.tick() => {
+            _ = &mut tick => {
+                tick.as_mut().reset(tokio::time::Instant::now() + pace.next(detached.elapsed()));
                 if detached.elapsed() > give_up {
                     return Err(SessionError::Lost(format!(
                         "the session could not be resumed: the server was unreachable for {}",
@@ -1242,18 +1243,30 @@ where
 /// How often redial attempts start, how many run at once, and how long each may take.
 #[derive(Debug, Clone, Copy)]
 pub struct Pace {
+    /// Between two attempts at first...
     pub every: Duration,
+    /// ... and at most, once detached for long: the wait is a tenth of the time detached
+    /// between the two (a failed attempt through ssh is a whole ssh run; over hours of
+    /// outage one every 15 s costs little, and a network back after that long waits a
+    /// tenth more at most).
+    pub slowest: Duration,
     pub parallel: usize,
     pub timeout: Duration,
 }
 
 impl Pace {
-    /// Over iroh: [`REDIAL_EVERY`], [`REDIAL_PARALLEL`], [`REDIAL_TIMEOUT`].
+    /// Over iroh: [`REDIAL_EVERY`] throughout, [`REDIAL_PARALLEL`], [`REDIAL_TIMEOUT`].
     pub const QUIC: Pace = Pace {
         every: REDIAL_EVERY,
+        slowest: REDIAL_EVERY,
         parallel: REDIAL_PARALLEL,
         timeout: REDIAL_TIMEOUT,
     };
+
+    /// The wait before the next attempt, detached for `detached`.
+    pub fn next(&self, detached: Duration) -> Duration {
+        (detached / 10).clamp(self.every, self.slowest.max(self.every))
+    }
 }
 
 /// How one redial attempt failed.
@@ -1576,6 +1589,21 @@ mod tests {
         assert!(ea.is_ok(), "sender: {ea:?}");
         writer.await.unwrap();
         assert_eq!(reader.await.unwrap(), data);
+    }
+
+    #[test]
+    fn redials_slow_down_to_their_slowest_only_where_asked() {
+        let s = Duration::from_secs;
+        assert_eq!(Pace::QUIC.next(s(0)), REDIAL_EVERY);
+        assert_eq!(Pace::QUIC.next(s(3600)), REDIAL_EVERY);
+        let via = Pace {
+            every: s(1),
+            slowest: s(15),
+            ..Pace::QUIC
+        };
+        assert_eq!(via.next(s(3)), s(1));
+        assert_eq!(via.next(s(60)), s(6));
+        assert_eq!(via.next(s(3600)), s(15));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //!   ([`ALIVE`]), so a cut link ends the ssh child within about 30 s. A user's `-o` (or
 //!   `MALAI_SSH_COMMAND`) comes first on ssh's command line and so wins.
 //! - **Redials are whole ssh runs** (TCP, key exchange, auth, the forced command): a new
-//!   one starts every [`PACE`]`.every`, each given [`PACE`]`.timeout`. They run with
+//!   one starts every second at first, every 15 s at most after a long outage ([`PACE`]). They run with
 //!   `BatchMode=yes` (never a prompt in the middle of a session) and their stderr goes to
 //!   the log, not the user's terminal.
 //! - **Attempts do not take turns.** Over iroh the resume waits for its turn after the
@@ -48,10 +48,12 @@ pub const ALIVE: [&str; 2] = ["ServerAliveInterval=10", "ServerAliveCountMax=3"]
 
 /// Redials through ssh: a fresh attempt every second (one whose TCP SYN went out during
 /// the outage retries only after seconds; a fresh one connects as soon as the link is
-/// back), at most 4 at once, each given 20 s for TCP, key exchange, auth and the answer
-/// on a slow path.
+/// back), slowing to one every 15 s over a long outage (a tenth of the time detached: an
+/// ssh that fails to log in, say, is not run 43,200 times over a 12 h keep time), at most
+/// 4 at once, each given 20 s for TCP, key exchange, auth and the answer on a slow path.
 pub const PACE: Pace = Pace {
     every: Duration::from_secs(1),
+    slowest: Duration::from_secs(15),
     parallel: 4,
     timeout: Duration::from_secs(20),
 };
@@ -193,9 +195,18 @@ async fn boot_of(server: &Server, options: &[String], cluster: Id52) -> Option<S
 /// with `close`), so it does not keep it detached for its keep time; `true` when it
 /// answered.
 pub async fn tell_closed(server: &Server, cluster: Id52, close: Resume) -> bool {
-    let options = session_options(&[]);
+    tell_closed_with(server, &session_options(&[]), cluster, close).await
+}
+
+/// [`tell_closed`] with the session's own ssh options.
+async fn tell_closed_with(
+    server: &Server,
+    options: &[String],
+    cluster: Id52,
+    close: Resume,
+) -> bool {
     let asked = async {
-        let (child, ..) = quiet_request(server, &options, cluster, Request::Resume(close))
+        let (child, ..) = quiet_request(server, options, cluster, Request::Resume(close))
             .await
             .ok()?;
         child.kill().await;
@@ -243,7 +254,7 @@ async fn attempt(
 
 impl ViaNet {
     async fn tell_closed(&self, close: Resume) {
-        let answered = tell_closed(&self.server, self.cluster, close).await;
+        let answered = tell_closed_with(&self.server, &self.options, self.cluster, close).await;
         tracing::info!(server = %self.server.name, answered, "abandoned while detached; asked the server to end the session");
     }
 

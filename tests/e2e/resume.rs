@@ -2236,3 +2236,41 @@ fn resume_over_ssh_via_after_a_server_restart_says_so_in_one_line() {
     // Two ssh logins (the resume, then the ping for the boot id) after a redial tick.
     restart_foo_and_expect_one_line(&mut s.c, ssh, "ssh-via");
 }
+
+/// Foo's server stopped for good under a native exec through ssh-via: the fresh ssh's
+/// forced command finds no server and says so in-band, so the client ends at once with one
+/// line (exit 255) instead of redialling for the keep time.
+#[test]
+fn resume_over_ssh_via_after_the_server_stopped_says_so_in_one_line() {
+    let mut s = crate::shim::shim();
+    let ssh_command = s.ssh_command.clone();
+    let env = [("MALAI_SSH_COMMAND", ssh_command.as_str())];
+    let mut ssh = Ssh::spawn_env(
+        &s.c,
+        "alice",
+        Via::Native,
+        "echo up; sleep 60",
+        Stdio::null(),
+        &env,
+    );
+    assert!(
+        ssh.expect_line("up", Duration::from_secs(30)),
+        "native exec over ssh-via did not start; saw {:?}\n{}",
+        ssh.seen,
+        s.c.diagnostics()
+    );
+    s.c.stop_server("foo");
+    let (status, err) = ssh.wait(Duration::from_secs(60));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(255),
+        "expected 255: {status:?}\n{err}"
+    );
+    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("malai: ")).collect();
+    assert!(
+        ours.len() == 1
+            && ours[0].contains("could not be resumed")
+            && ours[0].contains("no malai ssh server is running"),
+        "stderr does not say in one line that the server is gone:\n{err}"
+    );
+}
