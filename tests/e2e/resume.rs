@@ -2127,7 +2127,8 @@ fn resume_over_ssh_via_refused_after_revocation_while_detached() {
     via_session_through_an_outage(Via::Native, true);
 }
 
-/// Native exec's stdin through ssh-via, 16 MiB streamed while its ssh is killed twice:
+/// Native exec's stdin through ssh-via, 16 MiB streamed while its ssh is killed twice
+/// (each paced chunk waits 50 ms, so the stream lasts over 3 s after the grant):
 /// `sha256sum` on foo sees exactly the bytes sent, none lost, none twice.
 #[test]
 fn resume_over_ssh_via_native_exec_stdin_is_byte_exact_through_killed_ssh() {
@@ -2160,8 +2161,18 @@ fn resume_over_ssh_via_native_exec_stdin_is_byte_exact_through_killed_ssh() {
         }
         Ok(())
     });
-    for _ in 0..2 {
-        std::thread::sleep(Duration::from_millis(1000));
+    // Each kill falls on an attachment that is up: the first once the session was
+    // granted, the second once it resumed (a kill before the grant would fail the open).
+    for (n, granted) in ["resumable exec through ssh", "resumed"].iter().enumerate() {
+        let said = poll_until(Duration::from_secs(60), || {
+            c.machine("alice").logs().contains(granted).then_some(())
+        });
+        assert!(
+            said.is_some(),
+            "kill {n}: alice's log never said {granted:?}\n{}",
+            tail(&c.machine("alice").logs(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(300));
         kill_via_ssh(port);
     }
     let wrote = writer.join().expect("writer");
