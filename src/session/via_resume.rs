@@ -10,9 +10,11 @@
 //!   ([`ALIVE`]), so a cut link ends the ssh child within about 30 s. A user's `-o` (or
 //!   `MALAI_SSH_COMMAND`) comes first on ssh's command line and so wins.
 //! - **Redials are whole ssh runs** (TCP, key exchange, auth, the forced command): a new
-//!   one starts every second at first, every 15 s at most after a long outage ([`PACE`]). They run with
-//!   `BatchMode=yes` (never a prompt in the middle of a session) and their stderr goes to
-//!   the log, not the user's terminal.
+//!   one starts every second at first, every 15 s at most after a long outage ([`PACE`]).
+//!   They run with `BatchMode=yes` (never a prompt in the middle of a session) and their
+//!   stderr goes to the log, not the user's terminal.
+//! - **A stopped server** is an answer, not an outage: the forced command that finds no
+//!   server says so in-band (`server::stdinserver`), and the resume is refused with it.
 //! - **Attempts do not take turns.** Over iroh the resume waits for its turn after the
 //!   connection is up; an ssh's request is sent before ssh has connected, so a turn held
 //!   across it would serialize every attempt behind one hanging on a dead path. When two
