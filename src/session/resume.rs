@@ -820,7 +820,12 @@ impl<C: Carrier> Resumable<C> {
 
 /// A resumable session's carrier over this process's own endpoint.
 pub struct OwnNet {
-    own: Arc<OwnEndpoint>,
+    /// Given back ([`OwnNet::release`]) when the session ends: the last user of the
+    /// endpoint closes it (`OwnEndpoint::done` counts the references), so a copy kept
+    /// here past that would leave it unclosed and the server holding the connection until
+    /// its idle limit.
+    own: Option<Arc<OwnEndpoint>>,
+    node: Node,
     peer: Id52,
     hints: Vec<std::net::SocketAddr>,
     cluster: Id52,
@@ -956,11 +961,12 @@ pub async fn open(
                 resolved.config.clone(),
             )));
             let carrier = OwnNet {
+                node: own.node.clone(),
+                own: Some(own),
                 peer: server.id52,
                 hints: server.addrs.clone(),
                 cluster: resolved.config.manager,
                 server: server.clone(),
-                own,
                 _close_on_drop: CloseOnDrop(conn.clone()),
                 conn,
                 watchdog,
@@ -980,6 +986,15 @@ pub async fn open(
 
 pub(crate) fn short(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
+}
+
+impl OwnNet {
+    /// Give the endpoint back (the last user closes it, waiting at most `limit`).
+    async fn release(&mut self, limit: Duration) {
+        if let Some(own) = self.own.take() {
+            own.done(limit).await;
+        }
+    }
 }
 
 impl Carrier for OwnNet {
@@ -1008,12 +1023,12 @@ impl Carrier for OwnNet {
         // ends the session on the server instead of leaving it detached there.
         self.send.reset();
         self.conn.close("closed");
-        self.own.clone().done(ABORT_CLOSE).await;
+        self.release(ABORT_CLOSE).await;
     }
 
     async fn closed(&mut self) {
         self.conn.close("closed");
-        self.own.clone().done(ABORT_CLOSE).await;
+        self.release(ABORT_CLOSE).await;
     }
 
     async fn ended(&mut self, end: End) {
@@ -1026,7 +1041,7 @@ impl Carrier for OwnNet {
         self.conn.close("done");
         // A short session would otherwise cut its reaper off mid-request.
         let _ = tokio::time::timeout(REAP_TIMEOUT, &mut self.reaper.0).await;
-        self.own.clone().done(ENDPOINT_CLOSE).await;
+        self.release(ENDPOINT_CLOSE).await;
     }
 
     async fn broken(&mut self) -> Result<(), SessionError> {
@@ -1039,7 +1054,7 @@ impl Carrier for OwnNet {
                 .peer_close_reason()
                 .unwrap_or_else(|| "it is shutting down".into());
             tracing::info!(server = %self.server.name, %reason, "the server closed the connection; not resuming");
-            self.own.clone().done(ABORT_CLOSE).await;
+            self.release(ABORT_CLOSE).await;
             return Err(SessionError::Lost(format!(
                 "the server closed the connection ({reason}); the session could not be resumed"
             )));
@@ -1061,7 +1076,7 @@ impl Carrier for OwnNet {
             return Err(SessionError::Lost(RESTARTED.into()));
         }
         let (node, peer, hints, cluster) = (
-            self.own.node.clone(),
+            self.node.clone(),
             self.peer,
             self.hints.clone(),
             self.cluster,
@@ -1089,7 +1104,7 @@ impl Carrier for OwnNet {
             return Ok(None);
         };
         self.watchdog = liveness::watch(
-            self.own.node.clone(),
+            self.node.clone(),
             conn.clone(),
             self.peer,
             self.hints.clone(),
@@ -1104,13 +1119,13 @@ impl Carrier for OwnNet {
     }
 
     async fn gave_up(&mut self, _closed: Option<wire::Resume>) {
-        self.own.clone().done(ABORT_CLOSE).await;
+        self.release(ABORT_CLOSE).await;
     }
 
     async fn failed(&mut self) {
         self.send.reset();
         self.conn.close("aborted");
-        self.own.clone().done(ABORT_CLOSE).await;
+        self.release(ABORT_CLOSE).await;
     }
 }
 
