@@ -213,19 +213,26 @@ pub async fn open_with(
                 send,
                 recv,
             }),
-            // ssh died (host key, auth, no forced command, …): its own stderr said why;
-            // say that it was ssh and how it ended.
-            Err(SessionError::NoAnswer) | Err(SessionError::Protocol(FrameError::Io(_))) => {
-                Err(child.exited_error().await.into())
-            }
-            Err(e) => {
-                child.kill().await;
-                Err(e)
-            }
+            Err(e) => Err(ssh_failed(child, e).await),
         };
     }
     let route = super::route(&resolved.dir, Some(&resolved.config)).await?;
     open_on(route, resolved, server, header.request).await
+}
+
+/// The error for an ssh-via request that failed with `e` before it was accepted; the
+/// child is ended. ssh that died (host key, auth, no forced command, …) said why on its
+/// own stderr: say that it was ssh and how it ended.
+pub(super) async fn ssh_failed(child: ssh_via::SshChild, e: SessionError) -> SessionError {
+    match e {
+        SessionError::NoAnswer | SessionError::Protocol(FrameError::Io(_)) => {
+            child.exited_error().await.into()
+        }
+        e => {
+            child.kill().await;
+            e
+        }
+    }
 }
 
 /// Send `request` to `server` on a route already decided ([`super::route`]); `Ok` only

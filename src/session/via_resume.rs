@@ -40,7 +40,7 @@ use super::{LINGER, SessionError};
 use crate::config::Server;
 use crate::id52::Id52;
 use crate::protocol::resume::{Grant, Resume};
-use crate::protocol::{self, FrameError, Header, PingInfo, Request};
+use crate::protocol::{self, Header, PingInfo, Request};
 
 /// ssh's keepalive for a resumable session's child: a probe after 10 s of silence, gone
 /// after 3 unanswered (≈ 30–40 s to notice a dead link; then the session resumes).
@@ -130,15 +130,7 @@ pub async fn open(
                 grant,
             ))))
         }
-        // ssh died (host key, auth, no forced command, …): its own stderr said why; say
-        // that it was ssh and how it ended.
-        Err(SessionError::NoAnswer) | Err(SessionError::Protocol(FrameError::Io(_))) => {
-            Err(child.exited_error().await.into())
-        }
-        Err(e) => {
-            child.kill().await;
-            Err(e)
-        }
+        Err(e) => Err(super::open::ssh_failed(child, e).await),
     }
 }
 

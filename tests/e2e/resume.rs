@@ -2228,22 +2228,7 @@ fn wait_small_output(mut child: Child, timeout: Duration) -> std::process::Outpu
 #[test]
 fn resume_over_ssh_via_after_a_server_restart_says_so_in_one_line() {
     let mut s = crate::shim::shim();
-    let ssh_command = s.ssh_command.clone();
-    let env = [("MALAI_SSH_COMMAND", ssh_command.as_str())];
-    let mut ssh = Ssh::spawn_env(
-        &s.c,
-        "alice",
-        Via::Native,
-        "echo up; sleep 60",
-        Stdio::null(),
-        &env,
-    );
-    assert!(
-        ssh.expect_line("up", Duration::from_secs(30)),
-        "native exec over ssh-via did not start; saw {:?}\n{}",
-        ssh.seen,
-        s.c.diagnostics()
-    );
+    let ssh = native_over_via_running(&s);
     // Two ssh logins (the resume, then the ping for the boot id) after a redial tick.
     restart_foo_and_expect_one_line(&mut s.c, ssh, "ssh-via");
 }
@@ -2254,22 +2239,7 @@ fn resume_over_ssh_via_after_a_server_restart_says_so_in_one_line() {
 #[test]
 fn resume_over_ssh_via_after_the_server_stopped_says_so_in_one_line() {
     let mut s = crate::shim::shim();
-    let ssh_command = s.ssh_command.clone();
-    let env = [("MALAI_SSH_COMMAND", ssh_command.as_str())];
-    let mut ssh = Ssh::spawn_env(
-        &s.c,
-        "alice",
-        Via::Native,
-        "echo up; sleep 60",
-        Stdio::null(),
-        &env,
-    );
-    assert!(
-        ssh.expect_line("up", Duration::from_secs(30)),
-        "native exec over ssh-via did not start; saw {:?}\n{}",
-        ssh.seen,
-        s.c.diagnostics()
-    );
+    let ssh = native_over_via_running(&s);
     s.c.stop_server("foo");
     let (status, err) = ssh.wait(Duration::from_secs(60));
     assert_eq!(
@@ -2284,4 +2254,24 @@ fn resume_over_ssh_via_after_the_server_stopped_says_so_in_one_line() {
             && ours[0].contains("no malai ssh server is running"),
         "stderr does not say in one line that the server is gone:\n{err}"
     );
+}
+
+/// Alice's native exec to foo through ssh-via, `sleep 60` running after its first line.
+fn native_over_via_running(s: &crate::shim::Shim) -> Ssh {
+    let env = [("MALAI_SSH_COMMAND", s.ssh_command.as_str())];
+    let mut ssh = Ssh::spawn_env(
+        &s.c,
+        "alice",
+        Via::Native,
+        "echo up; sleep 60",
+        Stdio::null(),
+        &env,
+    );
+    assert!(
+        ssh.expect_line("up", Duration::from_secs(30)),
+        "native exec over ssh-via did not start; saw {:?}\n{}",
+        ssh.seen,
+        s.c.diagnostics()
+    );
+    ssh
 }
