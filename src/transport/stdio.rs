@@ -3,8 +3,10 @@
 //! `tokio::io::stdin()` does every read on a blocking-pool thread (a hop per read); for the
 //! ProxyCommand hot path we instead put fds 0/1 in non-blocking mode and poll them with
 //! epoll (`AsyncFd`). The original flags are restored on drop, because the file description
-//! may be shared (a terminal, or the pipe ssh handed us). Files and other fds that epoll
-//! refuses (a regular file, /dev/null) fall back to tokio's stdio.
+//! may be shared (a terminal, or the pipe ssh handed us). Regular files and character
+//! devices, which epoll refuses because they are always ready (`< file`, `> /dev/null`),
+//! are read and written directly on this thread (`rawfd::poll_read_now`); any other fd
+//! epoll refuses falls back to tokio's stdio.
 
 use std::os::fd::RawFd;
 use std::pin::Pin;
@@ -90,6 +92,8 @@ fn nonblocking(fd: RawFd, interest: Interest) -> Option<AsyncFd<Fd>> {
 
 enum Inner<T> {
     Polled(AsyncFd<Fd>),
+    /// An always-ready fd (a file, /dev/null), used directly.
+    Direct(RawFd),
     Fallback(T),
 }
 
@@ -117,6 +121,7 @@ pub fn stdin() -> Stdin {
     grow_pipe(0);
     Stdin(match nonblocking(0, Interest::READABLE) {
         Some(fd) => Inner::Polled(fd),
+        None if super::rawfd::always_ready(0) => Inner::Direct(0),
         None => Inner::Fallback(tokio::io::stdin()),
     })
 }
@@ -125,6 +130,7 @@ pub fn stdout() -> Stdout {
     grow_pipe(1);
     Stdout(match nonblocking(1, Interest::WRITABLE) {
         Some(fd) => Inner::Polled(fd),
+        None if super::rawfd::always_ready(1) => Inner::Direct(1),
         None => Inner::Fallback(Fallback::Out(tokio::io::stdout())),
     })
 }
@@ -133,6 +139,7 @@ pub fn stdout() -> Stdout {
 pub fn stderr() -> Stdout {
     Stdout(match nonblocking(2, Interest::WRITABLE) {
         Some(fd) => Inner::Polled(fd),
+        None if super::rawfd::always_ready(2) => Inner::Direct(2),
         None => Inner::Fallback(Fallback::Err(tokio::io::stderr())),
     })
 }
@@ -145,6 +152,7 @@ impl AsyncRead for Stdin {
     ) -> Poll<std::io::Result<()>> {
         let afd = match &mut self.0 {
             Inner::Fallback(s) => return Pin::new(s).poll_read(cx, buf),
+            Inner::Direct(fd) => return super::rawfd::poll_read_now(*fd, cx, buf),
             Inner::Polled(afd) => afd,
         };
         super::rawfd::poll_read(afd, cx, buf)
@@ -159,6 +167,7 @@ impl AsyncWrite for Stdout {
     ) -> Poll<std::io::Result<usize>> {
         let afd = match &mut self.0 {
             Inner::Fallback(s) => return s.pin().poll_write(cx, data),
+            Inner::Direct(fd) => return super::rawfd::poll_write_now(*fd, cx, data),
             Inner::Polled(afd) => afd,
         };
         super::rawfd::poll_write(afd, cx, data)
@@ -167,7 +176,7 @@ impl AsyncWrite for Stdout {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match &mut self.0 {
             Inner::Fallback(s) => s.pin().poll_flush(cx),
-            Inner::Polled(_) => Poll::Ready(Ok(())),
+            Inner::Polled(_) | Inner::Direct(_) => Poll::Ready(Ok(())),
         }
     }
 
@@ -175,6 +184,8 @@ impl AsyncWrite for Stdout {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match &mut self.0 {
             Inner::Fallback(s) => s.pin().poll_shutdown(cx),
+            // Nobody waits for a file's EOF.
+            Inner::Direct(_) => Poll::Ready(Ok(())),
             Inner::Polled(afd) => {
                 // Replace fd 1 with /dev/null rather than closing it, so that a later
                 // accidental write can't land in some other file that reuses fd 1.
