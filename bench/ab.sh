@@ -6,7 +6,7 @@
 #
 # For each binary it starts its own cluster and malai server (one sshd serves both), then per
 # round runs, A then B: scp upload through `malai ssh proxy`, native `cat > /dev/null` fed
-# from a file on stdin, and native `cat file` to /dev/null. Prints the median wall time and the
+# from a file on stdin, native `cat file` to /dev/null, and two of the stdin ones at once. Prints the median wall time and the
 # median CPU seconds of malai's two ends (the client process and the server, from /proc) per
 # case — CPU per byte is what issue 23 is about, and it survives a noisy machine far better
 # than wall time. Needs root (sshd) and the packages .ci/run installs.
@@ -64,6 +64,8 @@ for r in $(seq "$ROUNDS"); do
         RESULTS[scp,$side]+="$(measure "$srv" "${PROXY_CMD[$side]} $ROOT/blob root@foo.bench:$ROOT/$side/up")"$'\n'
         RESULTS[stdin,$side]+="$(measure "$srv" "${NATIVE_CMD[$side]} 'cat > /dev/null' < $ROOT/blob")"$'\n'
         RESULTS[stdout,$side]+="$(measure "$srv" "${NATIVE_CMD[$side]} 'cat $ROOT/blob' > /dev/null")"$'\n'
+        # Two at once through one server: what a server's thread count costs or buys.
+        RESULTS[two,$side]+="$(measure "$srv" "${NATIVE_CMD[$side]} 'cat > /dev/null' < $ROOT/blob & ${NATIVE_CMD[$side]} 'cat > /dev/null' < $ROOT/blob; wait")"$'\n'
         rm -f "$ROOT/$side/up"
     done
 done
@@ -73,7 +75,7 @@ echo "malai A/B — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -r), $S
 echo "A=$A"
 echo "B=$B"
 printf '%-34s %9s %9s %7s   %9s %9s %7s\n' "case (wall s | malai CPU s)" "A wall" "B wall" "B/A" "A CPU" "B CPU" "B/A"
-for case in scp stdin stdout; do
+for case in scp stdin stdout two; do
     python3 - "$case" "${RESULTS[$case,A]}" "${RESULTS[$case,B]}" <<'PY'
 import statistics, sys
 case, a, b = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -84,7 +86,7 @@ def parse(t):
     cpu = statistics.median((r[2] if case == "scp" else r[1] + r[2]) for r in rows)
     return wall, cpu
 (aw, ac), (bw, bc) = parse(a), parse(b)
-names = {"scp": "scp up via proxy (server CPU)", "stdin": "native stdin < file", "stdout": "native stdout > /dev/null"}
+names = {"scp": "scp up via proxy (server CPU)", "stdin": "native stdin < file", "stdout": "native stdout > /dev/null", "two": "two native stdin at once"}
 print(f"{names[case]:<34} {aw:9.3f} {bw:9.3f} {bw/aw:6.2f}x   {ac:9.3f} {bc:9.3f} {bc/ac:6.2f}x")
 PY
 done

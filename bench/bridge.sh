@@ -86,9 +86,11 @@ rm -f "$W/up_direct" "$W/up_proxy"
 read -r dw dc < <(timed sh -c '"$@" "cat > /dev/null" < "'"$W/blob"'"' _ "${DIRECT[@]}")
 read -r nw nc < <(timed sh -c '"$@" "cat > /dev/null" < "'"$W/blob"'"' _ "${NATIVE[@]}")
 row "${SIZE_MIB} MiB via stdin: ssh cat vs native" "$(mbps "$dw")" "$(mbps "$nw")" "$(ratio "$nw" "$dw")"
+row "  CPU seconds, all processes" "$(printf %.2f "$dc")" "$(printf %.2f "$nc")" "$(ratio "$dc" "$nc")"
 read -r dw dc < <(timed sh -c '"$@" "cat '"$W/blob"'" > /dev/null' _ "${DIRECT[@]}")
 read -r nw nc < <(timed sh -c '"$@" "cat '"$W/blob"'" > /dev/null' _ "${NATIVE[@]}")
 row "${SIZE_MIB} MiB via stdout: ssh cat vs native" "$(mbps "$dw")" "$(mbps "$nw")" "$(ratio "$nw" "$dw")"
+row "  CPU seconds, all processes" "$(printf %.2f "$dc")" "$(printf %.2f "$nc")" "$(ratio "$dc" "$nc")"
 
 echo
 echo "malai ssh bench — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -r), $("$MALAI" --version)"

@@ -37,9 +37,16 @@ fn main() -> ExitCode {
     let rt = if log_name(&cli) == "proxy" {
         client_runtime()
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
+        match service_workers() {
+            Ok(n) => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(n)
+                .enable_all()
+                .build(),
+            Err(e) => {
+                eprintln!("malai: {e}");
+                return ExitCode::from(EXIT_MALAI);
+            }
+        }
     };
     let rt = match rt {
         Ok(rt) => rt,
@@ -135,6 +142,31 @@ fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
+}
+
+/// Worker threads of the long-running services (server, agent) and the other commands:
+/// half this machine's cores, at least one; `MALAI_WORKER_THREADS` sets it.
+///
+/// Why not every core (tokio's default): every byte a server carries is encrypted again on
+/// the same machine, by sshd or the embedded server (and on a small box by the clients'
+/// ssh too), so malai's share of the work is about half. A second worker on 2 cores only
+/// moved one connection's tasks between threads, each move a futex wake-up and a cold
+/// cache: with one worker the server spent 11–18 % less CPU per GiB through the
+/// ProxyCommand and 5–10 % less in native exec, and two native transfers at once through
+/// one server finished 9 % sooner (docs/benchmarks.md, issue 23). Blocking work (files,
+/// spawned commands) runs on tokio's blocking pool either way.
+fn service_workers() -> Result<usize, String> {
+    match std::env::var("MALAI_WORKER_THREADS") {
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!(
+                "MALAI_WORKER_THREADS must be a number of threads, 1 or more (got {v:?})"
+            )),
+        },
+        Err(_) => Ok(std::thread::available_parallelism()
+            .map_or(1, |n| n.get() / 2)
+            .max(1)),
+    }
 }
 
 /// Errors go to stderr as one line.

@@ -348,6 +348,35 @@ fn messages_of_the_usual_mistakes_point_the_right_way() {
         &["trusted", "unreadable"],
     );
 
+    // A thread count that is no number is refused in one line, never run with a default;
+    // a good one changes nothing a user sees.
+    for bad in ["0", "two", ""] {
+        let out = alice
+            .cmd(["ssh", "server"])
+            .env("MALAI_WORKER_THREADS", bad)
+            .output()
+            .expect("run malai");
+        assert_exit_code(&out, 255, "server with a bad MALAI_WORKER_THREADS");
+        assert_one_line(
+            &out,
+            "bad MALAI_WORKER_THREADS",
+            &["MALAI_WORKER_THREADS", "1 or more"],
+            &["panicked"],
+        );
+    }
+    let out = alice
+        .cmd(["ssh", "agent", "status"])
+        .env("MALAI_WORKER_THREADS", "3")
+        .output()
+        .expect("run malai");
+    assert_exit_code(&out, 255, "agent status, 3 workers");
+    assert_one_line(
+        &out,
+        "agent status, 3 workers",
+        &["no agent is running"],
+        &[],
+    );
+
     // A stranger (it has the file, the file does not list it) is told it is the one unknown.
     let eve = Machine::new(c.dir(), "eve");
     eve.run_ok(["ssh", "cluster", "join", "acme", c.id52("mgr")]);
