@@ -23,11 +23,11 @@ start_cluster
 "${DIRECT[@]}" true
 "${PROXY[@]}" true
 
-# CPU seconds (user+sys) of this shell's children + sshd + the malai server so far.
-cpu_now() { python3 - "$SSHD_PID" "$SERVER_PID" <<'PY'
+# CPU seconds (user+sys) of sshd and the malai server so far, their reaped children (sshd's
+# per-connection processes, the commands the server ran) included.
+server_cpu() { python3 - "$SSHD_PID" "$SERVER_PID" <<'PY'
 import os, sys
-t = os.times()
-tot = t.children_user + t.children_system
+tot = 0.0
 hz = os.sysconf("SC_CLK_TCK")
 for pid in sys.argv[1:]:
     try:
@@ -52,13 +52,23 @@ print(f"{statistics.median(ts):.1f}")
 PY
 }
 
-# Wall seconds and CPU seconds of one command (CPU includes sshd and the malai server).
+# Wall seconds and CPU seconds of one command: its own process tree (ssh, scp, the proxy or
+# native exec client) plus sshd and the malai server. (Before 2026-12-07 the client side was
+# left out: the CPU rows in docs/benchmarks.md from earlier runs count only sshd and the server.)
 timed() {
-    local c0 c1 t0 t1
-    c0=$(cpu_now); t0=$(date +%s.%N)
-    "$@"
-    t1=$(date +%s.%N); c1=$(cpu_now)
-    awk -v a="$t0" -v b="$t1" -v c="$c0" -v d="$c1" 'BEGIN { printf "%.3f %.3f\n", b - a, d - c }'
+    local s0 s1 out
+    s0=$(server_cpu)
+    out=$(python3 - "$@" <<'PY'
+import os, subprocess, sys, time
+t = time.perf_counter()
+subprocess.run(sys.argv[1:], check=True)
+wall = time.perf_counter() - t
+c = os.times()
+print(f"{wall:.3f} {c.children_user + c.children_system:.3f}")
+PY
+)
+    s1=$(server_cpu)
+    awk -v o="$out" -v a="$s0" -v b="$s1" 'BEGIN { split(o, f, " "); printf "%.3f %.3f\n", f[1], f[2] + b - a }'
 }
 
 head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom > "$W/blob"
