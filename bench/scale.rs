@@ -2,7 +2,8 @@
 //!
 //! The server is the real binary (own process and MALAI_HOME, so /proc gives its RSS and
 //! CPU). The peers are iroh endpoints in this process (`malai::transport::iroh::Node`), each
-//! with its own fresh key, each holding one connection to the server with nothing to say —
+//! with its own fresh key (named as a device in the cluster file: the server cuts strangers),
+//! each holding one connection to the server with nothing to say —
 //! the transport's 1 s keep-alives keep it open. Connections are added in steps (N is
 //! cumulative), 256 handshakes in flight at a time. Loopback, relays off.
 //!
@@ -10,8 +11,9 @@
 //! peers, divided by N (RSS per connection), server CPU while idle (% of one core over 10 s),
 //! and this process's CPU in the same window (the peers' keep-alives).
 //!
-//! Run: `cargo bench --bench scale -- 1000 5000 10000` (needs `ulimit -n` ≥ N + 100: it is
-//! raised to the hard limit here).
+//! Run: `cargo bench --bench scale -- 1000 2000` (needs `ulimit -n` ≥ N + 100: it is raised to
+//! the hard limit here). The server holds at most 2,048 connections of one cluster
+//! (`server::guard::MAX_CONNECTIONS_PER_CLUSTER`): a larger N stops there.
 //!
 //! `MALAI_SCALE_WRAP` runs the server under a command (split on whitespace, the server's
 //! command line appended). `env MALLOC_ARENA_MAX=1` or `env LD_PRELOAD=…` keep the pid (env
@@ -108,6 +110,19 @@ fn main() {
     let foo_id = malai(&foo, &["ssh", "cluster", "join", "acme", &mgr_id]);
     malai(&mgr, &["ssh", "cluster", "add", "server", "foo", &foo_id]);
     let file = mgr.join("ssh/clusters/acme/cluster-manager.toml");
+    // The peers are members (devices in the file): the server cuts a stranger right after
+    // its handshake (issue 12), which would leave nothing idle to measure.
+    let keys: Vec<_> = (0..*ns.last().unwrap_or(&0))
+        .map(|_| malai::keys::generate())
+        .collect();
+    let mut toml = std::fs::read_to_string(&file).expect("read the cluster file");
+    for (i, k) in keys.iter().enumerate() {
+        toml.push_str(&format!(
+            "\n[device.peer{i}]\nid52 = \"{}\"\n",
+            malai::keys::public_id(k)
+        ));
+    }
+    std::fs::write(&file, toml).expect("write the cluster file");
     malai(
         &foo,
         &["ssh", "cluster", "import", "acme", file.to_str().unwrap()],
@@ -182,11 +197,11 @@ fn main() {
         let sem = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
         let new: Vec<(Node, PeerConnection)> = rt.block_on(async {
             let mut set = tokio::task::JoinSet::new();
-            for _ in 0..add {
+            for i in 0..add {
                 let sem = sem.clone();
+                let key = keys[peers.len() + i].clone();
                 set.spawn(async move {
                     let _p = sem.acquire_owned().await.unwrap();
-                    let key = malai::keys::generate();
                     let node = Node::bind(
                         &key,
                         &NetConfig::disabled(Some(([127, 0, 0, 1], 0).into())),
