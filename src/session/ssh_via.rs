@@ -90,6 +90,8 @@ pub fn ssh_args(target: &ViaTarget, identity: Option<&str>, options: &[String]) 
 pub struct SshChild {
     child: Child,
     target: String,
+    /// The task that copies a piped stderr ([`Stderr::Log`], [`Stderr::UntilAccepted`]).
+    stderr: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl SshChild {
@@ -121,10 +123,20 @@ impl SshChild {
             None => "still running".into(),
         };
         let target = self.target.clone();
+        // What the far end said as it refused us (a forced command's one line) is still on
+        // its way through the stderr pipe: show it before our own line, or a process that
+        // exits right after would drop it (seen under load: the line never reached the user).
+        if let Some(copy) = self.stderr.take() {
+            let _ = tokio::time::timeout(STDERR_DRAIN, copy).await;
+        }
         self.kill().await;
         SshViaError::Exited { target, status }
     }
 }
+
+/// How long a failed ssh's stderr may take to be copied once it exited (its pipe then
+/// closes at once, unless something it started still holds it).
+const STDERR_DRAIN: Duration = Duration::from_secs(1);
 
 /// Where the ssh child's stderr goes.
 #[derive(Debug, Clone)]
@@ -184,7 +196,7 @@ pub fn spawn_with(
             program: program.clone(),
             source,
         })?;
-    if let Some(err) = child.stderr.take() {
+    let copy = child.stderr.take().map(|err| {
         // Ends with the child (its stderr closes).
         let target = via.to_string();
         let shown = match stderr {
@@ -200,8 +212,8 @@ pub fn spawn_with(
                     _ => tracing::info!(%target, "ssh: {line}"),
                 }
             }
-        });
-    }
+        })
+    });
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         // Unreachable with Stdio::piped(), but never panic over it.
         return Err(SshViaError::Spawn {
@@ -213,6 +225,7 @@ pub fn spawn_with(
         SshChild {
             child,
             target: via.to_string(),
+            stderr: copy,
         },
         stdin,
         stdout,
